@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs everything the build, the tests and the demo need on a fresh Debian 12 machine.
+# Idempotent: a second run only checks. Safe to run as root; uses sudo otherwise.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+APT_PACKAGES=(
+  pkg-config libvirt-dev            # the host's `virt` crate links libvirt
+  libvirt-daemon-system libvirt-clients
+  qemu-system-x86 qemu-utils        # VM tests (TCG) and qcow2 images
+  busybox-static cpio               # the test initramfs
+  e2fsprogs util-linux              # ext4 images for freeze/trim tests
+  xorriso                           # the agent ISO
+  qemu-guest-agent                  # the incumbent, for the side-by-side benchmark
+  ca-certificates curl
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  # No init system runs here: keep package scripts from trying to start services.
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The toolchain is pinned in rust-toolchain.toml; make sure its parts are present.
+rustup show active-toolchain >/dev/null
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+rustup target list --installed | grep -qx x86_64-unknown-linux-musl \
+  || rustup target add x86_64-unknown-linux-musl
+
+echo "setup: ok"

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The one command that sets up a fresh machine and runs every test: formatting, lints, unit
+# and integration tests, the static guest build and its dependency rules, and the VM tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "setup"
+bash ci/setup.sh
+
+step "format"
+cargo fmt --all -- --check
+
+step "lint"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "guest: static musl release build"
+bash ci/build-agent.sh
+
+step "guest: no tokio in the dependency tree"
+if cargo tree -p quantix-kvm-agent -e normal --locked --target x86_64-unknown-linux-musl | grep -E '^\S*\s*tokio v|[ ─]tokio v'; then
+  echo "tokio is in the guest's dependency tree" >&2
+  exit 1
+fi
+
+step "tests"
+cargo test --workspace --locked

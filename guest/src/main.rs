@@ -1,0 +1,3 @@
+fn main() {
+    println!("quantix-kvm-agent {}", env!("CARGO_PKG_VERSION"));
+}
