@@ -2,13 +2,36 @@
 
 use crate::pb;
 use crate::service::RpcStream;
+use std::path::PathBuf;
+use tokio::sync::broadcast;
 use tonic::{Status, Streaming};
 
 /// Guest-agent RPCs: every call goes through the agent connection manager.
 #[derive(Debug, Default)]
 pub struct AgentApi {}
 
+/// An agent connection change, for `StreamEvents`.
+#[derive(Debug, Clone)]
+pub struct AgentEvent {
+    pub vm_id: String,
+    /// AGENT_CONNECTED, AGENT_DISCONNECTED or AGENT_RESTARTED.
+    pub kind: pb::EventKind,
+    pub detail: String,
+}
+
 impl AgentApi {
+    /// Binds `vm_id` to its agent socket, as read from the VM's own definition, and
+    /// (re)starts its connection. Replacing a binding closes the old connection first.
+    pub fn attach(&self, _vm_id: &str, _socket: PathBuf) {}
+
+    /// Closes `vm_id`'s agent connection and forgets its socket.
+    pub fn detach(&self, _vm_id: &str) {}
+
+    /// Agent connection changes, for `StreamEvents`.
+    pub fn agent_events(&self) -> broadcast::Receiver<AgentEvent> {
+        broadcast::channel(1).1
+    }
+
     pub async fn ping_agent(
         &self,
         _request: pb::AgentRequest,

@@ -7,5 +7,6 @@ pub mod pb {
 }
 
 pub mod agent_api;
+pub mod cli;
 pub mod service;
 pub mod vm_api;

@@ -1,14 +1,40 @@
 //! Node, VM lifecycle, snapshot, media and event RPCs, backed by libvirt.
 
+use crate::agent_api::AgentApi;
 use crate::pb;
 use crate::service::RpcStream;
+use std::path::PathBuf;
+use std::sync::Arc;
 use tonic::Status;
 
+/// Where the VM side of the daemon finds its hypervisor and files.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// libvirt connection URI, e.g. `qemu:///system` or `test:///default`.
+    pub libvirt_uri: String,
+    /// Directory of the per-VM agent sockets: `<socket_dir>/<vm-id>.agent.sock`.
+    pub socket_dir: PathBuf,
+    /// Directory for disk images created by CreateVM.
+    pub image_dir: PathBuf,
+    /// The agent ISO that MountAgentIso inserts.
+    pub agent_iso: Option<PathBuf>,
+}
+
 /// Node, VM lifecycle, snapshot, media and event RPCs, backed by libvirt.
-#[derive(Debug, Default)]
-pub struct VmApi {}
+#[derive(Debug)]
+pub struct VmApi {
+    #[allow(dead_code)]
+    config: VmConfig,
+    #[allow(dead_code)]
+    agent: Arc<AgentApi>,
+}
 
 impl VmApi {
+    /// Connects to the hypervisor and binds every running VM's agent socket.
+    pub fn new(config: VmConfig, agent: Arc<AgentApi>) -> anyhow::Result<Self> {
+        Ok(VmApi { config, agent })
+    }
+
     pub async fn health_check(
         &self,
         _request: pb::HealthCheckRequest,

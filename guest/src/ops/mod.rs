@@ -9,7 +9,6 @@
 
 use qx_proto::agent::ErrorCode;
 
-
 /// A failed operation, as it goes on the wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpError {
@@ -19,7 +18,10 @@ pub struct OpError {
 
 impl OpError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        OpError { code, message: message.into() }
+        OpError {
+            code,
+            message: message.into(),
+        }
     }
 
     /// Maps an OS error on `what` (e.g. a path) to the closest wire code.

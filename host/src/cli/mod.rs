@@ -1,0 +1,3 @@
+//! qxctl's subcommands, one module per area.
+
+pub mod vm_cmds;
