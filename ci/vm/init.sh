@@ -1,0 +1,96 @@
+#!/bin/busybox sh
+# /init of the test VM (built into the initramfs by ci/vm/build-image.sh).
+# Mounts the kernel filesystems, loads the virtio modules, names the virtio-serial ports the way
+# udev would (/dev/virtio-ports/NAME), and runs the agent under a respawn loop so tests can kill
+# it and watch it come back with a new session. PID 1 stays a shell that turns the signals
+# busybox poweroff/reboot/halt send into the real thing.
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm /run /tmp /var/run /var/log
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /tmp
+
+say() { echo "qx-init: $*" >/dev/console; }
+
+QX_AGENT=1
+QX_AGENT_ARGS=
+QX_HOSTNAME=qx-guest
+QX_DISK=
+QX_QGA=0
+for word in $(cat /proc/cmdline); do
+  case "$word" in
+    qx.agent=*) QX_AGENT=${word#qx.agent=} ;;
+    qx.agent_args=*) QX_AGENT_ARGS=$(echo "${word#qx.agent_args=}" | tr ',' ' ') ;;
+    qx.hostname=*) QX_HOSTNAME=${word#qx.hostname=} ;;
+    qx.disk=*) QX_DISK=${word#qx.disk=} ;;
+    qx.qga=*) QX_QGA=${word#qx.qga=} ;;
+  esac
+done
+
+hostname "$QX_HOSTNAME"
+echo "$QX_HOSTNAME" >/etc/hostname
+
+for m in $(cat /etc/modules.order); do
+  insmod "/lib/modules/$m.ko" 2>/dev/null || say "insmod $m failed"
+done
+ip link set lo up 2>/dev/null
+
+# The ports appear asynchronously after virtio_console loads; udev is not here to name them.
+name_ports() {
+  mkdir -p /dev/virtio-ports
+  for p in /sys/class/virtio-ports/vport*; do
+    [ -f "$p/name" ] || continue
+    n=$(cat "$p/name")
+    [ -n "$n" ] && ln -sf "/dev/${p##*/}" "/dev/virtio-ports/$n"
+  done
+}
+want=org.quantix.agent.0
+[ "$QX_AGENT" = 0 ] && want=
+i=0
+while [ $i -lt 100 ]; do
+  name_ports
+  [ -z "$want" ] || [ -e "/dev/virtio-ports/$want" ] && break
+  sleep 0.05
+  i=$((i + 1))
+done
+[ -z "$want" ] || [ -e "/dev/virtio-ports/$want" ] || say "port $want did not appear"
+
+if [ -n "$QX_DISK" ]; then
+  dev=${QX_DISK%%:*}
+  dir=${QX_DISK#*:}
+  mkdir -p "$dir"
+  i=0
+  while [ ! -b "/dev/$dev" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
+  mount -t ext4 "/dev/$dev" "$dir" || say "mount /dev/$dev on $dir failed"
+fi
+
+respawn() {
+  while :; do
+    "$@"
+    say "$1 exited with status $?; restarting"
+    sleep 0.2
+  done
+}
+
+if [ "$QX_AGENT" != 0 ]; then
+  # shellcheck disable=SC2086
+  respawn /bin/quantix-kvm-agent $QX_AGENT_ARGS </dev/null >/dev/console 2>&1 &
+fi
+if [ "$QX_QGA" = 1 ]; then
+  respawn /usr/bin/qemu-ga -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 \
+    -t /run </dev/null >/dev/console 2>&1 &
+fi
+
+say "up: $(uname -r) $(hostname)"
+trap 'sync; poweroff -f' USR2 TERM
+trap 'sync; reboot -f' INT
+trap 'sync; halt -f' USR1
+while :; do
+  sleep 1 &
+  wait $!
+done
