@@ -55,3 +55,13 @@ pub struct ChildCommand {
     pub stdin: Vec<u8>,
     pub timeout_ms: u32,
 }
+
+pub mod disks;
+pub mod files;
+pub mod fsfreeze;
+pub mod netinfo;
+pub mod policy;
+pub mod sysinfo;
+pub mod telemetry;
+pub mod timeops;
+pub mod users;
