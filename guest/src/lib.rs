@@ -1,3 +1,18 @@
-//! The Quantix guest agent as a library: everything but the device I/O.
+//! The Quantix guest agent as a library.
+//!
+//! Two layers:
+//! - **Protocol core, no I/O:** [`outbox`] (fixed-capacity, frame-preserving output),
+//!   [`session`] (link state, hellos, liveness, acks, reply cache), [`logring`] (the agent's
+//!   own log), [`config`]. Tests drive them with byte buffers and `Instant`s.
+//! - **I/O shell:** [`event_loop`] (one `mio::Poll`, one thread), [`transport`] (the
+//!   virtio-serial port or a unix socket), [`exec`] (child processes), [`power`], [`dispatch`]
+//!   (every request type to its handler) and [`sys`] (the only `unsafe`: libc calls).
+//!   `main.rs` parses the command line and calls [`event_loop::run`].
+//!
+//! Operations themselves (files, freeze, users, ...) live in [`ops`].
 
+pub mod config;
+pub mod logring;
 pub mod ops;
+pub mod outbox;
+pub mod session;

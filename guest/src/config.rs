@@ -1,0 +1,297 @@
+//! Configuration: `/etc/quantix-kvm/agent.conf` plus command-line overrides.
+//!
+//! The file is `key = value` lines; `#` starts a comment; blank lines are ignored; unknown
+//! keys are an error (a typo must not silently change nothing). A missing file at the default
+//! path means "all defaults". Command-line flags override the file, and keep overriding it
+//! after a SIGHUP reload.
+//!
+//! | key | default | meaning |
+//! | --- | --- | --- |
+//! | `device` | `/dev/virtio-ports/org.quantix.agent.0` | the virtio-serial port |
+//! | `connect` | (none) | `unix:PATH`: use a unix socket instead of the port |
+//! | `log_level` | `info` | off, error, warn, info, debug, trace |
+//! | `log_target` | `stderr` | `stderr` or `syslog` |
+//! | `log_ring_lines` | `1000` | lines kept for `LogsRequest` |
+//! | `telemetry_interval_ms` | `10000` | telemetry push period; 0 disables |
+//! | `ping_interval_ms` | `5000` | ping a silent host this often; 0 disables liveness |
+//! | `stale_after_pings` | `3` | silent intervals before the link counts as stale |
+//! | `outbox_bytes` | `262144` | reply-lane capacity of the outbox |
+//! | `max_concurrent_exec` | `8` | running children; more get `Error{BUSY}` |
+//! | `exec_timeout_ms` | `300000` | exec timeout when the request gives none |
+//! | `exec_kill_grace_ms` | `2000` | SIGTERM to SIGKILL grace on timeout |
+//! | `exec_output_cap_bytes` | `16384` | per-stream cap when the request gives none (collected mode is also limited by the frame size) |
+//! | `file_chunk_bytes` | `32768` | default file read chunk |
+//! | `max_open_files` | `16` | concurrent write transfers |
+//! | `file_allow` | `/` | comma-separated path prefixes the file operations may touch |
+//! | `file_deny` | (none) | comma-separated path prefixes they may not |
+//! | `freeze_state_file` | `/run/quantix-kvm-agent.frozen` | freeze record for crash recovery |
+//! | `freeze_hooks_dir` | `/etc/quantix-kvm/fsfreeze-hook.d` | pre-freeze/post-thaw hooks |
+//! | `disable` | (none) | comma-separated capabilities to refuse, e.g. `exec,power` |
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use log::LevelFilter;
+use thiserror::Error;
+
+use crate::logring::{self, LogTarget};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/quantix-kvm/agent.conf";
+pub const DEFAULT_DEVICE: &str = "/dev/virtio-ports/org.quantix.agent.0";
+/// The virtio-serial port name the agent looks for under /sys/class/virtio-ports.
+pub const PORT_NAME: &str = "org.quantix.agent.0";
+
+/// Why the configuration could not be loaded. The previous configuration stays in force.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{origin}: unknown key {key:?}")]
+    UnknownKey { origin: String, key: String },
+    #[error("{origin}: bad value {value:?} for {key}: {why}")]
+    BadValue {
+        origin: String,
+        key: String,
+        value: String,
+        why: &'static str,
+    },
+    #[error("{origin}: expected `key = value`")]
+    Syntax { origin: String },
+}
+
+/// Everything the agent can be told.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub device: PathBuf,
+    pub connect: Option<PathBuf>,
+    pub log_level: LevelFilter,
+    pub log_target: LogTarget,
+    pub log_ring_lines: usize,
+    pub telemetry_interval_ms: u32,
+    pub ping_interval_ms: u32,
+    pub stale_after_pings: u32,
+    pub outbox_bytes: usize,
+    pub max_concurrent_exec: usize,
+    pub exec_timeout_ms: u32,
+    pub exec_kill_grace_ms: u32,
+    pub exec_output_cap_bytes: u32,
+    pub file_chunk_bytes: u32,
+    pub max_open_files: usize,
+    pub file_allow: Vec<PathBuf>,
+    pub file_deny: Vec<PathBuf>,
+    pub freeze_state_file: PathBuf,
+    pub freeze_hooks_dir: PathBuf,
+    pub disable: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            device: PathBuf::from(DEFAULT_DEVICE),
+            connect: None,
+            log_level: LevelFilter::Info,
+            log_target: LogTarget::Stderr,
+            log_ring_lines: 1000,
+            telemetry_interval_ms: 10_000,
+            ping_interval_ms: 5000,
+            stale_after_pings: 3,
+            outbox_bytes: 256 * 1024,
+            max_concurrent_exec: 8,
+            exec_timeout_ms: 300_000,
+            exec_kill_grace_ms: 2000,
+            exec_output_cap_bytes: 16 * 1024,
+            file_chunk_bytes: 32 * 1024,
+            max_open_files: 16,
+            file_allow: vec![PathBuf::from("/")],
+            file_deny: Vec::new(),
+            freeze_state_file: PathBuf::from("/run/quantix-kvm-agent.frozen"),
+            freeze_hooks_dir: PathBuf::from("/etc/quantix-kvm/fsfreeze-hook.d"),
+            disable: Vec::new(),
+        }
+    }
+}
+
+fn num<T: std::str::FromStr>(origin: &str, key: &str, value: &str) -> Result<T, ConfigError> {
+    value.parse().map_err(|_| ConfigError::BadValue {
+        origin: origin.into(),
+        key: key.into(),
+        value: value.into(),
+        why: "not a number",
+    })
+}
+
+fn list(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+impl Config {
+    /// Sets one key. `origin` names where it came from, for error messages.
+    pub fn set(&mut self, origin: &str, key: &str, value: &str) -> Result<(), ConfigError> {
+        let value = value.trim();
+        match key {
+            "device" => self.device = PathBuf::from(value),
+            "connect" => {
+                self.connect = if value.is_empty() {
+                    None
+                } else {
+                    let path = value.strip_prefix("unix:").ok_or(ConfigError::BadValue {
+                        origin: origin.into(),
+                        key: key.into(),
+                        value: value.into(),
+                        why: "expected unix:PATH",
+                    })?;
+                    Some(PathBuf::from(path))
+                }
+            }
+            "log_level" => {
+                self.log_level = logring::parse_level(value).ok_or(ConfigError::BadValue {
+                    origin: origin.into(),
+                    key: key.into(),
+                    value: value.into(),
+                    why: "expected off, error, warn, info, debug or trace",
+                })?
+            }
+            "log_target" => {
+                self.log_target = match value {
+                    "stderr" => LogTarget::Stderr,
+                    "syslog" => LogTarget::Syslog,
+                    _ => {
+                        return Err(ConfigError::BadValue {
+                            origin: origin.into(),
+                            key: key.into(),
+                            value: value.into(),
+                            why: "expected stderr or syslog",
+                        })
+                    }
+                }
+            }
+            "log_ring_lines" => self.log_ring_lines = num(origin, key, value)?,
+            "telemetry_interval_ms" => self.telemetry_interval_ms = num(origin, key, value)?,
+            "ping_interval_ms" => self.ping_interval_ms = num(origin, key, value)?,
+            "stale_after_pings" => self.stale_after_pings = num(origin, key, value)?,
+            "outbox_bytes" => self.outbox_bytes = num(origin, key, value)?,
+            "max_concurrent_exec" => self.max_concurrent_exec = num(origin, key, value)?,
+            "exec_timeout_ms" => self.exec_timeout_ms = num(origin, key, value)?,
+            "exec_kill_grace_ms" => self.exec_kill_grace_ms = num(origin, key, value)?,
+            "exec_output_cap_bytes" => self.exec_output_cap_bytes = num(origin, key, value)?,
+            "file_chunk_bytes" => self.file_chunk_bytes = num(origin, key, value)?,
+            "max_open_files" => self.max_open_files = num(origin, key, value)?,
+            "file_allow" => self.file_allow = list(value).into_iter().map(PathBuf::from).collect(),
+            "file_deny" => self.file_deny = list(value).into_iter().map(PathBuf::from).collect(),
+            "freeze_state_file" => self.freeze_state_file = PathBuf::from(value),
+            "freeze_hooks_dir" => self.freeze_hooks_dir = PathBuf::from(value),
+            "disable" => self.disable = list(value),
+            _ => {
+                return Err(ConfigError::UnknownKey {
+                    origin: origin.into(),
+                    key: key.into(),
+                })
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the `key = value` lines of `text`.
+    pub fn apply_text(&mut self, origin: &str, text: &str) -> Result<(), ConfigError> {
+        for (n, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let at = format!("{origin}:{}", n + 1);
+            let (key, value) = line
+                .split_once('=')
+                .ok_or(ConfigError::Syntax { origin: at.clone() })?;
+            self.set(&at, key.trim(), value)?;
+        }
+        Ok(())
+    }
+
+    /// Defaults, then the file at `path` (a missing file is fine only when `optional`), then
+    /// the `overrides` from the command line.
+    pub fn load(
+        path: &Path,
+        optional: bool,
+        overrides: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let mut cfg = Config::default();
+        match std::fs::read_to_string(path) {
+            Ok(text) => cfg.apply_text(&path.display().to_string(), &text)?,
+            Err(e) if optional && e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })
+            }
+        }
+        for (key, value) in overrides {
+            cfg.set("command line", key, value)?;
+        }
+        Ok(cfg)
+    }
+
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_millis(u64::from(self.ping_interval_ms))
+    }
+
+    /// Whether capability `name` was disabled by the `disable` key.
+    pub fn disabled(&self, name: &str) -> bool {
+        self.disable.iter().any(|d| d == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn file_values_and_comments_are_read() {
+        let mut cfg = Config::default();
+        cfg.apply_text(
+            "t",
+            "# comment\n telemetry_interval_ms = 0 \n\nconnect=unix:/tmp/s # trailing\ndisable = exec, power\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.telemetry_interval_ms, 0);
+        assert_eq!(cfg.connect, Some(PathBuf::from("/tmp/s")));
+        assert!(cfg.disabled("power"));
+        assert!(!cfg.disabled("ping"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused_with_their_line() {
+        let mut cfg = Config::default();
+        let err = cfg
+            .apply_text("f", "\ntelemetry_intervl_ms = 5\n")
+            .unwrap_err();
+        assert_eq!(err.to_string(), "f:2: unknown key \"telemetry_intervl_ms\"");
+        assert!(cfg.apply_text("f", "ping_interval_ms = soon").is_err());
+        assert!(cfg.apply_text("f", "just words").is_err());
+        assert!(cfg.apply_text("f", "connect = tcp:1").is_err());
+    }
+
+    #[test]
+    fn command_line_overrides_the_file() {
+        let dir = std::env::temp_dir().join(format!("qx-agent-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.conf");
+        std::fs::write(&path, "max_concurrent_exec = 2\nlog_level = debug\n").unwrap();
+        let cfg =
+            Config::load(&path, false, &[("max_concurrent_exec".into(), "5".into())]).unwrap();
+        assert_eq!(cfg.max_concurrent_exec, 5);
+        assert_eq!(cfg.log_level, LevelFilter::Debug);
+        assert!(Config::load(&dir.join("missing"), true, &[]).is_ok());
+        assert!(Config::load(&dir.join("missing"), false, &[]).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

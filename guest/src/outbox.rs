@@ -1,0 +1,452 @@
+//! The outbox: every byte the agent sends, in a fixed-capacity buffer chosen at start-up.
+//!
+//! # Primer
+//!
+//! The port under the agent is a byte pipe that can stop taking bytes at any moment (the host
+//! stopped reading, or went away: a virtio-serial `write()` then returns `EAGAIN`). The outbox
+//! is what makes that harmless:
+//!
+//! - **Whole frames or nothing.** [`Outbox::push_reply`] encodes an envelope into one frame and
+//!   queues all of it, or refuses it with [`OutboxError::Full`] (counted in
+//!   [`OutboxStats::refused`]). Nothing ever queues a partial frame.
+//! - **Exact progress.** [`Outbox::flush`] hands the sink at most [`MAX_WRITE_BYTES`] at a time
+//!   and advances by exactly what the sink took. `WouldBlock` means "not now", never an error;
+//!   `Interrupted` is retried. No deadline ever cuts a frame: there is no timeout in here.
+//! - **Two lanes.** The *reply lane* holds acks, replies, errors, stream items, pongs and hellos,
+//!   in order, in a preallocated ring of `capacity` bytes. The *telemetry slot* holds at most one
+//!   pushed telemetry frame: a newer sample replaces an older one that has not started going out
+//!   (latest wins), so a host that stops reading costs one frame, not a backlog. Between frames
+//!   the reply lane always goes first.
+//! - **A started frame is always finished.** The frame being written lives in its own buffer
+//!   (`current`) until its last byte is taken, whatever happens meanwhile. When the host
+//!   disconnects mid-frame the remainder stays there, and on the next connection the outbox
+//!   finishes that frame *before* anything else (the new AgentReady included). The new host's
+//!   decoder sees the tail as leading garbage and skips it; nothing after it is misparsed,
+//!   because every later frame starts on a frame boundary. The alternative (dropping the tail)
+//!   would leave the *old* host's half frame to swallow the start of the next frame on a
+//!   device whose queue survives the reconnect, which is exactly the corruption the field report
+//!   describes.
+//!
+//! Memory is bounded by `capacity + max frame + one telemetry frame`, all reserved up front.
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+
+use qx_proto::agent::Envelope;
+use thiserror::Error;
+
+/// The most bytes handed to one `write()` (a virtio-serial port takes at most 32 KiB per call).
+pub const MAX_WRITE_BYTES: usize = 32 * 1024;
+/// The largest payload the agent ever sends, so the host's 65552-byte sync preamble covers
+/// any partial frame.
+pub const SEND_MAX_FRAME_BYTES: u32 = 64 * 1024;
+/// Header plus largest payload.
+pub const MAX_FRAME_TOTAL_BYTES: usize = qx_proto::HEADER_BYTES + SEND_MAX_FRAME_BYTES as usize;
+
+/// Why a frame was not queued. Nothing was queued.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum OutboxError {
+    #[error("outbox is full: frame needs {need} bytes, {room} free")]
+    Full { need: usize, room: usize },
+    #[error("envelope does not fit in one frame")]
+    TooLarge(#[from] qx_proto::EncodeError),
+}
+
+/// Counters over the outbox's lifetime.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutboxStats {
+    pub frames_queued: u64,
+    pub frames_sent: u64,
+    pub bytes_sent: u64,
+    /// Replies refused because the reply lane was full.
+    pub refused: u64,
+    /// Telemetry frames replaced by a newer sample before they went out.
+    pub coalesced: u64,
+}
+
+/// Fixed-capacity, frame-preserving output buffer. See the module docs.
+#[derive(Debug)]
+pub struct Outbox {
+    /// Reply lane: whole frames back to back.
+    ring: VecDeque<u8>,
+    /// Lengths of the frames in `ring`, oldest first.
+    lens: VecDeque<usize>,
+    capacity: usize,
+    /// Latest telemetry frame not yet started.
+    telemetry: Option<Vec<u8>>,
+    /// The frame being written, and how much of it the sink has taken.
+    current: Vec<u8>,
+    current_pos: usize,
+    scratch: Vec<u8>,
+    stats: OutboxStats,
+}
+
+impl Outbox {
+    /// An outbox whose reply lane holds `capacity` bytes (raised to one maximum frame).
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(MAX_FRAME_TOTAL_BYTES);
+        Outbox {
+            ring: VecDeque::with_capacity(capacity),
+            lens: VecDeque::with_capacity(64),
+            capacity,
+            telemetry: None,
+            current: Vec::with_capacity(MAX_FRAME_TOTAL_BYTES),
+            current_pos: 0,
+            scratch: Vec::with_capacity(MAX_FRAME_TOTAL_BYTES),
+            stats: OutboxStats::default(),
+        }
+    }
+
+    /// Free bytes in the reply lane.
+    pub fn room(&self) -> usize {
+        self.capacity - self.ring.len()
+    }
+
+    /// Bytes waiting to be written (both lanes and the frame in progress).
+    pub fn pending_bytes(&self) -> usize {
+        self.ring.len()
+            + self.telemetry.as_ref().map_or(0, Vec::len)
+            + (self.current.len() - self.current_pos)
+    }
+
+    /// True when nothing waits to be written.
+    pub fn is_empty(&self) -> bool {
+        self.pending_bytes() == 0
+    }
+
+    /// True while a frame is partly written.
+    pub fn mid_frame(&self) -> bool {
+        self.current_pos > 0 && self.current_pos < self.current.len()
+    }
+
+    /// Lifetime counters.
+    pub fn stats(&self) -> OutboxStats {
+        self.stats
+    }
+
+    /// Queues `env` on the reply lane, whole, or refuses it.
+    pub fn push_reply(&mut self, env: &Envelope) -> Result<(), OutboxError> {
+        self.scratch.clear();
+        qx_proto::encode_envelope(env, SEND_MAX_FRAME_BYTES, &mut self.scratch)?;
+        let need = self.scratch.len();
+        if need > self.room() {
+            self.stats.refused += 1;
+            return Err(OutboxError::Full {
+                need,
+                room: self.room(),
+            });
+        }
+        self.ring.extend(self.scratch.iter().copied());
+        self.lens.push_back(need);
+        self.stats.frames_queued += 1;
+        Ok(())
+    }
+
+    /// Puts `env` in the telemetry slot, replacing a sample that has not started going out.
+    pub fn push_telemetry(&mut self, env: &Envelope) -> Result<(), OutboxError> {
+        self.scratch.clear();
+        qx_proto::encode_envelope(env, SEND_MAX_FRAME_BYTES, &mut self.scratch)?;
+        let slot = self.telemetry.get_or_insert_with(Vec::new);
+        if !slot.is_empty() {
+            self.stats.coalesced += 1;
+        } else {
+            self.stats.frames_queued += 1;
+        }
+        slot.clear();
+        slot.extend_from_slice(&self.scratch);
+        Ok(())
+    }
+
+    /// Moves the next whole frame into `current` when the previous one is finished.
+    fn load_next(&mut self) -> bool {
+        if self.current_pos < self.current.len() {
+            return true;
+        }
+        self.current.clear();
+        self.current_pos = 0;
+        if let Some(len) = self.lens.pop_front() {
+            self.current.extend(self.ring.drain(..len));
+            return true;
+        }
+        if let Some(slot) = self.telemetry.as_mut() {
+            if !slot.is_empty() {
+                std::mem::swap(&mut self.current, slot);
+                slot.clear();
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Writes as much as `sink` takes. Returns the bytes written; `Ok` also when the sink
+    /// would block (then bytes remain: see [`Outbox::is_empty`]).
+    pub fn flush<W: Write + ?Sized>(&mut self, sink: &mut W) -> io::Result<usize> {
+        let mut total = 0;
+        while self.load_next() {
+            let end = self.current.len().min(self.current_pos + MAX_WRITE_BYTES);
+            match sink.write(&self.current[self.current_pos..end]) {
+                Ok(0) => return Ok(total),
+                Ok(n) => {
+                    self.current_pos += n;
+                    total += n;
+                    self.stats.bytes_sent += n as u64;
+                    if self.current_pos == self.current.len() {
+                        self.stats.frames_sent += 1;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(total),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use qx_proto::agent::envelope::Payload;
+    use qx_proto::agent::{Ack, FileChunk, Ping, Telemetry};
+    use qx_proto::{decode_envelope, Decoder, DEFAULT_MAX_FRAME_BYTES};
+
+    /// A sink that takes at most `per_write` bytes per call, and `WouldBlock`s while `stalled`
+    /// or every `block_every`-th call.
+    struct TestSink {
+        data: Vec<u8>,
+        per_write: usize,
+        stalled: bool,
+        calls: usize,
+        block_every: usize,
+    }
+
+    impl TestSink {
+        fn new(per_write: usize) -> Self {
+            TestSink {
+                data: Vec::new(),
+                per_write,
+                stalled: false,
+                calls: 0,
+                block_every: 0,
+            }
+        }
+    }
+
+    impl Write for TestSink {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.calls += 1;
+            if self.stalled || (self.block_every > 0 && self.calls % self.block_every == 0) {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.per_write);
+            self.data.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn env(id: u64, payload: Payload) -> Envelope {
+        Envelope {
+            id,
+            correlation_id: 0,
+            payload: Some(payload),
+        }
+    }
+
+    fn ack(id: u64) -> Envelope {
+        Envelope {
+            id: 0,
+            correlation_id: id,
+            payload: Some(Payload::Ack(Ack {})),
+        }
+    }
+
+    fn telemetry(uptime_s: u64) -> Envelope {
+        env(
+            0,
+            Payload::Telemetry(Telemetry {
+                uptime_s,
+                ..Default::default()
+            }),
+        )
+    }
+
+    fn decode_all(bytes: &[u8]) -> (Vec<Envelope>, u64) {
+        let mut dec = Decoder::new(DEFAULT_MAX_FRAME_BYTES);
+        dec.push(bytes);
+        let mut out = Vec::new();
+        loop {
+            match dec.decode() {
+                Ok(Some(p)) => out.push(decode_envelope(p).unwrap()),
+                Ok(None) => break,
+                Err(_) => {}
+            }
+        }
+        (out, dec.stats().garbage_bytes)
+    }
+
+    #[test]
+    fn frame_survives_host_stall_and_flushes_whole() {
+        let mut ob = Outbox::new(0);
+        let big = env(
+            0,
+            Payload::FileChunk(FileChunk {
+                offset: 0,
+                data: vec![0x51; 40_000],
+            }),
+        );
+        ob.push_reply(&big).unwrap();
+        ob.push_reply(&ack(9)).unwrap();
+        let mut sink = TestSink::new(7);
+        sink.block_every = 3;
+        // Some progress, then the host stalls.
+        ob.flush(&mut sink).unwrap();
+        assert!(ob.mid_frame());
+        sink.stalled = true;
+        for _ in 0..100 {
+            assert_eq!(ob.flush(&mut sink).unwrap(), 0);
+        }
+        sink.stalled = false;
+        while !ob.is_empty() {
+            ob.flush(&mut sink).unwrap();
+        }
+        let (frames, garbage) = decode_all(&sink.data);
+        assert_eq!(garbage, 0);
+        assert_eq!(frames, vec![big, ack(9)]);
+    }
+
+    #[test]
+    fn a_write_never_exceeds_the_port_limit() {
+        struct Recorder(Vec<usize>);
+        impl Write for Recorder {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.0.push(buf.len());
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut ob = Outbox::new(0);
+        let big = env(
+            0,
+            Payload::FileChunk(FileChunk {
+                offset: 0,
+                data: vec![1; 60_000],
+            }),
+        );
+        ob.push_reply(&big).unwrap();
+        let mut rec = Recorder(Vec::new());
+        ob.flush(&mut rec).unwrap();
+        assert!(rec.0.iter().all(|&n| n <= MAX_WRITE_BYTES));
+        assert_eq!(
+            rec.0.iter().sum::<usize>(),
+            qx_proto::encoded_frame_len(&big)
+        );
+    }
+
+    #[test]
+    fn host_that_never_reads_keeps_memory_bounded_and_refuses_replies() {
+        let mut ob = Outbox::new(MAX_FRAME_TOTAL_BYTES);
+        let mut sink = TestSink::new(1000);
+        sink.stalled = true;
+        let mut refused = 0;
+        for i in 1..=100_000u64 {
+            ob.push_telemetry(&telemetry(i)).unwrap();
+            if ob.push_reply(&ack(i)).is_err() {
+                refused += 1;
+            }
+            ob.flush(&mut sink).unwrap();
+        }
+        assert!(ob.pending_bytes() <= MAX_FRAME_TOTAL_BYTES + 64);
+        assert!(refused > 90_000);
+        assert_eq!(ob.stats().refused, refused);
+        assert_eq!(ob.stats().coalesced, 99_999);
+        // When the host reads again, the replies that fit come out, then only the latest
+        // telemetry sample.
+        sink.stalled = false;
+        while !ob.is_empty() {
+            ob.flush(&mut sink).unwrap();
+        }
+        let (frames, _) = decode_all(&sink.data);
+        let telemetry_frames: Vec<_> = frames
+            .iter()
+            .filter(|e| matches!(e.payload, Some(Payload::Telemetry(_))))
+            .collect();
+        assert_eq!(telemetry_frames, vec![&telemetry(100_000)]);
+        assert_eq!(frames.len() as u64, 100_000 - refused + 1);
+    }
+
+    #[test]
+    fn replies_overtake_waiting_telemetry_but_not_a_started_frame() {
+        let mut ob = Outbox::new(0);
+        ob.push_telemetry(&telemetry(1)).unwrap();
+        let mut sink = TestSink::new(5);
+        sink.block_every = 2;
+        ob.flush(&mut sink).unwrap(); // the telemetry frame has started
+        assert!(ob.mid_frame());
+        ob.push_reply(&ack(1)).unwrap();
+        ob.push_telemetry(&telemetry(2)).unwrap();
+        ob.push_reply(&ack(2)).unwrap();
+        sink.block_every = 0;
+        ob.flush(&mut sink).unwrap();
+        let (frames, garbage) = decode_all(&sink.data);
+        assert_eq!(garbage, 0);
+        assert_eq!(frames, vec![telemetry(1), ack(1), ack(2), telemetry(2)]);
+    }
+
+    #[test]
+    fn host_disconnecting_mid_frame_gets_the_frame_finished_before_the_hello() {
+        let mut ob = Outbox::new(0);
+        let reply = env(
+            0,
+            Payload::FileChunk(FileChunk {
+                offset: 0,
+                data: vec![9; 3000],
+            }),
+        );
+        ob.push_reply(&reply).unwrap();
+        let mut first_host = TestSink::new(1000);
+        first_host.block_every = 2;
+        ob.flush(&mut first_host).unwrap();
+        assert!(ob.mid_frame());
+        // The host goes away; a new host connects and the agent queues its hello.
+        let hello = env(1, Payload::Ping(Ping { seq: 77 }));
+        ob.push_reply(&hello).unwrap();
+        let mut second_host = TestSink::new(3);
+        while !ob.is_empty() {
+            ob.flush(&mut second_host).unwrap();
+        }
+        // The first host saw the start of the frame, the second its tail then whole frames.
+        let mut joined = first_host.data.clone();
+        joined.extend_from_slice(&second_host.data);
+        let (frames, _) = decode_all(&joined);
+        assert_eq!(frames, vec![reply, hello.clone()]);
+        let (second_frames, garbage) = decode_all(&second_host.data);
+        assert_eq!(second_frames, vec![hello]);
+        assert_eq!(
+            garbage as usize,
+            second_host.data.len() - qx_proto::encoded_frame_len(&second_frames[0])
+        );
+    }
+
+    #[test]
+    fn oversized_envelope_is_refused_without_queueing() {
+        let mut ob = Outbox::new(0);
+        let huge = env(
+            0,
+            Payload::FileChunk(FileChunk {
+                offset: 0,
+                data: vec![0; SEND_MAX_FRAME_BYTES as usize + 1],
+            }),
+        );
+        assert!(matches!(
+            ob.push_reply(&huge),
+            Err(OutboxError::TooLarge(_))
+        ));
+        assert!(ob.is_empty());
+    }
+}
