@@ -116,6 +116,11 @@ PREFIX=${PREFIX%/}
 SBIN=$PREFIX/sbin
 BIN=$SBIN/$NAME
 
+# What this run adds, for uninstall.sh: one absolute path (or a marker) a line.
+RECORD=""
+record() { RECORD="$RECORD$1
+"; }
+
 # ---- verification ---------------------------------------------------------------------------
 
 [ -f "$SRC/SHA256SUMS" ] || die 3 "$SRC/SHA256SUMS is missing: is this the agent ISO?"
@@ -126,6 +131,15 @@ expected_hash() {
 	awk -v f="$1" '$2 == f || $2 == "*" f { print $1; exit }' "$SRC/SHA256SUMS"
 }
 hash_of() { sha256sum "$1" | cut -d' ' -f1; }
+
+# Creates directory $1 and its missing parents, recording each one it creates so that
+# uninstall.sh removes them again (when empty).
+ensure_dir() {
+	[ -d "$1" ] && return 0
+	ensure_dir "$(dirname "$1")"
+	mkdir "$1" || die 4 "cannot create $1"
+	record "dir:$1"
+}
 
 # Copies ISO file $1 to $2.qx-new with mode $3 and checks the copy against the manifest.
 # On success the verified copy is at $2.qx-new; the caller renames it into place.
@@ -138,7 +152,7 @@ fetch() {
 		printf 'install: would install %s -> %s (mode %s, sha256 verified)\n' "$1" "$2" "$3"
 		return 0
 	fi
-	mkdir -p "$(dirname "$2")" || die 4 "cannot create $(dirname "$2")"
+	ensure_dir "$(dirname "$2")"
 	rm -f "$2.qx-new"
 	cp "$SRC/$1" "$2.qx-new" || die 4 "cannot copy $1 to $2.qx-new"
 	chmod "$3" "$2.qx-new" || die 4 "cannot chmod $2.qx-new"
@@ -227,6 +241,18 @@ case "$INIT" in
 systemd | openrc | sysvinit | busybox) ;;
 *) die 2 "cannot tell the init system (systemd, openrc, sysvinit, busybox); pass --init TYPE" ;;
 esac
+
+# Every file of the image is checked before anything on the system changes; each copy is
+# checked again after it is made (fetch), so a disc swapped mid-run cannot slip through.
+while read -r sum file; do
+	file=${file#\*}
+	case "$file" in
+	"$NAME".*) [ "$file" = "$NAME.$ARCH" ] || continue ;;
+	esac
+	[ -f "$SRC/$file" ] || die 3 "$file is listed in SHA256SUMS but missing from $SRC"
+	got=$(hash_of "$SRC/$file") || die 3 "cannot read $SRC/$file"
+	[ "$got" = "$sum" ] || die 3 "$file does not match SHA256SUMS (got $got, want $sum)"
+done <"$SRC/SHA256SUMS"
 
 say "quantix-kvm-agent $VERSION for $ARCH, init $INIT, into $SBIN"
 [ "$DRY" = 1 ] && say "dry run: nothing will be changed"
@@ -429,10 +455,6 @@ restart_service() {
 
 # ---- install --------------------------------------------------------------------------------
 
-# What this run adds, for uninstall.sh: one absolute path (or a marker) a line.
-RECORD=""
-record() { RECORD="$RECORD$1
-"; }
 
 upgrade=0
 [ -f "$BIN" ] && upgrade=1
@@ -495,7 +517,7 @@ esac
 
 # 6. The state file: what uninstall.sh removes.
 if [ "$DRY" = 0 ]; then
-	mkdir -p "$STATE_DIR" || die 4 "cannot create $STATE_DIR"
+	ensure_dir "$STATE_DIR"
 	{
 		echo "version=$VERSION"
 		echo "init=$INIT"

@@ -120,7 +120,7 @@ sed -n 's/^file=//p' "$STATE" | while read -r entry; do
 			say "keeping $f (--purge removes it)"
 		fi
 		;;
-	inittab:* | service:*) ;;
+	inittab:* | service:* | dir:*) ;;
 	/*)
 		if [ -e "$entry" ] || [ -L "$entry" ]; then
 			run rm -f "$entry" || warn "cannot remove $entry"
@@ -143,11 +143,20 @@ fi
 for f in /run/$NAME.pid; do
 	[ -e "$f" ] && run rm -f "$f"
 done
+# Directories install.sh created, deepest first (paths hold no spaces: install.sh made them).
+dirs=$(sed -n 's/^file=dir://p' "$STATE" | sort -r)
 run rm -f "$STATE" || failed=1
-run rmdir "$STATE_DIR" 2>/dev/null
 if [ "$PURGE" = 1 ]; then
+	# The configuration goes even when an earlier install created it (kept by a plain uninstall).
+	[ -e "$CONF_DIR/agent.conf" ] && run rm -f "$CONF_DIR/agent.conf"
 	run rmdir "$CONF_DIR" 2>/dev/null
 fi
+
+# Directories install.sh created, deepest first, when nothing else has been put in them.
+run rmdir "$STATE_DIR" 2>/dev/null
+for d in $dirs; do
+	[ -d "$d" ] && run rmdir "$d" 2>/dev/null
+done
 
 # Anything left that should be gone?
 if [ "$DRY" = 0 ]; then

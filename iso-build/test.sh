@@ -1,0 +1,306 @@
+#!/usr/bin/env bash
+# Tests of the agent ISO (called from ci/test.sh; needs root for chroot and mount):
+#   1. the image builds, its listing and SHA256SUMS are what install.sh expects;
+#   2. two builds (different temp dirs, umask and clock) give the same bytes;
+#   3. install.sh runs in a busybox chroot for each init system (systemd, openrc, sysvinit,
+#      busybox) under busybox ash and under bash: files land with the right modes, the service
+#      definition is valid for its init, the init's CLI is asked to enable it, a re-run upgrades
+#      and keeps .old, an edited agent.conf survives, --dry-run changes nothing, a tampered
+#      image is refused before anything changes, uninstall removes everything it added.
+# The init systems' CLIs (systemctl, rc-update, update-rc.d) are stubs that record what they
+# were asked; the real-init path is covered by iso-build/vm-test.sh in a TCG VM.
+#
+# Usage: iso-build/test.sh [--agent PATH]   (default: builds the agent with ci/build-agent.sh)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+agent=""
+[ "${1:-}" = "--agent" ] && agent=$2
+if [ -z "$agent" ]; then
+  bash ci/build-agent.sh >&2
+  agent=$root/target/x86_64-unknown-linux-musl/release/quantix-kvm-agent
+fi
+
+[ "$(id -u)" = 0 ] || { echo "iso-build/test.sh needs root (chroot)" >&2; exit 1; }
+
+work=$(mktemp -d /tmp/qx-iso-test.XXXXXX)
+mounts=()
+cleanup() {
+  for m in "${mounts[@]}"; do umount -l "$m" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+pass=0
+fail() { echo "FAIL: $*" >&2; exit 1; }
+ok() { pass=$((pass + 1)); echo "ok: $*"; }
+
+version=$(awk '/^\[workspace.package\]/ {p=1; next} /^\[/ {p=0} p && /^version *=/ {gsub(/[" ]/, "", $0); sub(/^version=/, "", $0); print; exit}' Cargo.toml)
+
+# ---- 1. build, listing, manifest ------------------------------------------------------------
+export SOURCE_DATE_EPOCH=1700000000
+iso=$(bash iso-build/build-iso.sh --agent "$agent" --out "$work/out1" 2>"$work/build1.log") \
+  || { cat "$work/build1.log" >&2; fail "build-iso.sh failed"; }
+[ "$iso" = "$work/out1/quantix-kvm-agent-$version.iso" ] || fail "unexpected image path $iso"
+[ "$(readlink "$work/out1/quantix-kvm-agent.iso")" = "quantix-kvm-agent-$version.iso" ] \
+  || fail "the stable symlink does not point at the versioned image"
+ok "build-iso.sh made $iso and its stable symlink"
+
+xorriso -indev "$iso" -pvd_info 2>/dev/null | grep -qx "Volume Id    : QX_AGENT_${version//./_}" \
+  || fail "volume id is not QX_AGENT_${version//./_}"
+# xorriso's media report names the trees the image offers.
+xorriso -indev "$iso" -toc 2>&1 | grep -qx 'ISO offers   : Rock_Ridge Joliet' || fail "the image does not offer both Rock Ridge and Joliet"
+ok "volume id QX_AGENT_${version//./_}, Rock Ridge and Joliet"
+
+xorriso -indev "$iso" -find / -type f 2>/dev/null | tr -d "'" | sed 's|^/||' | LC_ALL=C sort >"$work/listing"
+expected="README
+SHA256SUMS
+VERSION
+agent.conf
+install.sh
+quantix-kvm-agent.x86_64
+service/busybox/inittab
+service/busybox/run
+service/openrc/quantix-kvm-agent
+service/systemd/quantix-kvm-agent.service
+service/sysvinit/quantix-kvm-agent
+udev/60-quantix-kvm-agent.rules
+uninstall.sh"
+if rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-musl; then
+  expected=$(printf '%s\nquantix-kvm-agent.aarch64' "$expected" | LC_ALL=C sort)
+else
+  xorriso -osirrox on -indev "$iso" -extract /README "$work/README" >/dev/null 2>&1
+  grep -q 'holds no aarch64 agent' "$work/README" || fail "README does not say the image has no aarch64 agent"
+fi
+diff -u <(echo "$expected") "$work/listing" || fail "the image's file list is not the expected one"
+ok "listing: $(wc -l <"$work/listing") files, as expected"
+
+cd_src=$work/cdrom
+xorriso -osirrox on -indev "$iso" -extract / "$cd_src" >/dev/null 2>&1 || fail "cannot extract the image"
+chmod -R u+w "$cd_src"
+(cd "$cd_src" && sha256sum -c --quiet SHA256SUMS) || fail "SHA256SUMS does not verify"
+[ "$(cut -d' ' -f3 "$cd_src/SHA256SUMS" | LC_ALL=C sort)" = "$(grep -vx SHA256SUMS "$work/listing")" ] \
+  || fail "SHA256SUMS does not list every other file"
+cmp -s "$cd_src/quantix-kvm-agent.x86_64" "$agent" || fail "the image's agent is not the input binary"
+[ "$(cat "$cd_src/VERSION")" = "$version" ] || fail "VERSION is not $version"
+[ "$(stat -c %a "$cd_src/install.sh")" = 755 ] || fail "install.sh is not executable on the image"
+ok "SHA256SUMS verifies and covers every file; VERSION $version; agent is the input binary"
+
+# ---- 2. reproducible ------------------------------------------------------------------------
+mkdir -p "$work/tmp2"
+iso2=$(umask 077 && TMPDIR=$work/tmp2 bash iso-build/build-iso.sh --agent "$agent" --out "$work/out2" 2>"$work/build2.log") \
+  || { cat "$work/build2.log" >&2; fail "second build failed"; }
+cmp "$iso" "$iso2" || fail "two builds of the same inputs differ"
+ok "two builds are byte-identical ($(sha256sum "$iso" | cut -c1-16)…)"
+SOURCE_DATE_EPOCH=1700000001 bash iso-build/build-iso.sh --agent "$agent" --out "$work/out3" >/dev/null 2>&1
+cmp -s "$iso" "$work/out3/quantix-kvm-agent-$version.iso" && fail "SOURCE_DATE_EPOCH does not reach the image"
+ok "a different SOURCE_DATE_EPOCH gives a different image (the date is an input)"
+unset SOURCE_DATE_EPOCH
+
+# ---- 3. install.sh in chroots ---------------------------------------------------------------
+stub() { # stub ROOT PATH: a command that records its name and arguments
+  mkdir -p "$1$(dirname "$2")"
+  rm -f "$1$2"
+  printf '#!/bin/sh\necho "%s $*" >>/var/log/qx-stub.log\nexit 0\n' "$(basename "$2")" >"$1$2"
+  chmod 0755 "$1$2"
+}
+
+make_root() { # make_root DIR INIT SHELL
+  local r=$1 init=$2 sh=$3
+  mkdir -p "$r"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,run,tmp,var/log,media}
+  mknod -m 666 "$r/dev/null" c 1 3
+  mknod -m 666 "$r/dev/zero" c 1 5
+  cp /bin/busybox "$r/bin/busybox"
+  chroot "$r" /bin/busybox --install -s
+  if [ "$sh" = bash ]; then
+    cp /bin/bash "$r/bin/bash"
+    ldd /bin/bash | awk '/=> \// {print $3} /^[[:space:]]*\/lib/ {print $1}' | while read -r lib; do
+      mkdir -p "$r$(dirname "$lib")"
+      cp -L "$lib" "$r$lib"
+    done
+  fi
+  printf 'root:x:0:0:root:/root:/bin/sh\n' >"$r/etc/passwd"
+  cp -a "$cd_src" "$r/media/cdrom"
+  case "$init" in
+    systemd)
+      mkdir -p "$r/run/systemd/system" "$r/etc/udev/rules.d" "$r/etc/systemd/system"
+      stub "$r" /bin/systemctl
+      ;;
+    openrc)
+      mkdir -p "$r/run/openrc" "$r/etc/init.d"
+      stub "$r" /sbin/rc-update
+      stub "$r" /sbin/rc-service
+      stub "$r" /sbin/openrc-run
+      ;;
+    sysvinit)
+      rm -f "$r/sbin/init"
+      printf '#!/bin/sh\n# stand-in for sysvinit init\n' >"$r/sbin/init"
+      chmod 0755 "$r/sbin/init"
+      printf 'id:2:initdefault:\nsi::sysinit:/etc/init.d/rcS\n' >"$r/etc/inittab"
+      mkdir -p "$r/etc/init.d" "$r/etc/udev/rules.d"
+      stub "$r" /usr/sbin/update-rc.d
+      ;;
+    busybox)
+      printf '::sysinit:/etc/init.d/rcS\n::respawn:/sbin/getty 38400 tty1\n' >"$r/etc/inittab"
+      ;;
+  esac
+  mount -t proc proc "$r/proc"
+  mounts+=("$r/proc")
+}
+
+# Everything under the root except what the test itself uses, with modes and hashes.
+snapshot() {
+  (cd "$1" && find . -path ./proc -prune -o -path ./media -prune -o -path ./var/log/qx-stub.log -prune \
+    -o -print | LC_ALL=C sort | while read -r f; do
+    if [ -f "$f" ] && [ ! -L "$f" ]; then
+      echo "$f $(stat -c %a "$f") $(sha256sum "$f" | cut -c1-16)"
+    else
+      echo "$f $(stat -c %F "$f")"
+    fi
+  done)
+}
+
+in_root() { # in_root ROOT SHELL ARGS...: run a command line in the chroot under SHELL
+  local r=$1 sh=$2
+  shift 2
+  if [ "$sh" = bash ]; then chroot "$r" /bin/bash "$@"; else chroot "$r" /bin/sh "$@"; fi
+}
+
+mode_is() { # mode_is ROOT PATH MODE
+  [ -f "$1$2" ] || fail "$2 was not installed"
+  [ "$(stat -c %a "$1$2")" = "$3" ] || fail "$2 has mode $(stat -c %a "$1$2"), want $3"
+}
+
+check_service() { # check_service ROOT INIT: the definition is valid for its init
+  local r=$1 init=$2
+  case "$init" in
+    systemd)
+      mode_is "$r" /etc/systemd/system/quantix-kvm-agent.service 644
+      local unit=$r/etc/systemd/system/quantix-kvm-agent.service
+      if command -v systemd-analyze >/dev/null; then
+        # Verify a copy whose ExecStart names the binary as seen from outside the chroot.
+        mkdir -p "$work/unit"
+        sed "s|/usr/local/sbin/quantix-kvm-agent|$r/usr/local/sbin/quantix-kvm-agent|" "$unit" \
+          >"$work/unit/quantix-kvm-agent.service"
+        local vrc=0
+        SYSTEMD_LOG_LEVEL=warning systemd-analyze verify --man=no "$work/unit/quantix-kvm-agent.service" \
+          >"$work/verify.log" 2>&1 || vrc=$?
+        if [ "$vrc" != 0 ] || grep -q 'quantix-kvm-agent.service' "$work/verify.log"; then
+          cat "$work/verify.log" >&2
+          fail "systemd-analyze verify reports problems in the unit"
+        fi
+      fi
+      grep -qx 'ExecStart=/usr/local/sbin/quantix-kvm-agent --config /etc/quantix-kvm/agent.conf' "$unit" \
+        || fail "unit ExecStart is wrong"
+      grep -qx 'WantedBy=multi-user.target' "$unit" || fail "unit has no [Install] WantedBy"
+      grep -q 'daemon-reload' "$r/var/log/qx-stub.log" || fail "systemctl daemon-reload was not called"
+      grep -qx 'systemctl enable quantix-kvm-agent.service' "$r/var/log/qx-stub.log" \
+        || fail "systemctl enable was not called"
+      ;;
+    openrc)
+      mode_is "$r" /etc/init.d/quantix-kvm-agent 755
+      sh -n "$r/etc/init.d/quantix-kvm-agent" || fail "OpenRC script does not parse"
+      head -n1 "$r/etc/init.d/quantix-kvm-agent" | grep -qx '#!/sbin/openrc-run' || fail "OpenRC script has the wrong interpreter"
+      grep -q '^command="/usr/local/sbin/quantix-kvm-agent"' "$r/etc/init.d/quantix-kvm-agent" || fail "OpenRC command is wrong"
+      grep -qx 'rc-update add quantix-kvm-agent default' "$r/var/log/qx-stub.log" || fail "rc-update add was not called"
+      ;;
+    sysvinit)
+      mode_is "$r" /etc/init.d/quantix-kvm-agent 755
+      sh -n "$r/etc/init.d/quantix-kvm-agent" || fail "init script does not parse"
+      for k in '### BEGIN INIT INFO' '# Provides:          quantix-kvm-agent' '# Default-Start:     2 3 4 5' \
+        '# Default-Stop:      0 1 6' '### END INIT INFO'; do
+        grep -qxF "$k" "$r/etc/init.d/quantix-kvm-agent" || fail "LSB header lacks '$k'"
+      done
+      grep -qx 'update-rc.d quantix-kvm-agent defaults' "$r/var/log/qx-stub.log" || fail "update-rc.d was not called"
+      # The script itself answers status in the chroot (no agent running: LSB status 3).
+      set +e
+      chroot "$r" /etc/init.d/quantix-kvm-agent status >/dev/null
+      local st=$?
+      set -e
+      [ "$st" = 3 ] || fail "init script status returned $st, want 3 (not running)"
+      ;;
+    busybox)
+      grep -qx '::respawn:/usr/local/sbin/quantix-kvm-agent --config /etc/quantix-kvm/agent.conf # quantix-kvm-agent' \
+        "$r/etc/inittab" || fail "inittab has no respawn line for the agent"
+      [ "$(grep -c quantix-kvm-agent "$r/etc/inittab")" = 1 ] || fail "inittab has more than one agent line"
+      ;;
+  esac
+}
+
+for sh in ash bash; do
+  for init in systemd openrc sysvinit busybox; do
+    r=$work/root-$init-$sh
+    make_root "$r" "$init" "$sh"
+    before=$(snapshot "$r")
+
+    # --dry-run changes nothing.
+    in_root "$r" "$sh" /media/cdrom/install.sh --dry-run --no-start >"$work/dry.log" 2>&1 \
+      || { cat "$work/dry.log"; fail "[$init/$sh] --dry-run failed"; }
+    grep -q "init $init" "$work/dry.log" || { cat "$work/dry.log"; fail "[$init/$sh] detected the wrong init system"; }
+    diff <(echo "$before") <(snapshot "$r") || fail "[$init/$sh] --dry-run changed the system"
+
+    # A tampered image is refused before anything changes.
+    cp -a "$r/media/cdrom" "$r/media/bad"
+    printf 'X' | dd of="$r/media/bad/quantix-kvm-agent.x86_64" bs=1 seek=1000 conv=notrunc status=none
+    set +e
+    in_root "$r" "$sh" /media/bad/install.sh --no-start >"$work/bad.log" 2>&1
+    rc=$?
+    set -e
+    rm -rf "$r/media/bad"
+    [ "$rc" = 3 ] || { cat "$work/bad.log"; fail "[$init/$sh] a tampered binary gave exit $rc, want 3"; }
+    grep -q 'does not match SHA256SUMS' "$work/bad.log" || fail "[$init/$sh] no clear message for a tampered binary"
+    [ "$(snapshot "$r")" = "$before" ] || { diff <(echo "$before") <(snapshot "$r"); fail "[$init/$sh] a refused install left files behind"; }
+
+    # Install.
+    in_root "$r" "$sh" /media/cdrom/install.sh --no-start >"$work/install.log" 2>&1 \
+      || { cat "$work/install.log"; fail "[$init/$sh] install failed"; }
+    mode_is "$r" /usr/local/sbin/quantix-kvm-agent 755
+    mode_is "$r" /usr/local/sbin/quantix-kvm-agent-uninstall 755
+    mode_is "$r" /etc/quantix-kvm/agent.conf 644
+    cmp -s "$r/usr/local/sbin/quantix-kvm-agent" "$agent" || fail "[$init/$sh] installed binary differs from the agent"
+    case "$init" in
+      systemd | sysvinit) mode_is "$r" /etc/udev/rules.d/60-quantix-kvm-agent.rules 644 ;;
+      *) [ ! -e "$r/etc/udev/rules.d/60-quantix-kvm-agent.rules" ] || fail "[$init/$sh] udev rule installed without udev" ;;
+    esac
+    check_service "$r" "$init"
+    [ ! -e "$r/usr/local/sbin/quantix-kvm-agent.old" ] || fail "[$init/$sh] .old on a first install"
+    ok "[$init/$sh] install: files, modes, service definition, enable"
+
+    # Re-run: upgrade in place, keep .old and the operator's agent.conf.
+    echo '# edited by the operator' >>"$r/etc/quantix-kvm/agent.conf"
+    conf_sum=$(sha256sum <"$r/etc/quantix-kvm/agent.conf")
+    in_root "$r" "$sh" /media/cdrom/install.sh --no-start >"$work/install2.log" 2>&1 \
+      || { cat "$work/install2.log"; fail "[$init/$sh] re-run failed"; }
+    grep -q 'upgrading quantix-kvm-agent' "$work/install2.log" || fail "[$init/$sh] re-run did not report an upgrade"
+    mode_is "$r" /usr/local/sbin/quantix-kvm-agent.old 755
+    cmp -s "$r/usr/local/sbin/quantix-kvm-agent.old" "$agent" || fail "[$init/$sh] .old is not the previous binary"
+    [ "$(sha256sum <"$r/etc/quantix-kvm/agent.conf")" = "$conf_sum" ] || fail "[$init/$sh] re-run replaced agent.conf"
+    check_service "$r" "$init"
+    ok "[$init/$sh] re-run upgrades in place, keeps .old and the edited agent.conf"
+
+    # Uninstall keeps agent.conf; the rest is exactly as before the install.
+    in_root "$r" "$sh" /usr/local/sbin/quantix-kvm-agent-uninstall >"$work/un.log" 2>&1 \
+      || { cat "$work/un.log"; fail "[$init/$sh] uninstall failed"; }
+    after=$(snapshot "$r" | grep -v '^./etc/quantix-kvm')
+    diff <(echo "$before") <(echo "$after") || fail "[$init/$sh] uninstall left changes behind"
+    [ -f "$r/etc/quantix-kvm/agent.conf" ] || fail "[$init/$sh] uninstall removed agent.conf without --purge"
+    case "$init" in
+      systemd) grep -qx 'systemctl disable --now quantix-kvm-agent.service' "$r/var/log/qx-stub.log" || fail "[$init/$sh] not disabled" ;;
+      openrc) grep -qx 'rc-update del quantix-kvm-agent default' "$r/var/log/qx-stub.log" || fail "[$init/$sh] not removed from the runlevel" ;;
+      sysvinit) grep -qx 'update-rc.d -f quantix-kvm-agent remove' "$r/var/log/qx-stub.log" || fail "[$init/$sh] links not removed" ;;
+    esac
+    ok "[$init/$sh] uninstall removes everything it added, keeps agent.conf"
+
+    # Install again (the kept conf stays), then remove through the ISO with --purge.
+    in_root "$r" "$sh" /media/cdrom/install.sh --no-start >"$work/install3.log" 2>&1 \
+      || { cat "$work/install3.log"; fail "[$init/$sh] install over a kept agent.conf failed"; }
+    grep -q 'keeping the existing /etc/quantix-kvm/agent.conf' "$work/install3.log" || fail "[$init/$sh] kept conf not reported"
+    in_root "$r" "$sh" /media/cdrom/install.sh --uninstall --purge >"$work/un2.log" 2>&1 \
+      || { cat "$work/un2.log"; fail "[$init/$sh] install.sh --uninstall --purge failed"; }
+    diff <(echo "$before") <(snapshot "$r") || fail "[$init/$sh] --uninstall --purge left changes behind"
+    ok "[$init/$sh] install.sh --uninstall --purge"
+  done
+done
+
+echo "iso-build/test.sh: $pass checks passed"
