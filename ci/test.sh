@@ -25,5 +25,8 @@ if cargo tree -p quantix-kvm-agent -e normal --locked --target x86_64-unknown-li
   exit 1
 fi
 
+step "agent ISO: listing, manifest, reproducible bytes, install.sh in chroots per init system"
+bash iso-build/test.sh --agent target/x86_64-unknown-linux-musl/release/quantix-kvm-agent
+
 step "tests"
 cargo test --workspace --locked
