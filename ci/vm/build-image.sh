@@ -19,6 +19,7 @@
 #   qx.hostname=NAME      the guest's hostname (default qx-guest)
 #   qx.disk=DEV:DIR       mount DEV (e.g. vda) as ext4 on DIR once it appears
 #   qx.qga=1              also run qemu-ga on org.qemu.guest_agent.0 (bench image only)
+#   qx.ip=ADDR/PREFIX     give eth0 this address and bring it up
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD

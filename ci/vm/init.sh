@@ -22,6 +22,7 @@ QX_AGENT_ARGS=
 QX_HOSTNAME=qx-guest
 QX_DISK=
 QX_QGA=0
+QX_IP=
 for word in $(cat /proc/cmdline); do
   case "$word" in
     qx.agent=*) QX_AGENT=${word#qx.agent=} ;;
@@ -29,6 +30,7 @@ for word in $(cat /proc/cmdline); do
     qx.hostname=*) QX_HOSTNAME=${word#qx.hostname=} ;;
     qx.disk=*) QX_DISK=${word#qx.disk=} ;;
     qx.qga=*) QX_QGA=${word#qx.qga=} ;;
+    qx.ip=*) QX_IP=${word#qx.ip=} ;;
   esac
 done
 
@@ -39,6 +41,11 @@ for m in $(cat /etc/modules.order); do
   insmod "/lib/modules/$m.ko" 2>/dev/null || say "insmod $m failed"
 done
 ip link set lo up 2>/dev/null
+if [ -n "$QX_IP" ]; then
+  i=0
+  while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
+  ip addr add "$QX_IP" dev eth0 && ip link set eth0 up || say "eth0: cannot set $QX_IP"
+fi
 
 # The ports appear asynchronously after virtio_console loads; udev is not here to name them.
 name_ports() {
