@@ -1,0 +1,332 @@
+//! `qxctl agent install VM`: puts the node's agent ISO into the VM's CD-ROM drive and, when the
+//! VM already runs our agent, runs the ISO's installer through it (an upgrade in place);
+//! otherwise prints the one command an operator runs inside the guest.
+//!
+//! The flow, and why each step is shaped the way it is:
+//! 1. `MountAgentIso`: the node inserts its own image with a forced media change, so the drive
+//!    holds the newest ISO, never a cached older one.
+//! 2. `GetAgentInfo`: is our agent connected? If not, the command to run is printed.
+//! 3. `ExecuteInGuest` runs a short launcher that finds the disc (by content: `install.sh`,
+//!    `SHA256SUMS` and `VERSION` at its root), mounts it read-only and starts `install.sh`
+//!    *detached* (under `systemd-run` on systemd, `setsid` elsewhere): the installer restarts
+//!    the very agent that started it, so it must not live in the agent's cgroup or hold the
+//!    agent's output pipes. The launcher returns at once.
+//! 4. The host polls (through the agent, which comes back with a new session after the restart)
+//!    for the installer's exit status file, then prints the installer's log.
+//! 5. On success the disc is unmounted in the guest and ejected (unless `--keep-iso`).
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use qx_proto::agent::{ExecExit, ExecRequest};
+use tonic::transport::Channel;
+
+use crate::pb;
+use crate::pb::node_daemon_service_client::NodeDaemonServiceClient;
+
+/// Where the detached installer leaves its exit status and its output in the guest.
+const GUEST_RC_FILE: &str = "/run/quantix-kvm-agent-install.rc";
+const GUEST_LOG_FILE: &str = "/var/log/quantix-kvm-agent-install.log";
+/// Where the launcher mounts the disc in the guest.
+const GUEST_MOUNT_DIR: &str = "/run/quantix-kvm-agent-iso";
+/// How often the host asks whether the installer has finished.
+const POLL_INTERVAL_MS: u64 = 1000;
+/// Per-call budget for the small commands the host runs in the guest.
+const EXEC_TIMEOUT_MS: u32 = 20_000;
+
+/// Exit code: installed (or, without an agent, the command to run was printed).
+pub const EXIT_OK: i32 = 0;
+/// Exit code: the installer ran and failed (its exit code and log are printed).
+pub const EXIT_INSTALL_FAILED: i32 = 1;
+/// Exit code: the installer did not report back within `--timeout-s`.
+pub const EXIT_TIMED_OUT: i32 = 2;
+
+/// `qxctl agent install VM`
+#[derive(Debug, Args)]
+pub struct InstallArgs {
+    /// The VM (libvirt domain UUID or name).
+    pub vm: String,
+    /// Only mount the ISO and print the command to run in the guest, even if an agent is
+    /// connected.
+    #[arg(long)]
+    pub print_only: bool,
+    /// Leave the ISO in the drive after a successful install.
+    #[arg(long)]
+    pub keep_iso: bool,
+    /// How long to wait for the installer to finish, in seconds.
+    #[arg(long, default_value_t = 180)]
+    pub timeout_s: u64,
+    /// Extra arguments for install.sh (e.g. `--prefix=/opt/qx`), space-separated.
+    #[arg(long, default_value = "")]
+    pub install_args: String,
+}
+
+/// The command an operator runs as root inside the guest: mount the disc, run its installer.
+pub fn manual_command(volume_id: &str) -> String {
+    format!(
+        "sudo sh -c 'mkdir -p /mnt/qx && (mount -o ro LABEL={volume_id} /mnt/qx 2>/dev/null \
+         || mount -o ro /dev/sr0 /mnt/qx) && sh /mnt/qx/install.sh; umount /mnt/qx'"
+    )
+}
+
+/// The ISO's volume id for an image path such as `.../quantix-kvm-agent-0.1.0.iso`
+/// (`QX_AGENT_0_1_0`); falls back to this qxctl's own version.
+pub fn volume_id_for(iso_path: &str) -> String {
+    let version = iso_path
+        .rsplit('/')
+        .next()
+        .and_then(|name| name.strip_prefix("quantix-kvm-agent-"))
+        .and_then(|rest| rest.strip_suffix(".iso"))
+        .filter(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_digit() || c == '.'))
+        .unwrap_or(env!("CARGO_PKG_VERSION"));
+    format!("QX_AGENT_{}", version.replace('.', "_"))
+}
+
+/// The launcher the agent runs: find the disc by content, mount it, start install.sh detached.
+/// `install_args` is appended to install.sh's command line unquoted (word-split by the guest
+/// shell), so only pass options there.
+pub fn launcher_script(install_args: &str) -> String {
+    format!(
+        r#"set -u
+rcf={rc}; log={log}; mnt={mnt}
+rm -f "$rcf"
+mkdir -p "$mnt" "$(dirname "$log")"
+umount "$mnt" 2>/dev/null
+modprobe isofs 2>/dev/null; modprobe sr_mod 2>/dev/null
+found=""
+for d in /dev/disk/by-label/QX_AGENT_* /dev/sr* /dev/vd* /dev/hd* /dev/xvd* /dev/sd*; do
+  [ -b "$d" ] || continue
+  mount -t iso9660 -o ro "$d" "$mnt" 2>/dev/null || continue
+  if [ -f "$mnt/install.sh" ] && [ -f "$mnt/SHA256SUMS" ] && [ -f "$mnt/VERSION" ]; then found=$d; break; fi
+  umount "$mnt" 2>/dev/null
+done
+if [ -z "$found" ]; then echo "no agent ISO found in any drive" >&2; exit 10; fi
+job="sh $mnt/install.sh {args} >$log 2>&1; echo \$? >$rcf.tmp; mv -f $rcf.tmp $rcf; umount $mnt 2>/dev/null"
+if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null 2>&1; then
+  systemctl reset-failed quantix-kvm-agent-install.service 2>/dev/null
+  systemd-run --quiet --collect --unit=quantix-kvm-agent-install sh -c "$job" || exit 11
+else
+  setsid sh -c "$job" </dev/null >/dev/null 2>&1 &
+fi
+echo "installing $(cat "$mnt/VERSION") from $found"
+"#,
+        rc = GUEST_RC_FILE,
+        log = GUEST_LOG_FILE,
+        mnt = GUEST_MOUNT_DIR,
+        args = install_args,
+    )
+}
+
+fn shell(vm: &str, script: String) -> pb::ExecuteInGuestRequest {
+    pb::ExecuteInGuestRequest {
+        vm_id: vm.to_string(),
+        exec: Some(ExecRequest {
+            argv: vec!["/bin/sh".into(), "-c".into(), script],
+            timeout_ms: EXEC_TIMEOUT_MS,
+            ..Default::default()
+        }),
+        timeout_ms: EXEC_TIMEOUT_MS + 5000,
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).trim_end().to_string()
+}
+
+fn exit_code(exit: &ExecExit) -> i32 {
+    if exit.exited {
+        exit.exit_code
+    } else {
+        128 + exit.signal
+    }
+}
+
+/// Runs `qxctl agent install`. Returns the process exit code (the `EXIT_*` constants).
+pub async fn run(
+    args: InstallArgs,
+    client: &mut NodeDaemonServiceClient<Channel>,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let vm = args.vm.clone();
+    let media = client
+        .mount_agent_iso(pb::VmIdRequest { vm_id: vm.clone() })
+        .await
+        .with_context(|| format!("mounting the agent ISO in {vm}"))?
+        .into_inner();
+    let volume_id = volume_id_for(&media.inserted);
+    if !json {
+        println!("{vm}: {} is in drive {}", media.inserted, media.device);
+    }
+
+    let agent = client
+        .get_agent_info(pb::AgentRequest {
+            vm_id: vm.clone(),
+            timeout_ms: 0,
+        })
+        .await
+        .map(|r| r.into_inner())
+        .ok();
+    let connected = agent.as_ref().is_some_and(|a| a.connected && !a.stale);
+
+    if args.print_only || !connected {
+        let command = manual_command(&volume_id);
+        if json {
+            let out = serde_json::json!({
+                "vm_id": vm,
+                "device": media.device,
+                "iso": media.inserted,
+                "installed": false,
+                "agent_connected": connected,
+                "command": command,
+            });
+            println!("{out}");
+        } else {
+            if !connected {
+                println!("{vm}: no Quantix agent is connected; run this inside the guest as root:");
+            } else {
+                println!("{vm}: run this inside the guest as root:");
+            }
+            println!();
+            println!("    {command}");
+        }
+        return Ok(EXIT_OK);
+    }
+    let old = agent.unwrap_or_default();
+
+    let launched = client
+        .execute_in_guest(shell(&vm, launcher_script(&args.install_args)))
+        .await
+        .with_context(|| format!("starting the installer in {vm}"))?
+        .into_inner();
+    if exit_code(&launched) != 0 {
+        anyhow::bail!(
+            "the installer launcher failed in {vm} (exit {}): {}",
+            exit_code(&launched),
+            text(&launched.stderr)
+        );
+    }
+    if !json {
+        println!("{vm}: {}", text(&launched.stdout));
+    }
+
+    // The installer restarts the agent: calls fail until it is back, then the status appears.
+    let deadline = Instant::now() + Duration::from_secs(args.timeout_s);
+    let check = format!("cat {GUEST_RC_FILE} 2>/dev/null || exit 1; cat {GUEST_LOG_FILE}");
+    let (rc, log) = loop {
+        if Instant::now() >= deadline {
+            if json {
+                let out = serde_json::json!({"vm_id": vm, "installed": false, "timed_out": true});
+                println!("{out}");
+            } else {
+                eprintln!(
+                    "{vm}: the installer did not report back within {}s; see {GUEST_LOG_FILE} in the guest",
+                    args.timeout_s
+                );
+            }
+            return Ok(EXIT_TIMED_OUT);
+        }
+        tokio::time::sleep(Duration::from_millis(POLL_INTERVAL_MS)).await;
+        let Ok(reply) = client.execute_in_guest(shell(&vm, check.clone())).await else {
+            continue;
+        };
+        let reply = reply.into_inner();
+        if exit_code(&reply) != 0 {
+            continue;
+        }
+        let out = text(&reply.stdout);
+        let (first, rest) = out.split_once('\n').unwrap_or((out.as_str(), ""));
+        let Ok(rc) = first.trim().parse::<i32>() else {
+            continue;
+        };
+        break (rc, rest.to_string());
+    };
+
+    let now = client
+        .get_agent_info(pb::AgentRequest {
+            vm_id: vm.clone(),
+            timeout_ms: 0,
+        })
+        .await
+        .map(|r| r.into_inner())
+        .unwrap_or_default();
+    let installed = rc == 0;
+    let mut ejected = false;
+    if installed && !args.keep_iso {
+        ejected = client
+            .eject_agent_iso(pb::VmIdRequest { vm_id: vm.clone() })
+            .await
+            .is_ok();
+    }
+
+    if json {
+        let out = serde_json::json!({
+            "vm_id": vm,
+            "installed": installed,
+            "installer_exit_code": rc,
+            "previous_version": old.version,
+            "version": now.version,
+            "session_id": now.session_id,
+            "ejected": ejected,
+            "log": log,
+        });
+        println!("{out}");
+    } else {
+        println!("{log}");
+        if installed {
+            println!(
+                "{vm}: agent {} -> {} (session {:#x}){}",
+                old.version,
+                now.version,
+                now.session_id,
+                if ejected { ", ISO ejected" } else { "" }
+            );
+        } else {
+            eprintln!("{vm}: install.sh exited with {rc} (install.sh --help lists the codes)");
+        }
+    }
+    Ok(if installed {
+        EXIT_OK
+    } else {
+        EXIT_INSTALL_FAILED
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_id_comes_from_the_image_name() {
+        assert_eq!(
+            volume_id_for("/var/lib/qx/iso/quantix-kvm-agent-1.12.3.iso"),
+            "QX_AGENT_1_12_3"
+        );
+    }
+
+    #[test]
+    fn volume_id_falls_back_to_own_version_for_other_names() {
+        let own = format!("QX_AGENT_{}", env!("CARGO_PKG_VERSION").replace('.', "_"));
+        assert_eq!(volume_id_for("/srv/custom.iso"), own);
+        assert_eq!(volume_id_for("/srv/quantix-kvm-agent-x;rm.iso"), own);
+        assert_eq!(volume_id_for(""), own);
+    }
+
+    #[test]
+    fn launcher_script_parses_under_sh() {
+        let script = launcher_script("--timeout 60");
+        let status = std::process::Command::new("sh")
+            .args(["-n", "-c", &script])
+            .status()
+            .unwrap_or_else(|e| panic!("sh: {e}"));
+        assert!(status.success());
+    }
+
+    #[test]
+    fn manual_command_mounts_by_label_then_sr0() {
+        let c = manual_command("QX_AGENT_0_1_0");
+        assert!(c.contains("LABEL=QX_AGENT_0_1_0"));
+        assert!(c.contains("/dev/sr0"));
+        assert!(c.contains("sh /mnt/qx/install.sh"));
+    }
+}
