@@ -88,9 +88,13 @@ if [ "$QX_AGENT" != 0 ]; then
   # shellcheck disable=SC2086
   respawn /bin/quantix-kvm-agent $QX_AGENT_ARGS </dev/null >/dev/console 2>&1 &
 fi
+QGA="/usr/bin/qemu-ga -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 -t /run"
 if [ "$QX_QGA" = 1 ]; then
-  respawn /usr/bin/qemu-ga -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 \
-    -t /run </dev/null >/dev/console 2>&1 &
+  # shellcheck disable=SC2086
+  respawn $QGA </dev/null >/dev/console 2>&1 &
+elif [ "$QX_QGA" = once ]; then
+  # shellcheck disable=SC2086
+  $QGA </dev/null >/dev/console 2>&1 &
 fi
 
 say "up: $(uname -r) $(hostname)"
