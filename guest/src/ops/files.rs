@@ -1,123 +1,1205 @@
 //! File operations under the [`PathPolicy`]: stat, paged list, mkdir -p, delete, chunked
-//! reads, stepped hashing and atomic chunked writes (temp file beside the target, fsync,
-//! rename).
+//! reads, stepped hashing and atomic chunked writes.
+//!
+//! Every call does bounded work: a read returns one chunk, a hash step reads at most its
+//! budget, a write takes one chunk. Reads and hashes accept regular files only (opened
+//! non-blocking, so a FIFO cannot stall the loop). Writes go to a temp file beside the target
+//! (`O_EXCL`, mode 0600) and become visible only on commit: fsync, owner, mode, rename over the
+//! target (or link, when overwriting is not allowed), fsync of the directory.
 
+use std::collections::BTreeMap;
+use std::fs::{File, Metadata, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use prost::Message;
 use qx_proto::agent::{
     DeleteRequest, ErrorCode, FileChunk, FileHash, FileHashRequest, FileList, FileListRequest,
-    FileReadDone, FileReadRequest, FileStat, FileStatRequest, FileWriteChunk, FileWriteClose,
-    FileWriteDone, FileWriteOpen, FileWriteOpened, MkdirRequest,
+    FileReadDone, FileReadRequest, FileStat, FileStatRequest, FileType, FileWriteChunk,
+    FileWriteClose, FileWriteDone, FileWriteOpen, FileWriteOpened, MkdirRequest,
 };
 
 use super::policy::PathPolicy;
+use super::sha256::{hex, Sha256};
+use super::users::UserDb;
 use super::{OpError, OpResult};
 
 /// Largest data chunk a FileChunk carries, so the frame stays well under 64 KiB.
 pub const MAX_CHUNK_BYTES: u32 = 48 * 1024;
+/// Chunk size when neither the request nor the caller names one.
+pub const DEFAULT_CHUNK_BYTES: u32 = 32 * 1024;
+/// Entries per list page when the request says 0, and the most it may ask for.
+pub const DEFAULT_PAGE_SIZE: u32 = 256;
+pub const MAX_PAGE_SIZE: u32 = 1024;
+/// A list page stops growing at this encoded size, so its frame stays under 64 KiB.
+pub const LIST_PAGE_BUDGET_BYTES: usize = 48 * 1024;
+/// Mode of a written file when the request says 0, and of a created directory.
+pub const DEFAULT_FILE_MODE: u32 = 0o644;
+pub const DEFAULT_DIR_MODE: u32 = 0o755;
 
-fn todo_err() -> OpError {
-    OpError::new(
-        ErrorCode::Unsupported,
-        "file operations are not implemented yet",
-    )
+fn file_type(meta: &Metadata) -> FileType {
+    let ft = meta.file_type();
+    if ft.is_symlink() {
+        FileType::Symlink
+    } else if ft.is_dir() {
+        FileType::Directory
+    } else if ft.is_file() {
+        FileType::Regular
+    } else if ft.is_block_device() {
+        FileType::Block
+    } else if ft.is_char_device() {
+        FileType::Char
+    } else if ft.is_fifo() {
+        FileType::Fifo
+    } else if ft.is_socket() {
+        FileType::Socket
+    } else {
+        FileType::Unspecified
+    }
 }
 
+fn ns(secs: i64, nsecs: i64) -> i64 {
+    secs.saturating_mul(1_000_000_000).saturating_add(nsecs)
+}
+
+fn to_file_stat(
+    shown_path: String,
+    name: String,
+    meta: &Metadata,
+    link: Option<&Path>,
+) -> FileStat {
+    FileStat {
+        path: shown_path,
+        name,
+        file_type: file_type(meta) as i32,
+        size: meta.size(),
+        mode: meta.mode() & 0o7777,
+        uid: meta.uid(),
+        gid: meta.gid(),
+        mtime_unix_ns: ns(meta.mtime(), meta.mtime_nsec()),
+        atime_unix_ns: ns(meta.atime(), meta.atime_nsec()),
+        ctime_unix_ns: ns(meta.ctime(), meta.ctime_nsec()),
+        symlink_target: link
+            .map(|l| l.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    }
+}
+
+fn display_name(path: &str) -> String {
+    Path::new(path)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "/".to_string())
+}
+
+/// Metadata of one path; `follow_symlinks` false describes a symlink itself.
 pub fn stat(policy: &PathPolicy, req: &FileStatRequest) -> OpResult<FileStat> {
-    let _ = (policy, req);
-    Err(todo_err())
+    let (resolved, meta) = if req.follow_symlinks {
+        let r = policy.check(&req.path)?;
+        let m = std::fs::metadata(&r).map_err(|e| OpError::io(&req.path, &e))?;
+        (r, m)
+    } else {
+        let r = policy.check_nofollow(&req.path)?;
+        let m = std::fs::symlink_metadata(&r).map_err(|e| OpError::io(&req.path, &e))?;
+        (r, m)
+    };
+    let link = if meta.file_type().is_symlink() {
+        std::fs::read_link(&resolved).ok()
+    } else {
+        None
+    };
+    Ok(to_file_stat(
+        req.path.clone(),
+        display_name(&req.path),
+        &meta,
+        link.as_deref(),
+    ))
 }
 
+fn decode_token(token: &str) -> OpResult<Vec<u8>> {
+    let bad = || {
+        OpError::new(
+            ErrorCode::InvalidArgument,
+            "page_token is not one this agent issued",
+        )
+    };
+    if !token.len().is_multiple_of(2) {
+        return Err(bad());
+    }
+    (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(token.get(i..i + 2).ok_or_else(bad)?, 16).map_err(|_| bad()))
+        .collect()
+}
+
+/// One page of a directory's entries, sorted by name (bytewise), symlinks not followed.
+/// The page token is the last name returned, so pages stay stable while the directory
+/// changes. Entries under a denied prefix are left out.
 pub fn list(policy: &PathPolicy, req: &FileListRequest) -> OpResult<FileList> {
-    let _ = (policy, req);
-    Err(todo_err())
+    let dir = policy.check(&req.path)?;
+    let after = if req.page_token.is_empty() {
+        None
+    } else {
+        Some(decode_token(&req.page_token)?)
+    };
+    let page_size = match req.page_size {
+        0 => DEFAULT_PAGE_SIZE,
+        n => n.min(MAX_PAGE_SIZE),
+    } as usize;
+    let rd = std::fs::read_dir(&dir).map_err(|e| OpError::io(&req.path, &e))?;
+    let mut names: Vec<Vec<u8>> = Vec::new();
+    for entry in rd {
+        let entry = entry.map_err(|e| OpError::io(&req.path, &e))?;
+        let name = entry.file_name().as_bytes().to_vec();
+        if after
+            .as_ref()
+            .is_some_and(|a| name.as_slice() <= a.as_slice())
+        {
+            continue;
+        }
+        names.push(name);
+    }
+    names.sort_unstable();
+    let base = req.path.trim_end_matches('/');
+    let mut out = FileList::default();
+    let mut size = 0usize;
+    let mut last: Option<&[u8]> = None;
+    let mut more = false;
+    for name in &names {
+        if out.entries.len() >= page_size {
+            more = true;
+            break;
+        }
+        let full = dir.join(std::ffi::OsStr::from_bytes(name));
+        if policy.is_denied(&full) {
+            last = Some(name);
+            continue;
+        }
+        let Ok(meta) = std::fs::symlink_metadata(&full) else {
+            // Gone since readdir.
+            last = Some(name);
+            continue;
+        };
+        let link = if meta.file_type().is_symlink() {
+            std::fs::read_link(&full).ok()
+        } else {
+            None
+        };
+        let shown = String::from_utf8_lossy(name).into_owned();
+        let st = to_file_stat(format!("{base}/{shown}"), shown, &meta, link.as_deref());
+        let len = st.encoded_len() + 4;
+        // Room is kept for the page token (a hex name of at most 255 bytes).
+        if size + len + 2 * 256 + 8 > LIST_PAGE_BUDGET_BYTES && !out.entries.is_empty() {
+            more = true;
+            break;
+        }
+        size += len;
+        out.entries.push(st);
+        last = Some(name);
+    }
+    if more {
+        out.next_page_token = last.map(hex).unwrap_or_default();
+    }
+    Ok(out)
 }
 
+/// Creates a directory (and its parents with `parents`, where an existing directory is fine).
 pub fn mkdir(policy: &PathPolicy, req: &MkdirRequest) -> OpResult<()> {
-    let _ = (policy, req);
-    Err(todo_err())
+    let path = policy.check(&req.path)?;
+    let mode = match req.mode & 0o7777 {
+        0 => DEFAULT_DIR_MODE,
+        m => m,
+    };
+    if req.parents && path.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(req.parents)
+        .mode(DEFAULT_DIR_MODE)
+        .create(&path)
+        .map_err(|e| OpError::io(&req.path, &e))?;
+    // The umask applied to the mkdir; the requested mode is set exactly on the last directory.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| OpError::io(&req.path, &e))
 }
 
+/// Deletes a file, a symlink (not its target), an empty directory, or with `recursive` a
+/// whole tree (symlinks inside are removed, never followed).
 pub fn delete(policy: &PathPolicy, req: &DeleteRequest) -> OpResult<()> {
-    let _ = (policy, req);
-    Err(todo_err())
+    let path = policy.check_nofollow(&req.path)?;
+    if path.parent().is_none() {
+        return Err(OpError::new(
+            ErrorCode::InvalidArgument,
+            "refusing to delete /",
+        ));
+    }
+    let meta = std::fs::symlink_metadata(&path).map_err(|e| OpError::io(&req.path, &e))?;
+    if !meta.is_dir() {
+        return std::fs::remove_file(&path).map_err(|e| OpError::io(&req.path, &e));
+    }
+    if !req.recursive {
+        return std::fs::remove_dir(&path).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ENOTEMPTY) {
+                OpError::new(
+                    ErrorCode::FailedPrecondition,
+                    format!("{}: directory is not empty (set recursive)", req.path),
+                )
+            } else {
+                OpError::io(&req.path, &e)
+            }
+        });
+    }
+    if policy.reaches_denied(&path) {
+        return Err(OpError::new(
+            ErrorCode::PolicyDenied,
+            format!("{}: the tree holds a denied prefix", req.path),
+        ));
+    }
+    std::fs::remove_dir_all(&path).map_err(|e| OpError::io(&req.path, &e))
+}
+
+/// Opens a regular file for reading without blocking on FIFOs or devices.
+fn open_regular(policy: &PathPolicy, path: &str) -> OpResult<(File, Metadata)> {
+    let resolved = policy.check(path)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(&resolved)
+        .map_err(|e| OpError::io(path, &e))?;
+    let meta = file.metadata().map_err(|e| OpError::io(path, &e))?;
+    if !meta.is_file() {
+        return Err(OpError::new(
+            ErrorCode::InvalidArgument,
+            format!("{path} is not a regular file"),
+        ));
+    }
+    Ok((file, meta))
+}
+
+fn read_some(file: &mut File, buf: &mut [u8], what: &str) -> OpResult<usize> {
+    loop {
+        match file.read(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(OpError::io(what, &e)),
+        }
+    }
 }
 
 /// A read transfer: one [`FileChunk`] per [`FileReader::next_chunk`] call.
 #[derive(Debug)]
 pub struct FileReader {
-    _private: (),
+    path: String,
+    file: File,
+    offset: u64,
+    /// Bytes still wanted; `None`: to the end of the file.
+    remaining: Option<u64>,
+    chunk_bytes: u32,
+    file_size: u64,
+    sent: u64,
+    sha: Sha256,
+    finished: bool,
 }
 
 impl FileReader {
+    /// Opens `req.path` at `req.offset`. The chunk size is the request's, else
+    /// `default_chunk`, capped at [`MAX_CHUNK_BYTES`].
     pub fn open(
         policy: &PathPolicy,
         req: &FileReadRequest,
         default_chunk: u32,
     ) -> OpResult<FileReader> {
-        let _ = (policy, req, default_chunk);
-        Err(todo_err())
+        let (mut file, meta) = open_regular(policy, &req.path)?;
+        if req.offset > 0 {
+            file.seek(SeekFrom::Start(req.offset))
+                .map_err(|e| OpError::io(&req.path, &e))?;
+        }
+        let chunk = [req.chunk_bytes, default_chunk, DEFAULT_CHUNK_BYTES]
+            .into_iter()
+            .find(|&c| c > 0)
+            .unwrap_or(DEFAULT_CHUNK_BYTES)
+            .min(MAX_CHUNK_BYTES);
+        Ok(FileReader {
+            path: req.path.clone(),
+            file,
+            offset: req.offset,
+            remaining: (req.length > 0).then_some(req.length),
+            chunk_bytes: chunk,
+            file_size: meta.size(),
+            sent: 0,
+            sha: Sha256::new(),
+            finished: false,
+        })
     }
 
-    /// The next chunk, or `None` when the range is complete.
+    /// The next chunk, or `None` when the range (or the file) is complete.
     pub fn next_chunk(&mut self) -> OpResult<Option<FileChunk>> {
-        Err(todo_err())
+        if self.finished {
+            return Ok(None);
+        }
+        let want = match self.remaining {
+            Some(r) => r.min(u64::from(self.chunk_bytes)) as usize,
+            None => self.chunk_bytes as usize,
+        };
+        if want == 0 {
+            self.finished = true;
+            return Ok(None);
+        }
+        let mut data = vec![0u8; want];
+        let n = read_some(&mut self.file, &mut data, &self.path)?;
+        if n == 0 {
+            self.finished = true;
+            return Ok(None);
+        }
+        data.truncate(n);
+        self.sha.update(&data);
+        let chunk = FileChunk {
+            offset: self.offset,
+            data,
+        };
+        self.offset += n as u64;
+        self.sent += n as u64;
+        if let Some(r) = self.remaining.as_mut() {
+            *r -= n as u64;
+        }
+        Ok(Some(chunk))
     }
 
-    /// The terminal reply once `next_chunk` returned `None`.
+    /// The terminal reply: bytes sent, the file's size at open, sha256 of the bytes sent.
     pub fn done(&self) -> FileReadDone {
-        FileReadDone::default()
+        FileReadDone {
+            bytes: self.sent,
+            file_size: self.file_size,
+            sha256: self.sha.clone().finish().to_vec(),
+        }
     }
 }
 
 /// A sha256 of a whole file, computed `budget_bytes` per step.
 #[derive(Debug)]
 pub struct FileHasher {
-    _private: (),
+    path: String,
+    file: File,
+    sha: Sha256,
+    size: u64,
+    buf: Vec<u8>,
+    result: Option<FileHash>,
 }
 
 impl FileHasher {
     pub fn open(policy: &PathPolicy, req: &FileHashRequest) -> OpResult<FileHasher> {
-        let _ = (policy, req);
-        Err(todo_err())
+        let (file, _) = open_regular(policy, &req.path)?;
+        Ok(FileHasher {
+            path: req.path.clone(),
+            file,
+            sha: Sha256::new(),
+            size: 0,
+            buf: vec![0u8; 64 * 1024],
+            result: None,
+        })
     }
 
-    /// Hashes up to `budget_bytes`; `Some` once the whole file is hashed.
+    /// Hashes up to `budget_bytes` (at least one read); `Some` once the whole file is hashed.
     pub fn step(&mut self, budget_bytes: usize) -> OpResult<Option<FileHash>> {
-        let _ = budget_bytes;
-        Err(todo_err())
+        if let Some(r) = &self.result {
+            return Ok(Some(r.clone()));
+        }
+        let mut done = 0usize;
+        loop {
+            let want = self.buf.len().min(budget_bytes.saturating_sub(done).max(1));
+            let n = read_some(&mut self.file, &mut self.buf[..want], &self.path)?;
+            if n == 0 {
+                let r = FileHash {
+                    sha256: self.sha.clone().finish().to_vec(),
+                    size: self.size,
+                };
+                self.result = Some(r.clone());
+                return Ok(Some(r));
+            }
+            self.sha.update(&self.buf[..n]);
+            self.size += n as u64;
+            done += n;
+            if done >= budget_bytes {
+                return Ok(None);
+            }
+        }
     }
+}
+
+#[derive(Debug)]
+struct Writer {
+    requested: String,
+    target: PathBuf,
+    temp: PathBuf,
+    file: File,
+    next_offset: u64,
+    sha: Sha256,
+    mode: u32,
+    owner: Option<u32>,
+    group: Option<u32>,
+    overwrite: bool,
 }
 
 /// Open write transfers, by handle.
 #[derive(Debug)]
 pub struct FileWriters {
     max_open: usize,
+    next_handle: u64,
+    open: BTreeMap<u64, Writer>,
+    users: UserDb,
 }
 
 impl FileWriters {
+    /// At most `max_open` concurrent transfers; owners resolved with the system's user db.
     pub fn new(max_open: usize) -> Self {
-        FileWriters { max_open }
+        FileWriters::with_user_db(max_open, UserDb::system())
     }
 
-    pub fn open(&mut self, policy: &PathPolicy, req: &FileWriteOpen) -> OpResult<FileWriteOpened> {
-        let _ = (policy, req, self.max_open);
-        Err(todo_err())
+    pub fn with_user_db(max_open: usize, users: UserDb) -> Self {
+        FileWriters {
+            max_open,
+            next_handle: 1,
+            open: BTreeMap::new(),
+            users,
+        }
     }
-
-    pub fn write(&mut self, req: &FileWriteChunk) -> OpResult<()> {
-        let _ = req;
-        Err(todo_err())
-    }
-
-    pub fn close(&mut self, req: &FileWriteClose) -> OpResult<FileWriteDone> {
-        let _ = req;
-        Err(todo_err())
-    }
-
-    /// Aborts every open transfer (temp files removed), e.g. on a new host session.
-    pub fn abort_all(&mut self) {}
 
     /// Number of open transfers.
     pub fn open_count(&self) -> usize {
-        0
+        self.open.len()
+    }
+
+    /// Starts a transfer into a new temp file beside `req.path`.
+    ///
+    /// Empty owner/group: those of the file being replaced, else the agent's. Mode 0: 0644.
+    pub fn open(&mut self, policy: &PathPolicy, req: &FileWriteOpen) -> OpResult<FileWriteOpened> {
+        if self.open.len() >= self.max_open {
+            return Err(OpError::new(
+                ErrorCode::Busy,
+                format!("{} file writes are already open", self.open.len()),
+            ));
+        }
+        let target = policy.check(&req.path)?;
+        let (Some(parent), Some(name)) = (target.parent(), target.file_name()) else {
+            return Err(OpError::new(
+                ErrorCode::InvalidArgument,
+                format!("{} names no file", req.path),
+            ));
+        };
+        let existing = match std::fs::metadata(&target) {
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(OpError::io(&req.path, &e)),
+        };
+        if let Some(m) = &existing {
+            if m.is_dir() {
+                return Err(OpError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("{} is a directory", req.path),
+                ));
+            }
+            if !req.overwrite {
+                return Err(OpError::new(
+                    ErrorCode::AlreadyExists,
+                    format!("{} exists (set overwrite)", req.path),
+                ));
+            }
+        }
+        let mut owner = match req.owner.as_str() {
+            "" => None,
+            o => Some(self.users.uid(o)?),
+        };
+        let mut group = match req.group.as_str() {
+            "" => None,
+            g => Some(self.users.gid(g)?),
+        };
+        if let Some(m) = &existing {
+            owner = owner.or(Some(m.uid()));
+            group = group.or(Some(m.gid()));
+        }
+        if !parent.is_dir() {
+            if !req.create_parents {
+                return Err(OpError::new(
+                    ErrorCode::NotFound,
+                    format!(
+                        "{}: directory {} does not exist (set create_parents)",
+                        req.path,
+                        parent.display()
+                    ),
+                ));
+            }
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(DEFAULT_DIR_MODE)
+                .create(parent)
+                .map_err(|e| OpError::io(&parent.display().to_string(), &e))?;
+        }
+        let suffix = super::sys::random_nonzero_u64().map_err(|e| OpError::io("getrandom", &e))?;
+        let mut temp_name = std::ffi::OsString::from(".");
+        temp_name.push(name);
+        temp_name.push(format!(".qx-{suffix:016x}.tmp"));
+        let temp = parent.join(temp_name);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)
+            .map_err(|e| OpError::io(&temp.display().to_string(), &e))?;
+        let handle = self.next_handle;
+        self.next_handle += 1;
+        self.open.insert(
+            handle,
+            Writer {
+                requested: req.path.clone(),
+                target,
+                temp,
+                file,
+                next_offset: 0,
+                sha: Sha256::new(),
+                mode: match req.mode & 0o7777 {
+                    0 => DEFAULT_FILE_MODE,
+                    m => m,
+                },
+                owner,
+                group,
+                overwrite: req.overwrite,
+            },
+        );
+        Ok(FileWriteOpened { handle })
+    }
+
+    /// Appends one chunk; its offset must be the next expected one.
+    pub fn write(&mut self, req: &FileWriteChunk) -> OpResult<()> {
+        let w = self
+            .open
+            .get_mut(&req.handle)
+            .ok_or_else(|| unknown_handle(req.handle))?;
+        if req.offset != w.next_offset {
+            return Err(OpError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "{}: chunk at offset {} but the next expected offset is {}",
+                    w.requested, req.offset, w.next_offset
+                ),
+            ));
+        }
+        w.file
+            .write_all(&req.data)
+            .map_err(|e| OpError::io(&w.requested, &e))?;
+        w.sha.update(&req.data);
+        w.next_offset += req.data.len() as u64;
+        Ok(())
+    }
+
+    /// Commits (fsync, owner, mode, rename, fsync dir) or aborts (unlink) a transfer. The
+    /// handle is gone afterwards either way; a failed commit leaves the target untouched.
+    pub fn close(&mut self, req: &FileWriteClose) -> OpResult<FileWriteDone> {
+        let w = self
+            .open
+            .remove(&req.handle)
+            .ok_or_else(|| unknown_handle(req.handle))?;
+        let digest = w.sha.clone().finish();
+        if !req.commit {
+            let _ = std::fs::remove_file(&w.temp);
+            return Ok(FileWriteDone {
+                bytes: w.next_offset,
+                sha256: digest.to_vec(),
+                committed: false,
+            });
+        }
+        let result = commit(&w, &digest, &req.expected_sha256);
+        if result.is_err() {
+            let _ = std::fs::remove_file(&w.temp);
+        }
+        result?;
+        Ok(FileWriteDone {
+            bytes: w.next_offset,
+            sha256: digest.to_vec(),
+            committed: true,
+        })
+    }
+
+    /// Aborts every open transfer (temp files removed), e.g. on a new host session.
+    pub fn abort_all(&mut self) {
+        for (_, w) in std::mem::take(&mut self.open) {
+            let _ = std::fs::remove_file(&w.temp);
+        }
+    }
+}
+
+impl Drop for FileWriters {
+    fn drop(&mut self) {
+        self.abort_all();
+    }
+}
+
+fn unknown_handle(handle: u64) -> OpError {
+    OpError::new(
+        ErrorCode::NotFound,
+        format!("no open file write with handle {handle}"),
+    )
+}
+
+fn commit(w: &Writer, digest: &[u8; 32], expected: &[u8]) -> OpResult<()> {
+    let what = w.requested.as_str();
+    if !expected.is_empty() {
+        if expected.len() != 32 {
+            return Err(OpError::new(
+                ErrorCode::InvalidArgument,
+                format!("expected_sha256 has {} bytes, not 32", expected.len()),
+            ));
+        }
+        if expected != digest {
+            return Err(OpError::new(
+                ErrorCode::FailedPrecondition,
+                format!(
+                    "{what}: content sha256 {} does not match the expected {}; nothing was written",
+                    hex(digest),
+                    hex(expected)
+                ),
+            ));
+        }
+    }
+    w.file.sync_all().map_err(|e| OpError::io(what, &e))?;
+    if w.owner.is_some() || w.group.is_some() {
+        std::os::unix::fs::fchown(&w.file, w.owner, w.group).map_err(|e| OpError::io(what, &e))?;
+    }
+    // After chown, which clears set-id bits.
+    w.file
+        .set_permissions(std::fs::Permissions::from_mode(w.mode))
+        .map_err(|e| OpError::io(what, &e))?;
+    if w.overwrite {
+        std::fs::rename(&w.temp, &w.target).map_err(|e| OpError::io(what, &e))?;
+    } else {
+        // link(2) refuses to replace, so a file that appeared since open is not clobbered.
+        std::fs::hard_link(&w.temp, &w.target).map_err(|e| OpError::io(what, &e))?;
+        let _ = std::fs::remove_file(&w.temp);
+    }
+    if let Some(parent) = w.target.parent() {
+        File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| OpError::io(&parent.display().to_string(), &e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::ops::testutil::TempDir;
+    use std::os::unix::fs::symlink;
+
+    fn policy_for(t: &TempDir) -> PathPolicy {
+        std::fs::create_dir_all(t.join("allowed/denied")).unwrap();
+        std::fs::create_dir_all(t.join("outside")).unwrap();
+        PathPolicy::new(vec![t.join("allowed")], vec![t.join("allowed/denied")])
+    }
+
+    fn read_all(r: &mut FileReader) -> (Vec<u8>, Vec<FileChunk>) {
+        let mut data = Vec::new();
+        let mut chunks = Vec::new();
+        while let Some(c) = r.next_chunk().unwrap() {
+            assert_eq!(
+                c.offset,
+                chunks
+                    .iter()
+                    .map(|c: &FileChunk| c.offset + c.data.len() as u64)
+                    .next_back()
+                    .unwrap_or(c.offset)
+            );
+            data.extend_from_slice(&c.data);
+            chunks.push(c);
+        }
+        (data, chunks)
+    }
+
+    #[test]
+    fn read_streams_the_range_in_capped_chunks_with_the_sha_of_what_was_sent() {
+        let t = TempDir::new("read");
+        let pol = policy_for(&t);
+        let content: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(t.join("allowed/f"), &content).unwrap();
+        let req = FileReadRequest {
+            path: t.s("allowed/f"),
+            offset: 0,
+            length: 0,
+            chunk_bytes: 1_000_000,
+        };
+        let mut r = FileReader::open(&pol, &req, 0).unwrap();
+        let (data, chunks) = read_all(&mut r);
+        assert_eq!(data, content);
+        assert!(chunks
+            .iter()
+            .all(|c| c.data.len() <= MAX_CHUNK_BYTES as usize));
+        assert_eq!(chunks[0].data.len(), MAX_CHUNK_BYTES as usize);
+        let done = r.done();
+        assert_eq!(done.bytes, content.len() as u64);
+        assert_eq!(done.file_size, content.len() as u64);
+        assert_eq!(done.sha256, Sha256::digest(&content).to_vec());
+        assert_eq!(r.next_chunk().unwrap(), None);
+
+        let req = FileReadRequest {
+            path: t.s("allowed/f"),
+            offset: 1000,
+            length: 5000,
+            chunk_bytes: 4096,
+        };
+        let mut r = FileReader::open(&pol, &req, 0).unwrap();
+        let (data, chunks) = read_all(&mut r);
+        assert_eq!(data, &content[1000..6000]);
+        assert_eq!(chunks.len(), 2);
+        assert_eq!(chunks[0].offset, 1000);
+        assert_eq!(
+            r.done().sha256,
+            Sha256::digest(&content[1000..6000]).to_vec()
+        );
+    }
+
+    #[test]
+    fn read_refuses_missing_files_fifos_and_policy_escapes() {
+        let t = TempDir::new("read-err");
+        let pol = policy_for(&t);
+        let open = |p: String| {
+            FileReader::open(
+                &pol,
+                &FileReadRequest {
+                    path: p,
+                    ..Default::default()
+                },
+                0,
+            )
+            .unwrap_err()
+        };
+        assert_eq!(open(t.s("allowed/missing")).code, ErrorCode::NotFound);
+        let fifo = std::ffi::CString::new(t.s("allowed/fifo")).unwrap();
+        assert_eq!(
+            std::process::Command::new("mkfifo")
+                .arg(t.join("allowed/fifo"))
+                .status()
+                .unwrap()
+                .code(),
+            Some(0),
+            "{fifo:?}"
+        );
+        // Would block forever on open without O_NONBLOCK.
+        let e = open(t.s("allowed/fifo"));
+        assert_eq!(e.code, ErrorCode::InvalidArgument);
+        assert!(e.message.contains("not a regular file"), "{e}");
+        std::fs::write(t.join("outside/secret"), b"s").unwrap();
+        symlink(t.join("outside/secret"), t.join("allowed/link")).unwrap();
+        assert_eq!(open(t.s("allowed/link")).code, ErrorCode::PolicyDenied);
+        std::fs::write(t.join("allowed/denied/k"), b"k").unwrap();
+        assert_eq!(open(t.s("allowed/denied/k")).code, ErrorCode::PolicyDenied);
+        assert_eq!(open(t.s("allowed")).code, ErrorCode::InvalidArgument);
+    }
+
+    #[test]
+    fn hasher_steps_within_budget_and_matches_sha256sum() {
+        let t = TempDir::new("hash");
+        let pol = PathPolicy::allow_all();
+        let content: Vec<u8> = (0..300_001u32).map(|i| (i * 31 % 256) as u8).collect();
+        std::fs::write(t.join("f"), &content).unwrap();
+        let mut h = FileHasher::open(&pol, &FileHashRequest { path: t.s("f") }).unwrap();
+        let mut steps = 0;
+        let result = loop {
+            steps += 1;
+            if let Some(r) = h.step(100_000).unwrap() {
+                break r;
+            }
+        };
+        assert_eq!(steps, 4);
+        assert_eq!(result.size, content.len() as u64);
+        let out = std::process::Command::new("sha256sum")
+            .arg(t.join("f"))
+            .output()
+            .unwrap();
+        let expected = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(
+            hex(&result.sha256),
+            expected.split_whitespace().next().unwrap()
+        );
+    }
+
+    fn open_req(path: String) -> FileWriteOpen {
+        FileWriteOpen {
+            path,
+            mode: 0o640,
+            owner: String::new(),
+            group: String::new(),
+            create_parents: false,
+            overwrite: false,
+        }
+    }
+
+    fn temp_files(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".qx-"))
+            .collect()
+    }
+
+    #[test]
+    fn write_commits_atomically_with_mode_owner_and_hash() {
+        let t = TempDir::new("write");
+        let pol = policy_for(&t);
+        let mut w = FileWriters::new(4);
+        let mut req = open_req(t.s("allowed/new/dir/file"));
+        assert_eq!(w.open(&pol, &req).unwrap_err().code, ErrorCode::NotFound);
+        req.create_parents = true;
+        req.owner = "1234".into();
+        req.group = "4321".into();
+        let h = w.open(&pol, &req).unwrap().handle;
+        let target = t.join("allowed/new/dir/file");
+        w.write(&FileWriteChunk {
+            handle: h,
+            offset: 0,
+            data: b"hello ".to_vec(),
+        })
+        .unwrap();
+        w.write(&FileWriteChunk {
+            handle: h,
+            offset: 6,
+            data: b"world".to_vec(),
+        })
+        .unwrap();
+        // Nothing visible before the commit.
+        assert!(!target.exists());
+        assert_eq!(temp_files(&t.join("allowed/new/dir")).len(), 1);
+        let done = w
+            .close(&FileWriteClose {
+                handle: h,
+                commit: true,
+                expected_sha256: Sha256::digest(b"hello world").to_vec(),
+            })
+            .unwrap();
+        assert!(done.committed);
+        assert_eq!(done.bytes, 11);
+        assert_eq!(std::fs::read(&target).unwrap(), b"hello world");
+        let m = std::fs::metadata(&target).unwrap();
+        assert_eq!(m.mode() & 0o7777, 0o640);
+        assert_eq!((m.uid(), m.gid()), (1234, 4321));
+        assert!(temp_files(&t.join("allowed/new/dir")).is_empty());
+        assert_eq!(w.open_count(), 0);
+
+        // Exists: refused without overwrite, replaced with it (keeping its owner).
+        let mut req = open_req(t.s("allowed/new/dir/file"));
+        assert_eq!(
+            w.open(&pol, &req).unwrap_err().code,
+            ErrorCode::AlreadyExists
+        );
+        req.overwrite = true;
+        req.mode = 0;
+        let h = w.open(&pol, &req).unwrap().handle;
+        w.write(&FileWriteChunk {
+            handle: h,
+            offset: 0,
+            data: b"v2".to_vec(),
+        })
+        .unwrap();
+        w.close(&FileWriteClose {
+            handle: h,
+            commit: true,
+            expected_sha256: vec![],
+        })
+        .unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"v2");
+        let m = std::fs::metadata(&target).unwrap();
+        assert_eq!(m.mode() & 0o7777, DEFAULT_FILE_MODE);
+        assert_eq!((m.uid(), m.gid()), (1234, 4321));
+    }
+
+    #[test]
+    fn write_rejects_a_wrong_offset_a_wrong_hash_and_unknown_handles() {
+        let t = TempDir::new("write-err");
+        let pol = policy_for(&t);
+        let mut w = FileWriters::new(4);
+        let h = w.open(&pol, &open_req(t.s("allowed/f"))).unwrap().handle;
+        w.write(&FileWriteChunk {
+            handle: h,
+            offset: 0,
+            data: vec![1; 10],
+        })
+        .unwrap();
+        let e = w
+            .write(&FileWriteChunk {
+                handle: h,
+                offset: 20,
+                data: vec![2; 10],
+            })
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument);
+        assert!(e.message.contains("next expected offset is 10"), "{e}");
+        let e = w
+            .close(&FileWriteClose {
+                handle: h,
+                commit: true,
+                expected_sha256: Sha256::digest(b"other").to_vec(),
+            })
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::FailedPrecondition);
+        assert!(!t.join("allowed/f").exists());
+        assert!(temp_files(&t.join("allowed")).is_empty());
+        let e = w
+            .write(&FileWriteChunk {
+                handle: h,
+                offset: 10,
+                data: vec![],
+            })
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::NotFound);
+        assert_eq!(
+            w.open(&pol, &open_req(t.s("outside/f"))).unwrap_err().code,
+            ErrorCode::PolicyDenied
+        );
+        assert_eq!(
+            w.open(&pol, &open_req(t.s("allowed/denied/f")))
+                .unwrap_err()
+                .code,
+            ErrorCode::PolicyDenied
+        );
+        let mut req = open_req(t.s("allowed/g"));
+        req.owner = "no-such-user-qx".into();
+        assert_eq!(w.open(&pol, &req).unwrap_err().code, ErrorCode::NotFound);
+    }
+
+    #[test]
+    fn write_abort_and_abort_all_remove_temp_files_and_limit_open_transfers() {
+        let t = TempDir::new("write-abort");
+        let pol = policy_for(&t);
+        let mut w = FileWriters::new(2);
+        let a = w.open(&pol, &open_req(t.s("allowed/a"))).unwrap().handle;
+        let _b = w.open(&pol, &open_req(t.s("allowed/b"))).unwrap().handle;
+        assert_eq!(
+            w.open(&pol, &open_req(t.s("allowed/c"))).unwrap_err().code,
+            ErrorCode::Busy
+        );
+        assert_eq!(temp_files(&t.join("allowed")).len(), 2);
+        let done = w
+            .close(&FileWriteClose {
+                handle: a,
+                commit: false,
+                expected_sha256: vec![],
+            })
+            .unwrap();
+        assert!(!done.committed);
+        assert!(!t.join("allowed/a").exists());
+        assert_eq!(temp_files(&t.join("allowed")).len(), 1);
+        w.abort_all();
+        assert_eq!(w.open_count(), 0);
+        assert!(temp_files(&t.join("allowed")).is_empty());
+        assert!(!t.join("allowed/b").exists());
+    }
+
+    #[test]
+    fn write_without_overwrite_does_not_clobber_a_file_created_meanwhile() {
+        let t = TempDir::new("write-race");
+        let pol = PathPolicy::allow_all();
+        let mut w = FileWriters::new(2);
+        let h = w.open(&pol, &open_req(t.s("f"))).unwrap().handle;
+        std::fs::write(t.join("f"), b"theirs").unwrap();
+        let e = w
+            .close(&FileWriteClose {
+                handle: h,
+                commit: true,
+                expected_sha256: vec![],
+            })
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::AlreadyExists);
+        assert_eq!(std::fs::read(t.join("f")).unwrap(), b"theirs");
+        assert!(temp_files(t.path()).is_empty());
+    }
+
+    #[test]
+    fn list_pages_in_name_order_skipping_denied_entries() {
+        let t = TempDir::new("list");
+        let pol = policy_for(&t);
+        let mut expected = Vec::new();
+        for i in 0..25 {
+            let name = format!("f{i:02}");
+            std::fs::write(t.join(&format!("allowed/{name}")), vec![0; i]).unwrap();
+            expected.push(name);
+        }
+        symlink("/etc/passwd", t.join("allowed/zlink")).unwrap();
+        expected.push("zlink".into());
+        let mut names = Vec::new();
+        let mut token = String::new();
+        let mut pages = 0;
+        loop {
+            let page = list(
+                &pol,
+                &FileListRequest {
+                    path: t.s("allowed"),
+                    page_size: 10,
+                    page_token: token.clone(),
+                },
+            )
+            .unwrap();
+            pages += 1;
+            assert!(page.entries.len() <= 10);
+            for e in &page.entries {
+                assert_eq!(e.path, format!("{}/{}", t.s("allowed"), e.name));
+                if e.name == "zlink" {
+                    assert_eq!(e.file_type, FileType::Symlink as i32);
+                    assert_eq!(e.symlink_target, "/etc/passwd");
+                } else {
+                    assert_eq!(e.file_type, FileType::Regular as i32);
+                    assert_eq!(e.size, e.name[1..].parse::<u64>().unwrap());
+                }
+                names.push(e.name.clone());
+            }
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        // "denied" (a denied prefix) is left out.
+        assert_eq!(names, expected);
+        assert_eq!(pages, 3);
+        let e = list(
+            &pol,
+            &FileListRequest {
+                path: t.s("allowed"),
+                page_size: 0,
+                page_token: "zz".into(),
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument);
+    }
+
+    #[test]
+    fn list_page_stays_under_the_frame_budget_with_long_names() {
+        let t = TempDir::new("list-big");
+        let pol = PathPolicy::allow_all();
+        for i in 0..400 {
+            std::fs::write(t.join(&format!("{i:03}{}", "n".repeat(200))), b"").unwrap();
+        }
+        let page = list(
+            &pol,
+            &FileListRequest {
+                path: t.s(""),
+                page_size: 1000,
+                page_token: String::new(),
+            },
+        )
+        .unwrap();
+        assert!(page.encoded_len() <= LIST_PAGE_BUDGET_BYTES);
+        assert!(page.entries.len() < 400);
+        assert!(!page.next_page_token.is_empty());
+    }
+
+    #[test]
+    fn stat_reports_types_and_follows_symlinks_only_when_asked() {
+        let t = TempDir::new("stat");
+        let pol = PathPolicy::allow_all();
+        std::fs::write(t.join("f"), b"12345").unwrap();
+        symlink(t.join("f"), t.join("l")).unwrap();
+        let st = stat(
+            &pol,
+            &FileStatRequest {
+                path: t.s("l"),
+                follow_symlinks: false,
+            },
+        )
+        .unwrap();
+        assert_eq!(st.file_type, FileType::Symlink as i32);
+        assert_eq!(st.symlink_target, t.s("f"));
+        assert_eq!(st.name, "l");
+        let st = stat(
+            &pol,
+            &FileStatRequest {
+                path: t.s("l"),
+                follow_symlinks: true,
+            },
+        )
+        .unwrap();
+        assert_eq!(st.file_type, FileType::Regular as i32);
+        assert_eq!(st.size, 5);
+        assert!(st.mtime_unix_ns > 1_500_000_000_000_000_000);
+        let st = stat(
+            &pol,
+            &FileStatRequest {
+                path: "/dev/null".into(),
+                follow_symlinks: true,
+            },
+        )
+        .unwrap();
+        assert_eq!(st.file_type, FileType::Char as i32);
+        let e = stat(
+            &pol,
+            &FileStatRequest {
+                path: t.s("missing"),
+                follow_symlinks: true,
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.code, ErrorCode::NotFound);
+    }
+
+    #[test]
+    fn mkdir_creates_parents_with_the_mode_and_delete_removes_trees_not_link_targets() {
+        let t = TempDir::new("mkdir");
+        let pol = policy_for(&t);
+        let req = MkdirRequest {
+            path: t.s("allowed/a/b/c"),
+            mode: 0o700,
+            parents: false,
+        };
+        assert_eq!(mkdir(&pol, &req).unwrap_err().code, ErrorCode::NotFound);
+        let req = MkdirRequest {
+            parents: true,
+            ..req
+        };
+        mkdir(&pol, &req).unwrap();
+        mkdir(&pol, &req).unwrap();
+        let m = std::fs::metadata(t.join("allowed/a/b/c")).unwrap();
+        assert!(m.is_dir());
+        assert_eq!(m.mode() & 0o7777, 0o700);
+        let again = MkdirRequest {
+            parents: false,
+            ..req.clone()
+        };
+        assert_eq!(
+            mkdir(&pol, &again).unwrap_err().code,
+            ErrorCode::AlreadyExists
+        );
+
+        std::fs::write(t.join("outside/keep"), b"k").unwrap();
+        symlink(t.join("outside"), t.join("allowed/a/b/link")).unwrap();
+        let del = |path: String, recursive: bool| delete(&pol, &DeleteRequest { path, recursive });
+        let e = del(t.s("allowed/a"), false).unwrap_err();
+        assert_eq!(e.code, ErrorCode::FailedPrecondition);
+        del(t.s("allowed/a"), true).unwrap();
+        assert!(!t.join("allowed/a").exists());
+        assert!(t.join("outside/keep").exists());
+        assert_eq!(
+            del(t.s("allowed/a"), true).unwrap_err().code,
+            ErrorCode::NotFound
+        );
+        // A tree holding a denied prefix is refused whole.
+        assert_eq!(
+            del(t.s("allowed"), true).unwrap_err().code,
+            ErrorCode::PolicyDenied
+        );
+        assert_eq!(
+            del("/".into(), true).unwrap_err().code,
+            ErrorCode::PolicyDenied
+        );
+        assert_eq!(
+            delete(
+                &PathPolicy::allow_all(),
+                &DeleteRequest {
+                    path: "/".into(),
+                    recursive: true
+                }
+            )
+            .unwrap_err()
+            .code,
+            ErrorCode::InvalidArgument
+        );
     }
 }

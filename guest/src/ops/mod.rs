@@ -61,7 +61,11 @@ pub mod files;
 pub mod fsfreeze;
 pub mod netinfo;
 pub mod policy;
+pub mod sha256;
+mod sys;
 pub mod sysinfo;
 pub mod telemetry;
+#[cfg(test)]
+mod testutil;
 pub mod timeops;
 pub mod users;

@@ -1,23 +1,34 @@
 //! Users: logged-in sessions (utmp), passwords (through chpasswd on stdin) and ssh
 //! authorized keys (atomic rewrite, owned by the user).
+//!
+//! Users and groups come from the passwd and group files ([`UserDb`], injectable for tests),
+//! not NSS: the agent is static and must not load NSS modules.
+//!
+//! authorized_keys is rewritten the way sshd expects to find it: `~/.ssh` 0700 and the file
+//! 0600, both owned by the user; the new content goes to a temp file in `~/.ssh` that is
+//! fsynced and renamed over the old one. A `~/.ssh` or authorized_keys that is a symlink is
+//! refused (root must not follow a user's symlink into /etc). Lines that are not keys
+//! (comments, blank lines) are kept as they are.
 
-use std::path::PathBuf;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 
 use qx_proto::agent::{
-    ErrorCode, SetPasswordRequest, SshKeys, SshKeysAddRequest, SshKeysListRequest,
+    ErrorCode, LoggedInUser, SetPasswordRequest, SshKeys, SshKeysAddRequest, SshKeysListRequest,
     SshKeysRemoveRequest, UserList,
 };
 
 use super::{ChildCommand, OpError, OpResult};
 
-fn todo_err() -> OpError {
-    OpError::new(
-        ErrorCode::Unsupported,
-        "user operations are not implemented yet",
-    )
-}
+/// Longest accepted authorized_keys line, and largest file read.
+pub const MAX_KEY_BYTES: usize = 16 * 1024;
+pub const MAX_AUTHORIZED_KEYS_BYTES: u64 = 1024 * 1024;
+/// Timeout for the chpasswd child.
+pub const CHPASSWD_TIMEOUT_MS: u32 = 10_000;
 
-/// One /etc/passwd entry.
+/// One passwd entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PasswdEntry {
     pub name: String,
@@ -33,6 +44,10 @@ pub struct UserDb {
     group: PathBuf,
 }
 
+fn read_db(path: &Path) -> OpResult<String> {
+    std::fs::read_to_string(path).map_err(|e| OpError::io(&path.display().to_string(), &e))
+}
+
 impl UserDb {
     /// /etc/passwd and /etc/group.
     pub fn system() -> Self {
@@ -43,41 +58,438 @@ impl UserDb {
         UserDb { passwd, group }
     }
 
-    /// The passwd entry of `user` (a name or a numeric uid).
+    /// The passwd entry of `user` (a name, or a numeric uid).
     pub fn user(&self, user: &str) -> OpResult<PasswdEntry> {
-        let _ = (user, &self.passwd);
-        Err(todo_err())
+        if user.is_empty() {
+            return Err(OpError::new(ErrorCode::InvalidArgument, "user is empty"));
+        }
+        let text = read_db(&self.passwd)?;
+        let by_uid: Option<u32> = user.parse().ok();
+        for line in text.lines() {
+            let f: Vec<&str> = line.split(':').collect();
+            if f.len() < 7 {
+                continue;
+            }
+            let (Ok(uid), Ok(gid)) = (f[2].parse::<u32>(), f[3].parse::<u32>()) else {
+                continue;
+            };
+            if f[0] == user || by_uid == Some(uid) {
+                return Ok(PasswdEntry {
+                    name: f[0].to_string(),
+                    uid,
+                    gid,
+                    home: PathBuf::from(f[5]),
+                });
+            }
+        }
+        Err(OpError::new(
+            ErrorCode::NotFound,
+            format!("no user {user} in {}", self.passwd.display()),
+        ))
     }
 
-    /// The gid of `group` (a name or a numeric gid).
-    pub fn gid(&self, group: &str) -> OpResult<u32> {
-        let _ = (group, &self.group);
-        Err(todo_err())
+    /// The uid of `user` (a name, or a numeric uid, which need not be listed).
+    pub fn uid(&self, user: &str) -> OpResult<u32> {
+        match user.parse::<u32>() {
+            Ok(uid) => Ok(uid),
+            Err(_) => Ok(self.user(user)?.uid),
+        }
     }
+
+    /// The gid of `group` (a name, or a numeric gid, which need not be listed).
+    pub fn gid(&self, group: &str) -> OpResult<u32> {
+        if let Ok(gid) = group.parse::<u32>() {
+            return Ok(gid);
+        }
+        let text = read_db(&self.group)?;
+        for line in text.lines() {
+            let f: Vec<&str> = line.split(':').collect();
+            if f.len() >= 3 && f[0] == group {
+                if let Ok(gid) = f[2].parse() {
+                    return Ok(gid);
+                }
+            }
+        }
+        Err(OpError::new(
+            ErrorCode::NotFound,
+            format!("no group {group} in {}", self.group.display()),
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// utmp
+// ---------------------------------------------------------------------------------------------
+
+/// The Linux utmp record (glibc layout, also what busybox writes): 384 bytes.
+const UTMP_RECORD_BYTES: usize = 384;
+const UT_USER_PROCESS: i16 = 7;
+const UT_LINE: std::ops::Range<usize> = 8..40;
+const UT_USER: std::ops::Range<usize> = 44..76;
+const UT_HOST: std::ops::Range<usize> = 76..332;
+const UT_TV_SEC: usize = 340;
+/// utmp files are small; more than this is not a utmp file.
+const MAX_UTMP_BYTES: u64 = 4 * 1024 * 1024;
+
+fn c_field(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+fn le_i32(b: &[u8], at: usize) -> i32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    i32::from_le_bytes(a)
+}
+
+/// USER_PROCESS records of a utmp file's bytes (a trailing partial record is ignored).
+pub fn parse_utmp(bytes: &[u8]) -> Vec<LoggedInUser> {
+    bytes
+        .chunks_exact(UTMP_RECORD_BYTES)
+        .filter(|r| i16::from_le_bytes([r[0], r[1]]) == UT_USER_PROCESS)
+        .map(|r| LoggedInUser {
+            user: c_field(&r[UT_USER]),
+            tty: c_field(&r[UT_LINE]),
+            host: c_field(&r[UT_HOST]),
+            login_unix_s: i64::from(le_i32(r, UT_TV_SEC)),
+            pid: le_i32(r, 4).max(0) as u32,
+        })
+        .filter(|u| !u.user.is_empty())
+        .collect()
+}
+
+/// Logged-in users from `path`; a missing file means nobody.
+pub fn logged_in_from(path: &Path) -> OpResult<UserList> {
+    let mut bytes = Vec::new();
+    match File::open(path) {
+        Ok(f) => {
+            f.take(MAX_UTMP_BYTES)
+                .read_to_end(&mut bytes)
+                .map_err(|e| OpError::io(&path.display().to_string(), &e))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(OpError::io(&path.display().to_string(), &e)),
+    }
+    Ok(UserList {
+        users: parse_utmp(&bytes),
+    })
 }
 
 /// USER_PROCESS entries of /run/utmp (or /var/run/utmp); no file means nobody.
 pub fn logged_in() -> OpResult<UserList> {
-    Err(todo_err())
+    let run = Path::new("/run/utmp");
+    if run.exists() {
+        logged_in_from(run)
+    } else {
+        logged_in_from(Path::new("/var/run/utmp"))
+    }
 }
 
-pub fn ssh_keys_list(db: &UserDb, req: &SshKeysListRequest) -> OpResult<SshKeys> {
-    let _ = (db, req);
-    Err(todo_err())
-}
+// ---------------------------------------------------------------------------------------------
+// Passwords
+// ---------------------------------------------------------------------------------------------
 
-pub fn ssh_keys_add(db: &UserDb, req: &SshKeysAddRequest) -> OpResult<SshKeys> {
-    let _ = (db, req);
-    Err(todo_err())
-}
-
-pub fn ssh_keys_remove(db: &UserDb, req: &SshKeysRemoveRequest) -> OpResult<SshKeys> {
-    let _ = (db, req);
-    Err(todo_err())
-}
-
-/// The chpasswd child that sets the password ("user:password" on stdin, never argv).
+/// The chpasswd child that sets the password: "user:password" on stdin, never argv; `-e`
+/// when the password is already a crypt(3) hash.
 pub fn set_password_command(db: &UserDb, req: &SetPasswordRequest) -> OpResult<ChildCommand> {
-    let _ = (db, req);
-    Err(todo_err())
+    for (what, v) in [("user", &req.user), ("password", &req.password)] {
+        if v.is_empty() {
+            return Err(OpError::new(
+                ErrorCode::InvalidArgument,
+                format!("{what} is empty"),
+            ));
+        }
+        if v.contains([':', '\n', '\r', '\0']) {
+            return Err(OpError::new(
+                ErrorCode::InvalidArgument,
+                format!("{what} contains ':', a line break or NUL"),
+            ));
+        }
+    }
+    let entry = db.user(&req.user)?;
+    let mut argv = vec!["chpasswd".to_string()];
+    if req.crypted {
+        argv.push("-e".to_string());
+    }
+    Ok(ChildCommand {
+        argv,
+        stdin: format!("{}:{}\n", entry.name, req.password).into_bytes(),
+        timeout_ms: CHPASSWD_TIMEOUT_MS,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// ssh authorized keys
+// ---------------------------------------------------------------------------------------------
+
+const KEY_TYPES: &[&str] = &[
+    "ssh-rsa",
+    "ssh-dss",
+    "ssh-ed25519",
+    "ssh-ed448",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+];
+
+fn is_key_type(t: &str) -> bool {
+    KEY_TYPES.contains(&t)
+        || t.strip_suffix("-cert-v01@openssh.com").is_some_and(|base| {
+            KEY_TYPES.contains(&base) || KEY_TYPES.contains(&format!("{base}@openssh.com").as_str())
+        })
+}
+
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    fn val(c: u8) -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    }
+    let body = s.trim_end_matches('=');
+    if s.len() - body.len() > 2 || !s.len().is_multiple_of(4) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(body.len() * 3 / 4);
+    let mut acc = 0u32;
+    let mut bits = 0;
+    for &c in body.as_bytes() {
+        acc = (acc << 6) | val(c)?;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+/// The (type, base64 blob) of an authorized_keys line, when it holds a key whose blob
+/// decodes and names the same type.
+fn key_of(line: &str) -> Option<(&str, &str)> {
+    let line = line.trim();
+    if line.is_empty() || line.starts_with('#') {
+        return None;
+    }
+    let tokens: Vec<&str> = line.split_whitespace().collect();
+    tokens.windows(2).find_map(|w| {
+        if !is_key_type(w[0]) {
+            return None;
+        }
+        let blob = base64_decode(w[1])?;
+        let len = u32::from_be_bytes(blob.get(..4)?.try_into().ok()?) as usize;
+        (blob.get(4..4 + len)? == w[0].as_bytes()).then_some((w[0], w[1]))
+    })
+}
+
+fn validate_key(key: &str) -> OpResult<&str> {
+    let key = key.trim();
+    if key.len() > MAX_KEY_BYTES {
+        return Err(OpError::new(
+            ErrorCode::InvalidArgument,
+            format!("key is {} bytes, more than {MAX_KEY_BYTES}", key.len()),
+        ));
+    }
+    if key.contains(['\n', '\r', '\0']) {
+        return Err(OpError::new(
+            ErrorCode::InvalidArgument,
+            "key spans more than one line",
+        ));
+    }
+    if key_of(key).is_none() {
+        let shown: String = key.chars().take(40).collect();
+        return Err(OpError::new(
+            ErrorCode::InvalidArgument,
+            format!("not an ssh public key: {shown:?}"),
+        ));
+    }
+    Ok(key)
+}
+
+fn failed(msg: String) -> OpError {
+    OpError::new(ErrorCode::FailedPrecondition, msg)
+}
+
+/// The user's ~/.ssh, checked (and created when `create`).
+fn ssh_dir(user: &PasswdEntry, create: bool) -> OpResult<Option<PathBuf>> {
+    if !user.home.is_absolute() {
+        return Err(failed(format!(
+            "{} has no absolute home directory",
+            user.name
+        )));
+    }
+    let dir = user.home.join(".ssh");
+    match std::fs::symlink_metadata(&dir) {
+        Ok(m) if m.file_type().is_symlink() => Err(failed(format!(
+            "{} is a symlink; refusing to follow it",
+            dir.display()
+        ))),
+        Ok(m) if !m.is_dir() => Err(failed(format!("{} is not a directory", dir.display()))),
+        Ok(m) if m.uid() != user.uid && m.uid() != 0 => Err(failed(format!(
+            "{} is owned by uid {}, not {}",
+            dir.display(),
+            m.uid(),
+            user.name
+        ))),
+        Ok(_) => Ok(Some(dir)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if !create {
+                return Ok(None);
+            }
+            if !user.home.is_dir() {
+                return Err(failed(format!(
+                    "home directory {} of {} does not exist",
+                    user.home.display(),
+                    user.name
+                )));
+            }
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| OpError::io(&dir.display().to_string(), &e))?;
+            std::os::unix::fs::chown(&dir, Some(user.uid), Some(user.gid))
+                .map_err(|e| OpError::io(&dir.display().to_string(), &e))?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| OpError::io(&dir.display().to_string(), &e))?;
+            Ok(Some(dir))
+        }
+        Err(e) => Err(OpError::io(&dir.display().to_string(), &e)),
+    }
+}
+
+/// The lines of authorized_keys (empty when missing), never through a symlink.
+fn read_lines(file: &Path) -> OpResult<Vec<String>> {
+    let shown = file.display().to_string();
+    let f = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(file)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(failed(format!(
+                "{shown} is a symlink; refusing to follow it"
+            )))
+        }
+        Err(e) => return Err(OpError::io(&shown, &e)),
+    };
+    let meta = f.metadata().map_err(|e| OpError::io(&shown, &e))?;
+    if !meta.is_file() {
+        return Err(failed(format!("{shown} is not a regular file")));
+    }
+    let mut text = String::new();
+    f.take(MAX_AUTHORIZED_KEYS_BYTES)
+        .read_to_string(&mut text)
+        .map_err(|e| OpError::io(&shown, &e))?;
+    Ok(text.lines().map(str::to_string).collect())
+}
+
+fn keys_in(lines: &[String]) -> SshKeys {
+    SshKeys {
+        keys: lines
+            .iter()
+            .filter(|l| key_of(l).is_some())
+            .map(|l| l.trim().to_string())
+            .collect(),
+    }
+}
+
+/// Writes `lines` to dir/authorized_keys atomically, 0600, owned by the user.
+fn write_lines(user: &PasswdEntry, dir: &Path, lines: &[String]) -> OpResult<()> {
+    let target = dir.join("authorized_keys");
+    let suffix = super::sys::random_nonzero_u64().map_err(|e| OpError::io("getrandom", &e))?;
+    let temp = dir.join(format!(".authorized_keys.qx-{suffix:016x}.tmp"));
+    let shown = temp.display().to_string();
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)
+            .map_err(|e| OpError::io(&shown, &e))?;
+        let mut text = lines.join("\n");
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        f.write_all(text.as_bytes())
+            .map_err(|e| OpError::io(&shown, &e))?;
+        std::os::unix::fs::fchown(&f, Some(user.uid), Some(user.gid))
+            .map_err(|e| OpError::io(&shown, &e))?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| OpError::io(&shown, &e))?;
+        f.sync_all().map_err(|e| OpError::io(&shown, &e))?;
+        std::fs::rename(&temp, &target)
+            .map_err(|e| OpError::io(&target.display().to_string(), &e))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| OpError::io(&dir.display().to_string(), &e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result
+}
+
+/// The keys in the user's authorized_keys (no file: none).
+pub fn ssh_keys_list(db: &UserDb, req: &SshKeysListRequest) -> OpResult<SshKeys> {
+    let user = db.user(&req.user)?;
+    match ssh_dir(&user, false)? {
+        Some(dir) => Ok(keys_in(&read_lines(&dir.join("authorized_keys"))?)),
+        None => Ok(SshKeys::default()),
+    }
+}
+
+/// Appends keys not already present (same type and blob), or with `reset` replaces the
+/// whole file with them. Returns the resulting keys.
+pub fn ssh_keys_add(db: &UserDb, req: &SshKeysAddRequest) -> OpResult<SshKeys> {
+    let user = db.user(&req.user)?;
+    let new: Vec<&str> = req
+        .keys
+        .iter()
+        .map(|k| validate_key(k))
+        .collect::<OpResult<_>>()?;
+    let dir = ssh_dir(&user, true)?.ok_or_else(|| failed("~/.ssh missing".to_string()))?;
+    let mut lines = if req.reset {
+        Vec::new()
+    } else {
+        read_lines(&dir.join("authorized_keys"))?
+    };
+    for key in new {
+        let id = key_of(key);
+        if !lines.iter().any(|l| key_of(l) == id) {
+            lines.push(key.to_string());
+        }
+    }
+    write_lines(&user, &dir, &lines)?;
+    Ok(keys_in(&lines))
+}
+
+/// Removes every line holding one of the given keys (matched by type and blob, whatever
+/// the options and comment). Returns the remaining keys.
+pub fn ssh_keys_remove(db: &UserDb, req: &SshKeysRemoveRequest) -> OpResult<SshKeys> {
+    let user = db.user(&req.user)?;
+    let gone: Vec<(&str, &str)> = req
+        .keys
+        .iter()
+        .map(|k| validate_key(k).map(|k| key_of(k).unwrap_or_default()))
+        .collect::<OpResult<_>>()?;
+    let Some(dir) = ssh_dir(&user, false)? else {
+        return Ok(SshKeys::default());
+    };
+    let file = dir.join("authorized_keys");
+    let mut lines = read_lines(&file)?;
+    let before = lines.len();
+    lines.retain(|l| key_of(l).is_none_or(|id| !gone.contains(&id)));
+    if lines.len() != before {
+        write_lines(&user, &dir, &lines)?;
+    }
+    Ok(keys_in(&lines))
 }
