@@ -1,241 +1,923 @@
 //! Guest-agent RPCs: every call goes through the agent connection manager.
+//!
+//! Each RPC builds one agent request (or, for files and exec streams, a short sequence of
+//! them), hands it to the VM's link and turns the typed reply into the RPC's reply. Errors
+//! become `tonic::Status` in [`crate::error::to_status`] only.
 
+pub use crate::agent::AgentEvent;
+use crate::agent::command::{Command, CommandOptions, Redelivery, Step};
+use crate::agent::link::Link;
+use crate::agent::{AgentConfig, AgentManager};
+use crate::error::AgentError;
 use crate::pb;
 use crate::service::RpcStream;
+use qx_proto::agent::envelope::Payload;
+use qx_proto::agent::{self as ap, Envelope};
+use sha2::{Digest, Sha256};
 use std::path::PathBuf;
-use tokio::sync::broadcast;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
-/// Guest-agent RPCs: every call goes through the agent connection manager.
-#[derive(Debug, Default)]
-pub struct AgentApi {}
+/// Largest data chunk of one FileWriteChunk (each is acknowledged and answered).
+pub const WRITE_CHUNK_BYTES: usize = 48 * 1024;
+/// Chunk size asked of the agent for reads.
+pub const READ_CHUNK_BYTES: u32 = 32 * 1024;
+/// Bytes asked for by one FileReadRequest. A window's chunks always fit the command's item
+/// buffer, so the VM's reader task never waits for a slow gRPC client.
+pub const READ_WINDOW_BYTES: u64 = 1024 * 1024;
+const READ_WINDOW_ITEMS: usize = (READ_WINDOW_BYTES / READ_CHUNK_BYTES as u64) as usize + 8;
+/// Exec output items buffered per streaming exec before the caller counts as too slow.
+const EXEC_STREAM_ITEMS: usize = 1024;
+/// SyncTime sets the guest clock only when it is off by more than this (or `force`).
+pub const TIME_SYNC_THRESHOLD_NS: i64 = 100_000_000;
+/// Total time for an exec without any timeout given.
+const EXEC_DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Extra time beyond the exec's own timeout for the agent to report the exit.
+const EXEC_MARGIN: Duration = Duration::from_secs(10);
+const LONG_OP_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// An agent connection change, for `StreamEvents`.
-#[derive(Debug, Clone)]
-pub struct AgentEvent {
-    pub vm_id: String,
-    /// AGENT_CONNECTED, AGENT_DISCONNECTED or AGENT_RESTARTED.
-    pub kind: pb::EventKind,
-    pub detail: String,
+/// Guest-agent RPCs: every call goes through the agent connection manager.
+#[derive(Debug)]
+pub struct AgentApi {
+    mgr: AgentManager,
+}
+
+impl Default for AgentApi {
+    fn default() -> Self {
+        AgentApi::new(AgentConfig::default())
+    }
+}
+
+fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn now_unix_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+fn unix_ms(t: Option<SystemTime>) -> i64 {
+    t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn ms(timeout_ms: u32) -> Option<Duration> {
+    (timeout_ms > 0).then(|| Duration::from_millis(u64::from(timeout_ms)))
+}
+
+fn unexpected(link: &Link, id: u64, kind: &'static str, got: Payload) -> AgentError {
+    AgentError::UnexpectedReply {
+        vm_id: link.vm_id.clone(),
+        id,
+        kind,
+        got: qx_proto::payload_name(&Envelope {
+            id: 0,
+            correlation_id: 0,
+            payload: Some(got),
+        }),
+    }
+}
+
+/// Runs one request to its terminal reply and extracts the expected variant.
+macro_rules! call {
+    ($self:ident, $vm:expr, $timeout:expr, $red:expr, $req:expr, $variant:ident) => {{
+        let link = $self.mgr.link($vm)?;
+        let cmd = link.start($req, $self.opts($timeout, $red), 1)?;
+        let (id, kind) = (cmd.id(), cmd.kind);
+        match cmd.finish().await? {
+            Payload::$variant(x) => Ok::<_, AgentError>(x),
+            other => Err(unexpected(&link, id, kind, other)),
+        }
+    }};
 }
 
 impl AgentApi {
+    pub fn new(cfg: AgentConfig) -> AgentApi {
+        AgentApi {
+            mgr: AgentManager::new(cfg),
+        }
+    }
+
+    /// The connection manager (stats, links, tests).
+    pub fn manager(&self) -> &AgentManager {
+        &self.mgr
+    }
+
     /// Binds `vm_id` to its agent socket, as read from the VM's own definition, and
     /// (re)starts its connection. Replacing a binding closes the old connection first.
-    pub fn attach(&self, _vm_id: &str, _socket: PathBuf) {}
+    pub fn attach(&self, vm_id: &str, socket: PathBuf) {
+        if let Err(e) = self.mgr.attach(vm_id, socket) {
+            log::error!("vm {vm_id}: cannot bind agent socket: {e}");
+        }
+    }
 
     /// Closes `vm_id`'s agent connection and forgets its socket.
-    pub fn detach(&self, _vm_id: &str) {}
+    pub fn detach(&self, vm_id: &str) {
+        self.mgr.detach(vm_id)
+    }
 
     /// Agent connection changes, for `StreamEvents`.
     pub fn agent_events(&self) -> broadcast::Receiver<AgentEvent> {
-        broadcast::channel(1).1
+        self.mgr.subscribe()
+    }
+
+    /// What the daemon knows of `vm_id`'s agent, never an error: an unbound VM reads as
+    /// not connected. For VmStatus.
+    pub fn agent_info(&self, vm_id: &str) -> pb::GuestAgentInfo {
+        match self.mgr.link(vm_id) {
+            Ok(link) => info_of(&link),
+            Err(_) => pb::GuestAgentInfo::default(),
+        }
+    }
+
+    /// How many bound agents read as connected.
+    pub fn connected_count(&self) -> usize {
+        self.mgr.links().iter().filter(|l| l.is_connected()).count()
+    }
+
+    fn opts(&self, timeout_ms: u32, redelivery: Redelivery) -> CommandOptions {
+        let cfg = self.mgr.config();
+        let timeout = ms(timeout_ms).unwrap_or(cfg.default_timeout);
+        CommandOptions {
+            ack_timeout: cfg.ack_timeout.min(timeout),
+            timeout: Some(timeout),
+            redelivery,
+            expects_ack: true,
+        }
+    }
+
+    fn opts_for(&self, timeout: Duration, redelivery: Redelivery) -> CommandOptions {
+        CommandOptions {
+            ack_timeout: self.mgr.config().ack_timeout.min(timeout),
+            timeout: Some(timeout),
+            redelivery,
+            expects_ack: true,
+        }
+    }
+
+    /// One tracked Ping; returns the round trip.
+    async fn ping(&self, link: &Arc<Link>, timeout_ms: u32) -> Result<Duration, AgentError> {
+        let timeout = ms(timeout_ms).unwrap_or(self.mgr.config().ack_timeout);
+        let opts = CommandOptions {
+            ack_timeout: timeout,
+            timeout: Some(timeout),
+            redelivery: Redelivery::Idempotent,
+            expects_ack: false,
+        };
+        let started = Instant::now();
+        let cmd = link.start(Payload::Ping(ap::Ping { seq: 0 }), opts, 1)?;
+        let (id, kind) = (cmd.id(), cmd.kind);
+        match cmd.finish().await? {
+            Payload::Pong(_) => Ok(started.elapsed()),
+            other => Err(unexpected(link, id, kind, other)),
+        }
     }
 
     pub async fn ping_agent(
         &self,
-        _request: pb::AgentRequest,
+        request: pb::AgentRequest,
     ) -> Result<pb::PingAgentResponse, Status> {
-        Err(Status::unimplemented("ping_agent"))
+        let link = self.mgr.link(&request.vm_id)?;
+        let rtt = self.ping(&link, request.timeout_ms).await?;
+        let cache = link.cache();
+        Ok(pb::PingAgentResponse {
+            rtt_us: rtt.as_micros() as u64,
+            session_id: link.session().unwrap_or(0),
+            agent_version: cache.ready.map(|r| r.agent_version).unwrap_or_default(),
+        })
     }
 
     pub async fn get_agent_info(
         &self,
-        _request: pb::AgentRequest,
+        request: pb::AgentRequest,
     ) -> Result<pb::GuestAgentInfo, Status> {
-        Err(Status::unimplemented("get_agent_info"))
+        let link = self.mgr.link(&request.vm_id)?;
+        Ok(info_of(&link))
     }
 
     pub async fn get_agent_connection_stats(
         &self,
-        _request: pb::AgentStatsRequest,
+        request: pb::AgentStatsRequest,
     ) -> Result<pb::AgentConnectionStatsResponse, Status> {
-        Err(Status::unimplemented("get_agent_connection_stats"))
+        let links = if request.vm_id.is_empty() {
+            self.mgr.links()
+        } else {
+            vec![self.mgr.link(&request.vm_id)?]
+        };
+        Ok(pb::AgentConnectionStatsResponse {
+            connections: links.iter().map(|l| l.stats()).collect(),
+        })
+    }
+
+    fn exec_timeout(request: &pb::ExecuteInGuestRequest, exec: &ap::ExecRequest) -> Duration {
+        ms(request.timeout_ms).unwrap_or_else(|| {
+            ms(exec.timeout_ms)
+                .map(|t| t + EXEC_MARGIN)
+                .unwrap_or(EXEC_DEFAULT_TIMEOUT)
+        })
     }
 
     pub async fn execute_in_guest(
         &self,
-        _request: pb::ExecuteInGuestRequest,
-    ) -> Result<qx_proto::agent::ExecExit, Status> {
-        Err(Status::unimplemented("execute_in_guest"))
+        request: pb::ExecuteInGuestRequest,
+    ) -> Result<ap::ExecExit, Status> {
+        let mut exec = request
+            .exec
+            .clone()
+            .ok_or_else(|| AgentError::InvalidArgument("exec is missing".into()))?;
+        if exec.argv.is_empty() {
+            return Err(AgentError::InvalidArgument("exec.argv is empty".into()).into());
+        }
+        exec.stream = false;
+        let timeout = Self::exec_timeout(&request, &exec);
+        let link = self.mgr.link(&request.vm_id)?;
+        let cmd = link.start(
+            Payload::ExecRequest(exec),
+            self.opts_for(timeout, Redelivery::SameSessionOnly),
+            1,
+        )?;
+        let (id, kind) = (cmd.id(), cmd.kind);
+        match cmd.finish().await? {
+            Payload::ExecExit(x) => Ok(x),
+            other => Err(unexpected(&link, id, kind, other).into()),
+        }
     }
 
     pub async fn stream_exec_in_guest(
         &self,
-        _request: pb::ExecuteInGuestRequest,
+        request: pb::ExecuteInGuestRequest,
     ) -> Result<RpcStream<pb::ExecEvent>, Status> {
-        Err(Status::unimplemented("stream_exec_in_guest"))
+        let mut exec = request
+            .exec
+            .clone()
+            .ok_or_else(|| AgentError::InvalidArgument("exec is missing".into()))?;
+        if exec.argv.is_empty() {
+            return Err(AgentError::InvalidArgument("exec.argv is empty".into()).into());
+        }
+        exec.stream = true;
+        let timeout = Self::exec_timeout(&request, &exec);
+        let link = self.mgr.link(&request.vm_id)?;
+        let mut cmd = link.start(
+            Payload::ExecRequest(exec),
+            self.opts_for(timeout, Redelivery::Never),
+            EXEC_STREAM_ITEMS,
+        )?;
+        let (tx, rx) = mpsc::channel::<Result<pb::ExecEvent, Status>>(16);
+        let started = pb::ExecEvent {
+            event: Some(pb::exec_event::Event::StartedId(cmd.id())),
+        };
+        tokio::spawn(async move {
+            if tx.send(Ok(started)).await.is_err() {
+                return;
+            }
+            loop {
+                // Dropping `cmd` (the client went away) cancels the exec in the guest.
+                let ev = match cmd.next().await {
+                    Ok(Step::Item(Payload::ExecOutput(o))) => Ok(pb::ExecEvent {
+                        event: Some(pb::exec_event::Event::Output(o)),
+                    }),
+                    Ok(Step::Done(Payload::ExecExit(x))) => {
+                        let _ = tx
+                            .send(Ok(pb::ExecEvent {
+                                event: Some(pb::exec_event::Event::Exit(x)),
+                            }))
+                            .await;
+                        return;
+                    }
+                    Ok(Step::Item(_)) => continue,
+                    Ok(Step::Done(other)) => {
+                        let e = unexpected(&cmd.link, cmd.id(), cmd.kind, other);
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                };
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
     }
 
     pub async fn kill_guest_exec(
         &self,
-        _request: pb::KillGuestExecRequest,
+        request: pb::KillGuestExecRequest,
     ) -> Result<pb::Empty, Status> {
-        Err(Status::unimplemented("kill_guest_exec"))
+        let req = Payload::ExecKill(ap::ExecKill {
+            target_id: request.exec_id,
+            signal: request.signal,
+        });
+        call!(self, &request.vm_id, 0, Redelivery::Idempotent, req, Done)?;
+        Ok(pb::Empty {})
     }
 
     pub async fn read_guest_file(
         &self,
-        _request: pb::ReadGuestFileRequest,
+        request: pb::ReadGuestFileRequest,
     ) -> Result<RpcStream<pb::GuestFileChunk>, Status> {
-        Err(Status::unimplemented("read_guest_file"))
+        let link = self.mgr.link(&request.vm_id)?;
+        let stat_req = Payload::FileStatRequest(ap::FileStatRequest {
+            path: request.path.clone(),
+            follow_symlinks: true,
+        });
+        let stat = call!(
+            self,
+            &request.vm_id,
+            request.timeout_ms,
+            Redelivery::Idempotent,
+            stat_req,
+            FileStat
+        )?;
+        let file_size = stat.size;
+        let window_timeout = ms(request.timeout_ms).unwrap_or(self.mgr.config().default_timeout);
+        let opts = self.opts_for(window_timeout, Redelivery::Never);
+        let (tx, rx) = mpsc::channel::<Result<pb::GuestFileChunk, Status>>(8);
+        tokio::spawn(async move {
+            let res = read_windows(&link, &request, file_size, opts, &tx).await;
+            if let Err(e) = res {
+                let _ = tx.send(Err(e.into())).await;
+            }
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
     }
 
     pub async fn write_guest_file(
         &self,
-        _requests: Streaming<pb::WriteGuestFileRequest>,
-    ) -> Result<qx_proto::agent::FileWriteDone, Status> {
-        Err(Status::unimplemented("write_guest_file"))
+        mut requests: Streaming<pb::WriteGuestFileRequest>,
+    ) -> Result<ap::FileWriteDone, Status> {
+        let first = requests
+            .message()
+            .await?
+            .ok_or_else(|| AgentError::InvalidArgument("empty WriteGuestFile stream".into()))?;
+        let header = match first.part {
+            Some(pb::write_guest_file_request::Part::Header(h)) => h,
+            _ => {
+                return Err(AgentError::InvalidArgument(
+                    "the first WriteGuestFile message must carry the header".into(),
+                )
+                .into())
+            }
+        };
+        let open = header
+            .open
+            .clone()
+            .ok_or_else(|| AgentError::InvalidArgument("header.open is missing".into()))?;
+        let vm = header.vm_id.clone();
+        let t = header.timeout_ms;
+        let req = Payload::FileWriteOpen(open);
+        let opened = call!(self, &vm, t, Redelivery::SameSessionOnly, req, FileWriteOpened)?;
+        let handle = opened.handle;
+        let result = self
+            .write_body(&vm, t, handle, &header, &mut requests)
+            .await;
+        if result.is_err() {
+            // Best effort: drop the temporary file in the guest.
+            let close = Payload::FileWriteClose(ap::FileWriteClose {
+                handle,
+                commit: false,
+                expected_sha256: Vec::new(),
+            });
+            let _ = call!(self, &vm, t, Redelivery::SameSessionOnly, close, FileWriteDone);
+        }
+        result
+    }
+
+    async fn write_body(
+        &self,
+        vm: &str,
+        t: u32,
+        handle: u64,
+        header: &pb::WriteGuestFileHeader,
+        requests: &mut Streaming<pb::WriteGuestFileRequest>,
+    ) -> Result<ap::FileWriteDone, Status> {
+        let mut hasher = Sha256::new();
+        let mut offset = 0u64;
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            let msg = requests.message().await?;
+            let eof = msg.is_none();
+            if let Some(m) = msg {
+                match m.part {
+                    Some(pb::write_guest_file_request::Part::Data(d)) => buf.extend_from_slice(&d),
+                    _ => {
+                        return Err(AgentError::InvalidArgument(
+                            "only the first WriteGuestFile message may carry a header".into(),
+                        )
+                        .into())
+                    }
+                }
+            }
+            while buf.len() >= WRITE_CHUNK_BYTES || (eof && !buf.is_empty()) {
+                let n = buf.len().min(WRITE_CHUNK_BYTES);
+                let data: Vec<u8> = buf.drain(..n).collect();
+                hasher.update(&data);
+                let req = Payload::FileWriteChunk(ap::FileWriteChunk {
+                    handle,
+                    offset,
+                    data,
+                });
+                call!(self, vm, t, Redelivery::SameSessionOnly, req, Done)?;
+                offset += n as u64;
+            }
+            if eof {
+                break;
+            }
+        }
+        let digest = hasher.finalize().to_vec();
+        if !header.expected_sha256.is_empty() && header.expected_sha256 != digest {
+            return Err(AgentError::Integrity {
+                vm_id: vm.to_string(),
+                what: "the data received does not match expected_sha256; nothing committed"
+                    .into(),
+            }
+            .into());
+        }
+        let close = Payload::FileWriteClose(ap::FileWriteClose {
+            handle,
+            commit: true,
+            expected_sha256: digest.clone(),
+        });
+        let done = call!(self, vm, t, Redelivery::SameSessionOnly, close, FileWriteDone)?;
+        if done.sha256 != digest || done.bytes != offset {
+            return Err(AgentError::Integrity {
+                vm_id: vm.to_string(),
+                what: format!(
+                    "the guest stored {} bytes with a different sha256 than the {offset} bytes sent",
+                    done.bytes
+                ),
+            }
+            .into());
+        }
+        Ok(done)
     }
 
     pub async fn list_guest_dir(
         &self,
-        _request: pb::GuestListRequest,
-    ) -> Result<qx_proto::agent::FileList, Status> {
-        Err(Status::unimplemented("list_guest_dir"))
+        request: pb::GuestListRequest,
+    ) -> Result<ap::FileList, Status> {
+        let req = Payload::FileListRequest(request.request.unwrap_or_default());
+        Ok(call!(self, &request.vm_id, 0, Redelivery::Idempotent, req, FileList)?)
     }
 
     pub async fn stat_guest_path(
         &self,
-        _request: pb::GuestStatRequest,
-    ) -> Result<qx_proto::agent::FileStat, Status> {
-        Err(Status::unimplemented("stat_guest_path"))
+        request: pb::GuestStatRequest,
+    ) -> Result<ap::FileStat, Status> {
+        let req = Payload::FileStatRequest(request.request.unwrap_or_default());
+        Ok(call!(self, &request.vm_id, 0, Redelivery::Idempotent, req, FileStat)?)
     }
 
-    pub async fn mkdir_guest(&self, _request: pb::GuestMkdirRequest) -> Result<pb::Empty, Status> {
-        Err(Status::unimplemented("mkdir_guest"))
+    pub async fn mkdir_guest(&self, request: pb::GuestMkdirRequest) -> Result<pb::Empty, Status> {
+        let req = Payload::MkdirRequest(request.request.unwrap_or_default());
+        call!(self, &request.vm_id, 0, Redelivery::SameSessionOnly, req, Done)?;
+        Ok(pb::Empty {})
     }
 
     pub async fn delete_guest_path(
         &self,
-        _request: pb::GuestDeleteRequest,
+        request: pb::GuestDeleteRequest,
     ) -> Result<pb::Empty, Status> {
-        Err(Status::unimplemented("delete_guest_path"))
+        let req = Payload::DeleteRequest(request.request.unwrap_or_default());
+        call!(self, &request.vm_id, 0, Redelivery::SameSessionOnly, req, Done)?;
+        Ok(pb::Empty {})
     }
 
     pub async fn hash_guest_file(
         &self,
-        _request: pb::GuestHashRequest,
-    ) -> Result<qx_proto::agent::FileHash, Status> {
-        Err(Status::unimplemented("hash_guest_file"))
+        request: pb::GuestHashRequest,
+    ) -> Result<ap::FileHash, Status> {
+        let req = Payload::FileHashRequest(ap::FileHashRequest { path: request.path });
+        let t = request.timeout_ms;
+        let t = if t == 0 {
+            LONG_OP_TIMEOUT.as_millis() as u32
+        } else {
+            t
+        };
+        Ok(call!(self, &request.vm_id, t, Redelivery::Idempotent, req, FileHash)?)
+    }
+
+    async fn power(
+        &self,
+        request: pb::GuestPowerRequest,
+        action: ap::PowerAction,
+    ) -> Result<ap::PowerReply, Status> {
+        let req = Payload::PowerRequest(ap::PowerRequest {
+            action: action as i32,
+            delay_ms: request.delay_ms,
+        });
+        Ok(call!(
+            self,
+            &request.vm_id,
+            0,
+            Redelivery::SameSessionOnly,
+            req,
+            PowerReply
+        )?)
     }
 
     pub async fn guest_shutdown(
         &self,
-        _request: pb::GuestPowerRequest,
-    ) -> Result<qx_proto::agent::PowerReply, Status> {
-        Err(Status::unimplemented("guest_shutdown"))
+        request: pb::GuestPowerRequest,
+    ) -> Result<ap::PowerReply, Status> {
+        let action = if request.halt {
+            ap::PowerAction::Halt
+        } else {
+            ap::PowerAction::Shutdown
+        };
+        self.power(request, action).await
     }
 
     pub async fn guest_reboot(
         &self,
-        _request: pb::GuestPowerRequest,
-    ) -> Result<qx_proto::agent::PowerReply, Status> {
-        Err(Status::unimplemented("guest_reboot"))
+        request: pb::GuestPowerRequest,
+    ) -> Result<ap::PowerReply, Status> {
+        self.power(request, ap::PowerAction::Reboot).await
     }
 
     pub async fn quiesce_filesystems(
         &self,
-        _request: pb::QuiesceFilesystemsRequest,
-    ) -> Result<qx_proto::agent::FsFreezeReply, Status> {
-        Err(Status::unimplemented("quiesce_filesystems"))
+        request: pb::QuiesceFilesystemsRequest,
+    ) -> Result<ap::FsFreezeReply, Status> {
+        let req = Payload::FsFreezeRequest(ap::FsFreezeRequest {
+            mountpoints: request.mount_points,
+            auto_thaw_ms: request.timeout_seconds.saturating_mul(1000),
+            run_hooks: request.run_pre_freeze_scripts,
+        });
+        Ok(call!(
+            self,
+            &request.vm_id,
+            0,
+            Redelivery::SameSessionOnly,
+            req,
+            FsFreezeReply
+        )?)
     }
 
     pub async fn thaw_filesystems(
         &self,
-        _request: pb::ThawFilesystemsRequest,
-    ) -> Result<qx_proto::agent::FsThawReply, Status> {
-        Err(Status::unimplemented("thaw_filesystems"))
+        request: pb::ThawFilesystemsRequest,
+    ) -> Result<ap::FsThawReply, Status> {
+        let req = Payload::FsThawRequest(ap::FsThawRequest {
+            token: request.quiesce_token,
+            run_hooks: request.run_post_thaw_scripts,
+        });
+        Ok(call!(
+            self,
+            &request.vm_id,
+            0,
+            Redelivery::SameSessionOnly,
+            req,
+            FsThawReply
+        )?)
     }
 
     pub async fn fs_freeze_status(
         &self,
-        _request: pb::AgentRequest,
-    ) -> Result<qx_proto::agent::FsFreezeStatus, Status> {
-        Err(Status::unimplemented("fs_freeze_status"))
+        request: pb::AgentRequest,
+    ) -> Result<ap::FsFreezeStatus, Status> {
+        let req = Payload::FsFreezeStatusRequest(ap::FsFreezeStatusRequest {});
+        let t = request.timeout_ms;
+        Ok(call!(self, &request.vm_id, t, Redelivery::Idempotent, req, FsFreezeStatus)?)
     }
 
     pub async fn trim_filesystems(
         &self,
-        _request: pb::TrimFilesystemsRequest,
-    ) -> Result<qx_proto::agent::FsTrimReply, Status> {
-        Err(Status::unimplemented("trim_filesystems"))
+        request: pb::TrimFilesystemsRequest,
+    ) -> Result<ap::FsTrimReply, Status> {
+        let req = Payload::FsTrimRequest(ap::FsTrimRequest {
+            mountpoints: request.mount_points,
+            minimum_bytes: request.minimum_bytes,
+        });
+        let t = LONG_OP_TIMEOUT.as_millis() as u32;
+        Ok(call!(self, &request.vm_id, t, Redelivery::SameSessionOnly, req, FsTrimReply)?)
     }
 
+    /// Measures the round trip with a ping, reads the guest clock, and sets it to the host's
+    /// time plus half the round trip when it is off by more than the threshold (or `force`).
     pub async fn sync_time(
         &self,
-        _request: pb::SyncTimeRequest,
+        request: pb::SyncTimeRequest,
     ) -> Result<pb::SyncTimeResponse, Status> {
-        Err(Status::unimplemented("sync_time"))
+        let link = self.mgr.link(&request.vm_id)?;
+        let rtt = self.ping(&link, 0).await?;
+        let before = Instant::now();
+        let host_before = now_unix_ns();
+        let req = Payload::TimeGetRequest(ap::TimeGetRequest {});
+        let guest = call!(self, &request.vm_id, 0, Redelivery::Idempotent, req, TimeInfo)?;
+        let rtt_get = before.elapsed();
+        // The guest read its clock about half a round trip after we sent the request.
+        let host_at_read = host_before + (rtt_get.as_nanos() / 2) as i64;
+        let offset_ns = guest.unix_ns - host_at_read;
+        let mut resp = pb::SyncTimeResponse {
+            offset_seconds: offset_ns as f64 / 1e9,
+            time_source: "host".into(),
+            rtt_us: rtt.as_micros() as u64,
+            rtc_written: false,
+            changed: false,
+        };
+        if request.force || offset_ns.abs() > TIME_SYNC_THRESHOLD_NS {
+            let half = (rtt.as_nanos() / 2) as i64;
+            let req = Payload::TimeSetRequest(ap::TimeSetRequest {
+                unix_ns: now_unix_ns() + half,
+                write_rtc: request.write_rtc,
+            });
+            let set = call!(
+                self,
+                &request.vm_id,
+                0,
+                Redelivery::SameSessionOnly,
+                req,
+                TimeSetReply
+            )?;
+            resp.changed = true;
+            resp.rtc_written = set.rtc_written;
+        }
+        Ok(resp)
     }
 
-    pub async fn get_guest_time(
-        &self,
-        _request: pb::AgentRequest,
-    ) -> Result<qx_proto::agent::TimeInfo, Status> {
-        Err(Status::unimplemented("get_guest_time"))
+    pub async fn get_guest_time(&self, request: pb::AgentRequest) -> Result<ap::TimeInfo, Status> {
+        let req = Payload::TimeGetRequest(ap::TimeGetRequest {});
+        let t = request.timeout_ms;
+        Ok(call!(self, &request.vm_id, t, Redelivery::Idempotent, req, TimeInfo)?)
     }
 
     pub async fn list_guest_users(
         &self,
-        _request: pb::AgentRequest,
-    ) -> Result<qx_proto::agent::UserList, Status> {
-        Err(Status::unimplemented("list_guest_users"))
+        request: pb::AgentRequest,
+    ) -> Result<ap::UserList, Status> {
+        let req = Payload::UsersRequest(ap::UsersRequest {});
+        let t = request.timeout_ms;
+        Ok(call!(self, &request.vm_id, t, Redelivery::Idempotent, req, UserList)?)
     }
 
     pub async fn set_guest_password(
         &self,
-        _request: pb::SetGuestPasswordRequest,
+        request: pb::SetGuestPasswordRequest,
     ) -> Result<pb::Empty, Status> {
-        Err(Status::unimplemented("set_guest_password"))
+        let req = Payload::SetPasswordRequest(ap::SetPasswordRequest {
+            user: request.user,
+            password: request.password,
+            crypted: request.crypted,
+        });
+        call!(self, &request.vm_id, 0, Redelivery::SameSessionOnly, req, Done)?;
+        Ok(pb::Empty {})
     }
 
     pub async fn list_ssh_keys(
         &self,
-        _request: pb::GuestUserRequest,
-    ) -> Result<qx_proto::agent::SshKeys, Status> {
-        Err(Status::unimplemented("list_ssh_keys"))
+        request: pb::GuestUserRequest,
+    ) -> Result<ap::SshKeys, Status> {
+        let req = Payload::SshKeysListRequest(ap::SshKeysListRequest { user: request.user });
+        Ok(call!(self, &request.vm_id, 0, Redelivery::Idempotent, req, SshKeys)?)
     }
 
     pub async fn add_ssh_keys(
         &self,
-        _request: pb::SshKeysChangeRequest,
-    ) -> Result<qx_proto::agent::SshKeys, Status> {
-        Err(Status::unimplemented("add_ssh_keys"))
+        request: pb::SshKeysChangeRequest,
+    ) -> Result<ap::SshKeys, Status> {
+        let req = Payload::SshKeysAddRequest(ap::SshKeysAddRequest {
+            user: request.user,
+            keys: request.keys,
+            reset: request.reset,
+        });
+        Ok(call!(self, &request.vm_id, 0, Redelivery::SameSessionOnly, req, SshKeys)?)
     }
 
     pub async fn remove_ssh_keys(
         &self,
-        _request: pb::SshKeysChangeRequest,
-    ) -> Result<qx_proto::agent::SshKeys, Status> {
-        Err(Status::unimplemented("remove_ssh_keys"))
+        request: pb::SshKeysChangeRequest,
+    ) -> Result<ap::SshKeys, Status> {
+        let req = Payload::SshKeysRemoveRequest(ap::SshKeysRemoveRequest {
+            user: request.user,
+            keys: request.keys,
+        });
+        Ok(call!(self, &request.vm_id, 0, Redelivery::SameSessionOnly, req, SshKeys)?)
     }
 
     pub async fn get_guest_network(
         &self,
-        _request: pb::AgentRequest,
-    ) -> Result<qx_proto::agent::NetworkInfo, Status> {
-        Err(Status::unimplemented("get_guest_network"))
+        request: pb::AgentRequest,
+    ) -> Result<ap::NetworkInfo, Status> {
+        let req = Payload::NetworkRequest(ap::NetworkRequest {});
+        let t = request.timeout_ms;
+        Ok(call!(self, &request.vm_id, t, Redelivery::Idempotent, req, NetworkInfo)?)
     }
 
     pub async fn get_guest_disks(
         &self,
-        _request: pb::AgentRequest,
-    ) -> Result<qx_proto::agent::DisksInfo, Status> {
-        Err(Status::unimplemented("get_guest_disks"))
+        request: pb::AgentRequest,
+    ) -> Result<ap::DisksInfo, Status> {
+        let req = Payload::DisksRequest(ap::DisksRequest {});
+        let t = request.timeout_ms;
+        Ok(call!(self, &request.vm_id, t, Redelivery::Idempotent, req, DisksInfo)?)
     }
 
     pub async fn get_guest_logs(
         &self,
-        _request: pb::GuestLogsRequest,
-    ) -> Result<qx_proto::agent::AgentLogs, Status> {
-        Err(Status::unimplemented("get_guest_logs"))
+        request: pb::GuestLogsRequest,
+    ) -> Result<ap::AgentLogs, Status> {
+        let req = Payload::LogsRequest(ap::LogsRequest {
+            max_lines: request.max_lines,
+        });
+        Ok(call!(self, &request.vm_id, 0, Redelivery::Idempotent, req, AgentLogs)?)
     }
 
+    /// The cached telemetry (if any) first, then every pushed report as it arrives.
     pub async fn stream_telemetry(
         &self,
-        _request: pb::AgentRequest,
+        request: pb::AgentRequest,
     ) -> Result<RpcStream<pb::TelemetryUpdate>, Status> {
-        Err(Status::unimplemented("stream_telemetry"))
+        let link = self.mgr.link(&request.vm_id)?;
+        let mut live = link.subscribe_telemetry();
+        let cache = link.cache();
+        let first = cache.telemetry.map(|t| pb::TelemetryUpdate {
+            vm_id: request.vm_id.clone(),
+            telemetry: Some(t),
+            received_unix_ms: unix_ms(cache.telemetry_at),
+        });
+        let (tx, rx) = mpsc::channel::<Result<pb::TelemetryUpdate, Status>>(16);
+        tokio::spawn(async move {
+            if let Some(first) = first {
+                if tx.send(Ok(first)).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                tokio::select! {
+                    r = live.recv() => match r {
+                        Ok(u) => {
+                            if tx.send(Ok(u)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
     }
+}
+
+/// GuestAgentInfo from a link's cache; data older than the liveness window is `stale`.
+fn info_of(link: &Link) -> pb::GuestAgentInfo {
+    let cache = link.cache();
+    let connected = link.is_connected();
+    let stale = link
+        .last_rx_elapsed()
+        .is_none_or(|e| e >= link.liveness_window());
+    let last_seen = link
+        .last_rx_elapsed()
+        .map(|e| now_unix_ms() - e.as_millis() as i64)
+        .unwrap_or(0);
+    let mut info = pb::GuestAgentInfo {
+        connected,
+        last_seen_unix_ms: last_seen,
+        session_id: link.session().unwrap_or(0),
+        stale: stale && cache.ready.is_some(),
+        telemetry_unix_ms: unix_ms(cache.telemetry_at),
+        ..Default::default()
+    };
+    if let Some(r) = cache.ready {
+        info.version = r.agent_version;
+        info.os_name = r.os_name;
+        info.os_version = r.os_version;
+        info.os_pretty_name = r.os_pretty_name;
+        info.kernel_version = r.kernel_version;
+        info.kernel_release = r.kernel_release;
+        info.arch = r.arch;
+        info.hostname = r.hostname;
+        info.ip_addresses = r.ip_addresses;
+        info.capabilities = r.capabilities;
+    }
+    if let Some(t) = cache.telemetry {
+        if !t.hostname.is_empty() {
+            info.hostname = t.hostname.clone();
+        }
+        let mem = t.memory.unwrap_or_default();
+        let (disk_total, disk_used) = t
+            .filesystems
+            .iter()
+            .fold((0, 0), |(a, b), f| (a + f.total_bytes, b + f.used_bytes));
+        info.resource_usage = Some(pb::GuestResourceUsage {
+            cpu_usage_percent: t.cpu.map(|c| c.usage_percent).unwrap_or(0.0),
+            memory_total_bytes: mem.total_bytes,
+            memory_used_bytes: mem.total_bytes.saturating_sub(mem.available_bytes),
+            disk_total_bytes: disk_total,
+            disk_used_bytes: disk_used,
+            uptime_s: t.uptime_s,
+            load_one: t.load.map(|l| l.one).unwrap_or(0.0),
+        });
+    }
+    info
+}
+
+/// Streams a file in windows of [`READ_WINDOW_BYTES`]: one FileReadRequest per window, each
+/// window's sha256 checked against the agent's, the whole stream's sha256 on the last message.
+async fn read_windows(
+    link: &Arc<Link>,
+    request: &pb::ReadGuestFileRequest,
+    file_size: u64,
+    opts: CommandOptions,
+    tx: &mpsc::Sender<Result<pb::GuestFileChunk, Status>>,
+) -> Result<(), AgentError> {
+    let end = if request.length == 0 {
+        file_size
+    } else {
+        request.offset.saturating_add(request.length).min(file_size)
+    };
+    let mut offset = request.offset.min(end);
+    let mut whole = Sha256::new();
+    let mut first = true;
+    while offset < end {
+        let want = (end - offset).min(READ_WINDOW_BYTES);
+        let mut cmd: Command = link.start(
+            Payload::FileReadRequest(ap::FileReadRequest {
+                path: request.path.clone(),
+                offset,
+                length: want,
+                chunk_bytes: READ_CHUNK_BYTES,
+            }),
+            opts,
+            READ_WINDOW_ITEMS,
+        )?;
+        let mut window = Sha256::new();
+        let mut got = 0u64;
+        loop {
+            match cmd.next().await? {
+                Step::Item(Payload::FileChunk(c)) => {
+                    if c.offset != offset + got {
+                        return Err(AgentError::Integrity {
+                            vm_id: link.vm_id.clone(),
+                            what: format!(
+                                "file chunk at offset {} where {} was expected",
+                                c.offset,
+                                offset + got
+                            ),
+                        });
+                    }
+                    got += c.data.len() as u64;
+                    window.update(&c.data);
+                    whole.update(&c.data);
+                    let msg = pb::GuestFileChunk {
+                        offset: c.offset,
+                        data: c.data,
+                        file_size: if first { file_size } else { 0 },
+                        eof: false,
+                        sha256: Vec::new(),
+                    };
+                    first = false;
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return Ok(()); // the client went away; dropping cmd cancels
+                    }
+                }
+                Step::Item(_) => {}
+                Step::Done(Payload::FileReadDone(d)) => {
+                    let digest = window.finalize().to_vec();
+                    if d.bytes != got || (!d.sha256.is_empty() && d.sha256 != digest) {
+                        return Err(AgentError::Integrity {
+                            vm_id: link.vm_id.clone(),
+                            what: format!(
+                                "file window at {offset}: the agent reports {} bytes and a sha256 that do not match the {got} bytes received",
+                                d.bytes
+                            ),
+                        });
+                    }
+                    break;
+                }
+                Step::Done(other) => return Err(unexpected(link, cmd.id(), cmd.kind, other)),
+            }
+        }
+        if got == 0 {
+            break; // the file shrank under us
+        }
+        offset += got;
+    }
+    let _ = tx
+        .send(Ok(pb::GuestFileChunk {
+            offset,
+            data: Vec::new(),
+            file_size: if first { file_size } else { 0 },
+            eof: true,
+            sha256: whole.finalize().to_vec(),
+        }))
+        .await;
+    Ok(())
 }

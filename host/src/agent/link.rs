@@ -1,0 +1,1214 @@
+//! One VM's agent link: a supervisor task, and per connection exactly one reader task and one
+//! writer task.
+//!
+//! Primer. QEMU's chardev socket takes one client; bytes cross connection boundaries (what the
+//! host wrote before a drop may reach the agent later, what the agent could not write reaches
+//! the next host client). So every connection starts from a clean slate on both sides: the
+//! host resets its decoder, writes the SYNC PREAMBLE (65552 zero bytes, which pushes any half
+//! frame a previous host left in the guest's queue through the guest's decoder) and a
+//! `HostHello`; the agent answers `AgentReady` with its session id. Frames for unknown request
+//! ids (stale replies) are ignored. A new session id means the agent restarted: every command
+//! it had in flight is lost and fails "agent restarted".
+//!
+//! Liveness is a shared [`LinkStatus`] in a `watch` channel. The reader and the writer each
+//! hold a [`TaskGuard`] that marks the task dead when it is dropped, however the task ends
+//! (error, EOF, panic, abort), so a dead reader with a living writer reads as disconnected at
+//! once, and the supervisor, which waits on the same channel, tears the connection down.
+
+use super::command::{Command, CommandOptions, Redelivery, Stage};
+use super::stats::LinkStats;
+use super::{AgentConfig, AgentEvent};
+use crate::error::AgentError;
+use crate::pb;
+use qx_proto::agent::envelope::Payload;
+use qx_proto::agent::{AgentReady, Envelope, HostHello, Ping, Pong, Telemetry};
+use qx_proto::{decode_envelope, encode_envelope, payload_name, Decoder, DEFAULT_MAX_FRAME_BYTES};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// Zero bytes written before `HostHello` on every connection: one maximal sent frame
+/// (16-byte header + 64 KiB payload) plus 16, so any partial frame a previous host left in
+/// the guest's input is completed with zeros and rejected by its checksum.
+pub const SYNC_PREAMBLE_BYTES: usize = 65552;
+
+/// Largest payload this host sends in one frame (the agent's limit and the preamble's basis).
+pub const MAX_SENT_PAYLOAD_BYTES: u32 = 64 * 1024;
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// No socket: waiting to (re)connect.
+    Disconnected,
+    /// Connecting to the socket.
+    Connecting,
+    /// Socket open, preamble and hello written, waiting for AgentReady.
+    Handshaking,
+    /// AgentReady received on this connection.
+    Open,
+}
+
+/// The shared liveness state of a VM's link.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkStatus {
+    pub conn_id: u64,
+    pub phase: Phase,
+    pub reader_alive: bool,
+    pub writer_alive: bool,
+}
+
+impl LinkStatus {
+    /// Socket open and both tasks alive (the liveness window is checked by the caller).
+    pub fn tasks_alive(&self) -> bool {
+        self.phase != Phase::Disconnected
+            && self.phase != Phase::Connecting
+            && self.reader_alive
+            && self.writer_alive
+    }
+}
+
+/// Which task a guard watches.
+#[derive(Debug, Clone, Copy)]
+enum Role {
+    Reader,
+    Writer,
+}
+
+/// Marks its task dead in [`LinkStatus`] when dropped, however the task ended.
+#[derive(Debug)]
+struct TaskGuard {
+    link: Arc<Link>,
+    conn_id: u64,
+    role: Role,
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        let conn_id = self.conn_id;
+        let role = self.role;
+        self.link.status.send_modify(|s| {
+            if s.conn_id == conn_id {
+                match role {
+                    Role::Reader => s.reader_alive = false,
+                    Role::Writer => s.writer_alive = false,
+                }
+            }
+        });
+    }
+}
+
+/// A whole frame waiting for the writer.
+#[derive(Debug, Clone)]
+pub(crate) struct Job {
+    /// The request id; 0 for untracked frames (pongs, keep-alive pings).
+    id: u64,
+    kind: &'static str,
+    frame: Arc<Vec<u8>>,
+}
+
+/// A command the agent has not finished.
+#[derive(Debug)]
+struct Pending {
+    kind: &'static str,
+    stage: Stage,
+    opts: CommandOptions,
+    frame: Arc<Vec<u8>>,
+    /// The session the command was written to, once written.
+    session: Option<u64>,
+    redelivered: bool,
+    /// Written (or being written) on a connection that then dropped; waiting for the next.
+    awaiting_redelivery: bool,
+    connection_lost: bool,
+    items: mpsc::Sender<Payload>,
+    done: Option<oneshot::Sender<Result<Payload, AgentError>>>,
+}
+
+/// What the daemon last heard from the agent, with when.
+#[derive(Debug, Default, Clone)]
+pub struct AgentCache {
+    pub ready: Option<AgentReady>,
+    pub ready_at: Option<SystemTime>,
+    pub telemetry: Option<Telemetry>,
+    pub telemetry_at: Option<SystemTime>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    pending: HashMap<u64, Pending>,
+    /// The agent session last seen on any connection of this link.
+    session: Option<u64>,
+    cache: AgentCache,
+    stats: LinkStats,
+    last_rx: Option<Instant>,
+    /// The connection's session id is known (AgentReady seen on it).
+    ready_on_conn: u64,
+}
+
+/// One VM's link to its agent.
+#[derive(Debug)]
+pub struct Link {
+    pub(crate) vm_id: String,
+    pub(crate) socket: PathBuf,
+    cfg: Arc<AgentConfig>,
+    ids: Arc<AtomicU64>,
+    host_session: u64,
+    queue_tx: mpsc::Sender<Job>,
+    queue_rx: tokio::sync::Mutex<mpsc::Receiver<Job>>,
+    status: watch::Sender<LinkStatus>,
+    inner: Mutex<Inner>,
+    events: broadcast::Sender<AgentEvent>,
+    telemetry_tx: broadcast::Sender<pb::TelemetryUpdate>,
+    /// Test hook: the running reader task, so a test can kill it alone.
+    reader_task: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A random-enough u64 from the std hasher's per-process random keys.
+pub(crate) fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish()
+}
+
+fn encode(env: &Envelope) -> Result<Vec<u8>, AgentError> {
+    let mut out = Vec::new();
+    encode_envelope(env, MAX_SENT_PAYLOAD_BYTES, &mut out).map_err(|e| {
+        AgentError::InvalidArgument(format!("{} request cannot be sent: {e}", payload_name(env)))
+    })?;
+    Ok(out)
+}
+
+impl Link {
+    pub(crate) fn new(
+        vm_id: String,
+        socket: PathBuf,
+        cfg: Arc<AgentConfig>,
+        ids: Arc<AtomicU64>,
+        host_session: u64,
+        events: broadcast::Sender<AgentEvent>,
+    ) -> Arc<Link> {
+        let (queue_tx, queue_rx) = mpsc::channel(cfg.queue_capacity.max(1));
+        let (status, _) = watch::channel(LinkStatus {
+            conn_id: 0,
+            phase: Phase::Disconnected,
+            reader_alive: false,
+            writer_alive: false,
+        });
+        let (telemetry_tx, _) = broadcast::channel(64);
+        Arc::new(Link {
+            vm_id,
+            socket,
+            cfg,
+            ids,
+            host_session,
+            queue_tx,
+            queue_rx: tokio::sync::Mutex::new(queue_rx),
+            status,
+            inner: Mutex::new(Inner::default()),
+            events,
+            telemetry_tx,
+            reader_task: Mutex::new(None),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock cannot leave the maps half-updated in a way that
+        // matters more than losing the daemon's view of one VM, so recover the guard.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn next_id(&self) -> u64 {
+        loop {
+            let id = self.ids.fetch_add(1, Ordering::Relaxed);
+            if id != 0 {
+                return id;
+            }
+        }
+    }
+
+    fn emit(&self, kind: pb::EventKind, detail: String) {
+        let _ = self.events.send(AgentEvent {
+            vm_id: self.vm_id.clone(),
+            kind,
+            detail,
+        });
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Caller side
+    // ---------------------------------------------------------------------------------------
+
+    /// Queues `payload` as a new command. Fails at once with `QueueFull` when the bounded
+    /// queue or the in-flight table is full.
+    pub fn start(
+        self: &Arc<Self>,
+        payload: Payload,
+        opts: CommandOptions,
+        item_capacity: usize,
+    ) -> Result<Command, AgentError> {
+        let id = self.next_id();
+        let mut env = Envelope {
+            id,
+            correlation_id: 0,
+            payload: Some(payload),
+        };
+        if let Some(Payload::Ping(p)) = &mut env.payload {
+            // A tracked ping's seq is its request id, so its Pong finds it.
+            p.seq = id;
+        }
+        let kind = payload_name(&env);
+        let frame = Arc::new(encode(&env)?);
+        let (items_tx, items_rx) = mpsc::channel(item_capacity.max(1));
+        let (done_tx, done_rx) = oneshot::channel();
+        {
+            let mut inner = self.lock();
+            if inner.pending.len() >= self.cfg.max_in_flight {
+                return Err(AgentError::QueueFull {
+                    vm_id: self.vm_id.clone(),
+                    capacity: self.cfg.max_in_flight,
+                });
+            }
+            inner.pending.insert(
+                id,
+                Pending {
+                    kind,
+                    stage: Stage::Queued,
+                    opts,
+                    frame: frame.clone(),
+                    session: None,
+                    redelivered: false,
+                    awaiting_redelivery: false,
+                    connection_lost: false,
+                    items: items_tx,
+                    done: Some(done_tx),
+                },
+            );
+            match self.queue_tx.try_send(Job { id, kind, frame }) {
+                Ok(()) => inner.stats.commands.queued += 1,
+                Err(_) => {
+                    inner.pending.remove(&id);
+                    return Err(AgentError::QueueFull {
+                        vm_id: self.vm_id.clone(),
+                        capacity: self.cfg.queue_capacity,
+                    });
+                }
+            }
+        }
+        Ok(Command {
+            link: self.clone(),
+            id,
+            kind,
+            items: items_rx,
+            done: done_rx,
+            started: Instant::now(),
+            opts,
+            finished: false,
+        })
+    }
+
+    pub(crate) fn stage_of(&self, id: u64) -> Option<Stage> {
+        self.lock().pending.get(&id).map(|p| p.stage)
+    }
+
+    /// The caller's deadline passed: forget the command and name the stage it reached.
+    pub(crate) fn time_out(&self, id: u64, kind: &'static str, waited: Duration) -> AgentError {
+        let mut inner = self.lock();
+        let waited_ms = waited.as_millis() as u64;
+        let Some(p) = inner.pending.remove(&id) else {
+            return self.vanished(id, kind);
+        };
+        let vm_id = self.vm_id.clone();
+        match p.stage {
+            Stage::Queued => {
+                inner.stats.commands.failed_not_written += 1;
+                let why = self.not_connected_reason(&inner);
+                AgentError::NotWritten {
+                    vm_id,
+                    id,
+                    kind,
+                    waited_ms,
+                    why,
+                }
+            }
+            Stage::Writing | Stage::Written => {
+                inner.stats.commands.failed_not_acknowledged += 1;
+                AgentError::NotAcknowledged {
+                    vm_id,
+                    id,
+                    kind,
+                    waited_ms,
+                    connection_lost: p.connection_lost,
+                }
+            }
+            Stage::Acknowledged => {
+                inner.stats.commands.failed_ack_timeout += 1;
+                AgentError::AckTimeout {
+                    vm_id,
+                    id,
+                    kind,
+                    waited_ms,
+                    connection_lost: p.connection_lost,
+                }
+            }
+        }
+    }
+
+    fn not_connected_reason(&self, inner: &Inner) -> String {
+        let st = *self.status.borrow();
+        let last = if inner.stats.last_error.is_empty() {
+            String::new()
+        } else {
+            format!("; last error: {}", inner.stats.last_error)
+        };
+        match st.phase {
+            Phase::Open => format!("the writer did not reach it (queue busy){last}"),
+            Phase::Handshaking => {
+                format!("the agent has not answered HostHello on connection {} (is the agent running in the guest?){last}", st.conn_id)
+            }
+            Phase::Connecting | Phase::Disconnected => format!(
+                "not connected to {}{last}",
+                self.socket.display()
+            ),
+        }
+    }
+
+    /// The command's reply channel closed without a reply (link torn down).
+    pub(crate) fn vanished(&self, id: u64, kind: &'static str) -> AgentError {
+        AgentError::Detached {
+            vm_id: self.vm_id.clone(),
+            id,
+            kind,
+        }
+    }
+
+    /// The caller went away: forget the command. A queued frame is skipped by the writer; a
+    /// frame being written is finished by the writer. A stream the agent is running is
+    /// cancelled.
+    pub(crate) fn abandon(&self, id: u64) {
+        let mut inner = self.lock();
+        let Some(p) = inner.pending.remove(&id) else {
+            return;
+        };
+        match p.stage {
+            Stage::Queued => inner.stats.commands.failed_not_written += 1,
+            Stage::Writing | Stage::Written => inner.stats.commands.failed_not_acknowledged += 1,
+            Stage::Acknowledged => inner.stats.commands.failed_ack_timeout += 1,
+        }
+        drop(inner);
+        if p.stage >= Stage::Written && p.opts.redelivery == Redelivery::Never {
+            self.send_untracked(Payload::Cancel(qx_proto::agent::Cancel { target_id: id }));
+        }
+    }
+
+    /// Queues a frame nobody waits for (cancel, kill). Best effort: a full queue drops it.
+    pub(crate) fn send_untracked(&self, payload: Payload) {
+        let env = Envelope {
+            id: self.next_id(),
+            correlation_id: 0,
+            payload: Some(payload),
+        };
+        let kind = payload_name(&env);
+        if let Ok(frame) = encode(&env) {
+            let _ = self.queue_tx.try_send(Job {
+                id: 0,
+                kind,
+                frame: Arc::new(frame),
+            });
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // State for the API
+    // ---------------------------------------------------------------------------------------
+
+    /// Connected: socket open, reader and writer alive, heard from within the liveness window.
+    pub fn is_connected(&self) -> bool {
+        let st = *self.status.borrow();
+        st.phase == Phase::Open && st.tasks_alive() && self.heard_recently()
+    }
+
+    fn heard_recently(&self) -> bool {
+        self.lock()
+            .last_rx
+            .is_some_and(|t| t.elapsed() < self.cfg.liveness_window)
+    }
+
+    /// "connecting", "handshaking", "connected", "stale", "disconnected".
+    pub fn state_name(&self) -> &'static str {
+        let st = *self.status.borrow();
+        match st.phase {
+            _ if !st.tasks_alive() && st.phase != Phase::Connecting => "disconnected",
+            Phase::Connecting => "connecting",
+            Phase::Handshaking => "handshaking",
+            Phase::Open if self.heard_recently() => "connected",
+            Phase::Open => "stale",
+            Phase::Disconnected => "disconnected",
+        }
+    }
+
+    pub fn status(&self) -> LinkStatus {
+        *self.status.borrow()
+    }
+
+    pub fn subscribe_status(&self) -> watch::Receiver<LinkStatus> {
+        self.status.subscribe()
+    }
+
+    pub fn cache(&self) -> AgentCache {
+        self.lock().cache.clone()
+    }
+
+    pub fn session(&self) -> Option<u64> {
+        self.lock().session
+    }
+
+    pub fn last_rx_elapsed(&self) -> Option<Duration> {
+        self.lock().last_rx.map(|t| t.elapsed())
+    }
+
+    pub fn liveness_window(&self) -> Duration {
+        self.cfg.liveness_window
+    }
+
+    pub fn subscribe_telemetry(&self) -> broadcast::Receiver<pb::TelemetryUpdate> {
+        self.telemetry_tx.subscribe()
+    }
+
+    pub fn stats(&self) -> pb::AgentConnectionStats {
+        let st = self.status();
+        let state = self.state_name();
+        let connected = self.is_connected();
+        let inner = self.lock();
+        let mut out = inner.stats.to_pb();
+        out.vm_id = self.vm_id.clone();
+        out.socket_path = self.socket.display().to_string();
+        out.connection_id = st.conn_id;
+        out.state = state.to_string();
+        out.connected = connected;
+        out.agent_session_id = inner.session.unwrap_or(0);
+        out.in_flight = inner.pending.len() as u32;
+        out
+    }
+
+    /// Test hook: aborts the current reader task alone and waits until it has ended.
+    #[doc(hidden)]
+    pub async fn kill_reader_for_test(&self) {
+        let task = self
+            .reader_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(task) = task {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Supervisor
+    // ---------------------------------------------------------------------------------------
+
+    /// Connects, runs one reader and one writer, tears down, backs off, reconnects; until
+    /// `stop` turns true. `previous` (the task of a replaced binding) is awaited first so the
+    /// old connection is closed before the new one opens.
+    pub(crate) async fn supervise(
+        self: Arc<Self>,
+        mut stop: watch::Receiver<bool>,
+        previous: Option<JoinHandle<()>>,
+    ) {
+        if let Some(prev) = previous {
+            let _ = prev.await;
+        }
+        let mut backoff = self.cfg.backoff_initial;
+        let mut conn_id = 0u64;
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            self.status.send_modify(|s| s.phase = Phase::Connecting);
+            let connected = tokio::select! {
+                r = UnixStream::connect(&self.socket) => r,
+                _ = stop.changed() => break,
+            };
+            match connected {
+                Err(e) => {
+                    let mut inner = self.lock();
+                    inner.stats.last_error = format!("connect {}: {e}", self.socket.display());
+                    drop(inner);
+                    self.status.send_modify(|s| s.phase = Phase::Disconnected);
+                    log::debug!("vm {}: connect failed: {e}", self.vm_id);
+                }
+                Ok(stream) => {
+                    conn_id += 1;
+                    let opened = Instant::now();
+                    let ready = self.run_connection(conn_id, stream, &mut stop).await;
+                    if ready && opened.elapsed() >= self.cfg.backoff_initial {
+                        backoff = self.cfg.backoff_initial;
+                    }
+                }
+            }
+            if *stop.borrow() {
+                break;
+            }
+            let delay = jittered(backoff);
+            backoff = (backoff * 2).min(self.cfg.backoff_max);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.changed() => break,
+            }
+        }
+        self.status.send_modify(|s| s.phase = Phase::Disconnected);
+        let mut inner = self.lock();
+        let pending: Vec<(u64, Pending)> = inner.pending.drain().collect();
+        drop(inner);
+        for (id, mut p) in pending {
+            if let Some(done) = p.done.take() {
+                let _ = done.send(Err(AgentError::Detached {
+                    vm_id: self.vm_id.clone(),
+                    id,
+                    kind: p.kind,
+                }));
+            }
+        }
+    }
+
+    /// Runs one connection to its end. Returns whether the agent said AgentReady on it.
+    async fn run_connection(
+        self: &Arc<Self>,
+        conn_id: u64,
+        stream: UnixStream,
+        stop: &mut watch::Receiver<bool>,
+    ) -> bool {
+        {
+            let mut inner = self.lock();
+            if inner.stats.connection_id > 0 {
+                inner.stats.reconnects += 1;
+            }
+            inner.stats.connection_id = conn_id;
+            inner.last_rx = None;
+        }
+        let (rd, wr) = stream.into_split();
+        self.status.send_replace(LinkStatus {
+            conn_id,
+            phase: Phase::Handshaking,
+            reader_alive: true,
+            writer_alive: true,
+        });
+        let (prio_tx, prio_rx) = mpsc::unbounded_channel::<Job>();
+        let (ready_tx, ready_rx) = watch::channel(false);
+        let reader_guard = TaskGuard {
+            link: self.clone(),
+            conn_id,
+            role: Role::Reader,
+        };
+        let writer_guard = TaskGuard {
+            link: self.clone(),
+            conn_id,
+            role: Role::Writer,
+        };
+        let me = self.clone();
+        let reader = tokio::spawn(async move {
+            let _guard = reader_guard;
+            let res = me.read_loop(conn_id, rd, prio_tx, ready_tx).await;
+            if let Err(e) = res {
+                me.record_error(conn_id, format!("reader: {e}"));
+            }
+        });
+        let abort_reader = reader.abort_handle();
+        *self.reader_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(reader);
+        let me = self.clone();
+        let writer = tokio::spawn(async move {
+            let _guard = writer_guard;
+            let res = me.write_loop(conn_id, wr, prio_rx, ready_rx).await;
+            if let Err(e) = res {
+                me.record_error(conn_id, format!("writer: {e}"));
+            }
+        });
+        let mut status = self.status.subscribe();
+        tokio::select! {
+            _ = status.wait_for(|s| s.conn_id != conn_id || !s.reader_alive || !s.writer_alive) => {}
+            _ = stop.changed() => {}
+        }
+        // Tear down: both halves drop with their tasks, closing the socket.
+        abort_reader.abort();
+        writer.abort();
+        let _ = writer.await;
+        let reader = self
+            .reader_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(reader) = reader {
+            let _ = reader.await;
+        }
+        self.status.send_modify(|s| {
+            if s.conn_id == conn_id {
+                s.phase = Phase::Disconnected;
+                s.reader_alive = false;
+                s.writer_alive = false;
+            }
+        });
+        self.after_drop(conn_id)
+    }
+
+    fn record_error(&self, conn_id: u64, e: String) {
+        log::info!("vm {}: connection {conn_id} ended: {e}", self.vm_id);
+        self.lock().stats.last_error = e;
+    }
+
+    /// A connection ended: commands written on it wait for redelivery on the next connection
+    /// (same agent session only) or fail "connection lost".
+    fn after_drop(&self, conn_id: u64) -> bool {
+        let mut inner = self.lock();
+        let was_ready = inner.ready_on_conn == conn_id;
+        let mut failed = Vec::new();
+        for (id, p) in inner.pending.iter_mut() {
+            if p.stage == Stage::Queued {
+                continue;
+            }
+            p.connection_lost = true;
+            let why = if p.opts.redelivery == Redelivery::Never {
+                Some("streams are not redelivered")
+            } else if p.redelivered {
+                Some("it was already redelivered once")
+            } else {
+                None
+            };
+            match why {
+                Some(why) => failed.push((*id, p.stage, why)),
+                None => p.awaiting_redelivery = true,
+            }
+        }
+        for (id, stage, why) in failed {
+            if let Some(mut p) = inner.pending.remove(&id) {
+                inner.stats.commands.failed_connection_lost += 1;
+                if let Some(done) = p.done.take() {
+                    let _ = done.send(Err(AgentError::ConnectionLost {
+                        vm_id: self.vm_id.clone(),
+                        id,
+                        kind: p.kind,
+                        stage: stage.describe(),
+                        why,
+                    }));
+                }
+            }
+        }
+        drop(inner);
+        if was_ready {
+            self.emit(
+                pb::EventKind::AgentDisconnected,
+                format!("connection {conn_id} closed"),
+            );
+        }
+        was_ready
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Writer
+    // ---------------------------------------------------------------------------------------
+
+    /// Owns the write half: writes whole frames only, each within the write deadline; a stall
+    /// past it ends the task, which tears the connection down.
+    async fn write_loop(
+        self: &Arc<Self>,
+        conn_id: u64,
+        mut wr: OwnedWriteHalf,
+        mut prio: mpsc::UnboundedReceiver<Job>,
+        mut ready: watch::Receiver<bool>,
+    ) -> Result<(), String> {
+        let preamble = Arc::new(vec![0u8; SYNC_PREAMBLE_BYTES]);
+        self.write_whole(&mut wr, &preamble, "sync_preamble").await?;
+        let hello = Envelope {
+            id: self.next_id(),
+            correlation_id: 0,
+            payload: Some(Payload::HostHello(HostHello {
+                protocol_version: qx_proto::PROTOCOL_VERSION,
+                host_version: env!("CARGO_PKG_VERSION").to_string(),
+                host_session_id: self.host_session,
+                max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            })),
+        };
+        let hello = Arc::new(encode(&hello).map_err(|e| e.to_string())?);
+        self.write_whole(&mut wr, &hello, "host_hello").await?;
+        self.count_tx("host_hello", hello.len());
+
+        let mut queue = self.queue_rx.lock().await;
+        let mut handshaken = *ready.borrow();
+        let mut ping = tokio::time::interval(self.cfg.ping_interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.tick().await;
+        let handshake_deadline = tokio::time::sleep(self.cfg.handshake_timeout);
+        tokio::pin!(handshake_deadline);
+        loop {
+            let job = tokio::select! {
+                biased;
+                j = prio.recv() => match j {
+                    Some(j) => j,
+                    None => return Ok(()),
+                },
+                r = ready.changed(), if !handshaken => {
+                    if r.is_err() {
+                        return Ok(());
+                    }
+                    handshaken = *ready.borrow();
+                    continue;
+                }
+                _ = &mut handshake_deadline, if !handshaken => {
+                    return Err(format!(
+                        "no AgentReady within {} ms of HostHello",
+                        self.cfg.handshake_timeout.as_millis()
+                    ));
+                }
+                _ = ping.tick() => {
+                    let env = Envelope {
+                        id: self.next_id(),
+                        correlation_id: 0,
+                        payload: Some(Payload::Ping(Ping { seq: random_u64() >> 1 })),
+                    };
+                    Job { id: 0, kind: "ping", frame: Arc::new(encode(&env).map_err(|e| e.to_string())?) }
+                }
+                j = queue.recv(), if handshaken => match j {
+                    Some(j) => j,
+                    None => return Ok(()),
+                },
+            };
+            if job.id != 0 {
+                // Skip frames whose caller gave up before they were written.
+                let mut inner = self.lock();
+                let session = inner.session;
+                match inner.pending.get_mut(&job.id) {
+                    Some(p) => {
+                        p.stage = Stage::Writing;
+                        p.session = session;
+                    }
+                    None => continue,
+                }
+            }
+            self.write_whole(&mut wr, &job.frame, job.kind).await?;
+            self.count_tx(job.kind, job.frame.len());
+            if job.id != 0 {
+                let mut inner = self.lock();
+                if let Some(p) = inner.pending.get_mut(&job.id) {
+                    if p.stage == Stage::Writing {
+                        p.stage = Stage::Written;
+                    }
+                    inner.stats.commands.written += 1;
+                }
+            }
+            let _ = conn_id;
+        }
+    }
+
+    async fn write_whole(
+        &self,
+        wr: &mut OwnedWriteHalf,
+        frame: &[u8],
+        kind: &str,
+    ) -> Result<(), String> {
+        let deadline = self.cfg.write_deadline;
+        match tokio::time::timeout(deadline, async {
+            wr.write_all(frame).await?;
+            wr.flush().await
+        })
+        .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("write of a {kind} frame failed: {e}")),
+            Err(_) => Err(format!(
+                "writer stalled: a {}-byte {kind} frame was not flushed within {} ms; tearing the connection down",
+                frame.len(),
+                deadline.as_millis()
+            )),
+        }
+    }
+
+    fn count_tx(&self, kind: &'static str, bytes: usize) {
+        let mut inner = self.lock();
+        inner.stats.count_tx(kind, bytes);
+        inner.stats.last_tx_unix_ms = unix_ms(SystemTime::now());
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Reader
+    // ---------------------------------------------------------------------------------------
+
+    async fn read_loop(
+        self: &Arc<Self>,
+        conn_id: u64,
+        mut rd: OwnedReadHalf,
+        prio: mpsc::UnboundedSender<Job>,
+        ready: watch::Sender<bool>,
+    ) -> Result<(), String> {
+        // A fresh decoder per connection: nothing of the last connection's bytes survives.
+        let mut dec = Decoder::new(DEFAULT_MAX_FRAME_BYTES);
+        let mut seen = dec.stats();
+        loop {
+            let spare = dec.spare(64 * 1024);
+            let n = match tokio::time::timeout(self.cfg.idle_reconnect, rd.read(spare)).await {
+                Err(_) => {
+                    return Err(format!(
+                        "nothing heard for {} ms",
+                        self.cfg.idle_reconnect.as_millis()
+                    ))
+                }
+                Ok(Err(e)) => return Err(format!("read failed: {e}")),
+                Ok(Ok(0)) => return Err("socket closed (EOF)".to_string()),
+                Ok(Ok(n)) => n,
+            };
+            dec.commit(n);
+            loop {
+                let env = match dec.decode() {
+                    Ok(None) => break,
+                    Ok(Some(payload)) => {
+                        let len = payload.len();
+                        decode_envelope(payload).map(|e| (e, len))
+                    }
+                    Err(e) => {
+                        log::debug!("vm {}: frame damage: {e}", self.vm_id);
+                        continue;
+                    }
+                };
+                match env {
+                    Ok((env, len)) => self.on_frame(conn_id, env, len, &prio, &ready),
+                    Err(e) => {
+                        log::debug!("vm {}: undecodable envelope: {e}", self.vm_id);
+                        self.lock().stats.bad_frames += 1;
+                    }
+                }
+            }
+            let now = dec.stats();
+            let mut inner = self.lock();
+            inner.stats.garbage_bytes += now.garbage_bytes - seen.garbage_bytes;
+            inner.stats.bad_frames += (now.bad_headers - seen.bad_headers)
+                + (now.oversized - seen.oversized)
+                + (now.bad_payloads - seen.bad_payloads);
+            seen = now;
+        }
+    }
+
+    fn on_frame(
+        self: &Arc<Self>,
+        conn_id: u64,
+        env: Envelope,
+        payload_len: usize,
+        prio: &mpsc::UnboundedSender<Job>,
+        ready: &watch::Sender<bool>,
+    ) {
+        let kind = payload_name(&env);
+        let now = SystemTime::now();
+        {
+            let mut inner = self.lock();
+            inner.stats.count_rx(kind, payload_len + qx_proto::HEADER_BYTES);
+            inner.stats.last_rx_unix_ms = unix_ms(now);
+            inner.last_rx = Some(Instant::now());
+        }
+        let corr = env.correlation_id;
+        match env.payload {
+            Some(Payload::AgentReady(r)) => self.on_ready(conn_id, r, now, prio, ready),
+            Some(Payload::Ping(p)) => {
+                let pong = Envelope {
+                    id: self.next_id(),
+                    correlation_id: env.id,
+                    payload: Some(Payload::Pong(Pong { seq: p.seq })),
+                };
+                if let Ok(frame) = encode(&pong) {
+                    let _ = prio.send(Job {
+                        id: 0,
+                        kind: "pong",
+                        frame: Arc::new(frame),
+                    });
+                }
+            }
+            Some(Payload::Pong(p)) => {
+                // Tracked pings use their request id as seq; keep-alive pongs match nothing.
+                let id = if corr != 0 { corr } else { p.seq };
+                let tracked = self
+                    .lock()
+                    .pending
+                    .get(&id)
+                    .is_some_and(|p| p.kind == "ping");
+                if tracked {
+                    self.complete(id, Ok(Payload::Pong(p)));
+                }
+            }
+            Some(Payload::Telemetry(t)) if corr == 0 => {
+                let mut inner = self.lock();
+                inner.cache.telemetry = Some(t.clone());
+                inner.cache.telemetry_at = Some(now);
+                drop(inner);
+                let _ = self.telemetry_tx.send(pb::TelemetryUpdate {
+                    vm_id: self.vm_id.clone(),
+                    telemetry: Some(t),
+                    received_unix_ms: unix_ms(now),
+                });
+            }
+            Some(Payload::Ack(_)) => {
+                let mut inner = self.lock();
+                if let Some(p) = inner.pending.get_mut(&corr) {
+                    if p.stage < Stage::Acknowledged {
+                        p.stage = Stage::Acknowledged;
+                        inner.stats.commands.acknowledged += 1;
+                    }
+                }
+            }
+            Some(Payload::Error(e)) if corr != 0 => {
+                let Some(kind) = self.lock().pending.get(&corr).map(|p| p.kind) else {
+                    return;
+                };
+                let err = AgentError::Agent {
+                    vm_id: self.vm_id.clone(),
+                    id: corr,
+                    kind,
+                    code: qx_proto::agent::ErrorCode::try_from(e.code)
+                        .unwrap_or(qx_proto::agent::ErrorCode::Unspecified),
+                    message: e.message,
+                };
+                self.complete(corr, Err(err));
+            }
+            Some(Payload::Error(e)) => {
+                log::warn!("vm {}: agent protocol complaint: {}", self.vm_id, e.message);
+            }
+            Some(item @ (Payload::ExecOutput(_) | Payload::FileChunk(_))) if corr != 0 => {
+                self.on_item(corr, item);
+            }
+            Some(reply) if corr != 0 => {
+                // Telemetry asked for with a TelemetryRequest also updates the cache.
+                if let Payload::Telemetry(t) = &reply {
+                    let mut inner = self.lock();
+                    inner.cache.telemetry = Some(t.clone());
+                    inner.cache.telemetry_at = Some(now);
+                }
+                self.complete(corr, Ok(reply));
+            }
+            _ => log::debug!("vm {}: ignored {kind} frame", self.vm_id),
+        }
+    }
+
+    fn on_item(&self, corr: u64, item: Payload) {
+        let mut inner = self.lock();
+        let Some(p) = inner.pending.get_mut(&corr) else {
+            return; // stale: a command that ended or belongs to an old session
+        };
+        if p.stage < Stage::Acknowledged {
+            p.stage = Stage::Acknowledged;
+        }
+        if p.items.try_send(item).is_err() {
+            // The caller reads too slowly; the reader never waits for it.
+            let kind = p.kind;
+            if let Some(mut p) = inner.pending.remove(&corr) {
+                inner.stats.commands.failed_agent_error += 1;
+                if let Some(done) = p.done.take() {
+                    let _ = done.send(Err(AgentError::SlowConsumer {
+                        vm_id: self.vm_id.clone(),
+                        id: corr,
+                        kind,
+                    }));
+                }
+            }
+            drop(inner);
+            self.send_untracked(Payload::Cancel(qx_proto::agent::Cancel { target_id: corr }));
+        }
+    }
+
+    fn complete(&self, id: u64, result: Result<Payload, AgentError>) {
+        let mut inner = self.lock();
+        let Some(mut p) = inner.pending.remove(&id) else {
+            return;
+        };
+        match &result {
+            Ok(_) => inner.stats.commands.completed += 1,
+            Err(_) => inner.stats.commands.failed_agent_error += 1,
+        }
+        if let Some(done) = p.done.take() {
+            let _ = done.send(result);
+        }
+    }
+
+    fn on_ready(
+        self: &Arc<Self>,
+        conn_id: u64,
+        r: AgentReady,
+        now: SystemTime,
+        prio: &mpsc::UnboundedSender<Job>,
+        ready: &watch::Sender<bool>,
+    ) {
+        let mut inner = self.lock();
+        let old = inner.session;
+        let new = r.session_id;
+        let first_on_conn = inner.ready_on_conn != conn_id;
+        inner.ready_on_conn = conn_id;
+        inner.cache.ready = Some(r.clone());
+        inner.cache.ready_at = Some(now);
+        let restarted = old.is_some_and(|s| s != new);
+        let mut failed = Vec::new();
+        let mut redeliver = Vec::new();
+        for (id, p) in inner.pending.iter_mut() {
+            if p.stage == Stage::Queued {
+                continue;
+            }
+            let same_session = p.session.is_none_or(|s| s == new);
+            if !same_session {
+                failed.push((*id, p.stage, p.session.unwrap_or(0)));
+            } else if p.awaiting_redelivery {
+                p.awaiting_redelivery = false;
+                p.redelivered = true;
+                p.stage = Stage::Queued;
+                redeliver.push(Job {
+                    id: *id,
+                    kind: p.kind,
+                    frame: p.frame.clone(),
+                });
+            }
+        }
+        for (id, stage, old_session) in &failed {
+            if let Some(mut p) = inner.pending.remove(id) {
+                inner.stats.commands.failed_connection_lost += 1;
+                if let Some(done) = p.done.take() {
+                    let _ = done.send(Err(AgentError::AgentRestarted {
+                        vm_id: self.vm_id.clone(),
+                        id: *id,
+                        kind: p.kind,
+                        stage: stage.describe(),
+                        old_session: *old_session,
+                        new_session: new,
+                    }));
+                }
+            }
+        }
+        inner.stats.commands.redelivered += redeliver.len() as u64;
+        if restarted {
+            inner.stats.agent_restarts += 1;
+        }
+        inner.session = Some(new);
+        drop(inner);
+        for job in redeliver {
+            let _ = prio.send(job);
+        }
+        self.status.send_modify(|s| {
+            if s.conn_id == conn_id {
+                s.phase = Phase::Open;
+            }
+        });
+        let _ = ready.send(true);
+        if restarted {
+            self.emit(
+                pb::EventKind::AgentRestarted,
+                format!(
+                    "agent session {:#x} -> {new:#x}; {} in-flight commands failed",
+                    old.unwrap_or(0),
+                    failed.len()
+                ),
+            );
+        }
+        if first_on_conn {
+            self.emit(
+                pb::EventKind::AgentConnected,
+                format!(
+                    "connection {conn_id}, agent {} session {new:#x}",
+                    r.agent_version
+                ),
+            );
+        }
+    }
+}
+
+/// `base` scaled by a random factor in [0.5, 1.0).
+fn jittered(base: Duration) -> Duration {
+    let frac = (random_u64() % 1000) as f64 / 2000.0;
+    base.mul_f64(0.5 + frac)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn link() -> Arc<Link> {
+        let (events, _) = broadcast::channel(8);
+        Link::new(
+            "vm".into(),
+            PathBuf::from("/nonexistent"),
+            Arc::new(AgentConfig::default()),
+            Arc::new(AtomicU64::new(1)),
+            1,
+            events,
+        )
+    }
+
+    #[tokio::test]
+    async fn dead_reader_guard_reads_disconnected_while_writer_lives() {
+        let link = link();
+        link.status.send_replace(LinkStatus {
+            conn_id: 3,
+            phase: Phase::Open,
+            reader_alive: true,
+            writer_alive: true,
+        });
+        link.lock().last_rx = Some(Instant::now());
+        let writer = TaskGuard {
+            link: link.clone(),
+            conn_id: 3,
+            role: Role::Writer,
+        };
+        let reader = TaskGuard {
+            link: link.clone(),
+            conn_id: 3,
+            role: Role::Reader,
+        };
+        assert!(link.is_connected());
+        drop(reader);
+        assert!(!link.is_connected());
+        assert_eq!(link.state_name(), "disconnected");
+        assert!(link.status().writer_alive);
+        drop(writer);
+    }
+
+    #[test]
+    fn full_queue_is_refused_at_once() {
+        let (events, _) = broadcast::channel(8);
+        let cfg = AgentConfig {
+            queue_capacity: 2,
+            ..AgentConfig::default()
+        };
+        let link = Link::new(
+            "vm".into(),
+            PathBuf::from("/nonexistent"),
+            Arc::new(cfg),
+            Arc::new(AtomicU64::new(1)),
+            1,
+            events,
+        );
+        let opts = CommandOptions {
+            ack_timeout: Duration::from_secs(1),
+            timeout: None,
+            redelivery: Redelivery::Idempotent,
+            expects_ack: true,
+        };
+        let ping = || Payload::Ping(Ping { seq: 1 });
+        let _a = link.start(ping(), opts, 1).unwrap();
+        let _b = link.start(ping(), opts, 1).unwrap();
+        let err = link.start(ping(), opts, 1).unwrap_err();
+        assert!(matches!(err, AgentError::QueueFull { capacity: 2, .. }));
+    }
+}
