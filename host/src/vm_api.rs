@@ -1,11 +1,41 @@
 //! Node, VM lifecycle, snapshot, media and event RPCs, backed by libvirt.
+//!
+//! Every libvirt call runs on a blocking thread ([`VmApi::run`]); guest-agent work goes
+//! through [`AgentApi`], and "agent unavailable" is a normal outcome (a graceful stop falls
+//! through to ACPI, a resume reports that the clock was not synced). VMs are named by their
+//! libvirt domain UUID (a domain name is accepted too and resolved to the UUID).
+//!
+//! Agent discovery is exact: each running domain's `org.quantix.agent.0` socket is read back
+//! from its live XML and bound with [`AgentApi::attach`] (at start-up for running domains,
+//! and whenever the lifecycle watcher sees a domain start); stopping detaches it.
 
 use crate::agent_api::AgentApi;
+use crate::hypervisor::domain::{
+    self, disk_element, DiskDef, DomainFacts, DomainSpec, SnapshotFacts, SpecContext, SpecError,
+};
+use crate::hypervisor::events::{self, AgentAction, EventHub, Watcher, WATCH_INTERVAL_MS};
+use crate::hypervisor::libvirt::Libvirt;
+use crate::hypervisor::{Hypervisor, HypervisorError, PowerState};
 use crate::pb;
 use crate::service::RpcStream;
-use std::path::PathBuf;
-use std::sync::Arc;
-use tonic::Status;
+use anyhow::Context;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Status};
+
+/// Default graceful-stop budget.
+pub const DEFAULT_STOP_TIMEOUT_S: u32 = 60;
+/// How often a stop polls the domain state.
+pub const STOP_POLL_MS: u64 = 100;
+/// The auto-thaw deadline asked of the agent when a snapshot quiesces.
+pub const QUIESCE_TIMEOUT_S: u32 = 60;
+/// Default and minimum StreamMetrics intervals.
+pub const DEFAULT_METRICS_INTERVAL_MS: u32 = 5000;
+pub const MIN_METRICS_INTERVAL_MS: u32 = 100;
 
 /// Where the VM side of the daemon finds its hypervisor and files.
 #[derive(Debug, Clone)]
@@ -20,145 +50,1420 @@ pub struct VmConfig {
     pub agent_iso: Option<PathBuf>,
 }
 
+/// Why a VM operation failed; [`to_status`] is the one mapping to gRPC codes.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    WrongState(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Maps a [`VmError`] to its gRPC status.
+pub fn to_status(e: VmError) -> Status {
+    let code = match &e {
+        VmError::Hypervisor(h) => match h {
+            HypervisorError::NoDomain(_) | HypervisorError::NoSnapshot(_) => Code::NotFound,
+            HypervisorError::Exists(_) => Code::AlreadyExists,
+            HypervisorError::Invalid(_) => Code::InvalidArgument,
+            HypervisorError::WrongState(_) => Code::FailedPrecondition,
+            HypervisorError::Unsupported(_) => Code::Unimplemented,
+            HypervisorError::Unreachable(_) => Code::Unavailable,
+            HypervisorError::Failed(_) => Code::Internal,
+        },
+        VmError::Spec(_) | VmError::InvalidArgument(_) => Code::InvalidArgument,
+        VmError::NotFound(_) => Code::NotFound,
+        VmError::AlreadyExists(_) => Code::AlreadyExists,
+        VmError::WrongState(_) => Code::FailedPrecondition,
+        VmError::Internal(_) => Code::Internal,
+    };
+    Status::new(code, e.to_string())
+}
+
+type VmResult<T> = Result<T, VmError>;
+
+fn state_pb(s: PowerState) -> pb::VmState {
+    match s {
+        PowerState::Running => pb::VmState::Running,
+        PowerState::Paused => pb::VmState::Paused,
+        PowerState::ShuttingDown => pb::VmState::ShuttingDown,
+        PowerState::ShutOff => pb::VmState::Stopped,
+        PowerState::Crashed => pb::VmState::Crashed,
+        PowerState::PmSuspended => pb::VmState::Suspended,
+        PowerState::Unknown => pb::VmState::Unspecified,
+    }
+}
+
+/// Which snapshots were taken with the guest's filesystems frozen. libvirt's snapshot XML
+/// has no place for it, so it lives beside the images: `<image_dir>/<vm-id>.snapshots.json`.
+#[derive(Debug)]
+struct QuiesceNotes {
+    dir: PathBuf,
+    lock: Mutex<()>,
+}
+
+impl QuiesceNotes {
+    fn path(&self, uuid: &str) -> PathBuf {
+        self.dir.join(format!("{uuid}.snapshots.json"))
+    }
+
+    fn load(&self, uuid: &str) -> BTreeMap<String, bool> {
+        std::fs::read(self.path(uuid))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn set(&self, uuid: &str, name: &str, quiesced: Option<bool>) {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut notes = self.load(uuid);
+        match quiesced {
+            Some(q) => notes.insert(name.to_string(), q),
+            None => notes.remove(name),
+        };
+        let result = serde_json::to_vec(&notes)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(self.path(uuid), bytes));
+        if let Err(e) = result {
+            log::warn!("cannot record snapshot notes of VM {uuid}: {e}");
+        }
+    }
+
+    fn forget(&self, uuid: &str) {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = std::fs::remove_file(self.path(uuid));
+    }
+}
+
 /// Node, VM lifecycle, snapshot, media and event RPCs, backed by libvirt.
 #[derive(Debug)]
 pub struct VmApi {
-    #[allow(dead_code)]
     config: VmConfig,
-    #[allow(dead_code)]
     agent: Arc<AgentApi>,
+    hv: Arc<dyn Hypervisor>,
+    hub: Arc<EventHub>,
+    watcher: Arc<Watcher>,
+    notes: Arc<QuiesceNotes>,
+    /// Serialises CreateVM, so "does this id or name exist" and "define" are one step.
+    create_lock: tokio::sync::Mutex<()>,
+    started: Instant,
+}
+
+fn apply_agent_actions(agent: &AgentApi, actions: Vec<AgentAction>) {
+    for action in actions {
+        match action {
+            AgentAction::Attach(vm, path) => {
+                log::info!("VM {vm}: agent socket {}", path.display());
+                agent.attach(&vm, path);
+            }
+            AgentAction::Detach(vm) => {
+                log::info!("VM {vm}: agent detached");
+                agent.detach(&vm);
+            }
+        }
+    }
 }
 
 impl VmApi {
-    /// Connects to the hypervisor and binds every running VM's agent socket.
+    /// Connects to the hypervisor and binds every running VM's agent socket. Blocking (it
+    /// runs once at start-up). When called inside a tokio runtime it also starts the
+    /// lifecycle watcher and the agent-event forwarder.
     pub fn new(config: VmConfig, agent: Arc<AgentApi>) -> anyhow::Result<Self> {
-        Ok(VmApi { config, agent })
+        let hv = Libvirt::open(&config.libvirt_uri)
+            .with_context(|| format!("cannot connect to libvirt at {}", config.libvirt_uri))?;
+        Self::with_hypervisor(config, agent, Arc::new(hv))
+    }
+
+    /// [`VmApi::new`] over any [`Hypervisor`].
+    pub fn with_hypervisor(
+        config: VmConfig,
+        agent: Arc<AgentApi>,
+        hv: Arc<dyn Hypervisor>,
+    ) -> anyhow::Result<Self> {
+        for dir in [&config.socket_dir, &config.image_dir] {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let hub = Arc::new(EventHub::new());
+        let watcher = Arc::new(Watcher::default());
+        apply_agent_actions(&agent, watcher.sync(hv.as_ref(), &hub));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(watch_lifecycle(
+                Arc::downgrade(&watcher),
+                hv.clone(),
+                hub.clone(),
+                agent.clone(),
+            ));
+            rt.spawn(forward_agent_events(agent.agent_events(), hub.clone()));
+        } else {
+            log::warn!("VmApi created outside a tokio runtime: no lifecycle watcher");
+        }
+        let notes = Arc::new(QuiesceNotes {
+            dir: config.image_dir.clone(),
+            lock: Mutex::new(()),
+        });
+        Ok(VmApi {
+            config,
+            agent,
+            hv,
+            hub,
+            watcher,
+            notes,
+            create_lock: tokio::sync::Mutex::new(()),
+            started: Instant::now(),
+        })
+    }
+
+    /// The event hub (for tests and diagnostics).
+    pub fn events(&self) -> &EventHub {
+        &self.hub
+    }
+
+    /// Runs blocking hypervisor work off the async workers.
+    async fn run<T, F>(&self, f: F) -> VmResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Hypervisor) -> VmResult<T> + Send + 'static,
+    {
+        let hv = self.hv.clone();
+        tokio::task::spawn_blocking(move || f(hv.as_ref()))
+            .await
+            .map_err(|e| VmError::Internal(format!("hypervisor task failed: {e}")))?
+    }
+
+    /// Publishes lifecycle transitions and applies agent bindings.
+    async fn refresh(&self) {
+        let watcher = self.watcher.clone();
+        let hub = self.hub.clone();
+        let actions = self
+            .run(move |hv| Ok(watcher.sync(hv, &hub)))
+            .await
+            .unwrap_or_default();
+        apply_agent_actions(&self.agent, actions);
+    }
+
+    async fn resolve(&self, id: &str) -> VmResult<String> {
+        if id.is_empty() {
+            return Err(VmError::InvalidArgument("vm_id is required".into()));
+        }
+        let id = id.to_string();
+        self.run(move |hv| Ok(hv.resolve(&id)?)).await
+    }
+
+    async fn power_state(&self, uuid: &str) -> VmResult<PowerState> {
+        let uuid = uuid.to_string();
+        self.run(move |hv| Ok(hv.state(&uuid)?)).await
+    }
+
+    async fn agent_info(&self, uuid: &str) -> pb::GuestAgentInfo {
+        let req = pb::AgentRequest {
+            vm_id: uuid.to_string(),
+            timeout_ms: 0,
+        };
+        self.agent.get_agent_info(req).await.unwrap_or_default()
+    }
+
+    async fn agent_connected(&self, uuid: &str) -> bool {
+        self.agent_info(uuid).await.connected
+    }
+
+    async fn status(&self, uuid: &str) -> VmResult<pb::VmStatus> {
+        let id = uuid.to_string();
+        let (info, facts) = self
+            .run(move |hv| {
+                let info = hv.info(&id)?;
+                let xml = hv.xml(&id, !info.state.is_active())?;
+                let facts = DomainFacts::parse(&xml)
+                    .map_err(|e| VmError::Internal(format!("domain XML: {e}")))?;
+                Ok((info, facts))
+            })
+            .await?;
+        let guest_agent = if info.state.is_active() {
+            self.agent_info(uuid).await
+        } else {
+            pb::GuestAgentInfo::default()
+        };
+        Ok(pb::VmStatus {
+            vm_id: facts.uuid.clone(),
+            name: facts.name.clone(),
+            state: state_pb(info.state) as i32,
+            state_reason: String::new(),
+            vcpus: info.vcpus,
+            memory_mib: info.max_memory_kib / 1024,
+            cpu_time_ns: info.cpu_time_ns,
+            labels: facts.labels.into_iter().collect(),
+            guest_agent: Some(guest_agent),
+            agent_socket: facts
+                .agent_socket
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        })
+    }
+
+    async fn require_state(
+        &self,
+        uuid: &str,
+        allowed: &[PowerState],
+        op: &str,
+    ) -> VmResult<PowerState> {
+        let state = self.power_state(uuid).await?;
+        if allowed.contains(&state) {
+            Ok(state)
+        } else {
+            Err(VmError::WrongState(format!(
+                "cannot {op} VM {uuid}: it is {state}"
+            )))
+        }
+    }
+
+    /// Polls until the domain is no longer active or `deadline` passes.
+    async fn wait_inactive(&self, uuid: &str, deadline: Instant) -> bool {
+        loop {
+            match self.power_state(uuid).await {
+                Ok(s) if !s.is_active() => return true,
+                Err(VmError::Hypervisor(HypervisorError::NoDomain(_))) => return true,
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(STOP_POLL_MS)).await;
+        }
     }
 
     pub async fn health_check(
         &self,
         _request: pb::HealthCheckRequest,
     ) -> Result<pb::HealthCheckResponse, Status> {
-        Err(Status::unimplemented("health_check"))
+        let reachable = self.run(|hv| Ok(hv.is_alive())).await.unwrap_or(false);
+        Ok(pb::HealthCheckResponse {
+            healthy: reachable,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            hypervisor: self.hv.uri().to_string(),
+            hypervisor_reachable: reachable,
+            uptime_s: self.started.elapsed().as_secs(),
+        })
     }
 
     pub async fn get_node_info(
         &self,
         _request: pb::GetNodeInfoRequest,
     ) -> Result<pb::NodeInfo, Status> {
-        Err(Status::unimplemented("get_node_info"))
+        let (host, domains) = self
+            .run(|hv| Ok((hv.host_facts()?, hv.list()?)))
+            .await
+            .map_err(to_status)?;
+        let running: Vec<_> = domains.iter().filter(|d| d.state.is_active()).collect();
+        let mut agents = 0;
+        for d in &running {
+            if self.agent_connected(&d.uuid).await {
+                agents += 1;
+            }
+        }
+        Ok(pb::NodeInfo {
+            hostname: host.hostname,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            hypervisor_uri: self.hv.uri().to_string(),
+            hypervisor_version: host.hypervisor_version,
+            cpus: host.cpus,
+            memory_bytes: host.memory_bytes,
+            cpu_model: host.cpu_model,
+            running_vms: u32::try_from(running.len()).unwrap_or(u32::MAX),
+            agents_connected: agents,
+        })
     }
 
-    pub async fn create_vm(&self, _request: pb::CreateVmRequest) -> Result<pb::VmStatus, Status> {
-        Err(Status::unimplemented("create_vm"))
+    pub async fn create_vm(&self, request: pb::CreateVmRequest) -> Result<pb::VmStatus, Status> {
+        self.create_inner(request).await.map_err(to_status)
     }
 
-    pub async fn start_vm(&self, _request: pb::VmIdRequest) -> Result<pb::VmStatus, Status> {
-        Err(Status::unimplemented("start_vm"))
+    async fn create_inner(&self, request: pb::CreateVmRequest) -> VmResult<pb::VmStatus> {
+        let uuid = if request.vm_id.is_empty() {
+            uuid::Uuid::new_v4()
+        } else {
+            uuid::Uuid::parse_str(&request.vm_id).map_err(|_| {
+                VmError::InvalidArgument(format!("vm_id {:?} is not a UUID", request.vm_id))
+            })?
+        }
+        .hyphenated()
+        .to_string();
+        let ctx = SpecContext {
+            domain_type: self.hv.domain_type(),
+            socket_dir: &self.config.socket_dir,
+            image_dir: &self.config.image_dir,
+        };
+        let spec = DomainSpec::from_request(&uuid, &request, &ctx)?;
+        let xml = spec.to_xml()?;
+
+        let _create = self.create_lock.lock().await;
+        let define_spec = spec.clone();
+        let created = self
+            .run(move |hv| define_with_volumes(hv, &define_spec, &xml))
+            .await?;
+        self.refresh().await;
+        if request.start {
+            if let Err(e) = self.start_inner(&uuid).await {
+                log::warn!("VM {uuid}: start after create failed, removing it: {e}");
+                let id = uuid.clone();
+                let _ = self
+                    .run(move |hv| {
+                        let _ = hv.destroy(&id);
+                        hv.undefine(&id, false)?;
+                        remove_files(&created);
+                        Ok(())
+                    })
+                    .await;
+                self.refresh().await;
+                return Err(e);
+            }
+        }
+        self.status(&uuid).await
     }
 
-    pub async fn stop_vm(&self, _request: pb::StopVmRequest) -> Result<pb::StopVmResponse, Status> {
-        Err(Status::unimplemented("stop_vm"))
+    async fn start_inner(&self, uuid: &str) -> VmResult<()> {
+        self.require_state(uuid, &[PowerState::ShutOff, PowerState::Crashed], "start")
+            .await?;
+        let id = uuid.to_string();
+        self.run(move |hv| Ok(hv.start(&id)?)).await?;
+        self.refresh().await;
+        Ok(())
     }
 
-    pub async fn force_stop_vm(&self, _request: pb::VmIdRequest) -> Result<pb::VmStatus, Status> {
-        Err(Status::unimplemented("force_stop_vm"))
+    pub async fn start_vm(&self, request: pb::VmIdRequest) -> Result<pb::VmStatus, Status> {
+        async {
+            let uuid = self.resolve(&request.vm_id).await?;
+            self.start_inner(&uuid).await?;
+            self.status(&uuid).await
+        }
+        .await
+        .map_err(to_status)
     }
 
-    pub async fn reboot_vm(&self, _request: pb::VmIdRequest) -> Result<pb::VmStatus, Status> {
-        Err(Status::unimplemented("reboot_vm"))
+    pub async fn stop_vm(&self, request: pb::StopVmRequest) -> Result<pb::StopVmResponse, Status> {
+        self.stop_inner(request).await.map_err(to_status)
     }
 
-    pub async fn pause_vm(&self, _request: pb::VmIdRequest) -> Result<pb::VmStatus, Status> {
-        Err(Status::unimplemented("pause_vm"))
+    async fn stop_inner(&self, request: pb::StopVmRequest) -> VmResult<pb::StopVmResponse> {
+        let uuid = self.resolve(&request.vm_id).await?;
+        let state = self
+            .require_state(
+                &uuid,
+                &[
+                    PowerState::Running,
+                    PowerState::Paused,
+                    PowerState::ShuttingDown,
+                    PowerState::PmSuspended,
+                ],
+                "stop",
+            )
+            .await?;
+        let timeout_s = if request.timeout_s == 0 {
+            DEFAULT_STOP_TIMEOUT_S
+        } else {
+            request.timeout_s
+        };
+        let begin = Instant::now();
+        let deadline = begin + Duration::from_secs(u64::from(timeout_s));
+        let mut steps = Vec::new();
+        let mut stopped_by = pb::StopStep::Unspecified;
+        let paused = state == PowerState::Paused;
+
+        // 1. The agent: a clean power-off from inside the guest. Gets half the budget.
+        let agent_step = step_start(pb::StopStep::Agent);
+        if request.skip_agent || paused {
+            let why = if paused { "VM is paused" } else { "skipped by request" };
+            steps.push(step_done(agent_step, false, false, why));
+        } else {
+            let req = pb::GuestPowerRequest {
+                vm_id: uuid.clone(),
+                delay_ms: 0,
+                halt: false,
+            };
+            match self.agent.guest_shutdown(req).await {
+                Ok(reply) => {
+                    let agent_deadline = begin + Duration::from_secs(u64::from(timeout_s)) / 2;
+                    let off = self.wait_inactive(&uuid, agent_deadline).await;
+                    let detail = if off {
+                        format!("guest powered off ({})", reply.method)
+                    } else {
+                        format!("agent accepted ({}) but the VM still runs", reply.method)
+                    };
+                    steps.push(step_done(agent_step, true, off, &detail));
+                    if off {
+                        stopped_by = pb::StopStep::Agent;
+                    }
+                }
+                Err(status) => {
+                    let detail = format!("agent unavailable: {}", status.message());
+                    steps.push(step_done(agent_step, true, false, &detail));
+                }
+            }
+        }
+
+        // 2. ACPI power button, until the deadline.
+        if stopped_by == pb::StopStep::Unspecified {
+            let acpi_step = step_start(pb::StopStep::Acpi);
+            if paused {
+                steps.push(step_done(acpi_step, false, false, "VM is paused"));
+            } else {
+                let id = uuid.clone();
+                match self.run(move |hv| Ok(hv.shutdown(&id)?)).await {
+                    Ok(()) => {
+                        let off = self.wait_inactive(&uuid, deadline).await;
+                        let detail = if off {
+                            "guest powered off on ACPI shutdown"
+                        } else {
+                            "no power-off before the timeout"
+                        };
+                        steps.push(step_done(acpi_step, true, off, detail));
+                        if off {
+                            stopped_by = pb::StopStep::Acpi;
+                        }
+                    }
+                    Err(VmError::Hypervisor(HypervisorError::WrongState(_)))
+                        if self.wait_inactive(&uuid, Instant::now()).await =>
+                    {
+                        steps.push(step_done(acpi_step, true, true, "already off"));
+                        stopped_by = pb::StopStep::Acpi;
+                    }
+                    Err(e) => steps.push(step_done(acpi_step, true, false, &e.to_string())),
+                }
+            }
+        }
+
+        // 3. Pull the plug.
+        if stopped_by == pb::StopStep::Unspecified {
+            let force_step = step_start(pb::StopStep::Force);
+            let id = uuid.clone();
+            match self.run(move |hv| Ok(hv.destroy(&id)?)).await {
+                Ok(()) => {
+                    steps.push(step_done(force_step, true, true, "destroyed"));
+                    stopped_by = pb::StopStep::Force;
+                }
+                Err(e) => {
+                    // Stopped by itself between the last poll and the destroy?
+                    if self.wait_inactive(&uuid, Instant::now()).await {
+                        steps.push(step_done(force_step, true, true, "already off"));
+                        stopped_by = pb::StopStep::Force;
+                    } else {
+                        steps.push(step_done(force_step, true, false, &e.to_string()));
+                        self.refresh().await;
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        self.refresh().await;
+        let mut status = self.status(&uuid).await?;
+        status.state_reason = format!("stopped by {}", stop_step_name(stopped_by));
+        Ok(pb::StopVmResponse {
+            status: Some(status),
+            steps: steps.into_iter().map(|(r, _)| r).collect(),
+            stopped_by: stopped_by as i32,
+        })
     }
 
-    pub async fn resume_vm(&self, _request: pb::VmIdRequest) -> Result<pb::VmStatus, Status> {
-        Err(Status::unimplemented("resume_vm"))
+    pub async fn force_stop_vm(&self, request: pb::VmIdRequest) -> Result<pb::VmStatus, Status> {
+        async {
+            let uuid = self.resolve(&request.vm_id).await?;
+            self.require_state(
+                &uuid,
+                &[
+                    PowerState::Running,
+                    PowerState::Paused,
+                    PowerState::ShuttingDown,
+                    PowerState::PmSuspended,
+                ],
+                "force-stop",
+            )
+            .await?;
+            let id = uuid.clone();
+            self.run(move |hv| Ok(hv.destroy(&id)?)).await?;
+            self.refresh().await;
+            self.status(&uuid).await
+        }
+        .await
+        .map_err(to_status)
+    }
+
+    pub async fn reboot_vm(&self, request: pb::VmIdRequest) -> Result<pb::VmStatus, Status> {
+        async {
+            let uuid = self.resolve(&request.vm_id).await?;
+            self.require_state(&uuid, &[PowerState::Running], "reboot")
+                .await?;
+            let id = uuid.clone();
+            self.run(move |hv| Ok(hv.reboot(&id)?)).await?;
+            self.hub.emit(&uuid, pb::EventKind::VmRebooted, "reboot requested");
+            self.refresh().await;
+            self.status(&uuid).await
+        }
+        .await
+        .map_err(to_status)
+    }
+
+    pub async fn pause_vm(&self, request: pb::VmIdRequest) -> Result<pb::VmStatus, Status> {
+        async {
+            let uuid = self.resolve(&request.vm_id).await?;
+            self.require_state(&uuid, &[PowerState::Running], "pause")
+                .await?;
+            let id = uuid.clone();
+            self.run(move |hv| Ok(hv.suspend(&id)?)).await?;
+            self.refresh().await;
+            self.status(&uuid).await
+        }
+        .await
+        .map_err(to_status)
+    }
+
+    pub async fn resume_vm(&self, request: pb::VmIdRequest) -> Result<pb::VmStatus, Status> {
+        async {
+            let uuid = self.resolve(&request.vm_id).await?;
+            self.require_state(&uuid, &[PowerState::Paused], "resume")
+                .await?;
+            let id = uuid.clone();
+            self.run(move |hv| Ok(hv.resume(&id)?)).await?;
+            self.refresh().await;
+            // The guest clock stood still while paused: set it from the host. A failed sync
+            // does not fail the resume; it is reported in state_reason.
+            let reason = if self.agent_connected(&uuid).await {
+                let req = pb::SyncTimeRequest {
+                    vm_id: uuid.clone(),
+                    force: true,
+                    write_rtc: false,
+                };
+                match self.agent.sync_time(req).await {
+                    Ok(r) => format!("resumed; guest clock synced (offset {:.3} s)", r.offset_seconds),
+                    Err(s) => {
+                        log::warn!("VM {uuid}: time sync after resume failed: {}", s.message());
+                        format!("resumed; guest clock NOT synced: {}", s.message())
+                    }
+                }
+            } else {
+                "resumed; no agent connected, guest clock not synced".to_string()
+            };
+            let mut status = self.status(&uuid).await?;
+            status.state_reason = reason;
+            Ok(status)
+        }
+        .await
+        .map_err(to_status)
     }
 
     pub async fn delete_vm(
         &self,
-        _request: pb::DeleteVmRequest,
+        request: pb::DeleteVmRequest,
     ) -> Result<pb::DeleteVmResponse, Status> {
-        Err(Status::unimplemented("delete_vm"))
+        async {
+            let uuid = self.resolve(&request.vm_id).await?;
+            let state = self.power_state(&uuid).await?;
+            if state.is_active() && !request.force {
+                return Err(VmError::WrongState(format!(
+                    "VM {uuid} is {state}: stop it first or delete with force"
+                )));
+            }
+            let id = uuid.clone();
+            let delete_storage = request.delete_storage;
+            let deleted = self
+                .run(move |hv| {
+                    let facts = DomainFacts::parse(&hv.xml(&id, true)?)
+                        .map_err(|e| VmError::Internal(format!("domain XML: {e}")))?;
+                    if hv.state(&id)?.is_active() {
+                        hv.destroy(&id)?;
+                    }
+                    hv.undefine(&id, facts.has_nvram)?;
+                    let mut deleted = Vec::new();
+                    if delete_storage {
+                        // The VM's storage: its writable, file-backed disks. CD-ROM media
+                        // and read-only images are shared and never deleted.
+                        for d in facts.disks.iter().filter(|d| !d.cdrom && !d.readonly) {
+                            if let Some(src) = &d.source {
+                                match std::fs::remove_file(src) {
+                                    Ok(()) => deleted.push(src.clone()),
+                                    Err(e) => log::warn!("cannot delete {src}: {e}"),
+                                }
+                            }
+                        }
+                    }
+                    Ok(deleted)
+                })
+                .await?;
+            self.agent.detach(&uuid);
+            self.notes.forget(&uuid);
+            self.refresh().await;
+            Ok(pb::DeleteVmResponse {
+                deleted_volumes: deleted,
+            })
+        }
+        .await
+        .map_err(to_status)
     }
 
-    pub async fn get_vm_status(&self, _request: pb::VmIdRequest) -> Result<pb::VmStatus, Status> {
-        Err(Status::unimplemented("get_vm_status"))
+    pub async fn get_vm_status(&self, request: pb::VmIdRequest) -> Result<pb::VmStatus, Status> {
+        async {
+            let uuid = self.resolve(&request.vm_id).await?;
+            self.status(&uuid).await
+        }
+        .await
+        .map_err(to_status)
     }
 
     pub async fn list_v_ms(
         &self,
         _request: pb::ListVmsRequest,
     ) -> Result<pb::ListVmsResponse, Status> {
-        Err(Status::unimplemented("list_v_ms"))
+        let domains = self
+            .run(|hv| Ok(hv.list()?))
+            .await
+            .map_err(to_status)?;
+        let mut vms = Vec::with_capacity(domains.len());
+        for d in domains {
+            match self.status(&d.uuid).await {
+                Ok(s) => vms.push(s),
+                // Undefined since the listing.
+                Err(VmError::Hypervisor(HypervisorError::NoDomain(_))) => {}
+                Err(e) => return Err(to_status(e)),
+            }
+        }
+        vms.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(pb::ListVmsResponse { vms })
     }
 
     pub async fn create_snapshot(
         &self,
-        _request: pb::CreateSnapshotRequest,
+        request: pb::CreateSnapshotRequest,
     ) -> Result<pb::Snapshot, Status> {
-        Err(Status::unimplemented("create_snapshot"))
+        self.snapshot_inner(request).await.map_err(to_status)
+    }
+
+    async fn snapshot_inner(&self, request: pb::CreateSnapshotRequest) -> VmResult<pb::Snapshot> {
+        let uuid = self.resolve(&request.vm_id).await?;
+        let name = if request.name.is_empty() {
+            format!("snap-{}", events::now_unix_ms())
+        } else {
+            request.name.clone()
+        };
+        if !valid_snapshot_name(&name) {
+            return Err(VmError::InvalidArgument(format!(
+                "snapshot name {name:?} must be 1-64 characters of [A-Za-z0-9._-]"
+            )));
+        }
+        let (id, n) = (uuid.clone(), name.clone());
+        let exists = self
+            .run(move |hv| match hv.snapshot_get(&id, &n) {
+                Ok(_) => Ok(true),
+                Err(HypervisorError::NoSnapshot(_)) => Ok(false),
+                Err(e) => Err(e.into()),
+            })
+            .await?;
+        if exists {
+            return Err(VmError::AlreadyExists(format!(
+                "VM {uuid} already has a snapshot {name:?}"
+            )));
+        }
+        let xml = domain::snapshot_xml(&name, &request.description)
+            .map_err(|e| VmError::Internal(e.to_string()))?;
+
+        // Freeze through the agent. A requested quiesce that cannot happen fails the
+        // snapshot: an unfrozen snapshot must never be reported as quiesced.
+        let mut token = None;
+        if request.quiesce {
+            self.require_state(&uuid, &[PowerState::Running], "quiesce")
+                .await?;
+            let req = pb::QuiesceFilesystemsRequest {
+                vm_id: uuid.clone(),
+                mount_points: Vec::new(),
+                timeout_seconds: QUIESCE_TIMEOUT_S,
+                run_pre_freeze_scripts: true,
+            };
+            match self.agent.quiesce_filesystems(req).await {
+                Ok(reply) => {
+                    log::info!("VM {uuid}: froze {:?} for snapshot {name}", reply.frozen);
+                    token = Some(reply.token);
+                }
+                Err(s) => {
+                    return Err(VmError::WrongState(format!(
+                        "quiesce requested but the guest agent could not freeze filesystems: {}",
+                        s.message()
+                    )))
+                }
+            }
+        }
+
+        let id = uuid.clone();
+        let created = self.run(move |hv| Ok(hv.snapshot_create(&id, &xml)?)).await;
+
+        // Thaw on every path, whatever the snapshot did.
+        if let Some(token) = token {
+            let req = pb::ThawFilesystemsRequest {
+                vm_id: uuid.clone(),
+                quiesce_token: token,
+                run_post_thaw_scripts: true,
+            };
+            if let Err(s) = self.agent.thaw_filesystems(req).await {
+                log::error!(
+                    "VM {uuid}: thaw after snapshot {name} failed (the agent auto-thaws within {QUIESCE_TIMEOUT_S} s): {}",
+                    s.message()
+                );
+            }
+        }
+        let snap_name = created?;
+        let quiesced = token.is_some();
+        let notes = self.notes.clone();
+        let (id, n) = (uuid.clone(), snap_name.clone());
+        let record = self
+            .run(move |hv| {
+                notes.set(&id, &n, Some(quiesced));
+                Ok(hv.snapshot_get(&id, &n)?)
+            })
+            .await?;
+        self.hub.emit(
+            &uuid,
+            pb::EventKind::SnapshotCreated,
+            format!("{snap_name}{}", if quiesced { " (quiesced)" } else { "" }),
+        );
+        snapshot_pb(&record.xml, record.current, quiesced)
     }
 
     pub async fn list_snapshots(
         &self,
-        _request: pb::VmIdRequest,
+        request: pb::VmIdRequest,
     ) -> Result<pb::ListSnapshotsResponse, Status> {
-        Err(Status::unimplemented("list_snapshots"))
+        async {
+            let uuid = self.resolve(&request.vm_id).await?;
+            let notes = self.notes.clone();
+            let (records, quiesced) = self
+                .run(move |hv| Ok((hv.snapshot_list(&uuid)?, notes.load(&uuid))))
+                .await?;
+            let mut snapshots = records
+                .iter()
+                .map(|r| {
+                    let q = quiesced.get(&r.name).copied().unwrap_or(false);
+                    snapshot_pb(&r.xml, r.current, q)
+                })
+                .collect::<VmResult<Vec<_>>>()?;
+            snapshots.sort_by(|a, b| {
+                (a.created_unix_s, &a.name).cmp(&(b.created_unix_s, &b.name))
+            });
+            Ok(pb::ListSnapshotsResponse { snapshots })
+        }
+        .await
+        .map_err(to_status)
     }
 
     pub async fn revert_snapshot(
         &self,
-        _request: pb::SnapshotRequest,
+        request: pb::SnapshotRequest,
     ) -> Result<pb::VmStatus, Status> {
-        Err(Status::unimplemented("revert_snapshot"))
+        async {
+            let uuid = self.resolve(&request.vm_id).await?;
+            if request.snapshot_id.is_empty() {
+                return Err(VmError::InvalidArgument("snapshot_id is required".into()));
+            }
+            let (id, name, start) = (
+                uuid.clone(),
+                request.snapshot_id.clone(),
+                request.start_after_revert,
+            );
+            let socket = self
+                .run(move |hv| {
+                    hv.snapshot_revert(&id, &name, start)?;
+                    Ok(if hv.state(&id)?.is_active() {
+                        events::agent_socket(hv, &id)
+                    } else {
+                        None
+                    })
+                })
+                .await?;
+            self.refresh().await;
+            // The guest's memory went back in time: restart its agent connection so the
+            // session is re-established from scratch.
+            if let Some(path) = socket {
+                self.agent.attach(&uuid, path);
+            }
+            self.status(&uuid).await
+        }
+        .await
+        .map_err(to_status)
     }
 
     pub async fn delete_snapshot(
         &self,
-        _request: pb::SnapshotRequest,
+        request: pb::SnapshotRequest,
     ) -> Result<pb::DeleteSnapshotResponse, Status> {
-        Err(Status::unimplemented("delete_snapshot"))
+        async {
+            let uuid = self.resolve(&request.vm_id).await?;
+            if request.snapshot_id.is_empty() {
+                return Err(VmError::InvalidArgument("snapshot_id is required".into()));
+            }
+            let (id, name, notes) = (
+                uuid.clone(),
+                request.snapshot_id.clone(),
+                self.notes.clone(),
+            );
+            self.run(move |hv| {
+                hv.snapshot_delete(&id, &name)?;
+                notes.set(&id, &name, None);
+                Ok(())
+            })
+            .await?;
+            self.hub
+                .emit(&uuid, pb::EventKind::SnapshotDeleted, request.snapshot_id);
+            Ok(pb::DeleteSnapshotResponse {})
+        }
+        .await
+        .map_err(to_status)
     }
 
     pub async fn change_media(
         &self,
-        _request: pb::ChangeMediaRequest,
+        request: pb::ChangeMediaRequest,
     ) -> Result<pb::ChangeMediaResponse, Status> {
-        Err(Status::unimplemented("change_media"))
+        async {
+            let uuid = self.resolve(&request.vm_id).await?;
+            let iso = if request.iso_path.is_empty() {
+                None
+            } else {
+                let p = PathBuf::from(&request.iso_path);
+                if !p.is_absolute() || !p.is_file() {
+                    return Err(VmError::InvalidArgument(format!(
+                        "ISO {:?} is not an existing file (absolute path)",
+                        request.iso_path
+                    )));
+                }
+                Some(p)
+            };
+            self.change_media_inner(&uuid, &request.device, iso).await
+        }
+        .await
+        .map_err(to_status)
+    }
+
+    /// Inserts `iso` into (or, with `None`, ejects) a VM's CD-ROM, forcing the tray. On a
+    /// running VM with a medium already in, the old medium is ejected first and the new one
+    /// inserted after, so QEMU reopens the file even when the path is the same: the guest
+    /// sees the newest file. The result is read back from the domain's XML.
+    async fn change_media_inner(
+        &self,
+        uuid: &str,
+        device: &str,
+        iso: Option<PathBuf>,
+    ) -> VmResult<pb::ChangeMediaResponse> {
+        let (id, dev) = (uuid.to_string(), device.to_string());
+        let (target, previous, inserted) = self
+            .run(move |hv| change_media_blocking(hv, &id, &dev, iso.as_deref()))
+            .await?;
+        self.hub.emit(
+            uuid,
+            pb::EventKind::MediaChanged,
+            format!(
+                "{target}: {}",
+                if inserted.is_empty() { "ejected" } else { &inserted }
+            ),
+        );
+        Ok(pb::ChangeMediaResponse {
+            device: target,
+            inserted,
+            previous,
+        })
     }
 
     pub async fn mount_agent_iso(
         &self,
-        _request: pb::VmIdRequest,
+        request: pb::VmIdRequest,
     ) -> Result<pb::ChangeMediaResponse, Status> {
-        Err(Status::unimplemented("mount_agent_iso"))
+        async {
+            let uuid = self.resolve(&request.vm_id).await?;
+            let iso = self.agent_iso()?;
+            self.change_media_inner(&uuid, "", Some(iso)).await
+        }
+        .await
+        .map_err(to_status)
     }
 
     pub async fn eject_agent_iso(
         &self,
-        _request: pb::VmIdRequest,
+        request: pb::VmIdRequest,
     ) -> Result<pb::ChangeMediaResponse, Status> {
-        Err(Status::unimplemented("eject_agent_iso"))
+        async {
+            let uuid = self.resolve(&request.vm_id).await?;
+            let iso = self.agent_iso()?;
+            let id = uuid.clone();
+            let facts = self
+                .run(move |hv| {
+                    let active = hv.state(&id)?.is_active();
+                    DomainFacts::parse(&hv.xml(&id, !active)?)
+                        .map_err(|e| VmError::Internal(format!("domain XML: {e}")))
+                })
+                .await?;
+            let iso_str = iso.to_string_lossy();
+            let drive = facts
+                .disks
+                .iter()
+                .find(|d| d.cdrom && d.source.as_deref() == Some(iso_str.as_ref()))
+                .ok_or_else(|| {
+                    VmError::WrongState(format!("the agent ISO is not inserted in VM {uuid}"))
+                })?;
+            self.change_media_inner(&uuid, &drive.target, None).await
+        }
+        .await
+        .map_err(to_status)
     }
 
-    pub async fn get_console(&self, _request: pb::VmIdRequest) -> Result<pb::ConsoleInfo, Status> {
-        Err(Status::unimplemented("get_console"))
+    fn agent_iso(&self) -> VmResult<PathBuf> {
+        let iso = self.config.agent_iso.clone().ok_or_else(|| {
+            VmError::WrongState("no agent ISO is configured on this node".into())
+        })?;
+        if !iso.is_file() {
+            return Err(VmError::WrongState(format!(
+                "the agent ISO {} does not exist",
+                iso.display()
+            )));
+        }
+        Ok(iso)
+    }
+
+    pub async fn get_console(&self, request: pb::VmIdRequest) -> Result<pb::ConsoleInfo, Status> {
+        async {
+            let uuid = self.resolve(&request.vm_id).await?;
+            self.require_state(
+                &uuid,
+                &[PowerState::Running, PowerState::Paused],
+                "open a console of",
+            )
+            .await?;
+            let id = uuid.clone();
+            let facts = self
+                .run(move |hv| {
+                    DomainFacts::parse(&hv.xml(&id, false)?)
+                        .map_err(|e| VmError::Internal(format!("domain XML: {e}")))
+                })
+                .await?;
+            if let Some(g) = facts.graphics.iter().find(|g| g.port.is_some_and(|p| p > 0)) {
+                return Ok(pb::ConsoleInfo {
+                    r#type: g.kind.clone(),
+                    host: if g.listen.is_empty() {
+                        "127.0.0.1".to_string()
+                    } else {
+                        g.listen.clone()
+                    },
+                    port: g.port.unwrap_or(0),
+                    path: String::new(),
+                });
+            }
+            if let Some(pty) = facts.serial_pty {
+                return Ok(pb::ConsoleInfo {
+                    r#type: "pty".to_string(),
+                    host: String::new(),
+                    port: 0,
+                    path: pty,
+                });
+            }
+            Err(VmError::WrongState(format!("VM {uuid} has no console")))
+        }
+        .await
+        .map_err(to_status)
     }
 
     pub async fn stream_events(
         &self,
-        _request: pb::StreamEventsRequest,
+        request: pb::StreamEventsRequest,
     ) -> Result<RpcStream<pb::NodeEvent>, Status> {
-        Err(Status::unimplemented("stream_events"))
+        let filter = if request.vm_id.is_empty() {
+            None
+        } else {
+            // A deleted VM's events may still be asked for: fall back to the id as given.
+            Some(
+                self.resolve(&request.vm_id)
+                    .await
+                    .unwrap_or_else(|_| request.vm_id.clone()),
+            )
+        };
+        let (backlog, mut rx) = self.hub.subscribe(request.after_seq);
+        let hub = self.hub.clone();
+        let (tx, out) = mpsc::channel(256);
+        tokio::spawn(async move {
+            let wanted = |e: &pb::NodeEvent| filter.as_ref().is_none_or(|f| &e.vm_id == f);
+            let mut last = request.after_seq;
+            for e in backlog {
+                last = e.seq;
+                if wanted(&e) && tx.send(Ok(e)).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                let batch = match rx.recv().await {
+                    Ok(e) => vec![e],
+                    // Fell behind the broadcast: catch up from the ring.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => hub.since(last),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                for e in batch {
+                    if e.seq <= last {
+                        continue;
+                    }
+                    last = e.seq;
+                    if wanted(&e) && tx.send(Ok(e)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Box::pin(ReceiverStream::new(out)))
     }
 
     pub async fn stream_metrics(
         &self,
-        _request: pb::StreamMetricsRequest,
+        request: pb::StreamMetricsRequest,
     ) -> Result<RpcStream<pb::VmMetrics>, Status> {
-        Err(Status::unimplemented("stream_metrics"))
+        let only = if request.vm_id.is_empty() {
+            None
+        } else {
+            Some(self.resolve(&request.vm_id).await.map_err(to_status)?)
+        };
+        let interval_ms = match request.interval_ms {
+            0 => DEFAULT_METRICS_INTERVAL_MS,
+            ms => ms.max(MIN_METRICS_INTERVAL_MS),
+        };
+        let hv = self.hv.clone();
+        let (tx, out) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(u64::from(interval_ms)));
+            let mut prev: HashMap<String, (u64, Instant)> = HashMap::new();
+            loop {
+                tick.tick().await;
+                let hv = hv.clone();
+                let only = only.clone();
+                let samples =
+                    match tokio::task::spawn_blocking(move || sample_metrics(hv.as_ref(), only))
+                        .await
+                    {
+                        Ok(s) => s,
+                        Err(_) => return,
+                    };
+                let now = Instant::now();
+                for (mut m, vcpus) in samples {
+                    if let Some((cpu, at)) = prev.get(&m.vm_id) {
+                        let wall_ns = now.duration_since(*at).as_nanos() as f64;
+                        let used = m.cpu_time_ns.saturating_sub(*cpu) as f64;
+                        if wall_ns > 0.0 && vcpus > 0 {
+                            m.cpu_usage_percent =
+                                (used / (wall_ns * f64::from(vcpus)) * 100.0) as f32;
+                        }
+                    }
+                    prev.insert(m.vm_id.clone(), (m.cpu_time_ns, now));
+                    if tx.send(Ok(m)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Box::pin(ReceiverStream::new(out)))
+    }
+}
+
+fn step_start(step: pb::StopStep) -> (pb::StopStepResult, Instant) {
+    (
+        pb::StopStepResult {
+            step: step as i32,
+            ..Default::default()
+        },
+        Instant::now(),
+    )
+}
+
+fn step_done(
+    (mut r, at): (pb::StopStepResult, Instant),
+    attempted: bool,
+    succeeded: bool,
+    detail: &str,
+) -> (pb::StopStepResult, Instant) {
+    r.attempted = attempted;
+    r.succeeded = succeeded;
+    r.detail = detail.to_string();
+    r.elapsed_ms = u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX);
+    (r, at)
+}
+
+fn stop_step_name(step: pb::StopStep) -> &'static str {
+    match step {
+        pb::StopStep::Agent => "agent",
+        pb::StopStep::Acpi => "acpi",
+        pb::StopStep::Force => "force",
+        pb::StopStep::Unspecified => "nothing",
+    }
+}
+
+fn valid_snapshot_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with(['-', '.'])
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn snapshot_pb(xml: &str, current: bool, quiesced: bool) -> VmResult<pb::Snapshot> {
+    let f = SnapshotFacts::parse(xml).map_err(|e| VmError::Internal(format!("snapshot XML: {e}")))?;
+    Ok(pb::Snapshot {
+        id: f.name.clone(),
+        name: f.name,
+        description: f.description,
+        created_unix_s: f.created_unix_s,
+        state: f.state,
+        quiesced,
+        parent: f.parent,
+        current,
+    })
+}
+
+fn remove_files(paths: &[PathBuf]) {
+    for p in paths {
+        if let Err(e) = std::fs::remove_file(p) {
+            log::warn!("cannot remove {}: {e}", p.display());
+        }
+    }
+}
+
+/// Creates the spec's missing images with qemu-img and defines the domain; on any failure
+/// removes what it created. Returns the created images. Blocking.
+fn define_with_volumes(
+    hv: &dyn Hypervisor,
+    spec: &DomainSpec,
+    xml: &str,
+) -> VmResult<Vec<PathBuf>> {
+    match hv.resolve(&spec.uuid) {
+        Ok(_) => {
+            return Err(VmError::AlreadyExists(format!(
+                "a VM with id {} exists",
+                spec.uuid
+            )))
+        }
+        Err(HypervisorError::NoDomain(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    match hv.resolve(&spec.name) {
+        Ok(_) => {
+            return Err(VmError::AlreadyExists(format!(
+                "a VM named {:?} exists",
+                spec.name
+            )))
+        }
+        Err(HypervisorError::NoDomain(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut created = Vec::new();
+    let result = (|| {
+        for d in &spec.disks {
+            if let (Some(path), Some(gib)) = (&d.path, d.create_gib) {
+                create_image(path, &d.format, gib)?;
+                created.push(path.clone());
+            }
+        }
+        hv.define(xml)?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => Ok(created),
+        Err(e) => {
+            remove_files(&created);
+            Err(e)
+        }
+    }
+}
+
+fn create_image(path: &Path, format: &str, gib: u64) -> VmResult<()> {
+    if path.exists() {
+        return Err(VmError::AlreadyExists(format!(
+            "image {} already exists",
+            path.display()
+        )));
+    }
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", format])
+        .arg(path)
+        .arg(format!("{gib}G"))
+        .output()
+        .map_err(|e| VmError::Internal(format!("cannot run qemu-img: {e}")))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(path);
+        return Err(VmError::Internal(format!(
+            "qemu-img create {} failed: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// The blocking half of ChangeMedia: returns (target, previous, inserted).
+fn change_media_blocking(
+    hv: &dyn Hypervisor,
+    uuid: &str,
+    device: &str,
+    iso: Option<&Path>,
+) -> VmResult<(String, String, String)> {
+    let active = hv.state(uuid)?.is_active();
+    let facts = DomainFacts::parse(&hv.xml(uuid, !active)?)
+        .map_err(|e| VmError::Internal(format!("domain XML: {e}")))?;
+    let drive = match facts.cdrom(device) {
+        Some(d) => d.clone(),
+        None if !device.is_empty() && facts.disks.iter().any(|d| d.target == device) => {
+            return Err(VmError::InvalidArgument(format!(
+                "device {device} of VM {uuid} is not a CD-ROM"
+            )))
+        }
+        None if !device.is_empty() => {
+            return Err(VmError::NotFound(format!("VM {uuid} has no device {device}")))
+        }
+        None => {
+            return Err(VmError::WrongState(format!("VM {uuid} has no CD-ROM drive")));
+        }
+    };
+    let previous = drive.source.clone().unwrap_or_default();
+    let def = |path: Option<&Path>| DiskDef {
+        target: drive.target.clone(),
+        bus: drive.bus.clone(),
+        path: path.map(Path::to_path_buf),
+        format: "raw".to_string(),
+        readonly: true,
+        cdrom: true,
+        create_gib: None,
+    };
+    let xml_of = |path: Option<&Path>| {
+        disk_element(&def(path))
+            .to_xml()
+            .map_err(|e| VmError::Internal(e.to_string()))
+    };
+    if active {
+        if drive.source.is_some() {
+            hv.update_device(uuid, &xml_of(None)?, true)?;
+        }
+        if iso.is_some() {
+            hv.update_device(uuid, &xml_of(iso)?, true)?;
+        }
+    } else {
+        match hv.update_device(uuid, &xml_of(iso)?, false) {
+            Ok(()) => {}
+            // Drivers without device updates (libvirt's test driver): redefine the
+            // persistent XML with the new medium. Only for a shut-off domain.
+            Err(HypervisorError::Unsupported(_)) => {
+                let xml = domain::replace_disk(&hv.xml(uuid, true)?, &drive.target, disk_element(&def(iso)))
+                    .map_err(|e| VmError::Internal(e.to_string()))?;
+                hv.define(&xml)?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let after = DomainFacts::parse(&hv.xml(uuid, !active)?)
+        .map_err(|e| VmError::Internal(format!("domain XML: {e}")))?;
+    let now = after
+        .cdrom(&drive.target)
+        .and_then(|d| d.source.clone())
+        .unwrap_or_default();
+    let wanted = iso.map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+    if now != wanted {
+        return Err(VmError::Internal(format!(
+            "drive {} holds {now:?} after the change, not {wanted:?}",
+            drive.target
+        )));
+    }
+    Ok((drive.target, previous, now))
+}
+
+/// One metrics sample per running VM (or just `only`), with its vCPU count. Blocking.
+fn sample_metrics(hv: &dyn Hypervisor, only: Option<String>) -> Vec<(pb::VmMetrics, u32)> {
+    let ids: Vec<String> = match only {
+        Some(id) => vec![id],
+        None => hv
+            .list()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|d| d.state.is_active())
+            .map(|d| d.uuid)
+            .collect(),
+    };
+    let mut out = Vec::new();
+    for id in ids {
+        let Ok(info) = hv.info(&id) else { continue };
+        if !info.state.is_active() {
+            continue;
+        }
+        let facts = hv
+            .xml(&id, false)
+            .ok()
+            .and_then(|x| DomainFacts::parse(&x).ok())
+            .unwrap_or_default();
+        let mut m = pb::VmMetrics {
+            vm_id: id.clone(),
+            unix_ms: events::now_unix_ms(),
+            cpu_time_ns: info.cpu_time_ns,
+            cpu_usage_percent: 0.0,
+            memory_bytes: info.memory_kib.saturating_mul(1024),
+            ..Default::default()
+        };
+        for d in facts.disks.iter().filter(|d| d.source.is_some()) {
+            if let Ok((rd, wr)) = hv.block_stats(&id, &d.target) {
+                m.disk_read_bytes += rd;
+                m.disk_write_bytes += wr;
+            }
+        }
+        for dev in &facts.interfaces {
+            if let Ok((rx, tx)) = hv.interface_stats(&id, dev) {
+                m.net_rx_bytes += rx;
+                m.net_tx_bytes += tx;
+            }
+        }
+        out.push((m, info.vcpus));
+    }
+    out
+}
+
+/// The lifecycle watcher: diffs domain states every [`WATCH_INTERVAL_MS`] until the
+/// [`VmApi`] that owns the watcher is dropped.
+async fn watch_lifecycle(
+    watcher: std::sync::Weak<Watcher>,
+    hv: Arc<dyn Hypervisor>,
+    hub: Arc<EventHub>,
+    agent: Arc<AgentApi>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(WATCH_INTERVAL_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(w) = watcher.upgrade() else { return };
+        let (hv2, hub2) = (hv.clone(), hub.clone());
+        let Ok(actions) = tokio::task::spawn_blocking(move || w.sync(hv2.as_ref(), &hub2)).await
+        else {
+            return;
+        };
+        apply_agent_actions(&agent, actions);
+    }
+}
+
+/// Publishes agent connection changes into the node event ring.
+async fn forward_agent_events(
+    mut rx: tokio::sync::broadcast::Receiver<crate::agent_api::AgentEvent>,
+    hub: Arc<EventHub>,
+) {
+    loop {
+        match rx.recv().await {
+            Ok(ev) => {
+                hub.emit(&ev.vm_id, ev.kind, ev.detail);
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                log::warn!("missed {n} agent events");
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
     }
 }
