@@ -29,4 +29,9 @@ step "agent ISO: listing, manifest, reproducible bytes, install.sh in chroots pe
 bash iso-build/test.sh --agent target/x86_64-unknown-linux-musl/release/quantix-kvm-agent
 
 step "tests"
-cargo test --workspace --locked
+cargo test --workspace --locked --exclude qx-e2e
+
+step "whole-VM tests: the agent in QEMU (TCG), through qx-node"
+bash ci/vm/build-image.sh
+cargo build --locked -p qx-node --bins
+cargo test --locked -p qx-e2e -- --test-threads=2
