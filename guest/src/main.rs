@@ -1,3 +1,184 @@
-fn main() {
-    println!("quantix-kvm-agent {}", env!("CARGO_PKG_VERSION"));
+//! `quantix-kvm-agent`: parses the command line, loads the configuration, runs the loop.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use qx_agent::config::{Config, DEFAULT_CONFIG_PATH};
+use qx_agent::event_loop::{self, ConfigSource};
+use qx_agent::logring;
+
+const HELP: &str = "\
+NAME
+    quantix-kvm-agent - Quantix KVM guest agent
+
+SYNOPSIS
+    quantix-kvm-agent [OPTIONS]
+
+DESCRIPTION
+    Serves the Quantix host (qx-node) over the virtio-serial port
+    org.quantix.agent.0: identity, liveness, telemetry, command execution, file
+    transfer, filesystem freeze and trim, time, users and keys, network and disk
+    information, power actions. One thread, one poll loop; a host that is absent
+    or stops reading is a normal state, not an error. The agent never exits on
+    its own: it waits for the port to appear and for a host to connect.
+
+OPTIONS
+    --device PATH
+        The virtio-serial port. Default: /dev/virtio-ports/org.quantix.agent.0,
+        falling back to the /dev/vportNpM whose
+        /sys/class/virtio-ports/vportNpM/name is org.quantix.agent.0.
+    --connect unix:PATH
+        Connect to a unix stream socket instead of a port (tests, containers).
+        Reconnects with a capped back-off when the socket closes.
+    --config PATH
+        Configuration file. Default: /etc/quantix-kvm/agent.conf (optional; a
+        file named explicitly must exist).
+    --log-level LEVEL
+        off, error, warn, info (default), debug or trace.
+    --log-target TARGET
+        stderr (default) or syslog (/dev/log; stderr when no syslog daemon).
+    --telemetry-interval-ms N
+        Telemetry push period; 0 disables pushes. Default 10000.
+    --ping-interval-ms N
+        Ping a silent host this often; after stale_after_pings silent intervals
+        the link is stale and the agent re-announces itself. 0 disables.
+        Default 5000.
+    --max-concurrent-exec N
+        Children running at once; more requests get Error BUSY. Default 8.
+    --set KEY=VALUE
+        Set any configuration key (repeatable); see CONFIGURATION.
+    -V, --version
+        Print the version and exit.
+    -h, --help
+        Print this help and exit.
+
+CONFIGURATION
+    The file holds `key = value` lines; `#` starts a comment. Unknown keys are
+    an error. Command-line options override the file, also after a reload.
+    Keys: device, connect, log_level, log_target, log_ring_lines,
+    telemetry_interval_ms, ping_interval_ms, stale_after_pings, outbox_bytes,
+    max_concurrent_exec, exec_timeout_ms, exec_kill_grace_ms,
+    exec_output_cap_bytes, file_chunk_bytes, max_open_files, file_allow,
+    file_deny (comma-separated path prefixes), freeze_state_file,
+    freeze_hooks_dir, disable (comma-separated capabilities, e.g. exec,power).
+
+SIGNALS
+    SIGTERM, SIGINT  flush pending output to a connected host (at most 2 s),
+                     then exit 0.
+    SIGHUP           reload the configuration (transport changes need a
+                     restart).
+
+EXIT STATUS
+    0 after SIGTERM/SIGINT; 1 when the poll or signal handling cannot be set
+    up; 2 for a bad command line or configuration.
+
+FILES
+    /etc/quantix-kvm/agent.conf          configuration
+    /etc/quantix-kvm/fsfreeze-hook.d/    pre-freeze / post-thaw hooks
+    /run/quantix-kvm-agent.frozen        freeze record (a restarted agent thaws)
+";
+
+/// What the command line asked for.
+enum Action {
+    Run {
+        config: PathBuf,
+        optional: bool,
+        overrides: Vec<(String, String)>,
+    },
+    Print(String),
+}
+
+fn parse_args(args: impl Iterator<Item = String>) -> Result<Action, String> {
+    let mut config = PathBuf::from(DEFAULT_CONFIG_PATH);
+    let mut optional = true;
+    let mut overrides = Vec::new();
+    let mut args = args.peekable();
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = |name: &str| -> Result<String, String> {
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        let key = match flag.as_str() {
+            "-h" | "--help" => return Ok(Action::Print(HELP.to_string())),
+            "-V" | "--version" => {
+                return Ok(Action::Print(format!(
+                    "quantix-kvm-agent {} (protocol {})\n",
+                    env!("CARGO_PKG_VERSION"),
+                    qx_proto::PROTOCOL_VERSION
+                )))
+            }
+            "--config" => {
+                config = PathBuf::from(value("--config")?);
+                optional = false;
+                continue;
+            }
+            "--set" => {
+                let kv = value("--set")?;
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| format!("--set {kv}: expected KEY=VALUE"))?;
+                overrides.push((k.trim().to_string(), v.to_string()));
+                continue;
+            }
+            "--device" => "device",
+            "--connect" => "connect",
+            "--log-level" => "log_level",
+            "--log-target" => "log_target",
+            "--telemetry-interval-ms" => "telemetry_interval_ms",
+            "--ping-interval-ms" => "ping_interval_ms",
+            "--max-concurrent-exec" => "max_concurrent_exec",
+            other => return Err(format!("unknown option {other} (see --help)")),
+        };
+        let v = value(&flag)?;
+        overrides.push((key.to_string(), v));
+    }
+    Ok(Action::Run {
+        config,
+        optional,
+        overrides,
+    })
+}
+
+fn main() -> ExitCode {
+    let (config, optional, overrides) = match parse_args(std::env::args().skip(1)) {
+        Ok(Action::Print(text)) => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(Action::Run {
+            config,
+            optional,
+            overrides,
+        }) => (config, optional, overrides),
+        Err(e) => {
+            eprintln!("quantix-kvm-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cfg = match Config::load(&config, optional, &overrides) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("quantix-kvm-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    logring::init(cfg.log_level, cfg.log_target, cfg.log_ring_lines);
+    let source = ConfigSource {
+        path: config,
+        optional,
+        overrides,
+    };
+    match event_loop::run(cfg, source) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -1,0 +1,579 @@
+//! The I/O shell: one `mio::Poll`, one thread, every fd non-blocking and registered.
+//!
+//! Each turn: run [`Agent::service`] (open the transport when due, read the port while the
+//! outbox has room, decode and dispatch requests, liveness and telemetry timers, children,
+//! file transfers, flush), then sleep in `poll` until the earliest deadline or an event.
+//! Readiness is edge-triggered: after an event the loop reads or writes until `WouldBlock`,
+//! and a source it could not drain (no room in the outbox) stays marked ready. Nothing blocks
+//! and nothing sleeps outside `poll`.
+//!
+//! Interest follows state: the transport is watched for writable only while the outbox holds
+//! bytes, or while no host is attached (the host's arrival on a virtio-serial port shows as
+//! the OUT edge). A host-less port reports IN|HUP once per edge, not in a loop.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use qx_proto::agent::{AgentReady, Limits};
+use thiserror::Error;
+
+use crate::config::Config;
+use crate::exec::{ChildFd, Jobs, OutputSink};
+use crate::logring;
+use crate::ops::files::FileWriters;
+use crate::ops::fsfreeze::Freezer;
+use crate::ops::policy::PathPolicy;
+use crate::ops::telemetry::Collector;
+use crate::ops::users::UserDb;
+use crate::outbox::MAX_FRAME_TOTAL_BYTES;
+use crate::session::{LinkEvent, Session, SessionConfig};
+use crate::sys;
+use crate::transport::{Endpoint, Transport};
+
+/// The transport's token.
+pub const PORT: Token = Token(0);
+/// The signalfd's token.
+pub const SIGNALS: Token = Token(1);
+/// Bytes asked of one read() on the port (a virtio-serial read returns at most 4096).
+pub const PORT_READ_BYTES: usize = 4096;
+/// Free outbox bytes needed before the loop reads more input or starts more output work:
+/// one maximum frame, so an accepted request always has room for its reply.
+pub const WORK_ROOM_BYTES: usize = MAX_FRAME_TOTAL_BYTES;
+/// How long SIGTERM waits for the outbox to drain to a connected host.
+pub const EXIT_FLUSH: Duration = Duration::from_secs(2);
+/// Service rounds per turn before the loop polls again (fairness between transfers and I/O).
+const ROUNDS_PER_TURN: usize = 8;
+
+/// Typed poll tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tok {
+    Port,
+    Signals,
+    Child(usize, ChildFd),
+    Unknown(usize),
+}
+
+impl From<Token> for Tok {
+    fn from(t: Token) -> Self {
+        match t {
+            PORT => Tok::Port,
+            SIGNALS => Tok::Signals,
+            other => match ChildFd::from_token(other) {
+                Some((slot, fd)) => Tok::Child(slot, fd),
+                None => Tok::Unknown(other.0),
+            },
+        }
+    }
+}
+
+/// Why the loop could not start or had to stop.
+#[derive(Debug, Error)]
+pub enum LoopError {
+    #[error("cannot create the poll: {0}")]
+    Poll(std::io::Error),
+    #[error("cannot set up signal handling: {0}")]
+    Signals(std::io::Error),
+}
+
+/// The capabilities this build serves (docs/protocol.md, "Capabilities").
+pub const CAPABILITIES: [&str; 15] = [
+    "ping",
+    "exec",
+    "file-read",
+    "file-write",
+    "file-ops",
+    "fsfreeze",
+    "fstrim",
+    "time",
+    "power",
+    "users",
+    "ssh-keys",
+    "network",
+    "disks",
+    "logs",
+    "telemetry",
+];
+
+/// Where the configuration came from, for SIGHUP reloads.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    pub path: PathBuf,
+    pub optional: bool,
+    pub overrides: Vec<(String, String)>,
+}
+
+/// A file transfer or other long operation stepped by the loop one piece at a time.
+#[derive(Debug)]
+pub(crate) enum Transfer {
+    Read {
+        id: u64,
+        reader: crate::ops::files::FileReader,
+    },
+    Hash {
+        id: u64,
+        hasher: crate::ops::files::FileHasher,
+    },
+    Trim {
+        id: u64,
+        targets: Vec<String>,
+        next: usize,
+        minimum_bytes: u64,
+        results: Vec<qx_proto::agent::FsTrimResult>,
+    },
+}
+
+impl Transfer {
+    pub(crate) fn id(&self) -> u64 {
+        match self {
+            Transfer::Read { id, .. } | Transfer::Hash { id, .. } | Transfer::Trim { id, .. } => {
+                *id
+            }
+        }
+    }
+}
+
+/// A power action waiting for its delay.
+#[derive(Debug, Clone)]
+pub(crate) struct PendingPower {
+    pub action: qx_proto::agent::PowerAction,
+    pub method: crate::power::Method,
+    pub at: Instant,
+}
+
+/// A freeze waiting for its pre-freeze hooks.
+#[derive(Debug)]
+pub(crate) struct FreezeChain {
+    pub id: u64,
+    pub req: qx_proto::agent::FsFreezeRequest,
+    pub remaining: std::collections::VecDeque<crate::ops::ChildCommand>,
+}
+
+/// Everything the agent process holds.
+#[derive(Debug)]
+pub struct Agent {
+    pub(crate) cfg: Config,
+    source: ConfigSource,
+    pub(crate) poll: Poll,
+    pub(crate) session: Session,
+    transport: Transport,
+    signals: OwnedFd,
+    pub(crate) jobs: Jobs,
+    pub(crate) policy: PathPolicy,
+    pub(crate) writers: FileWriters,
+    pub(crate) freezer: Freezer,
+    pub(crate) users: UserDb,
+    pub(crate) collector: Collector,
+    pub(crate) transfers: Vec<Transfer>,
+    pub(crate) next_telemetry: Option<Instant>,
+    pub(crate) power: Option<PendingPower>,
+    pub(crate) freeze_chain: Option<FreezeChain>,
+    port_ready: bool,
+    exit_by: Option<Instant>,
+}
+
+/// Adapts the session to the exec module's output sink.
+struct SessionSink<'a>(&'a mut Session);
+
+impl OutputSink for SessionSink<'_> {
+    fn has_room(&self) -> bool {
+        self.0.outbox().room() >= WORK_ROOM_BYTES
+    }
+
+    fn output(&mut self, id: u64, item: qx_proto::agent::ExecOutput) {
+        let _ = self
+            .0
+            .stream(id, qx_proto::agent::envelope::Payload::ExecOutput(item));
+    }
+}
+
+/// Builds the identity part of AgentReady.
+pub(crate) fn ready_template(cfg: &Config) -> AgentReady {
+    let id = crate::ops::sysinfo::identity();
+    AgentReady {
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        os_id: id.os_id,
+        os_name: id.os_name,
+        os_version: id.os_version,
+        os_pretty_name: id.os_pretty_name,
+        kernel_release: id.kernel_release,
+        kernel_version: id.kernel_version,
+        arch: id.arch,
+        hostname: id.hostname,
+        ip_addresses: crate::ops::netinfo::ip_addresses(),
+        capabilities: CAPABILITIES
+            .iter()
+            .filter(|c| !cfg.disabled(c))
+            .map(|c| (*c).to_string())
+            .collect(),
+        limits: Some(Limits {
+            max_frame_bytes: qx_proto::DEFAULT_MAX_FRAME_BYTES,
+            max_concurrent_exec: cfg.max_concurrent_exec as u32,
+            max_open_files: cfg.max_open_files as u32,
+            file_chunk_bytes: cfg.file_chunk_bytes,
+            exec_output_cap_bytes: cfg.exec_output_cap_bytes,
+        }),
+        ..Default::default()
+    }
+}
+
+fn session_config(cfg: &Config) -> SessionConfig {
+    SessionConfig {
+        ping_interval: cfg.ping_interval(),
+        stale_after_pings: cfg.stale_after_pings.max(1),
+        outbox_bytes: cfg.outbox_bytes.max(2 * MAX_FRAME_TOTAL_BYTES),
+    }
+}
+
+impl Agent {
+    /// Sets up the poll, signals and state; opens nothing yet (the first turn does).
+    pub fn new(cfg: Config, source: ConfigSource) -> Result<Agent, LoopError> {
+        let now = Instant::now();
+        let poll = Poll::new().map_err(LoopError::Poll)?;
+        let signals = sys::signalfd().map_err(LoopError::Signals)?;
+        poll.registry()
+            .register(
+                &mut SourceFd(&signals.as_raw_fd()),
+                SIGNALS,
+                Interest::READABLE,
+            )
+            .map_err(LoopError::Signals)?;
+        let endpoint = match &cfg.connect {
+            Some(path) => Endpoint::Unix(path.clone()),
+            None => Endpoint::Device {
+                path: cfg.device.clone(),
+                explicit: cfg.device != std::path::Path::new(crate::config::DEFAULT_DEVICE),
+            },
+        };
+        let session = Session::new(
+            session_config(&cfg),
+            crate::session::random_session_id(),
+            ready_template(&cfg),
+            now,
+        );
+        let mut freezer = Freezer::new(
+            cfg.freeze_state_file.clone(),
+            Some(cfg.freeze_hooks_dir.clone()),
+        );
+        match freezer.recover() {
+            Ok(thawed) if !thawed.is_empty() => {
+                log::warn!("thawed filesystems a previous agent left frozen: {thawed:?}")
+            }
+            Ok(_) => {}
+            Err(e) => log::error!("cannot recover the freeze state: {e}"),
+        }
+        let next_telemetry = (cfg.telemetry_interval_ms > 0)
+            .then(|| now + Duration::from_millis(u64::from(cfg.telemetry_interval_ms)));
+        Ok(Agent {
+            jobs: Jobs::new(cfg.max_concurrent_exec),
+            policy: PathPolicy::new(cfg.file_allow.clone(), cfg.file_deny.clone()),
+            writers: FileWriters::new(cfg.max_open_files),
+            freezer,
+            users: UserDb::system(),
+            collector: Collector::new(),
+            transfers: Vec::new(),
+            next_telemetry,
+            power: None,
+            freeze_chain: None,
+            port_ready: false,
+            exit_by: None,
+            transport: Transport::new(endpoint),
+            session,
+            signals,
+            poll,
+            source,
+            cfg,
+        })
+    }
+
+    /// The session id announced in AgentReady.
+    pub fn session_id(&self) -> u64 {
+        self.session.session_id()
+    }
+
+    /// Runs until SIGTERM/SIGINT.
+    pub fn run(&mut self) -> Result<(), LoopError> {
+        let mut events = Events::with_capacity(64);
+        log::info!(
+            "quantix-kvm-agent {} started, session {:016x}, {:?}",
+            env!("CARGO_PKG_VERSION"),
+            self.session.session_id(),
+            self.transport.endpoint()
+        );
+        loop {
+            let now = Instant::now();
+            let busy = self.service(now);
+            if self.done_exiting(Instant::now()) {
+                log::info!("exiting");
+                return Ok(());
+            }
+            let timeout = if busy {
+                Some(Duration::ZERO)
+            } else {
+                self.next_deadline()
+                    .map(|d| d.saturating_duration_since(Instant::now()))
+            };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(LoopError::Poll(e));
+            }
+            let now = Instant::now();
+            for event in events.iter() {
+                match Tok::from(event.token()) {
+                    Tok::Port => self.port_ready = true,
+                    Tok::Signals => self.on_signals(now),
+                    Tok::Child(slot, fd) => self.jobs.on_event(slot, fd),
+                    Tok::Unknown(t) => log::warn!("event for unknown token {t}"),
+                }
+            }
+        }
+    }
+
+    fn done_exiting(&self, now: Instant) -> bool {
+        match self.exit_by {
+            None => false,
+            Some(by) => {
+                now >= by || !self.session.host_present() || self.session.outbox().is_empty()
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        [
+            self.session.next_deadline(),
+            self.transport.next_deadline(),
+            self.next_telemetry,
+            self.freezer.deadline(),
+            self.power.as_ref().map(|p| p.at),
+            self.jobs.next_deadline(),
+            self.exit_by,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    fn has_room(&self) -> bool {
+        self.session.outbox().room() >= WORK_ROOM_BYTES
+    }
+
+    /// One turn of work. Returns true when work is left that can progress at once.
+    fn service(&mut self, now: Instant) -> bool {
+        self.open_transport(now);
+        for _ in 0..ROUNDS_PER_TURN {
+            let before = self.session.outbox().stats();
+            self.read_port(now);
+            self.handle_requests(now);
+            self.session.transition(LinkEvent::Tick, now);
+            self.timers(now);
+            self.service_jobs(now);
+            self.step_transfers(now);
+            self.flush(now);
+            let after = self.session.outbox().stats();
+            let progressed = after.frames_queued != before.frames_queued
+                || after.bytes_sent != before.bytes_sent;
+            if !progressed || !self.has_room() {
+                break;
+            }
+        }
+        let want_write = !self.session.host_present() || !self.session.outbox().is_empty();
+        self.transport
+            .set_interest(self.poll.registry(), PORT, want_write);
+        self.has_room()
+            && ((self.port_ready && self.transport.is_open())
+                || !self.transfers.is_empty()
+                || self.jobs.wants_room())
+    }
+
+    fn open_transport(&mut self, now: Instant) {
+        if self.transport.is_open() {
+            return;
+        }
+        if self.transport.try_open(self.poll.registry(), PORT, now) {
+            // A connected socket is a host; a port tells with its first readiness edge,
+            // which registration delivers at once: read it now.
+            self.port_ready = true;
+            if self.transport.is_socket() {
+                self.link_up(now);
+            }
+        }
+    }
+
+    fn link_up(&mut self, now: Instant) {
+        if !self.session.host_present() {
+            let mut ready = ready_template(&self.cfg);
+            ready.ip_addresses = crate::ops::netinfo::ip_addresses();
+            self.session.set_ready(ready);
+            self.session.transition(LinkEvent::Up, now);
+        }
+    }
+
+    fn link_down(&mut self, now: Instant) {
+        self.session.transition(LinkEvent::Down, now);
+        self.transport.host_gone(self.poll.registry(), now);
+        self.port_ready = false;
+    }
+
+    /// Reads until `WouldBlock` (a host is attached), EOF (no host) or the outbox is short
+    /// of room (stays ready for the next turn).
+    fn read_port(&mut self, now: Instant) {
+        while self.port_ready && self.transport.is_open() {
+            if !self.has_room() && self.session.host_present() {
+                return;
+            }
+            let buf = self.session.read_buf(PORT_READ_BYTES);
+            if buf.is_empty() {
+                // Decoder full of undecoded input: decode first.
+                self.handle_requests(now);
+                if self.session.read_buf(PORT_READ_BYTES).is_empty() {
+                    return;
+                }
+                continue;
+            }
+            match self.transport.read(self.session.read_buf(PORT_READ_BYTES)) {
+                Ok(0) => {
+                    self.port_ready = false;
+                    if self.session.host_present() || self.transport.is_socket() {
+                        self.link_down(now);
+                    }
+                    return;
+                }
+                Ok(n) => {
+                    if !self.session.host_present() && self.transport.is_socket() {
+                        self.link_up(now);
+                    }
+                    self.session.received(n, now);
+                    self.handle_requests(now);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.port_ready = false;
+                    self.link_up(now);
+                    return;
+                }
+                Err(e) => {
+                    log::warn!("transport read failed: {e}");
+                    self.link_down(now);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn handle_requests(&mut self, now: Instant) {
+        while self.has_room() {
+            match self.session.next_request(now) {
+                Some(req) => self.dispatch(req, now),
+                None => return,
+            }
+        }
+    }
+
+    fn flush(&mut self, now: Instant) {
+        if !self.session.host_present() || self.session.outbox().is_empty() {
+            return;
+        }
+        if let Err(e) = self.session.outbox_mut().flush(&mut self.transport) {
+            log::warn!("transport write failed: {e}");
+            self.link_down(now);
+        }
+    }
+
+    fn timers(&mut self, now: Instant) {
+        if let Some(at) = self.next_telemetry {
+            if now >= at {
+                let sample = self.collector.sample();
+                self.session.push_telemetry(sample);
+                let interval = Duration::from_millis(u64::from(self.cfg.telemetry_interval_ms));
+                self.next_telemetry = (!interval.is_zero()).then(|| now + interval);
+            }
+        }
+        if let Some(result) = self.freezer.auto_thaw(now) {
+            match result {
+                Ok(reply) => log::warn!("auto-thawed {:?}: the host did not thaw", reply.thawed),
+                Err(e) => log::error!("auto-thaw failed: {e}"),
+            }
+            logring::set_frozen(self.freezer.is_frozen());
+        }
+        if self.power.as_ref().is_some_and(|p| now >= p.at) {
+            if let Some(p) = self.power.take() {
+                self.carry_out_power(p, now);
+            }
+        }
+    }
+
+    fn service_jobs(&mut self, now: Instant) {
+        if self.jobs.is_empty() {
+            return;
+        }
+        let room = self.session.outbox().room();
+        let room_for_reply = move || room >= WORK_ROOM_BYTES;
+        let finished = self.jobs.service(
+            self.poll.registry(),
+            now,
+            &mut SessionSink(&mut self.session),
+            &room_for_reply,
+        );
+        for f in finished {
+            self.child_finished(f, now);
+        }
+    }
+
+    fn on_signals(&mut self, now: Instant) {
+        loop {
+            match sys::read_signal(&self.signals) {
+                Ok(Some(sig)) if sig == libc::SIGTERM || sig == libc::SIGINT => {
+                    log::info!("signal {sig}: flushing and exiting");
+                    self.exit_by.get_or_insert(now + EXIT_FLUSH);
+                }
+                Ok(Some(sig)) if sig == libc::SIGHUP => self.reload(),
+                Ok(Some(sig)) if sig == libc::SIGCHLD => self.jobs.on_sigchld(),
+                Ok(Some(sig)) => log::debug!("ignored signal {sig}"),
+                Ok(None) => return,
+                Err(e) => {
+                    log::error!("signalfd read failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn reload(&mut self) {
+        let src = &self.source;
+        let cfg = match Config::load(&src.path, src.optional, &src.overrides) {
+            Ok(cfg) => cfg,
+            Err(e) => {
+                log::warn!("configuration not reloaded: {e}");
+                return;
+            }
+        };
+        if cfg.device != self.cfg.device || cfg.connect != self.cfg.connect {
+            log::warn!("transport changes take effect at the next start");
+        }
+        logring::configure(cfg.log_level, cfg.log_target);
+        if cfg.telemetry_interval_ms != self.cfg.telemetry_interval_ms {
+            self.set_telemetry_interval(cfg.telemetry_interval_ms, Instant::now());
+        }
+        self.session
+            .set_ping_interval(cfg.ping_interval(), cfg.stale_after_pings);
+        self.jobs.set_max_exec(cfg.max_concurrent_exec);
+        self.policy = PathPolicy::new(cfg.file_allow.clone(), cfg.file_deny.clone());
+        self.session.set_ready(ready_template(&cfg));
+        self.cfg = cfg;
+        log::info!("configuration reloaded");
+    }
+
+    pub(crate) fn set_telemetry_interval(&mut self, ms: u32, now: Instant) {
+        self.cfg.telemetry_interval_ms = ms;
+        self.next_telemetry = (ms > 0).then(|| now + Duration::from_millis(u64::from(ms)));
+    }
+}
+
+/// Runs the agent with `cfg` until it is told to stop.
+pub fn run(cfg: Config, source: ConfigSource) -> Result<(), LoopError> {
+    Agent::new(cfg, source)?.run()
+}

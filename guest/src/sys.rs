@@ -1,0 +1,144 @@
+//! The agent core's libc calls: signalfd, pidfd, signals, sync, reboot. The only `unsafe` of
+//! the core; every block names its invariants. Raw fds become `OwnedFd` at once.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// Signals the agent takes through its signalfd.
+pub const HANDLED_SIGNALS: [libc::c_int; 4] =
+    [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD];
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Blocks [`HANDLED_SIGNALS`] for this (single-threaded) process and returns a non-blocking
+/// signalfd that reports them. Children get an empty mask back from `std::process` at spawn.
+pub fn signalfd() -> io::Result<OwnedFd> {
+    // SAFETY: `set` is a plain C struct that sigemptyset initialises before any other use;
+    // sigaddset only writes inside it; every pointer passed lives for the whole call.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        cvt(libc::sigemptyset(&mut set))?;
+        for sig in HANDLED_SIGNALS {
+            cvt(libc::sigaddset(&mut set, sig))?;
+        }
+        cvt(libc::sigprocmask(
+            libc::SIG_BLOCK,
+            &set,
+            std::ptr::null_mut(),
+        ))?;
+        let fd = cvt(libc::signalfd(
+            -1,
+            &set,
+            libc::SFD_NONBLOCK | libc::SFD_CLOEXEC,
+        ))?;
+        // The fd is fresh and owned by nobody else.
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Reads one pending signal number from a signalfd; `Ok(None)` when none is pending.
+pub fn read_signal(fd: &OwnedFd) -> io::Result<Option<i32>> {
+    // SAFETY: signalfd_siginfo is a plain C struct (all-zero is valid); read() writes at most
+    // size_of::<signalfd_siginfo>() bytes into it.
+    unsafe {
+        let mut info: libc::signalfd_siginfo = std::mem::zeroed();
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        let n = libc::read(
+            fd.as_raw_fd(),
+            (&mut info as *mut libc::signalfd_siginfo).cast(),
+            size,
+        );
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::WouldBlock {
+                return Ok(None);
+            }
+            return Err(e);
+        }
+        if n as usize != size {
+            return Ok(None);
+        }
+        Ok(Some(info.ssi_signo as i32))
+    }
+}
+
+/// A pidfd for `pid` (Linux 5.3+); readable once the process exits.
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags by value and returns a new fd or -1.
+    let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) })
+}
+
+/// Sends `sig` to the process group `pgid` (the agent starts every child in its own group).
+pub fn kill_group(pgid: u32, sig: i32) -> io::Result<()> {
+    // SAFETY: kill takes plain integers; a negative pid addresses a process group.
+    cvt(unsafe { libc::kill(-(pgid as libc::pid_t), sig) }).map(|_| ())
+}
+
+/// Sets O_NONBLOCK on `fd`.
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl F_GETFL/F_SETFL on an fd the caller owns; no memory is passed.
+    unsafe {
+        let flags = cvt(libc::fcntl(fd, libc::F_GETFL))?;
+        cvt(libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK))?;
+    }
+    Ok(())
+}
+
+/// Flushes filesystem buffers (blocks until the kernel has queued them; power path only).
+pub fn sync() {
+    // SAFETY: sync takes no arguments and cannot fail.
+    unsafe { libc::sync() }
+}
+
+/// What [`reboot`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RebootCmd {
+    PowerOff,
+    Restart,
+    Halt,
+}
+
+/// reboot(2): the last resort when the init's own command failed. Returns only on error.
+pub fn reboot(cmd: RebootCmd) -> io::Error {
+    let arg = match cmd {
+        RebootCmd::PowerOff => libc::RB_POWER_OFF,
+        RebootCmd::Restart => libc::RB_AUTOBOOT,
+        RebootCmd::Halt => libc::RB_HALT_SYSTEM,
+    };
+    // SAFETY: reboot takes one integer command; it returns only on failure.
+    unsafe { libc::reboot(arg) };
+    io::Error::last_os_error()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn pidfd_becomes_readable_when_the_child_exits() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let fd = pidfd_open(child.id()).unwrap();
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, count 1.
+        let n = unsafe { libc::poll(&mut pfd, 1, 5000) };
+        assert_eq!(n, 1);
+        assert!(child.wait().unwrap().success());
+    }
+}
