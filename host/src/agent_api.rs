@@ -4,9 +4,9 @@
 //! them), hands it to the VM's link and turns the typed reply into the RPC's reply. Errors
 //! become `tonic::Status` in [`crate::error::to_status`] only.
 
-pub use crate::agent::AgentEvent;
 use crate::agent::command::{Command, CommandOptions, Redelivery, Step};
 use crate::agent::link::Link;
+pub use crate::agent::AgentEvent;
 use crate::agent::{AgentConfig, AgentManager};
 use crate::error::AgentError;
 use crate::pb;
@@ -380,7 +380,14 @@ impl AgentApi {
         let vm = header.vm_id.clone();
         let t = header.timeout_ms;
         let req = Payload::FileWriteOpen(open);
-        let opened = call!(self, &vm, t, Redelivery::SameSessionOnly, req, FileWriteOpened)?;
+        let opened = call!(
+            self,
+            &vm,
+            t,
+            Redelivery::SameSessionOnly,
+            req,
+            FileWriteOpened
+        )?;
         let handle = opened.handle;
         let result = self
             .write_body(&vm, t, handle, &header, &mut requests)
@@ -392,7 +399,14 @@ impl AgentApi {
                 commit: false,
                 expected_sha256: Vec::new(),
             });
-            let _ = call!(self, &vm, t, Redelivery::SameSessionOnly, close, FileWriteDone);
+            let _ = call!(
+                self,
+                &vm,
+                t,
+                Redelivery::SameSessionOnly,
+                close,
+                FileWriteDone
+            );
         }
         result
     }
@@ -442,8 +456,7 @@ impl AgentApi {
         if !header.expected_sha256.is_empty() && header.expected_sha256 != digest {
             return Err(AgentError::Integrity {
                 vm_id: vm.to_string(),
-                what: "the data received does not match expected_sha256; nothing committed"
-                    .into(),
+                what: "the data received does not match expected_sha256; nothing committed".into(),
             }
             .into());
         }
@@ -452,7 +465,14 @@ impl AgentApi {
             commit: true,
             expected_sha256: digest.clone(),
         });
-        let done = call!(self, vm, t, Redelivery::SameSessionOnly, close, FileWriteDone)?;
+        let done = call!(
+            self,
+            vm,
+            t,
+            Redelivery::SameSessionOnly,
+            close,
+            FileWriteDone
+        )?;
         if done.sha256 != digest || done.bytes != offset {
             return Err(AgentError::Integrity {
                 vm_id: vm.to_string(),
@@ -471,7 +491,14 @@ impl AgentApi {
         request: pb::GuestListRequest,
     ) -> Result<ap::FileList, Status> {
         let req = Payload::FileListRequest(request.request.unwrap_or_default());
-        Ok(call!(self, &request.vm_id, 0, Redelivery::Idempotent, req, FileList)?)
+        Ok(call!(
+            self,
+            &request.vm_id,
+            0,
+            Redelivery::Idempotent,
+            req,
+            FileList
+        )?)
     }
 
     pub async fn stat_guest_path(
@@ -479,12 +506,26 @@ impl AgentApi {
         request: pb::GuestStatRequest,
     ) -> Result<ap::FileStat, Status> {
         let req = Payload::FileStatRequest(request.request.unwrap_or_default());
-        Ok(call!(self, &request.vm_id, 0, Redelivery::Idempotent, req, FileStat)?)
+        Ok(call!(
+            self,
+            &request.vm_id,
+            0,
+            Redelivery::Idempotent,
+            req,
+            FileStat
+        )?)
     }
 
     pub async fn mkdir_guest(&self, request: pb::GuestMkdirRequest) -> Result<pb::Empty, Status> {
         let req = Payload::MkdirRequest(request.request.unwrap_or_default());
-        call!(self, &request.vm_id, 0, Redelivery::SameSessionOnly, req, Done)?;
+        call!(
+            self,
+            &request.vm_id,
+            0,
+            Redelivery::SameSessionOnly,
+            req,
+            Done
+        )?;
         Ok(pb::Empty {})
     }
 
@@ -493,7 +534,14 @@ impl AgentApi {
         request: pb::GuestDeleteRequest,
     ) -> Result<pb::Empty, Status> {
         let req = Payload::DeleteRequest(request.request.unwrap_or_default());
-        call!(self, &request.vm_id, 0, Redelivery::SameSessionOnly, req, Done)?;
+        call!(
+            self,
+            &request.vm_id,
+            0,
+            Redelivery::SameSessionOnly,
+            req,
+            Done
+        )?;
         Ok(pb::Empty {})
     }
 
@@ -508,7 +556,14 @@ impl AgentApi {
         } else {
             t
         };
-        Ok(call!(self, &request.vm_id, t, Redelivery::Idempotent, req, FileHash)?)
+        Ok(call!(
+            self,
+            &request.vm_id,
+            t,
+            Redelivery::Idempotent,
+            req,
+            FileHash
+        )?)
     }
 
     async fn power(
@@ -592,7 +647,14 @@ impl AgentApi {
     ) -> Result<ap::FsFreezeStatus, Status> {
         let req = Payload::FsFreezeStatusRequest(ap::FsFreezeStatusRequest {});
         let t = request.timeout_ms;
-        Ok(call!(self, &request.vm_id, t, Redelivery::Idempotent, req, FsFreezeStatus)?)
+        Ok(call!(
+            self,
+            &request.vm_id,
+            t,
+            Redelivery::Idempotent,
+            req,
+            FsFreezeStatus
+        )?)
     }
 
     pub async fn trim_filesystems(
@@ -604,7 +666,14 @@ impl AgentApi {
             minimum_bytes: request.minimum_bytes,
         });
         let t = LONG_OP_TIMEOUT.as_millis() as u32;
-        Ok(call!(self, &request.vm_id, t, Redelivery::SameSessionOnly, req, FsTrimReply)?)
+        Ok(call!(
+            self,
+            &request.vm_id,
+            t,
+            Redelivery::SameSessionOnly,
+            req,
+            FsTrimReply
+        )?)
     }
 
     /// Measures the round trip with a ping, reads the guest clock, and sets it to the host's
@@ -618,7 +687,14 @@ impl AgentApi {
         let before = Instant::now();
         let host_before = now_unix_ns();
         let req = Payload::TimeGetRequest(ap::TimeGetRequest {});
-        let guest = call!(self, &request.vm_id, 0, Redelivery::Idempotent, req, TimeInfo)?;
+        let guest = call!(
+            self,
+            &request.vm_id,
+            0,
+            Redelivery::Idempotent,
+            req,
+            TimeInfo
+        )?;
         let rtt_get = before.elapsed();
         // The guest read its clock about half a round trip after we sent the request.
         let host_at_read = host_before + (rtt_get.as_nanos() / 2) as i64;
@@ -653,7 +729,14 @@ impl AgentApi {
     pub async fn get_guest_time(&self, request: pb::AgentRequest) -> Result<ap::TimeInfo, Status> {
         let req = Payload::TimeGetRequest(ap::TimeGetRequest {});
         let t = request.timeout_ms;
-        Ok(call!(self, &request.vm_id, t, Redelivery::Idempotent, req, TimeInfo)?)
+        Ok(call!(
+            self,
+            &request.vm_id,
+            t,
+            Redelivery::Idempotent,
+            req,
+            TimeInfo
+        )?)
     }
 
     pub async fn list_guest_users(
@@ -662,7 +745,14 @@ impl AgentApi {
     ) -> Result<ap::UserList, Status> {
         let req = Payload::UsersRequest(ap::UsersRequest {});
         let t = request.timeout_ms;
-        Ok(call!(self, &request.vm_id, t, Redelivery::Idempotent, req, UserList)?)
+        Ok(call!(
+            self,
+            &request.vm_id,
+            t,
+            Redelivery::Idempotent,
+            req,
+            UserList
+        )?)
     }
 
     pub async fn set_guest_password(
@@ -674,7 +764,14 @@ impl AgentApi {
             password: request.password,
             crypted: request.crypted,
         });
-        call!(self, &request.vm_id, 0, Redelivery::SameSessionOnly, req, Done)?;
+        call!(
+            self,
+            &request.vm_id,
+            0,
+            Redelivery::SameSessionOnly,
+            req,
+            Done
+        )?;
         Ok(pb::Empty {})
     }
 
@@ -683,7 +780,14 @@ impl AgentApi {
         request: pb::GuestUserRequest,
     ) -> Result<ap::SshKeys, Status> {
         let req = Payload::SshKeysListRequest(ap::SshKeysListRequest { user: request.user });
-        Ok(call!(self, &request.vm_id, 0, Redelivery::Idempotent, req, SshKeys)?)
+        Ok(call!(
+            self,
+            &request.vm_id,
+            0,
+            Redelivery::Idempotent,
+            req,
+            SshKeys
+        )?)
     }
 
     pub async fn add_ssh_keys(
@@ -695,7 +799,14 @@ impl AgentApi {
             keys: request.keys,
             reset: request.reset,
         });
-        Ok(call!(self, &request.vm_id, 0, Redelivery::SameSessionOnly, req, SshKeys)?)
+        Ok(call!(
+            self,
+            &request.vm_id,
+            0,
+            Redelivery::SameSessionOnly,
+            req,
+            SshKeys
+        )?)
     }
 
     pub async fn remove_ssh_keys(
@@ -706,7 +817,14 @@ impl AgentApi {
             user: request.user,
             keys: request.keys,
         });
-        Ok(call!(self, &request.vm_id, 0, Redelivery::SameSessionOnly, req, SshKeys)?)
+        Ok(call!(
+            self,
+            &request.vm_id,
+            0,
+            Redelivery::SameSessionOnly,
+            req,
+            SshKeys
+        )?)
     }
 
     pub async fn get_guest_network(
@@ -715,7 +833,14 @@ impl AgentApi {
     ) -> Result<ap::NetworkInfo, Status> {
         let req = Payload::NetworkRequest(ap::NetworkRequest {});
         let t = request.timeout_ms;
-        Ok(call!(self, &request.vm_id, t, Redelivery::Idempotent, req, NetworkInfo)?)
+        Ok(call!(
+            self,
+            &request.vm_id,
+            t,
+            Redelivery::Idempotent,
+            req,
+            NetworkInfo
+        )?)
     }
 
     pub async fn get_guest_disks(
@@ -724,7 +849,14 @@ impl AgentApi {
     ) -> Result<ap::DisksInfo, Status> {
         let req = Payload::DisksRequest(ap::DisksRequest {});
         let t = request.timeout_ms;
-        Ok(call!(self, &request.vm_id, t, Redelivery::Idempotent, req, DisksInfo)?)
+        Ok(call!(
+            self,
+            &request.vm_id,
+            t,
+            Redelivery::Idempotent,
+            req,
+            DisksInfo
+        )?)
     }
 
     pub async fn get_guest_logs(
@@ -734,7 +866,14 @@ impl AgentApi {
         let req = Payload::LogsRequest(ap::LogsRequest {
             max_lines: request.max_lines,
         });
-        Ok(call!(self, &request.vm_id, 0, Redelivery::Idempotent, req, AgentLogs)?)
+        Ok(call!(
+            self,
+            &request.vm_id,
+            0,
+            Redelivery::Idempotent,
+            req,
+            AgentLogs
+        )?)
     }
 
     /// The cached telemetry (if any) first, then every pushed report as it arrives.

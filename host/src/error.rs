@@ -18,7 +18,9 @@ pub enum AgentError {
     InvalidVmId { vm_id: String },
     #[error("agent for vm {vm_id}: the command queue is full ({capacity} commands waiting); retry later")]
     QueueFull { vm_id: String, capacity: usize },
-    #[error("agent for vm {vm_id}: command {id} ({kind}) never written within {waited_ms} ms: {why}")]
+    #[error(
+        "agent for vm {vm_id}: command {id} ({kind}) never written within {waited_ms} ms: {why}"
+    )]
     NotWritten {
         vm_id: String,
         id: u64,
@@ -59,7 +61,9 @@ pub enum AgentError {
         old_session: u64,
         new_session: u64,
     },
-    #[error("agent for vm {vm_id}: command {id} ({kind}) failed in the guest: {message} ({code:?})")]
+    #[error(
+        "agent for vm {vm_id}: command {id} ({kind}) failed in the guest: {message} ({code:?})"
+    )]
     Agent {
         vm_id: String,
         id: u64,
@@ -74,7 +78,9 @@ pub enum AgentError {
         kind: &'static str,
         got: &'static str,
     },
-    #[error("agent for vm {vm_id}: the socket was detached while command {id} ({kind}) was in flight")]
+    #[error(
+        "agent for vm {vm_id}: the socket was detached while command {id} ({kind}) was in flight"
+    )]
     Detached {
         vm_id: String,
         id: u64,

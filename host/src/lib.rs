@@ -14,7 +14,9 @@ pub mod pb {
 pub mod agent;
 pub mod agent_api;
 pub mod cli;
+pub mod config;
 pub mod error;
 pub mod hypervisor;
+pub mod metrics;
 pub mod service;
 pub mod vm_api;

@@ -386,10 +386,9 @@ impl Link {
             Phase::Handshaking => {
                 format!("the agent has not answered HostHello on connection {} (is the agent running in the guest?){last}", st.conn_id)
             }
-            Phase::Connecting | Phase::Disconnected => format!(
-                "not connected to {}{last}",
-                self.socket.display()
-            ),
+            Phase::Connecting | Phase::Disconnected => {
+                format!("not connected to {}{last}", self.socket.display())
+            }
         }
     }
 
@@ -738,7 +737,8 @@ impl Link {
         mut ready: watch::Receiver<bool>,
     ) -> Result<(), String> {
         let preamble = Arc::new(vec![0u8; SYNC_PREAMBLE_BYTES]);
-        self.write_whole(&mut wr, &preamble, "sync_preamble").await?;
+        self.write_whole(&mut wr, &preamble, "sync_preamble")
+            .await?;
         let hello = Envelope {
             id: self.next_id(),
             correlation_id: 0,
@@ -919,7 +919,9 @@ impl Link {
         let now = SystemTime::now();
         {
             let mut inner = self.lock();
-            inner.stats.count_rx(kind, payload_len + qx_proto::HEADER_BYTES);
+            inner
+                .stats
+                .count_rx(kind, payload_len + qx_proto::HEADER_BYTES);
             inner.stats.last_rx_unix_ms = unix_ms(now);
             inner.last_rx = Some(Instant::now());
         }

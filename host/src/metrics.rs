@@ -1,0 +1,197 @@
+//! The Prometheus text endpoint: `GET /metrics` on its own plain-HTTP port, with the same
+//! connection and command figures as GetAgentConnectionStats.
+
+use crate::agent_api::AgentApi;
+use crate::pb;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Largest request head read before answering.
+const MAX_REQUEST_BYTES: usize = 8192;
+
+/// Reads one figure of a VM's stats.
+type Getter = fn(&pb::AgentConnectionStats) -> u64;
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Renders every VM's link figures in the Prometheus text format.
+pub fn render(stats: &[pb::AgentConnectionStats]) -> String {
+    let mut out = String::new();
+    let gauge = |out: &mut String, name: &str, help: &str, kind: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    gauge(
+        &mut out,
+        "qx_agent_connected",
+        "1 when the VM's agent link is connected (socket open, reader and writer alive, heard from within the liveness window).",
+        "gauge",
+    );
+    for s in stats {
+        let _ = writeln!(
+            out,
+            "qx_agent_connected{{vm=\"{}\",state=\"{}\"}} {}",
+            escape(&s.vm_id),
+            s.state,
+            u8::from(s.connected)
+        );
+    }
+    let simple: [(&str, &str, &str, Getter); 7] = [
+        (
+            "qx_agent_reconnects_total",
+            "Connections opened after the first.",
+            "counter",
+            |s| s.reconnects,
+        ),
+        (
+            "qx_agent_restarts_total",
+            "Agent session id changes seen.",
+            "counter",
+            |s| s.agent_restarts,
+        ),
+        (
+            "qx_agent_garbage_bytes_total",
+            "Bytes skipped while resynchronising.",
+            "counter",
+            |s| s.garbage_bytes,
+        ),
+        (
+            "qx_agent_bad_frames_total",
+            "Frames rejected by the decoder.",
+            "counter",
+            |s| s.bad_frames,
+        ),
+        (
+            "qx_agent_in_flight",
+            "Commands not yet finished.",
+            "gauge",
+            |s| u64::from(s.in_flight),
+        ),
+        (
+            "qx_agent_connection_id",
+            "Current connection number.",
+            "gauge",
+            |s| s.connection_id,
+        ),
+        (
+            "qx_agent_last_rx_unix_ms",
+            "When the last frame arrived.",
+            "gauge",
+            |s| s.last_rx_unix_ms.max(0) as u64,
+        ),
+    ];
+    for (name, help, kind, get) in simple {
+        gauge(&mut out, name, help, kind);
+        for s in stats {
+            let _ = writeln!(out, "{name}{{vm=\"{}\"}} {}", escape(&s.vm_id), get(s));
+        }
+    }
+    gauge(
+        &mut out,
+        "qx_agent_commands_total",
+        "Commands by the stage they reached or failed at.",
+        "counter",
+    );
+    for s in stats {
+        let c = s.commands.unwrap_or_default();
+        for (stage, v) in [
+            ("queued", c.queued),
+            ("written", c.written),
+            ("acknowledged", c.acknowledged),
+            ("completed", c.completed),
+            ("failed_not_written", c.failed_not_written),
+            ("failed_not_acknowledged", c.failed_not_acknowledged),
+            ("failed_ack_timeout", c.failed_ack_timeout),
+            ("failed_connection_lost", c.failed_connection_lost),
+            ("failed_agent_error", c.failed_agent_error),
+            ("redelivered", c.redelivered),
+        ] {
+            let _ = writeln!(
+                out,
+                "qx_agent_commands_total{{vm=\"{}\",stage=\"{stage}\"}} {v}",
+                escape(&s.vm_id)
+            );
+        }
+    }
+    for (dir, pick) in [
+        (
+            "rx",
+            (|s| &s.rx) as fn(&pb::AgentConnectionStats) -> &Vec<pb::FrameCount>,
+        ),
+        ("tx", |s| &s.tx),
+    ] {
+        let name = format!("qx_agent_{dir}_frames_total");
+        gauge(&mut out, &name, "Frames by payload kind.", "counter");
+        for s in stats {
+            for f in pick(s) {
+                let _ = writeln!(
+                    out,
+                    "{name}{{vm=\"{}\",kind=\"{}\"}} {}",
+                    escape(&s.vm_id),
+                    f.kind,
+                    f.frames
+                );
+            }
+        }
+        let name = format!("qx_agent_{dir}_bytes_total");
+        gauge(&mut out, &name, "Frame bytes by payload kind.", "counter");
+        for s in stats {
+            for f in pick(s) {
+                let _ = writeln!(
+                    out,
+                    "{name}{{vm=\"{}\",kind=\"{}\"}} {}",
+                    escape(&s.vm_id),
+                    f.kind,
+                    f.bytes
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Serves `GET /metrics` until the listener fails.
+pub async fn serve(listener: TcpListener, agent: Arc<AgentApi>) -> std::io::Result<()> {
+    loop {
+        let (mut sock, _) = listener.accept().await?;
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_REQUEST_BYTES];
+            let mut n = 0;
+            while n < buf.len() {
+                match sock.read(&mut buf[n..]).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => n += k,
+                }
+                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) = if head.starts_with("GET /metrics ") {
+                let stats = agent
+                    .get_agent_connection_stats(pb::AgentStatsRequest::default())
+                    .await
+                    .map(|r| r.connections)
+                    .unwrap_or_default();
+                ("200 OK", render(&stats))
+            } else {
+                (
+                    "404 Not Found",
+                    "only GET /metrics is served here\n".to_string(),
+                )
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}
