@@ -81,6 +81,8 @@ impl Node {
         let child = Command::new(bin)
             .arg("--listen")
             .arg(&listen)
+            // The VMs are QEMU processes the harness owns, not libvirt domains.
+            .args(["--libvirt-uri", "none"])
             .args(args)
             .env(
                 "RUST_LOG",
