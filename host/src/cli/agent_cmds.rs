@@ -1,0 +1,679 @@
+//! `qxctl agent|exec|cp|fs|time|watch`: the guest-agent commands.
+
+use super::{exit, install_cmd, Cli, Command};
+use crate::pb;
+use crate::pb::node_daemon_service_client::NodeDaemonServiceClient;
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use qx_proto::agent::{ExecRequest, FileWriteOpen};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use tonic::transport::Channel;
+use tonic::Code;
+
+/// The gRPC client qxctl uses.
+pub type Client = NodeDaemonServiceClient<Channel>;
+
+/// Bytes per WriteGuestFile data message.
+const UPLOAD_MESSAGE_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Args)]
+pub struct VmArg {
+    /// The VM (libvirt domain UUID or name, or the id given to --vm-socket).
+    pub vm: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Round trip to the agent through the daemon; prints the time and the agent session.
+    Ping(VmArg),
+    /// What the agent reported: OS, kernel, hostname, addresses, capabilities, freshness.
+    Info(VmArg),
+    /// The agent's own log ring.
+    Logs {
+        vm: String,
+        /// Only the last N lines (0: all).
+        #[arg(long, default_value_t = 0)]
+        lines: u32,
+    },
+    /// The daemon's link to the agent: state, frames, bytes, commands by stage.
+    Stats {
+        /// One VM; all VMs when absent.
+        vm: Option<String>,
+    },
+    /// Install or upgrade the agent from the node's agent ISO.
+    Install(install_cmd::InstallArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    pub vm: String,
+    /// Run the words through /bin/sh -c.
+    #[arg(long)]
+    pub shell: bool,
+    /// Working directory in the guest.
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// Extra environment, KEY=VALUE (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Run as this guest user.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Kill the command after this many seconds (0: the agent's default).
+    #[arg(long, default_value_t = 0)]
+    pub timeout_s: u32,
+    /// The command and its arguments (after `--`).
+    #[arg(last = true, required = true)]
+    pub argv: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CpArgs {
+    /// VM:PATH or a local path.
+    pub src: String,
+    /// VM:PATH or a local path.
+    pub dst: String,
+    /// File mode for uploads, octal (e.g. 755); default 644.
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// Create missing parent directories in the guest.
+    #[arg(long)]
+    pub parents: bool,
+    /// Refuse to replace an existing guest file.
+    #[arg(long)]
+    pub no_overwrite: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FsCommand {
+    /// Freeze guest filesystems (the agent thaws by itself after --auto-thaw-s).
+    Freeze {
+        vm: String,
+        /// Mount points; all local writable filesystems when none.
+        mounts: Vec<String>,
+        #[arg(long, default_value_t = 60)]
+        auto_thaw_s: u32,
+    },
+    /// Thaw filesystems (token from freeze; 0 thaws whatever is frozen).
+    Thaw {
+        vm: String,
+        #[arg(long, default_value_t = 0)]
+        token: u64,
+    },
+    /// Whether filesystems are frozen.
+    Status(VmArg),
+    /// Discard unused blocks.
+    Trim { vm: String, mounts: Vec<String> },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TimeCommand {
+    /// Set the guest clock to the host's (plus half the measured round trip).
+    Sync {
+        vm: String,
+        /// Set even when the offset is below the threshold.
+        #[arg(long)]
+        force: bool,
+        /// Also write the hardware clock.
+        #[arg(long)]
+        rtc: bool,
+    },
+    /// Read the guest clocks.
+    Get(VmArg),
+}
+
+/// Exit code for a failed RPC.
+pub fn code_for(status: &tonic::Status) -> i32 {
+    match status.code() {
+        Code::NotFound => exit::NOT_FOUND,
+        Code::Unavailable | Code::DeadlineExceeded => exit::UNAVAILABLE,
+        Code::DataLoss => exit::INTEGRITY,
+        _ => exit::FAILED,
+    }
+}
+
+fn print<T: Serialize + std::fmt::Debug>(json: bool, v: &T, text: impl FnOnce(&T) -> String) {
+    if json {
+        match serde_json::to_string_pretty(v) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("qxctl: cannot encode JSON: {e}"),
+        }
+    } else {
+        println!("{}", text(v));
+    }
+}
+
+/// Runs one qxctl invocation; returns the process exit code.
+pub async fn run(cli: Cli) -> i32 {
+    let is_exec = matches!(cli.command, Command::Exec(_));
+    let fail = if is_exec {
+        exit::EXEC_FAILED
+    } else {
+        exit::FAILED
+    };
+    let mut client = match Client::connect(cli.addr.clone()).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("qxctl: cannot reach qx-node at {}: {e}", cli.addr);
+            return if is_exec {
+                exit::EXEC_FAILED
+            } else {
+                exit::UNAVAILABLE
+            };
+        }
+    };
+    let res = dispatch(cli, &mut client).await;
+    match res {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("qxctl: {e:#}");
+            match e.downcast_ref::<tonic::Status>() {
+                Some(s) if !is_exec => code_for(s),
+                _ => fail,
+            }
+        }
+    }
+}
+
+async fn dispatch(cli: Cli, client: &mut Client) -> Result<i32> {
+    let json = cli.json;
+    let t = cli.timeout_ms;
+    match cli.command {
+        Command::Agent(AgentCommand::Ping(a)) => {
+            let r = client
+                .ping_agent(pb::AgentRequest {
+                    vm_id: a.vm.clone(),
+                    timeout_ms: t,
+                })
+                .await?
+                .into_inner();
+            print(json, &r, |r| {
+                format!(
+                    "{}: agent {} session {:#x}: rtt {} us",
+                    a.vm, r.agent_version, r.session_id, r.rtt_us
+                )
+            });
+        }
+        Command::Agent(AgentCommand::Info(a)) => {
+            let r = client
+                .get_agent_info(pb::AgentRequest {
+                    vm_id: a.vm.clone(),
+                    timeout_ms: t,
+                })
+                .await?
+                .into_inner();
+            print(json, &r, |r| {
+                format!(
+                    "connected:    {}{}\nagent:        {} (session {:#x})\nos:          {} {} ({})\nkernel:       {} {}\nhostname:     {}\naddresses:    {}\ncapabilities: {}\nlast seen:    {} (unix ms)",
+                    r.connected,
+                    if r.stale { " (data is stale)" } else { "" },
+                    r.version,
+                    r.session_id,
+                    r.os_name,
+                    r.os_version,
+                    r.os_pretty_name,
+                    r.kernel_release,
+                    r.arch,
+                    r.hostname,
+                    r.ip_addresses.join(" "),
+                    r.capabilities.join(" "),
+                    r.last_seen_unix_ms
+                )
+            });
+        }
+        Command::Agent(AgentCommand::Logs { vm, lines }) => {
+            let r = client
+                .get_guest_logs(pb::GuestLogsRequest {
+                    vm_id: vm,
+                    max_lines: lines,
+                })
+                .await?
+                .into_inner();
+            print(json, &r, |r| {
+                let mut s = String::new();
+                if r.dropped > 0 {
+                    s.push_str(&format!("({} older lines dropped)\n", r.dropped));
+                }
+                for l in &r.lines {
+                    s.push_str(&format!("{} {:?} {}\n", l.unix_ms, l.level(), l.message));
+                }
+                s.trim_end().to_string()
+            });
+        }
+        Command::Agent(AgentCommand::Stats { vm }) => {
+            let r = client
+                .get_agent_connection_stats(pb::AgentStatsRequest {
+                    vm_id: vm.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            print(json, &r, |r| {
+                let mut s = String::new();
+                for c in &r.connections {
+                    let k = c.commands.unwrap_or_default();
+                    s.push_str(&format!(
+                        "{}: {} (connection {}, {} reconnects, agent session {:#x}, {} restarts)\n  socket {}\n  commands: {} queued, {} written, {} acked, {} completed; failed: {} not written, {} not acked, {} ack timeout, {} connection lost, {} agent error; {} redelivered; {} in flight\n  garbage {} bytes, {} bad frames{}\n",
+                        c.vm_id, c.state, c.connection_id, c.reconnects, c.agent_session_id, c.agent_restarts,
+                        c.socket_path,
+                        k.queued, k.written, k.acknowledged, k.completed,
+                        k.failed_not_written, k.failed_not_acknowledged, k.failed_ack_timeout,
+                        k.failed_connection_lost, k.failed_agent_error, k.redelivered, c.in_flight,
+                        c.garbage_bytes, c.bad_frames,
+                        if c.last_error.is_empty() { String::new() } else { format!("\n  last error: {}", c.last_error) }
+                    ));
+                    for (dir, list) in [("rx", &c.rx), ("tx", &c.tx)] {
+                        for f in list {
+                            s.push_str(&format!(
+                                "  {dir} {:<24} {:>8} frames {:>12} bytes\n",
+                                f.kind, f.frames, f.bytes
+                            ));
+                        }
+                    }
+                }
+                s.trim_end().to_string()
+            });
+        }
+        Command::Agent(AgentCommand::Install(args)) => {
+            return install_cmd::run(args, client, json).await;
+        }
+        Command::Exec(a) => return exec(a, client, json, t).await,
+        Command::Cp(a) => return cp(a, client, json, t).await,
+        Command::Fs(f) => fs(f, client, json).await?,
+        Command::Time(TimeCommand::Sync { vm, force, rtc }) => {
+            let r = client
+                .sync_time(pb::SyncTimeRequest {
+                    vm_id: vm.clone(),
+                    force,
+                    write_rtc: rtc,
+                })
+                .await?
+                .into_inner();
+            print(json, &r, |r| {
+                format!(
+                    "{vm}: guest was {:+.6} s off the host (rtt {} us); {}",
+                    r.offset_seconds,
+                    r.rtt_us,
+                    if r.changed { "clock set" } else { "left as is" }
+                )
+            });
+        }
+        Command::Time(TimeCommand::Get(a)) => {
+            let r = client
+                .get_guest_time(pb::AgentRequest {
+                    vm_id: a.vm,
+                    timeout_ms: t,
+                })
+                .await?
+                .into_inner();
+            print(json, &r, |r| {
+                format!(
+                    "realtime {} ns\nmonotonic {} ns\nboottime {} ns",
+                    r.unix_ns, r.monotonic_ns, r.boottime_ns
+                )
+            });
+        }
+        Command::Watch(a) => {
+            let mut s = client
+                .stream_telemetry(pb::AgentRequest {
+                    vm_id: a.vm,
+                    timeout_ms: t,
+                })
+                .await?
+                .into_inner();
+            while let Some(u) = s.message().await? {
+                print(json, &u, |u| {
+                    let tm = u.telemetry.clone().unwrap_or_default();
+                    let mem = tm.memory.unwrap_or_default();
+                    format!(
+                        "{} {}: cpu {:.1}% load {:.2} mem {}/{} MiB procs {} up {} s",
+                        u.received_unix_ms,
+                        tm.hostname,
+                        tm.cpu.map(|c| c.usage_percent).unwrap_or(0.0),
+                        tm.load.map(|l| l.one).unwrap_or(0.0),
+                        (mem.total_bytes - mem.available_bytes.min(mem.total_bytes)) >> 20,
+                        mem.total_bytes >> 20,
+                        tm.processes,
+                        tm.uptime_s
+                    )
+                });
+            }
+        }
+        Command::Vm(_) => {
+            bail!("the vm commands are not available in this build yet");
+        }
+    }
+    Ok(exit::OK)
+}
+
+async fn fs(cmd: FsCommand, client: &mut Client, json: bool) -> Result<()> {
+    match cmd {
+        FsCommand::Freeze {
+            vm,
+            mounts,
+            auto_thaw_s,
+        } => {
+            let r = client
+                .quiesce_filesystems(pb::QuiesceFilesystemsRequest {
+                    vm_id: vm,
+                    mount_points: mounts,
+                    timeout_seconds: auto_thaw_s,
+                    run_pre_freeze_scripts: false,
+                })
+                .await?
+                .into_inner();
+            print(json, &r, |r| {
+                format!(
+                    "frozen: {} (token {}; auto-thaw at {} unix ms)",
+                    r.frozen.join(" "),
+                    r.token,
+                    r.auto_thaw_unix_ms
+                )
+            });
+        }
+        FsCommand::Thaw { vm, token } => {
+            let r = client
+                .thaw_filesystems(pb::ThawFilesystemsRequest {
+                    vm_id: vm,
+                    quiesce_token: token,
+                    run_post_thaw_scripts: false,
+                })
+                .await?
+                .into_inner();
+            print(json, &r, |r| format!("thawed: {}", r.thawed.join(" ")));
+        }
+        FsCommand::Status(a) => {
+            let r = client
+                .fs_freeze_status(pb::AgentRequest {
+                    vm_id: a.vm,
+                    timeout_ms: 0,
+                })
+                .await?
+                .into_inner();
+            print(json, &r, |r| {
+                format!(
+                    "{:?} {} (token {}, auto-thaw in {} ms)",
+                    r.state(),
+                    r.frozen.join(" "),
+                    r.token,
+                    r.auto_thaw_in_ms
+                )
+            });
+        }
+        FsCommand::Trim { vm, mounts } => {
+            let r = client
+                .trim_filesystems(pb::TrimFilesystemsRequest {
+                    vm_id: vm,
+                    mount_points: mounts,
+                    minimum_bytes: 0,
+                })
+                .await?
+                .into_inner();
+            print(json, &r, |r| {
+                r.results
+                    .iter()
+                    .map(|t| {
+                        if t.error.is_empty() {
+                            format!("{}: {} bytes trimmed", t.mountpoint, t.trimmed_bytes)
+                        } else {
+                            format!("{}: {}", t.mountpoint, t.error)
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Exit code of a finished guest command: its own, or 128+signal.
+pub fn exit_code_of(x: &qx_proto::agent::ExecExit) -> i32 {
+    if x.exited {
+        x.exit_code
+    } else {
+        128 + x.signal
+    }
+}
+
+async fn exec(a: ExecArgs, client: &mut Client, json: bool, t: u32) -> Result<i32> {
+    let req = pb::ExecuteInGuestRequest {
+        vm_id: a.vm.clone(),
+        exec: Some(ExecRequest {
+            argv: a.argv,
+            env: a.env,
+            cwd: a.cwd.unwrap_or_default(),
+            timeout_ms: a.timeout_s.saturating_mul(1000),
+            user: a.user.unwrap_or_default(),
+            shell: a.shell,
+            stream: true,
+            ..Default::default()
+        }),
+        timeout_ms: t,
+    };
+    let mut s = client.stream_exec_in_guest(req).await?.into_inner();
+    let mut out = std::io::stdout();
+    let mut err = std::io::stderr();
+    while let Some(ev) = s.message().await? {
+        match ev.event {
+            Some(pb::exec_event::Event::Output(o)) => {
+                if json {
+                    print(true, &o, |_| String::new());
+                } else if o.stream() == qx_proto::agent::OutputStream::Stderr {
+                    err.write_all(&o.data)?;
+                    err.flush()?;
+                } else {
+                    out.write_all(&o.data)?;
+                    out.flush()?;
+                }
+            }
+            Some(pb::exec_event::Event::Exit(x)) => {
+                if json {
+                    print(true, &x, |_| String::new());
+                } else if x.timed_out {
+                    eprintln!("qxctl: the command timed out in the guest");
+                }
+                return Ok(exit_code_of(&x));
+            }
+            Some(pb::exec_event::Event::StartedId(_)) | None => {}
+        }
+    }
+    bail!("the exec stream ended without an exit status")
+}
+
+/// `VM:PATH` -> (vm, path); a local path otherwise.
+fn remote(spec: &str) -> Option<(&str, &str)> {
+    let (vm, path) = spec.split_once(':')?;
+    let ok = !vm.is_empty()
+        && !path.is_empty()
+        && crate::agent::validate_vm_id(vm).is_ok()
+        && !vm.starts_with('.');
+    ok.then_some((vm, path))
+}
+
+fn progress(total: u64, label: &str) -> Option<indicatif::ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(label.to_string());
+    Some(bar)
+}
+
+#[derive(Debug, Serialize)]
+struct CopyResult {
+    bytes: u64,
+    sha256: String,
+    verified: bool,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+async fn cp(a: CpArgs, client: &mut Client, json: bool, t: u32) -> Result<i32> {
+    match (remote(&a.src), remote(&a.dst)) {
+        (Some((vm, path)), None) => download(client, vm, path, Path::new(&a.dst), json, t).await,
+        (None, Some((vm, path))) => upload(client, &a, vm, path, json, t).await,
+        _ => bail!("exactly one of SRC and DST must be VM:PATH"),
+    }
+}
+
+async fn download(
+    client: &mut Client,
+    vm: &str,
+    path: &str,
+    local: &Path,
+    json: bool,
+    t: u32,
+) -> Result<i32> {
+    let local: PathBuf = if local.is_dir() {
+        local.join(Path::new(path).file_name().unwrap_or_default())
+    } else {
+        local.to_path_buf()
+    };
+    let mut s = client
+        .read_guest_file(pb::ReadGuestFileRequest {
+            vm_id: vm.to_string(),
+            path: path.to_string(),
+            offset: 0,
+            length: 0,
+            timeout_ms: t,
+        })
+        .await?
+        .into_inner();
+    let tmp = local.with_extension("qxctl-part");
+    let mut file =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let mut hasher = Sha256::new();
+    let mut bytes = 0u64;
+    let mut bar = None;
+    let mut verified = false;
+    let mut agent_sha = Vec::new();
+    while let Some(c) = s.message().await? {
+        if bar.is_none() && c.file_size > 0 {
+            bar = progress(c.file_size, path);
+        }
+        file.write_all(&c.data)?;
+        hasher.update(&c.data);
+        bytes += c.data.len() as u64;
+        if let Some(b) = &bar {
+            b.set_position(bytes);
+        }
+        if c.eof {
+            agent_sha = c.sha256;
+            verified = true;
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    file.sync_all()?;
+    let digest = hasher.finalize().to_vec();
+    if !verified || agent_sha != digest {
+        let _ = std::fs::remove_file(&tmp);
+        eprintln!("qxctl: {vm}:{path}: the received data does not match the guest's sha256");
+        return Ok(exit::INTEGRITY);
+    }
+    std::fs::rename(&tmp, &local)
+        .with_context(|| format!("cannot move {} to {}", tmp.display(), local.display()))?;
+    let r = CopyResult {
+        bytes,
+        sha256: hex(&digest),
+        verified: true,
+    };
+    print(json, &r, |r| {
+        format!(
+            "{vm}:{path} -> {}: {} bytes, sha256 {} verified",
+            local.display(),
+            r.bytes,
+            r.sha256
+        )
+    });
+    Ok(exit::OK)
+}
+
+async fn upload(
+    client: &mut Client,
+    a: &CpArgs,
+    vm: &str,
+    path: &str,
+    json: bool,
+    t: u32,
+) -> Result<i32> {
+    let local = Path::new(&a.src);
+    let mut data = Vec::new();
+    std::fs::File::open(local)
+        .and_then(|mut f| f.read_to_end(&mut data))
+        .with_context(|| format!("cannot read {}", local.display()))?;
+    let digest = Sha256::digest(&data).to_vec();
+    let mode = match &a.mode {
+        Some(m) => u32::from_str_radix(m, 8).with_context(|| format!("mode {m:?} is not octal"))?,
+        None => 0,
+    };
+    let header = pb::WriteGuestFileRequest {
+        part: Some(pb::write_guest_file_request::Part::Header(
+            pb::WriteGuestFileHeader {
+                vm_id: vm.to_string(),
+                open: Some(FileWriteOpen {
+                    path: path.to_string(),
+                    mode,
+                    create_parents: a.parents,
+                    overwrite: !a.no_overwrite,
+                    ..Default::default()
+                }),
+                size: data.len() as u64,
+                expected_sha256: digest.clone(),
+                timeout_ms: t,
+            },
+        )),
+    };
+    let bar = progress(data.len() as u64, path);
+    let bar2 = bar.clone();
+    let total = data.len();
+    let mut msgs = vec![header];
+    let mut chunks = Vec::new();
+    for c in data.chunks(UPLOAD_MESSAGE_BYTES) {
+        chunks.push(pb::WriteGuestFileRequest {
+            part: Some(pb::write_guest_file_request::Part::Data(c.to_vec())),
+        });
+    }
+    msgs.extend(chunks);
+    let mut sent = 0usize;
+    let stream = tokio_stream::iter(msgs.into_iter().inspect(move |m| {
+        if let (Some(b), Some(pb::write_guest_file_request::Part::Data(d))) = (&bar2, &m.part) {
+            sent += d.len();
+            b.set_position(sent as u64);
+        }
+    }));
+    let done = client.write_guest_file(stream).await?.into_inner();
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if done.sha256 != digest || done.bytes != total as u64 {
+        eprintln!("qxctl: {vm}:{path}: the guest stored data that does not match the local sha256");
+        return Ok(exit::INTEGRITY);
+    }
+    let r = CopyResult {
+        bytes: done.bytes,
+        sha256: hex(&done.sha256),
+        verified: true,
+    };
+    print(json, &r, |r| {
+        format!(
+            "{} -> {vm}:{path}: {} bytes, sha256 {} verified",
+            local.display(),
+            r.bytes,
+            r.sha256
+        )
+    });
+    Ok(exit::OK)
+}
