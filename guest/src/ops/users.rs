@@ -493,3 +493,337 @@ pub fn ssh_keys_remove(db: &UserDb, req: &SshKeysRemoveRequest) -> OpResult<SshK
     }
     Ok(keys_in(&lines))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::ops::testutil::TempDir;
+
+    fn b64(data: &[u8]) -> String {
+        const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut s = String::new();
+        for c in data.chunks(3) {
+            let n = (u32::from(c[0]) << 16)
+                | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+                | u32::from(*c.get(2).unwrap_or(&0));
+            for i in 0..4 {
+                if i <= c.len() {
+                    s.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+                } else {
+                    s.push('=');
+                }
+            }
+        }
+        s
+    }
+
+    /// A well-formed ssh-ed25519 public key line with a distinct blob per `seed`.
+    fn key(seed: u8, comment: &str) -> String {
+        let mut blob = Vec::new();
+        blob.extend_from_slice(&11u32.to_be_bytes());
+        blob.extend_from_slice(b"ssh-ed25519");
+        blob.extend_from_slice(&32u32.to_be_bytes());
+        blob.extend_from_slice(&[seed; 32]);
+        format!("ssh-ed25519 {} {comment}", b64(&blob))
+    }
+
+    struct Env {
+        t: TempDir,
+        db: UserDb,
+    }
+
+    fn env() -> Env {
+        let t = TempDir::new("users");
+        std::fs::create_dir_all(t.join("home/alice")).unwrap();
+        std::fs::write(
+            t.join("passwd"),
+            format!(
+                "root:x:0:0:root:/root:/bin/sh\nbroken line\nalice:x:4242:4343:Alice:{}:/bin/sh\n",
+                t.s("home/alice")
+            ),
+        )
+        .unwrap();
+        std::fs::write(t.join("group"), "root:x:0:\nstaff:x:50:alice\n").unwrap();
+        let db = UserDb::new(t.join("passwd"), t.join("group"));
+        Env { t, db }
+    }
+
+    #[test]
+    fn user_db_resolves_names_and_ids() {
+        let e = env();
+        let a = e.db.user("alice").unwrap();
+        assert_eq!((a.uid, a.gid), (4242, 4343));
+        assert_eq!(e.db.user("4242").unwrap().name, "alice");
+        assert_eq!(e.db.user("bob").unwrap_err().code, ErrorCode::NotFound);
+        assert_eq!(e.db.uid("alice").unwrap(), 4242);
+        assert_eq!(e.db.uid("777").unwrap(), 777);
+        assert_eq!(e.db.gid("staff").unwrap(), 50);
+        assert_eq!(e.db.gid("9").unwrap(), 9);
+        assert_eq!(
+            e.db.gid("nogroup-qx").unwrap_err().code,
+            ErrorCode::NotFound
+        );
+    }
+
+    #[test]
+    fn keys_add_creates_ssh_dir_and_file_owned_by_the_user_with_strict_modes() {
+        let e = env();
+        let k1 = key(1, "one@host");
+        let keys = ssh_keys_add(
+            &e.db,
+            &SshKeysAddRequest {
+                user: "alice".into(),
+                keys: vec![k1.clone()],
+                reset: false,
+            },
+        )
+        .unwrap();
+        assert_eq!(keys.keys, vec![k1.clone()]);
+        let dir = e.t.join("home/alice/.ssh");
+        let dm = std::fs::metadata(&dir).unwrap();
+        assert_eq!(dm.mode() & 0o7777, 0o700);
+        assert_eq!((dm.uid(), dm.gid()), (4242, 4343));
+        let fm = std::fs::metadata(dir.join("authorized_keys")).unwrap();
+        assert_eq!(fm.mode() & 0o7777, 0o600);
+        assert_eq!((fm.uid(), fm.gid()), (4242, 4343));
+        assert_eq!(
+            std::fs::read_to_string(dir.join("authorized_keys")).unwrap(),
+            format!("{k1}\n")
+        );
+        // No temp files left behind.
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn keys_add_keeps_comments_and_skips_duplicates_remove_matches_by_blob_reset_replaces() {
+        let e = env();
+        let dir = e.t.join("home/alice/.ssh");
+        std::fs::create_dir(&dir).unwrap();
+        let k1 = key(1, "one");
+        let k2 = format!("from=\"10.0.0.1\" {}", key(2, "two"));
+        std::fs::write(
+            dir.join("authorized_keys"),
+            format!("# managed by hand\n{k1}\n\n{k2}\n"),
+        )
+        .unwrap();
+        let listed = ssh_keys_list(
+            &e.db,
+            &SshKeysListRequest {
+                user: "alice".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(listed.keys, vec![k1.clone(), k2.clone()]);
+
+        let k3 = key(3, "three");
+        let added = ssh_keys_add(
+            &e.db,
+            &SshKeysAddRequest {
+                user: "alice".into(),
+                keys: vec![key(1, "same blob other comment"), k3.clone()],
+                reset: false,
+            },
+        )
+        .unwrap();
+        assert_eq!(added.keys, vec![k1.clone(), k2.clone(), k3.clone()]);
+        let text = std::fs::read_to_string(dir.join("authorized_keys")).unwrap();
+        assert!(text.starts_with("# managed by hand\n"), "{text}");
+
+        let left = ssh_keys_remove(
+            &e.db,
+            &SshKeysRemoveRequest {
+                user: "alice".into(),
+                keys: vec![key(2, "")],
+            },
+        )
+        .unwrap();
+        assert_eq!(left.keys, vec![k1, k3]);
+        assert!(std::fs::read_to_string(dir.join("authorized_keys"))
+            .unwrap()
+            .contains("# managed by hand"));
+
+        let reset = ssh_keys_add(
+            &e.db,
+            &SshKeysAddRequest {
+                user: "alice".into(),
+                keys: vec![key(9, "only")],
+                reset: true,
+            },
+        )
+        .unwrap();
+        assert_eq!(reset.keys, vec![key(9, "only")]);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("authorized_keys")).unwrap(),
+            format!("{}\n", key(9, "only"))
+        );
+    }
+
+    #[test]
+    fn keys_refuse_bad_keys_unknown_users_and_symlinks() {
+        let e = env();
+        let add = |keys: Vec<String>| {
+            ssh_keys_add(
+                &e.db,
+                &SshKeysAddRequest {
+                    user: "alice".into(),
+                    keys,
+                    reset: false,
+                },
+            )
+        };
+        for bad in [
+            format!("{}\n{}", key(1, "a"), key(2, "b")),
+            "ssh-ed25519 not-base64!".to_string(),
+            "hello world".to_string(),
+            // Blob says ssh-ed25519, line says ssh-rsa.
+            key(1, "x").replace("ssh-ed25519 ", "ssh-rsa "),
+            String::new(),
+        ] {
+            assert_eq!(
+                add(vec![bad.clone()]).unwrap_err().code,
+                ErrorCode::InvalidArgument,
+                "{bad:?}"
+            );
+        }
+        assert!(!e.t.join("home/alice/.ssh").exists());
+        let e2 = ssh_keys_list(&e.db, &SshKeysListRequest { user: "bob".into() }).unwrap_err();
+        assert_eq!(e2.code, ErrorCode::NotFound);
+
+        let outside = e.t.join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, e.t.join("home/alice/.ssh")).unwrap();
+        let err = add(vec![key(1, "a")]).unwrap_err();
+        assert_eq!(err.code, ErrorCode::FailedPrecondition);
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+        std::fs::remove_file(e.t.join("home/alice/.ssh")).unwrap();
+
+        std::fs::create_dir(e.t.join("home/alice/.ssh")).unwrap();
+        std::fs::write(outside.join("shadow"), "root:secret\n").unwrap();
+        std::os::unix::fs::symlink(
+            outside.join("shadow"),
+            e.t.join("home/alice/.ssh/authorized_keys"),
+        )
+        .unwrap();
+        let err = ssh_keys_list(
+            &e.db,
+            &SshKeysListRequest {
+                user: "alice".into(),
+            },
+        )
+        .unwrap_err();
+        assert_eq!(err.code, ErrorCode::FailedPrecondition);
+        assert!(err.message.contains("symlink"), "{err}");
+    }
+
+    #[test]
+    fn password_goes_to_chpasswd_on_stdin_never_argv() {
+        let e = env();
+        let cmd = set_password_command(
+            &e.db,
+            &SetPasswordRequest {
+                user: "4242".into(),
+                password: "s3cret pass".into(),
+                crypted: false,
+            },
+        )
+        .unwrap();
+        assert_eq!(cmd.argv, vec!["chpasswd"]);
+        assert_eq!(cmd.stdin, b"alice:s3cret pass\n");
+        assert!(cmd.argv.iter().all(|a| !a.contains("s3cret")));
+        let cmd = set_password_command(
+            &e.db,
+            &SetPasswordRequest {
+                user: "alice".into(),
+                password: "$6$salt$hash".into(),
+                crypted: true,
+            },
+        )
+        .unwrap();
+        assert_eq!(cmd.argv, vec!["chpasswd", "-e"]);
+        for (user, password) in [
+            ("alice", "a:b"),
+            ("alice", "a\nroot:x"),
+            ("ali:ce", "x"),
+            ("alice", ""),
+        ] {
+            let err = set_password_command(
+                &e.db,
+                &SetPasswordRequest {
+                    user: user.into(),
+                    password: password.into(),
+                    crypted: false,
+                },
+            )
+            .unwrap_err();
+            assert_eq!(
+                err.code,
+                ErrorCode::InvalidArgument,
+                "{user:?} {password:?}"
+            );
+        }
+        let err = set_password_command(
+            &e.db,
+            &SetPasswordRequest {
+                user: "bob".into(),
+                password: "x".into(),
+                crypted: false,
+            },
+        )
+        .unwrap_err();
+        assert_eq!(err.code, ErrorCode::NotFound);
+    }
+
+    fn utmp_record(kind: i16, pid: i32, line: &str, user: &str, host: &str, sec: i32) -> Vec<u8> {
+        let mut r = vec![0u8; UTMP_RECORD_BYTES];
+        r[0..2].copy_from_slice(&kind.to_le_bytes());
+        r[4..8].copy_from_slice(&pid.to_le_bytes());
+        r[UT_LINE.start..UT_LINE.start + line.len()].copy_from_slice(line.as_bytes());
+        r[UT_USER.start..UT_USER.start + user.len()].copy_from_slice(user.as_bytes());
+        r[UT_HOST.start..UT_HOST.start + host.len()].copy_from_slice(host.as_bytes());
+        r[UT_TV_SEC..UT_TV_SEC + 4].copy_from_slice(&sec.to_le_bytes());
+        r
+    }
+
+    #[test]
+    fn utmp_parser_returns_user_process_records_only() {
+        let t = TempDir::new("utmp");
+        let mut bytes = Vec::new();
+        bytes.extend(utmp_record(2, 0, "~", "reboot", "6.1.0", 1_700_000_000)); // BOOT_TIME
+        bytes.extend(utmp_record(6, 500, "tty1", "LOGIN", "", 1_700_000_001)); // LOGIN_PROCESS
+        bytes.extend(utmp_record(
+            7,
+            1234,
+            "pts/0",
+            "alice",
+            "10.1.2.3",
+            1_700_000_100,
+        ));
+        bytes.extend(utmp_record(8, 999, "pts/1", "", "", 0)); // DEAD_PROCESS
+        bytes.extend(utmp_record(
+            7,
+            1300,
+            "tty2",
+            &"u".repeat(32),
+            "",
+            1_700_000_200,
+        ));
+        bytes.extend_from_slice(&[7, 0, 0]); // torn trailing record
+        std::fs::write(t.join("utmp"), &bytes).unwrap();
+        let list = logged_in_from(&t.join("utmp")).unwrap();
+        assert_eq!(list.users.len(), 2);
+        let a = &list.users[0];
+        assert_eq!(
+            (
+                a.user.as_str(),
+                a.tty.as_str(),
+                a.host.as_str(),
+                a.pid,
+                a.login_unix_s
+            ),
+            ("alice", "pts/0", "10.1.2.3", 1234, 1_700_000_100)
+        );
+        assert_eq!(list.users[1].user, "u".repeat(32));
+        assert!(logged_in_from(&t.join("missing")).unwrap().users.is_empty());
+    }
+}
