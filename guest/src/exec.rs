@@ -135,6 +135,8 @@ struct Job {
     grace: Duration,
     timed_out: bool,
     status: Option<ExitStatus>,
+    /// The pipes were read once more after the exit was seen.
+    drained: bool,
 }
 
 impl Job {
@@ -241,6 +243,7 @@ impl Jobs {
         if let Some(uid) = spec.uid {
             cmd.uid(uid);
         }
+        sys::unblock_signals_in_child(&mut cmd);
         cmd.process_group(0)
             .stdin(if spec.stdin.is_empty() {
                 Stdio::null()
@@ -271,6 +274,7 @@ impl Jobs {
             grace: spec.kill_grace,
             timed_out: false,
             status: None,
+            drained: false,
         };
         job.pipes[0].cap = spec.caps[0];
         job.pipes[1].cap = spec.caps[1];
@@ -381,6 +385,15 @@ impl Jobs {
             if job.pidfd.is_none() || job.status.is_none() {
                 // Without a pidfd, or when an event raced the exit: poll the status cheaply.
                 reap(job);
+            }
+            if job.status.is_some() && !job.drained {
+                // Everything the child wrote is in its pipes now, whether or not their
+                // readiness edges have been seen yet: read them to the end once more.
+                job.drained = true;
+                for i in 0..2 {
+                    job.pipes[i].ready = job.pipes[i].file.is_some();
+                    read_pipe(registry, slot, job, i, &mut self.buf, sink);
+                }
             }
             let pipes_done = job.pipes.iter().all(|p| p.file.is_none() || !p.ready);
             if job.status.is_some() && pipes_done && room_for_reply() {

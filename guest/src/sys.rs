@@ -18,7 +18,8 @@ fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
 }
 
 /// Blocks [`HANDLED_SIGNALS`] for this (single-threaded) process and returns a non-blocking
-/// signalfd that reports them. Children get an empty mask back from `std::process` at spawn.
+/// signalfd that reports them. Children must get an empty mask back at spawn:
+/// [`unblock_signals_in_child`].
 pub fn signalfd() -> io::Result<OwnedFd> {
     // SAFETY: `set` is a plain C struct that sigemptyset initialises before any other use;
     // sigaddset only writes inside it; every pointer passed lives for the whole call.
@@ -40,6 +41,27 @@ pub fn signalfd() -> io::Result<OwnedFd> {
         ))?;
         // The fd is fresh and owned by nobody else.
         Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Makes `cmd`'s child start with an empty signal mask: the agent blocks the signals its
+/// signalfd reads, and a blocked mask survives exec (std does not reset it), which would make
+/// children deaf to SIGTERM.
+pub fn unblock_signals_in_child(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls sigemptyset and
+    // sigprocmask, which are async-signal-safe, on a sigset_t on its own stack.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            cvt(libc::sigprocmask(
+                libc::SIG_SETMASK,
+                &set,
+                std::ptr::null_mut(),
+            ))?;
+            Ok(())
+        });
     }
 }
 

@@ -140,7 +140,7 @@ impl Transport {
             }
             Err(e) => {
                 // One line at the first failure, then one every 60 attempts.
-                if self.open_failures % 60 == 0 {
+                if self.open_failures.is_multiple_of(60) {
                     log::warn!("{}: {e}; retrying", self.describe());
                 }
                 self.open_failures += 1;
