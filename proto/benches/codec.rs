@@ -45,5 +45,49 @@ fn bench_codec(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_codec);
+/// Worst case for resynchronisation: headers with right checksums, 16 bytes apart, each
+/// claiming the decoder's whole maximum. Every header makes the decoder wait for, then
+/// checksum, `max` bytes before stepping one byte on to the next header, so each 16 input
+/// bytes cost one `max`-byte CRC. Throughput is in input bytes: it shows how much CPU a
+/// hostile peer can make a decoder spend per byte it sends, for a 1 MiB and a 64 KiB limit.
+fn bench_nested_headers(c: &mut Criterion) {
+    let mut group = c.benchmark_group("nested_headers");
+    const HEADERS: usize = 32;
+    for max in [DEFAULT_MAX_FRAME_BYTES, 64 * 1024] {
+        let mut stream = Vec::new();
+        for _ in 0..HEADERS {
+            let mut h = qx_proto::MAGIC.to_vec();
+            h.extend(max.to_be_bytes());
+            h.extend(1u32.to_be_bytes());
+            let hcrc = qx_proto::codec::crc32c(&h);
+            h.extend(hcrc.to_be_bytes());
+            stream.extend(h);
+        }
+        stream.resize(stream.len() + max as usize, 0);
+        group.throughput(Throughput::Bytes(stream.len() as u64));
+        group.bench_with_input(BenchmarkId::new("decode", max), &stream, |b, s| {
+            let mut dec = Decoder::new(max);
+            b.iter(|| {
+                dec.reset();
+                let mut errors = 0usize;
+                let mut rest = &s[..];
+                while !rest.is_empty() {
+                    let n = dec.push(rest);
+                    rest = &rest[n..];
+                    loop {
+                        match dec.decode() {
+                            Ok(Some(_)) => {}
+                            Ok(None) => break,
+                            Err(_) => errors += 1,
+                        }
+                    }
+                }
+                black_box(errors)
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_codec, bench_nested_headers);
 criterion_main!(benches);
