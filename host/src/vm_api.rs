@@ -265,16 +265,13 @@ impl VmApi {
         self.run(move |hv| Ok(hv.state(&uuid)?)).await
     }
 
-    async fn agent_info(&self, uuid: &str) -> pb::GuestAgentInfo {
-        let req = pb::AgentRequest {
-            vm_id: uuid.to_string(),
-            timeout_ms: 0,
-        };
-        self.agent.get_agent_info(req).await.unwrap_or_default()
+    /// The agent connection manager's cached view (never a round trip to the guest).
+    fn agent_info(&self, uuid: &str) -> pb::GuestAgentInfo {
+        self.agent.agent_info(uuid)
     }
 
-    async fn agent_connected(&self, uuid: &str) -> bool {
-        self.agent_info(uuid).await.connected
+    fn agent_connected(&self, uuid: &str) -> bool {
+        self.agent_info(uuid).connected
     }
 
     async fn status(&self, uuid: &str) -> VmResult<pb::VmStatus> {
@@ -289,7 +286,7 @@ impl VmApi {
             })
             .await?;
         let guest_agent = if info.state.is_active() {
-            self.agent_info(uuid).await
+            self.agent_info(uuid)
         } else {
             pb::GuestAgentInfo::default()
         };
@@ -363,13 +360,8 @@ impl VmApi {
             .run(|hv| Ok((hv.host_facts()?, hv.list()?)))
             .await
             .map_err(to_status)?;
-        let running: Vec<_> = domains.iter().filter(|d| d.state.is_active()).collect();
-        let mut agents = 0;
-        for d in &running {
-            if self.agent_connected(&d.uuid).await {
-                agents += 1;
-            }
-        }
+        let running = domains.iter().filter(|d| d.state.is_active()).count();
+        let agents = self.agent.connected_count();
         Ok(pb::NodeInfo {
             hostname: host.hostname,
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -378,8 +370,8 @@ impl VmApi {
             cpus: host.cpus,
             memory_bytes: host.memory_bytes,
             cpu_model: host.cpu_model,
-            running_vms: u32::try_from(running.len()).unwrap_or(u32::MAX),
-            agents_connected: agents,
+            running_vms: u32::try_from(running).unwrap_or(u32::MAX),
+            agents_connected: u32::try_from(agents).unwrap_or(u32::MAX),
         })
     }
 
@@ -481,7 +473,11 @@ impl VmApi {
         // 1. The agent: a clean power-off from inside the guest. Gets half the budget.
         let agent_step = step_start(pb::StopStep::Agent);
         if request.skip_agent || paused {
-            let why = if paused { "VM is paused" } else { "skipped by request" };
+            let why = if paused {
+                "VM is paused"
+            } else {
+                "skipped by request"
+            };
             steps.push(step_done(agent_step, false, false, why));
         } else {
             let req = pb::GuestPowerRequest {
@@ -603,7 +599,8 @@ impl VmApi {
                 .await?;
             let id = uuid.clone();
             self.run(move |hv| Ok(hv.reboot(&id)?)).await?;
-            self.hub.emit(&uuid, pb::EventKind::VmRebooted, "reboot requested");
+            self.hub
+                .emit(&uuid, pb::EventKind::VmRebooted, "reboot requested");
             self.refresh().await;
             self.status(&uuid).await
         }
@@ -635,14 +632,17 @@ impl VmApi {
             self.refresh().await;
             // The guest clock stood still while paused: set it from the host. A failed sync
             // does not fail the resume; it is reported in state_reason.
-            let reason = if self.agent_connected(&uuid).await {
+            let reason = if self.agent_connected(&uuid) {
                 let req = pb::SyncTimeRequest {
                     vm_id: uuid.clone(),
                     force: true,
                     write_rtc: false,
                 };
                 match self.agent.sync_time(req).await {
-                    Ok(r) => format!("resumed; guest clock synced (offset {:.3} s)", r.offset_seconds),
+                    Ok(r) => format!(
+                        "resumed; guest clock synced (offset {:.3} s)",
+                        r.offset_seconds
+                    ),
                     Err(s) => {
                         log::warn!("VM {uuid}: time sync after resume failed: {}", s.message());
                         format!("resumed; guest clock NOT synced: {}", s.message())
@@ -721,10 +721,7 @@ impl VmApi {
         &self,
         _request: pb::ListVmsRequest,
     ) -> Result<pb::ListVmsResponse, Status> {
-        let domains = self
-            .run(|hv| Ok(hv.list()?))
-            .await
-            .map_err(to_status)?;
+        let domains = self.run(|hv| Ok(hv.list()?)).await.map_err(to_status)?;
         let mut vms = Vec::with_capacity(domains.len());
         for d in domains {
             match self.status(&d.uuid).await {
@@ -851,9 +848,7 @@ impl VmApi {
                     snapshot_pb(&r.xml, r.current, q)
                 })
                 .collect::<VmResult<Vec<_>>>()?;
-            snapshots.sort_by(|a, b| {
-                (a.created_unix_s, &a.name).cmp(&(b.created_unix_s, &b.name))
-            });
+            snapshots.sort_by(|a, b| (a.created_unix_s, &a.name).cmp(&(b.created_unix_s, &b.name)));
             Ok(pb::ListSnapshotsResponse { snapshots })
         }
         .await
@@ -967,7 +962,11 @@ impl VmApi {
             pb::EventKind::MediaChanged,
             format!(
                 "{target}: {}",
-                if inserted.is_empty() { "ejected" } else { &inserted }
+                if inserted.is_empty() {
+                    "ejected"
+                } else {
+                    &inserted
+                }
             ),
         );
         Ok(pb::ChangeMediaResponse {
@@ -1020,9 +1019,10 @@ impl VmApi {
     }
 
     fn agent_iso(&self) -> VmResult<PathBuf> {
-        let iso = self.config.agent_iso.clone().ok_or_else(|| {
-            VmError::WrongState("no agent ISO is configured on this node".into())
-        })?;
+        let iso =
+            self.config.agent_iso.clone().ok_or_else(|| {
+                VmError::WrongState("no agent ISO is configured on this node".into())
+            })?;
         if !iso.is_file() {
             return Err(VmError::WrongState(format!(
                 "the agent ISO {} does not exist",
@@ -1048,7 +1048,11 @@ impl VmApi {
                         .map_err(|e| VmError::Internal(format!("domain XML: {e}")))
                 })
                 .await?;
-            if let Some(g) = facts.graphics.iter().find(|g| g.port.is_some_and(|p| p > 0)) {
+            if let Some(g) = facts
+                .graphics
+                .iter()
+                .find(|g| g.port.is_some_and(|p| p > 0))
+            {
                 return Ok(pb::ConsoleInfo {
                     r#type: g.kind.clone(),
                     host: if g.listen.is_empty() {
@@ -1213,7 +1217,8 @@ fn valid_snapshot_name(name: &str) -> bool {
 }
 
 fn snapshot_pb(xml: &str, current: bool, quiesced: bool) -> VmResult<pb::Snapshot> {
-    let f = SnapshotFacts::parse(xml).map_err(|e| VmError::Internal(format!("snapshot XML: {e}")))?;
+    let f =
+        SnapshotFacts::parse(xml).map_err(|e| VmError::Internal(format!("snapshot XML: {e}")))?;
     Ok(pb::Snapshot {
         id: f.name.clone(),
         name: f.name,
@@ -1323,10 +1328,14 @@ fn change_media_blocking(
             )))
         }
         None if !device.is_empty() => {
-            return Err(VmError::NotFound(format!("VM {uuid} has no device {device}")))
+            return Err(VmError::NotFound(format!(
+                "VM {uuid} has no device {device}"
+            )))
         }
         None => {
-            return Err(VmError::WrongState(format!("VM {uuid} has no CD-ROM drive")));
+            return Err(VmError::WrongState(format!(
+                "VM {uuid} has no CD-ROM drive"
+            )));
         }
     };
     let previous = drive.source.clone().unwrap_or_default();
@@ -1357,8 +1366,12 @@ fn change_media_blocking(
             // Drivers without device updates (libvirt's test driver): redefine the
             // persistent XML with the new medium. Only for a shut-off domain.
             Err(HypervisorError::Unsupported(_)) => {
-                let xml = domain::replace_disk(&hv.xml(uuid, true)?, &drive.target, disk_element(&def(iso)))
-                    .map_err(|e| VmError::Internal(e.to_string()))?;
+                let xml = domain::replace_disk(
+                    &hv.xml(uuid, true)?,
+                    &drive.target,
+                    disk_element(&def(iso)),
+                )
+                .map_err(|e| VmError::Internal(e.to_string()))?;
                 hv.define(&xml)?;
             }
             Err(e) => return Err(e.into()),
@@ -1370,7 +1383,9 @@ fn change_media_blocking(
         .cdrom(&drive.target)
         .and_then(|d| d.source.clone())
         .unwrap_or_default();
-    let wanted = iso.map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+    let wanted = iso
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
     if now != wanted {
         return Err(VmError::Internal(format!(
             "drive {} holds {now:?} after the change, not {wanted:?}",

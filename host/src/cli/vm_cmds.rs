@@ -1,10 +1,792 @@
 //! `qxctl vm|snapshot|media|events`: VM lifecycle commands.
+//!
+//! Each `run_*` function makes its calls and prints either aligned tables and `key: value`
+//! lines (like virsh) or, with `--json`, the daemon's messages as JSON. It returns qxctl's
+//! exit code (see [`super::exit`]); a failed RPC prints its message to stderr.
 
-use clap::Subcommand;
+use super::exit;
+use crate::pb;
+use crate::pb::node_daemon_service_client::NodeDaemonServiceClient;
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+type Client = NodeDaemonServiceClient<Channel>;
 
 /// `qxctl vm ...`
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
+    /// Define a VM (and optionally start it).
+    Create(Box<CreateArgs>),
+    /// Start a stopped VM.
+    Start(VmRef),
+    /// Stop a VM gracefully: agent power-off, then ACPI, then force after the timeout.
+    Stop {
+        vm: String,
+        /// Total seconds before forcing (0: the daemon's default, 60).
+        #[arg(long, default_value_t = 0)]
+        timeout: u32,
+        /// Go straight to ACPI.
+        #[arg(long)]
+        skip_agent: bool,
+        /// Pull the plug at once.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Reboot a running VM.
+    Reboot(VmRef),
+    /// Pause a running VM.
+    Pause(VmRef),
+    /// Resume a paused VM (and sync its clock when its agent is connected).
+    Resume(VmRef),
+    /// Undefine a VM.
+    Delete {
+        vm: String,
+        /// Also delete its writable disk images.
+        #[arg(long)]
+        storage: bool,
+        /// Stop it first if it runs.
+        #[arg(long)]
+        force: bool,
+    },
     /// List the VMs on the node.
     List,
+    /// Show a VM's state and its agent's view of the guest.
+    Status(VmRef),
+}
+
+/// A VM by UUID or name.
+#[derive(Debug, Args)]
+pub struct VmRef {
+    /// VM UUID or name.
+    pub vm: String,
+}
+
+/// `qxctl vm create`
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Domain name.
+    pub name: String,
+    /// VM UUID (default: generated).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Cores per socket.
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    #[arg(long, default_value_t = 1)]
+    pub sockets: u32,
+    #[arg(long, default_value_t = 1)]
+    pub threads: u32,
+    /// Memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub memory: u64,
+    /// A disk: a size in GiB (a qcow2 image is created) or an existing image path.
+    #[arg(long)]
+    pub disk: Vec<String>,
+    /// A CD-ROM with this ISO (repeatable).
+    #[arg(long)]
+    pub cdrom: Vec<String>,
+    /// An empty CD-ROM drive (for `qxctl media insert` later).
+    #[arg(long)]
+    pub empty_cdrom: bool,
+    /// A NIC on this libvirt network (repeatable).
+    #[arg(long)]
+    pub network: Vec<String>,
+    /// A NIC on this host bridge (repeatable).
+    #[arg(long)]
+    pub bridge: Vec<String>,
+    #[arg(long)]
+    pub vnc: bool,
+    #[arg(long)]
+    pub spice: bool,
+    /// Boot with UEFI instead of BIOS.
+    #[arg(long)]
+    pub uefi: bool,
+    /// Boot order: disk, cdrom, network (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub boot: Vec<String>,
+    /// Direct kernel boot: kernel image.
+    #[arg(long)]
+    pub kernel: Option<String>,
+    #[arg(long)]
+    pub initrd: Option<String>,
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// A label KEY=VALUE (repeatable).
+    #[arg(long)]
+    pub label: Vec<String>,
+    /// Start it once defined.
+    #[arg(long)]
+    pub start: bool,
+}
+
+/// `qxctl snapshot ...`
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Take a snapshot.
+    Create {
+        vm: String,
+        /// Snapshot name (default: snap-<unix ms>).
+        name: Option<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Freeze the guest's filesystems through its agent around the snapshot.
+        #[arg(long)]
+        quiesce: bool,
+        /// Include memory state (running VMs).
+        #[arg(long)]
+        memory: bool,
+    },
+    /// List a VM's snapshots.
+    List(VmRef),
+    /// Revert a VM to a snapshot.
+    Revert {
+        vm: String,
+        snapshot: String,
+        /// Start the VM after reverting.
+        #[arg(long)]
+        start: bool,
+    },
+    /// Delete a snapshot.
+    Delete { vm: String, snapshot: String },
+}
+
+/// `qxctl media ...`
+#[derive(Debug, Subcommand)]
+pub enum MediaCommand {
+    /// Insert an ISO into a CD-ROM drive (forcing the tray).
+    Insert {
+        vm: String,
+        /// Absolute path of the ISO on the node.
+        iso: String,
+        /// Target device, e.g. sda (default: the first CD-ROM).
+        #[arg(long, default_value = "")]
+        device: String,
+    },
+    /// Eject a CD-ROM drive.
+    Eject {
+        vm: String,
+        #[arg(long, default_value = "")]
+        device: String,
+    },
+}
+
+/// `qxctl events`
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Only this VM's events.
+    #[arg(long)]
+    pub vm: Option<String>,
+    /// Resume after this sequence number.
+    #[arg(long, default_value_t = 0)]
+    pub after_seq: u64,
+    /// Stop after this many events (default: follow until interrupted).
+    #[arg(long)]
+    pub count: Option<u64>,
+}
+
+/// Prints a failed call and maps its code to qxctl's exit code.
+fn fail(status: &Status) -> i32 {
+    eprintln!("qxctl: {} ({:?})", status.message(), status.code());
+    match status.code() {
+        Code::NotFound => exit::NOT_FOUND,
+        Code::Unavailable | Code::DeadlineExceeded => exit::UNAVAILABLE,
+        _ => exit::FAILED,
+    }
+}
+
+fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn state_name(state: i32) -> &'static str {
+    match pb::VmState::try_from(state) {
+        Ok(pb::VmState::Running) => "running",
+        Ok(pb::VmState::Paused) => "paused",
+        Ok(pb::VmState::ShuttingDown) => "shutting down",
+        Ok(pb::VmState::Stopped) => "shut off",
+        Ok(pb::VmState::Crashed) => "crashed",
+        Ok(pb::VmState::Suspended) => "pmsuspended",
+        _ => "unknown",
+    }
+}
+
+fn event_name(kind: i32) -> String {
+    pb::EventKind::try_from(kind)
+        .map(|k| {
+            k.as_str_name()
+                .trim_start_matches("EVENT_KIND_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_else(|_| format!("kind-{kind}"))
+}
+
+fn step_name(step: i32) -> &'static str {
+    match pb::StopStep::try_from(step) {
+        Ok(pb::StopStep::Agent) => "agent",
+        Ok(pb::StopStep::Acpi) => "acpi",
+        Ok(pb::StopStep::Force) => "force",
+        _ => "-",
+    }
+}
+
+/// Renders rows as a virsh-style table: a header, a rule, left-aligned columns.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            let w = widths.get(i).copied().unwrap_or(0);
+            s.push(' ');
+            s.push_str(&format!("{cell:<w$}"));
+            s.push_str("  ");
+        }
+        s.trim_end().to_string()
+    };
+    let mut out = line(header.to_vec());
+    out.push('\n');
+    let total: usize = widths.iter().map(|w| w + 3).sum();
+    out.push_str(&"-".repeat(total));
+    out.push('\n');
+    for row in rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+        out.push('\n');
+    }
+    out
+}
+
+fn print_status(s: &pb::VmStatus) {
+    let agent = s.guest_agent.clone().unwrap_or_default();
+    let mut lines = vec![
+        ("UUID", s.vm_id.clone()),
+        ("Name", s.name.clone()),
+        ("State", state_name(s.state).to_string()),
+    ];
+    if !s.state_reason.is_empty() {
+        lines.push(("Reason", s.state_reason.clone()));
+    }
+    lines.extend([
+        ("CPU(s)", s.vcpus.to_string()),
+        ("Max memory", format!("{} MiB", s.memory_mib)),
+        ("CPU time", format!("{:.1}s", s.cpu_time_ns as f64 / 1e9)),
+        ("Agent socket", s.agent_socket.clone()),
+        (
+            "Agent",
+            if agent.connected {
+                format!("connected (version {})", agent.version)
+            } else {
+                "not connected".to_string()
+            },
+        ),
+    ]);
+    if agent.connected {
+        lines.extend([
+            (
+                "Guest OS",
+                format!("{} {}", agent.os_name, agent.os_version),
+            ),
+            ("Guest kernel", agent.kernel_release.clone()),
+            ("Hostname", agent.hostname.clone()),
+            ("IP addresses", agent.ip_addresses.join(", ")),
+        ]);
+    }
+    let mut labels: Vec<_> = s.labels.iter().collect();
+    labels.sort();
+    for (k, v) in labels {
+        lines.push(("Label", format!("{k}={v}")));
+    }
+    for (k, v) in lines {
+        println!("{:<14}{v}", format!("{k}:"));
+    }
+}
+
+fn create_request(a: &CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
+    let mut disks = Vec::new();
+    for d in &a.disk {
+        disks.push(match d.parse::<u64>() {
+            Ok(gib) => pb::DiskSpec {
+                size_gib: gib,
+                ..Default::default()
+            },
+            Err(_) => pb::DiskSpec {
+                path: d.clone(),
+                ..Default::default()
+            },
+        });
+    }
+    for iso in &a.cdrom {
+        disks.push(pb::DiskSpec {
+            path: iso.clone(),
+            cdrom: true,
+            ..Default::default()
+        });
+    }
+    if a.empty_cdrom {
+        disks.push(pb::DiskSpec {
+            cdrom: true,
+            ..Default::default()
+        });
+    }
+    let mut nics: Vec<pb::NicSpec> = a
+        .network
+        .iter()
+        .map(|n| pb::NicSpec {
+            network: n.clone(),
+            ..Default::default()
+        })
+        .collect();
+    nics.extend(a.bridge.iter().map(|b| pb::NicSpec {
+        bridge: b.clone(),
+        ..Default::default()
+    }));
+    let mut boot_order = Vec::new();
+    for b in &a.boot {
+        boot_order.push(match b.as_str() {
+            "disk" | "hd" => pb::BootDevice::Disk,
+            "cdrom" => pb::BootDevice::Cdrom,
+            "network" | "net" => pb::BootDevice::Network,
+            other => anyhow::bail!("unknown boot device {other:?} (disk, cdrom, network)"),
+        } as i32);
+    }
+    let mut labels = std::collections::HashMap::new();
+    for l in &a.label {
+        let (k, v) = l
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("label {l:?} is not KEY=VALUE"))?;
+        labels.insert(k.to_string(), v.to_string());
+    }
+    Ok(pb::CreateVmRequest {
+        vm_id: a.id.clone().unwrap_or_default(),
+        name: a.name.clone(),
+        labels,
+        start: a.start,
+        spec: Some(pb::VmSpec {
+            cpu_cores: a.cpus,
+            cpu_sockets: a.sockets,
+            cpu_threads_per_core: a.threads,
+            memory_mib: a.memory,
+            firmware: if a.uefi {
+                pb::Firmware::Uefi
+            } else {
+                pb::Firmware::Bios
+            } as i32,
+            boot_order,
+            disks,
+            nics,
+            console: Some(pb::ConsoleSpec {
+                vnc_enabled: a.vnc,
+                spice_enabled: a.spice,
+            }),
+            kernel_path: a.kernel.clone().unwrap_or_default(),
+            initrd_path: a.initrd.clone().unwrap_or_default(),
+            kernel_cmdline: a.cmdline.clone().unwrap_or_default(),
+        }),
+    })
+}
+
+fn id(vm: &str) -> pb::VmIdRequest {
+    pb::VmIdRequest {
+        vm_id: vm.to_string(),
+    }
+}
+
+/// Prints a VmStatus result (or the error) and returns the exit code.
+fn done_status(
+    r: Result<tonic::Response<pb::VmStatus>, Status>,
+    json: bool,
+    verb: &str,
+) -> anyhow::Result<i32> {
+    match r {
+        Ok(resp) => {
+            let s = resp.into_inner();
+            if json {
+                print_json(&s)?;
+            } else {
+                println!("Domain '{}' {verb} ({})", s.name, state_name(s.state));
+                if !s.state_reason.is_empty() {
+                    println!("{}", s.state_reason);
+                }
+            }
+            Ok(exit::OK)
+        }
+        Err(e) => Ok(fail(&e)),
+    }
+}
+
+/// `qxctl vm ...`
+pub async fn run_vm(cmd: VmCommand, client: &mut Client, json: bool) -> anyhow::Result<i32> {
+    match cmd {
+        VmCommand::Create(a) => {
+            let req = create_request(&a)?;
+            done_status(client.create_vm(req).await, json, "defined")
+        }
+        VmCommand::Start(v) => done_status(client.start_vm(id(&v.vm)).await, json, "started"),
+        VmCommand::Reboot(v) => {
+            done_status(client.reboot_vm(id(&v.vm)).await, json, "is being rebooted")
+        }
+        VmCommand::Pause(v) => done_status(client.pause_vm(id(&v.vm)).await, json, "suspended"),
+        VmCommand::Resume(v) => done_status(client.resume_vm(id(&v.vm)).await, json, "resumed"),
+        VmCommand::Stop {
+            vm, force: true, ..
+        } => done_status(client.force_stop_vm(id(&vm)).await, json, "destroyed"),
+        VmCommand::Stop {
+            vm,
+            timeout,
+            skip_agent,
+            force: false,
+        } => {
+            let req = pb::StopVmRequest {
+                vm_id: vm,
+                timeout_s: timeout,
+                skip_agent,
+            };
+            match client.stop_vm(req).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    if json {
+                        print_json(&r)?;
+                    } else {
+                        let rows: Vec<Vec<String>> = r
+                            .steps
+                            .iter()
+                            .map(|s| {
+                                vec![
+                                    step_name(s.step).to_string(),
+                                    if !s.attempted {
+                                        "skipped"
+                                    } else if s.succeeded {
+                                        "ok"
+                                    } else {
+                                        "failed"
+                                    }
+                                    .to_string(),
+                                    format!("{} ms", s.elapsed_ms),
+                                    s.detail.clone(),
+                                ]
+                            })
+                            .collect();
+                        print!("{}", table(&["Step", "Result", "Time", "Detail"], &rows));
+                        let name = r.status.map(|s| s.name).unwrap_or_default();
+                        println!("Domain '{name}' stopped by {}", step_name(r.stopped_by));
+                    }
+                    Ok(exit::OK)
+                }
+                Err(e) => Ok(fail(&e)),
+            }
+        }
+        VmCommand::Delete { vm, storage, force } => {
+            let req = pb::DeleteVmRequest {
+                vm_id: vm.clone(),
+                delete_storage: storage,
+                force,
+            };
+            match client.delete_vm(req).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    if json {
+                        print_json(&r)?;
+                    } else {
+                        println!("Domain '{vm}' has been undefined");
+                        for v in &r.deleted_volumes {
+                            println!("Volume '{v}' removed");
+                        }
+                    }
+                    Ok(exit::OK)
+                }
+                Err(e) => Ok(fail(&e)),
+            }
+        }
+        VmCommand::List => match client.list_v_ms(pb::ListVmsRequest {}).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                if json {
+                    print_json(&r)?;
+                } else {
+                    let rows: Vec<Vec<String>> = r
+                        .vms
+                        .iter()
+                        .map(|v| {
+                            let agent = v.guest_agent.as_ref().is_some_and(|a| a.connected);
+                            vec![
+                                v.vm_id.clone(),
+                                v.name.clone(),
+                                state_name(v.state).to_string(),
+                                v.vcpus.to_string(),
+                                format!("{} MiB", v.memory_mib),
+                                if agent { "connected" } else { "-" }.to_string(),
+                            ]
+                        })
+                        .collect();
+                    print!(
+                        "{}",
+                        table(&["UUID", "Name", "State", "CPUs", "Memory", "Agent"], &rows)
+                    );
+                }
+                Ok(exit::OK)
+            }
+            Err(e) => Ok(fail(&e)),
+        },
+        VmCommand::Status(v) => match client.get_vm_status(id(&v.vm)).await {
+            Ok(r) => {
+                let s = r.into_inner();
+                if json {
+                    print_json(&s)?;
+                } else {
+                    print_status(&s);
+                }
+                Ok(exit::OK)
+            }
+            Err(e) => Ok(fail(&e)),
+        },
+    }
+}
+
+fn snapshot_rows(snaps: &[pb::Snapshot]) -> Vec<Vec<String>> {
+    snaps
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                s.created_unix_s.to_string(),
+                s.state.clone(),
+                if s.quiesced { "yes" } else { "no" }.to_string(),
+                if s.current { "*" } else { "" }.to_string(),
+                s.description.clone(),
+            ]
+        })
+        .collect()
+}
+
+const SNAPSHOT_HEADER: [&str; 6] = [
+    "Name",
+    "Created (unix)",
+    "State",
+    "Quiesced",
+    "Current",
+    "Description",
+];
+
+/// `qxctl snapshot ...`
+pub async fn run_snapshot(
+    cmd: SnapshotCommand,
+    client: &mut Client,
+    json: bool,
+) -> anyhow::Result<i32> {
+    match cmd {
+        SnapshotCommand::Create {
+            vm,
+            name,
+            description,
+            quiesce,
+            memory,
+        } => {
+            let req = pb::CreateSnapshotRequest {
+                vm_id: vm,
+                name: name.unwrap_or_default(),
+                description,
+                quiesce,
+                include_memory: memory,
+            };
+            match client.create_snapshot(req).await {
+                Ok(r) => {
+                    let s = r.into_inner();
+                    if json {
+                        print_json(&s)?;
+                    } else {
+                        println!(
+                            "Domain snapshot {} created{}",
+                            s.name,
+                            if s.quiesced { " (quiesced)" } else { "" }
+                        );
+                    }
+                    Ok(exit::OK)
+                }
+                Err(e) => Ok(fail(&e)),
+            }
+        }
+        SnapshotCommand::List(v) => match client.list_snapshots(id(&v.vm)).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                if json {
+                    print_json(&r)?;
+                } else {
+                    print!("{}", table(&SNAPSHOT_HEADER, &snapshot_rows(&r.snapshots)));
+                }
+                Ok(exit::OK)
+            }
+            Err(e) => Ok(fail(&e)),
+        },
+        SnapshotCommand::Revert {
+            vm,
+            snapshot,
+            start,
+        } => {
+            let req = pb::SnapshotRequest {
+                vm_id: vm,
+                snapshot_id: snapshot.clone(),
+                start_after_revert: start,
+            };
+            done_status(
+                client.revert_snapshot(req).await,
+                json,
+                &format!("reverted to snapshot {snapshot}"),
+            )
+        }
+        SnapshotCommand::Delete { vm, snapshot } => {
+            let req = pb::SnapshotRequest {
+                vm_id: vm,
+                snapshot_id: snapshot.clone(),
+                start_after_revert: false,
+            };
+            match client.delete_snapshot(req).await {
+                Ok(r) => {
+                    if json {
+                        print_json(&r.into_inner())?;
+                    } else {
+                        println!("Domain snapshot {snapshot} deleted");
+                    }
+                    Ok(exit::OK)
+                }
+                Err(e) => Ok(fail(&e)),
+            }
+        }
+    }
+}
+
+/// `qxctl media ...`
+pub async fn run_media(cmd: MediaCommand, client: &mut Client, json: bool) -> anyhow::Result<i32> {
+    let req = match cmd {
+        MediaCommand::Insert { vm, iso, device } => pb::ChangeMediaRequest {
+            vm_id: vm,
+            device,
+            iso_path: iso,
+        },
+        MediaCommand::Eject { vm, device } => pb::ChangeMediaRequest {
+            vm_id: vm,
+            device,
+            iso_path: String::new(),
+        },
+    };
+    match client.change_media(req).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            if json {
+                print_json(&r)?;
+            } else if r.inserted.is_empty() {
+                println!("Media ejected from {} (was {:?})", r.device, r.previous);
+            } else {
+                println!("Media {} inserted into {}", r.inserted, r.device);
+            }
+            Ok(exit::OK)
+        }
+        Err(e) => Ok(fail(&e)),
+    }
+}
+
+/// `qxctl events`: one line (or one JSON object) per event.
+pub async fn run_events(args: EventsArgs, client: &mut Client, json: bool) -> anyhow::Result<i32> {
+    let req = pb::StreamEventsRequest {
+        after_seq: args.after_seq,
+        vm_id: args.vm.unwrap_or_default(),
+    };
+    let mut stream = match client.stream_events(req).await {
+        Ok(r) => r.into_inner(),
+        Err(e) => return Ok(fail(&e)),
+    };
+    let mut seen = 0u64;
+    while args.count.is_none_or(|c| seen < c) {
+        match stream.next().await {
+            Some(Ok(e)) => {
+                seen += 1;
+                if json {
+                    println!("{}", serde_json::to_string(&e)?);
+                } else {
+                    println!(
+                        "{:>6}  {}  {}  {:<20}  {}",
+                        e.seq,
+                        e.unix_ms,
+                        e.vm_id,
+                        event_name(e.kind),
+                        e.detail
+                    );
+                }
+            }
+            Some(Err(e)) => return Ok(fail(&e)),
+            None => break,
+        }
+    }
+    Ok(exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns_to_the_widest_cell() {
+        let t = table(
+            &["Id", "Name"],
+            &[
+                vec!["1".into(), "short".into()],
+                vec!["22".into(), "a-longer-name".into()],
+            ],
+        );
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], " Id   Name");
+        assert_eq!(lines[2], " 1    short");
+        assert_eq!(lines[3], " 22   a-longer-name");
+    }
+
+    #[test]
+    fn create_args_become_a_spec() {
+        use clap::Parser;
+        #[derive(Debug, Parser)]
+        struct T {
+            #[command(subcommand)]
+            vm: VmCommand,
+        }
+        let t = T::parse_from([
+            "t",
+            "create",
+            "web",
+            "--cpus",
+            "2",
+            "--memory",
+            "256",
+            "--disk",
+            "4",
+            "--disk",
+            "/img/a.qcow2",
+            "--empty-cdrom",
+            "--label",
+            "a=b=c",
+            "--boot",
+            "cdrom,disk",
+        ]);
+        let VmCommand::Create(a) = t.vm else {
+            panic!("not create")
+        };
+        let r = create_request(&a).unwrap();
+        let s = r.spec.unwrap();
+        assert_eq!((s.cpu_cores, s.memory_mib), (2, 256));
+        assert_eq!(s.disks[0].size_gib, 4);
+        assert_eq!(s.disks[1].path, "/img/a.qcow2");
+        assert!(s.disks[2].cdrom && s.disks[2].path.is_empty());
+        assert_eq!(r.labels.get("a").map(String::as_str), Some("b=c"));
+        assert_eq!(
+            s.boot_order,
+            [pb::BootDevice::Cdrom as i32, pb::BootDevice::Disk as i32]
+        );
+    }
 }

@@ -105,8 +105,7 @@ fn valid_name(name: &str) -> bool {
 fn plain_word(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
@@ -244,8 +243,8 @@ impl DomainSpec {
                 loop {
                     let t = target_name(prefix, *slot);
                     *slot += 1;
-                    let taken = disks.iter().any(|x| x.target == t)
-                        || spec.disks.iter().any(|x| x.id == t);
+                    let taken =
+                        disks.iter().any(|x| x.target == t) || spec.disks.iter().any(|x| x.id == t);
                     if !taken {
                         break t;
                     }
@@ -290,7 +289,9 @@ impl DomainSpec {
                 (true, true) => ("network", "default".to_string()),
                 (true, false) => ("network", n.network.clone()),
                 (false, false) => {
-                    return Err(invalid(format!("nic {i}: give a network or a bridge, not both")))
+                    return Err(invalid(format!(
+                        "nic {i}: give a network or a bridge, not both"
+                    )))
                 }
             };
             if !plain_word(&source) {
@@ -336,7 +337,9 @@ impl DomainSpec {
         }
         for (k, v) in &req.labels {
             if k.is_empty() || k.len() > 256 || v.len() > 4096 {
-                return Err(invalid(format!("label {k:?}: key 1-256 bytes, value <= 4096")));
+                return Err(invalid(format!(
+                    "label {k:?}: key 1-256 bytes, value <= 4096"
+                )));
             }
         }
         let agent_socket = agent_socket_path(ctx.socket_dir, uuid);
@@ -364,7 +367,11 @@ impl DomainSpec {
             kernel,
             initrd,
             cmdline: spec.kernel_cmdline.clone(),
-            labels: req.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            labels: req
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             agent_socket,
         })
     }
@@ -425,11 +432,17 @@ impl DomainSpec {
             devices = devices.child(nic);
         }
         devices = devices
-            .child(Element::new("serial").attr("type", "pty").child(Element::new("target").attr("port", "0")))
             .child(
-                Element::new("console")
+                Element::new("serial")
                     .attr("type", "pty")
-                    .child(Element::new("target").attr("type", "serial").attr("port", "0")),
+                    .child(Element::new("target").attr("port", "0")),
+            )
+            .child(
+                Element::new("console").attr("type", "pty").child(
+                    Element::new("target")
+                        .attr("type", "serial")
+                        .attr("port", "0"),
+                ),
             )
             .child(
                 Element::new("channel")
@@ -439,12 +452,18 @@ impl DomainSpec {
                             .attr("mode", "bind")
                             .attr("path", self.agent_socket.to_string_lossy()),
                     )
-                    .child(Element::new("target").attr("type", "virtio").attr("name", AGENT_CHANNEL)),
+                    .child(
+                        Element::new("target")
+                            .attr("type", "virtio")
+                            .attr("name", AGENT_CHANNEL),
+                    ),
             )
             .child(
-                Element::new("channel")
-                    .attr("type", "unix")
-                    .child(Element::new("target").attr("type", "virtio").attr("name", QEMU_GA_CHANNEL)),
+                Element::new("channel").attr("type", "unix").child(
+                    Element::new("target")
+                        .attr("type", "virtio")
+                        .attr("name", QEMU_GA_CHANNEL),
+                ),
             );
         for (kind, on) in [("vnc", self.vnc), ("spice", self.spice)] {
             if on {
@@ -462,7 +481,11 @@ impl DomainSpec {
             .child(Element::new("name").text(self.name.as_str()))
             .child(Element::new("uuid").text(self.uuid.as_str()))
             .child(Element::new("metadata").child(metadata))
-            .child(Element::new("memory").attr("unit", "MiB").text(self.memory_mib.to_string()))
+            .child(
+                Element::new("memory")
+                    .attr("unit", "MiB")
+                    .text(self.memory_mib.to_string()),
+            )
             .child(Element::new("vcpu").text(self.vcpus().to_string()))
             .child(os);
         if self.domain_type != "test" {
@@ -594,8 +617,8 @@ impl DomainFacts {
             });
         }
         for channel in devices.find_all("channel") {
-            let is_agent = channel.find("target").and_then(|t| t.get_attr("name"))
-                == Some(AGENT_CHANNEL);
+            let is_agent =
+                channel.find("target").and_then(|t| t.get_attr("name")) == Some(AGENT_CHANNEL);
             if is_agent && channel.get_attr("type") == Some("unix") {
                 facts.agent_socket = channel
                     .find("source")
@@ -645,7 +668,11 @@ impl DomainFacts {
 /// without live device updates, on a shut-off domain).
 pub fn replace_disk(domain_xml: &str, target: &str, disk: Element) -> Result<String, XmlError> {
     let mut root = Element::parse(domain_xml)?;
-    if let Some(devices) = root.children.iter_mut().find(|c| c.local_name() == "devices") {
+    if let Some(devices) = root
+        .children
+        .iter_mut()
+        .find(|c| c.local_name() == "devices")
+    {
         for child in devices.children.iter_mut() {
             let matches = child.local_name() == "disk"
                 && child.find("target").and_then(|t| t.get_attr("dev")) == Some(target);
@@ -677,13 +704,19 @@ impl SnapshotFacts {
         let root = Element::parse(xml)?;
         Ok(SnapshotFacts {
             name: root.path_text("name").unwrap_or_default().to_string(),
-            description: root.path_text("description").unwrap_or_default().to_string(),
+            description: root
+                .path_text("description")
+                .unwrap_or_default()
+                .to_string(),
             state: root.path_text("state").unwrap_or_default().to_string(),
             created_unix_s: root
                 .path_text("creationTime")
                 .and_then(|t| t.trim().parse().ok())
                 .unwrap_or(0),
-            parent: root.path_text("parent/name").unwrap_or_default().to_string(),
+            parent: root
+                .path_text("parent/name")
+                .unwrap_or_default()
+                .to_string(),
         })
     }
 }
@@ -750,7 +783,10 @@ mod tests {
             facts.agent_socket,
             Some(dir.join(format!("{uuid}.agent.sock")))
         );
-        assert_eq!(facts.labels.get("team").map(String::as_str), Some("a&b <c>"));
+        assert_eq!(
+            facts.labels.get("team").map(String::as_str),
+            Some("a&b <c>")
+        );
         assert_eq!(facts.disks.len(), 2);
         assert_eq!(facts.disks[0].target, "vda");
         assert_eq!(facts.cdrom("").map(|d| d.target.as_str()), Some("sda"));

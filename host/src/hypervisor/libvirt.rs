@@ -48,7 +48,9 @@ impl Libvirt {
     }
 
     fn domain(&self, uuid: &str) -> Result<Domain, HypervisorError> {
-        self.conn.lookup_domain_by_uuid_string(uuid).map_err(|e| classify(e, uuid))
+        self.conn
+            .lookup_domain_by_uuid_string(uuid)
+            .map_err(|e| classify(e, uuid))
     }
 
     fn snapshot(&self, uuid: &str, name: &str) -> Result<DomainSnapshot, HypervisorError> {
@@ -188,7 +190,10 @@ impl Hypervisor for Libvirt {
     }
 
     fn define(&self, xml: &str) -> Result<String, HypervisorError> {
-        let dom = self.conn.define_domain_xml(xml).map_err(|e| classify(e, "domain"))?;
+        let dom = self
+            .conn
+            .define_domain_xml(xml)
+            .map_err(|e| classify(e, "domain"))?;
         dom.uuid_string().map_err(|e| classify(e, "domain"))
     }
 
@@ -283,12 +288,7 @@ impl Hypervisor for Libvirt {
         snapshot_record(&self.snapshot(uuid, name)?)
     }
 
-    fn snapshot_revert(
-        &self,
-        uuid: &str,
-        name: &str,
-        start: bool,
-    ) -> Result<(), HypervisorError> {
+    fn snapshot_revert(&self, uuid: &str, name: &str, start: bool) -> Result<(), HypervisorError> {
         let flags = if start {
             sys::VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING
         } else {

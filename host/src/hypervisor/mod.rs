@@ -159,8 +159,7 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
     fn snapshot_create(&self, uuid: &str, xml: &str) -> Result<String, HypervisorError>;
     fn snapshot_list(&self, uuid: &str) -> Result<Vec<SnapshotRecord>, HypervisorError>;
     fn snapshot_get(&self, uuid: &str, name: &str) -> Result<SnapshotRecord, HypervisorError>;
-    fn snapshot_revert(&self, uuid: &str, name: &str, start: bool)
-        -> Result<(), HypervisorError>;
+    fn snapshot_revert(&self, uuid: &str, name: &str, start: bool) -> Result<(), HypervisorError>;
     fn snapshot_delete(&self, uuid: &str, name: &str) -> Result<(), HypervisorError>;
 
     /// (read, written) bytes of a disk target.

@@ -82,7 +82,9 @@ impl Element {
 
     /// Every child with this local name.
     pub fn find_all<'a>(&'a self, local: &'a str) -> impl Iterator<Item = &'a Element> + 'a {
-        self.children.iter().filter(move |c| c.local_name() == local)
+        self.children
+            .iter()
+            .filter(move |c| c.local_name() == local)
     }
 
     /// Follows a `/`-separated path of local names from this element.
@@ -116,12 +118,14 @@ impl Element {
                 }
                 Event::Text(text) => {
                     if let Some(top) = stack.last_mut() {
-                        top.text.push_str(&text.xml_content(XmlVersion::Implicit1_0));
+                        top.text
+                            .push_str(&text.xml_content(XmlVersion::Implicit1_0));
                     }
                 }
                 Event::CData(data) => {
                     if let Some(top) = stack.last_mut() {
-                        top.text.push_str(&data.xml_content(XmlVersion::Implicit1_0));
+                        top.text
+                            .push_str(&data.xml_content(XmlVersion::Implicit1_0));
                     }
                 }
                 Event::GeneralRef(reference) => {
