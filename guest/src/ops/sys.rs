@@ -1,8 +1,6 @@
 //! The ops' thin libc layer: every `unsafe` block of `ops` lives here, each with the
 //! invariants it relies on. Everything above this module is safe Rust.
 #![allow(unsafe_code)]
-// Temporary while the modules using it land.
-#![allow(dead_code)]
 
 use std::ffi::CStr;
 use std::io;
