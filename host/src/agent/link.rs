@@ -809,11 +809,12 @@ impl Link {
             self.count_tx(job.kind, job.frame.len());
             if job.id != 0 {
                 let mut inner = self.lock();
+                // The reply may already have completed the command: it was written anyway.
+                inner.stats.commands.written += 1;
                 if let Some(p) = inner.pending.get_mut(&job.id) {
                     if p.stage == Stage::Writing {
                         p.stage = Stage::Written;
                     }
-                    inner.stats.commands.written += 1;
                 }
             }
             let _ = conn_id;

@@ -1,0 +1,441 @@
+//! Every guest-agent RPC end to end: gRPC client -> in-process qx-node -> unix socket ->
+//! relay (QEMU's chardev) -> the real quantix-kvm-agent.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod agent_support;
+
+use agent_support::{fast_config, Daemon, RealAgent, Relay};
+use qx_node::pb;
+use qx_proto::agent::{self as ap, ExecRequest};
+use sha2::{Digest, Sha256};
+use tonic::Code;
+
+const VM: &str = "rpc-vm";
+
+async fn setup(extra: &[&str]) -> (tempfile::TempDir, Relay, RealAgent, Daemon) {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(dir.path(), VM);
+    let agent = RealAgent::start(&relay.guest_path, extra);
+    let mut daemon = Daemon::start(fast_config(None), &[(VM, &relay.host_path)]).await;
+    daemon.wait_connected(VM, 0).await;
+    (dir, relay, agent, daemon)
+}
+
+fn exec(argv: &[&str]) -> ExecRequest {
+    ExecRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_info_stats_and_telemetry_reach_the_real_agent() {
+    let (_dir, _relay, _agent, mut d) = setup(&[]).await;
+    let pong = d.ping(VM).await.unwrap();
+    assert_ne!(pong.session_id, 0);
+    assert!(!pong.agent_version.is_empty());
+
+    let info = d.wait_connected(VM, 0).await;
+    assert_eq!(info.session_id, pong.session_id);
+    assert!(!info.stale);
+    assert!(info.capabilities.iter().any(|c| c == "ping"));
+    assert!(!info.hostname.is_empty());
+
+    let mut telemetry = d
+        .client
+        .stream_telemetry(pb::AgentRequest {
+            vm_id: VM.into(),
+            timeout_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let update = telemetry.message().await.unwrap().unwrap();
+    assert_eq!(update.vm_id, VM);
+    assert!(update.telemetry.unwrap().memory.unwrap().total_bytes > 0);
+
+    let stats = d.stats(VM).await;
+    assert_eq!(stats.state, "connected");
+    assert!(stats.connected);
+    assert_eq!(stats.agent_session_id, pong.session_id);
+    assert!(stats.rx.iter().any(|f| f.kind == "agent_ready"));
+    assert!(stats.tx.iter().any(|f| f.kind == "host_hello"));
+    let cmds = stats.commands.unwrap();
+    assert!(cmds.completed >= 1 && cmds.written >= 1, "{cmds:?}");
+
+    let metrics = qx_node::metrics::render(&[stats]);
+    assert!(metrics.contains("qx_agent_connected{vm=\"rpc-vm\",state=\"connected\"} 1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_collected_streamed_and_killed() {
+    let (_dir, _relay, _agent, mut d) = setup(&[]).await;
+    let exit = d
+        .client
+        .execute_in_guest(pb::ExecuteInGuestRequest {
+            vm_id: VM.into(),
+            exec: Some(exec(&["sh", "-c", "echo out; echo err >&2; exit 3"])),
+            timeout_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(exit.exited);
+    assert_eq!(exit.exit_code, 3);
+    assert_eq!(exit.stdout, b"out\n");
+    assert_eq!(exit.stderr, b"err\n");
+
+    let mut s = d
+        .client
+        .stream_exec_in_guest(pb::ExecuteInGuestRequest {
+            vm_id: VM.into(),
+            exec: Some(exec(&["sh", "-c", "echo one; echo two >&2; exit 7"])),
+            timeout_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    let mut code = None;
+    let mut started = false;
+    while let Some(ev) = s.message().await.unwrap() {
+        match ev.event.unwrap() {
+            pb::exec_event::Event::StartedId(id) => started = id != 0,
+            pb::exec_event::Event::Output(o) => match o.stream() {
+                ap::OutputStream::Stderr => err.extend(o.data),
+                _ => out.extend(o.data),
+            },
+            pb::exec_event::Event::Exit(x) => code = Some(x.exit_code),
+        }
+    }
+    assert!(started);
+    assert_eq!(out, b"one\n");
+    assert_eq!(err, b"two\n");
+    assert_eq!(code, Some(7));
+
+    // A long command, killed through KillGuestExec with the id from the stream.
+    let mut s = d
+        .client
+        .stream_exec_in_guest(pb::ExecuteInGuestRequest {
+            vm_id: VM.into(),
+            exec: Some(exec(&["sleep", "30"])),
+            timeout_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let id = match s.message().await.unwrap().unwrap().event.unwrap() {
+        pb::exec_event::Event::StartedId(id) => id,
+        other => panic!("first event {other:?}"),
+    };
+    // The kill may race the spawn: retry until the agent knows the exec.
+    let mut killed = false;
+    for _ in 0..50 {
+        let r = d
+            .client
+            .kill_guest_exec(pb::KillGuestExecRequest {
+                vm_id: VM.into(),
+                exec_id: id,
+                signal: 9,
+            })
+            .await;
+        if r.is_ok() {
+            killed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(killed);
+    let mut exit = None;
+    while let Some(ev) = s.message().await.unwrap() {
+        if let Some(pb::exec_event::Event::Exit(x)) = ev.event {
+            exit = Some(x);
+        }
+    }
+    let exit = exit.unwrap();
+    assert!(!exit.exited);
+    assert_eq!(exit.signal, 9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_write_read_list_stat_hash_mkdir_delete() {
+    let (dir, _relay, _agent, mut d) = setup(&[]).await;
+    let root = dir.path().join("guestfs");
+    let sub = root.join("a/b");
+    d.client
+        .mkdir_guest(pb::GuestMkdirRequest {
+            vm_id: VM.into(),
+            request: Some(ap::MkdirRequest {
+                path: sub.display().to_string(),
+                mode: 0o755,
+                parents: true,
+            }),
+        })
+        .await
+        .unwrap();
+    assert!(sub.is_dir());
+
+    // 300 KiB of varied bytes: several 48 KiB write chunks, one read window.
+    let data: Vec<u8> = (0..300 * 1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let digest = Sha256::digest(&data).to_vec();
+    let path = sub.join("blob.bin");
+    let mut msgs = vec![pb::WriteGuestFileRequest {
+        part: Some(pb::write_guest_file_request::Part::Header(
+            pb::WriteGuestFileHeader {
+                vm_id: VM.into(),
+                open: Some(ap::FileWriteOpen {
+                    path: path.display().to_string(),
+                    mode: 0o600,
+                    overwrite: true,
+                    ..Default::default()
+                }),
+                size: data.len() as u64,
+                expected_sha256: digest.clone(),
+                timeout_ms: 0,
+            },
+        )),
+    }];
+    for c in data.chunks(70_000) {
+        msgs.push(pb::WriteGuestFileRequest {
+            part: Some(pb::write_guest_file_request::Part::Data(c.to_vec())),
+        });
+    }
+    let done = d
+        .client
+        .write_guest_file(tokio_stream::iter(msgs))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(done.committed);
+    assert_eq!(done.sha256, digest);
+    assert_eq!(std::fs::read(&path).unwrap(), data);
+
+    let mut s = d
+        .client
+        .read_guest_file(pb::ReadGuestFileRequest {
+            vm_id: VM.into(),
+            path: path.display().to_string(),
+            offset: 0,
+            length: 0,
+            timeout_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut back = Vec::new();
+    let mut final_sha = Vec::new();
+    while let Some(c) = s.message().await.unwrap() {
+        back.extend(c.data);
+        if c.eof {
+            final_sha = c.sha256;
+        }
+    }
+    assert_eq!(back, data);
+    assert_eq!(final_sha, digest);
+
+    let hash = d
+        .client
+        .hash_guest_file(pb::GuestHashRequest {
+            vm_id: VM.into(),
+            path: path.display().to_string(),
+            timeout_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hash.sha256, digest);
+    assert_eq!(hash.size, data.len() as u64);
+
+    let stat = d
+        .client
+        .stat_guest_path(pb::GuestStatRequest {
+            vm_id: VM.into(),
+            request: Some(ap::FileStatRequest {
+                path: path.display().to_string(),
+                follow_symlinks: false,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stat.size, data.len() as u64);
+    assert_eq!(stat.mode & 0o777, 0o600);
+
+    let list = d
+        .client
+        .list_guest_dir(pb::GuestListRequest {
+            vm_id: VM.into(),
+            request: Some(ap::FileListRequest {
+                path: sub.display().to_string(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.entries.iter().any(|e| e.name == "blob.bin"));
+
+    d.client
+        .delete_guest_path(pb::GuestDeleteRequest {
+            vm_id: VM.into(),
+            request: Some(ap::DeleteRequest {
+                path: root.display().to_string(),
+                recursive: true,
+            }),
+        })
+        .await
+        .unwrap();
+    assert!(!root.exists());
+
+    let missing = d
+        .client
+        .stat_guest_path(pb::GuestStatRequest {
+            vm_id: VM.into(),
+            request: Some(ap::FileStatRequest {
+                path: root.display().to_string(),
+                follow_symlinks: false,
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn system_info_time_users_and_logs() {
+    let (_dir, _relay, _agent, mut d) = setup(&[]).await;
+    let req = || pb::AgentRequest {
+        vm_id: VM.into(),
+        timeout_ms: 0,
+    };
+    let net = d.client.get_guest_network(req()).await.unwrap().into_inner();
+    assert!(net.interfaces.iter().any(|i| i.loopback));
+    let disks = d.client.get_guest_disks(req()).await.unwrap().into_inner();
+    assert!(!disks.filesystems.is_empty());
+    let t = d.client.get_guest_time(req()).await.unwrap().into_inner();
+    assert!(t.unix_ns > 0 && t.monotonic_ns > 0);
+    // The "guest" is this machine, so its clock agrees with ours: no change without force.
+    let sync = d
+        .client
+        .sync_time(pb::SyncTimeRequest {
+            vm_id: VM.into(),
+            force: false,
+            write_rtc: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!sync.changed);
+    assert!(sync.offset_seconds.abs() < 0.1);
+    assert_eq!(sync.time_source, "host");
+    d.client.list_guest_users(req()).await.unwrap();
+    d.client
+        .fs_freeze_status(req())
+        .await
+        .map(|s| assert_eq!(s.into_inner().state(), ap::FreezeState::Thawed))
+        .unwrap();
+    let logs = d
+        .client
+        .get_guest_logs(pb::GuestLogsRequest {
+            vm_id: VM.into(),
+            max_lines: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(logs.lines.len() <= 10);
+}
+
+/// Power, freeze, trim, passwords and keys would act on this machine, so the agent runs with
+/// those capabilities disabled: the refusals still travel the whole path and map to
+/// UNIMPLEMENTED with the agent's words in the message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disabled_capabilities_are_refused_end_to_end() {
+    let (_dir, _relay, _agent, mut d) = setup(&[
+        "--set",
+        "disable=power,fsfreeze,fstrim,users,ssh-keys",
+    ])
+    .await;
+    let power = pb::GuestPowerRequest {
+        vm_id: VM.into(),
+        delay_ms: 0,
+        halt: false,
+    };
+    let e = d.client.guest_shutdown(power.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
+    assert!(e.message().contains("power_request"), "{}", e.message());
+    let e = d.client.guest_reboot(power).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unimplemented);
+    let e = d
+        .client
+        .quiesce_filesystems(pb::QuiesceFilesystemsRequest {
+            vm_id: VM.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unimplemented);
+    let e = d
+        .client
+        .thaw_filesystems(pb::ThawFilesystemsRequest {
+            vm_id: VM.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unimplemented);
+    let e = d
+        .client
+        .trim_filesystems(pb::TrimFilesystemsRequest {
+            vm_id: VM.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unimplemented);
+    let e = d
+        .client
+        .set_guest_password(pb::SetGuestPasswordRequest {
+            vm_id: VM.into(),
+            user: "nobody".into(),
+            password: "x".into(),
+            crypted: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unimplemented);
+    for r in [
+        d.client
+            .list_ssh_keys(pb::GuestUserRequest {
+                vm_id: VM.into(),
+                user: "nobody".into(),
+            })
+            .await
+            .map(|_| ()),
+        d.client
+            .add_ssh_keys(pb::SshKeysChangeRequest {
+                vm_id: VM.into(),
+                user: "nobody".into(),
+                keys: vec!["ssh-ed25519 AAAA test".into()],
+                reset: false,
+            })
+            .await
+            .map(|_| ()),
+        d.client
+            .remove_ssh_keys(pb::SshKeysChangeRequest {
+                vm_id: VM.into(),
+                user: "nobody".into(),
+                keys: vec!["ssh-ed25519 AAAA test".into()],
+                reset: false,
+            })
+            .await
+            .map(|_| ()),
+    ] {
+        assert_eq!(r.unwrap_err().code(), Code::Unimplemented);
+    }
+    // The link survived every refusal.
+    d.ping(VM).await.unwrap();
+}
