@@ -236,7 +236,8 @@ mod tests {
     impl Write for TestSink {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
             self.calls += 1;
-            if self.stalled || (self.block_every > 0 && self.calls.is_multiple_of(self.block_every)) {
+            if self.stalled || (self.block_every > 0 && self.calls.is_multiple_of(self.block_every))
+            {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
             let n = buf.len().min(self.per_write);
