@@ -1,0 +1,294 @@
+//! The VM API against a real `qemu:///system`: a TCG VM with direct kernel boot runs the
+//! agent from the test image; the daemon finds the agent through the domain's own channel
+//! socket, takes a quiesced snapshot of a real qcow2 disk, swaps an ISO, and stops the VM
+//! through the agent.
+//!
+//! Needs root, QEMU, libvirt and the test image (`bash ci/vm/build-image.sh`), so it is
+//! ignored by default; ci/test.sh runs it after building the image:
+//! `cargo test -p qx-node --test vm_qemu -- --ignored`. It starts virtlogd and libvirtd
+//! itself with `ci/libvirt.sh`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use qx_node::agent_api::AgentApi;
+use qx_node::pb;
+use qx_node::pb::node_daemon_service_client::NodeDaemonServiceClient;
+use qx_node::pb::node_daemon_service_server::NodeDaemonServiceServer;
+use qx_node::service::NodeService;
+use qx_node::vm_api::{VmApi, VmConfig};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+const URI: &str = "qemu:///system";
+/// Hang guards, not timing assertions: TCG boots in seconds, but CI machines are slow.
+const AGENT_WAIT: Duration = Duration::from_secs(180);
+
+fn root() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.parent().unwrap().to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Destroys and undefines the test domain however the test ends.
+struct DomainGuard(String);
+
+impl Drop for DomainGuard {
+    fn drop(&mut self) {
+        for args in [
+            vec!["destroy", self.0.as_str()],
+            vec!["undefine", self.0.as_str(), "--snapshots-metadata"],
+        ] {
+            let _ = Command::new("virsh")
+                .args(["-q", "-c", URI])
+                .args(args)
+                .output();
+        }
+    }
+}
+
+async fn wait_agent(client: &mut NodeDaemonServiceClient<Channel>, vm: &str) -> pb::VmStatus {
+    let deadline = Instant::now() + AGENT_WAIT;
+    loop {
+        let s = client
+            .get_vm_status(pb::VmIdRequest { vm_id: vm.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if s.guest_agent.as_ref().is_some_and(|a| a.connected) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent of {vm} not connected within {AGENT_WAIT:?}: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What QEMU itself (not libvirt's XML) has in its block devices.
+fn qemu_block_info(vm: &str) -> String {
+    run(Command::new("virsh").args(["-c", URI, "qemu-monitor-command", vm, "--hmp", "info block"]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, libvirt, QEMU and target/vm (ci/vm/build-image.sh); run by ci/test.sh"]
+async fn tcg_vm_agent_found_through_its_channel_quiesced_snapshot_iso_swap_graceful_stop() {
+    run(Command::new("bash").arg(root().join("ci/libvirt.sh")));
+    let image = target_dir().join("vm");
+    let (kernel, initrd) = (image.join("vmlinux"), image.join("initramfs.cpio.gz"));
+    assert!(
+        kernel.exists() && initrd.exists(),
+        "{} missing: run `bash ci/vm/build-image.sh`",
+        image.display()
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    // A real ext4 filesystem in a real qcow2 image.
+    let raw = dir.path().join("data.raw");
+    let disk = dir.path().join("data.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "raw"])
+        .arg(&raw)
+        .arg("64M"));
+    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&raw));
+    run(Command::new("qemu-img")
+        .args(["convert", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&disk));
+    let iso_a = dir.path().join("a.iso");
+    let iso_b = dir.path().join("b.iso");
+    std::fs::write(&iso_a, vec![b'A'; 4096]).unwrap();
+    std::fs::write(&iso_b, vec![b'B'; 4096]).unwrap();
+
+    let agent = Arc::new(AgentApi::default());
+    let config = VmConfig {
+        libvirt_uri: URI.to_string(),
+        socket_dir: dir.path().join("sock"),
+        image_dir: dir.path().join("images"),
+        agent_iso: None,
+    };
+    let vm_api = Arc::new(VmApi::new(config, agent.clone()).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(NodeDaemonServiceServer::new(NodeService {
+                vm: vm_api,
+                agent,
+            }))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut c = NodeDaemonServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let mut events = c
+        .stream_events(pb::StreamEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+
+    let vm_id = uuid::Uuid::new_v4().to_string();
+    let _guard = DomainGuard(vm_id.clone());
+    let created = c
+        .create_vm(pb::CreateVmRequest {
+            vm_id: vm_id.clone(),
+            name: format!("qx-test-{}", &vm_id[..8]),
+            start: true,
+            spec: Some(pb::VmSpec {
+                cpu_cores: 1,
+                memory_mib: 256,
+                disks: vec![
+                    pb::DiskSpec {
+                        path: disk.to_string_lossy().into(),
+                        ..Default::default()
+                    },
+                    pb::DiskSpec {
+                        cdrom: true,
+                        ..Default::default()
+                    },
+                ],
+                kernel_path: kernel.to_string_lossy().into(),
+                initrd_path: initrd.to_string_lossy().into(),
+                kernel_cmdline: "console=ttyS0 qx.disk=vda:/data qx.hostname=qx-libvirt".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(created.state, pb::VmState::Running as i32);
+    let socket = dir.path().join("sock").join(format!("{vm_id}.agent.sock"));
+    assert_eq!(created.agent_socket, socket.to_string_lossy());
+
+    // The daemon bound the socket named by the domain's live XML; AgentReady arrives on it.
+    let status = wait_agent(&mut c, &vm_id).await;
+    let info = status.guest_agent.unwrap();
+    assert_eq!(info.hostname, "qx-libvirt");
+    let mut kinds = Vec::new();
+    while !kinds.contains(&(pb::EventKind::AgentConnected as i32)) {
+        let e = tokio::time::timeout(Duration::from_secs(30), events.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if e.vm_id == vm_id {
+            kinds.push(e.kind);
+        }
+    }
+    assert!(
+        kinds.contains(&(pb::EventKind::VmStarted as i32)),
+        "{kinds:?}"
+    );
+
+    // Quiesced snapshot: frozen through the agent, taken, thawed.
+    let snap = c
+        .create_snapshot(pb::CreateSnapshotRequest {
+            vm_id: vm_id.clone(),
+            name: "consistent".into(),
+            description: "quiesced".into(),
+            quiesce: true,
+            include_memory: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(snap.quiesced);
+    let list = c
+        .list_snapshots(pb::VmIdRequest {
+            vm_id: vm_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.snapshots.len(), 1);
+    assert!(list.snapshots[0].quiesced);
+    let freeze = c
+        .fs_freeze_status(pb::AgentRequest {
+            vm_id: vm_id.clone(),
+            timeout_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        freeze.state,
+        qx_proto::agent::FreezeState::Thawed as i32,
+        "thawed after the snapshot: {freeze:?}"
+    );
+    let qcow = run(Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(&disk));
+    assert!(
+        qcow.contains("\"consistent\""),
+        "internal snapshot in the qcow2: {qcow}"
+    );
+
+    // ISO swap on the running VM: QEMU itself must show the newest file.
+    let change = |iso: &Path| pb::ChangeMediaRequest {
+        vm_id: vm_id.clone(),
+        device: String::new(),
+        iso_path: iso.to_string_lossy().into(),
+    };
+    let r = c.change_media(change(&iso_a)).await.unwrap().into_inner();
+    assert_eq!(r.inserted, iso_a.to_string_lossy());
+    assert!(qemu_block_info(&vm_id).contains(&*iso_a.to_string_lossy()));
+    let r = c.change_media(change(&iso_b)).await.unwrap().into_inner();
+    assert_eq!(
+        (r.previous.as_str(), r.inserted.as_str()),
+        (&*iso_a.to_string_lossy(), &*iso_b.to_string_lossy())
+    );
+    let block = qemu_block_info(&vm_id);
+    assert!(
+        block.contains(&*iso_b.to_string_lossy()) && !block.contains(&*iso_a.to_string_lossy()),
+        "{block}"
+    );
+
+    // Graceful stop through the agent.
+    let stop = c
+        .stop_vm(pb::StopVmRequest {
+            vm_id: vm_id.clone(),
+            timeout_s: 120,
+            skip_agent: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        stop.stopped_by,
+        pb::StopStep::Agent as i32,
+        "{:?}",
+        stop.steps
+    );
+    assert!(stop.steps[0].succeeded);
+    assert_eq!(stop.status.unwrap().state, pb::VmState::Stopped as i32);
+
+    let deleted = c
+        .delete_vm(pb::DeleteVmRequest {
+            vm_id: vm_id.clone(),
+            delete_storage: false,
+            force: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(deleted.deleted_volumes.is_empty());
+}
