@@ -35,3 +35,6 @@ step "whole-VM tests: the agent in QEMU (TCG), through qx-node"
 bash ci/vm/build-image.sh
 cargo build --locked -p qx-node --bins
 cargo test --locked -p qx-e2e -- --test-threads=2
+
+step "whole-VM test through libvirt: qemu:///system, agent via the domain's channel"
+cargo test --locked -p qx-node --test vm_qemu -- --ignored

@@ -55,8 +55,17 @@ impl Qga {
         Ok(())
     }
 
-    /// The next JSON reply line (sync delimiters 0xff stripped).
+    /// The next reply, which must not be an error.
     fn recv(&mut self) -> Result<Value> {
+        let v = self.recv_any()?;
+        if let Some(err) = v.get("error") {
+            bail!("qemu-ga error: {err}");
+        }
+        Ok(v)
+    }
+
+    /// The next JSON reply line (sync delimiters 0xff stripped), error or not.
+    fn recv_any(&mut self) -> Result<Value> {
         loop {
             let mut line = Vec::new();
             let n = self.reader.read_until(b'\n', &mut line)?;
@@ -68,11 +77,7 @@ impl Qga {
             if text.trim().is_empty() {
                 continue;
             }
-            let v: Value = serde_json::from_str(text.trim()).context("qemu-ga reply")?;
-            if let Some(err) = v.get("error") {
-                bail!("qemu-ga error: {err}");
-            }
-            return Ok(v);
+            return serde_json::from_str(text.trim()).context("qemu-ga reply");
         }
     }
 
@@ -81,12 +86,11 @@ impl Qga {
         Ok(self.recv()?.get("return").cloned().unwrap_or(Value::Null))
     }
 
-    /// Flushes stale bytes: guest-sync-delimited until its id comes back.
+    /// Skips stale replies: guest-sync-delimited until its id comes back.
     fn sync(&mut self, id: u64) -> Result<()> {
-        self.writer.write_all(&[0xff])?;
         self.send(&json!({"execute": "guest-sync-delimited", "arguments": {"id": id}}))?;
         loop {
-            if self.recv()?.get("return") == Some(&json!(id)) {
+            if self.recv_any()?.get("return") == Some(&json!(id)) {
                 return Ok(());
             }
         }
