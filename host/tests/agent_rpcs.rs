@@ -311,7 +311,12 @@ async fn system_info_time_users_and_logs() {
         vm_id: VM.into(),
         timeout_ms: 0,
     };
-    let net = d.client.get_guest_network(req()).await.unwrap().into_inner();
+    let net = d
+        .client
+        .get_guest_network(req())
+        .await
+        .unwrap()
+        .into_inner();
     assert!(net.interfaces.iter().any(|i| i.loopback));
     let disks = d.client.get_guest_disks(req()).await.unwrap().into_inner();
     assert!(!disks.filesystems.is_empty());
@@ -354,11 +359,8 @@ async fn system_info_time_users_and_logs() {
 /// UNIMPLEMENTED with the agent's words in the message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disabled_capabilities_are_refused_end_to_end() {
-    let (_dir, _relay, _agent, mut d) = setup(&[
-        "--set",
-        "disable=power,fsfreeze,fstrim,users,ssh-keys",
-    ])
-    .await;
+    let (_dir, _relay, _agent, mut d) =
+        setup(&["--set", "disable=power,fsfreeze,fstrim,users,ssh-keys"]).await;
     let power = pb::GuestPowerRequest {
         vm_id: VM.into(),
         delay_ms: 0,

@@ -70,7 +70,12 @@ pub struct Relay {
 async fn pump(mut rx: mpsc::UnboundedReceiver<Vec<u8>>, mut cur: watch::Receiver<Option<Writer>>) {
     while let Some(bytes) = rx.recv().await {
         loop {
-            let w = cur.wait_for(|w| w.is_some()).await.unwrap().clone().unwrap();
+            let w = cur
+                .wait_for(|w| w.is_some())
+                .await
+                .unwrap()
+                .clone()
+                .unwrap();
             let ok = w.lock().await.write_all(&bytes).await.is_ok();
             if ok {
                 break;
@@ -227,7 +232,13 @@ pub fn agent_binary() -> PathBuf {
             let bin = target.join("debug/quantix-kvm-agent");
             if !bin.exists() {
                 let st = Command::new(env!("CARGO"))
-                    .args(["build", "-p", "quantix-kvm-agent", "--bin", "quantix-kvm-agent"])
+                    .args([
+                        "build",
+                        "-p",
+                        "quantix-kvm-agent",
+                        "--bin",
+                        "quantix-kvm-agent",
+                    ])
                     .status()
                     .unwrap();
                 assert!(st.success(), "building the guest agent failed");
@@ -252,7 +263,12 @@ impl RealAgent {
             .arg(format!("unix:{}", guest_sock.display()))
             .arg("--config")
             .arg(config.path())
-            .args(["--telemetry-interval-ms", "200", "--ping-interval-ms", "500"])
+            .args([
+                "--telemetry-interval-ms",
+                "200",
+                "--ping-interval-ms",
+                "500",
+            ])
             .args(["--log-level", "warn"])
             .args(extra)
             .stdin(Stdio::null())

@@ -1,0 +1,444 @@
+//! The link's failure modes, each of which broke a system like this one (shared/seeds):
+//! agent restart, host restart, garbage on the wire, a stalled writer, a dead reader, two VMs
+//! whose sockets must not be confused, a full queue, a cancelled caller, "sent" that only
+//! meant "queued", and telemetry/AgentReady that never reached the cache.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod agent_support;
+
+use agent_support::{codec_agent, fast_config, Behaviour, Daemon, RealAgent, Relay};
+use qx_node::pb;
+use qx_proto::agent::ExecRequest;
+use std::time::Duration;
+use tonic::Code;
+
+fn sleep_exec(vm: &str, secs: u32) -> pb::ExecuteInGuestRequest {
+    pb::ExecuteInGuestRequest {
+        vm_id: vm.into(),
+        exec: Some(ExecRequest {
+            argv: vec!["sleep".into(), secs.to_string()],
+            ..Default::default()
+        }),
+        timeout_ms: 0,
+    }
+}
+
+/// Waits until `vm`'s link reports `pred`.
+async fn until(d: &mut Daemon, vm: &str, pred: impl Fn(&pb::AgentConnectionStats) -> bool) {
+    for _ in 0..400 {
+        if pred(&d.stats(vm).await) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("condition never held; stats: {:?}", d.stats(vm).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_restart_fails_in_flight_commands_naming_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(dir.path(), "vm");
+    let mut agent = RealAgent::start(&relay.guest_path, &[]);
+    let mut d = Daemon::start(fast_config(None), &[("vm", &relay.host_path)]).await;
+    let first = d.wait_connected("vm", 0).await.session_id;
+    let mut events = d.agent.agent_events();
+
+    // A command the agent acknowledged and is running.
+    let mut client = d.client.clone();
+    let running = tokio::spawn(async move { client.execute_in_guest(sleep_exec("vm", 20)).await });
+    until(&mut d, "vm", |s| s.commands.unwrap().acknowledged >= 1).await;
+
+    agent.kill();
+    let _agent2 = RealAgent::start(&relay.guest_path, &[]);
+    let err = running.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    assert!(
+        err.message().contains("agent restarted"),
+        "{}",
+        err.message()
+    );
+    assert!(err.message().contains("acknowledged"), "{}", err.message());
+
+    let second = d.wait_connected("vm", first).await.session_id;
+    assert_ne!(first, second);
+    assert_eq!(d.ping("vm").await.unwrap().session_id, second);
+    let stats = d.stats("vm").await;
+    assert_eq!(stats.agent_restarts, 1);
+    loop {
+        let ev = events.recv().await.unwrap();
+        if ev.kind == pb::EventKind::AgentRestarted {
+            assert_eq!(ev.vm_id, "vm");
+            break;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_restart_reconnects_to_the_same_agent_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(dir.path(), "vm");
+    let _agent = RealAgent::start(&relay.guest_path, &[]);
+    let mut d1 = Daemon::start(fast_config(None), &[("vm", &relay.host_path)]).await;
+    let session = d1.wait_connected("vm", 0).await.session_id;
+    d1.ping("vm").await.unwrap();
+    d1.stop();
+
+    let mut d2 = Daemon::start(fast_config(None), &[("vm", &relay.host_path)]).await;
+    let info = d2.wait_connected("vm", 0).await;
+    assert_eq!(info.session_id, session, "the agent did not restart");
+    let exit = d2
+        .client
+        .execute_in_guest(pb::ExecuteInGuestRequest {
+            vm_id: "vm".into(),
+            exec: Some(ExecRequest {
+                argv: vec!["echo".into(), "again".into()],
+                ..Default::default()
+            }),
+            timeout_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(exit.stdout, b"again\n");
+    // Each daemon connected once, one after the other: QEMU's socket had one client at a time.
+    assert_eq!(
+        relay
+            .host_connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_wire_is_skipped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(dir.path(), "vm");
+    let _agent = RealAgent::start(&relay.guest_path, &[]);
+    let mut d = Daemon::start(fast_config(None), &[("vm", &relay.host_path)]).await;
+    d.wait_connected("vm", 0).await;
+    // Noise, a false magic with a broken header, and a whole frame with a bad payload CRC.
+    let mut junk = b"\x00\xffnoise\x51\x54\x58\x01\x00\x00\x00\x05garbage!".to_vec();
+    let mut frame = Vec::new();
+    qx_proto::encode_envelope(
+        &qx_proto::agent::Envelope {
+            id: 9,
+            correlation_id: 0,
+            payload: Some(qx_proto::agent::envelope::Payload::Ping(
+                qx_proto::agent::Ping { seq: 1 },
+            )),
+        },
+        65536,
+        &mut frame,
+    )
+    .unwrap();
+    let last = frame.len() - 1;
+    frame[last] ^= 0xff;
+    junk.extend(frame);
+    relay.inject_to_host(junk);
+    for _ in 0..5 {
+        d.ping("vm").await.unwrap();
+    }
+    until(&mut d, "vm", |s| s.garbage_bytes > 0 && s.bad_frames >= 1).await;
+    let s = d.stats("vm").await;
+    assert_eq!(s.connection_id, 1, "garbage must not cost the connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_writer_tears_down_and_the_agent_never_decodes_a_partial_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(dir.path(), "vm");
+    let _agent = RealAgent::start(&relay.guest_path, &["--max-concurrent-exec", "64"]);
+    let mut d = Daemon::start(fast_config(None), &[("vm", &relay.host_path)]).await;
+    d.wait_connected("vm", 0).await;
+
+    // QEMU stops reading: big requests fill the socket and the writer stalls mid-frame.
+    relay.pause_host_reads(true);
+    let big = vec![b'x'; 60 * 1024];
+    let mut calls = Vec::new();
+    for _ in 0..24 {
+        let mut c = d.client.clone();
+        let req = pb::ExecuteInGuestRequest {
+            vm_id: "vm".into(),
+            exec: Some(ExecRequest {
+                argv: vec!["true".into()],
+                stdin: big.clone(),
+                ..Default::default()
+            }),
+            timeout_ms: 1500,
+        };
+        calls.push(tokio::spawn(async move { c.execute_in_guest(req).await }));
+    }
+    until(&mut d, "vm", |s| s.last_error.contains("writer stalled")).await;
+    let s = d.stats("vm").await;
+    assert_ne!(s.state, "connected");
+    relay.pause_host_reads(false);
+    for c in calls {
+        if let Err(e) = c.await.unwrap() {
+            // Whatever failed names the stage it reached.
+            let m = e.message();
+            assert!(
+                m.contains("never written")
+                    || m.contains("not acknowledged")
+                    || m.contains("connection lost"),
+                "{m}"
+            );
+        }
+    }
+    d.wait_connected("vm", 0).await;
+    d.ping("vm").await.unwrap();
+    assert!(d.stats("vm").await.reconnects >= 1);
+
+    // Everything the agent was given decodes as whole frames, except one cut-off frame that
+    // the next connection's sync preamble turned into a checksum failure, never a command.
+    let (stats, kinds) = relay.to_guest_stats();
+    assert!(stats.bad_payloads + stats.bad_headers <= 1, "{stats:?}");
+    assert!(kinds.iter().filter(|k| **k == "host_hello").count() >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_reader_reads_as_disconnected_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(dir.path(), "vm");
+    let _agent = RealAgent::start(&relay.guest_path, &[]);
+    let mut d = Daemon::start(fast_config(None), &[("vm", &relay.host_path)]).await;
+    d.wait_connected("vm", 0).await;
+    let link = d.agent.manager().link("vm").unwrap();
+    assert!(link.is_connected());
+    let before = link.status().conn_id;
+
+    link.kill_reader_for_test().await;
+    // No waiting, no timer: the reader's end alone makes the link read as disconnected, even
+    // though nothing told the writer yet.
+    let st = link.status();
+    assert!(!st.reader_alive);
+    assert!(!link.is_connected());
+    assert_eq!(link.state_name(), "disconnected");
+
+    // The supervisor tore the zombie down and reconnected.
+    let info = d.wait_connected("vm", 0).await;
+    assert!(info.connected);
+    assert!(link.status().conn_id > before);
+    d.ping("vm").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_vms_never_share_a_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let ra = Relay::start(dir.path(), "vm-a");
+    let rb = Relay::start(dir.path(), "vm-b");
+    let _a = RealAgent::start(&ra.guest_path, &[]);
+    let _b = RealAgent::start(&rb.guest_path, &[]);
+    // vm-a is bound explicitly; vm-b is found by name in the socket directory.
+    let mut d = Daemon::start(
+        fast_config(Some(dir.path().to_path_buf())),
+        &[("vm-a", &ra.host_path)],
+    )
+    .await;
+    let a = d.wait_connected("vm-a", 0).await.session_id;
+    let b = d.wait_connected("vm-b", 0).await.session_id;
+    assert_ne!(a, b);
+    for _ in 0..3 {
+        assert_eq!(d.ping("vm-a").await.unwrap().session_id, a);
+        assert_eq!(d.ping("vm-b").await.unwrap().session_id, b);
+    }
+    assert_eq!(
+        d.stats("vm-b").await.socket_path,
+        rb.host_path.display().to_string()
+    );
+    // A VM with no socket of its own is not served by anyone else's.
+    let e = d.ping("vm-c").await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = d.ping("../vm-a").await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    // Each relay saw exactly one host client.
+    for r in [&ra, &rb] {
+        assert_eq!(
+            r.host_connections.load(std::sync::atomic::Ordering::SeqCst),
+            1
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_is_a_clear_error_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let absent = dir.path().join("nobody.agent.sock");
+    let mut cfg = fast_config(None);
+    cfg.queue_capacity = 2;
+    cfg.ack_timeout = Duration::from_secs(30);
+    let mut d = Daemon::start(cfg, &[("vm", &absent)]).await;
+    let mut waiting = Vec::new();
+    for _ in 0..2 {
+        let mut c = d.client.clone();
+        waiting.push(tokio::spawn(async move {
+            c.ping_agent(pb::AgentRequest {
+                vm_id: "vm".into(),
+                timeout_ms: 30_000,
+            })
+            .await
+        }));
+    }
+    until(&mut d, "vm", |s| s.commands.unwrap().queued == 2).await;
+    let e = d.ping("vm").await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(e.message().contains("queue is full"), "{}", e.message());
+    for w in waiting {
+        w.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_name_the_stage_reached() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = fast_config(None);
+    cfg.ack_timeout = Duration::from_millis(400);
+    // No agent at all: the host connects and says hello, nobody answers.
+    let silent = Relay::start(dir.path(), "silent");
+    // An agent that says AgentReady and answers pings, but never acknowledges a command.
+    let deaf = Relay::start(dir.path(), "deaf");
+    tokio::spawn(codec_agent(
+        deaf.guest_path.clone(),
+        11,
+        Behaviour::NeverAck,
+    ));
+    // An agent that acknowledges and never replies.
+    let slow = Relay::start(dir.path(), "slow");
+    tokio::spawn(codec_agent(slow.guest_path.clone(), 12, Behaviour::AckOnly));
+    let mut d = Daemon::start(
+        cfg,
+        &[
+            ("silent", &silent.host_path),
+            ("deaf", &deaf.host_path),
+            ("slow", &slow.host_path),
+        ],
+    )
+    .await;
+    d.wait_connected("deaf", 0).await;
+    d.wait_connected("slow", 0).await;
+    let req = |vm: &str| pb::AgentRequest {
+        vm_id: vm.into(),
+        timeout_ms: 1000,
+    };
+
+    let e = d.client.get_guest_time(req("silent")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("never written"), "{}", e.message());
+    assert!(e.message().contains("HostHello"), "{}", e.message());
+
+    let e = d.client.get_guest_time(req("deaf")).await.unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    assert!(
+        e.message().contains("written but not acknowledged"),
+        "{}",
+        e.message()
+    );
+
+    let e = d.client.get_guest_time(req("slow")).await.unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    assert!(
+        e.message().contains("acknowledged but no reply"),
+        "{}",
+        e.message()
+    );
+    let s = d.stats("slow").await.commands.unwrap();
+    assert_eq!(s.failed_ack_timeout, 1);
+    assert_eq!(
+        d.stats("deaf")
+            .await
+            .commands
+            .unwrap()
+            .failed_not_acknowledged,
+        1
+    );
+    assert_eq!(
+        d.stats("silent").await.commands.unwrap().failed_not_written,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_callers_never_leave_half_a_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(dir.path(), "vm");
+    let _agent = RealAgent::start(&relay.guest_path, &[]);
+    let mut d = Daemon::start(fast_config(None), &[("vm", &relay.host_path)]).await;
+    d.wait_connected("vm", 0).await;
+    let big = vec![b'y'; 60 * 1024];
+    for round in 0..30u64 {
+        let mut c = d.client.clone();
+        let req = pb::ExecuteInGuestRequest {
+            vm_id: "vm".into(),
+            exec: Some(ExecRequest {
+                argv: vec!["true".into()],
+                stdin: big.clone(),
+                ..Default::default()
+            }),
+            timeout_ms: 0,
+        };
+        let call = tokio::spawn(async move { c.execute_in_guest(req).await });
+        // Cancel at varying points: before, during and after the frame is written.
+        tokio::time::sleep(Duration::from_micros(200 * (round % 7))).await;
+        call.abort();
+    }
+    d.ping("vm").await.unwrap();
+    let s = d.stats("vm").await;
+    assert_eq!(
+        s.connection_id, 1,
+        "cancellations must not cost the connection"
+    );
+    let (stats, _) = relay.to_guest_stats();
+    assert_eq!(
+        stats.bad_payloads + stats.bad_headers + stats.oversized,
+        0,
+        "{stats:?}"
+    );
+    // Only the sync preamble's zeros were skipped.
+    assert_eq!(
+        stats.garbage_bytes,
+        qx_node::agent::link::SYNC_PREAMBLE_BYTES as u64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_ready_and_telemetry_fill_the_cache_and_go_stale() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(dir.path(), "vm");
+    let mut agent = RealAgent::start(&relay.guest_path, &[]);
+    let mut d = Daemon::start(fast_config(None), &[("vm", &relay.host_path)]).await;
+    let info = d.wait_connected("vm", 0).await;
+    assert!(!info.os_name.is_empty() || !info.kernel_release.is_empty());
+    for _ in 0..200 {
+        let i = d.wait_connected("vm", 0).await;
+        if i.resource_usage.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let info = d.wait_connected("vm", 0).await;
+    assert!(info.resource_usage.unwrap().memory_total_bytes > 0);
+    assert!(info.telemetry_unix_ms > 0);
+
+    // The agent dies silently (the host sees no EOF through QEMU): the data stays, marked stale.
+    agent.kill();
+    let mut stale = None;
+    for _ in 0..400 {
+        let i = d
+            .client
+            .get_agent_info(pb::AgentRequest {
+                vm_id: "vm".into(),
+                timeout_ms: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if i.stale {
+            stale = Some(i);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let stale = stale.expect("cached data never marked stale");
+    assert!(!stale.connected);
+    assert_eq!(stale.session_id, info.session_id);
+    assert!(!stale.hostname.is_empty());
+}
