@@ -537,8 +537,10 @@ impl FileWriters {
                 .map_err(|e| OpError::io(&parent.display().to_string(), &e))?;
         }
         let suffix = super::sys::random_nonzero_u64().map_err(|e| OpError::io("getrandom", &e))?;
+        // A long target name is shortened in the temp name so it stays under NAME_MAX.
+        let short = &name.as_bytes()[..name.len().min(200)];
         let mut temp_name = std::ffi::OsString::from(".");
-        temp_name.push(name);
+        temp_name.push(std::ffi::OsStr::from_bytes(short));
         temp_name.push(format!(".qx-{suffix:016x}.tmp"));
         let temp = parent.join(temp_name);
         let file = OpenOptions::new()
@@ -992,6 +994,28 @@ mod tests {
         assert_eq!(w.open_count(), 0);
         assert!(temp_files(&t.join("allowed")).is_empty());
         assert!(!t.join("allowed/b").exists());
+    }
+
+    #[test]
+    fn write_to_a_name_of_255_bytes_commits() {
+        let t = TempDir::new("write-long");
+        let pol = PathPolicy::allow_all();
+        let mut w = FileWriters::new(1);
+        let name = "n".repeat(255);
+        let h = w.open(&pol, &open_req(t.s(&name))).unwrap().handle;
+        w.write(&FileWriteChunk {
+            handle: h,
+            offset: 0,
+            data: b"x".to_vec(),
+        })
+        .unwrap();
+        w.close(&FileWriteClose {
+            handle: h,
+            commit: true,
+            expected_sha256: vec![],
+        })
+        .unwrap();
+        assert_eq!(std::fs::read(t.join(&name)).unwrap(), b"x");
     }
 
     #[test]

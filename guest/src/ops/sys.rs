@@ -269,7 +269,7 @@ pub fn clock_ns(clock: libc::clockid_t) -> io::Result<i128> {
 /// clock_settime(CLOCK_REALTIME) to `unix_ns` (non-negative).
 pub fn set_realtime_ns(unix_ns: i64) -> io::Result<()> {
     let ts = libc::timespec {
-        tv_sec: (unix_ns / 1_000_000_000) as libc::time_t,
+        tv_sec: (unix_ns / 1_000_000_000) as _,
         tv_nsec: (unix_ns % 1_000_000_000) as _,
     };
     // SAFETY: `ts` is a valid timespec for the call.

@@ -404,6 +404,19 @@ fn keys_in(lines: &[String]) -> SshKeys {
 
 /// Writes `lines` to dir/authorized_keys atomically, 0600, owned by the user.
 fn write_lines(user: &PasswdEntry, dir: &Path, lines: &[String]) -> OpResult<()> {
+    // ~/.ssh was checked to be a real directory owned by the user or root; it is opened
+    // without following symlinks and given the owner and mode sshd's StrictModes expects.
+    let dir_shown = dir.display().to_string();
+    let dir_fd = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)
+        .map_err(|e| OpError::io(&dir_shown, &e))?;
+    std::os::unix::fs::fchown(&dir_fd, Some(user.uid), Some(user.gid))
+        .map_err(|e| OpError::io(&dir_shown, &e))?;
+    dir_fd
+        .set_permissions(std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| OpError::io(&dir_shown, &e))?;
     let target = dir.join("authorized_keys");
     let suffix = super::sys::random_nonzero_u64().map_err(|e| OpError::io("getrandom", &e))?;
     let temp = dir.join(format!(".authorized_keys.qx-{suffix:016x}.tmp"));
@@ -428,9 +441,7 @@ fn write_lines(user: &PasswdEntry, dir: &Path, lines: &[String]) -> OpResult<()>
         f.sync_all().map_err(|e| OpError::io(&shown, &e))?;
         std::fs::rename(&temp, &target)
             .map_err(|e| OpError::io(&target.display().to_string(), &e))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| OpError::io(&dir.display().to_string(), &e))
+        dir_fd.sync_all().map_err(|e| OpError::io(&dir_shown, &e))
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&temp);
@@ -600,6 +611,7 @@ mod tests {
         let e = env();
         let dir = e.t.join("home/alice/.ssh");
         std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
         let k1 = key(1, "one");
         let k2 = format!("from=\"10.0.0.1\" {}", key(2, "two"));
         std::fs::write(
@@ -629,6 +641,12 @@ mod tests {
         assert_eq!(added.keys, vec![k1.clone(), k2.clone(), k3.clone()]);
         let text = std::fs::read_to_string(dir.join("authorized_keys")).unwrap();
         assert!(text.starts_with("# managed by hand\n"), "{text}");
+        // A writable-by-all ~/.ssh (which sshd would reject) is tightened and given to the user.
+        let dm = std::fs::metadata(&dir).unwrap();
+        assert_eq!(
+            (dm.mode() & 0o7777, dm.uid(), dm.gid()),
+            (0o700, 4242, 4343)
+        );
 
         let left = ssh_keys_remove(
             &e.db,
