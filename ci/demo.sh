@@ -71,12 +71,12 @@ note "qx-node pid $node_pid, gRPC on $addr"
 
 qxctl() {
   printf '\033[2m$ qxctl %s\033[0m\n' "$*"
-  "$qxctl_bin" --server "http://$addr" "$@"
+  "$qxctl_bin" --addr "http://$addr" "$@"
 }
 
 bold "waiting for the agent to say hello"
 t0=$SECONDS
-until "$qxctl_bin" --server "http://$addr" agent ping demo >/dev/null 2>&1; do
+until "$qxctl_bin" --addr "http://$addr" agent ping demo >/dev/null 2>&1; do
   if [ $((SECONDS - t0)) -gt 120 ]; then
     echo "the agent did not answer within 120 s" >&2
     exit 1
@@ -89,21 +89,24 @@ bold "agent info"
 qxctl agent info demo
 qxctl agent ping demo
 
-bold "live telemetry (3 samples)"
-qxctl agent telemetry demo --count 3
+bold "live telemetry (a few seconds of qxctl watch)"
+printf '\033[2m$ qxctl watch demo   (stopped after 6 s)\033[0m\n'
+timeout -s INT 6 "$qxctl_bin" --addr "http://$addr" watch demo || true
 
 bold "exec with streamed output"
-qxctl agent exec demo --stream -- /bin/sh -c \
+qxctl exec demo -- /bin/sh -c \
   'for i in 1 2 3 4 5; do echo "step $i on $(hostname), load $(cut -d" " -f1 /proc/loadavg)"; sleep 0.4; done'
 
 bold "file copy host -> guest with progress, checked by sha256"
 head -c $((24 * 1024 * 1024)) /dev/urandom >"$work/payload.bin"
 note "host sha256: $(sha256sum "$work/payload.bin" | cut -d' ' -f1)"
-qxctl agent copy-to demo "$work/payload.bin" /tmp/payload.bin
-qxctl agent exec demo -- sha256sum /tmp/payload.bin
+qxctl cp "$work/payload.bin" demo:/tmp/payload.bin
+qxctl exec demo -- sha256sum /tmp/payload.bin
 
 bold "clean shutdown through the agent"
-qxctl agent shutdown demo
+# The agent runs poweroff (init turns it into the real power-off); detached, so the exec's
+# reply reaches the host before the VM goes down.
+qxctl exec demo --shell -- '(sleep 0.5; poweroff) </dev/null >/dev/null 2>&1 &'
 for _ in $(seq 300); do kill -0 "$qemu_pid" 2>/dev/null || break; sleep 0.1; done
 if kill -0 "$qemu_pid" 2>/dev/null; then
   echo "the VM did not power off" >&2
