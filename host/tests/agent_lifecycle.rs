@@ -442,3 +442,38 @@ async fn agent_ready_and_telemetry_fill_the_cache_and_go_stale() {
     assert_eq!(stale.session_id, info.session_id);
     assert!(!stale.hostname.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_in_flight_at_a_drop_is_redelivered_once_in_the_same_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(dir.path(), "vm");
+    let _agent = RealAgent::start(&relay.guest_path, &[]);
+    let mut d = Daemon::start(fast_config(None), &[("vm", &relay.host_path)]).await;
+    let session = d.wait_connected("vm", 0).await.session_id;
+    let mut client = d.client.clone();
+    let running = tokio::spawn(async move {
+        client
+            .execute_in_guest(pb::ExecuteInGuestRequest {
+                vm_id: "vm".into(),
+                exec: Some(ExecRequest {
+                    argv: vec!["sh".into(), "-c".into(), "sleep 1; echo done".into()],
+                    ..Default::default()
+                }),
+                timeout_ms: 0,
+            })
+            .await
+    });
+    until(&mut d, "vm", |s| s.commands.unwrap().acknowledged >= 1).await;
+    // The connection dies under the acknowledged command (its reader ends).
+    let link = d.agent.manager().link("vm").unwrap();
+    link.kill_reader_for_test().await;
+    let exit = running.await.unwrap().unwrap().into_inner();
+    assert_eq!(
+        exit.stdout, b"done\n",
+        "the exec ran once and its reply arrived"
+    );
+    let s = d.stats("vm").await;
+    assert_eq!(s.agent_session_id, session);
+    assert_eq!(s.commands.unwrap().redelivered, 1);
+    assert!(s.connection_id >= 2);
+}
