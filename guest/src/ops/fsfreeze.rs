@@ -132,12 +132,18 @@ fn requested_targets(mounts: &[Mount], wanted: &[String]) -> OpResult<Vec<Mount>
             "" => "/",
             n => n,
         };
-        let Some((idx, m)) = mounts
-            .iter()
-            .enumerate()
-            .rev()
-            .find(|(_, m)| m.mountpoint == norm)
-        else {
+        // As given, else with symlinks resolved (/var/run names the /run mount).
+        let canonical = std::fs::canonicalize(norm)
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let found = [norm, canonical.as_str()].into_iter().find_map(|want| {
+            mounts
+                .iter()
+                .enumerate()
+                .rev()
+                .find(|(_, m)| m.mountpoint == want)
+        });
+        let Some((idx, m)) = found else {
             return Err(OpError::new(
                 ErrorCode::NotFound,
                 format!("{w} is not a mountpoint"),
@@ -745,6 +751,10 @@ mod tests {
         assert_blocks(&mut writer);
         let mut fresh = freezer(&t);
         assert!(!fresh.is_frozen());
+        assert!(
+            fresh.thaw(&thaw_req(0)).unwrap().thawed.is_empty(),
+            "a new agent froze nothing"
+        );
         assert_eq!(fresh.recover().unwrap(), vec![fs.mnt.clone()]);
         assert_completes(&mut writer);
         assert!(!t.join("run/freeze.state").exists());
@@ -753,6 +763,22 @@ mod tests {
         std::fs::write(t.join("run/freeze.state"), "garbage\n").unwrap();
         assert_eq!(fresh.recover().unwrap_err().code, ErrorCode::Internal);
         assert!(!t.join("run/freeze.state").exists());
+    }
+
+    #[test]
+    fn a_mountpoint_named_through_a_symlink_is_found() {
+        let fs = LoopFs::new("symlinked");
+        let t = TempDir::new("symlinked-state");
+        std::os::unix::fs::symlink(&fs.mnt, t.join("alias")).unwrap();
+        let mut fz = freezer(&t);
+        let r = fz
+            .freeze(&freeze_req(&[&t.s("alias/")], 0), Instant::now())
+            .unwrap();
+        assert_eq!(r.frozen, vec![fs.mnt.clone()]);
+        assert_eq!(
+            fz.thaw(&thaw_req(r.token)).unwrap().thawed,
+            vec![fs.mnt.clone()]
+        );
     }
 
     #[test]

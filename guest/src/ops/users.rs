@@ -804,6 +804,44 @@ mod tests {
     }
 
     #[test]
+    fn utmp_written_by_util_linux_utmpdump_parses() {
+        use std::io::Write as _;
+        use std::process::{Command, Stdio};
+        let t = TempDir::new("utmpdump");
+        let text = "[2] [00000] [~~  ] [reboot  ] [~           ] [6.1.0               ] [0.0.0.0        ] [2023-11-14T22:00:00,000000+00:00]\n\
+                    [7] [01234] [ts/0] [alice   ] [pts/0       ] [10.1.2.3            ] [10.1.2.3       ] [2023-11-14T22:13:20,000000+00:00]\n";
+        let mut child = Command::new("utmpdump")
+            .arg("-r")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        std::fs::write(t.join("utmp"), &out.stdout).unwrap();
+        let users = logged_in_from(&t.join("utmp")).unwrap().users;
+        assert_eq!(users.len(), 1);
+        let a = &users[0];
+        assert_eq!(
+            (
+                a.user.as_str(),
+                a.tty.as_str(),
+                a.host.as_str(),
+                a.pid,
+                a.login_unix_s
+            ),
+            ("alice", "pts/0", "10.1.2.3", 1234, 1_700_000_000)
+        );
+    }
+
+    #[test]
     fn utmp_parser_returns_user_process_records_only() {
         let t = TempDir::new("utmp");
         let mut bytes = Vec::new();
