@@ -55,10 +55,24 @@ fn header(len: u32, payload_crc: u32) -> Vec<u8> {
     h
 }
 
+/// `n` pseudo-random bytes from `seed` (xorshift64): large payloads without one proptest
+/// value tree per byte, which would dominate the run time.
+fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
 fn payload() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         12 => vec(any::<u8>(), 0..200),
-        1 => vec(any::<u8>(), 0..=MAX_GEN_PAYLOAD),
+        1 => (0..=MAX_GEN_PAYLOAD, any::<u64>()).prop_map(|(n, seed)| noise(n, seed)),
     ]
 }
 
@@ -435,8 +449,12 @@ fn envelope_payload() -> impl Strategy<Value = Option<Payload>> {
                     ..ExecExit::default()
                 }))
             }),
-        (any::<u64>(), vec(any::<u8>(), 0..=MAX_GEN_PAYLOAD - 64))
-            .prop_map(|(offset, data)| Some(Payload::FileChunk(FileChunk { offset, data }))),
+        (any::<u64>(), 0..=MAX_GEN_PAYLOAD - 64, any::<u64>()).prop_map(|(offset, n, seed)| {
+            Some(Payload::FileChunk(FileChunk {
+                offset,
+                data: noise(n, seed),
+            }))
+        }),
     ]
 }
 
@@ -455,7 +473,7 @@ fn envelope() -> impl Strategy<Value = Envelope> {
 // ---------------------------------------------------------------------------------------------
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 384, ..ProptestConfig::default() })]
 
     /// Frames interleaved with garbage, truncated frames and frames with garbage inside them,
     /// then a sync preamble of zero bytes, fed to a 1 MiB decoder in arbitrary reads:
@@ -551,6 +569,58 @@ proptest! {
             cursor += at.unwrap() + f.len();
         }
         prop_assert_eq!(got.stats.frames, got.payloads.len() as u64);
+    }
+
+    /// Reading straight into [`Decoder::spare`] with short reads (a read may fill less than
+    /// it was offered, or nothing) gives the same frames and counters as [`Decoder::push`].
+    #[test]
+    fn short_reads_into_spare_match_push(
+        s in stream(),
+        reads in vec((0..70_000usize, any::<prop::sample::Index>()), 1..16),
+    ) {
+        let want = run(&s.bytes, DEFAULT_MAX_FRAME_BYTES, &[4096]);
+        let mut dec = Decoder::new(DEFAULT_MAX_FRAME_BYTES);
+        let mut payloads = Vec::new();
+        let mut fed = 0;
+        let mut reads = reads.iter().cycle();
+        let mut idle = 0;
+        while fed < s.bytes.len() {
+            let &(offer, ref fill) = reads.next().unwrap();
+            let spare = dec.spare(offer);
+            prop_assert!(spare.len() <= offer);
+            // A read of 0 bytes is allowed; the loop still ends because some reads fill.
+            let n = fill.index(spare.len() + 1).min(s.bytes.len() - fed);
+            spare[..n].copy_from_slice(&s.bytes[fed..fed + n]);
+            dec.commit(n);
+            fed += n;
+            idle = if n == 0 { idle + 1 } else { 0 };
+            prop_assume!(idle < 64);
+            loop {
+                match dec.decode() {
+                    Ok(Some(p)) => payloads.push(p.to_vec()),
+                    Ok(None) => break,
+                    Err(_) => {}
+                }
+            }
+            prop_assert!(dec.room() > 0);
+        }
+        prop_assert_eq!(payloads, want.payloads);
+        prop_assert_eq!(dec.stats(), want.stats);
+        prop_assert_eq!(dec.buffered(), want.leftover);
+    }
+
+    /// For any maximum, a payload of exactly that size is accepted and one byte more is
+    /// refused from its header; a frame after the refused one comes out.
+    #[test]
+    fn the_limit_is_inclusive_and_exact(max in MIN_MAX_FRAME_BYTES..=70_000u32, fill in any::<u8>()) {
+        let at_limit = vec![fill; max as usize];
+        let over = vec![fill; max as usize + 1];
+        let mut input = frame(&at_limit);
+        input.extend(frame(&over));
+        input.extend(frame(b"after"));
+        let got = run(&input, max, &[1000]);
+        prop_assert_eq!(got.payloads, vec![at_limit, b"after".to_vec()]);
+        prop_assert_eq!(got.stats.oversized, 1);
     }
 
     /// Any envelope encodes to a frame of `encoded_frame_len` bytes that decodes, through a
