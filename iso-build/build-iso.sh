@@ -59,8 +59,10 @@ elf_machine() { readelf -h "$1" 2>/dev/null | awk -F: '/Machine:/ {gsub(/^ +/, "
 is_static "$agent" || die "$agent is not statically linked"
 # The binary must be the version the image is named after.
 agent_version=$("$agent" --version 2>/dev/null | head -n1 || true)
-[ "$agent_version" = "quantix-kvm-agent $version" ] \
-  || die "$agent reports '$agent_version', expected 'quantix-kvm-agent $version'"
+case "$agent_version" in
+  "quantix-kvm-agent $version" | "quantix-kvm-agent $version "*) ;;
+  *) die "$agent reports '$agent_version', expected 'quantix-kvm-agent $version'" ;;
+esac
 
 arm_note=""
 if [ -z "$agent_arm" ]; then

@@ -402,10 +402,16 @@ install_service() {
 	esac
 }
 
-# Is PID 1 busybox init (which re-reads /etc/inittab on SIGHUP)?
+# Is PID 1 busybox init (which re-reads /etc/inittab on SIGHUP)? Its executable is busybox and
+# its argv[0] is init (or linuxrc). A busybox *shell* running an /init script also has comm
+# "init", but its argv[0] is busybox or sh: a SIGHUP would kill that PID 1, so it must not match.
 pid1_is_busybox_init() {
-	[ "$(cat /proc/1/comm 2>/dev/null)" = init ] || return 1
-	readlink /proc/1/exe 2>/dev/null | grep -q busybox
+	readlink /proc/1/exe 2>/dev/null | grep -q busybox || return 1
+	argv0=$(tr '\0' '\n' </proc/1/cmdline 2>/dev/null | head -n1)
+	case "${argv0##*/}" in
+	init | linuxrc) return 0 ;;
+	esac
+	return 1
 }
 
 # Stops every agent started from $BIN or its replaced versions (busybox without a supervisor).
@@ -463,10 +469,13 @@ upgrade=0
 fetch "$NAME.$ARCH" "$BIN" 0755
 if [ "$DRY" = 0 ]; then
 	newver=$("$BIN.qx-new" --version 2>/dev/null | head -n1)
-	[ "$newver" = "$NAME $VERSION" ] || {
+	case "$newver" in
+	"$NAME $VERSION" | "$NAME $VERSION "*) ;;
+	*)
 		rm -f "$BIN.qx-new"
 		die 3 "the verified binary reports '$newver', expected '$NAME $VERSION'"
-	}
+		;;
+	esac
 fi
 if [ "$upgrade" = 1 ]; then
 	oldver=$("$BIN" --version 2>/dev/null | head -n1)

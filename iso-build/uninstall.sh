@@ -93,7 +93,10 @@ busybox)
 			rm -f /etc/inittab.qx-new
 		fi
 		# busybox init drops respawn entries that left inittab when it re-reads it.
-		if [ "$(cat /proc/1/comm 2>/dev/null)" = init ] && readlink /proc/1/exe 2>/dev/null | grep -q busybox; then
+		# Only when PID 1 is busybox init itself (argv[0] init), never a shell running /init.
+		argv0=$(tr '\0' '\n' </proc/1/cmdline 2>/dev/null | head -n1)
+		if readlink /proc/1/exe 2>/dev/null | grep -q busybox \
+			&& { [ "${argv0##*/}" = init ] || [ "${argv0##*/}" = linuxrc ]; }; then
 			run kill -HUP 1
 		fi
 	fi

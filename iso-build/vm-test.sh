@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# The agent ISO in a real VM (TCG unless KVM is really usable): the guest boots ci/vm's kernel
+# and initramfs WITHOUT the agent (qx.agent=0), the ISO is attached as a virtio-blk disk, the
+# guest mounts it and runs install.sh under its busybox userland (no init supervisor: PID 1 is
+# ci/vm's /init shell), and the host must see AgentReady from the freshly installed agent on
+# the org.quantix.agent.0 chardev socket.
+#
+# Usage: iso-build/vm-test.sh [--agent PATH]
+# Needs: target/vm/{vmlinux,initramfs.cpio.gz} from ci/vm/build-image.sh (built when missing).
+#
+# The extra kernel modules (cdrom, isofs) and the install hook come in a second cpio archive
+# appended to ci/vm's initramfs (the kernel unpacks concatenated archives in order), so ci/vm's
+# image itself is not changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+agent=""
+[ "${1:-}" = "--agent" ] && agent=$2
+if [ -z "$agent" ]; then
+  bash ci/build-agent.sh >&2
+  agent=$root/target/x86_64-unknown-linux-musl/release/quantix-kvm-agent
+fi
+
+log() { printf 'vm-test: %s\n' "$*" >&2; }
+fail() { log "FAIL: $*"; exit 1; }
+
+vm=$root/target/vm
+if [ ! -f "$vm/vmlinux" ] || [ ! -f "$vm/initramfs.cpio.gz" ]; then
+  QX_AGENT_BIN=$agent bash ci/vm/build-image.sh >&2
+fi
+release=$(cat "$vm/kernel-release")
+moddir=$(ls -d "$vm"/cache/linux-image-*/lib/modules/"$release" | head -n1)
+[ -d "$moddir" ] || fail "kernel modules for $release not found under $vm/cache"
+
+work=$(mktemp -d /tmp/qx-iso-vm.XXXXXX)
+qemu_pid=""
+cleanup() {
+  [ -z "$qemu_pid" ] || kill "$qemu_pid" 2>/dev/null || true
+  [ -z "$qemu_pid" ] || wait "$qemu_pid" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+[ -z "${QX_KEEP:-}" ] || trap - EXIT
+
+# ---- the ISO and the host helper --------------------------------------------------------------
+iso=$(bash iso-build/build-iso.sh --agent "$agent" --out "$work/iso" 2>"$work/build.log") \
+  || { cat "$work/build.log" >&2; fail "build-iso.sh failed"; }
+(cd iso-build/vm-helper && CARGO_TARGET_DIR=$root/target cargo build --quiet --locked) >&2 \
+  || fail "cannot build iso-build/vm-helper"
+helper=$root/target/debug/qx-iso-vm-helper
+
+# ---- the overlay initramfs --------------------------------------------------------------------
+ov=$work/overlay
+mkdir -p "$ov/lib/modules/iso-test"
+for m in cdrom isofs; do
+  f=$(find "$moddir/kernel" -name "$m.ko*" | head -n1)
+  [ -n "$f" ] || fail "module $m not found"
+  case "$f" in
+    *.xz) xz -dc "$f" >"$ov/lib/modules/iso-test/$m.ko" ;;
+    *.zst) zstd -dcq "$f" >"$ov/lib/modules/iso-test/$m.ko" ;;
+    *) cp "$f" "$ov/lib/modules/iso-test/$m.ko" ;;
+  esac
+done
+# ash opens /dev/null for every background job; /dev is not mounted when our /init forks.
+mkdir -p "$ov/dev"
+mknod -m 0666 "$ov/dev/null" c 1 3
+install -m 0755 iso-build/vm/init "$ov/init"
+install -m 0755 ci/vm/init.sh "$ov/init.qx"
+install -m 0755 iso-build/vm/qx-iso-install.sh "$ov/qx-iso-install.sh"
+(cd "$ov" && find . -print0 | cpio --null -o -H newc --quiet --owner=0:0) | gzip -1 >"$work/overlay.cpio.gz"
+cat "$vm/initramfs.cpio.gz" "$work/overlay.cpio.gz" >"$work/initrd"
+
+# ---- boot -------------------------------------------------------------------------------------
+accel=tcg
+if grep -qwE 'vmx|svm' /proc/cpuinfo && [ -e /dev/kvm ] && [ ! -e /sys/module/kvm_pvm ]; then accel=kvm; fi
+sock=$work/org.quantix.agent.0.sock
+console=$work/console.log
+qemu-system-x86_64 -accel "$accel" -nodefaults -no-user-config -display none -no-reboot -smp 1 -m 256 \
+  -kernel "$vm/vmlinux" -initrd "$work/initrd" \
+  -append "console=ttyS0 panic=-1 ${QX_VERBOSE:-quiet} qx.hostname=qx-iso-test qx.agent=0" \
+  -serial "file:$console" \
+  -device virtio-serial-pci,id=vser0 \
+  -chardev "socket,id=port0,path=$sock,server=on,wait=off" \
+  -device virtserialport,bus=vser0.0,chardev=port0,name=org.quantix.agent.0 \
+  -drive "file=$iso,format=raw,if=virtio,readonly=on" \
+  </dev/null >/dev/null 2>"$work/qemu.stderr" &
+qemu_pid=$!
+log "qemu ($accel) pid $qemu_pid, ISO $(basename "$iso") as virtio-blk"
+
+i=0
+while [ ! -S "$sock" ]; do
+  kill -0 "$qemu_pid" 2>/dev/null || { cat "$work/qemu.stderr" >&2; fail "qemu exited"; }
+  [ $i -lt 100 ] || fail "the chardev socket did not appear"
+  sleep 0.1
+  i=$((i + 1))
+done
+
+# The helper waits for AgentReady while the guest boots, mounts the ISO and installs; a failed
+# install or a dead QEMU ends the wait early.
+"$helper" "$sock" "${QX_READY_TIMEOUT_S:-180}" >"$work/ready" 2>"$work/helper.err" &
+helper_pid=$!
+while kill -0 "$helper_pid" 2>/dev/null; do
+  if grep -q 'qx-iso-test: install.sh exit [1-9]' "$console" 2>/dev/null || ! kill -0 "$qemu_pid" 2>/dev/null; then
+    kill "$helper_pid" 2>/dev/null || true
+    break
+  fi
+  sleep 0.5
+done
+if ! wait "$helper_pid"; then
+  cat "$console" "$work/helper.err" >&2
+  fail "no AgentReady from the installed agent"
+fi
+ready=$(cat "$work/ready")
+log "AgentReady: $ready"
+
+# The installer must have finished successfully, and the agent must be the installed copy.
+i=0
+while ! grep -q 'qx-iso-test: install.sh exit' "$console" && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+grep -q 'qx-iso-test: install.sh exit 0' "$console" || { cat "$console" >&2; fail "install.sh did not exit 0"; }
+grep -q 'install: agent (pid [0-9]*) has opened' "$console" || { cat "$console" >&2; fail "install.sh did not see the port opened"; }
+version=$(awk '/^\[workspace.package\]/ {p=1; next} /^\[/ {p=0} p && /^version *=/ {gsub(/[" ]/, "", $0); sub(/^version=/, "", $0); print; exit}' Cargo.toml)
+case "$ready" in
+  "agent_version=$version "*) ;;
+  *) fail "AgentReady names another version: $ready (want $version)" ;;
+esac
+case "$ready" in
+  *"hostname=qx-iso-test"*) ;;
+  *) fail "AgentReady is not from this guest: $ready" ;;
+esac
+log "ok: the ISO installed agent $version in a VM booted without one; the host saw AgentReady"
+sed -n 's/^\(qx-iso-test\|install\): /  guest: &/p' "$console" >&2
