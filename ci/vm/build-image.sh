@@ -178,6 +178,8 @@ PY
 cp /bin/busybox "$stage/bin/busybox"
 cp "$agent" "$stage/bin/quantix-kvm-agent"
 cp ci/vm/init.sh "$stage/init"
+cp ci/vm/chpasswd.sh "$stage/usr/sbin/chpasswd"
+chmod 0755 "$stage/usr/sbin/chpasswd"
 chmod 0755 "$stage/init" "$stage/bin/busybox" "$stage/bin/quantix-kvm-agent"
 printf 'root:x:0:0:root:/root:/bin/sh\nqxtest:x:1000:1000:qx test user:/home/qxtest:/bin/sh\n' >"$stage/etc/passwd"
 printf 'root:x:0:\nqxtest:x:1000:\n' >"$stage/etc/group"
