@@ -797,7 +797,16 @@ impl VmApi {
         }
 
         let id = uuid.clone();
-        let created = self.run(move |hv| Ok(hv.snapshot_create(&id, &xml)?)).await;
+        // The snapshot XML is ours; libvirt refusing it means the VM's configuration
+        // forbids it (e.g. a raw disk cannot hold an internal snapshot).
+        let created = self
+            .run(move |hv| match hv.snapshot_create(&id, &xml) {
+                Err(HypervisorError::Invalid(m)) => Err(VmError::WrongState(format!(
+                    "the VM's configuration does not allow this snapshot: {m}"
+                ))),
+                other => Ok(other?),
+            })
+            .await;
 
         // Thaw on every path, whatever the snapshot did.
         if let Some(token) = token {

@@ -818,3 +818,26 @@ async fn console_needs_a_running_vm() {
     let err = h.client.get_console(id(&vm.vm_id)).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
 }
+
+#[tokio::test]
+async fn stopping_a_paused_vm_skips_agent_and_acpi_and_forces() {
+    let mut h = harness().await;
+    let mut r = create_req("paused");
+    r.start = true;
+    let vm = h.client.create_vm(r).await.unwrap().into_inner();
+    h.client.pause_vm(id(&vm.vm_id)).await.unwrap();
+    let stop = h
+        .client
+        .stop_vm(pb::StopVmRequest {
+            vm_id: vm.vm_id.clone(),
+            timeout_s: 1,
+            skip_agent: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let attempted: Vec<bool> = stop.steps.iter().map(|s| s.attempted).collect();
+    assert_eq!(attempted, [false, false, true], "{:?}", stop.steps);
+    assert_eq!(stop.stopped_by, pb::StopStep::Force as i32);
+    assert_eq!(state(stop.status.as_ref().unwrap()), pb::VmState::Stopped);
+}

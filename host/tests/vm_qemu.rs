@@ -242,6 +242,52 @@ async fn tcg_vm_agent_found_through_its_channel_quiesced_snapshot_iso_swap_grace
         "internal snapshot in the qcow2: {qcow}"
     );
 
+    // A snapshot that fails after the freeze must still thaw: hot-plug a raw disk (libvirt
+    // refuses internal snapshots of raw images), ask for another quiesced snapshot.
+    let raw2 = dir.path().join("scratch.raw");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "raw"])
+        .arg(&raw2)
+        .arg("8M"));
+    run(Command::new("virsh")
+        .args(["-q", "-c", URI, "attach-disk", &vm_id])
+        .arg(&raw2)
+        .args(["vdb", "--driver", "qemu", "--subdriver", "raw", "--live"]));
+    let err = c
+        .create_snapshot(pb::CreateSnapshotRequest {
+            vm_id: vm_id.clone(),
+            name: "doomed".into(),
+            quiesce: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    // Failed in libvirt, i.e. after the agent froze the filesystems.
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("internal snapshot"), "{err:?}");
+    let freeze = c
+        .fs_freeze_status(pb::AgentRequest {
+            vm_id: vm_id.clone(),
+            timeout_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        freeze.state,
+        qx_proto::agent::FreezeState::Thawed as i32,
+        "thawed after the failed snapshot ({err:?}): {freeze:?}"
+    );
+    let list = c
+        .list_snapshots(pb::VmIdRequest {
+            vm_id: vm_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.snapshots.len(), 1, "{err:?}");
+    run(Command::new("virsh").args(["-q", "-c", URI, "detach-disk", &vm_id, "vdb", "--live"]));
+
     // ISO swap on the running VM: QEMU itself must show the newest file.
     let change = |iso: &Path| pb::ChangeMediaRequest {
         vm_id: vm_id.clone(),
