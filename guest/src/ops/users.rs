@@ -792,6 +792,56 @@ mod tests {
         assert_eq!(err.code, ErrorCode::NotFound);
     }
 
+    #[test]
+    fn the_chpasswd_command_really_sets_a_crypted_password() {
+        use std::io::Write as _;
+        use std::process::{Command, Stdio};
+        // A throwaway root for chpasswd -R, so the machine's own users are untouched (-e needs
+        // no PAM, so it works inside a bare chroot).
+        let t = TempDir::new("chpasswd");
+        std::fs::create_dir(t.join("etc")).unwrap();
+        std::fs::write(
+            t.join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nalice:x:4242:4242::/home/alice:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(t.join("etc/group"), "root:x:0:\nalice:x:4242:\n").unwrap();
+        std::fs::write(
+            t.join("etc/shadow"),
+            "root:*:19000:0:99999:7:::\nalice:!:19000:0:99999:7:::\n",
+        )
+        .unwrap();
+        let db = UserDb::new(t.join("etc/passwd"), t.join("etc/group"));
+        let hash = "$6$qxsalt$0123456789abcdefghijklmnopqrstuvwxyzABCDEF";
+        let cmd = set_password_command(
+            &db,
+            &SetPasswordRequest {
+                user: "alice".into(),
+                password: hash.into(),
+                crypted: true,
+            },
+        )
+        .unwrap();
+        let mut child = Command::new(&cmd.argv[0])
+            .args(&cmd.argv[1..])
+            .arg("-R")
+            .arg(t.path())
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(&cmd.stdin).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let shadow = std::fs::read_to_string(t.join("etc/shadow")).unwrap();
+        assert!(shadow.contains(&format!("alice:{hash}:")), "{shadow}");
+        assert!(shadow.contains("root:*:"), "{shadow}");
+    }
+
     fn utmp_record(kind: i16, pid: i32, line: &str, user: &str, host: &str, sec: i32) -> Vec<u8> {
         let mut r = vec![0u8; UTMP_RECORD_BYTES];
         r[0..2].copy_from_slice(&kind.to_le_bytes());
