@@ -162,3 +162,111 @@ async fn qx_node_and_qxctl_drive_the_real_agent() {
     assert!(metrics.contains("qx_agent_connected{vm=\"vm1\",state=\"connected\"} 1"));
     assert!(metrics.contains("qx_agent_commands_total{vm=\"vm1\",stage=\"completed\"}"));
 }
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl.
+fn make_certs(dir: &std::path::Path) {
+    let sh = |script: &str| {
+        let st = Command::new("sh")
+            .arg("-ec")
+            .arg(script)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "openssl failed: {script}");
+    };
+    let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    sh(&format!(
+        "openssl req -x509 {ec} -keyout ca.key -out ca.crt -days 2 -subj /CN=qx-test-ca"
+    ));
+    for (name, ext) in [
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        ),
+        (
+            "client",
+            "subjectAltName=DNS:qxctl\nextendedKeyUsage=clientAuth\n",
+        ),
+    ] {
+        std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+        sh(&format!(
+            "openssl req {ec} -keyout {name}.key -out {name}.csr -subj /CN={name} && \
+             openssl x509 -req -in {name}.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
+             -out {name}.crt -days 2 -extfile {name}.ext"
+        ));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_admits_only_clients_with_a_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let relay = Relay::start(dir.path(), "vm1");
+    let _agent = RealAgent::start(&relay.guest_path, &[]);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let p = |n: &str| dir.path().join(n).display().to_string();
+    let _node = Node(
+        Command::new(env!("CARGO_BIN_EXE_qx-node"))
+            .args(["--listen", &addr, "--libvirt-uri", "none"])
+            .args([
+                "--agent-socket-dir",
+                &p("sockets"),
+                "--image-dir",
+                &p("images"),
+            ])
+            .args([
+                "--tls-cert",
+                &p("server.crt"),
+                "--tls-key",
+                &p("server.key"),
+            ])
+            .args(["--tls-client-ca", &p("ca.crt")])
+            .arg("--vm-socket")
+            .arg(format!("vm1={}", relay.host_path.display()))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let https = format!("https://{addr}");
+    let with_cert = |extra: &[&str]| {
+        let mut v: Vec<String> = vec!["--addr".into(), https.clone(), "--ca".into(), p("ca.crt")];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v.extend(["agent", "ping", "vm1"].map(String::from));
+        v
+    };
+    let run = |args: Vec<String>| async move {
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_qxctl"))
+                .args(&args)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    let mut ok = false;
+    for _ in 0..400 {
+        let out = run(with_cert(&[
+            "--cert",
+            &p("client.crt"),
+            "--key",
+            &p("client.key"),
+        ]))
+        .await;
+        if out.status.success() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "a client with a certificate was never admitted");
+    let out = run(with_cert(&[])).await;
+    assert!(
+        !out.status.success(),
+        "a client without a certificate was admitted"
+    );
+}

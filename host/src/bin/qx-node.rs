@@ -338,16 +338,26 @@ fn no_hypervisor(cfg: VmConfig, agent: Arc<AgentApi>, why: &str) -> Result<VmApi
 }
 
 mod tls {
-    use anyhow::{bail, Result};
+    use anyhow::{bail, Context, Result};
     use qx_node::config::TlsFiles;
-    use tonic::transport::Server;
+    use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
-    /// TLS needs a certificate and a key; a client CA makes it mutual.
+    /// TLS needs a certificate and a key; a client CA makes it mutual (clients without a
+    /// certificate from that CA are refused).
     pub fn configure(server: Server, files: &TlsFiles) -> Result<Server> {
-        let (Some(_cert), Some(_key)) = (&files.cert, &files.key) else {
+        let (Some(cert), Some(key)) = (&files.cert, &files.key) else {
             bail!("TLS needs both a certificate (--tls-cert) and a key (--tls-key)");
         };
-        let _ = server;
-        bail!("this qx-node was built without TLS support")
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+        };
+        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+        if let Some(ca) = &files.client_ca {
+            tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+            log::info!("qx-node: mutual TLS (client CA {})", ca.display());
+        } else {
+            log::info!("qx-node: TLS");
+        }
+        server.tls_config(tls).context("TLS configuration")
     }
 }

@@ -154,7 +154,7 @@ pub async fn run(cli: Cli) -> i32 {
     } else {
         exit::FAILED
     };
-    let mut client = match Client::connect(cli.addr.clone()).await {
+    let mut client = match connect(&cli).await {
         Ok(c) => c,
         Err(e) => {
             eprintln!("qxctl: cannot reach qx-node at {}: {e}", cli.addr);
@@ -176,6 +176,31 @@ pub async fn run(cli: Cli) -> i32 {
             }
         }
     }
+}
+
+/// Connects to the daemon, with TLS when --ca/--cert/--key are given.
+pub async fn connect(cli: &Cli) -> Result<Client> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let mut ep = Endpoint::from_shared(cli.addr.clone())
+        .with_context(|| format!("{} is not a valid address", cli.addr))?;
+    if cli.ca.is_some() || cli.cert.is_some() {
+        let read =
+            |p: &Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+        let mut tls = ClientTlsConfig::new();
+        if let Some(ca) = &cli.ca {
+            tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+        }
+        match (&cli.cert, &cli.key) {
+            (Some(c), Some(k)) => tls = tls.identity(Identity::from_pem(read(c)?, read(k)?)),
+            (None, None) => {}
+            _ => bail!("--cert and --key go together"),
+        }
+        if let Some(d) = &cli.tls_domain {
+            tls = tls.domain_name(d.clone());
+        }
+        ep = ep.tls_config(tls)?;
+    }
+    Ok(Client::new(ep.connect().await?))
 }
 
 async fn dispatch(cli: Cli, client: &mut Client) -> Result<i32> {

@@ -58,6 +58,19 @@ pub struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
+    /// CA certificate (PEM) that the daemon's TLS certificate must chain to; use an
+    /// https:// --addr.
+    #[arg(long, global = true, env = "QXCTL_CA")]
+    pub ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, global = true, env = "QXCTL_CERT")]
+    pub cert: Option<std::path::PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(long, global = true, env = "QXCTL_KEY")]
+    pub key: Option<std::path::PathBuf>,
+    /// Server name to verify in the daemon's certificate [default: the --addr host].
+    #[arg(long, global = true)]
+    pub tls_domain: Option<String>,
     /// Per-call timeout passed to the daemon in milliseconds (0: the daemon's default).
     #[arg(long, global = true, default_value_t = 0)]
     pub timeout_ms: u32,
