@@ -95,7 +95,7 @@ fn a_host_that_stops_reading_keeps_agent_memory_bounded_and_gets_every_frame_aft
     let stall_s: u64 = std::env::var("QX_E2E_STALL_S")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
+        .unwrap_or(60);
     let vm = Vm::start(VmSpec::new("wire-stall")).unwrap();
     let (mut conn, ready) = AgentConn::open(&vm.agent_socket(), BOOT_TIMEOUT).unwrap();
     let size: u64 = 16 * 1024 * 1024;
