@@ -165,6 +165,10 @@ async fn tcg_vm_agent_found_through_its_channel_quiesced_snapshot_iso_swap_grace
                         ..Default::default()
                     },
                 ],
+                console: Some(pb::ConsoleSpec {
+                    vnc_enabled: true,
+                    spice_enabled: false,
+                }),
                 kernel_path: kernel.to_string_lossy().into(),
                 initrd_path: initrd.to_string_lossy().into(),
                 kernel_cmdline: "console=ttyS0 qx.disk=vda:/data qx.hostname=qx-libvirt".into(),
@@ -197,6 +201,53 @@ async fn tcg_vm_agent_found_through_its_channel_quiesced_snapshot_iso_swap_grace
     assert!(
         kinds.contains(&(pb::EventKind::VmStarted as i32)),
         "{kinds:?}"
+    );
+
+    // Console: QEMU's VNC port, read from the live XML.
+    let console = c
+        .get_console(pb::VmIdRequest {
+            vm_id: vm_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(console.r#type, "vnc");
+    assert!(console.port >= 5900, "{console:?}");
+
+    // Metrics: the guest has run and read its disk.
+    let mut metrics = c
+        .stream_metrics(pb::StreamMetricsRequest {
+            vm_id: vm_id.clone(),
+            interval_ms: 200,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let m = tokio::time::timeout(Duration::from_secs(30), metrics.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(m.cpu_time_ns > 0 && m.disk_read_bytes > 0, "{m:?}");
+    drop(metrics);
+
+    // Pause and resume: the guest clock is synced through the agent.
+    c.pause_vm(pb::VmIdRequest {
+        vm_id: vm_id.clone(),
+    })
+    .await
+    .unwrap();
+    let resumed = c
+        .resume_vm(pb::VmIdRequest {
+            vm_id: vm_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        resumed.state_reason.contains("clock synced"),
+        "{}",
+        resumed.state_reason
     );
 
     // Quiesced snapshot: frozen through the agent, taken, thawed.
