@@ -36,5 +36,8 @@ bash ci/vm/build-image.sh
 cargo build --locked -p qx-node --bins
 cargo test --locked -p qx-e2e -- --test-threads=2
 
+step "agent ISO in a VM booted without the agent: mount, install.sh, AgentReady"
+bash iso-build/vm-test.sh --agent target/x86_64-unknown-linux-musl/release/quantix-kvm-agent
+
 step "whole-VM test through libvirt: qemu:///system, agent via the domain's channel"
 cargo test --locked -p qx-node --test vm_qemu -- --ignored
