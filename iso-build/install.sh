@@ -414,13 +414,38 @@ pid1_is_busybox_init() {
 	return 1
 }
 
-# Stops every agent started from $BIN or its replaced versions (busybox without a supervisor).
-kill_agents() {
+# Pids of every agent started from $BIN or its replaced versions.
+all_agent_pids() {
 	for d in /proc/[0-9]*; do
 		case "$(readlink "$d/exe" 2>/dev/null)" in
-		"$BIN" | "$BIN (deleted)" | "$BIN.old" | "$BIN.old (deleted)") kill "${d#/proc/}" 2>/dev/null ;;
+		"$BIN" | "$BIN (deleted)" | "$BIN.old" | "$BIN.old (deleted)") echo "${d#/proc/}" ;;
 		esac
 	done
+}
+# True while pid $1 is alive (a zombie has exited: only its parent has not reaped it yet).
+alive() {
+	[ -d "/proc/$1" ] || return 1
+	state=$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' "/proc/$1/status" 2>/dev/null)
+	[ -n "$state" ] && [ "$state" != Z ]
+}
+# Stops every agent (busybox without a supervisor) and waits for it to exit: the port admits
+# one opener, so the new agent could not open it while the old one holds it.
+kill_agents() {
+	pids=$(all_agent_pids)
+	[ -n "$pids" ] || return 0
+	# shellcheck disable=SC2086
+	kill $pids 2>/dev/null
+	i=0
+	while [ $i -lt 50 ]; do
+		left=""
+		for p in $pids; do alive "$p" && left="$left $p"; done
+		[ -n "$left" ] || return 0
+		sleep 0.1 2>/dev/null || sleep 1
+		i=$((i + 1))
+	done
+	# shellcheck disable=SC2086
+	kill -9 $left 2>/dev/null
+	return 0
 }
 
 # (Re)starts the service so that the binary now at $BIN runs.

@@ -26,7 +26,15 @@ fi
 
 work=$(mktemp -d /tmp/qx-iso-test.XXXXXX)
 mounts=()
+pty_pid=""
 cleanup() {
+  # Agents the start tests left running inside the chroots (their exe lies under $work).
+  for d in /proc/[0-9]*; do
+    case "$(readlink "$d/exe" 2>/dev/null)" in
+      "$work"/*) kill -9 "${d#/proc/}" 2>/dev/null || true ;;
+    esac
+  done
+  [ -z "$pty_pid" ] || kill "$pty_pid" 2>/dev/null || true
   for m in "${mounts[@]}"; do umount -l "$m" 2>/dev/null || true; done
   rm -rf "$work"
 }
@@ -301,6 +309,92 @@ for sh in ash bash; do
     diff <(echo "$before") <(snapshot "$r") || fail "[$init/$sh] --uninstall --purge left changes behind"
     ok "[$init/$sh] install.sh --uninstall --purge"
   done
+done
+
+# ---- 4. real starts: sysvinit's own init script and busybox without a supervisor ---------------
+# The port is a pty: the agent opens its slave as it would /dev/vportNpM, and install.sh must
+# see that through /proc/PID/fd. A small python process holds the master and drains it.
+agent_pids_under() { # agent_pids_under ROOT: pids running ROOT/usr/local/sbin/quantix-kvm-agent
+  for d in /proc/[0-9]*; do
+    [ "$(readlink "$d/exe" 2>/dev/null)" = "$1/usr/local/sbin/quantix-kvm-agent" ] && echo "${d#/proc/}"
+  done
+  return 0
+}
+python3 -c '
+import os, pty, sys, time, tty
+m, s = pty.openpty()
+tty.setraw(s)
+print(os.ttyname(s), flush=True)
+while True:
+    try:
+        if not os.read(m, 65536):
+            time.sleep(0.1)
+    except OSError:
+        time.sleep(0.1)
+' >"$work/pty" &
+pty_pid=$!
+i=0
+while [ ! -s "$work/pty" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+pts=$(cat "$work/pty")
+[ -c "$pts" ] || fail "no pty for the port"
+
+for init in sysvinit busybox; do
+  sh=ash
+  r=$work/start-$init
+  make_root "$r" "$init" "$sh"
+  mkdir -p "$r/dev/pts" "$r/dev/virtio-ports"
+  mount --bind /dev/pts "$r/dev/pts"
+  mounts=("$r/dev/pts" "${mounts[@]}")
+  ln -s "$pts" "$r/dev/virtio-ports/org.quantix.agent.0"
+  before=$(snapshot "$r")
+
+  in_root "$r" "$sh" /media/cdrom/install.sh --timeout 30 >"$work/s1.log" 2>&1 \
+    || { cat "$work/s1.log"; fail "[$init start] install failed"; }
+  grep -q "has opened /dev/virtio-ports/org.quantix.agent.0" "$work/s1.log" || { cat "$work/s1.log"; fail "[$init start] port not seen"; }
+  pid1=$(agent_pids_under "$r")
+  [ "$(echo "$pid1" | wc -w)" = 1 ] || fail "[$init start] want one agent running, got '$pid1'"
+  ls -l "/proc/$pid1/fd" | grep -q "$pts" || fail "[$init start] the agent does not hold $pts"
+  ok "[$init start] install starts the agent and waits until it holds the port"
+
+  in_root "$r" "$sh" /media/cdrom/install.sh --timeout 30 >"$work/s2.log" 2>&1 \
+    || { cat "$work/s2.log"; fail "[$init start] upgrade failed"; }
+  pid2=$(agent_pids_under "$r")
+  [ "$(echo "$pid2" | wc -w)" = 1 ] || fail "[$init start] after upgrade want one agent, got '$pid2'"
+  [ "$pid2" != "$pid1" ] || fail "[$init start] upgrade did not restart the agent"
+  # Gone or a zombie (exited; the chroot has no init of its own to reap it).
+  if [ -d "/proc/$pid1" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$pid1/status" 2>/dev/null; then
+    fail "[$init start] the old agent still runs"
+  fi
+  ok "[$init start] re-run restarts onto the new binary (pid $pid1 -> $pid2)"
+
+  # A release whose agent cannot start: the copy's manifest is consistent (so it installs),
+  # the binary only answers --version. install.sh must restore .old and exit 5.
+  cp -a "$r/media/cdrom" "$r/media/broken"
+  printf '#!/bin/sh\n[ "$1" = --version ] && echo "quantix-kvm-agent %s" && exit 0\nexit 1\n' "$version" \
+    >"$r/media/broken/quantix-kvm-agent.x86_64"
+  (cd "$r/media/broken" && find . -type f ! -name SHA256SUMS | sed 's|^\./||' | LC_ALL=C sort \
+    | while read -r f; do sha256sum "$f"; done >SHA256SUMS)
+  set +e
+  in_root "$r" "$sh" /media/broken/install.sh --timeout 3 >"$work/s3.log" 2>&1
+  rc=$?
+  set -e
+  rm -rf "$r/media/broken"
+  [ "$rc" = 5 ] || { cat "$work/s3.log"; fail "[$init start] a release that cannot start gave exit $rc, want 5"; }
+  grep -q 'rolled back' "$work/s3.log" || fail "[$init start] no rollback message"
+  cmp -s "$r/usr/local/sbin/quantix-kvm-agent" "$agent" || fail "[$init start] the binary was not restored"
+  pid3=$(agent_pids_under "$r")
+  [ "$(echo "$pid3" | wc -w)" = 1 ] || fail "[$init start] after rollback want one agent, got '$pid3'"
+  ls -l "/proc/$pid3/fd" | grep -q "$pts" || fail "[$init start] the restored agent does not hold the port"
+  ok "[$init start] a new agent that does not start is rolled back to .old (exit 5), which runs again"
+
+  in_root "$r" "$sh" /usr/local/sbin/quantix-kvm-agent-uninstall --purge >"$work/s4.log" 2>&1 \
+    || { cat "$work/s4.log"; fail "[$init start] uninstall failed"; }
+  i=0
+  while [ -n "$(agent_pids_under "$r")" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+  [ -z "$(agent_pids_under "$r")" ] || fail "[$init start] the agent still runs after uninstall"
+  diff <(echo "$before") <(snapshot "$r" | grep -v '^./var/log/quantix-kvm-agent.log') \
+    || fail "[$init start] uninstall left changes behind"
+  ok "[$init start] uninstall stops the agent and removes everything"
 done
 
 echo "iso-build/test.sh: $pass checks passed"
