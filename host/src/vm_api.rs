@@ -1466,11 +1466,11 @@ async fn watch_lifecycle(
         tick.tick().await;
         let Some(w) = watcher.upgrade() else { return };
         let (hv2, hub2) = (hv.clone(), hub.clone());
-        let Ok(actions) = tokio::task::spawn_blocking(move || w.sync(hv2.as_ref(), &hub2)).await
-        else {
-            return;
-        };
-        apply_agent_actions(&agent, actions);
+        match tokio::task::spawn_blocking(move || w.sync(hv2.as_ref(), &hub2)).await {
+            Ok(actions) => apply_agent_actions(&agent, actions),
+            // A panicking libvirt call must not end the watching.
+            Err(e) => log::error!("lifecycle watcher: {e}"),
+        }
     }
 }
 

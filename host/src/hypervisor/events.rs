@@ -151,6 +151,7 @@ impl Watcher {
     /// but binds the agents of running VMs. Blocking.
     pub fn sync(&self, hv: &dyn Hypervisor, hub: &EventHub) -> Vec<AgentAction> {
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        hv.reconnect_if_dead();
         let domains = match hv.list() {
             Ok(d) => d,
             Err(e) => {

@@ -1,10 +1,12 @@
 //! [`Hypervisor`] over libvirt with the `virt` crate. Every call blocks: callers run them on
-//! blocking threads. One `Connect` is shared; libvirt connections are thread-safe.
+//! blocking threads. One `Connect` is shared (libvirt connections are thread-safe) and
+//! reopened by [`Hypervisor::reconnect_if_dead`] when libvirtd went away and came back.
 
 use super::{
     DomainInfo, DomainRef, HostFacts, Hypervisor, HypervisorError, PowerState, SnapshotRecord,
 };
 use std::fmt;
+use std::sync::RwLock;
 use virt::connect::Connect;
 use virt::domain::{Domain, DomainState};
 use virt::domain_snapshot::DomainSnapshot;
@@ -13,7 +15,7 @@ use virt::sys;
 
 /// A libvirt connection.
 pub struct Libvirt {
-    conn: Connect,
+    conn: RwLock<Connect>,
     uri: String,
     domain_type: String,
 }
@@ -41,14 +43,20 @@ impl Libvirt {
             "qemu".to_string()
         };
         Ok(Libvirt {
-            conn,
+            conn: RwLock::new(conn),
             uri: uri.to_string(),
             domain_type,
         })
     }
 
+    /// The current connection (a new reference to it).
+    fn conn(&self) -> Connect {
+        // Only a replaced connection is written under this lock: never half-updated.
+        self.conn.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     fn domain(&self, uuid: &str) -> Result<Domain, HypervisorError> {
-        self.conn
+        self.conn()
             .lookup_domain_by_uuid_string(uuid)
             .map_err(|e| classify(e, uuid))
     }
@@ -137,18 +145,32 @@ impl Hypervisor for Libvirt {
         &self.domain_type
     }
 
+    fn reconnect_if_dead(&self) -> bool {
+        if self.conn().is_alive().unwrap_or(false) {
+            return false;
+        }
+        match Connect::open(Some(&self.uri)) {
+            Ok(fresh) => {
+                log::warn!("libvirt connection to {} was lost; reopened", self.uri);
+                *self.conn.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+                true
+            }
+            Err(e) => {
+                log::warn!("libvirt at {} is unreachable: {}", self.uri, msg(&e));
+                false
+            }
+        }
+    }
+
     fn is_alive(&self) -> bool {
-        self.conn.is_alive().unwrap_or(false)
+        self.conn().is_alive().unwrap_or(false)
     }
 
     fn host_facts(&self) -> Result<HostFacts, HypervisorError> {
-        let node = self.conn.node_info().map_err(|e| classify(e, "node"))?;
-        let hostname = self.conn.hostname().map_err(|e| classify(e, "node"))?;
-        let version = self
-            .conn
-            .hyp_version()
-            .map(version_string)
-            .unwrap_or_default();
+        let conn = self.conn();
+        let node = conn.node_info().map_err(|e| classify(e, "node"))?;
+        let hostname = conn.hostname().map_err(|e| classify(e, "node"))?;
+        let version = conn.hyp_version().map(version_string).unwrap_or_default();
         Ok(HostFacts {
             hostname,
             hypervisor_version: version,
@@ -160,7 +182,7 @@ impl Hypervisor for Libvirt {
 
     fn list(&self) -> Result<Vec<DomainRef>, HypervisorError> {
         let domains = self
-            .conn
+            .conn()
             .list_all_domains(0)
             .map_err(|e| classify(e, "domains"))?;
         let mut out = Vec::with_capacity(domains.len());
@@ -181,9 +203,9 @@ impl Hypervisor for Libvirt {
 
     fn resolve(&self, id: &str) -> Result<String, HypervisorError> {
         let dom = if uuid::Uuid::parse_str(id).is_ok() {
-            self.conn.lookup_domain_by_uuid_string(id)
+            self.conn().lookup_domain_by_uuid_string(id)
         } else {
-            self.conn.lookup_domain_by_name(id)
+            self.conn().lookup_domain_by_name(id)
         };
         dom.and_then(|d| d.uuid_string())
             .map_err(|e| classify(e, id))
@@ -191,7 +213,7 @@ impl Hypervisor for Libvirt {
 
     fn define(&self, xml: &str) -> Result<String, HypervisorError> {
         let dom = self
-            .conn
+            .conn()
             .define_domain_xml(xml)
             .map_err(|e| classify(e, "domain"))?;
         dom.uuid_string().map_err(|e| classify(e, "domain"))

@@ -126,6 +126,11 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
     /// The `<domain type=...>` this hypervisor runs: "kvm", "qemu" (TCG) or "test".
     fn domain_type(&self) -> &str;
     fn is_alive(&self) -> bool;
+    /// Reopens a connection the daemon lost (libvirtd restarted); true when it did. Called
+    /// by the lifecycle watcher on every tick.
+    fn reconnect_if_dead(&self) -> bool {
+        false
+    }
     fn host_facts(&self) -> Result<HostFacts, HypervisorError>;
 
     fn list(&self) -> Result<Vec<DomainRef>, HypervisorError>;
