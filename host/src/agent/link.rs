@@ -40,6 +40,16 @@ use tokio::time::Instant;
 /// the guest's input is completed with zeros and rejected by its checksum.
 pub const SYNC_PREAMBLE_BYTES: usize = 65552;
 
+/// Telemetry reports a slow StreamTelemetry subscriber may fall behind by before it skips.
+const TELEMETRY_SUBSCRIBER_BACKLOG: usize = 8;
+
+/// The preamble itself, shared by every connection.
+static SYNC_PREAMBLE: [u8; SYNC_PREAMBLE_BYTES] = [0u8; SYNC_PREAMBLE_BYTES];
+
+/// Bytes asked of one socket read. Small, so an idle link's decoder buffer stays small; it
+/// grows only while a large frame is arriving.
+const READ_BYTES: usize = 8 * 1024;
+
 /// Largest payload this host sends in one frame (the agent's limit and the preamble's basis).
 pub const MAX_SENT_PAYLOAD_BYTES: u32 = 64 * 1024;
 
@@ -215,7 +225,7 @@ impl Link {
             reader_alive: false,
             writer_alive: false,
         });
-        let (telemetry_tx, _) = broadcast::channel(64);
+        let (telemetry_tx, _) = broadcast::channel(TELEMETRY_SUBSCRIBER_BACKLOG);
         Arc::new(Link {
             vm_id,
             socket,
@@ -736,8 +746,7 @@ impl Link {
         mut prio: mpsc::UnboundedReceiver<Job>,
         mut ready: watch::Receiver<bool>,
     ) -> Result<(), String> {
-        let preamble = Arc::new(vec![0u8; SYNC_PREAMBLE_BYTES]);
-        self.write_whole(&mut wr, &preamble, "sync_preamble")
+        self.write_whole(&mut wr, &SYNC_PREAMBLE, "sync_preamble")
             .await?;
         let hello = Envelope {
             id: self.next_id(),
@@ -865,7 +874,7 @@ impl Link {
         let mut dec = Decoder::new(DEFAULT_MAX_FRAME_BYTES);
         let mut seen = dec.stats();
         loop {
-            let spare = dec.spare(64 * 1024);
+            let spare = dec.spare(READ_BYTES);
             let n = match tokio::time::timeout(self.cfg.idle_reconnect, rd.read(spare)).await {
                 Err(_) => {
                     return Err(format!(
