@@ -767,6 +767,9 @@ impl VmApi {
                 "VM {uuid} already has a snapshot {name:?}"
             )));
         }
+        // Internal qcow2 snapshots: of a shut-off VM they hold the disks; of a running VM
+        // libvirt 9 always includes the memory state (QEMU's savevm), whatever
+        // `include_memory` says. The snapshot's `state` ("running" / "shutoff") tells which.
         let xml = domain::snapshot_xml(&name, &request.description)
             .map_err(|e| VmError::Internal(e.to_string()))?;
 

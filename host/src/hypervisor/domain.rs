@@ -818,6 +818,96 @@ mod tests {
     }
 
     #[test]
+    fn spec_xml_has_firmware_boot_order_nics_kernel_and_topology() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinux");
+        std::fs::write(&kernel, b"k").unwrap();
+        let mut r = request("appliance");
+        if let Some(s) = r.spec.as_mut() {
+            s.cpu_sockets = 2;
+            s.cpu_threads_per_core = 2;
+            s.firmware = pb::Firmware::Uefi as i32;
+            s.boot_order = vec![pb::BootDevice::Cdrom as i32, pb::BootDevice::Disk as i32];
+            s.nics = vec![
+                pb::NicSpec {
+                    network: "lan".into(),
+                    mac: "52:54:00:AA:bb:01".into(),
+                    ..Default::default()
+                },
+                pb::NicSpec {
+                    bridge: "br0".into(),
+                    model: "e1000".into(),
+                    ..Default::default()
+                },
+            ];
+        }
+        let spec =
+            DomainSpec::from_request("7a1b2c3d-0000-4000-8000-000000000001", &r, &ctx(dir.path()))
+                .unwrap();
+        let root = Element::parse(&spec.to_xml().unwrap()).unwrap();
+        assert_eq!(root.path_text("vcpu"), Some("8"));
+        let topo = root.path("cpu/topology").unwrap();
+        assert_eq!(
+            (
+                topo.get_attr("sockets"),
+                topo.get_attr("cores"),
+                topo.get_attr("threads")
+            ),
+            (Some("2"), Some("2"), Some("2"))
+        );
+        assert_eq!(root.path("os").unwrap().get_attr("firmware"), Some("efi"));
+        let boots: Vec<_> = root
+            .path("os")
+            .unwrap()
+            .find_all("boot")
+            .filter_map(|b| b.get_attr("dev"))
+            .collect();
+        assert_eq!(boots, ["cdrom", "hd"]);
+        let nics: Vec<_> = root
+            .path("devices")
+            .unwrap()
+            .find_all("interface")
+            .collect();
+        assert_eq!(
+            nics[0].path("source").unwrap().get_attr("network"),
+            Some("lan")
+        );
+        assert_eq!(
+            nics[0].path("mac").unwrap().get_attr("address"),
+            Some("52:54:00:aa:bb:01")
+        );
+        assert_eq!(
+            nics[1].path("source").unwrap().get_attr("bridge"),
+            Some("br0")
+        );
+        assert_eq!(
+            nics[1].path("model").unwrap().get_attr("type"),
+            Some("e1000")
+        );
+
+        // Direct kernel boot replaces the boot order.
+        let mut r = request("direct");
+        if let Some(s) = r.spec.as_mut() {
+            s.kernel_path = kernel.to_string_lossy().into();
+            s.kernel_cmdline = "console=ttyS0 a=\"b\" <x>".into();
+            s.boot_order = vec![pb::BootDevice::Disk as i32];
+        }
+        let spec =
+            DomainSpec::from_request("7a1b2c3d-0000-4000-8000-000000000002", &r, &ctx(dir.path()))
+                .unwrap();
+        let root = Element::parse(&spec.to_xml().unwrap()).unwrap();
+        assert_eq!(
+            root.path_text("os/cmdline"),
+            Some("console=ttyS0 a=\"b\" <x>")
+        );
+        assert_eq!(
+            root.path_text("os/kernel"),
+            Some(&*kernel.to_string_lossy())
+        );
+        assert!(root.path("os/boot").is_none());
+    }
+
+    #[test]
     fn target_names_continue_past_z() {
         assert_eq!(target_name("vd", 0), "vda");
         assert_eq!(target_name("vd", 25), "vdz");
