@@ -366,9 +366,10 @@ async fn dispatch(cli: Cli, client: &mut Client) -> Result<i32> {
                 });
             }
         }
-        Command::Vm(_) => {
-            bail!("the vm commands are not available in this build yet");
-        }
+        Command::Vm(cmd) => return super::vm_cmds::run_vm(cmd, client, json).await,
+        Command::Snapshot(cmd) => return super::vm_cmds::run_snapshot(cmd, client, json).await,
+        Command::Media(cmd) => return super::vm_cmds::run_media(cmd, client, json).await,
+        Command::Events(args) => return super::vm_cmds::run_events(args, client, json).await,
     }
     Ok(exit::OK)
 }

@@ -95,7 +95,15 @@ pub enum Command {
     Time(agent_cmds::TimeCommand),
     /// Live telemetry of a guest until interrupted.
     Watch(agent_cmds::VmArg),
-    /// VM lifecycle (served by the VM half of the daemon).
+    /// VM lifecycle: list, create, start, stop, ...
     #[command(subcommand)]
     Vm(vm_cmds::VmCommand),
+    /// VM snapshots (quiesced through the agent when asked).
+    #[command(subcommand)]
+    Snapshot(vm_cmds::SnapshotCommand),
+    /// CD-ROM media and the agent ISO.
+    #[command(subcommand)]
+    Media(vm_cmds::MediaCommand),
+    /// The node's event stream (VM and agent changes).
+    Events(vm_cmds::EventsArgs),
 }
