@@ -7,10 +7,12 @@
 //! - [`wire`]: a raw host-side client of the agent protocol over the chardev socket (frames
 //!   from `qx_proto`), for the first boot check, fault injection and the benchmark.
 //! - [`node`]: the real `qx-node` daemon as a child process, and its gRPC client.
+//! - [`sys`]: the only unsafe code: children die with the thread that started them.
 
 pub mod image;
 pub mod node;
 pub mod qemu;
+pub mod sys;
 pub mod wire;
 
 pub use image::Image;

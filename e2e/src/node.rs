@@ -78,7 +78,9 @@ impl Node {
         let listen = format!("127.0.0.1:{port}");
         let dir = tempfile::Builder::new().prefix("qx-node-").tempdir()?;
         let log = dir.path().join("qx-node.log");
-        let child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        crate::sys::kill_with_parent(&mut cmd);
+        let child = cmd
             .arg("--listen")
             .arg(&listen)
             // The VMs are QEMU processes the harness owns, not libvirt domains.

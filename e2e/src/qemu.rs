@@ -153,6 +153,7 @@ impl Vm {
             .stderr(Stdio::from(
                 fs::File::create(dir.path().join("qemu.stderr")).map_err(QemuError::WorkDir)?,
             ));
+        crate::sys::kill_with_parent(&mut cmd);
         let child = cmd.spawn().map_err(QemuError::Spawn)?;
         let mut vm = Self {
             spec,
