@@ -19,7 +19,7 @@
 //! | `max_concurrent_exec` | `8` | running children; more get `Error{BUSY}` |
 //! | `exec_timeout_ms` | `300000` | exec timeout when the request gives none |
 //! | `exec_kill_grace_ms` | `2000` | SIGTERM to SIGKILL grace on timeout |
-//! | `exec_output_cap_bytes` | `16384` | per-stream cap when the request gives none (collected mode is also limited by the frame size) |
+//! | `exec_output_cap_bytes` | `16384` | collected-mode per-stream cap when the request gives none (at most 30720, so ExecExit fits one frame); streaming output is flow-controlled and uncapped unless the request sets a cap |
 //! | `file_chunk_bytes` | `32768` | default file read chunk |
 //! | `max_open_files` | `16` | concurrent write transfers |
 //! | `file_allow` | `/` | comma-separated path prefixes the file operations may touch |

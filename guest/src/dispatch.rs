@@ -384,13 +384,13 @@ impl Agent {
             gid = Some(self.users.gid(&r.group)?);
         }
         let default_cap = self.cfg.exec_output_cap_bytes;
-        let cap = |req: u32| {
-            let c = if req == 0 { default_cap } else { req };
-            u64::from(if r.stream {
-                c
-            } else {
-                c.min(COLLECTED_CAP_BYTES)
-            })
+        // Streaming output is flow-controlled, so it is uncapped unless the request asks;
+        // collected output must fit the one ExecExit frame.
+        let cap = |req: u32| match (r.stream, req) {
+            (true, 0) => u64::MAX,
+            (true, c) => u64::from(c),
+            (false, 0) => u64::from(default_cap.min(COLLECTED_CAP_BYTES)),
+            (false, c) => u64::from(c.min(COLLECTED_CAP_BYTES)),
         };
         let timeout_ms = if r.timeout_ms == 0 {
             self.cfg.exec_timeout_ms

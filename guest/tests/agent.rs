@@ -540,3 +540,259 @@ fn bad_command_line_is_refused_with_status_2() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("--connect unix:PATH"));
 }
+
+fn sha256sum(path: &Path) -> Vec<u8> {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    let hex = String::from_utf8(out.stdout).unwrap();
+    let hex = hex.split_whitespace().next().unwrap().to_string();
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+#[test]
+fn file_read_streams_chunks_then_done_and_hash_matches() {
+    use qx_proto::agent::{FileHashRequest, FileReadRequest};
+    let agent = Agent::start(&[]);
+    let mut host = agent.accept();
+    host.hello();
+    let path = agent.dir_path.join("data.bin");
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&path, &data).unwrap();
+    let (_, envs) = host.request(Payload::FileReadRequest(FileReadRequest {
+        path: path.display().to_string(),
+        chunk_bytes: 32 * 1024,
+        ..Default::default()
+    }));
+    assert_acked_first(&envs);
+    let mut got = Vec::new();
+    for e in &envs {
+        if let Some(Payload::FileChunk(c)) = &e.payload {
+            assert_eq!(c.offset as usize, got.len());
+            got.extend_from_slice(&c.data);
+        }
+    }
+    assert_eq!(got, data);
+    match terminal(&envs) {
+        Payload::FileReadDone(d) => {
+            assert_eq!(d.bytes, data.len() as u64);
+            assert_eq!(d.sha256, sha256sum(&path));
+        }
+        other => panic!("{other:?}"),
+    }
+    let (_, envs) = host.request(Payload::FileHashRequest(FileHashRequest {
+        path: path.display().to_string(),
+    }));
+    match terminal(&envs) {
+        Payload::FileHash(h) => assert_eq!(h.sha256, sha256sum(&path)),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn file_write_is_committed_atomically() {
+    use qx_proto::agent::{FileWriteChunk, FileWriteClose, FileWriteOpen};
+    let agent = Agent::start(&[]);
+    let mut host = agent.accept();
+    host.hello();
+    let path = agent.dir_path.join("sub/written.txt");
+    let (_, envs) = host.request(Payload::FileWriteOpen(FileWriteOpen {
+        path: path.display().to_string(),
+        mode: 0o600,
+        create_parents: true,
+        overwrite: true,
+        ..Default::default()
+    }));
+    let handle = match terminal(&envs) {
+        Payload::FileWriteOpened(o) => o.handle,
+        other => panic!("{other:?}"),
+    };
+    for (offset, part) in [(0u64, &b"hello "[..]), (6, &b"world"[..])] {
+        let (_, envs) = host.request(Payload::FileWriteChunk(FileWriteChunk {
+            handle,
+            offset,
+            data: part.to_vec(),
+        }));
+        assert!(matches!(terminal(&envs), Payload::Done(_)), "{envs:?}");
+        assert!(!path.exists(), "visible before commit");
+    }
+    let (_, envs) = host.request(Payload::FileWriteClose(FileWriteClose {
+        handle,
+        commit: true,
+        ..Default::default()
+    }));
+    assert!(matches!(terminal(&envs), Payload::FileWriteDone(d) if d.committed));
+    assert_eq!(std::fs::read(&path).unwrap(), b"hello world");
+}
+
+#[test]
+fn file_policy_refusal_is_a_clear_error() {
+    use qx_proto::agent::FileStatRequest;
+    let agent = Agent::start(&["--set", "file_deny=/etc"]);
+    let mut host = agent.accept();
+    host.hello();
+    let (_, envs) = host.request(Payload::FileStatRequest(FileStatRequest {
+        path: "/etc/passwd".into(),
+        follow_symlinks: true,
+    }));
+    assert_eq!(error_code(&envs), ErrorCode::PolicyDenied);
+}
+
+#[test]
+fn exec_runs_as_the_requested_user() {
+    let agent = Agent::start(&[]);
+    let mut host = agent.accept();
+    host.hello();
+    let mut req = exec(&["id", "-u"]);
+    req.user = "nobody".into();
+    let (_, envs) = host.request(Payload::ExecRequest(req));
+    let exit = exec_exit(&envs);
+    let expected = if unsafe_free_euid_is_root() {
+        "65534\n"
+    } else {
+        // Not root: setuid fails and the spawn is refused.
+        return;
+    };
+    assert_eq!(String::from_utf8_lossy(&exit.stdout), expected);
+}
+
+fn unsafe_free_euid_is_root() -> bool {
+    let out = Command::new("id").arg("-u").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim() == "0"
+}
+
+#[test]
+fn streaming_exec_survives_a_stalled_host_without_loss_or_unbounded_memory() {
+    let agent = Agent::start(&["--set", "outbox_bytes=262144"]);
+    let mut host = agent.accept();
+    host.hello();
+    const TOTAL: u64 = 8 * 1024 * 1024;
+    let mut req = exec(&["head", "-c", &TOTAL.to_string(), "/dev/zero"]);
+    req.stream = true;
+    host.next_id += 1;
+    let id = host.next_id;
+    host.send(id, Payload::ExecRequest(req));
+    // The host reads nothing for a while: the child fills its pipe and blocks.
+    std::thread::sleep(Duration::from_millis(500));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.child.id())).unwrap();
+    let rss_kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        rss_kb < 16 * 1024,
+        "agent RSS {rss_kb} kB while the host stalls"
+    );
+    let envs = host.replies(id);
+    let streamed: u64 = envs
+        .iter()
+        .filter_map(|e| match &e.payload {
+            Some(Payload::ExecOutput(o)) => Some(o.data.len() as u64),
+            _ => None,
+        })
+        .sum();
+    assert_eq!(streamed, TOTAL);
+    assert_eq!(exec_exit(&envs).exit_code, 0);
+}
+
+#[test]
+fn sighup_reloads_the_configuration() {
+    let agent = Agent::start(&[]);
+    let mut host = agent.accept();
+    host.hello();
+    let (_, envs) = host.request(Payload::ExecRequest(exec(&["true"])));
+    assert_eq!(exec_exit(&envs).exit_code, 0);
+    std::fs::write(agent.dir_path.join("agent.conf"), "disable = exec\n").unwrap();
+    let status = Command::new("kill")
+        .args(["-HUP", &agent.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // The reload is asynchronous: ask until the new configuration answers.
+    let start = Instant::now();
+    loop {
+        let (_, envs) = host.request(Payload::ExecRequest(exec(&["true"])));
+        if matches!(terminal(&envs), Payload::Error(_)) {
+            assert_eq!(error_code(&envs), ErrorCode::Unsupported);
+            break;
+        }
+        assert!(start.elapsed() < PATIENCE, "configuration never reloaded");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A pty whose master is closed reports HUP to every poll, like a virtio-serial port with no
+/// host: the agent must wait on it without spinning.
+#[test]
+#[allow(unsafe_code)]
+fn hung_up_port_without_a_host_does_not_spin() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: posix_openpt returns a new fd (checked), owned at once; grantpt/unlockpt/
+    // ptsname_r take that fd and a buffer that outlives the calls.
+    let (master, slave) = unsafe {
+        let fd = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        assert!(fd >= 0);
+        let master = OwnedFd::from_raw_fd(fd);
+        assert_eq!(libc::grantpt(fd), 0);
+        assert_eq!(libc::unlockpt(fd), 0);
+        let mut name = [0 as libc::c_char; 128];
+        assert_eq!(libc::ptsname_r(fd, name.as_mut_ptr(), name.len()), 0);
+        let name = std::ffi::CStr::from_ptr(name.as_ptr());
+        (master, name.to_string_lossy().into_owned())
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("agent.conf"), "").unwrap();
+    struct KillOnDrop(Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut guard = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_quantix-kvm-agent"))
+            .args(["--device", &slave, "--config"])
+            .arg(dir.path().join("agent.conf"))
+            .args(["--telemetry-interval-ms", "0", "--log-level", "warn"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut guard.0;
+    // Wait until the agent holds the port open, then hang up the other side.
+    let start = Instant::now();
+    let fd_dir = format!("/proc/{}/fd", child.id());
+    while !std::fs::read_dir(&fd_dir)
+        .unwrap()
+        .flatten()
+        .any(|e| std::fs::read_link(e.path()).is_ok_and(|p| p.display().to_string() == slave))
+    {
+        assert!(start.elapsed() < PATIENCE, "agent never opened the port");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(master);
+    let ticks = || {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap();
+        let fields: Vec<u64> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|f| f.parse().unwrap())
+            .collect();
+        fields[0] + fields[1]
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let before = ticks();
+    std::thread::sleep(Duration::from_secs(1));
+    let used = ticks() - before;
+    // A spinning loop burns ~100 ticks a second; an idle one none.
+    assert!(used < 20, "{used} CPU ticks in one second with no host");
+    assert!(child.try_wait().unwrap().is_none(), "agent exited");
+}
