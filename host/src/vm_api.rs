@@ -40,7 +40,9 @@ pub const MIN_METRICS_INTERVAL_MS: u32 = 100;
 /// Where the VM side of the daemon finds its hypervisor and files.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
-    /// libvirt connection URI, e.g. `qemu:///system` or `test:///default`.
+    /// libvirt connection URI, e.g. `qemu:///system`, or for tests libvirt's test driver:
+    /// `test:///<dir>/node.xml` (a private hypervisor per connection; `test:///default` is
+    /// shared by all connections of a process while one is open).
     pub libvirt_uri: String,
     /// Directory of the per-VM agent sockets: `<socket_dir>/<vm-id>.agent.sock`.
     pub socket_dir: PathBuf,
