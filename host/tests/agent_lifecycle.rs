@@ -477,3 +477,29 @@ async fn command_in_flight_at_a_drop_is_redelivered_once_in_the_same_session() {
     assert_eq!(s.commands.unwrap().redelivered, 1);
     assert!(s.connection_id >= 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_that_starts_late_is_met_on_the_first_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(dir.path(), "vm");
+    let mut cfg = fast_config(None);
+    cfg.handshake_timeout = Duration::from_millis(100);
+    let mut d = Daemon::start(cfg, &[("vm", &relay.host_path)]).await;
+    // The VM is "booting": the host is connected, nobody answers.
+    until(&mut d, "vm", |s| {
+        s.last_error.contains("waiting for the agent")
+    })
+    .await;
+    assert_eq!(d.stats("vm").await.state, "handshaking");
+    let _agent = RealAgent::start(&relay.guest_path, &[]);
+    d.wait_connected("vm", 0).await;
+    let s = d.stats("vm").await;
+    assert_eq!(s.connection_id, 1, "no reconnect churn while waiting");
+    assert_eq!(
+        relay
+            .host_connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    d.ping("vm").await.unwrap();
+}

@@ -769,6 +769,7 @@ impl Link {
         ping.tick().await;
         let handshake_deadline = tokio::time::sleep(self.cfg.handshake_timeout);
         tokio::pin!(handshake_deadline);
+        let mut overdue = false;
         loop {
             let job = tokio::select! {
                 biased;
@@ -783,13 +784,18 @@ impl Link {
                     handshaken = *ready.borrow();
                     continue;
                 }
-                _ = &mut handshake_deadline, if !handshaken => {
-                    return Err(format!(
-                        "no AgentReady within {} ms of HostHello",
+                _ = &mut handshake_deadline, if !handshaken && !overdue => {
+                    // No agent yet (the VM is booting, or the agent is stopped). Keep the
+                    // connection: the agent announces itself when it opens the port, and
+                    // reconnecting would only push more preambles into the guest's queue.
+                    overdue = true;
+                    self.lock().stats.last_error = format!(
+                        "no AgentReady within {} ms of HostHello; waiting for the agent",
                         self.cfg.handshake_timeout.as_millis()
-                    ));
+                    );
+                    continue;
                 }
-                _ = ping.tick() => {
+                _ = ping.tick(), if handshaken => {
                     let env = Envelope {
                         id: self.next_id(),
                         correlation_id: 0,
@@ -875,7 +881,14 @@ impl Link {
         let mut seen = dec.stats();
         loop {
             let spare = dec.spare(READ_BYTES);
-            let n = match tokio::time::timeout(self.cfg.idle_reconnect, rd.read(spare)).await {
+            // Silence ends a connection only once the agent has spoken on it; before that,
+            // the link waits for the agent to start.
+            let limit = if *ready.borrow() {
+                self.cfg.idle_reconnect
+            } else {
+                Duration::from_secs(365 * 24 * 3600)
+            };
+            let n = match tokio::time::timeout(limit, rd.read(spare)).await {
                 Err(_) => {
                     return Err(format!(
                         "nothing heard for {} ms",

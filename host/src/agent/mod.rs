@@ -36,7 +36,8 @@ pub struct AgentConfig {
     pub liveness_window: Duration,
     /// Nothing at all heard for this long: tear the connection down and reconnect.
     pub idle_reconnect: Duration,
-    /// AgentReady must follow HostHello within this.
+    /// After this long without AgentReady the link reports "waiting for the agent" (it keeps
+    /// the connection: the agent announces itself when it starts).
     pub handshake_timeout: Duration,
     /// One frame must be flushed within this, or the connection is torn down.
     pub write_deadline: Duration,
