@@ -796,3 +796,104 @@ fn hung_up_port_without_a_host_does_not_spin() {
     assert!(used < 20, "{used} CPU ticks in one second with no host");
     assert!(child.try_wait().unwrap().is_none(), "agent exited");
 }
+
+/// A 16 MiB ext4 image loop-mounted under a temp dir (needs root and loop devices, as the CI
+/// machine has).
+struct LoopFs {
+    _dir: tempfile::TempDir,
+    mnt: String,
+}
+
+impl LoopFs {
+    fn new() -> LoopFs {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("fs.img");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let run = |cmd: &mut Command| {
+            let out = cmd.output().unwrap();
+            assert!(out.status.success(), "{cmd:?}: {out:?}");
+        };
+        run(Command::new("truncate").arg("-s").arg("16M").arg(&img));
+        run(Command::new("mkfs.ext4").arg("-q").arg("-F").arg(&img));
+        run(Command::new("mount")
+            .arg("-o")
+            .arg("loop")
+            .arg(&img)
+            .arg(&mnt));
+        LoopFs {
+            mnt: mnt.display().to_string(),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze").args(["-u", &self.mnt]).status();
+        let ok = Command::new("umount")
+            .arg(&self.mnt)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").args(["-l", &self.mnt]).status();
+        }
+    }
+}
+
+#[test]
+fn while_frozen_only_safe_requests_run_and_the_agent_thaws_by_itself() {
+    use qx_proto::agent::{FreezeState, FsFreezeRequest, FsFreezeStatusRequest, FsThawRequest};
+    let fs = LoopFs::new();
+    let agent = Agent::start(&[]);
+    let mut host = agent.accept();
+    host.hello();
+    let (_, envs) = host.request(Payload::FsFreezeRequest(FsFreezeRequest {
+        mountpoints: vec![fs.mnt.clone()],
+        auto_thaw_ms: 60_000,
+        run_hooks: false,
+    }));
+    let token = match terminal(&envs) {
+        Payload::FsFreezeReply(r) => {
+            assert_eq!(r.frozen, vec![fs.mnt.clone()]);
+            r.token
+        }
+        other => panic!("{other:?}"),
+    };
+    let (_, envs) = host.request(Payload::ExecRequest(exec(&["true"])));
+    assert_eq!(error_code(&envs), ErrorCode::Frozen);
+    host.send(5, Payload::Ping(Ping { seq: 5 }));
+    let got = host.recv_until(|e| e.correlation_id == 5);
+    assert!(matches!(terminal(&got), Payload::Pong(_)));
+    let (_, envs) = host.request(Payload::FsFreezeStatusRequest(FsFreezeStatusRequest {}));
+    assert!(matches!(terminal(&envs),
+        Payload::FsFreezeStatus(s) if s.state == FreezeState::Frozen as i32));
+    let (_, envs) = host.request(Payload::FsThawRequest(FsThawRequest {
+        token,
+        run_hooks: false,
+    }));
+    assert!(matches!(terminal(&envs), Payload::FsThawReply(r) if r.thawed == vec![fs.mnt.clone()]));
+    let (_, envs) = host.request(Payload::ExecRequest(exec(&["true"])));
+    assert_eq!(exec_exit(&envs).exit_code, 0);
+
+    // A host that never thaws: the agent thaws at the deadline on its own.
+    let (_, envs) = host.request(Payload::FsFreezeRequest(FsFreezeRequest {
+        mountpoints: vec![fs.mnt.clone()],
+        auto_thaw_ms: 200,
+        run_hooks: false,
+    }));
+    assert!(matches!(terminal(&envs), Payload::FsFreezeReply(_)));
+    let start = Instant::now();
+    loop {
+        let (_, envs) = host.request(Payload::FsFreezeStatusRequest(FsFreezeStatusRequest {}));
+        if matches!(terminal(&envs),
+            Payload::FsFreezeStatus(s) if s.state == FreezeState::Thawed as i32)
+        {
+            break;
+        }
+        assert!(start.elapsed() < PATIENCE, "never auto-thawed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Writable again.
+    std::fs::write(format!("{}/after", fs.mnt), b"ok").unwrap();
+}
