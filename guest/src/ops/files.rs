@@ -163,6 +163,7 @@ pub fn list(policy: &PathPolicy, req: &FileListRequest) -> OpResult<FileList> {
     }
     names.sort_unstable();
     let base = req.path.trim_end_matches('/');
+    let denied = policy.resolved_deny();
     let mut out = FileList::default();
     let mut size = 0usize;
     let mut last: Option<&[u8]> = None;
@@ -173,7 +174,7 @@ pub fn list(policy: &PathPolicy, req: &FileListRequest) -> OpResult<FileList> {
             break;
         }
         let full = dir.join(std::ffi::OsStr::from_bytes(name));
-        if policy.is_denied(&full) {
+        if denied.iter().any(|d| full.starts_with(d)) {
             last = Some(name);
             continue;
         }

@@ -3,7 +3,7 @@
 //! A path is resolved before it is judged: the longest existing prefix is canonicalised (so
 //! symlinks and `..` in it are followed the way the kernel would follow them) and the rest is
 //! appended lexically (and may not contain `..`). The resolved path must lie under an allowed
-//! prefix (when any are configured) and under no denied prefix. Prefixes are resolved the same
+//! prefix (none configured: nothing is allowed) and under no denied prefix. Prefixes are resolved the same
 //! way, so `/var/run` and `/run` name the same place. Operations then use the resolved path, so
 //! a symlink cannot lead them out of an allowed prefix or into a denied one.
 
@@ -14,8 +14,8 @@ use qx_proto::agent::ErrorCode;
 
 use super::{OpError, OpResult};
 
-/// Allowed and denied path prefixes. An empty allow list allows everything not denied.
-#[derive(Debug, Clone, Default)]
+/// Allowed and denied path prefixes. An empty allow list allows nothing (fail closed).
+#[derive(Debug, Clone)]
 pub struct PathPolicy {
     allow: Vec<PathBuf>,
     deny: Vec<PathBuf>,
@@ -26,9 +26,9 @@ impl PathPolicy {
         PathPolicy { allow, deny }
     }
 
-    /// A policy that allows every path.
+    /// A policy that allows every path (allow "/", deny nothing).
     pub fn allow_all() -> Self {
-        PathPolicy::default()
+        PathPolicy::new(vec![PathBuf::from("/")], Vec::new())
     }
 
     /// Resolves `path` following every symlink (including the last component) and checks it.
@@ -62,9 +62,12 @@ impl PathPolicy {
 
     /// True when `resolved` lies under a denied prefix.
     pub fn is_denied(&self, resolved: &Path) -> bool {
-        self.deny
-            .iter()
-            .any(|d| resolved.starts_with(resolve_prefix(d)))
+        self.resolved_deny().iter().any(|d| resolved.starts_with(d))
+    }
+
+    /// The denied prefixes, resolved (for checking many entries of one directory).
+    pub fn resolved_deny(&self) -> Vec<PathBuf> {
+        self.deny.iter().map(|d| resolve_prefix(d)).collect()
     }
 
     fn judge(&self, requested: &str, resolved: &Path) -> OpResult<()> {
@@ -83,11 +86,10 @@ impl PathPolicy {
                 format!("{shown} is under the denied prefix {}", d.display()),
             ));
         }
-        if !self.allow.is_empty()
-            && !self
-                .allow
-                .iter()
-                .any(|a| resolved.starts_with(resolve_prefix(a)))
+        if !self
+            .allow
+            .iter()
+            .any(|a| resolved.starts_with(resolve_prefix(a)))
         {
             return Err(OpError::new(
                 ErrorCode::PolicyDenied,
@@ -306,6 +308,13 @@ mod tests {
             );
         }
         assert_eq!(pol.check("/").unwrap(), PathBuf::from("/"));
+    }
+
+    #[test]
+    fn an_empty_allow_list_allows_nothing() {
+        let pol = PathPolicy::new(vec![], vec![]);
+        let e = pol.check("/tmp").unwrap_err();
+        assert_eq!(e.code, ErrorCode::PolicyDenied);
     }
 
     #[test]
