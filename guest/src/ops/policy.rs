@@ -3,9 +3,9 @@
 //! A path is resolved before it is judged: the longest existing prefix is canonicalised (so
 //! symlinks and `..` in it are followed the way the kernel would follow them) and the rest is
 //! appended lexically (and may not contain `..`). The resolved path must lie under an allowed
-//! prefix (none configured: nothing is allowed) and under no denied prefix. Prefixes are resolved the same
-//! way, so `/var/run` and `/run` name the same place. Operations then use the resolved path, so
-//! a symlink cannot lead them out of an allowed prefix or into a denied one.
+//! prefix (none configured: nothing is allowed) and under no denied prefix. Prefixes are
+//! resolved the same way, so `/var/run` and `/run` name the same place. Operations then use the
+//! resolved path, so a symlink cannot lead them out of an allowed prefix or into a denied one.
 
 use std::ffi::OsStr;
 use std::path::{Component, Path, PathBuf};
