@@ -762,6 +762,22 @@ mod tests {
     }
 
     #[test]
+    fn read_of_a_proc_file_reports_size_zero_but_sends_its_content() {
+        let pol = PathPolicy::allow_all();
+        let req = FileReadRequest {
+            path: "/proc/self/mountinfo".into(),
+            ..Default::default()
+        };
+        let mut r = FileReader::open(&pol, &req, 0).unwrap();
+        let (data, _) = read_all(&mut r);
+        let text = String::from_utf8(data).unwrap();
+        assert!(text.lines().any(|l| l.contains(" / / ")), "{text}");
+        let done = r.done();
+        assert_eq!(done.file_size, 0);
+        assert_eq!(done.bytes, text.len() as u64);
+    }
+
+    #[test]
     fn read_refuses_missing_files_fifos_and_policy_escapes() {
         let t = TempDir::new("read-err");
         let pol = policy_for(&t);

@@ -6,6 +6,11 @@
 //!   [`files::FileHasher`]) or handed back as a [`ChildCommand`] for the loop to run as a child
 //!   job (password changes, freeze hooks).
 //! - Failures are [`OpError`]s carrying the wire [`ErrorCode`] and a sentence a person can act on.
+//!
+//! Modules: [`policy`] (path allow/deny, symlink-aware), [`files`] (stat, list, mkdir, delete,
+//! chunked read/hash/write), [`fsfreeze`] (freeze/thaw/trim), [`timeops`], [`users`] (utmp,
+//! chpasswd, ssh keys), [`sysinfo`], [`netinfo`], [`disks`], [`telemetry`], [`sha256`]. The
+//! only `unsafe` code of `ops` is in its private `sys` module (libc calls and ioctls).
 
 use qx_proto::agent::ErrorCode;
 
