@@ -466,7 +466,12 @@ impl Agent {
 
     fn handle_requests(&mut self, now: Instant) {
         while self.has_room() {
-            match self.session.next_request(now) {
+            let next = self.session.next_request(now);
+            if self.session.take_host_changed() && self.writers.open_count() > 0 {
+                log::info!("new host session: aborting open write transfers");
+                self.writers.abort_all();
+            }
+            match next {
                 Some(req) => self.dispatch(req, now),
                 None => return,
             }

@@ -231,6 +231,9 @@ pub struct Session {
     running: HashSet<u64>,
     stats: SessionStats,
     noisy: RateLimiter,
+    /// The host session announced in the last HostHello (0: none yet).
+    host_session_id: u64,
+    host_changed: bool,
 }
 
 impl Session {
@@ -252,7 +255,15 @@ impl Session {
             running: HashSet::new(),
             stats: SessionStats::default(),
             noisy: RateLimiter::new(10, Duration::from_secs(60)),
+            host_session_id: 0,
+            host_changed: false,
         }
+    }
+
+    /// True once after a HostHello from a different host session than the previous one (the
+    /// host restarted): per-host state such as open write transfers should be dropped.
+    pub fn take_host_changed(&mut self) -> bool {
+        std::mem::take(&mut self.host_changed)
     }
 
     pub fn session_id(&self) -> u64 {
@@ -440,6 +451,15 @@ impl Session {
                     "host hello: version {:?}, host session {:x}",
                     h.host_version, h.host_session_id
                 );
+                if h.host_session_id != self.host_session_id {
+                    // A restarted host numbers its requests afresh: replies cached for the
+                    // old host's ids must not answer the new host's requests.
+                    if self.host_session_id != 0 {
+                        self.host_changed = true;
+                    }
+                    self.host_session_id = h.host_session_id;
+                    self.cache = ReplyCache::default();
+                }
                 self.announce(id, now);
                 return None;
             }
@@ -730,6 +750,32 @@ mod tests {
         let again = sent(&mut s);
         assert_eq!(kinds(&again), vec![("ack", 7), ("done", 7)]);
         assert_eq!(again[1], first[0]);
+    }
+
+    #[test]
+    fn a_restarted_host_may_reuse_request_ids() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        let hello = |id| {
+            Payload::HostHello(HostHello {
+                host_session_id: id,
+                ..Default::default()
+            })
+        };
+        s.receive(&frame(1, hello(100)), t0);
+        s.receive(&frame(7, Payload::TimeGetRequest(TimeGetRequest {})), t0);
+        let req = s.next_request(t0).unwrap();
+        s.reply(req.id, Payload::Done(Default::default())).unwrap();
+        assert!(!s.take_host_changed());
+        // Same host reconnecting: id 7 is a redelivery.
+        s.receive(&frame(2, hello(100)), t0);
+        s.receive(&frame(7, Payload::TimeGetRequest(TimeGetRequest {})), t0);
+        assert_eq!(s.next_request(t0), None);
+        // A new host session: id 7 is a new request.
+        s.receive(&frame(1, hello(200)), t0);
+        s.receive(&frame(7, Payload::TimeGetRequest(TimeGetRequest {})), t0);
+        assert_eq!(s.next_request(t0).map(|r| r.id), Some(7));
+        assert!(s.take_host_changed());
     }
 
     #[test]
