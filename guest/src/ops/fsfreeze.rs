@@ -469,7 +469,8 @@ impl Freezer {
     }
 
     /// Hook commands to run for `phase`, in order: executables of the hooks directory
-    /// (hidden names skipped), ascending for a freeze, descending for a thaw.
+    /// (hidden names, `~` backups and dpkg/rpm leftovers skipped), ascending for a freeze,
+    /// descending for a thaw.
     pub fn hook_commands(&self, phase: HookPhase) -> Vec<ChildCommand> {
         let Some(dir) = &self.hooks_dir else {
             return Vec::new();
@@ -479,7 +480,14 @@ impl Freezer {
         };
         let mut hooks: Vec<PathBuf> = rd
             .flatten()
-            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .filter(|e| {
+                // Hidden files and package-manager or editor leftovers are not hooks.
+                let n = e.file_name().to_string_lossy().into_owned();
+                !(n.starts_with('.')
+                    || n.ends_with('~')
+                    || n.contains(".dpkg-")
+                    || n.contains(".rpm"))
+            })
             .map(|e| e.path())
             .filter(|p| {
                 std::fs::metadata(p)
