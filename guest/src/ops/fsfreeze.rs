@@ -874,6 +874,8 @@ mod tests {
             ("10-app", 0o700),
             ("30-notes", 0o644),
             (".hidden", 0o755),
+            ("15-db~", 0o755),
+            ("25-x.dpkg-old", 0o755),
         ] {
             std::fs::write(hooks.join(name), "#!/bin/sh\n").unwrap();
             std::fs::set_permissions(hooks.join(name), std::fs::Permissions::from_mode(mode))
