@@ -100,20 +100,39 @@ mod tests {
     /// implementation (bitwise CRC-32C, hand-assembled protobuf).
     #[test]
     fn document_vectors_match_the_encoder() {
-        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ");
+        let hex = |b: &[u8]| {
+            b.iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
         let mut out = Vec::new();
         crate::codec::encode_frame(&[], DEFAULT_MAX_FRAME_BYTES, &mut out).unwrap();
         assert_eq!(hex(&out), "51 54 58 01 00 00 00 00 00 00 00 00 1d e0 8b 20");
 
-        let ping = Envelope { id: 1, correlation_id: 0, payload: Some(Payload::Ping(Ping { seq: 1 })) };
+        let ping = Envelope {
+            id: 1,
+            correlation_id: 0,
+            payload: Some(Payload::Ping(Ping { seq: 1 })),
+        };
         out.clear();
         encode_envelope(&ping, DEFAULT_MAX_FRAME_BYTES, &mut out).unwrap();
-        assert_eq!(hex(&out), "51 54 58 01 00 00 00 06 b1 2b 4d 63 42 a5 b5 da 08 01 2a 02 08 01");
+        assert_eq!(
+            hex(&out),
+            "51 54 58 01 00 00 00 06 b1 2b 4d 63 42 a5 b5 da 08 01 2a 02 08 01"
+        );
 
-        let ack = Envelope { id: 2, correlation_id: 7, payload: Some(Payload::Ack(crate::agent::Ack {})) };
+        let ack = Envelope {
+            id: 2,
+            correlation_id: 7,
+            payload: Some(Payload::Ack(crate::agent::Ack {})),
+        };
         out.clear();
         encode_envelope(&ack, DEFAULT_MAX_FRAME_BYTES, &mut out).unwrap();
-        assert_eq!(hex(&out), "51 54 58 01 00 00 00 06 20 85 8f 4c fa 98 9d 0c 08 02 10 07 3a 00");
+        assert_eq!(
+            hex(&out),
+            "51 54 58 01 00 00 00 06 20 85 8f 4c fa 98 9d 0c 08 02 10 07 3a 00"
+        );
     }
 
     #[test]
