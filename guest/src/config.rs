@@ -27,6 +27,8 @@
 //! | `freeze_state_file` | `/run/quantix-kvm-agent.frozen` | freeze record for crash recovery |
 //! | `freeze_hooks_dir` | `/etc/quantix-kvm/fsfreeze-hook.d` | pre-freeze/post-thaw hooks |
 //! | `disable` | (none) | comma-separated capabilities to refuse, e.g. `exec,power` |
+//! | `power_command` | (detected) | command for power actions, words split on spaces, `{action}` replaced by poweroff, reboot or halt; by default chosen from what PID 1 is (guest/src/power.rs) |
+//! | `power_syscall_fallback` | `true` | when the power command fails, sync and call reboot(2) |
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -85,6 +87,8 @@ pub struct Config {
     pub freeze_state_file: PathBuf,
     pub freeze_hooks_dir: PathBuf,
     pub disable: Vec<String>,
+    pub power_command: Option<String>,
+    pub power_syscall_fallback: bool,
 }
 
 impl Default for Config {
@@ -110,6 +114,8 @@ impl Default for Config {
             freeze_state_file: PathBuf::from("/run/quantix-kvm-agent.frozen"),
             freeze_hooks_dir: PathBuf::from("/etc/quantix-kvm/fsfreeze-hook.d"),
             disable: Vec::new(),
+            power_command: None,
+            power_syscall_fallback: true,
         }
     }
 }
@@ -189,6 +195,21 @@ impl Config {
             "freeze_state_file" => self.freeze_state_file = PathBuf::from(value),
             "freeze_hooks_dir" => self.freeze_hooks_dir = PathBuf::from(value),
             "disable" => self.disable = list(value),
+            "power_command" => self.power_command = (!value.is_empty()).then(|| value.to_string()),
+            "power_syscall_fallback" => {
+                self.power_syscall_fallback = match value {
+                    "true" | "yes" | "1" => true,
+                    "false" | "no" | "0" => false,
+                    _ => {
+                        return Err(ConfigError::BadValue {
+                            origin: origin.into(),
+                            key: key.into(),
+                            value: value.into(),
+                            why: "expected true or false",
+                        })
+                    }
+                }
+            }
             _ => {
                 return Err(ConfigError::UnknownKey {
                     origin: origin.into(),

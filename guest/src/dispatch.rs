@@ -527,7 +527,10 @@ impl Agent {
             );
             return;
         }
-        let method = power::method(action, power::detect_init(std::path::Path::new("/proc")));
+        let method = match &self.cfg.power_command {
+            Some(template) => power::configured(action, template),
+            None => power::method(action, power::detect_init(std::path::Path::new("/proc"))),
+        };
         let delay = Duration::from_millis(u64::from(r.delay_ms));
         let at_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -567,6 +570,10 @@ impl Agent {
     }
 
     fn power_fallback(&mut self, action: PowerAction, why: &str) {
+        if !self.cfg.power_syscall_fallback {
+            log::error!("power command failed ({why}); reboot(2) fallback is disabled");
+            return;
+        }
         log::warn!("power command failed ({why}): sync and reboot(2)");
         let err = power::syscall_fallback(action);
         log::error!("reboot(2) failed: {err}");

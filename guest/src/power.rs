@@ -36,6 +36,16 @@ impl Method {
     }
 }
 
+/// The configured `power_command` for `action`: words split on spaces, `{action}` replaced.
+pub fn configured(action: PowerAction, template: &str) -> Method {
+    Method::Command(
+        template
+            .split_whitespace()
+            .map(|w| w.replace("{action}", verb(action)))
+            .collect(),
+    )
+}
+
 fn verb(action: PowerAction) -> &'static str {
     match action {
         PowerAction::Reboot => "reboot",
@@ -113,6 +123,14 @@ mod tests {
         assert_eq!(
             method(PowerAction::Shutdown, Init::NotAnInit),
             Method::Syscall
+        );
+    }
+
+    #[test]
+    fn configured_command_names_the_action() {
+        assert_eq!(
+            configured(PowerAction::Halt, "/sbin/my-power --now {action}").describe(),
+            "/sbin/my-power --now halt"
         );
     }
 

@@ -897,3 +897,42 @@ fn while_frozen_only_safe_requests_run_and_the_agent_thaws_by_itself() {
     // Writable again.
     std::fs::write(format!("{}/after", fs.mnt), b"ok").unwrap();
 }
+
+#[test]
+fn power_request_is_answered_first_then_the_command_runs_after_the_delay() {
+    use qx_proto::agent::{PowerAction, PowerRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("power-ran");
+    let script = dir.path().join("power.sh");
+    std::fs::write(
+        &script,
+        format!("#!/bin/sh\necho \"$1\" > {}\n", marker.display()),
+    )
+    .unwrap();
+    let template = format!("power_command=/bin/sh {} {{action}}", script.display());
+    // The fallback stays off: a failing command must never reboot the test machine.
+    let agent = Agent::start(&["--set", &template, "--set", "power_syscall_fallback=false"]);
+    let mut host = agent.accept();
+    host.hello();
+    let (_, envs) = host.request(Payload::PowerRequest(PowerRequest {
+        action: PowerAction::Reboot as i32,
+        delay_ms: 1000,
+    }));
+    assert_acked_first(&envs);
+    match terminal(&envs) {
+        Payload::PowerReply(r) => assert!(r.method.ends_with("power.sh reboot"), "{r:?}"),
+        other => panic!("{other:?}"),
+    }
+    // The reply came before the action.
+    assert!(!marker.exists());
+    let start = Instant::now();
+    while !marker.exists() {
+        assert!(start.elapsed() < PATIENCE, "power command never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let start = Instant::now();
+    while std::fs::read_to_string(&marker).unwrap_or_default() != "reboot\n" {
+        assert!(start.elapsed() < PATIENCE);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
