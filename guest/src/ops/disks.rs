@@ -81,8 +81,13 @@ pub fn parse_mountinfo(text: &str) -> Vec<Mount> {
 
 /// Mounts in mount order.
 pub fn mounts() -> OpResult<Vec<Mount>> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| OpError::io("/proc/self/mountinfo", &e))?;
+    mounts_from(Path::new("/proc/self/mountinfo"))
+}
+
+/// Mounts of a mountinfo file, in mount order.
+pub fn mounts_from(mountinfo: &Path) -> OpResult<Vec<Mount>> {
+    let text = std::fs::read_to_string(mountinfo)
+        .map_err(|e| OpError::io(&mountinfo.display().to_string(), &e))?;
     Ok(parse_mountinfo(&text))
 }
 

@@ -63,6 +63,8 @@ struct Frozen {
 pub struct Freezer {
     state_file: PathBuf,
     hooks_dir: Option<PathBuf>,
+    /// The mount table consulted (/proc/self/mountinfo; a file in tests).
+    mountinfo: PathBuf,
     current: Option<Frozen>,
 }
 
@@ -164,8 +166,16 @@ impl Freezer {
         Freezer {
             state_file,
             hooks_dir,
+            mountinfo: PathBuf::from("/proc/self/mountinfo"),
             current: None,
         }
+    }
+
+    /// Reads the mount table from `mountinfo` instead of /proc/self/mountinfo (tests: a
+    /// default freeze that can only see a loop mount).
+    pub fn with_mountinfo(mut self, mountinfo: PathBuf) -> Self {
+        self.mountinfo = mountinfo;
+        self
     }
 
     pub fn is_frozen(&self) -> bool {
@@ -321,7 +331,7 @@ impl Freezer {
                 format!("already frozen: {}", f.mounts.join(", ")),
             ));
         }
-        let all = disks::mounts()?;
+        let all = disks::mounts_from(&self.mountinfo)?;
         let explicit = !req.mountpoints.is_empty();
         let targets = if explicit {
             requested_targets(&all, &req.mountpoints)?
@@ -720,6 +730,38 @@ mod tests {
         let e = fz.thaw(&thaw_req(reply.token)).unwrap_err();
         assert_eq!(e.code, ErrorCode::FailedPrecondition);
         assert!(fz.thaw(&thaw_req(0)).unwrap().thawed.is_empty());
+    }
+
+    #[test]
+    fn a_default_freeze_takes_every_writable_disk_filesystem_it_sees() {
+        let fs = LoopFs::new("default");
+        let ro = LoopFs::new("default-ro");
+        run(Command::new("mount")
+            .args(["-o", "remount,ro"])
+            .arg(&ro.mnt));
+        let t = TempDir::new("default-state");
+        // Only the two loop mounts and a tmpfs are visible to this freezer, so the default
+        // selection runs for real without any chance of freezing the machine's own disks.
+        let real = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let line = |mnt: &str| {
+            real.lines()
+                .rfind(|l| l.split(' ').nth(4) == Some(mnt))
+                .unwrap()
+                .to_string()
+        };
+        let table = format!(
+            "{}\n{}\n1000 1 0:999 / /qx-not-a-disk rw - tmpfs tmpfs rw\n",
+            line(&fs.mnt),
+            line(&ro.mnt)
+        );
+        std::fs::write(t.join("mountinfo"), table).unwrap();
+        let mut fz = freezer(&t).with_mountinfo(t.join("mountinfo"));
+        let r = fz.freeze(&freeze_req(&[], 0), Instant::now()).unwrap();
+        assert_eq!(r.frozen, vec![fs.mnt.clone()]);
+        let mut writer = start_write(&fs.file("f"));
+        assert_blocks(&mut writer);
+        fz.thaw(&thaw_req(r.token)).unwrap();
+        assert_completes(&mut writer);
     }
 
     #[test]
