@@ -456,8 +456,9 @@ impl Agent {
                     return;
                 }
                 Err(e) => {
-                    log::warn!("transport read failed: {e}");
+                    log::warn!("transport read failed: {e}; reopening it");
                     self.link_down(now);
+                    self.transport.reset(self.poll.registry(), now);
                     return;
                 }
             }
@@ -483,8 +484,9 @@ impl Agent {
             return;
         }
         if let Err(e) = self.session.outbox_mut().flush(&mut self.transport) {
-            log::warn!("transport write failed: {e}");
+            log::warn!("transport write failed: {e}; reopening it");
             self.link_down(now);
+            self.transport.reset(self.poll.registry(), now);
         }
     }
 

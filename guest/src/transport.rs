@@ -172,6 +172,16 @@ impl Transport {
         }
     }
 
+    /// Closes the transport after an I/O error (a port that was hot-unplugged, a broken
+    /// socket) and schedules a reopen.
+    pub fn reset(&mut self, registry: &Registry, now: Instant) {
+        if let Some(conn) = self.conn.take() {
+            let _ = registry.deregister(&mut SourceFd(&conn.fd()));
+            self.interest = None;
+            self.schedule_retry(now);
+        }
+    }
+
     /// Re-arms the registration when the wanted interest changed.
     pub fn set_interest(&mut self, registry: &Registry, token: Token, want_write: bool) {
         let Some(conn) = &self.conn else { return };
