@@ -6,19 +6,19 @@
 //!   own log), [`config`]. Tests drive them with byte buffers and `Instant`s.
 //! - **I/O shell:** [`event_loop`] (one `mio::Poll`, one thread), [`transport`] (the
 //!   virtio-serial port or a unix socket), [`exec`] (child processes), [`power`], [`dispatch`]
-//!   (every request type to its handler) and [`sys`] (the only `unsafe`: libc calls).
-//!   `main.rs` parses the command line and calls [`event_loop::run`].
+//!   (every request type to its handler) and [`sys`] (the only `unsafe` of the core: libc
+//!   calls). `main.rs` parses the command line and calls [`event_loop::run`].
 //!
 //! Operations themselves (files, freeze, users, ...) live in [`ops`].
 
 pub mod config;
-pub mod logring;
-pub mod ops;
-pub mod outbox;
-pub mod session;
 pub mod dispatch;
 pub mod event_loop;
 pub mod exec;
+pub mod logring;
+pub mod ops;
+pub mod outbox;
 pub mod power;
+pub mod session;
 pub mod sys;
 pub mod transport;
