@@ -39,6 +39,9 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+# A private copy: the shared target/ binary may be rebuilt by someone else mid-test.
+cp "$agent" "$work/agent.bin"
+agent=$work/agent.bin
 
 pass=0
 fail() { echo "FAIL: $*" >&2; exit 1; }

@@ -106,12 +106,28 @@ busybox)
 	;;
 esac
 
-# Any agent still running from the installed binary.
-for d in /proc/[0-9]*; do
-	case "$(readlink "$d/exe" 2>/dev/null)" in
-	"$BIN" | "$BIN (deleted)" | "$BIN.old" | "$BIN.old (deleted)") run kill "${d#/proc/}" 2>/dev/null ;;
-	esac
-done
+# Any agent still running from the installed binary: TERM, up to 5 s to exit, then KILL.
+agent_pids() {
+	for d in /proc/[0-9]*; do
+		case "$(readlink "$d/exe" 2>/dev/null)" in
+		"$BIN" | "$BIN (deleted)" | "$BIN.old" | "$BIN.old (deleted)") echo "${d#/proc/}" ;;
+		esac
+	done
+}
+pids=$(agent_pids)
+if [ -n "$pids" ]; then
+	# shellcheck disable=SC2086
+	run kill $pids 2>/dev/null
+	i=0
+	# A zombie has no exe link, so it drops out of agent_pids.
+	while [ "$DRY" = 0 ] && [ -n "$(agent_pids)" ] && [ $i -lt 50 ]; do
+		sleep 0.1 2>/dev/null || sleep 1
+		i=$((i + 1))
+	done
+	left=$(agent_pids)
+	# shellcheck disable=SC2086
+	[ "$DRY" = 1 ] || [ -z "$left" ] || kill -9 $left 2>/dev/null
+fi
 
 sed -n 's/^file=//p' "$STATE" | while read -r entry; do
 	case "$entry" in

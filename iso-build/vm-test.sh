@@ -38,10 +38,13 @@ qemu_pid=""
 cleanup() {
   [ -z "$qemu_pid" ] || kill "$qemu_pid" 2>/dev/null || true
   [ -z "$qemu_pid" ] || wait "$qemu_pid" 2>/dev/null || true
-  rm -rf "$work"
+  # QX_KEEP=1 keeps the working directory (console log, initrd) for debugging.
+  if [ -z "${QX_KEEP:-}" ]; then rm -rf "$work"; else log "kept $work"; fi
 }
 trap cleanup EXIT
-[ -z "${QX_KEEP:-}" ] || trap - EXIT
+# A private copy: the shared target/ binary may be rebuilt by someone else mid-test.
+cp "$agent" "$work/agent.bin"
+agent=$work/agent.bin
 
 # ---- the ISO and the host helper --------------------------------------------------------------
 iso=$(bash iso-build/build-iso.sh --agent "$agent" --out "$work/iso" 2>"$work/build.log") \
