@@ -1012,7 +1012,8 @@ impl Link {
                 self.complete(corr, Err(err));
             }
             Some(Payload::Error(e)) => {
-                log::warn!("vm {}: agent protocol complaint: {}", self.vm_id, e.message);
+                // The agent can repeat this at will: debug only, never a flood at info.
+                log::debug!("vm {}: agent protocol complaint: {}", self.vm_id, e.message);
             }
             Some(item @ (Payload::ExecOutput(_) | Payload::FileChunk(_))) if corr != 0 => {
                 self.on_item(corr, item);
@@ -1207,6 +1208,31 @@ mod tests {
         assert_eq!(link.state_name(), "disconnected");
         assert!(link.status().writer_alive);
         drop(writer);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unwritten_command_fails_at_its_ack_deadline_naming_the_stage() {
+        let link = link();
+        let opts = CommandOptions {
+            ack_timeout: Duration::from_secs(5),
+            timeout: Some(Duration::from_secs(30)),
+            redelivery: Redelivery::Idempotent,
+            expects_ack: true,
+        };
+        let started = Instant::now();
+        let cmd = link.start(Payload::Ping(Ping { seq: 0 }), opts, 1).unwrap();
+        let err = cmd.finish().await.unwrap_err();
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        match err {
+            AgentError::NotWritten { waited_ms, why, .. } => {
+                assert_eq!(waited_ms, 5000);
+                assert!(why.contains("not connected"), "{why}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let stats = link.stats();
+        assert_eq!(stats.commands.unwrap().failed_not_written, 1);
+        assert_eq!(stats.in_flight, 0);
     }
 
     #[test]
