@@ -316,6 +316,10 @@ impl Jobs {
 
     /// Sends `signal` to the exec of request `target`. False when no such exec runs.
     pub fn signal(&mut self, target: u64, signal: i32) -> bool {
+        if target == 0 {
+            // Id 0 marks the agent's own children (hooks, power): not the host's to signal.
+            return false;
+        }
         for job in self.slots.iter_mut().flatten() {
             if job.id == target && job.status.is_none() {
                 if let Err(e) = sys::kill_group(job.pid, signal) {
