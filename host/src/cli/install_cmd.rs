@@ -25,11 +25,10 @@ use tonic::transport::Channel;
 use crate::pb;
 use crate::pb::node_daemon_service_client::NodeDaemonServiceClient;
 
-/// Where the detached installer leaves its exit status and its output in the guest.
+/// Where the detached installer leaves its exit status and its output in the guest (the paths
+/// `iso-build/guest-launch.sh` writes).
 const GUEST_RC_FILE: &str = "/run/quantix-kvm-agent-install.rc";
 const GUEST_LOG_FILE: &str = "/var/log/quantix-kvm-agent-install.log";
-/// Where the launcher mounts the disc in the guest.
-const GUEST_MOUNT_DIR: &str = "/run/quantix-kvm-agent-iso";
 /// How often the host asks whether the installer has finished.
 const POLL_INTERVAL_MS: u64 = 1000;
 /// Per-call budget for the small commands the host runs in the guest.
@@ -83,51 +82,43 @@ pub fn volume_id_for(iso_path: &str) -> String {
     format!("QX_AGENT_{}", version.replace('.', "_"))
 }
 
-/// The launcher the agent runs: find the disc by content, mount it, start install.sh detached.
-/// `install_args` is appended to install.sh's command line unquoted (word-split by the guest
-/// shell), so only pass options there.
-pub fn launcher_script(install_args: &str) -> String {
-    format!(
-        r#"set -u
-rcf={rc}; log={log}; mnt={mnt}
-rm -f "$rcf"
-mkdir -p "$mnt" "$(dirname "$log")"
-umount "$mnt" 2>/dev/null
-modprobe isofs 2>/dev/null; modprobe sr_mod 2>/dev/null
-found=""
-for d in /dev/disk/by-label/QX_AGENT_* /dev/sr* /dev/vd* /dev/hd* /dev/xvd* /dev/sd*; do
-  [ -b "$d" ] || continue
-  mount -t iso9660 -o ro "$d" "$mnt" 2>/dev/null || continue
-  if [ -f "$mnt/install.sh" ] && [ -f "$mnt/SHA256SUMS" ] && [ -f "$mnt/VERSION" ]; then found=$d; break; fi
-  umount "$mnt" 2>/dev/null
-done
-if [ -z "$found" ]; then echo "no agent ISO found in any drive" >&2; exit 10; fi
-job="sh $mnt/install.sh {args} >$log 2>&1; echo \$? >$rcf.tmp; mv -f $rcf.tmp $rcf; umount $mnt 2>/dev/null"
-if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null 2>&1; then
-  systemctl reset-failed quantix-kvm-agent-install.service 2>/dev/null
-  systemd-run --quiet --collect --unit=quantix-kvm-agent-install sh -c "$job" || exit 11
-else
-  setsid sh -c "$job" </dev/null >/dev/null 2>&1 &
-fi
-echo "installing $(cat "$mnt/VERSION") from $found"
-"#,
-        rc = GUEST_RC_FILE,
-        log = GUEST_LOG_FILE,
-        mnt = GUEST_MOUNT_DIR,
-        args = install_args,
-    )
+/// The launcher the agent runs (`iso-build/guest-launch.sh`, shared with the VM test that
+/// exercises it): find the disc by content, mount it, start install.sh detached.
+pub const LAUNCHER_SCRIPT: &str = include_str!("../../../iso-build/guest-launch.sh");
+
+/// The exec request that runs the launcher; `install_args` (options only) go to install.sh.
+pub fn launcher_request(install_args: &str) -> ExecRequest {
+    let mut argv = vec![
+        "/bin/sh".to_string(),
+        "-c".to_string(),
+        LAUNCHER_SCRIPT.to_string(),
+        "qx-agent-install".to_string(),
+    ];
+    argv.extend(install_args.split_whitespace().map(str::to_string));
+    ExecRequest {
+        argv,
+        timeout_ms: EXEC_TIMEOUT_MS,
+        ..Default::default()
+    }
+}
+
+fn in_guest(vm: &str, exec: ExecRequest) -> pb::ExecuteInGuestRequest {
+    pb::ExecuteInGuestRequest {
+        vm_id: vm.to_string(),
+        exec: Some(exec),
+        timeout_ms: EXEC_TIMEOUT_MS + 5000,
+    }
 }
 
 fn shell(vm: &str, script: String) -> pb::ExecuteInGuestRequest {
-    pb::ExecuteInGuestRequest {
-        vm_id: vm.to_string(),
-        exec: Some(ExecRequest {
+    in_guest(
+        vm,
+        ExecRequest {
             argv: vec!["/bin/sh".into(), "-c".into(), script],
             timeout_ms: EXEC_TIMEOUT_MS,
             ..Default::default()
-        }),
-        timeout_ms: EXEC_TIMEOUT_MS + 5000,
-    }
+        },
+    )
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -195,7 +186,7 @@ pub async fn run(
     let old = agent.unwrap_or_default();
 
     let launched = client
-        .execute_in_guest(shell(&vm, launcher_script(&args.install_args)))
+        .execute_in_guest(in_guest(&vm, launcher_request(&args.install_args)))
         .await
         .with_context(|| format!("starting the installer in {vm}"))?
         .into_inner();
@@ -313,13 +304,25 @@ mod tests {
     }
 
     #[test]
-    fn launcher_script_parses_under_sh() {
-        let script = launcher_script("--timeout 60");
+    fn launcher_parses_under_sh_and_names_the_files_polled() {
         let status = std::process::Command::new("sh")
-            .args(["-n", "-c", &script])
+            .args(["-n", "-c", LAUNCHER_SCRIPT])
             .status()
             .unwrap_or_else(|e| panic!("sh: {e}"));
         assert!(status.success());
+        assert!(LAUNCHER_SCRIPT.contains(&format!("rcf={GUEST_RC_FILE}\n")));
+        assert!(LAUNCHER_SCRIPT.contains(&format!("log={GUEST_LOG_FILE}\n")));
+    }
+
+    #[test]
+    fn launcher_request_passes_install_options_as_separate_words() {
+        let req = launcher_request(" --timeout 60  --prefix=/opt/qx ");
+        assert_eq!(req.argv[..2], ["/bin/sh".to_string(), "-c".to_string()]);
+        assert_eq!(req.argv[2], LAUNCHER_SCRIPT);
+        assert_eq!(
+            req.argv[3..],
+            ["qx-agent-install", "--timeout", "60", "--prefix=/opt/qx"].map(String::from)
+        );
     }
 
     #[test]
