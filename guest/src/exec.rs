@@ -376,7 +376,7 @@ impl Jobs {
                         job.deadline = None;
                     }
                 } else if job.deadline.is_some_and(|d| now >= d) {
-                    log::info!("pid {} timed out: terminating", job.pid);
+                    log::debug!("pid {} timed out: terminating", job.pid);
                     job.timed_out = true;
                     let _ = sys::kill_group(job.pid, libc::SIGTERM);
                     job.kill_at = Some(now + job.grace);

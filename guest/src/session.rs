@@ -231,6 +231,8 @@ pub struct Session {
     running: HashSet<u64>,
     stats: SessionStats,
     noisy: RateLimiter,
+    /// Connect/disconnect/hello lines: a host reconnecting in a loop must not flood the log.
+    link_log: RateLimiter,
     /// The host session announced in the last HostHello (0: none yet).
     host_session_id: u64,
     host_changed: bool,
@@ -255,6 +257,7 @@ impl Session {
             running: HashSet::new(),
             stats: SessionStats::default(),
             noisy: RateLimiter::new(10, Duration::from_secs(60)),
+            link_log: RateLimiter::new(20, Duration::from_secs(60)),
             host_session_id: 0,
             host_changed: false,
         }
@@ -307,7 +310,9 @@ impl Session {
         let next = match (self.state, ev) {
             (LinkState::HostAbsent, LinkEvent::Up) => {
                 self.stats.connects += 1;
-                info!("host connected");
+                if self.link_log.allow(now) {
+                    info!("host connected");
+                }
                 self.decoder.reset();
                 self.announce(0, now);
                 Some(LinkState::Connected {
@@ -317,7 +322,9 @@ impl Session {
             }
             (LinkState::HostAbsent, _) => None,
             (_, LinkEvent::Down) => {
-                info!("host disconnected");
+                if self.link_log.allow(now) {
+                    info!("host disconnected");
+                }
                 Some(LinkState::HostAbsent)
             }
             (_, LinkEvent::Up) => None,
@@ -326,7 +333,9 @@ impl Session {
                 next_ping: next_ping.max(now + interval),
             }),
             (LinkState::Stale { .. }, LinkEvent::Rx) => {
-                info!("host heard again");
+                if self.link_log.allow(now) {
+                    info!("host heard again");
+                }
                 Some(LinkState::Connected {
                     last_rx: now,
                     next_ping: now + interval,
@@ -447,10 +456,12 @@ impl Session {
         let id = env.id;
         let payload = match env.payload {
             Some(Payload::HostHello(h)) => {
-                info!(
-                    "host hello: version {:?}, host session {:x}",
-                    h.host_version, h.host_session_id
-                );
+                if self.link_log.allow(now) {
+                    info!(
+                        "host hello: version {:?}, host session {:x}",
+                        h.host_version, h.host_session_id
+                    );
+                }
                 if h.host_session_id != self.host_session_id {
                     // A restarted host numbers its requests afresh: replies cached for the
                     // old host's ids must not answer the new host's requests.
