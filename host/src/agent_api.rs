@@ -946,6 +946,9 @@ fn info_of(link: &Link) -> pb::GuestAgentInfo {
         info.ip_addresses = r.ip_addresses;
         info.capabilities = r.capabilities;
     }
+    if let Some(n) = cache.network {
+        info.interfaces = n.interfaces;
+    }
     if let Some(t) = cache.telemetry {
         if !t.hostname.is_empty() {
             info.hostname = t.hostname.clone();

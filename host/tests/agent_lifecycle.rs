@@ -46,7 +46,12 @@ async fn agent_restart_fails_in_flight_commands_naming_the_restart() {
     // A command the agent acknowledged and is running.
     let mut client = d.client.clone();
     let running = tokio::spawn(async move { client.execute_in_guest(sleep_exec("vm", 20)).await });
-    until(&mut d, "vm", |s| s.commands.unwrap().acknowledged >= 1).await;
+    // The exec is the one acknowledged command not yet completed.
+    until(&mut d, "vm", |s| {
+        let c = s.commands.unwrap();
+        s.in_flight == 1 && c.acknowledged > c.completed
+    })
+    .await;
 
     agent.kill();
     let _agent2 = RealAgent::start(&relay.guest_path, &[]);
@@ -463,7 +468,12 @@ async fn command_in_flight_at_a_drop_is_redelivered_once_in_the_same_session() {
             })
             .await
     });
-    until(&mut d, "vm", |s| s.commands.unwrap().acknowledged >= 1).await;
+    // The exec is the one acknowledged command not yet completed.
+    until(&mut d, "vm", |s| {
+        let c = s.commands.unwrap();
+        s.in_flight == 1 && c.acknowledged > c.completed
+    })
+    .await;
     // The connection dies under the acknowledged command (its reader ends).
     let link = d.agent.manager().link("vm").unwrap();
     link.kill_reader_for_test().await;

@@ -40,6 +40,16 @@ async fn ping_info_stats_and_telemetry_reach_the_real_agent() {
     assert!(!info.stale);
     assert!(info.capabilities.iter().any(|c| c == "ping"));
     assert!(!info.hostname.is_empty());
+    // The interfaces the daemon asked for after AgentReady reach GuestAgentInfo.
+    let mut with_ifaces = info.clone();
+    for _ in 0..200 {
+        if !with_ifaces.interfaces.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        with_ifaces = d.wait_connected(VM, 0).await;
+    }
+    assert!(with_ifaces.interfaces.iter().any(|i| i.loopback));
 
     let mut telemetry = d
         .client

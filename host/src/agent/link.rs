@@ -148,6 +148,8 @@ pub struct AgentCache {
     pub ready_at: Option<SystemTime>,
     pub telemetry: Option<Telemetry>,
     pub telemetry_at: Option<SystemTime>,
+    /// Interfaces, asked for after every AgentReady of an agent that serves "network".
+    pub network: Option<qx_proto::agent::NetworkInfo>,
 }
 
 #[derive(Debug, Default)]
@@ -1147,6 +1149,9 @@ impl Link {
                 ),
             );
         }
+        if r.capabilities.iter().any(|c| c == "network") {
+            self.refresh_network();
+        }
         if first_on_conn {
             self.emit(
                 pb::EventKind::AgentConnected,
@@ -1156,6 +1161,28 @@ impl Link {
                 ),
             );
         }
+    }
+}
+
+impl Link {
+    /// Fetches the guest's interfaces into the cache, in the background.
+    fn refresh_network(self: &Arc<Self>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let opts = CommandOptions {
+                ack_timeout: me.cfg.ack_timeout,
+                timeout: Some(me.cfg.default_timeout),
+                redelivery: Redelivery::Idempotent,
+                expects_ack: true,
+            };
+            let req = Payload::NetworkRequest(qx_proto::agent::NetworkRequest {});
+            let Ok(cmd) = me.start(req, opts, 1) else {
+                return;
+            };
+            if let Ok(Payload::NetworkInfo(n)) = cmd.finish().await {
+                me.lock().cache.network = Some(n);
+            }
+        });
     }
 }
 
