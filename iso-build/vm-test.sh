@@ -101,7 +101,7 @@ done
 
 # The helper waits for AgentReady while the guest boots, mounts the ISO and installs; a failed
 # install or a dead QEMU ends the wait early.
-"$helper" "$sock" "${QX_READY_TIMEOUT_S:-180}" >"$work/ready" 2>"$work/helper.err" &
+"$helper" ready "$sock" "${QX_READY_TIMEOUT_S:-180}" >"$work/ready" 2>"$work/helper.err" &
 helper_pid=$!
 while kill -0 "$helper_pid" 2>/dev/null; do
   if grep -q 'qx-iso-test: install.sh exit [1-9]' "$console" 2>/dev/null || ! kill -0 "$qemu_pid" 2>/dev/null; then
@@ -133,3 +133,17 @@ case "$ready" in
 esac
 log "ok: the ISO installed agent $version in a VM booted without one; the host saw AgentReady"
 sed -n 's/^\(qx-iso-test\|install\): /  guest: &/p' "$console" >&2
+
+# ---- upgrade through the running agent, as `qxctl agent install` does -------------------------
+# The launcher qxctl sends (iso-build/guest-launch.sh) runs through ExecRequest, starts
+# install.sh detached, the installer replaces and restarts the agent that launched it; the host
+# must see a new session and read the installer's exit status through the new agent.
+if ! "$helper" upgrade "$sock" 120 iso-build/guest-launch.sh --timeout 60 >"$work/upgrade" 2>"$work/upgrade.err"; then
+  cat "$work/upgrade.err" "$work/upgrade" "$console" >&2
+  fail "upgrade through the agent failed"
+fi
+head -n1 "$work/upgrade" | grep -q ' installer_rc=0 ' || { cat "$work/upgrade" >&2; fail "the installer did not exit 0"; }
+grep -q '^install: upgrading quantix-kvm-agent' "$work/upgrade" || { cat "$work/upgrade" >&2; fail "the re-run was not an upgrade"; }
+grep -q '^install: agent (pid [0-9]*) has opened' "$work/upgrade" || { cat "$work/upgrade" >&2; fail "the upgraded agent did not open the port"; }
+log "ok: upgrade through the agent: $(head -n1 "$work/upgrade" | cut -d' ' -f1-3)"
+sed 's/^/  guest: /' "$work/upgrade" | tail -n +2 >&2

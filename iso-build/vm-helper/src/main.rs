@@ -1,107 +1,252 @@
-//! `qx-iso-vm-helper SOCKET TIMEOUT_S`: connects to a VM's agent chardev socket (QEMU's
-//! `server=on,wait=off` end), performs the host side of the session start (the 65552-byte sync
-//! preamble, then `HostHello`) and waits for `AgentReady`. On success it prints one line,
-//! `agent_version=.. session_id=.. arch=.. kernel_release=.. hostname=..`, and exits 0; exit 1
-//! on timeout or error (with the reason on stderr).
+//! The host end of iso-build/vm-test.sh, speaking the agent protocol with the `qx_proto` codec
+//! over a VM's agent chardev socket (QEMU's `server=on,wait=off` end).
 //!
-//! The agent may not exist yet when this starts (the test installs it from the ISO while this
-//! waits): until then the socket accepts and stays silent, so the hello is re-sent on every
-//! reconnect and the wait is only on the overall deadline.
+//! `qx-iso-vm-helper ready SOCKET TIMEOUT_S`
+//!   Performs the host side of the session start (the 65552-byte sync preamble, then
+//!   `HostHello`) and waits for `AgentReady`; prints `agent_version=.. session_id=.. arch=..
+//!   kernel_release=.. hostname=..`. The agent may not exist yet (the guest is installing it),
+//!   so every reconnect repeats the hello and only the overall deadline ends the wait.
+//!
+//! `qx-iso-vm-helper upgrade SOCKET TIMEOUT_S LAUNCHER [INSTALL_OPTION...]`
+//!   What `qxctl agent install` does through the agent, minus gRPC: runs the launcher script
+//!   (iso-build/guest-launch.sh) through `ExecRequest`, waits for an `AgentReady` with a new
+//!   session id (the installer restarted the agent), then reads the installer's exit status
+//!   file through the new agent. Prints `old_session=.. new_session=.. installer_rc=..` and the
+//!   installer's log.
+//!
+//! Exit 0 on success, 1 on failure or timeout (reason on stderr), 2 on bad usage.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use qx_proto::agent::envelope::Payload;
-use qx_proto::agent::{Envelope, HostHello};
+use qx_proto::agent::{AgentReady, Envelope, ExecExit, ExecRequest, HostHello};
 use qx_proto::{decode_envelope, encode_envelope, Decoder, DEFAULT_MAX_FRAME_BYTES};
 
 /// Zero bytes sent before the hello (one maximum sent frame plus a header).
 const SYNC_PREAMBLE_BYTES: usize = 65552;
 const READ_SLICE_MS: u64 = 100;
 const RECONNECT_MS: u64 = 200;
+const WRITE_STALL_S: u64 = 5;
+const RC_FILE: &str = "/run/quantix-kvm-agent-install.rc";
+const LOG_FILE: &str = "/var/log/quantix-kvm-agent-install.log";
 
-fn hello() -> Result<Vec<u8>, String> {
-    let mut out = vec![0u8; SYNC_PREAMBLE_BYTES];
-    let env = Envelope {
-        id: 1,
-        correlation_id: 0,
-        payload: Some(Payload::HostHello(HostHello {
+/// One connection to the socket.
+struct Conn {
+    stream: UnixStream,
+    decoder: Decoder,
+    next_id: u64,
+}
+
+impl Conn {
+    /// Connects and sends the preamble and a HostHello.
+    fn open(path: &str) -> Result<Self, String> {
+        let stream = UnixStream::connect(path).map_err(|e| format!("connect {path}: {e}"))?;
+        stream
+            .set_read_timeout(Some(Duration::from_millis(READ_SLICE_MS)))
+            .map_err(|e| e.to_string())?;
+        // QEMU stops reading the socket while no guest process holds the port: a write that
+        // stalls this long ends the attempt (the caller reconnects; zeros are harmless).
+        stream
+            .set_write_timeout(Some(Duration::from_secs(WRITE_STALL_S)))
+            .map_err(|e| e.to_string())?;
+        let mut conn = Conn {
+            stream,
+            decoder: Decoder::new(DEFAULT_MAX_FRAME_BYTES),
+            next_id: 1,
+        };
+        conn.stream
+            .write_all(&vec![0u8; SYNC_PREAMBLE_BYTES])
+            .map_err(|e| e.to_string())?;
+        conn.send(Payload::HostHello(HostHello {
             protocol_version: qx_proto::PROTOCOL_VERSION,
             host_version: "qx-iso-vm-helper".into(),
             host_session_id: u64::from(std::process::id()),
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
-        })),
-    };
-    encode_envelope(&env, DEFAULT_MAX_FRAME_BYTES, &mut out).map_err(|e| e.to_string())?;
-    Ok(out)
-}
+        }))?;
+        Ok(conn)
+    }
 
-/// One connection: hello, then frames until AgentReady, EOF or the deadline.
-fn session(path: &str, deadline: Instant) -> Result<Option<String>, String> {
-    let mut stream = UnixStream::connect(path).map_err(|e| format!("connect {path}: {e}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_millis(READ_SLICE_MS)))
-        .map_err(|e| e.to_string())?;
-    stream.write_all(&hello()?).map_err(|e| e.to_string())?;
-    let mut decoder = Decoder::new(DEFAULT_MAX_FRAME_BYTES);
-    while Instant::now() < deadline {
+    /// Sends a request with a fresh id; returns the id.
+    fn send(&mut self, payload: Payload) -> Result<u64, String> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut out = Vec::new();
+        let env = Envelope {
+            id,
+            correlation_id: 0,
+            payload: Some(payload),
+        };
+        encode_envelope(&env, DEFAULT_MAX_FRAME_BYTES, &mut out).map_err(|e| e.to_string())?;
+        self.stream.write_all(&out).map_err(|e| e.to_string())?;
+        Ok(id)
+    }
+
+    /// The next whole envelope; `Ok(None)` at the deadline; an error when the socket closes.
+    fn recv(&mut self, deadline: Instant) -> Result<Option<Envelope>, String> {
         loop {
-            match decoder.decode() {
-                Ok(Some(payload)) => {
-                    if let Ok(Envelope {
-                        payload: Some(Payload::AgentReady(r)),
-                        ..
-                    }) = decode_envelope(payload)
-                    {
-                        return Ok(Some(format!(
-                            "agent_version={} session_id={:#x} arch={} kernel_release={} hostname={}",
-                            r.agent_version, r.session_id, r.arch, r.kernel_release, r.hostname
-                        )));
+            loop {
+                match self.decoder.decode() {
+                    Ok(Some(payload)) => {
+                        if let Ok(env) = decode_envelope(payload) {
+                            return Ok(Some(env));
+                        }
                     }
+                    Ok(None) => break,
+                    // Damaged frames are skipped; the decoder resynchronises.
+                    Err(_) => continue,
                 }
-                Ok(None) => break,
-                // Damaged frames are skipped; the decoder resynchronises.
-                Err(_) => continue,
             }
-        }
-        match stream.read(decoder.spare(64 * 1024)) {
-            Ok(0) => return Ok(None),
-            Ok(n) => decoder.commit(n),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) => {}
-            Err(e) => return Err(e.to_string()),
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            match self.stream.read(self.decoder.spare(64 * 1024)) {
+                Ok(0) => return Err("the socket closed".into()),
+                Ok(n) => self.decoder.commit(n),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(e.to_string()),
+            }
         }
     }
-    Ok(None)
+
+    /// Waits for an AgentReady whose session id `accept`s.
+    fn ready(
+        &mut self,
+        deadline: Instant,
+        accept: &dyn Fn(u64) -> bool,
+    ) -> Result<Option<AgentReady>, String> {
+        while let Some(env) = self.recv(deadline)? {
+            if let Some(Payload::AgentReady(r)) = env.payload {
+                if accept(r.session_id) {
+                    return Ok(Some(r));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Runs a command and returns its ExecExit (Ack and other frames are skipped).
+    fn exec(&mut self, argv: Vec<String>, deadline: Instant) -> Result<ExecExit, String> {
+        let id = self.send(Payload::ExecRequest(ExecRequest {
+            argv,
+            ..Default::default()
+        }))?;
+        while let Some(env) = self.recv(deadline)? {
+            if env.correlation_id != id {
+                continue;
+            }
+            match env.payload {
+                Some(Payload::ExecExit(exit)) => return Ok(exit),
+                Some(Payload::Error(e)) => return Err(format!("exec failed: {e:?}")),
+                _ => {}
+            }
+        }
+        Err("no ExecExit before the deadline".into())
+    }
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let (Some(path), Some(timeout_s)) =
-        (args.get(1), args.get(2).and_then(|s| s.parse::<u64>().ok()))
-    else {
-        eprintln!("usage: qx-iso-vm-helper SOCKET TIMEOUT_S");
-        std::process::exit(2);
-    };
-    let deadline = Instant::now() + Duration::from_secs(timeout_s);
+/// Connects (again and again) until an AgentReady that `accept`s arrives or the deadline.
+fn wait_ready(
+    path: &str,
+    deadline: Instant,
+    accept: &dyn Fn(u64) -> bool,
+) -> Result<(Conn, AgentReady), String> {
     let mut last_error = String::from("no AgentReady");
     while Instant::now() < deadline {
-        match session(path, deadline) {
-            Ok(Some(line)) => {
-                println!("{line}");
-                return;
-            }
-            Ok(None) => {}
+        match Conn::open(path) {
+            Ok(mut conn) => match conn.ready(deadline, accept) {
+                Ok(Some(r)) => return Ok((conn, r)),
+                Ok(None) => {}
+                Err(e) => last_error = e,
+            },
             Err(e) => last_error = e,
         }
         std::thread::sleep(Duration::from_millis(RECONNECT_MS));
     }
-    eprintln!("qx-iso-vm-helper: no AgentReady on {path} within {timeout_s}s ({last_error})");
-    std::process::exit(1);
+    Err(format!("no AgentReady on {path} ({last_error})"))
+}
+
+fn describe(r: &AgentReady) -> String {
+    format!(
+        "agent_version={} session_id={:#x} arch={} kernel_release={} hostname={}",
+        r.agent_version, r.session_id, r.arch, r.kernel_release, r.hostname
+    )
+}
+
+fn sh(script: &str) -> Vec<String> {
+    vec!["/bin/sh".into(), "-c".into(), script.into()]
+}
+
+fn upgrade(path: &str, deadline: Instant, launcher: &str, opts: &[String]) -> Result<(), String> {
+    let (mut conn, old) = wait_ready(path, deadline, &|_| true)?;
+    let mut argv = sh(launcher);
+    argv.push("qx-agent-install".into());
+    argv.extend(opts.iter().cloned());
+    let launched = conn.exec(argv, deadline)?;
+    let out = String::from_utf8_lossy(&launched.stdout);
+    if !(launched.exited && launched.exit_code == 0) {
+        return Err(format!(
+            "launcher failed: {launched:?} stderr={}",
+            String::from_utf8_lossy(&launched.stderr)
+        ));
+    }
+    eprintln!("launcher: {}", out.trim());
+    drop(conn);
+    let (mut conn, new) = wait_ready(path, deadline, &|s| s != old.session_id)?;
+    // The installer writes its status after the new agent holds the port: poll for it.
+    loop {
+        let exit = conn.exec(sh(&format!("cat {RC_FILE} && cat {LOG_FILE}")), deadline)?;
+        if exit.exited && exit.exit_code == 0 {
+            let text = String::from_utf8_lossy(&exit.stdout).into_owned();
+            let (rc, log) = text.split_once('\n').unwrap_or((text.as_str(), ""));
+            println!(
+                "old_session={:#x} new_session={:#x} installer_rc={} {}",
+                old.session_id,
+                new.session_id,
+                rc.trim(),
+                describe(&new)
+            );
+            println!("{}", log.trim_end());
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err("the installer's status file never appeared".into());
+        }
+        std::thread::sleep(Duration::from_millis(RECONNECT_MS));
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let timeout = args.get(3).and_then(|s| s.parse::<u64>().ok());
+    let (Some(mode), Some(path), Some(timeout_s)) = (args.get(1), args.get(2), timeout) else {
+        eprintln!("usage: qx-iso-vm-helper ready|upgrade SOCKET TIMEOUT_S [LAUNCHER [OPTION...]]");
+        std::process::exit(2);
+    };
+    let deadline = Instant::now() + Duration::from_secs(timeout_s);
+    let result = match (mode.as_str(), args.get(4)) {
+        ("ready", None) => wait_ready(path, deadline, &|_| true).map(|(_, r)| {
+            println!("{}", describe(&r));
+        }),
+        ("upgrade", Some(launcher_file)) => std::fs::read_to_string(launcher_file)
+            .map_err(|e| format!("{launcher_file}: {e}"))
+            .and_then(|launcher| upgrade(path, deadline, &launcher, &args[5..])),
+        _ => {
+            eprintln!(
+                "usage: qx-iso-vm-helper ready|upgrade SOCKET TIMEOUT_S [LAUNCHER [OPTION...]]"
+            );
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("qx-iso-vm-helper: {e}");
+        std::process::exit(1);
+    }
 }
