@@ -142,6 +142,27 @@ impl Outbox {
         Ok(())
     }
 
+    /// Queues `env` on the reply lane ahead of every queued frame (still after the frame in
+    /// progress, which is always finished first): the hello on a new connection.
+    pub fn push_urgent(&mut self, env: &Envelope) -> Result<(), OutboxError> {
+        self.scratch.clear();
+        qx_proto::encode_envelope(env, SEND_MAX_FRAME_BYTES, &mut self.scratch)?;
+        let need = self.scratch.len();
+        if need > self.room() {
+            self.stats.refused += 1;
+            return Err(OutboxError::Full {
+                need,
+                room: self.room(),
+            });
+        }
+        for &b in self.scratch.iter().rev() {
+            self.ring.push_front(b);
+        }
+        self.lens.push_front(need);
+        self.stats.frames_queued += 1;
+        Ok(())
+    }
+
     /// Puts `env` in the telemetry slot, replacing a sample that has not started going out.
     pub fn push_telemetry(&mut self, env: &Envelope) -> Result<(), OutboxError> {
         self.scratch.clear();
@@ -414,9 +435,12 @@ mod tests {
         first_host.block_every = 2;
         ob.flush(&mut first_host).unwrap();
         assert!(ob.mid_frame());
-        // The host goes away; a new host connects and the agent queues its hello.
+        // Another reply was queued meanwhile.
+        let later = ack(5);
+        ob.push_reply(&later).unwrap();
+        // The host goes away; a new host connects and the agent queues its hello ahead.
         let hello = env(1, Payload::Ping(Ping { seq: 77 }));
-        ob.push_reply(&hello).unwrap();
+        ob.push_urgent(&hello).unwrap();
         let mut second_host = TestSink::new(3);
         while !ob.is_empty() {
             ob.flush(&mut second_host).unwrap();
@@ -425,12 +449,14 @@ mod tests {
         let mut joined = first_host.data.clone();
         joined.extend_from_slice(&second_host.data);
         let (frames, _) = decode_all(&joined);
-        assert_eq!(frames, vec![reply, hello.clone()]);
+        assert_eq!(frames, vec![reply, hello.clone(), later.clone()]);
         let (second_frames, garbage) = decode_all(&second_host.data);
-        assert_eq!(second_frames, vec![hello]);
+        assert_eq!(second_frames, vec![hello.clone(), later.clone()]);
         assert_eq!(
             garbage as usize,
-            second_host.data.len() - qx_proto::encoded_frame_len(&second_frames[0])
+            second_host.data.len()
+                - qx_proto::encoded_frame_len(&hello)
+                - qx_proto::encoded_frame_len(&later)
         );
     }
 

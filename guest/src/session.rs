@@ -580,7 +580,9 @@ impl Session {
         ready.guest_unix_ns = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i64);
-        self.send(correlation_id, Payload::AgentReady(ready));
+        // Ahead of queued replies: the new host learns who it talks to first.
+        let env = self.envelope(correlation_id, Payload::AgentReady(ready));
+        let _ = self.outbox.push_urgent(&env);
     }
 
     /// Queues a stream item (ExecOutput, FileChunk) of request `id`.

@@ -936,3 +936,41 @@ fn power_request_is_answered_first_then_the_command_runs_after_the_delay() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn host_leaving_mid_frame_gets_the_tail_then_agent_ready_first_on_return() {
+    let agent = Agent::start(&[]);
+    let mut host = agent.accept();
+    let sid = host.hello();
+    let mut req = exec(&["head", "-c", "3000000", "/dev/zero"]);
+    req.stream = true;
+    host.send(40, Payload::ExecRequest(req));
+    // Read an odd number of bytes, almost surely ending inside a frame, then vanish.
+    let mut taken = 0;
+    let mut buf = [0u8; 1000];
+    while taken < 100_001 {
+        let n = host
+            .stream
+            .read(&mut buf[..(100_001 - taken).min(1000)])
+            .unwrap();
+        assert!(n > 0);
+        taken += n;
+    }
+    drop(host);
+    let mut host = agent.accept();
+    // The first whole frame on the new connection is AgentReady, same session; what came
+    // before it was at most the tail of one frame.
+    let first = host.recv();
+    match &first.payload {
+        Some(Payload::AgentReady(r)) => assert_eq!(r.session_id, sid),
+        other => panic!("first frame after reconnect: {other:?}"),
+    }
+    let skipped = host.dec.stats().garbage_bytes;
+    assert!(
+        skipped <= 16 + 64 * 1024,
+        "{skipped} bytes before AgentReady"
+    );
+    // The exec kept running and finishes on the new connection.
+    let envs = host.replies(40);
+    assert_eq!(exec_exit(&envs).exit_code, 0);
+}
