@@ -20,7 +20,8 @@
 //! - **A started frame is always finished.** The frame being written lives in its own buffer
 //!   (`current`) until its last byte is taken, whatever happens meanwhile. When the host
 //!   disconnects mid-frame the remainder stays there, and on the next connection the outbox
-//!   finishes that frame *before* anything else (the new AgentReady included). The new host's
+//!   finishes that frame *before* anything else, then sends the new AgentReady, which the
+//!   session queues with [`Outbox::push_urgent`] ahead of older replies. The new host's
 //!   decoder sees the tail as leading garbage and skips it; nothing after it is misparsed,
 //!   because every later frame starts on a frame boundary. The alternative (dropping the tail)
 //!   would leave the *old* host's half frame to swallow the start of the next frame on a
