@@ -40,6 +40,9 @@ use tokio::time::Instant;
 /// the guest's input is completed with zeros and rejected by its checksum.
 pub const SYNC_PREAMBLE_BYTES: usize = 65552;
 
+/// Room for pongs in the priority queue beyond the redeliveries it may hold.
+const PRIORITY_SLACK: usize = 64;
+
 /// Telemetry reports a slow StreamTelemetry subscriber may fall behind by before it skips.
 const TELEMETRY_SUBSCRIBER_BACKLOG: usize = 8;
 
@@ -626,7 +629,9 @@ impl Link {
             reader_alive: true,
             writer_alive: true,
         });
-        let (prio_tx, prio_rx) = mpsc::unbounded_channel::<Job>();
+        // Pongs and redeliveries jump the queue. Bounded: an agent that pings faster than the
+        // writer can answer loses pongs, never host memory.
+        let (prio_tx, prio_rx) = mpsc::channel::<Job>(self.cfg.max_in_flight + PRIORITY_SLACK);
         let (ready_tx, ready_rx) = watch::channel(false);
         let reader_guard = TaskGuard {
             link: self.clone(),
@@ -745,7 +750,7 @@ impl Link {
         self: &Arc<Self>,
         conn_id: u64,
         mut wr: OwnedWriteHalf,
-        mut prio: mpsc::UnboundedReceiver<Job>,
+        mut prio: mpsc::Receiver<Job>,
         mut ready: watch::Receiver<bool>,
     ) -> Result<(), String> {
         self.write_whole(&mut wr, &SYNC_PREAMBLE, "sync_preamble")
@@ -875,7 +880,7 @@ impl Link {
         self: &Arc<Self>,
         conn_id: u64,
         mut rd: OwnedReadHalf,
-        prio: mpsc::UnboundedSender<Job>,
+        prio: mpsc::Sender<Job>,
         ready: watch::Sender<bool>,
     ) -> Result<(), String> {
         // A fresh decoder per connection: nothing of the last connection's bytes survives.
@@ -937,7 +942,7 @@ impl Link {
         conn_id: u64,
         env: Envelope,
         payload_len: usize,
-        prio: &mpsc::UnboundedSender<Job>,
+        prio: &mpsc::Sender<Job>,
         ready: &watch::Sender<bool>,
     ) {
         let kind = payload_name(&env);
@@ -960,7 +965,7 @@ impl Link {
                     payload: Some(Payload::Pong(Pong { seq: p.seq })),
                 };
                 if let Ok(frame) = encode(&pong) {
-                    let _ = prio.send(Job {
+                    let _ = prio.try_send(Job {
                         id: 0,
                         kind: "pong",
                         frame: Arc::new(frame),
@@ -1078,7 +1083,7 @@ impl Link {
         conn_id: u64,
         r: AgentReady,
         now: SystemTime,
-        prio: &mpsc::UnboundedSender<Job>,
+        prio: &mpsc::Sender<Job>,
         ready: &watch::Sender<bool>,
     ) {
         let mut inner = self.lock();
@@ -1131,7 +1136,7 @@ impl Link {
         inner.session = Some(new);
         drop(inner);
         for job in redeliver {
-            let _ = prio.send(job);
+            let _ = prio.try_send(job);
         }
         self.status.send_modify(|s| {
             if s.conn_id == conn_id {
