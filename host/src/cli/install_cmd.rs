@@ -5,7 +5,10 @@
 //! The flow, and why each step is shaped the way it is:
 //! 1. `MountAgentIso`: the node inserts its own image with a forced media change, so the drive
 //!    holds the newest ISO, never a cached older one.
-//! 2. `GetAgentInfo`: is our agent connected? If not, the command to run is printed.
+//! 2. `GetAgentInfo`: is our agent connected? If not, the command to run is printed; with
+//!    `--qemu-ga` the launcher of step 3 runs through the VM's qemu-guest-agent instead
+//!    (`virsh qemu-agent-command` `guest-exec`, so qxctl must run on the node), and steps 4-5
+//!    go through our agent once the installer has started it.
 //! 3. `ExecuteInGuest` runs a short launcher that finds the disc (by content: `install.sh`,
 //!    `SHA256SUMS` and `VERSION` at its root), mounts it read-only and starts `install.sh`
 //!    *detached* (under `systemd-run` on systemd, `setsid` elsewhere): the installer restarts
@@ -59,6 +62,13 @@ pub struct InstallArgs {
     /// Extra arguments for install.sh (e.g. `--prefix=/opt/qx`), space-separated.
     #[arg(long, default_value = "")]
     pub install_args: String,
+    /// When no Quantix agent is connected, start the installer through the VM's
+    /// qemu-guest-agent (`virsh qemu-agent-command ... guest-exec`; qxctl must run on the node).
+    #[arg(long)]
+    pub qemu_ga: bool,
+    /// libvirt URI for --qemu-ga.
+    #[arg(long, env = "LIBVIRT_DEFAULT_URI", default_value = "qemu:///system")]
+    pub libvirt_uri: String,
 }
 
 /// The command an operator runs as root inside the guest: mount the disc, run its installer.
@@ -121,6 +131,64 @@ fn shell(vm: &str, script: String) -> pb::ExecuteInGuestRequest {
     )
 }
 
+/// The qemu-guest-agent command that runs the launcher: `guest-exec` of the same argv the
+/// agent path uses, as `virsh qemu-agent-command` takes it.
+pub fn qga_exec_command(install_args: &str) -> String {
+    let argv = launcher_request(install_args).argv;
+    serde_json::json!({
+        "execute": "guest-exec",
+        "arguments": {"path": argv[0], "arg": argv[1..], "capture-output": true},
+    })
+    .to_string()
+}
+
+/// Runs one qemu-guest-agent command through libvirt; returns its `return` value.
+async fn qga(uri: &str, vm: &str, command: &str) -> anyhow::Result<serde_json::Value> {
+    let out = tokio::process::Command::new("virsh")
+        .args(["-c", uri, "qemu-agent-command", vm, command])
+        .output()
+        .await
+        .context("running virsh (is libvirt-clients installed on this node?)")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "virsh qemu-agent-command failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let reply: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("qemu-guest-agent reply")?;
+    Ok(reply["return"].clone())
+}
+
+/// Starts the launcher through qemu-guest-agent and waits for the launcher (not the installer)
+/// to exit; returns what it printed.
+async fn launch_through_qemu_ga(args: &InstallArgs, vm: &str) -> anyhow::Result<String> {
+    let started = qga(&args.libvirt_uri, vm, &qga_exec_command(&args.install_args))
+        .await
+        .with_context(|| format!("starting the installer in {vm} through qemu-guest-agent"))?;
+    let pid = started["pid"]
+        .as_i64()
+        .ok_or_else(|| anyhow::anyhow!("qemu-guest-agent guest-exec returned no pid"))?;
+    let status_cmd =
+        serde_json::json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}).to_string();
+    let deadline = Instant::now() + Duration::from_millis(u64::from(EXEC_TIMEOUT_MS));
+    loop {
+        let st = qga(&args.libvirt_uri, vm, &status_cmd).await?;
+        if st["exited"].as_bool() == Some(true) {
+            if st["exitcode"].as_i64() != Some(0) {
+                anyhow::bail!("the installer launcher failed in {vm} under qemu-guest-agent: {st}");
+            }
+            return Ok(format!(
+                "launcher started through qemu-guest-agent (pid {pid})"
+            ));
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("the installer launcher did not finish under qemu-guest-agent");
+        }
+        tokio::time::sleep(Duration::from_millis(POLL_INTERVAL_MS)).await;
+    }
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).trim_end().to_string()
 }
@@ -160,7 +228,7 @@ pub async fn run(
         .ok();
     let connected = agent.as_ref().is_some_and(|a| a.connected && !a.stale);
 
-    if args.print_only || !connected {
+    if args.print_only || (!connected && !args.qemu_ga) {
         let command = manual_command(&volume_id);
         if json {
             let out = serde_json::json!({
@@ -185,20 +253,25 @@ pub async fn run(
     }
     let old = agent.unwrap_or_default();
 
-    let launched = client
-        .execute_in_guest(in_guest(&vm, launcher_request(&args.install_args)))
-        .await
-        .with_context(|| format!("starting the installer in {vm}"))?
-        .into_inner();
-    if exit_code(&launched) != 0 {
-        anyhow::bail!(
-            "the installer launcher failed in {vm} (exit {}): {}",
-            exit_code(&launched),
-            text(&launched.stderr)
-        );
-    }
+    let started = if connected {
+        let launched = client
+            .execute_in_guest(in_guest(&vm, launcher_request(&args.install_args)))
+            .await
+            .with_context(|| format!("starting the installer in {vm}"))?
+            .into_inner();
+        if exit_code(&launched) != 0 {
+            anyhow::bail!(
+                "the installer launcher failed in {vm} (exit {}): {}",
+                exit_code(&launched),
+                text(&launched.stderr)
+            );
+        }
+        text(&launched.stdout)
+    } else {
+        launch_through_qemu_ga(&args, &vm).await?
+    };
     if !json {
-        println!("{vm}: {}", text(&launched.stdout));
+        println!("{vm}: {started}");
     }
 
     // The installer restarts the agent: calls fail until it is back, then the status appears.
@@ -285,6 +358,7 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
     #[test]
@@ -323,6 +397,16 @@ mod tests {
             req.argv[3..],
             ["qx-agent-install", "--timeout", "60", "--prefix=/opt/qx"].map(String::from)
         );
+    }
+
+    #[test]
+    fn qemu_ga_command_runs_the_same_launcher_argv() {
+        let cmd: serde_json::Value =
+            serde_json::from_str(&qga_exec_command("--timeout 60")).unwrap();
+        assert_eq!(cmd["execute"], "guest-exec");
+        assert_eq!(cmd["arguments"]["path"], "/bin/sh");
+        let arg: Vec<String> = serde_json::from_value(cmd["arguments"]["arg"].clone()).unwrap();
+        assert_eq!(arg, launcher_request("--timeout 60").argv[1..]);
     }
 
     #[test]
