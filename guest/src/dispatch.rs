@@ -418,7 +418,12 @@ impl Agent {
         let spec = Spec {
             argv: cmd.argv,
             stdin: cmd.stdin,
-            timeout: Duration::from_millis(u64::from(cmd.timeout_ms.max(1))),
+            // 0: the agent's default exec timeout.
+            timeout: Duration::from_millis(u64::from(if cmd.timeout_ms == 0 {
+                self.cfg.exec_timeout_ms
+            } else {
+                cmd.timeout_ms
+            })),
             kill_grace: Duration::from_millis(u64::from(self.cfg.exec_kill_grace_ms)),
             caps: [4096, 4096],
             ..Default::default()
