@@ -974,3 +974,57 @@ fn host_leaving_mid_frame_gets_the_tail_then_agent_ready_first_on_return() {
     let envs = host.replies(40);
     assert_eq!(exec_exit(&envs).exit_code, 0);
 }
+
+#[test]
+fn freeze_hooks_run_before_freezing_and_a_failing_hook_prevents_the_freeze() {
+    use qx_proto::agent::{FreezeState, FsFreezeRequest, FsFreezeStatusRequest, FsThawRequest};
+    use std::os::unix::fs::PermissionsExt;
+    let fs = LoopFs::new();
+    let hooks = tempfile::tempdir().unwrap();
+    let marker = hooks.path().join("marker");
+    let write_hook = |name: &str, body: &str| {
+        let path = hooks.path().join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    write_hook("10-record", &format!("echo \"$1\" >> {}", marker.display()));
+    write_hook("20-fail", "echo hook refuses >&2; exit 1");
+    let hooks_dir = format!("freeze_hooks_dir={}", hooks.path().display());
+    let agent = Agent::start(&["--set", &hooks_dir]);
+    let mut host = agent.accept();
+    host.hello();
+    let freeze = || {
+        Payload::FsFreezeRequest(FsFreezeRequest {
+            mountpoints: vec![fs.mnt.clone()],
+            auto_thaw_ms: 60_000,
+            run_hooks: true,
+        })
+    };
+    let (_, envs) = host.request(freeze());
+    assert_eq!(error_code(&envs), ErrorCode::FailedPrecondition);
+    let (_, envs) = host.request(Payload::FsFreezeStatusRequest(FsFreezeStatusRequest {}));
+    assert!(matches!(terminal(&envs),
+        Payload::FsFreezeStatus(s) if s.state == FreezeState::Thawed as i32));
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "freeze\n");
+
+    std::fs::remove_file(hooks.path().join("20-fail")).unwrap();
+    let (_, envs) = host.request(freeze());
+    let token = match terminal(&envs) {
+        Payload::FsFreezeReply(r) => r.token,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap(),
+        "freeze\nfreeze\n"
+    );
+    let (_, envs) = host.request(Payload::FsThawRequest(FsThawRequest {
+        token,
+        run_hooks: true,
+    }));
+    assert!(matches!(terminal(&envs), Payload::FsThawReply(_)));
+    let start = Instant::now();
+    while std::fs::read_to_string(&marker).unwrap() != "freeze\nfreeze\nthaw\n" {
+        assert!(start.elapsed() < PATIENCE, "post-thaw hook never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
