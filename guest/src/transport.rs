@@ -13,10 +13,10 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use mio::net::UnixStream;
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 
@@ -115,10 +115,8 @@ impl Transport {
         }
         let opened = match &self.endpoint {
             Endpoint::Device { path, explicit } => open_port(path, *explicit).map(Conn::Port),
-            Endpoint::Unix(path) => UnixStream::connect(path).and_then(|s| {
-                s.set_nonblocking(true)?;
-                Ok(Conn::Sock(s))
-            }),
+            // Non-blocking: a listener with a full backlog is a retry, never a stalled loop.
+            Endpoint::Unix(path) => UnixStream::connect(path).map(Conn::Sock),
         };
         match opened {
             Ok(conn) => {
