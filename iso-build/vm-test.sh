@@ -49,7 +49,7 @@ agent=$work/agent.bin
 # ---- the ISO and the host helper --------------------------------------------------------------
 iso=$(bash iso-build/build-iso.sh --agent "$agent" --out "$work/iso" 2>"$work/build.log") \
   || { cat "$work/build.log" >&2; fail "build-iso.sh failed"; }
-(cd iso-build/vm-helper && CARGO_TARGET_DIR=$root/target cargo build --quiet --locked) >&2 \
+(cd iso-build/vm-helper && CARGO_TARGET_DIR=$root/target cargo build --quiet) >&2 \
   || fail "cannot build iso-build/vm-helper"
 helper=$root/target/debug/qx-iso-vm-helper
 
@@ -77,27 +77,47 @@ cat "$vm/initramfs.cpio.gz" "$work/overlay.cpio.gz" >"$work/initrd"
 # ---- boot -------------------------------------------------------------------------------------
 accel=tcg
 if grep -qwE 'vmx|svm' /proc/cpuinfo && [ -e /dev/kvm ] && [ ! -e /sys/module/kvm_pvm ]; then accel=kvm; fi
-sock=$work/org.quantix.agent.0.sock
-console=$work/console.log
-qemu-system-x86_64 -accel "$accel" -nodefaults -no-user-config -display none -no-reboot -smp 1 -m 256 \
-  -kernel "$vm/vmlinux" -initrd "$work/initrd" \
-  -append "console=ttyS0 panic=-1 ${QX_VERBOSE:-quiet} qx.hostname=qx-iso-test qx.agent=0" \
-  -serial "file:$console" \
-  -device virtio-serial-pci,id=vser0 \
-  -chardev "socket,id=port0,path=$sock,server=on,wait=off" \
-  -device virtserialport,bus=vser0.0,chardev=port0,name=org.quantix.agent.0 \
-  -drive "file=$iso,format=raw,if=virtio,readonly=on" \
-  </dev/null >/dev/null 2>"$work/qemu.stderr" &
-qemu_pid=$!
-log "qemu ($accel) pid $qemu_pid, ISO $(basename "$iso") as virtio-blk"
 
-i=0
-while [ ! -S "$sock" ]; do
-  kill -0 "$qemu_pid" 2>/dev/null || { cat "$work/qemu.stderr" >&2; fail "qemu exited"; }
-  [ $i -lt 100 ] || fail "the chardev socket did not appear"
-  sleep 0.1
-  i=$((i + 1))
-done
+# boot NAME INITRD CMDLINE PORT...: starts QEMU (pid in $qemu_pid) with the ISO as virtio-blk,
+# one chardev socket $work/NAME-PORT.sock per virtio-serial port, the console in
+# $work/NAME-console.log; waits for the sockets.
+boot() {
+  local name=$1 initrd=$2 cmdline=$3
+  shift 3
+  local ports=() i=0 p
+  for p in "$@"; do
+    ports+=(-chardev "socket,id=port$i,path=$work/$name-$p.sock,server=on,wait=off"
+      -device "virtserialport,bus=vser0.0,chardev=port$i,name=$p")
+    i=$((i + 1))
+  done
+  qemu-system-x86_64 -accel "$accel" -nodefaults -no-user-config -display none -no-reboot -smp 1 -m 256 \
+    -kernel "$vm/vmlinux" -initrd "$initrd" \
+    -append "console=ttyS0 panic=-1 ${QX_VERBOSE:-quiet} $cmdline" \
+    -serial "file:$work/$name-console.log" \
+    -device virtio-serial-pci,id=vser0 "${ports[@]}" \
+    -drive "file=$iso,format=raw,if=virtio,readonly=on" \
+    </dev/null >/dev/null 2>"$work/$name-qemu.stderr" &
+  qemu_pid=$!
+  log "$name: qemu ($accel) pid $qemu_pid, ISO $(basename "$iso") as virtio-blk"
+  for p in "$@"; do
+    i=0
+    while [ ! -S "$work/$name-$p.sock" ]; do
+      kill -0 "$qemu_pid" 2>/dev/null || { cat "$work/$name-qemu.stderr" >&2; fail "qemu exited"; }
+      [ $i -lt 100 ] || fail "the chardev socket for $p did not appear"
+      sleep 0.1
+      i=$((i + 1))
+    done
+  done
+}
+stop_vm() {
+  kill "$qemu_pid" 2>/dev/null || true
+  wait "$qemu_pid" 2>/dev/null || true
+  qemu_pid=""
+}
+
+boot auto "$work/initrd" "qx.hostname=qx-iso-test qx.agent=0" org.quantix.agent.0
+sock=$work/auto-org.quantix.agent.0.sock
+console=$work/auto-console.log
 
 # The helper waits for AgentReady while the guest boots, mounts the ISO and installs; a failed
 # install or a dead QEMU ends the wait early.
@@ -147,3 +167,25 @@ grep -q '^install: upgrading quantix-kvm-agent' "$work/upgrade" || { cat "$work/
 grep -q '^install: agent (pid [0-9]*) has opened' "$work/upgrade" || { cat "$work/upgrade" >&2; fail "the upgraded agent did not open the port"; }
 log "ok: upgrade through the agent: $(head -n1 "$work/upgrade" | cut -d' ' -f1-3)"
 sed 's/^/  guest: /' "$work/upgrade" | tail -n +2 >&2
+stop_vm
+
+# ---- first install through qemu-guest-agent, as `qxctl agent install --qemu-ga` does ----------
+# The bench image carries Debian's qemu-ga; qx.iso_auto=0 keeps our hook from installing, so
+# the only way in is guest-exec of the launcher through qemu-ga.
+if [ ! -f "$vm/initramfs-bench.cpio.gz" ]; then
+  QX_AGENT_BIN=$agent bash ci/vm/build-image.sh --bench >&2
+fi
+cat "$vm/initramfs-bench.cpio.gz" "$work/overlay.cpio.gz" >"$work/initrd-qga"
+boot qga "$work/initrd-qga" "qx.hostname=qx-iso-qga qx.agent=0 qx.qga=1 qx.iso_auto=0" \
+  org.quantix.agent.0 org.qemu.guest_agent.0
+if ! "$helper" qga-install "$work/qga-org.qemu.guest_agent.0.sock" 180 "$work/qga-org.quantix.agent.0.sock" \
+  iso-build/guest-launch.sh --timeout 60 >"$work/qga" 2>"$work/qga.err"; then
+  cat "$work/qga.err" "$work/qga" "$work/qga-console.log" >&2
+  fail "install through qemu-guest-agent failed"
+fi
+head -n1 "$work/qga" | grep -q "^installer_rc=0 agent_version=$version .*hostname=qx-iso-qga" \
+  || { cat "$work/qga" >&2; fail "the qemu-ga install did not report success from this guest"; }
+grep -q '^install: agent (pid [0-9]*) has opened' "$work/qga" || { cat "$work/qga" >&2; fail "the agent did not open the port"; }
+log "ok: first install through qemu-guest-agent guest-exec: $(head -n1 "$work/qga" | cut -d' ' -f1-3)"
+sed 's/^/  guest: /' "$work/qga" | tail -n +2 >&2
+stop_vm

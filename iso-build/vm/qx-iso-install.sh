@@ -16,6 +16,11 @@ say() { echo "qx-iso-test: $*"; }
 for m in cdrom isofs; do
   grep -q "^$m " /proc/modules || insmod "/lib/modules/iso-test/$m.ko" || say "insmod $m failed"
 done
+# qx.iso_auto=0: only make the ISO mountable; the host starts the installer (qemu-ga test).
+if grep -qw 'qx.iso_auto=0' /proc/cmdline; then
+  say "modules loaded; waiting for the host to start the installer"
+  exit 0
+fi
 mkdir -p /mnt/cdrom
 mount -t iso9660 -o ro /dev/vda /mnt/cdrom || { say "mount failed"; exit 1; }
 say "mounted $(cat /mnt/cdrom/VERSION) from /dev/vda"
