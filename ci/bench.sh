@@ -16,17 +16,19 @@ cargo build --release --locked -p qx-e2e --bin qx-bench
 
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
+load=$(cut -d' ' -f1-3 /proc/loadavg)
 target/release/qx-bench | tee "$out"
 
 if [ "$write" = 1 ]; then
   doc=docs/benchmarks.md
-  python3 - "$doc" "$out" <<'PY'
+  python3 - "$doc" "$out" "$load" <<'PY'
 import datetime, sys
-doc, table = sys.argv[1], open(sys.argv[2]).read().strip()
+doc, table, load = sys.argv[1], open(sys.argv[2]).read().strip(), sys.argv[3]
 text = open(doc).read()
 begin, end = "<!-- vm-bench:begin -->", "<!-- vm-bench:end -->"
 stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-block = f"{begin}\nMeasured {stamp} with `bash ci/bench.sh`.\n\n{table}\n{end}"
+block = (f"{begin}\nMeasured {stamp} with `bash ci/bench.sh` (host load average {load} "
+         f"when it started, on 2 cores).\n\n{table}\n{end}")
 if begin in text and end in text:
     text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
 else:
