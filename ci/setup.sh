@@ -17,7 +17,7 @@ APT_PACKAGES=(
   python3                           # iso-build/test.sh: the pty standing in for the agent port
   qemu-guest-agent                  # the incumbent, for the side-by-side benchmark
   ca-certificates curl
-  python3 binutils                  # VM image: vmlinux extraction, module deps (ci/vm/build-image.sh)
+  binutils                          # readelf: VM image and static-agent checks
 )
 
 missing=()
