@@ -14,6 +14,7 @@ APT_PACKAGES=(
   busybox-static cpio               # the test initramfs
   e2fsprogs util-linux              # ext4 images for freeze/trim tests
   xorriso                           # the agent ISO
+  openssl                           # certificates for the host's mutual-TLS test
   python3                           # iso-build/test.sh: the pty standing in for the agent port
   qemu-guest-agent                  # the incumbent, for the side-by-side benchmark
   ca-certificates curl
