@@ -677,7 +677,8 @@ impl AgentApi {
     }
 
     /// Measures the round trip with a ping, reads the guest clock, and sets it to the host's
-    /// time plus half the round trip when it is off by more than the threshold (or `force`).
+    /// time plus half the round trip when it is off by more than the threshold plus the
+    /// reading's own uncertainty (half the round trip of the read), or with `force`.
     pub async fn sync_time(
         &self,
         request: pb::SyncTimeRequest,
@@ -706,7 +707,10 @@ impl AgentApi {
             rtc_written: false,
             changed: false,
         };
-        if request.force || offset_ns.abs() > TIME_SYNC_THRESHOLD_NS {
+        // The reading is uncertain by half the round trip of the read itself: set the clock
+        // only when the offset is beyond the threshold plus that uncertainty (or `force`).
+        let uncertainty_ns = (rtt_get.as_nanos() / 2) as i64;
+        if request.force || offset_ns.abs() > TIME_SYNC_THRESHOLD_NS + uncertainty_ns {
             let half = (rtt.as_nanos() / 2) as i64;
             let req = Payload::TimeSetRequest(ap::TimeSetRequest {
                 unix_ns: now_unix_ns() + half,
