@@ -16,7 +16,8 @@
 #   1  usage error
 #   2  unsupported system: not root, unknown architecture or init system, missing tools
 #   3  verification failed: a file of the ISO does not match SHA256SUMS (nothing was changed)
-#   4  installation failed while copying or enabling (the previous install is left in place)
+#   4  installation failed while copying or enabling (the message names the step; files
+#      already renamed into place stay, the old binary is still running: re-run to finish)
 #   5  the new agent did not open its port; the previous binary was restored and restarted
 #   6  the agent did not open its port and there was no working previous binary to go back to
 #
@@ -99,7 +100,7 @@ while [ $# -gt 0 ]; do
 		break
 		;;
 	-h | --help)
-		sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
+		sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
 		exit 0
 		;;
 	*) die 1 "unknown option $1 (see --help)" ;;
