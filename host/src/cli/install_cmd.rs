@@ -71,11 +71,13 @@ pub struct InstallArgs {
     pub libvirt_uri: String,
 }
 
-/// The command an operator runs as root inside the guest: mount the disc, run its installer.
+/// The command an operator runs as root inside the guest (any login shell: it is one `sh -c`):
+/// mount the disc by its label, else the first CD-ROM, run its installer, unmount, and exit
+/// with the installer's code.
 pub fn manual_command(volume_id: &str) -> String {
     format!(
-        "sudo sh -c 'mkdir -p /mnt/qx && (mount -o ro LABEL={volume_id} /mnt/qx 2>/dev/null \
-         || mount -o ro /dev/sr0 /mnt/qx) && sh /mnt/qx/install.sh; umount /mnt/qx'"
+        "sh -c 'mkdir -p /mnt/qx && (mount -o ro LABEL={volume_id} /mnt/qx 2>/dev/null \
+         || mount -o ro /dev/sr0 /mnt/qx) && sh /mnt/qx/install.sh; rc=$?; umount /mnt/qx; exit $rc'"
     )
 }
 
@@ -415,5 +417,25 @@ mod tests {
         assert!(c.contains("LABEL=QX_AGENT_0_1_0"));
         assert!(c.contains("/dev/sr0"));
         assert!(c.contains("sh /mnt/qx/install.sh"));
+    }
+
+    #[test]
+    fn manual_command_is_one_valid_sh_command() {
+        let c = manual_command("QX_AGENT_0_1_0");
+        let status = std::process::Command::new("sh")
+            .args(["-n", "-c", &c])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        // The inner script parses too (sh -n does not look inside the quoted argument).
+        let inner = c
+            .strip_prefix("sh -c '")
+            .and_then(|s| s.strip_suffix('\''))
+            .unwrap();
+        let status = std::process::Command::new("sh")
+            .args(["-n", "-c", inner])
+            .status()
+            .unwrap();
+        assert!(status.success());
     }
 }
