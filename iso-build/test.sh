@@ -314,6 +314,32 @@ for sh in ash bash; do
   done
 done
 
+# --prefix: the binary and the service definition's path move together; uninstall follows.
+r=$work/root-prefix
+make_root "$r" systemd ash
+before=$(snapshot "$r")
+in_root "$r" ash /media/cdrom/install.sh --prefix /opt/qx --no-start >"$work/prefix.log" 2>&1 \
+  || { cat "$work/prefix.log"; fail "[prefix] install failed"; }
+mode_is "$r" /opt/qx/sbin/quantix-kvm-agent 755
+mode_is "$r" /opt/qx/sbin/quantix-kvm-agent-uninstall 755
+[ ! -e "$r/usr/local/sbin/quantix-kvm-agent" ] || fail "[prefix] installed into /usr/local too"
+grep -qx 'ExecStart=/opt/qx/sbin/quantix-kvm-agent --config /etc/quantix-kvm/agent.conf' \
+  "$r/etc/systemd/system/quantix-kvm-agent.service" || fail "[prefix] the unit does not name /opt/qx/sbin"
+in_root "$r" ash /opt/qx/sbin/quantix-kvm-agent-uninstall --purge >"$work/prefix-un.log" 2>&1 \
+  || { cat "$work/prefix-un.log"; fail "[prefix] uninstall failed"; }
+diff <(echo "$before") <(snapshot "$r") || fail "[prefix] uninstall left changes behind"
+ok "[prefix] --prefix /opt/qx moves the binary and the unit's ExecStart; uninstall removes /opt/qx"
+
+# Not root: refused with exit 2 before anything changes.
+set +e
+chroot --userspec=1000:1000 "$r" /bin/sh /media/cdrom/install.sh --no-start >"$work/user.log" 2>&1
+rc=$?
+set -e
+[ "$rc" = 2 ] || { cat "$work/user.log"; fail "[not root] exit $rc, want 2"; }
+grep -q 'must run as root' "$work/user.log" || fail "[not root] no clear message"
+diff <(echo "$before") <(snapshot "$r") || fail "[not root] a refused install changed the system"
+ok "[not root] install.sh refuses with exit 2 and changes nothing"
+
 # ---- 4. real starts: sysvinit's own init script and busybox without a supervisor ---------------
 # The port is a pty: the agent opens its slave as it would /dev/vportNpM, and install.sh must
 # see that through /proc/PID/fd. A small python process holds the master and drains it.
