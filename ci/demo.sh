@@ -53,7 +53,7 @@ bold "boot: Debian kernel $(cat target/vm/kernel-release) + busybox initramfs + 
 sock=$work/agent.sock
 qemu-system-x86_64 -accel "$accel" -nodefaults -no-user-config -display none -no-reboot \
   -smp 1 -m 256 -kernel target/vm/vmlinux -initrd target/vm/initramfs.cpio.gz \
-  -append "console=ttyS0 panic=-1 quiet qx.hostname=demo-guest" \
+  -append "console=ttyS0 panic=-1 quiet qx.hostname=demo-guest qx.agent_args=--telemetry-interval-ms=1000" \
   -serial "file:$work/console.log" \
   -device virtio-serial-pci,id=vser0 \
   -chardev "socket,id=agent0,path=$sock,server=on,wait=off" \

@@ -471,6 +471,10 @@ fn two_vms_at_once_are_never_confused() {
     a.hostname = "guest-alpha".into();
     let mut b = VmSpec::new("node-two-b");
     b.hostname = "guest-beta".into();
+    for spec in [&mut a, &mut b] {
+        spec.cmdline
+            .push("qx.agent_args=--telemetry-interval-ms=500".into());
+    }
     let vm_a = Vm::start(a).unwrap();
     let vm_b = Vm::start(b).unwrap();
     let node = Node::start(&vm_socket_args(&[
@@ -500,6 +504,31 @@ fn two_vms_at_once_are_never_confused() {
             );
             assert_eq!(ra, format!("guest-alpha-{round}\n"));
             assert_eq!(rb, format!("guest-beta-{round}\n"));
+        }
+        // Each VM's telemetry stream carries that VM's samples, live.
+        for (vm_id, host) in [("alpha", "guest-alpha"), ("beta", "guest-beta")] {
+            let mut tel = c
+                .stream_telemetry(vm_id_req(vm_id))
+                .await
+                .unwrap()
+                .into_inner();
+            let mut stamps = Vec::new();
+            while stamps.len() < 3 {
+                let u = tel
+                    .next()
+                    .await
+                    .unwrap_or_else(|| panic!("telemetry of {vm_id} ended"))
+                    .unwrap();
+                assert_eq!(u.vm_id, vm_id);
+                let t = u.telemetry.unwrap();
+                assert_eq!(t.hostname, host);
+                assert!(t.memory.unwrap_or_default().total_bytes > 0, "{t:?}");
+                stamps.push(t.unix_ms);
+            }
+            assert!(
+                stamps.windows(2).all(|w| w[0] <= w[1]) && stamps[0] < stamps[2],
+                "telemetry is not live: {stamps:?}"
+            );
         }
     });
 }
