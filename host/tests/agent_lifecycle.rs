@@ -148,6 +148,48 @@ async fn garbage_on_the_wire_is_skipped_and_counted() {
     assert_eq!(s.connection_id, 1, "garbage must not cost the connection");
 }
 
+/// A flood of nested headers, each valid and claiming a large payload that never checks out,
+/// would cost the host a checksum over the whole claimed length for every 16 bytes received.
+/// The link resets after a bounded number of them and the agent is reachable again after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nested_header_flood_resets_the_connection_and_the_agent_stays_reachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(dir.path(), "vm");
+    let _agent = RealAgent::start(&relay.guest_path, &[]);
+    let mut d = Daemon::start(fast_config(None), &[("vm", &relay.host_path)]).await;
+    d.wait_connected("vm", 0).await;
+    let before = d.stats("vm").await.connection_id;
+
+    // 4096 back-to-back headers, each with a valid header checksum, claiming 64 KiB.
+    let claimed: u32 = 64 * 1024;
+    let mut flood = Vec::new();
+    for _ in 0..4096 {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&qx_proto::MAGIC);
+        h[4..8].copy_from_slice(&claimed.to_be_bytes());
+        h[8..12].copy_from_slice(&0xdead_beefu32.to_be_bytes());
+        let c = qx_proto::codec::crc32c(&h[..12]);
+        h[12..16].copy_from_slice(&c.to_be_bytes());
+        flood.extend_from_slice(&h);
+    }
+    // Enough filler that every claimed payload is complete and fails its checksum.
+    flood.extend(vec![0u8; claimed as usize + 16]);
+    relay.inject_to_host(flood);
+
+    until(&mut d, "vm", |s| {
+        s.last_error.contains("damaged payloads") && s.connection_id > before
+    })
+    .await;
+    let s = d.stats("vm").await;
+    assert!(
+        s.bad_frames <= 4 * qx_node::agent::link::MAX_BAD_PAYLOADS_PER_CONNECTION,
+        "the link kept checking damaged payloads: {} bad frames",
+        s.bad_frames
+    );
+    d.wait_connected("vm", 0).await;
+    d.ping("vm").await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_writer_tears_down_and_the_agent_never_decodes_a_partial_frame() {
     let dir = tempfile::tempdir().unwrap();

@@ -56,6 +56,12 @@ const READ_BYTES: usize = 8 * 1024;
 /// Largest payload this host sends in one frame (the agent's limit and the preamble's basis).
 pub const MAX_SENT_PAYLOAD_BYTES: u32 = 64 * 1024;
 
+/// Frames with a valid header but a damaged payload that one connection may deliver before it
+/// is reset. Each costs a checksum over up to a whole frame, and a stream of nested headers
+/// would make every 16 bytes received cost one (docs/security.md): an honest agent produces
+/// at most one such frame per connection (a write cut short by its own death).
+pub const MAX_BAD_PAYLOADS_PER_CONNECTION: u64 = 16;
+
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -907,6 +913,7 @@ impl Link {
                 Ok(Ok(n)) => n,
             };
             dec.commit(n);
+            let mut flood = false;
             loop {
                 let env = match dec.decode() {
                     Ok(None) => break,
@@ -916,6 +923,10 @@ impl Link {
                     }
                     Err(e) => {
                         log::debug!("vm {}: frame damage: {e}", self.vm_id);
+                        if dec.stats().bad_payloads > MAX_BAD_PAYLOADS_PER_CONNECTION {
+                            flood = true;
+                            break;
+                        }
                         continue;
                     }
                 };
@@ -934,6 +945,12 @@ impl Link {
                 + (now.oversized - seen.oversized)
                 + (now.bad_payloads - seen.bad_payloads);
             seen = now;
+            drop(inner);
+            if flood {
+                return Err(format!(
+                    "more than {MAX_BAD_PAYLOADS_PER_CONNECTION} frames with valid headers but damaged payloads on one connection; resetting it"
+                ));
+            }
         }
     }
 
