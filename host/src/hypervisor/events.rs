@@ -165,6 +165,16 @@ impl Watcher {
         let mut actions = Vec::new();
         for d in &domains {
             let before = prev.get(&d.uuid).copied();
+            // A transient pause is not a state change: keep what was published (a domain
+            // first seen starting up counts as shut off until it runs).
+            let d = &super::DomainRef {
+                state: if d.transient {
+                    before.unwrap_or(PowerState::ShutOff)
+                } else {
+                    d.state
+                },
+                ..d.clone()
+            };
             if !baseline {
                 if before.is_none() {
                     hub.emit(&d.uuid, pb::EventKind::VmDefined, d.name.clone());
@@ -231,6 +241,159 @@ mod tests {
         let all = hub.since(0);
         assert_eq!(all.len(), EVENT_RING_CAPACITY);
         assert_eq!(all[0].seq, 11);
+    }
+
+    /// A listing-only hypervisor: the watcher's layer has the real libvirt tests above it.
+    #[derive(Debug, Default)]
+    struct Listing(Mutex<Vec<super::super::DomainRef>>);
+
+    impl Listing {
+        fn set(&self, state: PowerState, transient: bool) {
+            *self.0.lock().unwrap() = vec![super::super::DomainRef {
+                uuid: "u1".into(),
+                name: "vm".into(),
+                state,
+                transient,
+            }];
+        }
+    }
+
+    fn unsupported<T>() -> Result<T, super::super::HypervisorError> {
+        Err(super::super::HypervisorError::Unsupported("fake".into()))
+    }
+
+    impl Hypervisor for Listing {
+        fn uri(&self) -> &str {
+            "fake"
+        }
+        fn domain_type(&self) -> &str {
+            "fake"
+        }
+        fn is_alive(&self) -> bool {
+            true
+        }
+        fn host_facts(&self) -> Result<super::super::HostFacts, super::super::HypervisorError> {
+            unsupported()
+        }
+        fn list(&self) -> Result<Vec<super::super::DomainRef>, super::super::HypervisorError> {
+            Ok(self.0.lock().unwrap().clone())
+        }
+        fn resolve(&self, _: &str) -> Result<String, super::super::HypervisorError> {
+            unsupported()
+        }
+        fn define(&self, _: &str) -> Result<String, super::super::HypervisorError> {
+            unsupported()
+        }
+        fn undefine(&self, _: &str, _: bool) -> Result<(), super::super::HypervisorError> {
+            unsupported()
+        }
+        fn info(&self, _: &str) -> Result<super::super::DomainInfo, super::super::HypervisorError> {
+            unsupported()
+        }
+        fn xml(&self, _: &str, _: bool) -> Result<String, super::super::HypervisorError> {
+            unsupported()
+        }
+        fn start(&self, _: &str) -> Result<(), super::super::HypervisorError> {
+            unsupported()
+        }
+        fn shutdown(&self, _: &str) -> Result<(), super::super::HypervisorError> {
+            unsupported()
+        }
+        fn destroy(&self, _: &str) -> Result<(), super::super::HypervisorError> {
+            unsupported()
+        }
+        fn reboot(&self, _: &str) -> Result<(), super::super::HypervisorError> {
+            unsupported()
+        }
+        fn suspend(&self, _: &str) -> Result<(), super::super::HypervisorError> {
+            unsupported()
+        }
+        fn resume(&self, _: &str) -> Result<(), super::super::HypervisorError> {
+            unsupported()
+        }
+        fn update_device(
+            &self,
+            _: &str,
+            _: &str,
+            _: bool,
+        ) -> Result<(), super::super::HypervisorError> {
+            unsupported()
+        }
+        fn snapshot_create(
+            &self,
+            _: &str,
+            _: &str,
+        ) -> Result<String, super::super::HypervisorError> {
+            unsupported()
+        }
+        fn snapshot_list(
+            &self,
+            _: &str,
+        ) -> Result<Vec<super::super::SnapshotRecord>, super::super::HypervisorError> {
+            unsupported()
+        }
+        fn snapshot_get(
+            &self,
+            _: &str,
+            _: &str,
+        ) -> Result<super::super::SnapshotRecord, super::super::HypervisorError> {
+            unsupported()
+        }
+        fn snapshot_revert(
+            &self,
+            _: &str,
+            _: &str,
+            _: bool,
+        ) -> Result<(), super::super::HypervisorError> {
+            unsupported()
+        }
+        fn snapshot_delete(&self, _: &str, _: &str) -> Result<(), super::super::HypervisorError> {
+            unsupported()
+        }
+        fn block_stats(
+            &self,
+            _: &str,
+            _: &str,
+        ) -> Result<(u64, u64), super::super::HypervisorError> {
+            unsupported()
+        }
+        fn interface_stats(
+            &self,
+            _: &str,
+            _: &str,
+        ) -> Result<(u64, u64), super::super::HypervisorError> {
+            unsupported()
+        }
+    }
+
+    fn kinds(hub: &EventHub) -> Vec<pb::EventKind> {
+        hub.since(0)
+            .iter()
+            .map(|e| pb::EventKind::try_from(e.kind).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn watcher_sees_a_start_through_qemus_starting_up_pause_as_one_start() {
+        let (hv, hub, w) = (Listing::default(), EventHub::new(), Watcher::default());
+        hv.set(PowerState::ShutOff, false);
+        assert!(w.sync(&hv, &hub).is_empty(), "baseline: nothing to bind");
+        assert!(kinds(&hub).is_empty(), "baseline publishes nothing");
+        hv.set(PowerState::Paused, true);
+        w.sync(&hv, &hub);
+        hv.set(PowerState::Running, false);
+        w.sync(&hv, &hub);
+        hv.set(PowerState::Paused, true); // an internal snapshot in progress
+        w.sync(&hv, &hub);
+        hv.set(PowerState::Running, false);
+        w.sync(&hv, &hub);
+        hv.set(PowerState::Paused, false); // a real pause
+        w.sync(&hv, &hub);
+        *hv.0.lock().unwrap() = Vec::new();
+        let actions = w.sync(&hv, &hub);
+        assert_eq!(actions, [AgentAction::Detach("u1".into())]);
+        use pb::EventKind::*;
+        assert_eq!(kinds(&hub), [VmStarted, VmPaused, VmStopped, VmUndefined]);
     }
 
     #[test]

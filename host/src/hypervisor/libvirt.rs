@@ -125,6 +125,18 @@ fn power_state(state: virt::domain::DomainStateEnum) -> PowerState {
     }
 }
 
+/// A pause libvirt makes on its own for a moment (QEMU starts paused and is resumed once
+/// set up; internal snapshots, saves and dumps pause the guest while they run).
+fn transient_pause(reason: virt::domain::DomainStateReasonEnum) -> bool {
+    use virt::domain::{DomainPausedReason as R, DomainStateReason};
+    matches!(
+        reason,
+        virt::enumutil::Enum::Known(DomainStateReason::Paused(virt::enumutil::Enum::Known(
+            R::StartingUp | R::Snapshot | R::Save | R::Dump | R::Migration | R::ShuttingDown
+        )))
+    )
+}
+
 fn version_string(v: u32) -> String {
     format!("{}.{}.{}", v / 1_000_000, (v / 1000) % 1000, v % 1000)
 }
@@ -188,7 +200,8 @@ impl Hypervisor for Libvirt {
         let mut out = Vec::with_capacity(domains.len());
         for dom in domains {
             // A domain undefined between the listing and these calls is skipped.
-            let (Ok(uuid), Ok(name), Ok((state, _))) = (dom.uuid_string(), dom.name(), dom.state())
+            let (Ok(uuid), Ok(name), Ok((state, reason))) =
+                (dom.uuid_string(), dom.name(), dom.state())
             else {
                 continue;
             };
@@ -196,6 +209,7 @@ impl Hypervisor for Libvirt {
                 uuid,
                 name,
                 state: power_state(state),
+                transient: transient_pause(reason),
             });
         }
         Ok(out)

@@ -68,6 +68,9 @@ pub struct DomainRef {
     pub uuid: String,
     pub name: String,
     pub state: PowerState,
+    /// Paused only for the moment by libvirt itself (starting up, taking a snapshot, saving,
+    /// dumping, migrating, shutting down): not a pause anyone asked for.
+    pub transient: bool,
 }
 
 /// Counters of one domain.
