@@ -9,8 +9,9 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use qx_proto::agent::{envelope::Payload, AgentReady, Envelope, HostHello, Ping};
 use qx_proto::{decode_envelope, encode_envelope, payload_name, Decoder, DEFAULT_MAX_FRAME_BYTES};
@@ -19,6 +20,25 @@ use thiserror::Error;
 /// Zero bytes sent before the hello on every connect (one maximum sent frame plus a header).
 pub const SYNC_PREAMBLE_BYTES: usize = 65552;
 const READ_SLICE_MS: u64 = 50;
+
+/// Request ids: seeded from the clock so two runs against one long-lived agent differ too.
+fn next_request_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let seed = || {
+        let ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        (ns << 16) | 1
+    };
+    let _ = NEXT.compare_exchange(0, seed(), Ordering::Relaxed, Ordering::Relaxed);
+    let id = NEXT.fetch_add(1, Ordering::Relaxed);
+    if id == 0 {
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    } else {
+        id
+    }
+}
 
 /// Failures of the raw client.
 #[derive(Debug, Error)]
@@ -58,7 +78,6 @@ pub struct Reply {
 pub struct AgentConn {
     stream: UnixStream,
     decoder: Decoder,
-    next_id: u64,
     /// Whole frames received so far.
     pub frames_seen: u64,
 }
@@ -86,7 +105,6 @@ impl AgentConn {
         Ok(Self {
             stream,
             decoder: Decoder::new(DEFAULT_MAX_FRAME_BYTES),
-            next_id: 1,
             frames_seen: 0,
         })
     }
@@ -108,7 +126,7 @@ impl AgentConn {
             payload: Some(Payload::HostHello(HostHello {
                 protocol_version: qx_proto::PROTOCOL_VERSION,
                 host_version: format!("qx-e2e {}", env!("CARGO_PKG_VERSION")),
-                host_session_id: u64::from(std::process::id()) << 16 | id,
+                host_session_id: u64::from(std::process::id()) << 32 | (id & 0xffff_ffff),
                 max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             })),
         })?;
@@ -121,11 +139,11 @@ impl AgentConn {
         }
     }
 
-    /// A fresh non-zero request id.
+    /// A fresh non-zero request id, unique across every connection of this process: an
+    /// agent session outlives host connections, and it answers a repeated id from its reply
+    /// cache, so ids must never restart with a new connection.
     pub fn fresh_id(&mut self) -> u64 {
-        let id = self.next_id;
-        self.next_id += 1;
-        id
+        next_request_id()
     }
 
     /// Writes bytes as they are (preambles, garbage, half frames).
