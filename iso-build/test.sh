@@ -98,6 +98,23 @@ cmp -s "$cd_src/quantix-kvm-agent.x86_64" "$agent" || fail "the image's agent is
 [ "$(stat -c %a "$cd_src/install.sh")" = 755 ] || fail "install.sh is not executable on the image"
 ok "SHA256SUMS verifies and covers every file; VERSION $version; agent is the input binary"
 
+# Every key agent.conf shows (commented) is one the agent accepts: uncomment them all and start
+# the agent on it. A bad configuration exits 2 at once; a good one keeps running until stopped.
+sed -n 's/^# \([a-z_]* = .*\)$/\1/p' "$cd_src/agent.conf" >"$work/all-keys.conf"
+[ "$(wc -l <"$work/all-keys.conf")" -ge 10 ] || fail "agent.conf shows fewer keys than expected"
+set +e
+timeout 3 "$agent" --config "$work/all-keys.conf" --connect "unix:$work/no-such.sock" >"$work/conf.log" 2>&1
+rc=$?
+set -e
+[ "$rc" != 2 ] || { cat "$work/conf.log"; fail "the agent rejects the keys agent.conf shows"; }
+echo 'no_such_key = 1' >>"$work/all-keys.conf"
+set +e
+timeout 3 "$agent" --config "$work/all-keys.conf" --connect "unix:$work/no-such.sock" >"$work/conf.log" 2>&1
+rc=$?
+set -e
+[ "$rc" = 2 ] || fail "the agent accepted an unknown key (exit $rc): the check above proves nothing"
+ok "every key agent.conf shows ($(wc -l <"$work/all-keys.conf") lines) is accepted by the agent"
+
 # ---- 2. reproducible ------------------------------------------------------------------------
 mkdir -p "$work/tmp2"
 iso2=$(umask 077 && TMPDIR=$work/tmp2 bash iso-build/build-iso.sh --agent "$agent" --out "$work/out2" 2>"$work/build2.log") \
@@ -162,7 +179,7 @@ make_root() { # make_root DIR INIT SHELL
 
 # Everything under the root except what the test itself uses, with modes and hashes.
 snapshot() {
-  (cd "$1" && find . -path ./proc -prune -o -path ./media -prune -o -path ./var/log/qx-stub.log -prune \
+  (cd "$1" && find . -path ./proc -prune -o -path ./dev/pts -prune -o -path ./media -prune -o -path ./var/log/qx-stub.log -prune \
     -o -print | LC_ALL=C sort | while read -r f; do
     if [ -f "$f" ] && [ ! -L "$f" ]; then
       echo "$f $(stat -c %a "$f") $(sha256sum "$f" | cut -c1-16)"
