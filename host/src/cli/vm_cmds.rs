@@ -551,13 +551,33 @@ pub async fn run_vm(cmd: VmCommand, client: &mut Client, json: bool) -> anyhow::
     }
 }
 
+/// `YYYY-MM-DD HH:MM:SS +0000` of a unix time (civil-from-days, proleptic Gregorian).
+pub fn utc_time(unix_s: i64) -> String {
+    let (days, secs) = (unix_s.div_euclid(86_400), unix_s.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} +0000",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
 fn snapshot_rows(snaps: &[pb::Snapshot]) -> Vec<Vec<String>> {
     snaps
         .iter()
         .map(|s| {
             vec![
                 s.name.clone(),
-                s.created_unix_s.to_string(),
+                utc_time(s.created_unix_s),
                 s.state.clone(),
                 if s.quiesced { "yes" } else { "no" }.to_string(),
                 if s.current { "*" } else { "" }.to_string(),
@@ -569,7 +589,7 @@ fn snapshot_rows(snaps: &[pb::Snapshot]) -> Vec<Vec<String>> {
 
 const SNAPSHOT_HEADER: [&str; 6] = [
     "Name",
-    "Created (unix)",
+    "Creation Time",
     "State",
     "Quiesced",
     "Current",
@@ -746,6 +766,13 @@ mod tests {
         assert_eq!(lines[0], " Id   Name");
         assert_eq!(lines[2], " 1    short");
         assert_eq!(lines[3], " 22   a-longer-name");
+    }
+
+    #[test]
+    fn utc_time_renders_civil_dates() {
+        assert_eq!(utc_time(0), "1970-01-01 00:00:00 +0000");
+        assert_eq!(utc_time(951_782_400), "2000-02-29 00:00:00 +0000");
+        assert_eq!(utc_time(1_795_346_067), "2026-11-22 11:14:27 +0000");
     }
 
     #[test]
