@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The agent ISO in a real VM (TCG unless KVM is really usable): the guest boots ci/vm's kernel
-# and initramfs WITHOUT the agent (qx.agent=0), the ISO is attached as a virtio-blk disk, the
+# and initramfs WITHOUT the agent (qx.agent=0), the ISO is in an IDE CD-ROM drive, the
 # guest mounts it and runs install.sh under its busybox userland (no init supervisor: PID 1 is
 # ci/vm's /init shell), and the host must see AgentReady from the freshly installed agent on
 # the org.quantix.agent.0 chardev socket.
@@ -8,7 +8,7 @@
 # Usage: iso-build/vm-test.sh [--agent PATH]
 # Needs: target/vm/{vmlinux,initramfs.cpio.gz} from ci/vm/build-image.sh (built when missing).
 #
-# The extra kernel modules (cdrom, isofs) and the install hook come in a second cpio archive
+# The extra kernel modules (IDE, SCSI CD-ROM, isofs) and the install hook come in a second cpio archive
 # appended to ci/vm's initramfs (the kernel unpacks concatenated archives in order), so ci/vm's
 # image itself is not changed.
 set -euo pipefail
@@ -56,7 +56,11 @@ helper=$root/target/debug/qx-iso-vm-helper
 # ---- the overlay initramfs --------------------------------------------------------------------
 ov=$work/overlay
 mkdir -p "$ov/lib/modules/iso-test"
-for m in cdrom isofs; do
+# The CD-ROM stack ci/vm's image does not carry, in load order (from each module's depends=):
+# the PIIX IDE controller, SCSI CD-ROM (sr), and the ISO 9660 filesystem.
+modules="scsi_common scsi_mod libata ata_piix cdrom sr_mod isofs"
+echo "$modules" | tr ' ' '\n' >"$work/modules.order"
+for m in $modules; do
   f=$(find "$moddir/kernel" -name "$m.ko*" | head -n1)
   [ -n "$f" ] || fail "module $m not found"
   case "$f" in
@@ -71,6 +75,7 @@ mknod -m 0666 "$ov/dev/null" c 1 3
 install -m 0755 iso-build/vm/init "$ov/init"
 install -m 0755 ci/vm/init.sh "$ov/init.qx"
 install -m 0755 iso-build/vm/qx-iso-install.sh "$ov/qx-iso-install.sh"
+install -m 0644 "$work/modules.order" "$ov/lib/modules/iso-test/modules.order"
 (cd "$ov" && find . -print0 | cpio --null -o -H newc --quiet --owner=0:0) | gzip -1 >"$work/overlay.cpio.gz"
 cat "$vm/initramfs.cpio.gz" "$work/overlay.cpio.gz" >"$work/initrd"
 
@@ -78,7 +83,7 @@ cat "$vm/initramfs.cpio.gz" "$work/overlay.cpio.gz" >"$work/initrd"
 accel=tcg
 if grep -qwE 'vmx|svm' /proc/cpuinfo && [ -e /dev/kvm ] && [ ! -e /sys/module/kvm_pvm ]; then accel=kvm; fi
 
-# boot NAME INITRD CMDLINE PORT...: starts QEMU (pid in $qemu_pid) with the ISO as virtio-blk,
+# boot NAME INITRD CMDLINE PORT...: starts QEMU (pid in $qemu_pid) with the ISO in a CD-ROM drive,
 # one chardev socket $work/NAME-PORT.sock per virtio-serial port, the console in
 # $work/NAME-console.log; waits for the sockets.
 boot() {
@@ -95,10 +100,10 @@ boot() {
     -append "console=ttyS0 panic=-1 ${QX_VERBOSE:-quiet} $cmdline" \
     -serial "file:$work/$name-console.log" \
     -device virtio-serial-pci,id=vser0 "${ports[@]}" \
-    -drive "file=$iso,format=raw,if=virtio,readonly=on" \
+    -drive "file=$iso,format=raw,if=ide,index=2,media=cdrom" \
     </dev/null >/dev/null 2>"$work/$name-qemu.stderr" &
   qemu_pid=$!
-  log "$name: qemu ($accel) pid $qemu_pid, ISO $(basename "$iso") as virtio-blk"
+  log "$name: qemu ($accel) pid $qemu_pid, ISO $(basename "$iso") in an IDE CD-ROM drive"
   for p in "$@"; do
     i=0
     while [ ! -S "$work/$name-$p.sock" ]; do
