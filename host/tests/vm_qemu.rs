@@ -389,3 +389,52 @@ async fn tcg_vm_agent_found_through_its_channel_quiesced_snapshot_iso_swap_grace
         .into_inner();
     assert!(deleted.deleted_volumes.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, libvirt and QEMU; run by ci/test.sh"]
+async fn create_and_start_that_qemu_refuses_leaves_no_domain_and_no_image() {
+    run(Command::new("bash").arg(root().join("ci/libvirt.sh")));
+    let dir = tempfile::tempdir().unwrap();
+    let bogus_kernel = dir.path().join("not-a-kernel");
+    std::fs::write(&bogus_kernel, b"this is not a kernel").unwrap();
+    let agent = Arc::new(AgentApi::default());
+    let config = VmConfig {
+        libvirt_uri: URI.to_string(),
+        socket_dir: dir.path().join("sock"),
+        image_dir: dir.path().join("images"),
+        agent_iso: None,
+    };
+    let vm_api = VmApi::new(config, agent).unwrap();
+    let vm_id = uuid::Uuid::new_v4().to_string();
+    let _guard = DomainGuard(vm_id.clone());
+    let err = vm_api
+        .create_vm(pb::CreateVmRequest {
+            vm_id: vm_id.clone(),
+            name: format!("qx-bad-{}", &vm_id[..8]),
+            start: true,
+            spec: Some(pb::VmSpec {
+                cpu_cores: 1,
+                memory_mib: 128,
+                disks: vec![pb::DiskSpec {
+                    size_gib: 1,
+                    ..Default::default()
+                }],
+                kernel_path: bogus_kernel.to_string_lossy().into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    // Refused by QEMU at start, i.e. after the image was created and the domain defined.
+    assert!(err.message().contains("qemu"), "{err:?}");
+    let listed = run(Command::new("virsh").args(["-q", "-c", URI, "list", "--all", "--uuid"]));
+    assert!(!listed.contains(&vm_id), "domain left behind after {err:?}");
+    let images: Vec<_> = std::fs::read_dir(dir.path().join("images"))
+        .unwrap()
+        .collect();
+    assert!(
+        images.is_empty(),
+        "images left behind after {err:?}: {images:?}"
+    );
+}
