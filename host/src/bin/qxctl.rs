@@ -5,7 +5,19 @@ use qx_node::cli::{agent_cmds, Cli};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
+    restore_sigpipe();
     let cli = Cli::parse();
     let code = agent_cmds::run(cli).await;
     std::process::exit(code);
+}
+
+/// Rust starts programs with SIGPIPE ignored, so printing into a closed pipe
+/// (`qxctl vm list | head -1`) would panic. Like every Unix tool, qxctl ends quietly instead.
+#[allow(unsafe_code)]
+fn restore_sigpipe() {
+    // SAFETY: called first thing in main, before any other thread exists; SIG_DFL is a valid
+    // disposition for SIGPIPE and no Rust code relies on the ignored default.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
