@@ -60,7 +60,7 @@ pub struct InstallArgs {
     #[arg(long, default_value_t = 180)]
     pub timeout_s: u64,
     /// Extra arguments for install.sh (e.g. `--prefix=/opt/qx`), space-separated.
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
     pub install_args: String,
     /// When no Quantix agent is connected, start the installer through the VM's
     /// qemu-guest-agent (`virsh qemu-agent-command ... guest-exec`; qxctl must run on the node).
