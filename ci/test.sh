@@ -41,3 +41,6 @@ bash iso-build/vm-test.sh --agent target/x86_64-unknown-linux-musl/release/quant
 
 step "whole-VM test through libvirt: qemu:///system, agent via the domain's channel"
 cargo test --locked -p qx-node --test vm_qemu -- --ignored
+
+step "qxctl agent install through qx-node and libvirt: MountAgentIso, upgrade in the guest"
+bash iso-build/node-test.sh --agent target/x86_64-unknown-linux-musl/release/quantix-kvm-agent
