@@ -103,7 +103,17 @@ done
 [ -n "$old_session" ] || { cat "$work/info.json" "$work/node.log" >&2; fail "the agent installed at boot never connected"; }
 log "agent installed at boot is connected (session $old_session)"
 
-# ---- the command under test -------------------------------------------------------------------
+# ---- the commands under test ------------------------------------------------------------------
+# --print-only: the ISO goes into the drive and the command for the guest is printed, naming the
+# volume of the image the daemon inserted.
+version=$(basename "$iso" .iso | sed 's/^quantix-kvm-agent-//')
+qxctl --json agent install "$vm_id" --print-only >"$work/print.json" 2>"$work/print.err" \
+  || { cat "$work/print.err" >&2; fail "qxctl agent install --print-only failed"; }
+grep -q '"installed":false' "$work/print.json" || { cat "$work/print.json" >&2; fail "--print-only claims an install"; }
+grep -q "LABEL=QX_AGENT_${version//./_}" "$work/print.json" || { cat "$work/print.json" >&2; fail "the printed command names another volume"; }
+grep -q "\"iso\":\"$iso\"" "$work/print.json" || { cat "$work/print.json" >&2; fail "the daemon inserted another image"; }
+log "ok: --print-only inserts $(basename "$iso") and prints the guest command"
+
 set +e
 qxctl --json agent install "$vm_id" --timeout-s 180 --install-args "--timeout 60" >"$work/install.json" 2>"$work/install.err"
 rc=$?
