@@ -183,6 +183,14 @@ fi
 cat "$vm/initramfs-bench.cpio.gz" "$work/overlay.cpio.gz" >"$work/initrd-qga"
 boot qga "$work/initrd-qga" "qx.hostname=qx-iso-qga qx.agent=0 qx.qga=1 qx.iso_auto=0" \
   org.quantix.agent.0 org.qemu.guest_agent.0
+# The guest is "up" for an operator once its CD-ROM drive exists (the hook loads its modules).
+i=0
+while ! grep -q 'qx-iso-test: cd-rom ready' "$work/qga-console.log" 2>/dev/null; do
+  kill -0 "$qemu_pid" 2>/dev/null || { cat "$work/qga-console.log" >&2; fail "qemu exited"; }
+  [ $i -lt 1800 ] || { cat "$work/qga-console.log" >&2; fail "the guest's CD-ROM drive never appeared"; }
+  sleep 0.1
+  i=$((i + 1))
+done
 if ! "$helper" qga-install "$work/qga-org.qemu.guest_agent.0.sock" 180 "$work/qga-org.quantix.agent.0.sock" \
   iso-build/guest-launch.sh --timeout 60 >"$work/qga" 2>"$work/qga.err"; then
   cat "$work/qga.err" "$work/qga" "$work/qga-console.log" >&2

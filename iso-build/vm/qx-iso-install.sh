@@ -23,7 +23,7 @@ done
 [ -b /dev/sr0 ] || { say "no /dev/sr0"; exit 1; }
 # qx.iso_auto=0: only make the ISO mountable; the host starts the installer (qemu-ga test).
 if grep -qw 'qx.iso_auto=0' /proc/cmdline; then
-  say "modules loaded; waiting for the host to start the installer"
+  say "cd-rom ready; waiting for the host to start the installer"
   exit 0
 fi
 mkdir -p /mnt/cdrom
