@@ -421,7 +421,7 @@ for init in sysvinit busybox; do
   (cd "$r/media/broken" && find . -type f ! -name SHA256SUMS | sed 's|^\./||' | LC_ALL=C sort \
     | while read -r f; do sha256sum "$f"; done >SHA256SUMS)
   set +e
-  in_root "$r" "$sh" /media/broken/install.sh --timeout 3 >"$work/s3.log" 2>&1
+  in_root "$r" "$sh" /media/broken/install.sh --timeout 10 >"$work/s3.log" 2>&1
   rc=$?
   set -e
   rm -rf "$r/media/broken"
