@@ -104,9 +104,7 @@ qxctl cp "$work/payload.bin" demo:/tmp/payload.bin
 qxctl exec demo -- sha256sum /tmp/payload.bin
 
 bold "clean shutdown through the agent"
-# The agent runs poweroff (init turns it into the real power-off); detached, so the exec's
-# reply reaches the host before the VM goes down.
-qxctl exec demo --shell -- '(sleep 0.5; poweroff) </dev/null >/dev/null 2>&1 &'
+qxctl agent shutdown demo
 for _ in $(seq 300); do kill -0 "$qemu_pid" 2>/dev/null || break; sleep 0.1; done
 if kill -0 "$qemu_pid" 2>/dev/null; then
   echo "the VM did not power off" >&2

@@ -53,11 +53,11 @@ fn agent_info_ping_exec_files_time_users_network_and_disks_through_the_daemon() 
     spec.cmdline.push(format!("qx.disk=vda:{DATA_MOUNT}"));
     spec.cmdline.push("qx.ip=10.0.2.15/24".into());
     let mut vm = Vm::start(spec).unwrap();
-    let node = Node::start(&vm_socket_args(&[("ops", &vm.agent_socket())])).unwrap();
+    let vm_id = "ops";
+    let node = Node::start(&vm_socket_args(&[(vm_id, &vm.agent_socket())])).unwrap();
     let rt = runtime();
     rt.block_on(async {
         let mut c = node.client().await.unwrap();
-        let vm_id = "ops";
 
         // AgentReady, as the daemon reports it.
         let info = wait_agent(&mut c, vm_id).await;
@@ -292,15 +292,20 @@ fn agent_info_ping_exec_files_time_users_network_and_disks_through_the_daemon() 
         assert_eq!(fs.fstype, "ext4");
         assert!(fs.used_bytes > 3 * 1024 * 1024);
 
-        // Shutdown through the agent powers the VM off: QEMU exits by itself.
-        c.guest_shutdown(pb::GuestPowerRequest {
-            vm_id: vm_id.into(),
-            delay_ms: 0,
-            halt: false,
-        })
-        .await
-        .unwrap();
     });
+    // Shutdown through the agent, as an operator types it, powers the VM off: QEMU exits by
+    // itself.
+    let qxctl = qx_e2e::node::host_binary("qxctl").unwrap();
+    let out = std::process::Command::new(qxctl)
+        .args(["--addr", &node.addr, "agent", "shutdown", vm_id])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qxctl agent shutdown: {:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     let status = vm.wait_exit(Duration::from_secs(60)).unwrap();
     assert!(
         status.is_some(),

@@ -45,6 +45,21 @@ pub enum AgentCommand {
     },
     /// Install or upgrade the agent from the node's agent ISO.
     Install(install_cmd::InstallArgs),
+    /// Power the guest off through its agent (sync, then the guest's own shutdown).
+    Shutdown(PowerArgs),
+    /// Reboot the guest through its agent.
+    Reboot(PowerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PowerArgs {
+    pub vm: String,
+    /// Wait this many milliseconds in the guest before acting.
+    #[arg(long, default_value_t = 0)]
+    pub delay_ms: u32,
+    /// With shutdown: halt instead of powering off.
+    #[arg(long)]
+    pub halt: bool,
 }
 
 #[derive(Debug, Args)]
@@ -178,12 +193,24 @@ pub async fn run(cli: Cli) -> i32 {
     }
 }
 
+/// `--addr` as a URI: a bare `HOST:PORT` gets `https://` when TLS is asked for, else `http://`.
+fn endpoint_uri(addr: &str, tls: bool) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else if tls {
+        format!("https://{addr}")
+    } else {
+        format!("http://{addr}")
+    }
+}
+
 /// Connects to the daemon, with TLS when --ca/--cert/--key are given.
 pub async fn connect(cli: &Cli) -> Result<Client> {
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-    let mut ep = Endpoint::from_shared(cli.addr.clone())
+    let tls_wanted = cli.ca.is_some() || cli.cert.is_some();
+    let mut ep = Endpoint::from_shared(endpoint_uri(&cli.addr, tls_wanted))
         .with_context(|| format!("{} is not a valid address", cli.addr))?;
-    if cli.ca.is_some() || cli.cert.is_some() {
+    if tls_wanted {
         let read =
             |p: &Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
         let mut tls = ClientTlsConfig::new();
@@ -201,6 +228,21 @@ pub async fn connect(cli: &Cli) -> Result<Client> {
         ep = ep.tls_config(tls)?;
     }
     Ok(Client::new(ep.connect().await?))
+}
+
+fn power_request(a: PowerArgs) -> pb::GuestPowerRequest {
+    pb::GuestPowerRequest {
+        vm_id: a.vm,
+        delay_ms: a.delay_ms,
+        halt: a.halt,
+    }
+}
+
+fn power_text(r: &qx_proto::agent::PowerReply) -> String {
+    format!(
+        "accepted: the guest will run {} (at {} ms since the epoch)",
+        r.method, r.at_unix_ms
+    )
 }
 
 async fn dispatch(cli: Cli, client: &mut Client) -> Result<i32> {
@@ -267,6 +309,14 @@ async fn dispatch(cli: Cli, client: &mut Client) -> Result<i32> {
                 }
                 s.trim_end().to_string()
             });
+        }
+        Command::Agent(AgentCommand::Shutdown(a)) => {
+            let r = client.guest_shutdown(power_request(a)).await?.into_inner();
+            print(json, &r, power_text);
+        }
+        Command::Agent(AgentCommand::Reboot(a)) => {
+            let r = client.guest_reboot(power_request(a)).await?.into_inner();
+            print(json, &r, power_text);
         }
         Command::Agent(AgentCommand::Stats { vm }) => {
             let r = client
@@ -702,4 +752,20 @@ async fn upload(
         )
     });
     Ok(exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn bare_host_port_gets_a_scheme() {
+        assert_eq!(
+            super::endpoint_uri("127.0.0.1:9090", false),
+            "http://127.0.0.1:9090"
+        );
+        assert_eq!(
+            super::endpoint_uri("node1:9090", true),
+            "https://node1:9090"
+        );
+        assert_eq!(super::endpoint_uri("http://h:1", true), "http://h:1");
+    }
 }

@@ -47,7 +47,7 @@ vm commands, the VM lifecycle.",
     after_help = EXIT_HELP
 )]
 pub struct Cli {
-    /// The daemon's gRPC address.
+    /// The daemon's gRPC address: a URI, or HOST:PORT (http, or https with --ca/--cert).
     #[arg(
         long,
         global = true,
@@ -80,7 +80,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Guest agent: ping, info, logs, connection stats, install.
+    /// Guest agent: ping, info, logs, connection stats, install, shutdown, reboot.
     #[command(subcommand)]
     Agent(agent_cmds::AgentCommand),
     /// Run a command in the guest, streaming its output; exits with its exit code.
