@@ -309,6 +309,22 @@ impl VmApi {
         })
     }
 
+    /// Resolves the VM, checks that its state allows `op`, and runs one hypervisor action on
+    /// it. Returns the VM's uuid; the caller reports the new status.
+    async fn transition(
+        &self,
+        vm_id: &str,
+        allowed: &[PowerState],
+        op: &'static str,
+        act: fn(&dyn Hypervisor, &str) -> Result<(), HypervisorError>,
+    ) -> VmResult<String> {
+        let uuid = self.resolve(vm_id).await?;
+        self.require_state(&uuid, allowed, op).await?;
+        let id = uuid.clone();
+        self.run(move |hv| Ok(act(hv, &id)?)).await?;
+        Ok(uuid)
+    }
+
     async fn require_state(
         &self,
         uuid: &str,
@@ -573,20 +589,17 @@ impl VmApi {
 
     pub async fn force_stop_vm(&self, request: pb::VmIdRequest) -> Result<pb::VmStatus, Status> {
         async {
-            let uuid = self.resolve(&request.vm_id).await?;
-            self.require_state(
-                &uuid,
-                &[
-                    PowerState::Running,
-                    PowerState::Paused,
-                    PowerState::ShuttingDown,
-                    PowerState::PmSuspended,
-                ],
-                "force-stop",
-            )
-            .await?;
-            let id = uuid.clone();
-            self.run(move |hv| Ok(hv.destroy(&id)?)).await?;
+            let allowed = [
+                PowerState::Running,
+                PowerState::Paused,
+                PowerState::ShuttingDown,
+                PowerState::PmSuspended,
+            ];
+            let uuid = self
+                .transition(&request.vm_id, &allowed, "force-stop", |hv, id| {
+                    hv.destroy(id)
+                })
+                .await?;
             self.refresh().await;
             self.status(&uuid).await
         }
@@ -596,11 +609,14 @@ impl VmApi {
 
     pub async fn reboot_vm(&self, request: pb::VmIdRequest) -> Result<pb::VmStatus, Status> {
         async {
-            let uuid = self.resolve(&request.vm_id).await?;
-            self.require_state(&uuid, &[PowerState::Running], "reboot")
+            let uuid = self
+                .transition(
+                    &request.vm_id,
+                    &[PowerState::Running],
+                    "reboot",
+                    |hv, id| hv.reboot(id),
+                )
                 .await?;
-            let id = uuid.clone();
-            self.run(move |hv| Ok(hv.reboot(&id)?)).await?;
             self.hub
                 .emit(&uuid, pb::EventKind::VmRebooted, "reboot requested");
             self.refresh().await;
@@ -612,11 +628,11 @@ impl VmApi {
 
     pub async fn pause_vm(&self, request: pb::VmIdRequest) -> Result<pb::VmStatus, Status> {
         async {
-            let uuid = self.resolve(&request.vm_id).await?;
-            self.require_state(&uuid, &[PowerState::Running], "pause")
+            let uuid = self
+                .transition(&request.vm_id, &[PowerState::Running], "pause", |hv, id| {
+                    hv.suspend(id)
+                })
                 .await?;
-            let id = uuid.clone();
-            self.run(move |hv| Ok(hv.suspend(&id)?)).await?;
             self.refresh().await;
             self.status(&uuid).await
         }
@@ -626,11 +642,11 @@ impl VmApi {
 
     pub async fn resume_vm(&self, request: pb::VmIdRequest) -> Result<pb::VmStatus, Status> {
         async {
-            let uuid = self.resolve(&request.vm_id).await?;
-            self.require_state(&uuid, &[PowerState::Paused], "resume")
+            let uuid = self
+                .transition(&request.vm_id, &[PowerState::Paused], "resume", |hv, id| {
+                    hv.resume(id)
+                })
                 .await?;
-            let id = uuid.clone();
-            self.run(move |hv| Ok(hv.resume(&id)?)).await?;
             self.refresh().await;
             // The guest clock stood still while paused: set it from the host. A failed sync
             // does not fail the resume; it is reported in state_reason.
