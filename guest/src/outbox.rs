@@ -156,6 +156,16 @@ impl Outbox {
                 room: self.room(),
             });
         }
+        // A frame taken up for writing of which the sink has not taken a byte has not
+        // started: it goes back to the head of the lane, behind the urgent frame. (Memory stays
+        // within the bound: the frame only moves from `current` to the lane.)
+        if self.current_pos == 0 && !self.current.is_empty() {
+            let unstarted = std::mem::take(&mut self.current);
+            for &b in unstarted.iter().rev() {
+                self.ring.push_front(b);
+            }
+            self.lens.push_front(unstarted.len());
+        }
         for &b in self.scratch.iter().rev() {
             self.ring.push_front(b);
         }
@@ -459,6 +469,25 @@ mod tests {
                 - qx_proto::encoded_frame_len(&hello)
                 - qx_proto::encoded_frame_len(&later)
         );
+    }
+
+    #[test]
+    fn frame_taken_up_but_not_started_yields_to_the_hello() {
+        let mut ob = Outbox::new(0);
+        let reply = ack(3);
+        ob.push_reply(&reply).unwrap();
+        // The host is gone: the write of the next frame takes nothing.
+        let mut gone = TestSink::new(1000);
+        gone.stalled = true;
+        ob.flush(&mut gone).unwrap();
+        assert!(gone.data.is_empty());
+        let hello = env(1, Payload::Ping(Ping { seq: 9 }));
+        ob.push_urgent(&hello).unwrap();
+        let mut next_host = TestSink::new(1000);
+        ob.flush(&mut next_host).unwrap();
+        let (frames, garbage) = decode_all(&next_host.data);
+        assert_eq!(garbage, 0);
+        assert_eq!(frames, vec![hello, reply]);
     }
 
     #[test]
