@@ -17,6 +17,19 @@ fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
+/// Eight bytes from the kernel's generator that never wait for it to be seeded
+/// (`getrandom(GRND_INSECURE)`, Linux 5.6+), or `None` (older kernel, no getrandom).
+/// For identifiers that must differ between processes, never for secrets: a freshly booted
+/// guest without a hardware RNG can take a second or more to seed its generator, and a
+/// blocking read (or `/dev/urandom` on 5.18+, which first runs the jitter entropy loop)
+/// would hold the agent's first answer for that long.
+pub fn unseeded_random_u64() -> Option<u64> {
+    let mut buf = [0u8; 8];
+    // SAFETY: `buf` is writable for its full length; the call writes at most that many bytes.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), libc::GRND_INSECURE) };
+    (n == 8).then(|| u64::from_ne_bytes(buf))
+}
+
 /// Blocks [`HANDLED_SIGNALS`] for this (single-threaded) process and returns a non-blocking
 /// signalfd that reports them. Children must get an empty mask back at spawn:
 /// [`unblock_signals_in_child`].
