@@ -3,8 +3,9 @@
 //! A port is opened once and kept open: whether a host is attached is read from the port
 //! itself (read() returning 0 means no host; `EAGAIN` means a host is attached and quiet).
 //! With edge-triggered epoll the host-less port reports IN|HUP once, not in a loop, and the
-//! next wake-up is the host connecting (OUT). A port that does not exist yet is retried every
-//! [`PORT_RETRY`] from the loop's deadline queue: no spin, no giving up.
+//! next wake-up is the host connecting (OUT). A port that does not exist yet is retried from
+//! the loop's deadline queue, [`PORT_RETRY_MIN`] doubling to [`PORT_RETRY`]: no spin, no
+//! giving up.
 //!
 //! A unix socket is a connection: EOF or an error closes it (host absent) and it is
 //! reconnected with a capped exponential back-off.
@@ -22,7 +23,9 @@ use mio::{Interest, Registry, Token};
 
 use crate::config::PORT_NAME;
 
-/// Retry period while the port does not exist or cannot be opened.
+/// First and largest retry delays while the port does not exist or cannot be opened: the
+/// port appears asynchronously after virtio_console loads, so the first retries are quick.
+pub const PORT_RETRY_MIN: Duration = Duration::from_millis(10);
 pub const PORT_RETRY: Duration = Duration::from_secs(1);
 /// First and largest unix-socket reconnect delays.
 pub const SOCKET_RETRY_MIN: Duration = Duration::from_millis(50);
@@ -76,12 +79,13 @@ pub struct Transport {
 
 impl Transport {
     pub fn new(endpoint: Endpoint) -> Self {
+        let backoff = first_retry(&endpoint);
         Transport {
             endpoint,
             conn: None,
             interest: None,
             retry_at: Some(Instant::now()),
-            backoff: SOCKET_RETRY_MIN,
+            backoff,
             open_failures: 0,
         }
     }
@@ -130,7 +134,7 @@ impl Transport {
                     log::info!("transport open after {} attempts", self.open_failures + 1);
                 }
                 self.open_failures = 0;
-                self.backoff = SOCKET_RETRY_MIN;
+                self.backoff = self.first_retry();
                 self.interest = Some(interest);
                 self.conn = Some(conn);
                 self.retry_at = None;
@@ -148,15 +152,17 @@ impl Transport {
         }
     }
 
+    fn first_retry(&self) -> Duration {
+        first_retry(&self.endpoint)
+    }
+
     fn schedule_retry(&mut self, now: Instant) {
-        let delay = match self.endpoint {
+        let max = match self.endpoint {
             Endpoint::Device { .. } => PORT_RETRY,
-            Endpoint::Unix(_) => {
-                let d = self.backoff;
-                self.backoff = (self.backoff * 2).min(SOCKET_RETRY_MAX);
-                d
-            }
+            Endpoint::Unix(_) => SOCKET_RETRY_MAX,
         };
+        let delay = self.backoff.min(max);
+        self.backoff = (self.backoff * 2).min(max);
         self.retry_at = Some(now + delay);
     }
 
@@ -224,6 +230,13 @@ impl Write for Transport {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+fn first_retry(endpoint: &Endpoint) -> Duration {
+    match endpoint {
+        Endpoint::Device { .. } => PORT_RETRY_MIN,
+        Endpoint::Unix(_) => SOCKET_RETRY_MIN,
     }
 }
 
