@@ -1000,6 +1000,7 @@ async fn read_windows(
                 offset,
                 length: want,
                 chunk_bytes: READ_CHUNK_BYTES,
+                skip_sha256: false,
             }),
             opts,
             READ_WINDOW_ITEMS,

@@ -300,7 +300,8 @@ pub struct FileReader {
     chunk_bytes: u32,
     file_size: u64,
     sent: u64,
-    sha: Sha256,
+    /// `None` when the request set `skip_sha256`.
+    sha: Option<Sha256>,
     finished: bool,
 }
 
@@ -330,7 +331,7 @@ impl FileReader {
             chunk_bytes: chunk,
             file_size: meta.size(),
             sent: 0,
-            sha: Sha256::new(),
+            sha: (!req.skip_sha256).then(Sha256::new),
             finished: false,
         })
     }
@@ -355,7 +356,9 @@ impl FileReader {
             return Ok(None);
         }
         data.truncate(n);
-        self.sha.update(&data);
+        if let Some(sha) = self.sha.as_mut() {
+            sha.update(&data);
+        }
         let chunk = FileChunk {
             offset: self.offset,
             data,
@@ -368,12 +371,16 @@ impl FileReader {
         Ok(Some(chunk))
     }
 
-    /// The terminal reply: bytes sent, the file's size at open, sha256 of the bytes sent.
+    /// The terminal reply: bytes sent, the file's size at open, sha256 of the bytes sent
+    /// (empty when the request set `skip_sha256`).
     pub fn done(&self) -> FileReadDone {
         FileReadDone {
             bytes: self.sent,
             file_size: self.file_size,
-            sha256: self.sha.clone().finish().to_vec(),
+            sha256: self
+                .sha
+                .as_ref()
+                .map_or_else(Vec::new, |s| s.clone().finish().to_vec()),
         }
     }
 }
@@ -720,6 +727,25 @@ mod tests {
     }
 
     #[test]
+    fn read_with_skip_sha256_sends_the_same_bytes_and_an_empty_digest() {
+        let t = TempDir::new("read-nosha");
+        let pol = policy_for(&t);
+        let content: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        std::fs::write(t.join("allowed/f"), &content).unwrap();
+        let req = FileReadRequest {
+            path: t.s("allowed/f"),
+            skip_sha256: true,
+            ..Default::default()
+        };
+        let mut r = FileReader::open(&pol, &req, 0).unwrap();
+        let (data, _) = read_all(&mut r);
+        assert_eq!(data, content);
+        let done = r.done();
+        assert_eq!(done.bytes, content.len() as u64);
+        assert!(done.sha256.is_empty());
+    }
+
+    #[test]
     fn read_streams_the_range_in_capped_chunks_with_the_sha_of_what_was_sent() {
         let t = TempDir::new("read");
         let pol = policy_for(&t);
@@ -730,6 +756,7 @@ mod tests {
             offset: 0,
             length: 0,
             chunk_bytes: 1_000_000,
+            skip_sha256: false,
         };
         let mut r = FileReader::open(&pol, &req, 0).unwrap();
         let (data, chunks) = read_all(&mut r);
@@ -749,6 +776,7 @@ mod tests {
             offset: 1000,
             length: 5000,
             chunk_bytes: 4096,
+            skip_sha256: false,
         };
         let mut r = FileReader::open(&pol, &req, 0).unwrap();
         let (data, chunks) = read_all(&mut r);
