@@ -125,8 +125,8 @@ impl Outbox {
         self.stats
     }
 
-    /// Queues `env` on the reply lane, whole, or refuses it.
-    pub fn push_reply(&mut self, env: &Envelope) -> Result<(), OutboxError> {
+    /// Encodes `env` into `scratch` and checks that the reply lane has room for it.
+    fn encode_for_lane(&mut self, env: &Envelope) -> Result<usize, OutboxError> {
         self.scratch.clear();
         qx_proto::encode_envelope(env, SEND_MAX_FRAME_BYTES, &mut self.scratch)?;
         let need = self.scratch.len();
@@ -137,6 +137,12 @@ impl Outbox {
                 room: self.room(),
             });
         }
+        Ok(need)
+    }
+
+    /// Queues `env` on the reply lane, whole, or refuses it.
+    pub fn push_reply(&mut self, env: &Envelope) -> Result<(), OutboxError> {
+        let need = self.encode_for_lane(env)?;
         // A slice extend: one copy, not a byte at a time.
         self.ring.extend(self.scratch.iter());
         self.lens.push_back(need);
@@ -147,16 +153,7 @@ impl Outbox {
     /// Queues `env` on the reply lane ahead of every queued frame (still after the frame in
     /// progress, which is always finished first): the hello on a new connection.
     pub fn push_urgent(&mut self, env: &Envelope) -> Result<(), OutboxError> {
-        self.scratch.clear();
-        qx_proto::encode_envelope(env, SEND_MAX_FRAME_BYTES, &mut self.scratch)?;
-        let need = self.scratch.len();
-        if need > self.room() {
-            self.stats.refused += 1;
-            return Err(OutboxError::Full {
-                need,
-                room: self.room(),
-            });
-        }
+        let need = self.encode_for_lane(env)?;
         // A frame taken up for writing of which the sink has not taken a byte has not
         // started: it goes back to the head of the lane, behind the urgent frame. (Memory stays
         // within the bound: the frame only moves from `current` to the lane.)

@@ -220,27 +220,33 @@ impl AgentApi {
         })
     }
 
-    fn exec_timeout(request: &pb::ExecuteInGuestRequest, exec: &ap::ExecRequest) -> Duration {
-        ms(request.timeout_ms).unwrap_or_else(|| {
+    /// The request's exec, checked and set to `stream`, with the time the host waits for it:
+    /// the call's own timeout, else the exec's plus a margin, else the default.
+    fn exec_of(
+        request: &pb::ExecuteInGuestRequest,
+        stream: bool,
+    ) -> Result<(ap::ExecRequest, Duration), AgentError> {
+        let mut exec = request
+            .exec
+            .clone()
+            .ok_or_else(|| AgentError::InvalidArgument("exec is missing".into()))?;
+        if exec.argv.is_empty() {
+            return Err(AgentError::InvalidArgument("exec.argv is empty".into()));
+        }
+        exec.stream = stream;
+        let timeout = ms(request.timeout_ms).unwrap_or_else(|| {
             ms(exec.timeout_ms)
                 .map(|t| t + EXEC_MARGIN)
                 .unwrap_or(EXEC_DEFAULT_TIMEOUT)
-        })
+        });
+        Ok((exec, timeout))
     }
 
     pub async fn execute_in_guest(
         &self,
         request: pb::ExecuteInGuestRequest,
     ) -> Result<ap::ExecExit, Status> {
-        let mut exec = request
-            .exec
-            .clone()
-            .ok_or_else(|| AgentError::InvalidArgument("exec is missing".into()))?;
-        if exec.argv.is_empty() {
-            return Err(AgentError::InvalidArgument("exec.argv is empty".into()).into());
-        }
-        exec.stream = false;
-        let timeout = Self::exec_timeout(&request, &exec);
+        let (exec, timeout) = Self::exec_of(&request, false)?;
         let link = self.mgr.link(&request.vm_id)?;
         let cmd = link.start(
             Payload::ExecRequest(exec),
@@ -258,15 +264,7 @@ impl AgentApi {
         &self,
         request: pb::ExecuteInGuestRequest,
     ) -> Result<RpcStream<pb::ExecEvent>, Status> {
-        let mut exec = request
-            .exec
-            .clone()
-            .ok_or_else(|| AgentError::InvalidArgument("exec is missing".into()))?;
-        if exec.argv.is_empty() {
-            return Err(AgentError::InvalidArgument("exec.argv is empty".into()).into());
-        }
-        exec.stream = true;
-        let timeout = Self::exec_timeout(&request, &exec);
+        let (exec, timeout) = Self::exec_of(&request, true)?;
         let link = self.mgr.link(&request.vm_id)?;
         let mut cmd = link.start(
             Payload::ExecRequest(exec),

@@ -125,30 +125,26 @@ pub fn render(stats: &[pb::AgentConnectionStats]) -> String {
         ),
         ("tx", |s| &s.tx),
     ] {
-        let name = format!("qx_agent_{dir}_frames_total");
-        gauge(&mut out, &name, "Frames by payload kind.", "counter");
-        for s in stats {
-            for f in pick(s) {
-                let _ = writeln!(
-                    out,
-                    "{name}{{vm=\"{}\",kind=\"{}\"}} {}",
-                    escape(&s.vm_id),
-                    f.kind,
-                    f.frames
-                );
-            }
-        }
-        let name = format!("qx_agent_{dir}_bytes_total");
-        gauge(&mut out, &name, "Frame bytes by payload kind.", "counter");
-        for s in stats {
-            for f in pick(s) {
-                let _ = writeln!(
-                    out,
-                    "{name}{{vm=\"{}\",kind=\"{}\"}} {}",
-                    escape(&s.vm_id),
-                    f.kind,
-                    f.bytes
-                );
+        for (what, help, value) in [
+            (
+                "frames",
+                "Frames by payload kind.",
+                (|f| f.frames) as fn(&pb::FrameCount) -> u64,
+            ),
+            ("bytes", "Frame bytes by payload kind.", |f| f.bytes),
+        ] {
+            let name = format!("qx_agent_{dir}_{what}_total");
+            gauge(&mut out, &name, help, "counter");
+            for s in stats {
+                for f in pick(s) {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{vm=\"{}\",kind=\"{}\"}} {}",
+                        escape(&s.vm_id),
+                        f.kind,
+                        value(f)
+                    );
+                }
             }
         }
     }

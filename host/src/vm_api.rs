@@ -767,7 +767,7 @@ impl VmApi {
         } else {
             request.name.clone()
         };
-        if !valid_snapshot_name(&name) {
+        if !domain::valid_name(&name) {
             return Err(VmError::InvalidArgument(format!(
                 "snapshot name {name:?} must be 1-64 characters of [A-Za-z0-9._-]"
             )));
@@ -1235,15 +1235,6 @@ fn stop_step_name(step: pb::StopStep) -> &'static str {
         pb::StopStep::Force => "force",
         pb::StopStep::Unspecified => "nothing",
     }
-}
-
-fn valid_snapshot_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with(['-', '.'])
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 fn snapshot_pb(xml: &str, current: bool, quiesced: bool) -> VmResult<pb::Snapshot> {

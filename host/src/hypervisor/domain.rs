@@ -93,7 +93,8 @@ pub fn agent_socket_path(socket_dir: &Path, uuid: &str) -> PathBuf {
     socket_dir.join(format!("{uuid}.agent.sock"))
 }
 
-fn valid_name(name: &str) -> bool {
+/// A VM or snapshot name: 1-64 letters, digits, '-', '_' or '.', not starting with '-' or '.'.
+pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && !name.starts_with(['-', '.'])
