@@ -16,14 +16,21 @@ umount "$mnt" 2>/dev/null
 modprobe isofs 2>/dev/null
 modprobe sr_mod 2>/dev/null
 found=""
-for d in /dev/disk/by-label/QX_AGENT_* /dev/sr* /dev/vd* /dev/hd* /dev/xvd* /dev/sd*; do
-	[ -b "$d" ] || continue
-	mount -t iso9660 -o ro "$d" "$mnt" 2>/dev/null || continue
-	if [ -f "$mnt/install.sh" ] && [ -f "$mnt/SHA256SUMS" ] && [ -f "$mnt/VERSION" ]; then
-		found=$d
-		break
-	fi
-	umount "$mnt" 2>/dev/null
+# The host has just inserted the disc: the guest may see the new medium a moment later
+# (seconds under TCG), so look again once a second for up to 15 s.
+tries=0
+while [ -z "$found" ] && [ "$tries" -lt 15 ]; do
+	[ "$tries" -gt 0 ] && sleep 1
+	tries=$((tries + 1))
+	for d in /dev/disk/by-label/QX_AGENT_* /dev/sr* /dev/vd* /dev/hd* /dev/xvd* /dev/sd*; do
+		[ -b "$d" ] || continue
+		mount -t iso9660 -o ro "$d" "$mnt" 2>/dev/null || continue
+		if [ -f "$mnt/install.sh" ] && [ -f "$mnt/SHA256SUMS" ] && [ -f "$mnt/VERSION" ]; then
+			found=$d
+			break
+		fi
+		umount "$mnt" 2>/dev/null
+	done
 done
 if [ -z "$found" ]; then
 	echo "no agent ISO found in any drive" >&2
