@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Starts virtlogd and libvirtd in the background (there is no systemd here) so that
 # `qemu:///system` works, and waits until libvirtd answers. Idempotent: daemons already running
-# are left alone. QEMU runs as root: with /dev/kvm 0600, running it as libvirt-qemu makes
+# are left alone, and concurrent callers (tests run in parallel) take a lock so that only one
+# of them starts each daemon. QEMU runs as root: with /dev/kvm 0600, running it as libvirt-qemu makes
 # libvirt re-probe QEMU on nearly every call (see /work/shared/VIRTIO-SERIAL.md).
 #
 # Usage: bash ci/libvirt.sh          start (or check) the daemons
@@ -37,6 +38,11 @@ fi
 
 command -v libvirtd >/dev/null || { log "libvirtd is not installed (run ci/setup.sh)"; exit 1; }
 
+# One caller at a time from here on: two callers that both see no virtlogd would both start
+# one, and the second dies on the first one's pid file. The daemons must not inherit the lock.
+exec 9>"${TMPDIR:-/tmp}/qx-libvirt.lock"
+flock 9
+
 # QEMU as root, set once: replace a commented or different setting, else append.
 conf=/etc/libvirt/qemu.conf
 for key in user group; do
@@ -51,15 +57,16 @@ done
 
 $SUDO mkdir -p "$RUN_DIR" /var/log/libvirt /var/lib/libvirt/qemu/channel/target
 
-running() { pgrep -x "$1" >/dev/null 2>&1; }
+# A killed daemon can linger as a zombie; it does not count as running.
+running() { pgrep -x -r R,S,D "$1" >/dev/null 2>&1; }
 
 if ! running virtlogd; then
   log "starting virtlogd"
-  $SUDO virtlogd --daemon --pid-file "$RUN_DIR/virtlogd.pid"
+  $SUDO virtlogd --daemon --pid-file "$RUN_DIR/virtlogd.pid" 9>&-
 fi
 if ! running libvirtd; then
   log "starting libvirtd"
-  $SUDO libvirtd --daemon --pid-file "$RUN_DIR/libvirtd.pid"
+  $SUDO libvirtd --daemon --pid-file "$RUN_DIR/libvirtd.pid" 9>&-
 fi
 
 deadline=$((SECONDS + TIMEOUT_S))
