@@ -6,12 +6,15 @@
 //! being read, the child blocks on its full pipe, and memory stays bounded. Timeouts send
 //! SIGTERM to the group, then SIGKILL after the grace period.
 
+use std::ffi::{CString, OsString};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
@@ -122,7 +125,6 @@ struct Pipe {
 struct Job {
     id: u64,
     owner: Owner,
-    child: Child,
     pid: u32,
     pidfd: Option<OwnedFd>,
     stdin: Option<File>,
@@ -221,47 +223,15 @@ impl Jobs {
         let Some(program) = spec.argv.first() else {
             return Err(OpError::new(ErrorCode::InvalidArgument, "argv is empty"));
         };
-        let mut cmd = if spec.shell {
-            let mut c = Command::new("/bin/sh");
-            c.arg("-c").arg(spec.argv.join(" "));
-            c
-        } else {
-            let mut c = Command::new(program);
-            c.args(&spec.argv[1..]);
-            c
-        };
-        if spec.clear_env {
-            cmd.env_clear();
-        }
-        cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
-        if let Some(cwd) = &spec.cwd {
-            cmd.current_dir(cwd);
-        }
-        if let Some(gid) = spec.gid {
-            cmd.gid(gid);
-        }
-        if let Some(uid) = spec.uid {
-            cmd.uid(uid);
-        }
-        sys::unblock_signals_in_child(&mut cmd);
-        cmd.process_group(0)
-            .stdin(if spec.stdin.is_empty() {
-                Stdio::null()
-            } else {
-                Stdio::piped()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().map_err(|e| OpError::io(program, &e))?;
-        let pid = child.id();
-        let stdout = child.stdout.take().map(|s| File::from(OwnedFd::from(s)));
-        let stderr = child.stderr.take().map(|s| File::from(OwnedFd::from(s)));
-        let stdin = child.stdin.take().map(|s| File::from(OwnedFd::from(s)));
+        let spawned = start(&spec).map_err(|e| OpError::io(program, &e))?;
+        let pid = spawned.pid;
+        let stdout = Some(File::from(spawned.stdout));
+        let stderr = Some(File::from(spawned.stderr));
+        let stdin = spawned.stdin.map(File::from);
         let pidfd = sys::pidfd_open(pid).ok();
         let mut job = Job {
             id,
             owner,
-            child,
             pid,
             pidfd,
             stdin,
@@ -283,7 +253,7 @@ impl Jobs {
         let registered = register_job(registry, slot, &job);
         if let Err(e) = registered {
             let _ = sys::kill_group(pid, libc::SIGKILL);
-            let _ = job.child.wait();
+            let _ = sys::wait_child(pid, true);
             return Err(OpError::new(
                 ErrorCode::Internal,
                 format!("cannot watch the child: {e}"),
@@ -410,6 +380,124 @@ impl Jobs {
     }
 }
 
+/// Starts the child of `spec`: through [`sys::spawn`] (posix_spawn, no fork of the agent)
+/// unless it must run as another user or group, which only a fork can set up.
+fn start(spec: &Spec) -> io::Result<sys::Spawned> {
+    let (program, args) = if spec.shell {
+        (
+            "/bin/sh".to_owned(),
+            vec!["-c".to_owned(), spec.argv.join(" ")],
+        )
+    } else {
+        (spec.argv[0].clone(), spec.argv[1..].to_vec())
+    };
+    if spec.uid.is_some() || spec.gid.is_some() {
+        return start_as_other_user(spec, &program, &args);
+    }
+    let env = child_env(spec);
+    let path = find_program(
+        &program,
+        env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v),
+    )?;
+    let argv = std::iter::once(&program)
+        .chain(&args)
+        .map(|a| cstring(a.as_bytes()))
+        .collect::<io::Result<Vec<_>>>()?;
+    let envp = env
+        .iter()
+        .map(|(k, v)| cstring(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
+        .collect::<io::Result<Vec<_>>>()?;
+    let cwd = spec
+        .cwd
+        .as_ref()
+        .map(|c| cstring(c.as_os_str().as_bytes()))
+        .transpose()?;
+    sys::spawn(
+        &cstring(path.as_os_str().as_bytes())?,
+        &argv,
+        &envp,
+        cwd.as_deref(),
+        !spec.stdin.is_empty(),
+    )
+}
+
+/// The fork path (std's `Command` with a `pre_exec` hook), for children with a uid or gid.
+fn start_as_other_user(spec: &Spec, program: &str, args: &[String]) -> io::Result<sys::Spawned> {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    if spec.clear_env {
+        cmd.env_clear();
+    }
+    cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
+    if let Some(cwd) = &spec.cwd {
+        cmd.current_dir(cwd);
+    }
+    if let Some(gid) = spec.gid {
+        cmd.gid(gid);
+    }
+    if let Some(uid) = spec.uid {
+        cmd.uid(uid);
+    }
+    sys::unblock_signals_in_child(&mut cmd);
+    let mut child = cmd
+        .process_group(0)
+        .stdin(if spec.stdin.is_empty() {
+            Stdio::null()
+        } else {
+            Stdio::piped()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // Dropping the `Child` neither waits for nor kills it: the job reaps it by pid.
+    let missing = || io::Error::other("std kept a pipe of the child");
+    Ok(sys::Spawned {
+        pid: child.id(),
+        stdin: child.stdin.take().map(OwnedFd::from),
+        stdout: child.stdout.take().map(OwnedFd::from).ok_or_else(missing)?,
+        stderr: child.stderr.take().map(OwnedFd::from).ok_or_else(missing)?,
+    })
+}
+
+/// The child's whole environment: the agent's own (unless `clear_env`) with the request's
+/// variables set over it.
+fn child_env(spec: &Spec) -> Vec<(OsString, OsString)> {
+    let mut env: Vec<(OsString, OsString)> = if spec.clear_env {
+        Vec::new()
+    } else {
+        std::env::vars_os().collect()
+    };
+    for (k, v) in &spec.env {
+        env.retain(|(old, _)| old != k.as_str());
+        env.push((k.into(), v.into()));
+    }
+    env
+}
+
+/// Where the child's `PATH` (or, without one, the usual system directories) finds `program`,
+/// as `execvp` would; a name with a `/` is taken as it is.
+fn find_program(program: &str, path: Option<&OsString>) -> io::Result<PathBuf> {
+    if program.contains('/') {
+        return Ok(PathBuf::from(program));
+    }
+    let default = OsString::from(DEFAULT_PATH);
+    std::env::split_paths(path.unwrap_or(&default))
+        .map(|dir| dir.join(program))
+        .find(|p| {
+            p.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "not found in PATH"))
+}
+
+/// The search path for children whose environment has no `PATH`.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+fn cstring(bytes: &[u8]) -> io::Result<CString> {
+    CString::new(bytes)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "contains a NUL byte"))
+}
+
 fn register_job(registry: &Registry, slot: usize, job: &Job) -> io::Result<()> {
     for (i, kind) in [ChildFd::Stdout, ChildFd::Stderr].into_iter().enumerate() {
         if let Some(f) = &job.pipes[i].file {
@@ -441,8 +529,8 @@ fn register_job(registry: &Registry, slot: usize, job: &Job) -> io::Result<()> {
 
 fn reap(job: &mut Job) {
     if job.status.is_none() {
-        match job.child.try_wait() {
-            Ok(Some(status)) => job.status = Some(status),
+        match sys::wait_child(job.pid, false) {
+            Ok(Some(status)) => job.status = Some(ExitStatus::from_raw(status)),
             Ok(None) => {}
             Err(e) => log::warn!("waitpid {}: {e}", job.pid),
         }

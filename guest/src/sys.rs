@@ -1,7 +1,9 @@
-//! The agent core's libc calls: signalfd, pidfd, signals, sync, reboot. The only `unsafe` of
-//! the core; every block names its invariants. Raw fds become `OwnedFd` at once.
+//! The agent core's libc calls: signalfd, pidfd, signals, spawning children, sync, reboot.
+//! The only `unsafe` of the core; every block names its invariants. Raw fds become `OwnedFd`
+//! at once.
 #![allow(unsafe_code)]
 
+use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
@@ -59,7 +61,8 @@ pub fn signalfd() -> io::Result<OwnedFd> {
 
 /// Makes `cmd`'s child start with an empty signal mask: the agent blocks the signals its
 /// signalfd reads, and a blocked mask survives exec (std does not reset it), which would make
-/// children deaf to SIGTERM.
+/// children deaf to SIGTERM. Only for children that need what [`spawn`] cannot do (another
+/// uid or gid): any `pre_exec` makes std fork the whole agent.
 pub fn unblock_signals_in_child(cmd: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the closure runs in the forked child before exec and only calls sigemptyset and
@@ -75,6 +78,178 @@ pub fn unblock_signals_in_child(cmd: &mut std::process::Command) {
             ))?;
             Ok(())
         });
+    }
+}
+
+/// posix_spawn's functions return an error number instead of setting errno.
+fn cvt_nz(ret: libc::c_int) -> io::Result<()> {
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(ret))
+    }
+}
+
+/// A pipe whose two ends are close-on-exec: `(read, write)`. Neither can be fd 0, 1 or 2,
+/// where moving an end onto a child's standard fd would clobber another: Rust's runtime opens
+/// /dev/null on any of them that is closed when the agent starts.
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into the two-element array it is given.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: pipe2 succeeded, so both fds are fresh and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// A child started by [`spawn`]: its pid (also its process group) and the agent's ends of its
+/// pipes.
+#[derive(Debug)]
+pub struct Spawned {
+    pub pid: u32,
+    pub stdin: Option<OwnedFd>,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+/// Starts the program at `path` (a path, not searched for) with `argv` and the whole
+/// environment `envp` through `posix_spawn`, which in musl and glibc is vfork-like: the agent's
+/// page tables are not copied and nothing runs in the child before exec. The child gets its
+/// own process group, an empty signal mask (the agent's blocked signals would otherwise stay
+/// blocked in it), SIGPIPE at its default, stdout and stderr on fresh pipes, stdin on a pipe
+/// when `stdin_pipe` else on /dev/null, and `cwd` as working directory. A program that cannot
+/// be executed is an error here, not an exit status.
+pub fn spawn(
+    path: &CStr,
+    argv: &[CString],
+    envp: &[CString],
+    cwd: Option<&CStr>,
+    stdin_pipe: bool,
+) -> io::Result<Spawned> {
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let stdin = if stdin_pipe { Some(pipe()?) } else { None };
+    let argv: Vec<*mut libc::c_char> = argv
+        .iter()
+        .map(|a| a.as_ptr().cast_mut())
+        .chain(std::iter::once(std::ptr::null_mut()))
+        .collect();
+    let envp: Vec<*mut libc::c_char> = envp
+        .iter()
+        .map(|e| e.as_ptr().cast_mut())
+        .chain(std::iter::once(std::ptr::null_mut()))
+        .collect();
+    let mut pid: libc::pid_t = 0;
+    // SAFETY: the file actions and attributes are initialised before use and destroyed on
+    // every path by their guards; every fd they name stays open until posix_spawn returns;
+    // `path`, `cwd` and the NUL-terminated `argv`/`envp` pointer arrays (whose strings are
+    // borrowed for the whole call) outlive the call; the sigsets are initialised by
+    // sigemptyset before use.
+    unsafe {
+        let mut actions: libc::posix_spawn_file_actions_t = std::mem::zeroed();
+        cvt_nz(libc::posix_spawn_file_actions_init(&mut actions))?;
+        let actions = Guard(&mut actions, |a| {
+            libc::posix_spawn_file_actions_destroy(a);
+        });
+        let mut attr: libc::posix_spawnattr_t = std::mem::zeroed();
+        cvt_nz(libc::posix_spawnattr_init(&mut attr))?;
+        let attr = Guard(&mut attr, |a| {
+            libc::posix_spawnattr_destroy(a);
+        });
+
+        match &stdin {
+            Some((r, _)) => cvt_nz(libc::posix_spawn_file_actions_adddup2(
+                actions.0,
+                r.as_raw_fd(),
+                0,
+            ))?,
+            None => cvt_nz(libc::posix_spawn_file_actions_addopen(
+                actions.0,
+                0,
+                c"/dev/null".as_ptr(),
+                libc::O_RDONLY,
+                0,
+            ))?,
+        }
+        cvt_nz(libc::posix_spawn_file_actions_adddup2(
+            actions.0,
+            out_w.as_raw_fd(),
+            1,
+        ))?;
+        cvt_nz(libc::posix_spawn_file_actions_adddup2(
+            actions.0,
+            err_w.as_raw_fd(),
+            2,
+        ))?;
+        if let Some(cwd) = cwd {
+            cvt_nz(libc::posix_spawn_file_actions_addchdir_np(
+                actions.0,
+                cwd.as_ptr(),
+            ))?;
+        }
+
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        cvt(libc::sigemptyset(&mut empty))?;
+        cvt_nz(libc::posix_spawnattr_setsigmask(attr.0, &empty))?;
+        let mut default: libc::sigset_t = std::mem::zeroed();
+        cvt(libc::sigemptyset(&mut default))?;
+        cvt(libc::sigaddset(&mut default, libc::SIGPIPE))?;
+        cvt_nz(libc::posix_spawnattr_setsigdefault(attr.0, &default))?;
+        cvt_nz(libc::posix_spawnattr_setpgroup(attr.0, 0))?;
+        let flags = libc::POSIX_SPAWN_SETPGROUP
+            | libc::POSIX_SPAWN_SETSIGMASK
+            | libc::POSIX_SPAWN_SETSIGDEF;
+        cvt_nz(libc::posix_spawnattr_setflags(
+            attr.0,
+            flags as libc::c_short,
+        ))?;
+
+        cvt_nz(libc::posix_spawn(
+            &mut pid,
+            path.as_ptr(),
+            actions.0,
+            attr.0,
+            argv.as_ptr(),
+            envp.as_ptr(),
+        ))?;
+    }
+    // The child's ends (out_w, err_w, the stdin pipe's read end) close here, in the agent.
+    Ok(Spawned {
+        pid: pid as u32,
+        stdin: stdin.map(|(_, w)| w),
+        stdout: out_r,
+        stderr: err_r,
+    })
+}
+
+/// Runs its function on its pointer when dropped (posix_spawn's C objects).
+struct Guard<T>(*mut T, unsafe fn(*mut T));
+
+impl<T> Drop for Guard<T> {
+    fn drop(&mut self) {
+        // SAFETY: the pointer was initialised by the matching init function and is destroyed
+        // exactly once, here.
+        unsafe { (self.1)(self.0) }
+    }
+}
+
+/// The exit status of child `pid` (a raw wait status) once it has ended, without waiting;
+/// `Ok(None)` while it runs. With `block`, waits for it instead.
+pub fn wait_child(pid: u32, block: bool) -> io::Result<Option<i32>> {
+    let mut status = 0;
+    let flags = if block { 0 } else { libc::WNOHANG };
+    loop {
+        // SAFETY: waitpid writes one int into `status`.
+        let ret = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, flags) };
+        match ret {
+            0 => return Ok(None),
+            r if r > 0 => return Ok(Some(status)),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
     }
 }
 
