@@ -6,8 +6,8 @@
 //!   own log), [`config`]. Tests drive them with byte buffers and `Instant`s.
 //! - **I/O shell:** [`event_loop`] (one `mio::Poll`, one thread), [`transport`] (the
 //!   virtio-serial port or a unix socket), [`exec`] (child processes), [`power`], [`dispatch`]
-//!   (every request type to its handler) and [`sys`] (the only `unsafe` of the core: libc
-//!   calls). `main.rs` parses the command line and calls [`event_loop::run`].
+//!   (every request type to its handler) and [`sys`] (the crate's only `unsafe`: its libc
+//!   calls, the operations' included). `main.rs` parses the command line and calls [`event_loop::run`].
 //!
 //! Operations themselves (files, freeze, users, ...) live in [`ops`].
 

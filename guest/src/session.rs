@@ -636,17 +636,16 @@ fn payload_name_env(env: &Envelope) -> &'static str {
     qx_proto::payload_name(env)
 }
 
-/// A random non-zero session id. It only has to differ between agent processes, so it comes
-/// from the kernel's generator without waiting for it to be seeded ([`crate::sys::unseeded_random_u64`]:
-/// a blocking read held the first AgentReady of a freshly booted TCG guest for over a second),
-/// always mixed with the clock and the pid.
+/// A random non-zero session id. It only has to differ between agent processes: it comes
+/// from [`crate::sys::random_u64`] (which never waits for the kernel's generator), mixed with
+/// the clock and the pid.
 pub fn random_session_id() -> u64 {
     let t = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
     let mixed =
         t.rotate_left(17) ^ u64::from(std::process::id()).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    (crate::sys::unseeded_random_u64().unwrap_or(0) ^ mixed).max(1)
+    (crate::sys::random_u64().unwrap_or(0) ^ mixed).max(1)
 }
 
 #[cfg(test)]

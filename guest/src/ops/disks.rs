@@ -8,8 +8,8 @@ use std::path::Path;
 
 use qx_proto::agent::{BlockDevice, DisksInfo, FilesystemUsage};
 
-use super::sys;
 use super::{OpError, OpResult};
+use crate::sys;
 
 /// One line of /proc/self/mountinfo.
 #[derive(Debug, Clone, PartialEq, Eq)]

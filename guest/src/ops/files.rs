@@ -544,7 +544,7 @@ impl FileWriters {
                 .create(parent)
                 .map_err(|e| OpError::io(&parent.display().to_string(), &e))?;
         }
-        let suffix = super::sys::random_nonzero_u64().map_err(|e| OpError::io("getrandom", &e))?;
+        let suffix = crate::sys::random_u64().map_err(|e| OpError::io("getrandom", &e))?;
         // A long target name is shortened in the temp name so it stays under NAME_MAX.
         let short = &name.as_bytes()[..name.len().min(200)];
         let mut temp_name = std::ffi::OsString::from(".");

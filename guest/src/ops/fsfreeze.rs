@@ -30,7 +30,8 @@ use qx_proto::agent::{
 };
 
 use super::disks::{self, Mount};
-use super::{sys, ChildCommand, OpError, OpResult};
+use super::{ChildCommand, OpError, OpResult};
+use crate::sys;
 
 /// Default auto-thaw delay when the request leaves it 0.
 pub const DEFAULT_AUTO_THAW_MS: u32 = 60_000;
@@ -360,7 +361,9 @@ impl Freezer {
             0 => DEFAULT_AUTO_THAW_MS,
             ms => ms,
         };
-        let token = sys::random_nonzero_u64().map_err(|e| OpError::io("getrandom", &e))?;
+        let token = sys::random_u64()
+            .map_err(|e| OpError::io("getrandom", &e))?
+            .max(1);
         let mut frozen = Frozen {
             token,
             mounts: targets.iter().rev().map(|m| m.mountpoint.clone()).collect(),

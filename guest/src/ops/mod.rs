@@ -9,8 +9,8 @@
 //!
 //! Modules: [`policy`] (path allow/deny, symlink-aware), [`files`] (stat, list, mkdir, delete,
 //! chunked read/hash/write), [`fsfreeze`] (freeze/thaw/trim), [`timeops`], [`users`] (utmp,
-//! chpasswd, ssh keys), [`sysinfo`], [`netinfo`], [`disks`], [`telemetry`], [`sha256`]. The
-//! only `unsafe` code of `ops` is in its private `sys` module (libc calls and ioctls).
+//! chpasswd, ssh keys), [`sysinfo`], [`netinfo`], [`disks`], [`telemetry`], [`sha256`]. Their
+//! libc calls and ioctls are in [`crate::sys`]: `ops` itself has no `unsafe` code.
 
 use qx_proto::agent::ErrorCode;
 
@@ -67,7 +67,6 @@ pub mod fsfreeze;
 pub mod netinfo;
 pub mod policy;
 pub mod sha256;
-mod sys;
 pub mod sysinfo;
 pub mod telemetry;
 #[cfg(test)]

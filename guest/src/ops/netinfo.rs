@@ -6,8 +6,8 @@ use std::path::Path;
 
 use qx_proto::agent::{IpAddress, NetCounters, NetInterface, NetworkInfo};
 
-use super::sys::{self, IfAddress};
 use super::{OpError, OpResult};
+use crate::sys::{self, IfAddress};
 
 fn sys_u64(path: &Path) -> u64 {
     std::fs::read_to_string(path)

@@ -190,7 +190,7 @@ mod tests {
             let root = std::env::temp_dir().join(format!(
                 "qx-policy-{tag}-{}-{}",
                 std::process::id(),
-                super::super::sys::random_nonzero_u64().unwrap()
+                crate::sys::random_u64().unwrap()
             ));
             std::fs::create_dir_all(root.join("allowed/sub")).unwrap();
             std::fs::create_dir_all(root.join("allowed/secret")).unwrap();

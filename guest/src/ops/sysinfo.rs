@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::sys;
+use crate::sys;
 
 /// The guest's identity, as AgentReady carries it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

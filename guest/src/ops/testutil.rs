@@ -12,7 +12,7 @@ impl TempDir {
         let p = std::env::temp_dir().join(format!(
             "qx-ops-{tag}-{}-{:016x}",
             std::process::id(),
-            super::sys::random_nonzero_u64().unwrap()
+            crate::sys::random_u64().unwrap()
         ));
         std::fs::create_dir_all(&p).unwrap();
         TempDir(std::fs::canonicalize(p).unwrap())

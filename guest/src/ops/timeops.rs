@@ -5,8 +5,8 @@ use std::path::Path;
 
 use qx_proto::agent::{ErrorCode, TimeInfo, TimeSetReply, TimeSetRequest};
 
-use super::sys::{self, RtcTime};
 use super::{OpError, OpResult};
+use crate::sys::{self, RtcTime};
 
 /// RTC device nodes tried in order.
 pub const RTC_PATHS: &[&str] = &["/dev/rtc0", "/dev/rtc"];

@@ -418,7 +418,7 @@ fn write_lines(user: &PasswdEntry, dir: &Path, lines: &[String]) -> OpResult<()>
         .set_permissions(std::fs::Permissions::from_mode(0o700))
         .map_err(|e| OpError::io(&dir_shown, &e))?;
     let target = dir.join("authorized_keys");
-    let suffix = super::sys::random_nonzero_u64().map_err(|e| OpError::io("getrandom", &e))?;
+    let suffix = crate::sys::random_u64().map_err(|e| OpError::io("getrandom", &e))?;
     let temp = dir.join(format!(".authorized_keys.qx-{suffix:016x}.tmp"));
     let shown = temp.display().to_string();
     let result = (|| {

@@ -1,7 +1,13 @@
-//! The agent core's libc calls: signalfd, pidfd, signals, spawning children, sync, reboot.
-//! The only `unsafe` of the core; every block names its invariants. Raw fds become `OwnedFd`
-//! at once.
+//! The agent's libc calls, and its only `unsafe` code: every block names its invariants, and
+//! raw fds become `OwnedFd` at once. Here: signalfd, pidfd, signals, spawning children, sync,
+//! reboot; in [`os`], the calls of the operations (re-exported here).
 #![allow(unsafe_code)]
+
+mod os;
+pub use os::{
+    clock_ns, fifreeze, fithaw, fitrim, getifaddrs, rtc_set_time, set_realtime_ns, statvfs, uname,
+    FsSpace, IfAddr, IfAddress, RtcTime, Uname,
+};
 
 use std::ffi::{CStr, CString};
 use std::io;
@@ -19,17 +25,21 @@ fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-/// Eight bytes from the kernel's generator that never wait for it to be seeded
-/// (`getrandom(GRND_INSECURE)`, Linux 5.6+), or `None` (older kernel, no getrandom).
-/// For identifiers that must differ between processes, never for secrets: a freshly booted
-/// guest without a hardware RNG can take a second or more to seed its generator, and a
-/// blocking read (or `/dev/urandom` on 5.18+, which first runs the jitter entropy loop)
-/// would hold the agent's first answer for that long.
-pub fn unseeded_random_u64() -> Option<u64> {
+/// Eight random bytes that never wait for the kernel's generator to be seeded:
+/// `getrandom(GRND_INSECURE)` (Linux 5.6+), else /dev/urandom (which does not wait before
+/// 5.18 either). For ids, file-name suffixes and tokens that must differ, never for secrets: a
+/// freshly booted guest without a hardware RNG can take a second or more to seed its
+/// generator, and the agent's one thread must not wait for it (a blocking read held the first
+/// AgentReady of a TCG guest for 1.3 s).
+pub fn random_u64() -> io::Result<u64> {
     let mut buf = [0u8; 8];
     // SAFETY: `buf` is writable for its full length; the call writes at most that many bytes.
     let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), libc::GRND_INSECURE) };
-    (n == 8).then(|| u64::from_ne_bytes(buf))
+    if n != 8 {
+        use std::io::Read;
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    }
+    Ok(u64::from_ne_bytes(buf))
 }
 
 /// Blocks [`HANDLED_SIGNALS`] for this (single-threaded) process and returns a non-blocking

@@ -1,6 +1,5 @@
-//! The ops' thin libc layer: every `unsafe` block of `ops` lives here, each with the
-//! invariants it relies on. Everything above this module is safe Rust.
-#![allow(unsafe_code)]
+//! The operations' libc calls: uname, getifaddrs, statvfs, the filesystem ioctls, the RTC,
+//! and clocks. Part of [`crate::sys`], re-exported there.
 
 use std::ffi::CStr;
 use std::io;
@@ -277,21 +276,4 @@ pub fn set_realtime_ns(unix_ns: i64) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
-}
-
-/// A random non-zero u64 from getrandom(2), falling back to /dev/urandom.
-pub fn random_nonzero_u64() -> io::Result<u64> {
-    loop {
-        let mut buf = [0u8; 8];
-        // SAFETY: `buf` is writable for its full length.
-        let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n != 8 {
-            use std::io::Read;
-            std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
-        }
-        let v = u64::from_ne_bytes(buf);
-        if v != 0 {
-            return Ok(v);
-        }
-    }
 }
