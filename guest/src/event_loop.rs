@@ -302,10 +302,14 @@ impl Agent {
             self.session.session_id(),
             self.transport.endpoint()
         );
+        // One clock read per turn, right after the poll returns: under TCG without a TSC the
+        // guest trusts, every read is a system call that reads an emulated timer device.
+        // Deadlines are computed from that reading, so they can fire late by the length of
+        // one turn's work, which is far below the resolution any of them needs.
+        let mut now = Instant::now();
         loop {
-            let now = Instant::now();
             let busy = self.service(now);
-            if self.done_exiting(Instant::now()) {
+            if self.done_exiting(now) {
                 log::info!("exiting");
                 return Ok(());
             }
@@ -313,15 +317,16 @@ impl Agent {
                 Some(Duration::ZERO)
             } else {
                 self.next_deadline()
-                    .map(|d| d.saturating_duration_since(Instant::now()))
+                    .map(|d| d.saturating_duration_since(now))
             };
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            let polled = self.poll.poll(&mut events, timeout);
+            now = Instant::now();
+            if let Err(e) = polled {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
                 return Err(LoopError::Poll(e));
             }
-            let now = Instant::now();
             for event in events.iter() {
                 match Tok::from(event.token()) {
                     Tok::Port => self.port_ready = true,
