@@ -31,6 +31,29 @@ const FILE_BYTES: usize = 16 * 1024 * 1024;
 const QGA_READ_COUNT: usize = 1024 * 1024;
 const TIMEOUT: Duration = Duration::from_secs(60);
 const BIG_FILE: &str = "/tmp/bench-16m";
+/// A third port where `cat` echoes bytes back: the transport's own round trip, the floor
+/// under both agents' pings, measured in the same run.
+const ECHO_PORT: &str = "org.quantix.echo.0";
+const ECHO_BYTES: usize = 16;
+
+/// The raw echo on [`ECHO_PORT`]: `ECHO_BYTES` out, the same bytes back.
+struct Echo(UnixStream);
+
+impl Echo {
+    fn round_trip(&mut self, seq: u8) -> Result<Duration> {
+        use std::io::Read;
+        let out = [seq; ECHO_BYTES];
+        let t = Instant::now();
+        self.0.write_all(&out)?;
+        let mut back = [0u8; ECHO_BYTES];
+        self.0.read_exact(&mut back).context("echo")?;
+        let elapsed = t.elapsed();
+        if back != out {
+            bail!("the echo sent back {back:?} for {out:?}");
+        }
+        Ok(elapsed)
+    }
+}
 
 /// qemu-ga's JSON-lines protocol over its chardev socket.
 struct Qga {
@@ -271,7 +294,7 @@ fn main() -> Result<()> {
     let mut spec = VmSpec::new("bench");
     spec.bench_image = true;
     spec.memory_mib = 512;
-    spec.ports = vec![AGENT_PORT.into(), QGA_PORT.into()];
+    spec.ports = vec![AGENT_PORT.into(), QGA_PORT.into(), ECHO_PORT.into()];
     spec.cmdline = vec!["qx.agent=0".into(), "qx.qga=once".into()];
     let mut vm = Vm::start(spec)?;
     eprintln!("bench: VM booting (qemu pid {})", vm.pid());
@@ -333,17 +356,29 @@ fn main() -> Result<()> {
     let ours_rss_idle = rss_kib(&mut ours, "quantix-kvm-agent")?;
     let qga_rss_idle = rss_kib(&mut ours, "qemu-ga")?;
 
-    // --- ping ----------------------------------------------------------------------------------
+    // --- ping, and the raw echo under both ------------------------------------------------------
+    let mut echo = Echo(UnixStream::connect(vm.port_socket(ECHO_PORT))?);
+    echo.0.set_read_timeout(Some(TIMEOUT))?;
+    sh_ours(
+        &mut ours,
+        &format!(
+            "setsid sh -c 'exec cat 0<>/dev/virtio-ports/{ECHO_PORT} 1>&0' </dev/null >/dev/null 2>&1 &"
+        ),
+    )?;
+    echo.round_trip(0)?;
     let mut ours_ping = Vec::with_capacity(PINGS);
     let mut qga_ping = Vec::with_capacity(PINGS);
+    let mut echo_ping = Vec::with_capacity(PINGS);
     for i in 0..PINGS {
         ours_ping.push(ours.ping(i as u64 + 1, TIMEOUT)?);
         let t = Instant::now();
         qga.call(json!({"execute": "guest-ping"}))?;
         qga_ping.push(t.elapsed());
+        echo_ping.push(echo.round_trip(i as u8)?);
     }
     ours_ping.sort();
     qga_ping.sort();
+    echo_ping.sort();
 
     // --- exec /bin/true until the exit status is known -----------------------------------------
     let mut ours_exec = Vec::with_capacity(EXECS);
@@ -536,6 +571,21 @@ fn main() -> Result<()> {
             p = prec
         );
     }
+    println!();
+    let (floor, ours_p50, qga_p50) = (
+        us(percentile(&echo_ping, 0.5)),
+        us(percentile(&ours_ping, 0.5)),
+        us(percentile(&qga_ping, 0.5)),
+    );
+    println!(
+        "Transport floor in the same run: `cat` echoing {ECHO_BYTES} bytes on a third port, \
+         interleaved with the pings, p50 {floor:.0} µs, p99 {:.0} µs. Above that floor a ping \
+         costs ours {:.0} µs and qemu-ga {:.0} µs ({:.1}x).",
+        us(percentile(&echo_ping, 0.99)),
+        ours_p50 - floor,
+        qga_p50 - floor,
+        (qga_p50 - floor) / (ours_p50 - floor)
+    );
     println!();
     println!(
         "Samples: {PINGS} pings and {EXECS} execs per agent, interleaved; {FILE_READS} reads of a 16 MiB \
