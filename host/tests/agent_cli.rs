@@ -27,14 +27,25 @@ impl Drop for Node {
 }
 
 async fn qxctl(addr: &str, args: &[&str]) -> Output {
+    qxctl_with_input(addr, args, None).await
+}
+
+/// qxctl with `input` on its standard input (None: /dev/null).
+async fn qxctl_with_input(addr: &str, args: &[&str], input: Option<Vec<u8>>) -> Output {
     let mut all = vec!["--addr".to_string(), format!("http://{addr}")];
     all.extend(args.iter().map(|s| s.to_string()));
     tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_qxctl"))
-            .args(&all)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_qxctl"));
+        cmd.args(&all).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let Some(input) = input else {
+            return cmd.stdin(Stdio::null()).output().unwrap();
+        };
+        let mut child = cmd.stdin(Stdio::piped()).spawn().unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let writer = std::thread::spawn(move || stdin.write_all(&input));
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap().unwrap();
+        out
     })
     .await
     .unwrap()
@@ -95,6 +106,51 @@ async fn qx_node_and_qxctl_drive_the_real_agent() {
     assert_eq!(out.stderr, b"oops\n");
     let out = qxctl(&addr, &["exec", "vm1", "--", "sh", "-c", "kill -9 $$"]).await;
     assert_eq!(out.status.code(), Some(137));
+
+    // exec --stdin: from qxctl's own standard input, or from a file.
+    let out = qxctl_with_input(
+        &addr,
+        &["exec", "vm1", "--stdin", "-", "--", "wc", "-c"],
+        Some(vec![b'x'; 5000]),
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "5000");
+    let input = dir.path().join("input.txt");
+    std::fs::write(&input, "one\ntwo\n").unwrap();
+    let out = qxctl(
+        &addr,
+        &[
+            "exec",
+            "vm1",
+            "--stdin",
+            input.to_str().unwrap(),
+            "--",
+            "tail",
+            "-n1",
+        ],
+    )
+    .await;
+    assert_eq!(out.stdout, b"two\n");
+    // Input that cannot fit one request is refused before anything runs, saying why.
+    std::fs::write(&input, vec![b'y'; 200_000]).unwrap();
+    let out = qxctl(
+        &addr,
+        &[
+            "exec",
+            "vm1",
+            "--stdin",
+            input.to_str().unwrap(),
+            "--",
+            "wc",
+            "-c",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot be sent"), "{err}");
 
     // cp both ways, verified by sha256.
     let local = dir.path().join("local.bin");

@@ -80,6 +80,12 @@ pub struct ExecArgs {
     /// Kill the command after this many seconds (0: the agent's default).
     #[arg(long, default_value_t = 0)]
     pub timeout_s: u32,
+    /// Feed this file to the command's standard input (`-`: qxctl's own standard input); the
+    /// input travels in the request, so it must fit one frame (about 64 KiB): copy larger
+    /// input in with `qxctl cp` and redirect from the copy. Without it the command's
+    /// standard input is /dev/null.
+    #[arg(long, value_name = "FILE")]
+    pub stdin: Option<PathBuf>,
     /// The command and its arguments (after `--`).
     #[arg(last = true, required = true)]
     pub argv: Vec<String>,
@@ -515,6 +521,17 @@ pub fn exit_code_of(x: &qx_proto::agent::ExecExit) -> i32 {
 }
 
 async fn exec(a: ExecArgs, client: &mut Client, json: bool, t: u32) -> Result<i32> {
+    let stdin = match a.stdin.as_deref() {
+        None => Vec::new(),
+        Some(p) if p == Path::new("-") => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .context("reading standard input")?;
+            buf
+        }
+        Some(p) => std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+    };
     let req = pb::ExecuteInGuestRequest {
         vm_id: a.vm.clone(),
         exec: Some(ExecRequest {
@@ -524,6 +541,7 @@ async fn exec(a: ExecArgs, client: &mut Client, json: bool, t: u32) -> Result<i3
             timeout_ms: a.timeout_s.saturating_mul(1000),
             user: a.user.unwrap_or_default(),
             shell: a.shell,
+            stdin,
             stream: true,
             ..Default::default()
         }),
