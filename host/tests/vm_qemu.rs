@@ -47,6 +47,13 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Tests that need libvirtd up hold it shared; the test that restarts libvirtd holds it alone.
+static LIBVIRTD: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn libvirtd_shared() -> std::sync::RwLockReadGuard<'static, ()> {
+    LIBVIRTD.read().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Destroys and undefines the test domain however the test ends.
 struct DomainGuard(String);
 
@@ -91,6 +98,7 @@ fn qemu_block_info(vm: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root, libvirt, QEMU and target/vm (ci/vm/build-image.sh); run by ci/test.sh"]
 async fn tcg_vm_agent_found_through_its_channel_quiesced_snapshot_iso_swap_graceful_stop() {
+    let _libvirtd = libvirtd_shared();
     run(Command::new("bash").arg(root().join("ci/libvirt.sh")));
     let image = target_dir().join("vm");
     let (kernel, initrd) = (image.join("vmlinux"), image.join("initramfs.cpio.gz"));
@@ -393,6 +401,7 @@ async fn tcg_vm_agent_found_through_its_channel_quiesced_snapshot_iso_swap_grace
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root, libvirt and QEMU; run by ci/test.sh"]
 async fn create_and_start_that_qemu_refuses_leaves_no_domain_and_no_image() {
+    let _libvirtd = libvirtd_shared();
     run(Command::new("bash").arg(root().join("ci/libvirt.sh")));
     let dir = tempfile::tempdir().unwrap();
     let bogus_kernel = dir.path().join("not-a-kernel");
@@ -437,4 +446,50 @@ async fn create_and_start_that_qemu_refuses_leaves_no_domain_and_no_image() {
         images.is_empty(),
         "images left behind after {err:?}: {images:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and libvirt; run by ci/test.sh"]
+async fn the_daemon_rides_out_a_libvirtd_restart() {
+    let _alone = LIBVIRTD.write().unwrap_or_else(|p| p.into_inner());
+    run(Command::new("bash").arg(root().join("ci/libvirt.sh")));
+    let dir = tempfile::tempdir().unwrap();
+    let config = VmConfig {
+        libvirt_uri: URI.to_string(),
+        socket_dir: dir.path().join("sock"),
+        image_dir: dir.path().join("images"),
+        agent_iso: None,
+    };
+    let vm_api = VmApi::new(config, Arc::new(AgentApi::default())).unwrap();
+    vm_api.list_v_ms(pb::ListVmsRequest {}).await.unwrap();
+
+    // libvirtd goes away: calls fail with a clear status instead of hanging.
+    run(Command::new("bash").args([root().join("ci/libvirt.sh").to_str().unwrap(), "stop"]));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Command::new("pgrep")
+        .args(["-x", "-r", "R,S,D", "libvirtd"])
+        .status()
+        .unwrap()
+        .success()
+    {
+        assert!(Instant::now() < deadline, "libvirtd did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let err = vm_api.list_v_ms(pb::ListVmsRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+
+    // Back again: the same daemon reconnects by itself (the lifecycle watcher reopens the
+    // connection; no restart of qx-node).
+    run(Command::new("bash").arg(root().join("ci/libvirt.sh")));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match vm_api.list_v_ms(pb::ListVmsRequest {}).await {
+            Ok(_) => break,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "still failing after libvirtd came back: {e:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

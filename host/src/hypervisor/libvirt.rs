@@ -91,6 +91,15 @@ fn msg(e: &virt::error::Error) -> String {
 /// Maps a libvirt error to the daemon's classes; `what` names the object looked up.
 fn classify(e: virt::error::Error, what: &str) -> HypervisorError {
     let text = msg(&e);
+    // The RPC layer failing ("Cannot write data: Broken pipe", "client socket is closed")
+    // means libvirtd is gone, not that the operation was wrong: unavailable until the
+    // lifecycle watcher reconnects.
+    if matches!(
+        e.domain(),
+        virt::enumutil::Enum::Known(virt::error::ErrorDomain::Rpc)
+    ) {
+        return HypervisorError::Unreachable(text);
+    }
     match e.code() {
         virt::enumutil::Enum::Known(code) => match code {
             ErrorNumber::NoDomain => HypervisorError::NoDomain(what.to_string()),
