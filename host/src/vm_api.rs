@@ -787,7 +787,15 @@ impl VmApi {
         }
         // Internal qcow2 snapshots: of a shut-off VM they hold the disks; of a running VM
         // libvirt 9 always includes the memory state (QEMU's savevm), whatever
-        // `include_memory` says. The snapshot's `state` ("running" / "shutoff") tells which.
+        // `include_memory` says. `has_memory` in the answer tells which was taken.
+        if request.include_memory {
+            self.require_state(
+                &uuid,
+                &[PowerState::Running, PowerState::Paused],
+                "include the memory state in a snapshot",
+            )
+            .await?;
+        }
         let xml = domain::snapshot_xml(&name, &request.description)
             .map_err(|e| VmError::Internal(e.to_string()))?;
 
@@ -1245,6 +1253,7 @@ fn snapshot_pb(xml: &str, current: bool, quiesced: bool) -> VmResult<pb::Snapsho
         name: f.name,
         description: f.description,
         created_unix_s: f.created_unix_s,
+        has_memory: matches!(f.state.as_str(), "running" | "paused" | "blocked"),
         state: f.state,
         quiesced,
         parent: f.parent,

@@ -483,6 +483,7 @@ async fn snapshot_lifecycle_and_quiesce_without_agent_is_refused() {
         .unwrap()
         .into_inner();
     assert_eq!((s1.id.as_str(), s1.quiesced), ("s1", false));
+    assert!(!s1.has_memory, "a shut-off VM has no memory state");
     assert_eq!(s1.description, "before <upgrade> & co");
     assert!(s1.current && s1.created_unix_s > 0);
     assert_eq!(
@@ -499,7 +500,16 @@ async fn snapshot_lifecycle_and_quiesce_without_agent_is_refused() {
             .code(),
         Code::InvalidArgument
     );
-    // Quiesce needs a running VM, then an agent: neither leaves a snapshot behind.
+    // Memory, and quiesce, need a running VM (quiesce then an agent): no snapshot is left.
+    let err = c
+        .create_snapshot(pb::CreateSnapshotRequest {
+            include_memory: true,
+            ..snap("m1", false)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("memory"), "{err:?}");
     assert_eq!(
         c.create_snapshot(snap("q1", true))
             .await
@@ -518,6 +528,7 @@ async fn snapshot_lifecycle_and_quiesce_without_agent_is_refused() {
         .unwrap()
         .into_inner();
     assert_eq!(s2.state, "running");
+    assert!(s2.has_memory);
     assert_eq!(s2.parent, "s1");
     let list = c.list_snapshots(id(&vm.vm_id)).await.unwrap().into_inner();
     let names: Vec<_> = list.snapshots.iter().map(|s| s.id.as_str()).collect();

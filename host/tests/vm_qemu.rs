@@ -271,6 +271,10 @@ async fn tcg_vm_agent_found_through_its_channel_quiesced_snapshot_iso_swap_grace
         .unwrap()
         .into_inner();
     assert!(snap.quiesced);
+    assert!(
+        snap.has_memory,
+        "libvirt snapshots a running VM with its memory"
+    );
     let list = c
         .list_snapshots(pb::VmIdRequest {
             vm_id: vm_id.clone(),

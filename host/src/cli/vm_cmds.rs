@@ -135,7 +135,8 @@ pub enum SnapshotCommand {
         /// Freeze the guest's filesystems through its agent around the snapshot.
         #[arg(long)]
         quiesce: bool,
-        /// Include memory state (running VMs).
+        /// Require the memory state: refused unless the VM is running or paused. (A snapshot
+        /// of a running VM holds its memory either way: libvirt's internal snapshots do.)
         #[arg(long)]
         memory: bool,
     },
@@ -580,6 +581,7 @@ fn snapshot_rows(snaps: &[pb::Snapshot]) -> Vec<Vec<String>> {
                 utc_time(s.created_unix_s),
                 s.state.clone(),
                 if s.quiesced { "yes" } else { "no" }.to_string(),
+                if s.has_memory { "yes" } else { "no" }.to_string(),
                 if s.current { "*" } else { "" }.to_string(),
                 s.description.clone(),
             ]
@@ -587,11 +589,12 @@ fn snapshot_rows(snaps: &[pb::Snapshot]) -> Vec<Vec<String>> {
         .collect()
 }
 
-const SNAPSHOT_HEADER: [&str; 6] = [
+const SNAPSHOT_HEADER: [&str; 7] = [
     "Name",
     "Creation Time",
     "State",
     "Quiesced",
+    "Memory",
     "Current",
     "Description",
 ];
@@ -623,11 +626,13 @@ pub async fn run_snapshot(
                     if json {
                         print_json(&s)?;
                     } else {
-                        println!(
-                            "Domain snapshot {} created{}",
-                            s.name,
-                            if s.quiesced { " (quiesced)" } else { "" }
-                        );
+                        let with = match (s.quiesced, s.has_memory) {
+                            (true, true) => " (quiesced, with memory)",
+                            (true, false) => " (quiesced)",
+                            (false, true) => " (with memory)",
+                            (false, false) => "",
+                        };
+                        println!("Domain snapshot {} created{with}", s.name);
                     }
                     Ok(exit::OK)
                 }
