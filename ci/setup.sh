@@ -33,10 +33,26 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# The toolchain is pinned in rust-toolchain.toml; make sure its parts are present.
-rustup show active-toolchain >/dev/null
-rustup component add rustfmt clippy >/dev/null 2>&1 || true
-rustup target list --installed | grep -qx x86_64-unknown-linux-musl \
-  || rustup target add x86_64-unknown-linux-musl
+# The toolchain, its components and the musl target are pinned in rust-toolchain.toml; rust-src
+# is there because ci/build-agent.sh rebuilds std from it. Install whatever of them is missing.
+toolchain=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)
+rust_target=x86_64-unknown-linux-musl
+if ! grep -q "^$toolchain-" <<<"$(rustup toolchain list)"; then
+  echo "setup: installing Rust $toolchain"
+  rustup toolchain install "$toolchain" --profile minimal --no-self-update
+fi
+installed=$(rustup component list --installed --toolchain "$toolchain")
+components=()
+for c in rustfmt clippy rust-src; do
+  grep -qE "^$c(-|$)" <<<"$installed" || components+=("$c")
+done
+if [ ${#components[@]} -gt 0 ]; then
+  echo "setup: adding Rust components ${components[*]}"
+  rustup component add --toolchain "$toolchain" "${components[@]}"
+fi
+if ! grep -qx "$rust_target" <<<"$(rustup target list --installed --toolchain "$toolchain")"; then
+  echo "setup: adding Rust target $rust_target"
+  rustup target add --toolchain "$toolchain" "$rust_target"
+fi
 
 echo "setup: ok"
