@@ -48,11 +48,7 @@ fn run(cmd: &mut Command) -> String {
 }
 
 /// Tests that need libvirtd up hold it shared; the test that restarts libvirtd holds it alone.
-static LIBVIRTD: std::sync::RwLock<()> = std::sync::RwLock::new(());
-
-fn libvirtd_shared() -> std::sync::RwLockReadGuard<'static, ()> {
-    LIBVIRTD.read().unwrap_or_else(|p| p.into_inner())
-}
+static LIBVIRTD: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 /// Destroys and undefines the test domain however the test ends.
 struct DomainGuard(String);
@@ -98,7 +94,7 @@ fn qemu_block_info(vm: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root, libvirt, QEMU and target/vm (ci/vm/build-image.sh); run by ci/test.sh"]
 async fn tcg_vm_agent_found_through_its_channel_quiesced_snapshot_iso_swap_graceful_stop() {
-    let _libvirtd = libvirtd_shared();
+    let _libvirtd = LIBVIRTD.read().await;
     run(Command::new("bash").arg(root().join("ci/libvirt.sh")));
     let image = target_dir().join("vm");
     let (kernel, initrd) = (image.join("vmlinux"), image.join("initramfs.cpio.gz"));
@@ -405,7 +401,7 @@ async fn tcg_vm_agent_found_through_its_channel_quiesced_snapshot_iso_swap_grace
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root, libvirt and QEMU; run by ci/test.sh"]
 async fn create_and_start_that_qemu_refuses_leaves_no_domain_and_no_image() {
-    let _libvirtd = libvirtd_shared();
+    let _libvirtd = LIBVIRTD.read().await;
     run(Command::new("bash").arg(root().join("ci/libvirt.sh")));
     let dir = tempfile::tempdir().unwrap();
     let bogus_kernel = dir.path().join("not-a-kernel");
@@ -455,7 +451,7 @@ async fn create_and_start_that_qemu_refuses_leaves_no_domain_and_no_image() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root and libvirt; run by ci/test.sh"]
 async fn the_daemon_rides_out_a_libvirtd_restart() {
-    let _alone = LIBVIRTD.write().unwrap_or_else(|p| p.into_inner());
+    let _alone = LIBVIRTD.write().await;
     run(Command::new("bash").arg(root().join("ci/libvirt.sh")));
     let dir = tempfile::tempdir().unwrap();
     let config = VmConfig {
