@@ -302,10 +302,10 @@ impl Agent {
             self.session.session_id(),
             self.transport.endpoint()
         );
-        // One clock read per turn, right after the poll returns: under TCG without a TSC the
-        // guest trusts, every read is a system call that reads an emulated timer device.
-        // Deadlines are computed from that reading, so they can fire late by the length of
-        // one turn's work, which is far below the resolution any of them needs.
+        // One clock read per turn, right after the poll returns: every step of a turn sees the
+        // same time, and a guest whose clocksource is not the TSC pays a system call (and an
+        // emulated timer read) for each. Deadlines are computed from that reading, so they can
+        // fire late by the length of one turn's work, far below the resolution any needs.
         let mut now = Instant::now();
         loop {
             let busy = self.service(now);
