@@ -24,6 +24,9 @@ use tonic::{Status, Streaming};
 
 /// Largest data chunk of one FileWriteChunk (each is acknowledged and answered).
 pub const WRITE_CHUNK_BYTES: usize = 48 * 1024;
+/// FileWriteChunks in flight at once: the next chunks cross the port while the agent writes
+/// the previous one, instead of every chunk waiting for the last one's answer.
+pub const WRITE_WINDOW_CHUNKS: usize = 4;
 /// Chunk size asked of the agent for reads.
 pub const READ_CHUNK_BYTES: u32 = 32 * 1024;
 /// Bytes asked for by one FileReadRequest. A window's chunks always fit the command's item
@@ -100,6 +103,15 @@ macro_rules! call {
             other => Err(unexpected(&link, id, kind, other)),
         }
     }};
+}
+
+/// Waits for the answer to one queued FileWriteChunk.
+async fn chunk_written((link, cmd): (Arc<Link>, Command)) -> Result<(), AgentError> {
+    let (id, kind) = (cmd.id(), cmd.kind);
+    match cmd.finish().await? {
+        Payload::Done(_) => Ok(()),
+        other => Err(unexpected(&link, id, kind, other)),
+    }
 }
 
 impl AgentApi {
@@ -420,6 +432,10 @@ impl AgentApi {
         let mut hasher = Sha256::new();
         let mut offset = 0u64;
         let mut buf: Vec<u8> = Vec::new();
+        // Chunks already queued on the link, oldest first. The agent takes them in order (each
+        // offset must follow the last), so answers come back in order too. Dropping them on an
+        // error cancels them.
+        let mut in_flight = std::collections::VecDeque::with_capacity(WRITE_WINDOW_CHUNKS);
         loop {
             let msg = requests.message().await?;
             let eof = msg.is_none();
@@ -443,12 +459,22 @@ impl AgentApi {
                     offset,
                     data,
                 });
-                call!(self, vm, t, Redelivery::SameSessionOnly, req, Done)?;
+                if in_flight.len() == WRITE_WINDOW_CHUNKS {
+                    if let Some(oldest) = in_flight.pop_front() {
+                        chunk_written(oldest).await?;
+                    }
+                }
+                let link = self.mgr.link(vm)?;
+                let cmd = link.start(req, self.opts(t, Redelivery::SameSessionOnly), 1)?;
+                in_flight.push_back((link, cmd));
                 offset += n as u64;
             }
             if eof {
                 break;
             }
+        }
+        while let Some(oldest) = in_flight.pop_front() {
+            chunk_written(oldest).await?;
         }
         let digest = hasher.finalize().to_vec();
         if !header.expected_sha256.is_empty() && header.expected_sha256 != digest {

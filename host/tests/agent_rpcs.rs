@@ -8,6 +8,7 @@ use agent_support::{fast_config, Daemon, RealAgent, Relay};
 use qx_node::pb;
 use qx_proto::agent::{self as ap, ExecRequest};
 use sha2::{Digest, Sha256};
+use std::time::Duration;
 use tonic::Code;
 
 const VM: &str = "rpc-vm";
@@ -450,4 +451,99 @@ async fn disabled_capabilities_are_refused_end_to_end() {
     }
     // The link survived every refusal.
     d.ping(VM).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_write_keeps_a_window_of_chunks_in_flight() {
+    use qx_node::agent_api::{WRITE_CHUNK_BYTES, WRITE_WINDOW_CHUNKS};
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(dir.path(), VM);
+    let _agent = RealAgent::start(&relay.guest_path, &[]);
+    // Timings loose enough that answers held back for seconds fail nothing.
+    let mut cfg = fast_config(None);
+    cfg.liveness_window = Duration::from_secs(30);
+    cfg.ack_timeout = Duration::from_secs(30);
+    cfg.default_timeout = Duration::from_secs(60);
+    let mut d = Daemon::start(cfg, &[(VM, &relay.host_path)]).await;
+    d.wait_connected(VM, 0).await;
+
+    let path = dir.path().join("windowed.bin");
+    let data: Vec<u8> = (0..(2 * WRITE_WINDOW_CHUNKS * WRITE_CHUNK_BYTES) as u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::WriteGuestFileRequest {
+        part: Some(pb::write_guest_file_request::Part::Header(
+            pb::WriteGuestFileHeader {
+                vm_id: VM.into(),
+                open: Some(ap::FileWriteOpen {
+                    path: path.display().to_string(),
+                    mode: 0o600,
+                    overwrite: true,
+                    ..Default::default()
+                }),
+                size: data.len() as u64,
+                expected_sha256: Sha256::digest(&data).to_vec(),
+                timeout_ms: 0,
+            },
+        )),
+    })
+    .await
+    .unwrap();
+    let mut client = d.client.clone();
+    let write = tokio::spawn(async move {
+        client
+            .write_guest_file(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    // Once the daemon has the agent's FileWriteOpened, hold every answer back and send the data.
+    let chunks_seen = |relay: &Relay| {
+        let (_, kinds) = relay.to_guest_stats();
+        kinds.iter().filter(|k| **k == "file_write_chunk").count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let stats = d
+            .client
+            .get_agent_connection_stats(pb::AgentStatsRequest { vm_id: VM.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        let opened = stats
+            .connections
+            .iter()
+            .flat_map(|c| &c.rx)
+            .any(|f| f.kind == "file_write_opened" && f.frames > 0);
+        if opened {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the file never opened"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    relay.pause_guest_reads(true);
+    tx.send(pb::WriteGuestFileRequest {
+        part: Some(pb::write_guest_file_request::Part::Data(data.clone())),
+    })
+    .await
+    .unwrap();
+    drop(tx);
+    // Without an answer the daemon still sends the next chunks, up to the window and no more.
+    while chunks_seen(&relay) < WRITE_WINDOW_CHUNKS {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} chunks sent while the first waited for its answer",
+            chunks_seen(&relay)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(chunks_seen(&relay), WRITE_WINDOW_CHUNKS);
+    relay.pause_guest_reads(false);
+    let done = write.await.unwrap().unwrap().into_inner();
+    assert!(done.committed);
+    assert_eq!(std::fs::read(&path).unwrap(), data);
+    assert_eq!(chunks_seen(&relay), 2 * WRITE_WINDOW_CHUNKS);
 }

@@ -18,7 +18,11 @@ use qx_e2e::image::target_dir;
 use qx_e2e::qemu::{AGENT_PORT, QGA_PORT};
 use qx_e2e::wire::AgentConn;
 use qx_e2e::{Vm, VmSpec};
-use qx_proto::agent::{envelope::Payload, Envelope, ExecRequest, FileReadRequest, HostHello};
+use qx_node::agent_api::{WRITE_CHUNK_BYTES, WRITE_WINDOW_CHUNKS};
+use qx_proto::agent::{
+    envelope::Payload, Envelope, ExecRequest, FileReadRequest, FileWriteChunk, FileWriteClose,
+    FileWriteOpen, HostHello,
+};
 use serde_json::{json, Value};
 use sha2::Digest;
 
@@ -155,6 +159,37 @@ impl Qga {
         self.call(json!({"execute": "guest-file-close", "arguments": {"handle": h}}))?;
         Ok(out)
     }
+
+    fn write_file(&mut self, path: &str, data: &[u8]) -> Result<()> {
+        let h = self
+            .call(json!({"execute": "guest-file-open", "arguments": {"path": path, "mode": "w"}}))?
+            .as_i64()
+            .ok_or_else(|| anyhow!("guest-file-open gave no handle"))?;
+        for chunk in data.chunks(QGA_READ_COUNT) {
+            self.call(json!({"execute": "guest-file-write",
+                "arguments": {"handle": h, "buf-b64": base64_encode(chunk)}}))?;
+        }
+        self.call(json!({"execute": "guest-file-close", "arguments": {"handle": h}}))?;
+        Ok(())
+    }
+}
+
+fn base64_encode(data: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(char::from(ABC[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 fn base64_decode(s: &str) -> Result<Vec<u8>> {
@@ -239,6 +274,74 @@ fn read_ours(conn: &mut AgentConn, path: &str, agent_sha: bool) -> Result<Vec<u8
             Ok(out)
         }
         other => bail!("file read: {other:?}"),
+    }
+}
+
+/// One file written through our agent as qx-node writes it: FileWriteOpen, 48 KiB
+/// FileWriteChunks with up to `window` of them unanswered, FileWriteClose with the sha256.
+fn write_ours(conn: &mut AgentConn, path: &str, data: &[u8], window: usize) -> Result<()> {
+    let opened = conn.request(
+        Payload::FileWriteOpen(FileWriteOpen {
+            path: path.into(),
+            mode: 0o644,
+            overwrite: true,
+            ..Default::default()
+        }),
+        TIMEOUT,
+    )?;
+    let handle = match opened.terminal.and_then(|e| e.payload) {
+        Some(Payload::FileWriteOpened(o)) => o.handle,
+        other => bail!("file write open: {other:?}"),
+    };
+    let mut pending = std::collections::VecDeque::new();
+    let wait_oldest = |conn: &mut AgentConn, pending: &mut std::collections::VecDeque<u64>| {
+        let id = pending
+            .pop_front()
+            .ok_or_else(|| anyhow!("no chunk in flight"))?;
+        loop {
+            let env = conn
+                .recv_deadline(Instant::now() + TIMEOUT)?
+                .ok_or_else(|| anyhow!("no answer to chunk {id}"))?;
+            if env.correlation_id != id {
+                continue;
+            }
+            match env.payload {
+                Some(Payload::Ack(_)) => {}
+                Some(Payload::Done(_)) => return Ok::<_, anyhow::Error>(()),
+                other => bail!("file write chunk: {other:?}"),
+            }
+        }
+    };
+    for (i, chunk) in data.chunks(WRITE_CHUNK_BYTES).enumerate() {
+        if pending.len() == window {
+            wait_oldest(conn, &mut pending)?;
+        }
+        let id = conn.fresh_id();
+        conn.send(&Envelope {
+            id,
+            correlation_id: 0,
+            payload: Some(Payload::FileWriteChunk(FileWriteChunk {
+                handle,
+                offset: (i * WRITE_CHUNK_BYTES) as u64,
+                data: chunk.to_vec(),
+            })),
+        })?;
+        pending.push_back(id);
+    }
+    while !pending.is_empty() {
+        wait_oldest(conn, &mut pending)?;
+    }
+    let closed = conn.request(
+        Payload::FileWriteClose(FileWriteClose {
+            handle,
+            commit: true,
+            expected_sha256: sha2::Sha256::digest(data).to_vec(),
+        }),
+        TIMEOUT,
+    )?;
+    match closed.terminal.and_then(|e| e.payload) {
+        Some(Payload::FileWriteDone(d)) if d.committed => Ok(()),
+        other => bail!("file write close: {other:?}"),
     }
 }
 
@@ -469,6 +572,40 @@ fn main() -> Result<()> {
     let ours_rss_after = rss_kib(&mut ours, "quantix-kvm-agent")?;
     let qga_rss_after = rss_kib(&mut ours, "qemu-ga")?;
 
+    // --- 16 MiB file write ------------------------------------------------------------------------
+    sh_ours(&mut ours, &format!("rm -f {BIG_FILE}"))?;
+    let upload: Vec<u8> = (0..FILE_BYTES as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let upload_sha = hex(&upload);
+    let check_upload = |ours: &mut AgentConn, who: &str| -> Result<()> {
+        let sum = sh_ours(ours, &format!("sha256sum {BIG_FILE}; rm -f {BIG_FILE}"))?;
+        if !sum.starts_with(&upload_sha) {
+            bail!("the file {who} wrote differs from what was sent");
+        }
+        Ok(())
+    };
+    let mut ours_write = Vec::new();
+    let mut ours_write_one = Vec::new();
+    let mut qga_write = Vec::new();
+    for _ in 0..FILE_READS {
+        let t = Instant::now();
+        write_ours(&mut ours, BIG_FILE, &upload, WRITE_WINDOW_CHUNKS)?;
+        ours_write.push(t.elapsed());
+        check_upload(&mut ours, "our agent")?;
+        let t = Instant::now();
+        write_ours(&mut ours, BIG_FILE, &upload, 1)?;
+        ours_write_one.push(t.elapsed());
+        check_upload(&mut ours, "our agent")?;
+        let t = Instant::now();
+        qga.write_file(BIG_FILE, &upload)?;
+        qga_write.push(t.elapsed());
+        check_upload(&mut ours, "qemu-ga")?;
+    }
+    ours_write.sort();
+    ours_write_one.sort();
+    qga_write.sort();
+
     // What the guest's clock costs: under TCG without a TSC it trusts, every clock read
     // is a system call reading a timer device.
     let clock = sh_ours(
@@ -529,6 +666,22 @@ fn main() -> Result<()> {
             what: "16 MiB file read, agent also sends its sha256 (median of 3)",
             ours: mib_s(percentile(&ours_read_sha, 0.5)),
             qga: mib_s(percentile(&qga_read, 0.5)),
+            unit: "MiB/s",
+            lower_better: false,
+            target: "",
+        },
+        Row {
+            what: "16 MiB file write (median of 3)",
+            ours: mib_s(percentile(&ours_write, 0.5)),
+            qga: mib_s(percentile(&qga_write, 0.5)),
+            unit: "MiB/s",
+            lower_better: false,
+            target: "",
+        },
+        Row {
+            what: "16 MiB file write, one chunk in flight at a time (median of 3)",
+            ours: mib_s(percentile(&ours_write_one, 0.5)),
+            qga: mib_s(percentile(&qga_write, 0.5)),
             unit: "MiB/s",
             lower_better: false,
             target: "",
@@ -624,8 +777,9 @@ fn main() -> Result<()> {
     println!();
     println!(
         "Samples: {PINGS} pings and {EXECS} execs per agent, interleaved; {FILE_READS} reads of a 16 MiB \
-         random file per agent (ours: {FILE_READS} more with its own sha256), each checked against \
-         the guest's sha256sum. Guest kernel {}, accel {}, 1 vCPU, {} MiB.",
+         random file per agent (ours: {FILE_READS} more with its own sha256) and {FILE_READS} \
+         writes of 16 MiB per agent (ours: {FILE_READS} more with one chunk in flight), each \
+         checked against the guest's sha256sum. Guest kernel {}, accel {}, 1 vCPU, {} MiB.",
         vm.image.kernel_release,
         if qx_e2e::qemu::kvm_usable() { "kvm" } else { "tcg" },
         vm.spec.memory_mib

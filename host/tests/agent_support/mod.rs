@@ -63,6 +63,8 @@ pub struct Relay {
     to_host_tx: mpsc::UnboundedSender<Vec<u8>>,
     paused: Arc<AtomicBool>,
     resume: Arc<Notify>,
+    guest_paused: Arc<AtomicBool>,
+    guest_resume: Arc<Notify>,
     pub host_connections: Arc<AtomicU64>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -98,6 +100,8 @@ impl Relay {
         let log = Arc::new(Mutex::new(Vec::new()));
         let paused = Arc::new(AtomicBool::new(false));
         let resume = Arc::new(Notify::new());
+        let guest_paused = Arc::new(AtomicBool::new(false));
+        let guest_resume = Arc::new(Notify::new());
         let host_connections = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(pump(to_host_rx, host_w_rx)));
@@ -145,6 +149,7 @@ impl Relay {
         // Guest side: the agent's --connect.
         {
             let to_host = to_host_tx.clone();
+            let (paused, resume) = (guest_paused.clone(), guest_resume.clone());
             tasks.push(tokio::spawn(async move {
                 loop {
                     let (s, _) = guest_l.accept().await.unwrap();
@@ -155,6 +160,11 @@ impl Relay {
                         match rd.read(&mut buf).await {
                             Ok(0) | Err(_) => break,
                             Ok(n) => {
+                                // Held after the read, so that nothing read while paused
+                                // slips through.
+                                while paused.load(Ordering::SeqCst) {
+                                    resume.notified().await;
+                                }
                                 let _ = to_host.send(buf[..n].to_vec());
                             }
                         }
@@ -170,6 +180,8 @@ impl Relay {
             to_host_tx,
             paused,
             resume,
+            guest_paused,
+            guest_resume,
             host_connections,
             tasks,
         }
@@ -181,6 +193,16 @@ impl Relay {
         if !paused {
             self.resume.notify_waiters();
             self.resume.notify_one();
+        }
+    }
+
+    /// Stops (or resumes) passing on what the agent writes: its answers wait (in the relay,
+    /// then in the agent).
+    pub fn pause_guest_reads(&self, paused: bool) {
+        self.guest_paused.store(paused, Ordering::SeqCst);
+        if !paused {
+            self.guest_resume.notify_waiters();
+            self.guest_resume.notify_one();
         }
     }
 
