@@ -43,8 +43,8 @@ pub fn random_u64() -> io::Result<u64> {
 }
 
 /// Blocks [`HANDLED_SIGNALS`] for this (single-threaded) process and returns a non-blocking
-/// signalfd that reports them. Children must get an empty mask back at spawn:
-/// [`unblock_signals_in_child`].
+/// signalfd that reports them. Children must get an empty mask back at spawn: [`spawn`] and
+/// [`unblock_signals_in_child`] see to it.
 pub fn signalfd() -> io::Result<OwnedFd> {
     // SAFETY: `set` is a plain C struct that sigemptyset initialises before any other use;
     // sigaddset only writes inside it; every pointer passed lives for the whole call.
