@@ -16,6 +16,7 @@ APT_PACKAGES=(
   xorriso                           # the agent ISO
   openssl                           # certificates for the host's mutual-TLS test
   python3                           # iso-build/test.sh: the pty standing in for the agent port
+  qemu-user                         # qemu-aarch64: the ISO's aarch64 agent runs in its build and test
   qemu-guest-agent                  # the incumbent, for the side-by-side benchmark
   ca-certificates curl
   binutils                          # readelf: VM image and static-agent checks
@@ -33,10 +34,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# The toolchain, its components and the musl target are pinned in rust-toolchain.toml; rust-src
+# The toolchain, its components and the musl targets are pinned in rust-toolchain.toml; rust-src
 # is there because ci/build-agent.sh rebuilds std from it. Install whatever of them is missing.
 toolchain=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)
-rust_target=x86_64-unknown-linux-musl
+read -r -a rust_targets <<<"$(sed -n 's/^targets *= *\[\(.*\)\]/\1/p' rust-toolchain.toml | tr -d '",')"
+[ ${#rust_targets[@]} -gt 0 ] || { echo "setup: no targets in rust-toolchain.toml" >&2; exit 1; }
 if ! grep -q "^$toolchain-" <<<"$(rustup toolchain list)"; then
   echo "setup: installing Rust $toolchain"
   rustup toolchain install "$toolchain" --profile minimal --no-self-update
@@ -50,9 +52,14 @@ if [ ${#components[@]} -gt 0 ]; then
   echo "setup: adding Rust components ${components[*]}"
   rustup component add --toolchain "$toolchain" "${components[@]}"
 fi
-if ! grep -qx "$rust_target" <<<"$(rustup target list --installed --toolchain "$toolchain")"; then
-  echo "setup: adding Rust target $rust_target"
-  rustup target add --toolchain "$toolchain" "$rust_target"
+installed=$(rustup target list --installed --toolchain "$toolchain")
+targets=()
+for t in "${rust_targets[@]}"; do
+  grep -qx "$t" <<<"$installed" || targets+=("$t")
+done
+if [ ${#targets[@]} -gt 0 ]; then
+  echo "setup: adding Rust targets ${targets[*]}"
+  rustup target add --toolchain "$toolchain" "${targets[@]}"
 fi
 
 echo "setup: ok"

@@ -4,9 +4,13 @@
 # agent (iso-build/README.md).
 #
 # Usage: iso-build/build-iso.sh [--agent PATH] [--agent-aarch64 PATH] [--out DIR]
-#   --agent PATH          the static x86_64 agent (default: built with ci/build-agent.sh)
-#   --agent-aarch64 PATH  a static aarch64 agent (default: built when the target is installed)
+#   --agent PATH          the static x86_64 agent (default: both agents are built with
+#                         ci/build-agent.sh)
+#   --agent-aarch64 PATH  the static aarch64 agent (default: the one ci/build-agent.sh built,
+#                         target/aarch64-unknown-linux-musl/release/quantix-kvm-agent)
 #   --out DIR             output directory (default: target/iso)
+# Each agent must report the workspace version: the one for another machine runs under
+# qemu-user (qemu-aarch64, qemu-x86_64) for that check.
 # Output: DIR/quantix-kvm-agent-<version>.iso and the stable symlink DIR/quantix-kvm-agent.iso.
 #
 # Reproducible: the same inputs give the same bytes. Every file gets mode 0644/0755, uid/gid 0
@@ -24,7 +28,7 @@ while [ $# -gt 0 ]; do
     --agent) agent=$2; shift 2 ;;
     --agent-aarch64) agent_arm=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
-    -h | --help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "build-iso: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -50,39 +54,33 @@ if [ -z "$agent" ]; then
   bash ci/build-agent.sh >&2
   agent=$root/target/x86_64-unknown-linux-musl/release/quantix-kvm-agent
 fi
-[ -f "$agent" ] || die "agent binary $agent not found"
-
-is_static() { ! readelf -l "$1" 2>/dev/null | grep -q 'Requesting program interpreter'; }
-elf_machine() { readelf -h "$1" 2>/dev/null | awk -F: '/Machine:/ {gsub(/^ +/, "", $2); print $2}'; }
-
-[ "$(elf_machine "$agent")" = "Advanced Micro Devices X86-64" ] || die "$agent is not an x86_64 ELF binary"
-is_static "$agent" || die "$agent is not statically linked"
-# The binary must be the version the image is named after.
-agent_version=$("$agent" --version 2>/dev/null | head -n1 || true)
-case "$agent_version" in
-  "quantix-kvm-agent $version" | "quantix-kvm-agent $version "*) ;;
-  *) die "$agent reports '$agent_version', expected 'quantix-kvm-agent $version'" ;;
-esac
-
-arm_note=""
 if [ -z "$agent_arm" ]; then
-  if rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-musl; then
-    log "building the aarch64 agent"
-    if cargo build --release --locked -p quantix-kvm-agent --target aarch64-unknown-linux-musl >&2; then
-      agent_arm=$root/target/aarch64-unknown-linux-musl/release/quantix-kvm-agent
-    else
-      arm_note="The aarch64 build failed on the build machine; this image holds no aarch64 agent."
-    fi
-  else
-    arm_note="The aarch64-unknown-linux-musl Rust target is not installed on the build machine; this image holds no aarch64 agent."
+  agent_arm=$root/target/aarch64-unknown-linux-musl/release/quantix-kvm-agent
+  [ -f "$agent_arm" ] || die "aarch64 agent $agent_arm not found: run bash ci/build-agent.sh, or pass --agent-aarch64"
+fi
+
+is_static() { ! readelf -l -d "$1" 2>/dev/null | grep -qE 'Requesting program interpreter|\(NEEDED\)'; }
+elf_machine() { readelf -h "$1" 2>/dev/null | awk -F: '/Machine:/ {gsub(/^ +/, "", $2); print $2}'; }
+# check_agent PATH ARCH ELF-MACHINE: a static binary for ARCH that reports the image's version.
+check_agent() {
+  local bin=$1 arch=$2 want_machine=$3 runner=() agent_version
+  [ -f "$bin" ] || die "$arch agent $bin not found"
+  [ "$(elf_machine "$bin")" = "$want_machine" ] || die "$bin is not an $arch ELF binary"
+  is_static "$bin" || die "$bin is not statically linked"
+  if [ "$(uname -m)" != "$arch" ]; then
+    command -v "qemu-$arch" >/dev/null \
+      || die "qemu-$arch is needed to check the $arch agent's version (package qemu-user; ci/setup.sh)"
+    runner=("qemu-$arch")
   fi
-fi
-if [ -n "$agent_arm" ]; then
-  [ -f "$agent_arm" ] || die "aarch64 agent $agent_arm not found"
-  [ "$(elf_machine "$agent_arm")" = "AArch64" ] || die "$agent_arm is not an aarch64 ELF binary"
-  is_static "$agent_arm" || die "$agent_arm is not statically linked"
-fi
-[ -z "$arm_note" ] || log "$arm_note"
+  # The binary must be the version the image is named after.
+  agent_version=$("${runner[@]}" "$bin" --version 2>/dev/null | head -n1 || true)
+  case "$agent_version" in
+    "quantix-kvm-agent $version" | "quantix-kvm-agent $version "*) ;;
+    *) die "$bin reports '$agent_version', expected 'quantix-kvm-agent $version'" ;;
+  esac
+}
+check_agent "$agent" x86_64 "Advanced Micro Devices X86-64"
+check_agent "$agent_arm" aarch64 AArch64
 
 # ---- staging tree ---------------------------------------------------------------------------
 stage=$(mktemp -d "${TMPDIR:-/tmp}/qx-iso.XXXXXX")
@@ -90,7 +88,7 @@ trap 'rm -rf "$stage"' EXIT
 files=iso-build/files
 
 install -m 0755 "$agent" "$stage/quantix-kvm-agent.x86_64"
-[ -z "$agent_arm" ] || install -m 0755 "$agent_arm" "$stage/quantix-kvm-agent.aarch64"
+install -m 0755 "$agent_arm" "$stage/quantix-kvm-agent.aarch64"
 install -m 0755 iso-build/install.sh "$stage/install.sh"
 install -m 0755 iso-build/uninstall.sh "$stage/uninstall.sh"
 install -m 0644 "$files/agent.conf" "$stage/agent.conf"
@@ -104,12 +102,7 @@ install -m 0755 "$files/service/busybox/run" "$stage/service/busybox/"
 install -m 0644 "$files/udev/60-quantix-kvm-agent.rules" "$stage/udev/"
 printf '%s\n' "$version" >"$stage/VERSION"
 
-{
-  sed -e "s/@VERSION_UNDERSCORED@/${version//./_}/g" -e "s/@VERSION@/$version/g" "$files/README"
-  if [ -n "$arm_note" ]; then
-    printf '\nNote: %s\n' "$arm_note"
-  fi
-} >"$stage/README"
+sed -e "s/@VERSION_UNDERSCORED@/${version//./_}/g" -e "s/@VERSION@/$version/g" "$files/README" >"$stage/README"
 chmod 0644 "$stage/VERSION" "$stage/README"
 
 # The manifest covers every other file, in a fixed (C locale) order, in `sha256sum -c` format.

@@ -199,7 +199,7 @@ machine=$(uname -m)
 case "$machine" in
 x86_64 | amd64) ARCH=x86_64 ;;
 aarch64 | arm64) ARCH=aarch64 ;;
-*) die 2 "unsupported architecture $machine (this ISO has agents for: $(ls "$SRC" | sed -n 's/^quantix-kvm-agent\.//p' | tr '\n' ' '))" ;;
+*) die 2 "unsupported architecture $machine (this ISO has agents for: $(ls "$SRC" | sed -n 's/^quantix-kvm-agent\.//p' | tr '\n' ' ' | sed 's/ $//'))" ;;
 esac
 [ -f "$SRC/$NAME.$ARCH" ] || die 2 "this ISO has no agent for $ARCH (see its README)"
 

@@ -1,33 +1,50 @@
 #!/usr/bin/env bash
 # Tests of the agent ISO (called from ci/test.sh; needs root for chroot and mount):
-#   1. the image builds, its listing and SHA256SUMS are what install.sh expects;
+#   1. the image builds, its listing and SHA256SUMS are what install.sh expects; both agents
+#      on it (x86_64 natively, aarch64 under qemu-aarch64) answer --version and --help and
+#      send a well-formed first frame to a host on a unix socket;
 #   2. two builds (different temp dirs, umask and clock) give the same bytes;
 #   3. install.sh runs in a busybox chroot for each init system (systemd, openrc, sysvinit,
 #      busybox) under busybox ash and under bash: files land with the right modes, the service
 #      definition is valid for its init, the init's CLI is asked to enable it, a re-run upgrades
 #      and keeps .old, an edited agent.conf survives, --dry-run changes nothing, a tampered
-#      image is refused before anything changes, uninstall removes everything it added.
+#      image is refused before anything changes, uninstall removes everything it added; with
+#      `uname -m` stubbed to aarch64 or arm64 install.sh picks the aarch64 binary;
 # The init systems' CLIs (systemctl, rc-update, update-rc.d) are stubs that record what they
 # were asked; the real-init path is covered by iso-build/vm-test.sh in a TCG VM.
 #
-# Usage: iso-build/test.sh [--agent PATH]   (default: builds the agent with ci/build-agent.sh)
+# Usage: iso-build/test.sh [--agent PATH] [--agent-aarch64 PATH]
+#   default: builds both agents with ci/build-agent.sh; with --agent alone, the aarch64 agent is
+#   the one ci/build-agent.sh left in target/aarch64-unknown-linux-musl/release/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
 agent=""
-[ "${1:-}" = "--agent" ] && agent=$2
+agent_arm=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --agent) agent=$2; shift 2 ;;
+    --agent-aarch64) agent_arm=$2; shift 2 ;;
+    *) echo "usage: iso-build/test.sh [--agent PATH] [--agent-aarch64 PATH]" >&2; exit 2 ;;
+  esac
+done
 if [ -z "$agent" ]; then
   bash ci/build-agent.sh >&2
   agent=$root/target/x86_64-unknown-linux-musl/release/quantix-kvm-agent
 fi
+[ -n "$agent_arm" ] || agent_arm=$root/target/aarch64-unknown-linux-musl/release/quantix-kvm-agent
+[ -f "$agent_arm" ] || { echo "no aarch64 agent at $agent_arm (run bash ci/build-agent.sh)" >&2; exit 1; }
+command -v qemu-aarch64 >/dev/null || { echo "qemu-aarch64 is not installed (run ci/setup.sh)" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || { echo "iso-build/test.sh needs root (chroot)" >&2; exit 1; }
 
 work=$(mktemp -d /tmp/qx-iso-test.XXXXXX)
 mounts=()
 pty_pid=""
+bg_pids=()
 cleanup() {
+  for p in "${bg_pids[@]}"; do kill "$p" 2>/dev/null || true; done
   # Agents the start tests left running inside the chroots (their exe lies under $work).
   for d in /proc/[0-9]*; do
     case "$(readlink "$d/exe" 2>/dev/null)" in
@@ -39,9 +56,11 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-# A private copy: the shared target/ binary may be rebuilt by someone else mid-test.
+# Private copies: the shared target/ binaries may be rebuilt by someone else mid-test.
 cp "$agent" "$work/agent.bin"
 agent=$work/agent.bin
+cp "$agent_arm" "$work/agent-aarch64.bin"
+agent_arm=$work/agent-aarch64.bin
 
 pass=0
 fail() { echo "FAIL: $*" >&2; exit 1; }
@@ -51,7 +70,7 @@ version=$(awk '/^\[workspace.package\]/ {p=1; next} /^\[/ {p=0} p && /^version *
 
 # ---- 1. build, listing, manifest ------------------------------------------------------------
 export SOURCE_DATE_EPOCH=1700000000
-iso=$(bash iso-build/build-iso.sh --agent "$agent" --out "$work/out1" 2>"$work/build1.log") \
+iso=$(bash iso-build/build-iso.sh --agent "$agent" --agent-aarch64 "$agent_arm" --out "$work/out1" 2>"$work/build1.log") \
   || { cat "$work/build1.log" >&2; fail "build-iso.sh failed"; }
 [ "$iso" = "$work/out1/quantix-kvm-agent-$version.iso" ] || fail "unexpected image path $iso"
 [ "$(readlink "$work/out1/quantix-kvm-agent.iso")" = "quantix-kvm-agent-$version.iso" ] \
@@ -70,6 +89,7 @@ SHA256SUMS
 VERSION
 agent.conf
 install.sh
+quantix-kvm-agent.aarch64
 quantix-kvm-agent.x86_64
 service/busybox/inittab
 service/busybox/run
@@ -78,12 +98,6 @@ service/systemd/quantix-kvm-agent.service
 service/sysvinit/quantix-kvm-agent
 udev/60-quantix-kvm-agent.rules
 uninstall.sh"
-if rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-musl; then
-  expected=$(printf '%s\nquantix-kvm-agent.aarch64' "$expected" | LC_ALL=C sort)
-else
-  xorriso -osirrox on -indev "$iso" -extract /README "$work/README" >/dev/null 2>&1
-  grep -q 'holds no aarch64 agent' "$work/README" || fail "README does not say the image has no aarch64 agent"
-fi
 diff -u <(echo "$expected") "$work/listing" || fail "the image's file list is not the expected one"
 ok "listing: $(wc -l <"$work/listing") files, as expected"
 
@@ -93,10 +107,91 @@ chmod -R u+w "$cd_src"
 (cd "$cd_src" && sha256sum -c --quiet SHA256SUMS) || fail "SHA256SUMS does not verify"
 [ "$(cut -d' ' -f3 "$cd_src/SHA256SUMS" | LC_ALL=C sort)" = "$(grep -vx SHA256SUMS "$work/listing")" ] \
   || fail "SHA256SUMS does not list every other file"
-cmp -s "$cd_src/quantix-kvm-agent.x86_64" "$agent" || fail "the image's agent is not the input binary"
+cmp -s "$cd_src/quantix-kvm-agent.x86_64" "$agent" || fail "the image's x86_64 agent is not the input binary"
+cmp -s "$cd_src/quantix-kvm-agent.aarch64" "$agent_arm" || fail "the image's aarch64 agent is not the input binary"
 [ "$(cat "$cd_src/VERSION")" = "$version" ] || fail "VERSION is not $version"
 [ "$(stat -c %a "$cd_src/install.sh")" = 755 ] || fail "install.sh is not executable on the image"
-ok "SHA256SUMS verifies and covers every file; VERSION $version; agent is the input binary"
+ok "SHA256SUMS verifies and covers every file; VERSION $version; the agents are the input binaries"
+
+# Both agents as shipped: static ELF for their machine, --version and --help, and the first
+# frame a host gets on connecting (the AgentReady). aarch64 runs under qemu-aarch64 (user mode).
+# The host is a python listener on a unix socket; it checks the frame header (docs/protocol.md:
+# magic 51 54 58 01, big-endian length, CRC32C of the payload, CRC32C of header bytes 0..12) and
+# that the payload names the version.
+cat >"$work/first-frame.py" <<'PY'
+import socket, struct, sys
+def crc32c(b):
+    c = 0xFFFFFFFF
+    for x in b:
+        c ^= x
+        for _ in range(8):
+            c = (c >> 1) ^ (0x82F63B78 & -(c & 1))
+    return c ^ 0xFFFFFFFF
+path, version = sys.argv[1], sys.argv[2].encode()
+s = socket.socket(socket.AF_UNIX)
+s.bind(path)
+s.listen(1)
+s.settimeout(20)
+print("listening", flush=True)
+c, _ = s.accept()
+c.settimeout(20)
+buf = b""
+def need(n):
+    global buf
+    while len(buf) < n:
+        d = c.recv(65536)
+        if not d:
+            sys.exit("the agent closed the connection after %d bytes" % len(buf))
+        buf += d
+need(16)
+length, pcrc, hcrc = struct.unpack(">III", buf[4:16])
+if buf[0:4] != b"QTX\x01":
+    sys.exit("first bytes %s are not the frame magic 51545801" % buf[0:4].hex())
+if crc32c(buf[0:12]) != hcrc:
+    sys.exit("header checksum mismatch")
+need(16 + length)
+payload = buf[16:16 + length]
+if crc32c(payload) != pcrc:
+    sys.exit("payload checksum mismatch")
+if version not in payload:
+    sys.exit("the first frame does not name version %s" % version.decode())
+print("frame %d bytes" % length)
+PY
+elf_machine() { readelf -h "$1" | awk -F: '/Machine:/ {gsub(/^ +/, "", $2); print $2}'; }
+for arch in x86_64 aarch64; do
+  bin=$cd_src/quantix-kvm-agent.$arch
+  run=()
+  case "$arch" in
+    x86_64) want="Advanced Micro Devices X86-64" ;;
+    aarch64) want=AArch64; run=(qemu-aarch64) ;;
+  esac
+  [ "$(elf_machine "$bin")" = "$want" ] || fail "[$arch] the image's agent is a $(elf_machine "$bin") binary"
+  ! readelf -lW -d "$bin" | grep -qE 'Requesting program interpreter|\(NEEDED\)' || fail "[$arch] the agent is not static"
+  out=$("${run[@]}" "$bin" --version) || fail "[$arch] --version failed"
+  case "$out" in
+    "quantix-kvm-agent $version" | "quantix-kvm-agent $version "*) ;;
+    *) fail "[$arch] --version says '$out'" ;;
+  esac
+  "${run[@]}" "$bin" --help >"$work/help.$arch" || fail "[$arch] --help failed"
+  grep -q '^    quantix-kvm-agent - Quantix KVM guest agent$' "$work/help.$arch" || fail "[$arch] --help has no NAME line"
+  grep -q -- '--connect unix:PATH' "$work/help.$arch" || fail "[$arch] --help does not list --connect"
+
+  sock=$work/host-$arch.sock
+  python3 "$work/first-frame.py" "$sock" "$version" >"$work/frame.$arch" 2>&1 &
+  host_pid=$!
+  bg_pids+=("$host_pid")
+  i=0
+  while ! grep -q listening "$work/frame.$arch" && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+  "${run[@]}" "$bin" --connect "unix:$sock" >"$work/agent.$arch.log" 2>&1 &
+  agent_pid=$!
+  bg_pids+=("$agent_pid")
+  host_rc=0
+  wait "$host_pid" || host_rc=$?
+  kill "$agent_pid" 2>/dev/null || true
+  wait "$agent_pid" 2>/dev/null || true
+  [ "$host_rc" = 0 ] || { cat "$work/frame.$arch" "$work/agent.$arch.log"; fail "[$arch] the host did not get a well-formed first frame"; }
+  ok "[$arch] static $want ELF, --version and --help, first frame to a unix-socket host ($(tail -n1 "$work/frame.$arch"))"
+done
 
 # Every key agent.conf shows (commented) is one the agent accepts: uncomment them all and start
 # the agent on it. A bad configuration exits 2 at once; a good one keeps running until stopped.
@@ -117,11 +212,13 @@ ok "every key agent.conf shows ($(wc -l <"$work/all-keys.conf") lines) is accept
 
 # ---- 2. reproducible ------------------------------------------------------------------------
 mkdir -p "$work/tmp2"
-iso2=$(umask 077 && TMPDIR=$work/tmp2 bash iso-build/build-iso.sh --agent "$agent" --out "$work/out2" 2>"$work/build2.log") \
+iso2=$(umask 077 && TMPDIR=$work/tmp2 bash iso-build/build-iso.sh --agent "$agent" --agent-aarch64 "$agent_arm" \
+  --out "$work/out2" 2>"$work/build2.log") \
   || { cat "$work/build2.log" >&2; fail "second build failed"; }
 cmp "$iso" "$iso2" || fail "two builds of the same inputs differ"
 ok "two builds are byte-identical ($(sha256sum "$iso" | cut -c1-16)…)"
-SOURCE_DATE_EPOCH=1700000001 bash iso-build/build-iso.sh --agent "$agent" --out "$work/out3" >/dev/null 2>&1
+SOURCE_DATE_EPOCH=1700000001 bash iso-build/build-iso.sh --agent "$agent" --agent-aarch64 "$agent_arm" \
+  --out "$work/out3" >/dev/null 2>&1
 cmp -s "$iso" "$work/out3/quantix-kvm-agent-$version.iso" && fail "SOURCE_DATE_EPOCH does not reach the image"
 ok "a different SOURCE_DATE_EPOCH gives a different image (the date is an input)"
 unset SOURCE_DATE_EPOCH
@@ -356,6 +453,53 @@ set -e
 grep -q 'must run as root' "$work/user.log" || fail "[not root] no clear message"
 diff <(echo "$before") <(snapshot "$r") || fail "[not root] a refused install changed the system"
 ok "[not root] install.sh refuses with exit 2 and changes nothing"
+
+# The architecture: with `uname -m` stubbed, install.sh picks the agent for the machine (the
+# aarch64 binary itself was run under qemu-aarch64 above; here it cannot be run, so --dry-run).
+# A damaged agent for the other architecture does not stop an install; the own one does.
+# Under bash: the static busybox's ash runs its own uname applet before any on PATH.
+r=$work/root-arch
+make_root "$r" systemd bash
+rm -f "$r/bin/uname"
+for m in aarch64 arm64 x86_64 riscv64; do
+  printf '#!/bin/sh\n[ "$1" = -m ] && { echo %s; exit 0; }\nexec /bin/busybox uname "$@"\n' "$m" >"$r/bin/uname"
+  chmod 0755 "$r/bin/uname"
+  set +e
+  in_root "$r" bash /media/cdrom/install.sh --dry-run --no-start >"$work/arch.log" 2>&1
+  rc=$?
+  set -e
+  case "$m" in
+    aarch64 | arm64) want=aarch64 ;;
+    x86_64) want=x86_64 ;;
+    riscv64)
+      [ "$rc" = 2 ] || { cat "$work/arch.log"; fail "[arch $m] exit $rc, want 2"; }
+      grep -q 'unsupported architecture riscv64 (this ISO has agents for: aarch64 x86_64)' "$work/arch.log" \
+        || { cat "$work/arch.log"; fail "[arch $m] the refusal does not name the image's agents"; }
+      continue
+      ;;
+  esac
+  [ "$rc" = 0 ] || { cat "$work/arch.log"; fail "[arch $m] --dry-run failed (exit $rc)"; }
+  grep -q "for $want, init systemd" "$work/arch.log" || { cat "$work/arch.log"; fail "[arch $m] did not select $want"; }
+  grep -q "would install quantix-kvm-agent.$want -> /usr/local/sbin/quantix-kvm-agent (mode 0755, sha256 verified)" \
+    "$work/arch.log" || { cat "$work/arch.log"; fail "[arch $m] would not install quantix-kvm-agent.$want"; }
+  [ "$(grep -c 'would install quantix-kvm-agent\.' "$work/arch.log")" = 1 ] || fail "[arch $m] more than one agent selected"
+done
+cp -a "$r/media/cdrom" "$r/media/bad"
+printf 'X' | dd of="$r/media/bad/quantix-kvm-agent.aarch64" bs=1 seek=1000 conv=notrunc status=none
+for m in aarch64 x86_64; do
+  printf '#!/bin/sh\n[ "$1" = -m ] && { echo %s; exit 0; }\nexec /bin/busybox uname "$@"\n' "$m" >"$r/bin/uname"
+  set +e
+  in_root "$r" bash /media/bad/install.sh --dry-run --no-start >"$work/arch.log" 2>&1
+  rc=$?
+  set -e
+  case "$m" in
+    aarch64) [ "$rc" = 3 ] && grep -q 'quantix-kvm-agent.aarch64 does not match SHA256SUMS' "$work/arch.log" \
+      || { cat "$work/arch.log"; fail "[arch $m] a damaged aarch64 agent gave exit $rc, want 3"; } ;;
+    x86_64) [ "$rc" = 0 ] || { cat "$work/arch.log"; fail "[arch $m] a damaged aarch64 agent stopped an x86_64 install"; } ;;
+  esac
+done
+rm -rf "$r/media/bad"
+ok "[arch] uname -m aarch64 and arm64 select quantix-kvm-agent.aarch64, x86_64 the x86_64 one, riscv64 is refused (exit 2); only the selected agent's hash matters"
 
 # ---- 4. real starts: sysvinit's own init script and busybox without a supervisor ---------------
 # The port is a pty: the agent opens its slave as it would /dev/vportNpM, and install.sh must
