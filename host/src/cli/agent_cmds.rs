@@ -1,5 +1,6 @@
 //! `qxctl agent|exec|cp|fs|time|watch`: the guest-agent commands.
 
+use super::vm_cmds::utc_time;
 use super::{exit, install_cmd, Cli, Command};
 use crate::pb;
 use crate::pb::node_daemon_service_client::NodeDaemonServiceClient;
@@ -279,21 +280,34 @@ async fn dispatch(cli: Cli, client: &mut Client) -> Result<i32> {
                 .await?
                 .into_inner();
             print(json, &r, |r| {
+                let os = if !r.os_pretty_name.is_empty() {
+                    r.os_pretty_name.clone()
+                } else if !r.os_name.is_empty() {
+                    format!("{} {}", r.os_name, r.os_version).trim().to_string()
+                } else {
+                    "unknown (the guest has no /etc/os-release)".to_string()
+                };
+                let or_none = |v: &[String]| {
+                    if v.is_empty() {
+                        "none".to_string()
+                    } else {
+                        v.join(" ")
+                    }
+                };
                 format!(
-                    "connected:    {}{}\nagent:        {} (session {:#x})\nos:          {} {} ({})\nkernel:       {} {}\nhostname:     {}\naddresses:    {}\ncapabilities: {}\nlast seen:    {} (unix ms)",
+                    "connected:    {}{}\nagent:        {} (session {:#x})\nos:           {os}\n\
+                     kernel:       {} {}\nhostname:     {}\naddresses:    {}\n\
+                     capabilities: {}\nlast seen:    {}",
                     r.connected,
                     if r.stale { " (data is stale)" } else { "" },
                     r.version,
                     r.session_id,
-                    r.os_name,
-                    r.os_version,
-                    r.os_pretty_name,
                     r.kernel_release,
                     r.arch,
                     r.hostname,
-                    r.ip_addresses.join(" "),
-                    r.capabilities.join(" "),
-                    r.last_seen_unix_ms
+                    or_none(&r.ip_addresses),
+                    or_none(&r.capabilities),
+                    seen(r.last_seen_unix_ms)
                 )
             });
         }
@@ -410,7 +424,8 @@ async fn dispatch(cli: Cli, client: &mut Client) -> Result<i32> {
                     let mem = tm.memory.unwrap_or_default();
                     format!(
                         "{} {}: cpu {:.1}% load {:.2} mem {}/{} MiB procs {} up {} s",
-                        u.received_unix_ms,
+                        // HH:MM:SS of the UTC time the daemon received it.
+                        &utc_time(u.received_unix_ms.div_euclid(1000))[11..19],
                         tm.hostname,
                         tm.cpu.map(|c| c.usage_percent).unwrap_or(0.0),
                         tm.load.map(|l| l.one).unwrap_or(0.0),
@@ -512,6 +527,18 @@ async fn fs(cmd: FsCommand, client: &mut Client, json: bool) -> Result<()> {
 }
 
 /// Exit code of a finished guest command: its own, or 128+signal.
+/// When the daemon last heard from the agent: UTC time and how long ago, or "never".
+fn seen(unix_ms: i64) -> String {
+    if unix_ms <= 0 {
+        return "never".to_string();
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let ago = (now_ms - unix_ms).max(0) as f64 / 1000.0;
+    format!("{} ({ago:.1} s ago)", utc_time(unix_ms.div_euclid(1000)))
+}
+
 pub fn exit_code_of(x: &qx_proto::agent::ExecExit) -> i32 {
     if x.exited {
         x.exit_code
@@ -774,6 +801,14 @@ async fn upload(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn last_seen_is_a_utc_time_and_an_age_or_never() {
+        assert_eq!(super::seen(0), "never");
+        let s = super::seen(1_795_358_785_625);
+        assert!(s.starts_with("2026-11-22 14:46:25 +0000 ("), "{s}");
+        assert!(s.ends_with(" s ago)"), "{s}");
+    }
+
     #[test]
     fn bare_host_port_gets_a_scheme() {
         assert_eq!(
