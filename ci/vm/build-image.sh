@@ -187,6 +187,9 @@ printf 'root::19000:0:99999:7:::\nqxtest:!:19000:0:99999:7:::\n' >"$stage/etc/sh
 chmod 0600 "$stage/etc/shadow"
 mkdir -p "$stage/home/qxtest"
 printf 'qx-guest\n' >"$stage/etc/hostname"
+# What the agent announces as the guest's OS (AgentReady), as on any distribution.
+printf '%s\n' 'NAME="Quantix test image"' 'ID=quantix-test' 'VERSION_ID=1' \
+  'PRETTY_NAME="Quantix test image 1 (busybox)"' >"$stage/etc/os-release"
 
 pack() { (cd "$stage" && find . -print0 | cpio --null -o -H newc --quiet --owner=0:0) | gzip -1 >"$1.tmp" && mv "$1.tmp" "$1"; }
 

@@ -62,6 +62,12 @@ fn agent_info_ping_exec_files_time_users_network_and_disks_through_the_daemon() 
         // AgentReady, as the daemon reports it.
         let info = wait_agent(&mut c, vm_id).await;
         assert_eq!(info.kernel_release, vm.image.kernel_release);
+        // Read by the agent from the image's /etc/os-release (ci/vm/build-image.sh).
+        assert_eq!(
+            (info.os_name.as_str(), info.os_version.as_str()),
+            ("Quantix test image", "1")
+        );
+        assert_eq!(info.os_pretty_name, "Quantix test image 1 (busybox)");
         assert_eq!(info.hostname, vm.spec.hostname);
         for cap in ["ping", "exec", "file-read", "file-write"] {
             assert!(info.capabilities.iter().any(|c| c == cap), "no {cap}: {info:?}");
