@@ -41,6 +41,12 @@ case "${1:-}" in
     targets=(x86_64-unknown-linux-musl aarch64-unknown-linux-musl)
     export CARGO_TARGET_DIR=target/agent
     export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld
+    # Source paths end up in the binary (panic locations): name them independently of where
+    # the checkout, the cargo registry and the toolchain live, so that the same sources give
+    # the same bytes anywhere.
+    RUSTFLAGS="--remap-path-prefix=$PWD=/qx --remap-path-prefix=${CARGO_HOME:-$HOME/.cargo}=/cargo"
+    RUSTFLAGS+=" --remap-path-prefix=$(rustc --print sysroot)=/rust"
+    export RUSTFLAGS
     RUSTC_BOOTSTRAP=1 cargo build --release --locked -p quantix-kvm-agent \
       "${targets[@]/#/--target=}" \
       -Zbuild-std=std,panic_abort -Zbuild-std-features=optimize_for_size
