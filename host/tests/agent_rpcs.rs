@@ -22,6 +22,27 @@ async fn setup(extra: &[&str]) -> (tempfile::TempDir, Relay, RealAgent, Daemon) 
     (dir, relay, agent, daemon)
 }
 
+/// The first message of a WriteGuestFile stream: write `data` to `path` (0600, replacing it),
+/// expecting its sha256.
+fn write_header(path: &std::path::Path, data: &[u8]) -> pb::WriteGuestFileRequest {
+    pb::WriteGuestFileRequest {
+        part: Some(pb::write_guest_file_request::Part::Header(
+            pb::WriteGuestFileHeader {
+                vm_id: VM.into(),
+                open: Some(ap::FileWriteOpen {
+                    path: path.display().to_string(),
+                    mode: 0o600,
+                    overwrite: true,
+                    ..Default::default()
+                }),
+                size: data.len() as u64,
+                expected_sha256: Sha256::digest(data).to_vec(),
+                timeout_ms: 0,
+            },
+        )),
+    }
+}
+
 fn exec(argv: &[&str]) -> ExecRequest {
     ExecRequest {
         argv: argv.iter().map(|s| s.to_string()).collect(),
@@ -193,22 +214,7 @@ async fn file_write_read_list_stat_hash_mkdir_delete() {
         .collect();
     let digest = Sha256::digest(&data).to_vec();
     let path = sub.join("blob.bin");
-    let mut msgs = vec![pb::WriteGuestFileRequest {
-        part: Some(pb::write_guest_file_request::Part::Header(
-            pb::WriteGuestFileHeader {
-                vm_id: VM.into(),
-                open: Some(ap::FileWriteOpen {
-                    path: path.display().to_string(),
-                    mode: 0o600,
-                    overwrite: true,
-                    ..Default::default()
-                }),
-                size: data.len() as u64,
-                expected_sha256: digest.clone(),
-                timeout_ms: 0,
-            },
-        )),
-    }];
+    let mut msgs = vec![write_header(&path, &data)];
     for c in data.chunks(70_000) {
         msgs.push(pb::WriteGuestFileRequest {
             part: Some(pb::write_guest_file_request::Part::Data(c.to_vec())),
@@ -472,24 +478,7 @@ async fn file_write_keeps_a_window_of_chunks_in_flight() {
         .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
         .collect();
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(pb::WriteGuestFileRequest {
-        part: Some(pb::write_guest_file_request::Part::Header(
-            pb::WriteGuestFileHeader {
-                vm_id: VM.into(),
-                open: Some(ap::FileWriteOpen {
-                    path: path.display().to_string(),
-                    mode: 0o600,
-                    overwrite: true,
-                    ..Default::default()
-                }),
-                size: data.len() as u64,
-                expected_sha256: Sha256::digest(&data).to_vec(),
-                timeout_ms: 0,
-            },
-        )),
-    })
-    .await
-    .unwrap();
+    tx.send(write_header(&path, &data)).await.unwrap();
     let mut client = d.client.clone();
     let write = tokio::spawn(async move {
         client

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
 use qx_e2e::image::target_dir;
 use qx_e2e::qemu::{AGENT_PORT, QGA_PORT};
 use qx_e2e::wire::AgentConn;
@@ -151,7 +153,7 @@ impl Qga {
             let r = self.call(json!({"execute": "guest-file-read",
                 "arguments": {"handle": h, "count": QGA_READ_COUNT}}))?;
             let b64 = r["buf-b64"].as_str().unwrap_or_default();
-            out.extend_from_slice(&base64_decode(b64)?);
+            out.extend_from_slice(&BASE64.decode(b64).context("qemu-ga's buf-b64")?);
             if r["eof"].as_bool() == Some(true) || r["count"].as_u64() == Some(0) {
                 break;
             }
@@ -167,58 +169,11 @@ impl Qga {
             .ok_or_else(|| anyhow!("guest-file-open gave no handle"))?;
         for chunk in data.chunks(QGA_READ_COUNT) {
             self.call(json!({"execute": "guest-file-write",
-                "arguments": {"handle": h, "buf-b64": base64_encode(chunk)}}))?;
+                "arguments": {"handle": h, "buf-b64": BASE64.encode(chunk)}}))?;
         }
         self.call(json!({"execute": "guest-file-close", "arguments": {"handle": h}}))?;
         Ok(())
     }
-}
-
-fn base64_encode(data: &[u8]) -> String {
-    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= c.len() {
-                out.push(char::from(ABC[(n >> (18 - 6 * i)) as usize & 63]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-fn base64_decode(s: &str) -> Result<Vec<u8>> {
-    fn val(c: u8) -> Option<u32> {
-        match c {
-            b'A'..=b'Z' => Some(u32::from(c - b'A')),
-            b'a'..=b'z' => Some(u32::from(c - b'a') + 26),
-            b'0'..=b'9' => Some(u32::from(c - b'0') + 52),
-            b'+' => Some(62),
-            b'/' => Some(63),
-            _ => None,
-        }
-    }
-    let mut out = Vec::with_capacity(s.len() / 4 * 3);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for &c in s.as_bytes() {
-        if c == b'=' || c == b'\n' || c == b'\r' {
-            continue;
-        }
-        let v = val(c).ok_or_else(|| anyhow!("bad base64 byte {c}"))?;
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Ok(out)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
