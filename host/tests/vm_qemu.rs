@@ -50,6 +50,23 @@ fn run(cmd: &mut Command) -> String {
 /// Tests that need libvirtd up hold it shared; the test that restarts libvirtd holds it alone.
 static LIBVIRTD: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
+/// `ci/libvirt.sh` with `args`: starts (or checks) virtlogd and libvirtd, or stops them.
+fn libvirt_sh(args: &[&str]) {
+    run(Command::new("bash")
+        .arg(root().join("ci/libvirt.sh"))
+        .args(args));
+}
+
+/// The VM API's configuration for `qemu:///system`, with its files under `dir`.
+fn vm_config(dir: &Path) -> VmConfig {
+    VmConfig {
+        libvirt_uri: URI.to_string(),
+        socket_dir: dir.join("sock"),
+        image_dir: dir.join("images"),
+        agent_iso: None,
+    }
+}
+
 /// Destroys and undefines the test domain however the test ends.
 struct DomainGuard(String);
 
@@ -95,7 +112,7 @@ fn qemu_block_info(vm: &str) -> String {
 #[ignore = "needs root, libvirt, QEMU and target/vm (ci/vm/build-image.sh); run by ci/test.sh"]
 async fn tcg_vm_agent_found_through_its_channel_quiesced_snapshot_iso_swap_graceful_stop() {
     let _libvirtd = LIBVIRTD.read().await;
-    run(Command::new("bash").arg(root().join("ci/libvirt.sh")));
+    libvirt_sh(&[]);
     let image = target_dir().join("vm");
     let (kernel, initrd) = (image.join("vmlinux"), image.join("initramfs.cpio.gz"));
     assert!(
@@ -123,12 +140,7 @@ async fn tcg_vm_agent_found_through_its_channel_quiesced_snapshot_iso_swap_grace
     std::fs::write(&iso_b, vec![b'B'; 4096]).unwrap();
 
     let agent = Arc::new(AgentApi::default());
-    let config = VmConfig {
-        libvirt_uri: URI.to_string(),
-        socket_dir: dir.path().join("sock"),
-        image_dir: dir.path().join("images"),
-        agent_iso: None,
-    };
+    let config = vm_config(dir.path());
     let vm_api = Arc::new(VmApi::new(config, agent.clone()).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -402,17 +414,12 @@ async fn tcg_vm_agent_found_through_its_channel_quiesced_snapshot_iso_swap_grace
 #[ignore = "needs root, libvirt and QEMU; run by ci/test.sh"]
 async fn create_and_start_that_qemu_refuses_leaves_no_domain_and_no_image() {
     let _libvirtd = LIBVIRTD.read().await;
-    run(Command::new("bash").arg(root().join("ci/libvirt.sh")));
+    libvirt_sh(&[]);
     let dir = tempfile::tempdir().unwrap();
     let bogus_kernel = dir.path().join("not-a-kernel");
     std::fs::write(&bogus_kernel, b"this is not a kernel").unwrap();
     let agent = Arc::new(AgentApi::default());
-    let config = VmConfig {
-        libvirt_uri: URI.to_string(),
-        socket_dir: dir.path().join("sock"),
-        image_dir: dir.path().join("images"),
-        agent_iso: None,
-    };
+    let config = vm_config(dir.path());
     let vm_api = VmApi::new(config, agent).unwrap();
     let vm_id = uuid::Uuid::new_v4().to_string();
     let _guard = DomainGuard(vm_id.clone());
@@ -452,19 +459,14 @@ async fn create_and_start_that_qemu_refuses_leaves_no_domain_and_no_image() {
 #[ignore = "needs root and libvirt; run by ci/test.sh"]
 async fn the_daemon_rides_out_a_libvirtd_restart() {
     let _alone = LIBVIRTD.write().await;
-    run(Command::new("bash").arg(root().join("ci/libvirt.sh")));
+    libvirt_sh(&[]);
     let dir = tempfile::tempdir().unwrap();
-    let config = VmConfig {
-        libvirt_uri: URI.to_string(),
-        socket_dir: dir.path().join("sock"),
-        image_dir: dir.path().join("images"),
-        agent_iso: None,
-    };
+    let config = vm_config(dir.path());
     let vm_api = VmApi::new(config, Arc::new(AgentApi::default())).unwrap();
     vm_api.list_v_ms(pb::ListVmsRequest {}).await.unwrap();
 
     // libvirtd goes away: calls fail with a clear status instead of hanging.
-    run(Command::new("bash").args([root().join("ci/libvirt.sh").to_str().unwrap(), "stop"]));
+    libvirt_sh(&["stop"]);
     let deadline = Instant::now() + Duration::from_secs(30);
     while Command::new("pgrep")
         .args(["-x", "-r", "R,S,D", "libvirtd"])
@@ -480,7 +482,7 @@ async fn the_daemon_rides_out_a_libvirtd_restart() {
 
     // Back again: the same daemon reconnects by itself (the lifecycle watcher reopens the
     // connection; no restart of qx-node).
-    run(Command::new("bash").arg(root().join("ci/libvirt.sh")));
+    libvirt_sh(&[]);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         match vm_api.list_v_ms(pb::ListVmsRequest {}).await {
