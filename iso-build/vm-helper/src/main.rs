@@ -110,13 +110,7 @@ impl Conn {
             match self.stream.read(self.decoder.spare(64 * 1024)) {
                 Ok(0) => return Err("the socket closed".into()),
                 Ok(n) => self.decoder.commit(n),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock
-                            | std::io::ErrorKind::TimedOut
-                            | std::io::ErrorKind::Interrupted
-                    ) => {}
+                Err(e) if read_timed_out(&e) => {}
                 Err(e) => return Err(e.to_string()),
             }
         }
@@ -293,13 +287,7 @@ impl Qga {
             match self.stream.read(&mut chunk) {
                 Ok(0) => return Err("qemu-ga closed the connection".into()),
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock
-                            | std::io::ErrorKind::TimedOut
-                            | std::io::ErrorKind::Interrupted
-                    ) => {}
+                Err(e) if read_timed_out(&e) => {}
                 Err(e) => return Err(e.to_string()),
             }
         }
@@ -441,4 +429,14 @@ fn main() {
         eprintln!("qx-iso-vm-helper: {e}");
         std::process::exit(1);
     }
+}
+
+/// A read that ended by its timeout (or a signal) rather than by a failure: try again.
+fn read_timed_out(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock
+            | std::io::ErrorKind::TimedOut
+            | std::io::ErrorKind::Interrupted
+    )
 }
