@@ -50,6 +50,30 @@ pub fn fast_config(socket_dir: Option<PathBuf>) -> AgentConfig {
 
 type Writer = Arc<tokio::sync::Mutex<OwnedWriteHalf>>;
 
+/// A pause switch for one direction of the relay.
+#[derive(Debug, Default)]
+struct Gate {
+    closed: AtomicBool,
+    opened: Notify,
+}
+
+impl Gate {
+    fn set_closed(&self, closed: bool) {
+        self.closed.store(closed, Ordering::SeqCst);
+        if !closed {
+            self.opened.notify_waiters();
+            self.opened.notify_one();
+        }
+    }
+
+    /// Returns once the gate is open.
+    async fn passable(&self) {
+        while self.closed.load(Ordering::SeqCst) {
+            self.opened.notified().await;
+        }
+    }
+}
+
 /// Plays QEMU: listens on `<dir>/<vm>.agent.sock` for the host (one client at a time, the
 /// next one is accepted when the previous closes) and on `<dir>/<vm>.guest.sock` for the
 /// agent's `--connect`, and pumps bytes between them. Bytes one side writes while the other
@@ -61,10 +85,10 @@ pub struct Relay {
     /// Every byte forwarded to the agent, in order.
     pub to_guest_log: Arc<Mutex<Vec<u8>>>,
     to_host_tx: mpsc::UnboundedSender<Vec<u8>>,
-    paused: Arc<AtomicBool>,
-    resume: Arc<Notify>,
-    guest_paused: Arc<AtomicBool>,
-    guest_resume: Arc<Notify>,
+    /// Closed: the relay stops reading what the host writes.
+    host_gate: Arc<Gate>,
+    /// Closed: the relay holds what the agent writes.
+    guest_gate: Arc<Gate>,
     pub host_connections: Arc<AtomicU64>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -98,10 +122,8 @@ impl Relay {
         let (host_w_tx, host_w_rx) = watch::channel::<Option<Writer>>(None);
         let (guest_w_tx, guest_w_rx) = watch::channel::<Option<Writer>>(None);
         let log = Arc::new(Mutex::new(Vec::new()));
-        let paused = Arc::new(AtomicBool::new(false));
-        let resume = Arc::new(Notify::new());
-        let guest_paused = Arc::new(AtomicBool::new(false));
-        let guest_resume = Arc::new(Notify::new());
+        let host_gate = Arc::new(Gate::default());
+        let guest_gate = Arc::new(Gate::default());
         let host_connections = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(pump(to_host_rx, host_w_rx)));
@@ -120,8 +142,7 @@ impl Relay {
         }
         // Host side: one client at a time; its bytes go to the guest.
         {
-            let paused = paused.clone();
-            let resume = resume.clone();
+            let gate = host_gate.clone();
             let count = host_connections.clone();
             let to_guest = to_guest_tx.clone();
             tasks.push(tokio::spawn(async move {
@@ -132,9 +153,7 @@ impl Relay {
                     host_w_tx.send_replace(Some(Arc::new(tokio::sync::Mutex::new(wr))));
                     let mut buf = vec![0u8; 65536];
                     loop {
-                        while paused.load(Ordering::SeqCst) {
-                            resume.notified().await;
-                        }
+                        gate.passable().await;
                         match rd.read(&mut buf).await {
                             Ok(0) | Err(_) => break,
                             Ok(n) => {
@@ -149,7 +168,7 @@ impl Relay {
         // Guest side: the agent's --connect.
         {
             let to_host = to_host_tx.clone();
-            let (paused, resume) = (guest_paused.clone(), guest_resume.clone());
+            let gate = guest_gate.clone();
             tasks.push(tokio::spawn(async move {
                 loop {
                     let (s, _) = guest_l.accept().await.unwrap();
@@ -162,9 +181,7 @@ impl Relay {
                             Ok(n) => {
                                 // Held after the read, so that nothing read while paused
                                 // slips through.
-                                while paused.load(Ordering::SeqCst) {
-                                    resume.notified().await;
-                                }
+                                gate.passable().await;
                                 let _ = to_host.send(buf[..n].to_vec());
                             }
                         }
@@ -178,10 +195,8 @@ impl Relay {
             guest_path,
             to_guest_log: log,
             to_host_tx,
-            paused,
-            resume,
-            guest_paused,
-            guest_resume,
+            host_gate,
+            guest_gate,
             host_connections,
             tasks,
         }
@@ -189,21 +204,13 @@ impl Relay {
 
     /// Stops (or resumes) reading what the host writes: the host's writes back up.
     pub fn pause_host_reads(&self, paused: bool) {
-        self.paused.store(paused, Ordering::SeqCst);
-        if !paused {
-            self.resume.notify_waiters();
-            self.resume.notify_one();
-        }
+        self.host_gate.set_closed(paused);
     }
 
     /// Stops (or resumes) passing on what the agent writes: its answers wait (in the relay,
     /// then in the agent).
     pub fn pause_guest_reads(&self, paused: bool) {
-        self.guest_paused.store(paused, Ordering::SeqCst);
-        if !paused {
-            self.guest_resume.notify_waiters();
-            self.guest_resume.notify_one();
-        }
+        self.guest_gate.set_closed(paused);
     }
 
     /// Bytes delivered to the host as if the guest had written them.
