@@ -1316,14 +1316,21 @@ fn define_with_volumes(
     }
 }
 
+/// The program that creates disk images.
+const QEMU_IMG: &str = "qemu-img";
+
 fn create_image(path: &Path, format: &str, gib: u64) -> VmResult<()> {
+    create_image_with(QEMU_IMG, path, format, gib)
+}
+
+fn create_image_with(qemu_img: &str, path: &Path, format: &str, gib: u64) -> VmResult<()> {
     if path.exists() {
         return Err(VmError::AlreadyExists(format!(
             "image {} already exists",
             path.display()
         )));
     }
-    let out = std::process::Command::new("qemu-img")
+    let out = std::process::Command::new(qemu_img)
         .args(["create", "-q", "-f", format])
         .arg(path)
         .arg(format!("{gib}G"))
@@ -1510,5 +1517,24 @@ async fn forward_agent_events(
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_qemu_img_is_a_failed_precondition_that_says_how_to_install_it() {
+        let dir = std::env::temp_dir().join(format!("qx-no-qemu-img-{}", std::process::id()));
+        let err = create_image_with("qx-no-such-qemu-img", &dir.join("d.qcow2"), "qcow2", 1)
+            .expect_err("a missing program cannot create an image");
+        let status = to_status(err);
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(
+            status.message().contains("qemu-utils"),
+            "names the package: {}",
+            status.message()
+        );
     }
 }
