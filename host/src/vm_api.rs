@@ -67,6 +67,13 @@ pub enum VmError {
     AlreadyExists(String),
     #[error("{0}")]
     WrongState(String),
+    /// A program the host needs is not installed.
+    #[error("{program} is not installed on this host: it is needed {purpose}; install the {package} package (for example `apt-get install {package}`)")]
+    MissingProgram {
+        program: &'static str,
+        package: &'static str,
+        purpose: &'static str,
+    },
     #[error("{0}")]
     Internal(String),
 }
@@ -86,7 +93,7 @@ pub fn to_status(e: VmError) -> Status {
         VmError::Spec(_) | VmError::InvalidArgument(_) => Code::InvalidArgument,
         VmError::NotFound(_) => Code::NotFound,
         VmError::AlreadyExists(_) => Code::AlreadyExists,
-        VmError::WrongState(_) => Code::FailedPrecondition,
+        VmError::WrongState(_) | VmError::MissingProgram { .. } => Code::FailedPrecondition,
         VmError::Internal(_) => Code::Internal,
     };
     Status::new(code, e.to_string())
@@ -1335,7 +1342,14 @@ fn create_image_with(qemu_img: &str, path: &Path, format: &str, gib: u64) -> VmR
         .arg(path)
         .arg(format!("{gib}G"))
         .output()
-        .map_err(|e| VmError::Internal(format!("cannot run qemu-img: {e}")))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => VmError::MissingProgram {
+                program: QEMU_IMG,
+                package: "qemu-utils",
+                purpose: "to create disk images",
+            },
+            _ => VmError::Internal(format!("cannot run {qemu_img}: {e}")),
+        })?;
     if !out.status.success() {
         let _ = std::fs::remove_file(path);
         return Err(VmError::Internal(format!(
