@@ -22,16 +22,85 @@ APT_PACKAGES=(
   binutils                          # readelf: VM image and static-agent checks
 )
 
+# Every command that the build, the tests, the demo and the benchmark run, and the package that
+# provides it. A package's status is not enough: installing one package can quietly remove
+# another (a machine that came with a newer qemu-utils loses it, and qemu-img with it, when
+# bookworm's qemu-system-x86 goes in), so the commands themselves are checked after installing.
+COMMANDS=(
+  qemu-img:qemu-utils
+  qemu-system-x86_64:qemu-system-x86
+  qemu-aarch64:qemu-user
+  qemu-ga:qemu-guest-agent
+  virsh:libvirt-clients
+  libvirtd:libvirt-daemon-system
+  virtlogd:libvirt-daemon-system
+  pkg-config:pkg-config
+  busybox:busybox-static
+  cpio:cpio
+  mkfs.ext4:e2fsprogs
+  losetup:util-linux
+  xorriso:xorriso
+  openssl:openssl
+  python3:python3
+  curl:curl
+  readelf:binutils
+)
+# The QEMU packages share one version; apt resolves them together, at the version of the
+# configured archive, so that none of them is dropped to satisfy another.
+QEMU_FAMILY=(qemu-system-x86 qemu-system-common qemu-utils qemu-user qemu-guest-agent)
+
+export PATH="$PATH:/usr/sbin:/sbin"
+have() { command -v "$1" >/dev/null 2>&1; }
+missing_commands() {
+  local entry
+  for entry in "${COMMANDS[@]}"; do have "${entry%%:*}" || echo "$entry"; done
+  pkg-config --exists libvirt 2>/dev/null || echo "pkg-config libvirt:libvirt-dev"
+}
+
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+while read -r entry; do
+  [ -n "$entry" ] && missing+=("${entry##*:}")
+done < <(missing_commands)
+
 if [ ${#missing[@]} -gt 0 ]; then
-  echo "setup: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
+  for p in "${missing[@]}"; do
+    case " ${QEMU_FAMILY[*]} " in
+      *" $p "*)
+        # One QEMU package to install means the whole family, pinned to one version.
+        version=$(apt-cache policy qemu-system-x86 | sed -n 's/^ *Candidate: *//p')
+        [ -n "$version" ] && [ "$version" != "(none)" ] || {
+          echo "setup: no qemu-system-x86 package in the configured apt sources" >&2
+          exit 1
+        }
+        for q in "${QEMU_FAMILY[@]}"; do missing+=("$q=$version"); done
+        break
+        ;;
+    esac
+  done
+  # The pinned family replaces its unpinned names; anything else is installed as named.
+  install=()
+  for p in "${missing[@]}"; do
+    case "$p" in *=*) install+=("$p") ;; *)
+      case " ${QEMU_FAMILY[*]} " in *" $p "*) ;; *) install+=("$p") ;; esac ;;
+    esac
+  done
+  mapfile -t install < <(printf '%s\n' "${install[@]}" | sort -u)
+  echo "setup: installing ${install[*]}"
   # No init system runs here: keep package scripts from trying to start services.
-  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  $SUDO apt-get install -y -qq --no-install-recommends --allow-downgrades "${install[@]}" >/dev/null
+fi
+
+still=$(missing_commands)
+if [ -n "$still" ]; then
+  while read -r entry; do
+    echo "setup: the command ${entry%%:*} is still missing after installing package ${entry##*:}" >&2
+  done <<<"$still"
+  exit 1
 fi
 
 # The toolchain, its components and the musl targets are pinned in rust-toolchain.toml; rust-src
