@@ -1536,6 +1536,7 @@ async fn forward_agent_events(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::expect_used)]
     use super::*;
 
     #[test]
