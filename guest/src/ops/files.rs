@@ -702,6 +702,139 @@ mod tests {
     use crate::ops::testutil::TempDir;
     use std::os::unix::fs::symlink;
 
+    use crate::sys::attack::{Attacker, Move};
+    use std::ffi::CString;
+
+    /// The unprivileged guest user of the attack tests.
+    const USER: u32 = 65534;
+
+    fn c(p: &Path) -> CString {
+        CString::new(p.as_os_str().as_bytes()).unwrap()
+    }
+
+    /// A world-writable sticky directory like /tmp, and a root-owned file outside it.
+    fn sticky_tmp(t: &TempDir) -> (PathBuf, PathBuf) {
+        std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let tmp = t.join("tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let victim = t.join("victim");
+        std::fs::write(&victim, b"root's data\n").unwrap();
+        (tmp, victim)
+    }
+
+    /// As the user, once.
+    fn as_user(moves: &[Move]) {
+        assert_eq!(
+            Attacker::start(USER, USER, moves, false)
+                .unwrap()
+                .wait()
+                .unwrap(),
+            0
+        );
+    }
+
+    #[test]
+    fn a_write_to_a_users_symlink_does_not_overwrite_its_target() {
+        let t = TempDir::new("attack-write");
+        let (tmp, victim) = sticky_tmp(&t);
+        let link = tmp.join("report.txt");
+        as_user(&[Move::Symlink {
+            target: c(&victim),
+            link: c(&link),
+        }]);
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        // Even with everything allowed (the old default `file_allow = /`).
+        let pol = PathPolicy::allow_all();
+        let mut w = FileWriters::new(4);
+        let mut req = open_req(link.display().to_string());
+        req.overwrite = true;
+        let result = w.open(&pol, &req).and_then(|o| {
+            w.write(&FileWriteChunk {
+                handle: o.handle,
+                offset: 0,
+                data: b"pwned\n".to_vec(),
+            })?;
+            w.close(&FileWriteClose {
+                handle: o.handle,
+                commit: true,
+                expected_sha256: vec![],
+            })
+        });
+        assert_eq!(std::fs::read(&victim).unwrap(), b"root's data\n");
+        let e = result.unwrap_err();
+        assert_eq!(e.code, ErrorCode::PolicyDenied, "{e}");
+        assert!(e.message.contains("symlink"), "{e}");
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+    }
+
+    #[test]
+    fn a_recursive_delete_below_a_users_symlink_does_not_reach_its_target() {
+        let t = TempDir::new("attack-delete");
+        let (tmp, _) = sticky_tmp(&t);
+        let lib = t.join("var-lib");
+        std::fs::create_dir_all(lib.join("mysql")).unwrap();
+        std::fs::write(lib.join("mysql/canary"), b"c").unwrap();
+        as_user(&[Move::Symlink {
+            target: c(&lib),
+            link: c(&tmp.join("build")),
+        }]);
+        let pol = PathPolicy::allow_all();
+        let result = delete(
+            &pol,
+            &DeleteRequest {
+                path: tmp.join("build/mysql").display().to_string(),
+                recursive: true,
+            },
+        );
+        assert!(
+            lib.join("mysql/canary").exists(),
+            "deleted through the link"
+        );
+        let e = result.unwrap_err();
+        assert_eq!(e.code, ErrorCode::PolicyDenied, "{e}");
+        assert!(e.message.contains("symlink"), "{e}");
+    }
+
+    #[test]
+    fn a_read_through_a_users_symlink_is_refused_while_it_races() {
+        let t = TempDir::new("attack-read");
+        let (tmp, victim) = sticky_tmp(&t);
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // The user keeps planting and removing a link to root's file.
+        let name = tmp.join("r");
+        let _user = Attacker::start(
+            USER,
+            USER,
+            &[
+                Move::Symlink {
+                    target: c(&victim),
+                    link: c(&name),
+                },
+                Move::Unlink(c(&name)),
+            ],
+            true,
+        )
+        .unwrap();
+        let pol = PathPolicy::allow_all();
+        for _ in 0..2000 {
+            let req = FileReadRequest {
+                path: name.display().to_string(),
+                ..Default::default()
+            };
+            if let Ok(mut r) = FileReader::open(&pol, &req, 0) {
+                let (data, _) = read_all(&mut r);
+                assert_ne!(data, b"root's data\n", "read root's file through the link");
+            }
+        }
+    }
+
     fn policy_for(t: &TempDir) -> PathPolicy {
         std::fs::create_dir_all(t.join("allowed/denied")).unwrap();
         std::fs::create_dir_all(t.join("outside")).unwrap();

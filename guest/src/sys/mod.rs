@@ -3,6 +3,8 @@
 //! reboot; in [`os`], the calls of the operations (re-exported here).
 #![allow(unsafe_code)]
 
+#[cfg(test)]
+pub mod attack;
 mod os;
 pub use os::{
     clock_ns, fifreeze, fithaw, fitrim, getifaddrs, rtc_set_time, set_realtime_ns, statvfs, uname,
