@@ -169,6 +169,11 @@ fn main() -> ExitCode {
         }
     };
     logring::init(cfg.log_level, cfg.log_target, cfg.log_ring_lines);
+    // Probed once, here, before any request: which way request paths are resolved.
+    log::info!(
+        "file paths resolved by {}",
+        qx_agent::sys::resolver().describe()
+    );
     let source = ConfigSource {
         path: config,
         optional,

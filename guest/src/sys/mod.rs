@@ -1,11 +1,19 @@
 //! The agent's libc calls, and its only `unsafe` code: every block names its invariants, and
 //! raw fds become `OwnedFd` at once. Here: signalfd, pidfd, signals, spawning children, sync,
-//! reboot; in [`os`], the calls of the operations (re-exported here).
+//! reboot; in [`os`], the calls of the operations, and in [`fs`], the descriptor-relative
+//! filesystem calls (both re-exported here).
 #![allow(unsafe_code)]
 
 #[cfg(test)]
 pub mod attack;
+mod fs;
 mod os;
+#[cfg(test)]
+pub use fs::walk_for_tests;
+pub use fs::{
+    fd_path, linkat, mkdirat, open_beneath, open_dir_path, openat, read_dir_names, readlinkat,
+    renameat, resolver, unlinkat, Beneath, Resolver, UntrustedSymlink,
+};
 pub use os::{
     clock_ns, fifreeze, fithaw, fitrim, getifaddrs, rtc_set_time, set_realtime_ns, statvfs, uname,
     FsSpace, IfAddr, IfAddress, RtcTime, Uname,
