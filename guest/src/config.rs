@@ -302,6 +302,34 @@ mod tests {
     }
 
     #[test]
+    fn the_default_file_policy_reaches_operator_places_not_system_files() {
+        use crate::ops::policy::PathPolicy;
+        use qx_proto::agent::ErrorCode;
+        let policy = |cfg: &Config| PathPolicy::new(cfg.file_allow.clone(), cfg.file_deny.clone());
+        let default = policy(&Config::default());
+        for system in [
+            "/etc/passwd",
+            "/etc/shadow",
+            "/usr/bin",
+            "/var/lib",
+            "/boot",
+            "/",
+        ] {
+            let e = default.open(system, libc::O_PATH, false).unwrap_err();
+            assert_eq!(e.code, ErrorCode::PolicyDenied, "{system}: {e}");
+        }
+        for place in ["/tmp", "/var/tmp", "/root"] {
+            assert!(default.open(place, libc::O_PATH, false).is_ok(), "{place}");
+        }
+        // The old behaviour is one line away.
+        let mut cfg = Config::default();
+        cfg.apply_text("t", "file_allow = /\n").unwrap();
+        assert!(policy(&cfg)
+            .open("/etc/passwd", libc::O_PATH, false)
+            .is_ok());
+    }
+
+    #[test]
     fn command_line_overrides_the_file() {
         let dir = std::env::temp_dir().join(format!("qx-agent-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
