@@ -22,7 +22,7 @@
 //! | `exec_output_cap_bytes` | `16384` | collected-mode per-stream cap when the request gives none (at most 30720, so ExecExit fits one frame); streaming output is flow-controlled and uncapped unless the request sets a cap |
 //! | `file_chunk_bytes` | `32768` | default file read chunk |
 //! | `max_open_files` | `16` | concurrent write transfers |
-//! | `file_allow` | `/` | comma-separated path prefixes the file operations may touch |
+//! | `file_allow` | `/tmp, /var/tmp, /home, /root, /srv, /opt` | comma-separated path prefixes the file operations may touch (`/`: everywhere) |
 //! | `file_deny` | (none) | comma-separated path prefixes they may not |
 //! | `freeze_state_file` | `/run/quantix-kvm-agent.frozen` | freeze record for crash recovery |
 //! | `freeze_hooks_dir` | `/etc/quantix-kvm/fsfreeze-hook.d` | pre-freeze/post-thaw hooks |
@@ -38,6 +38,10 @@ use thiserror::Error;
 
 use crate::logring::{self, LogTarget};
 
+/// Where file operations may go by default: the places an operator copies files to and from
+/// (scratch, home directories, service data, add-on software), not the system's own files.
+/// `file_allow = /` restores reach everywhere (docs/security.md says why it is not the default).
+pub const DEFAULT_FILE_ALLOW: &[&str] = &["/tmp", "/var/tmp", "/home", "/root", "/srv", "/opt"];
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/quantix-kvm/agent.conf";
 pub const DEFAULT_DEVICE: &str = "/dev/virtio-ports/org.quantix.agent.0";
 /// The virtio-serial port name the agent looks for under /sys/class/virtio-ports.
@@ -109,7 +113,7 @@ impl Default for Config {
             exec_output_cap_bytes: 16 * 1024,
             file_chunk_bytes: 32 * 1024,
             max_open_files: 16,
-            file_allow: vec![PathBuf::from("/")],
+            file_allow: DEFAULT_FILE_ALLOW.iter().map(PathBuf::from).collect(),
             file_deny: Vec::new(),
             freeze_state_file: PathBuf::from("/run/quantix-kvm-agent.frozen"),
             freeze_hooks_dir: PathBuf::from("/etc/quantix-kvm/fsfreeze-hook.d"),

@@ -645,7 +645,7 @@ fn file_write_is_committed_atomically() {
 #[test]
 fn file_policy_refusal_is_a_clear_error() {
     use qx_proto::agent::FileStatRequest;
-    let agent = Agent::start(&["--set", "file_deny=/etc"]);
+    let agent = Agent::start(&["--set", "file_allow=/", "--set", "file_deny=/etc"]);
     let mut host = agent.accept();
     host.hello();
     let (_, envs) = host.request(Payload::FileStatRequest(FileStatRequest {
