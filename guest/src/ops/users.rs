@@ -734,6 +734,126 @@ mod tests {
         assert!(err.message.contains("symlink"), "{err}");
     }
 
+    /// The unprivileged user of the attack tests, with a home of their own and root's ~/.ssh
+    /// elsewhere.
+    fn victim_env(tag: &str) -> (TempDir, UserDb, PathBuf, PathBuf) {
+        let t = TempDir::new(tag);
+        std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let home = t.join("home/mallory");
+        std::fs::create_dir_all(&home).unwrap();
+        std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
+        let root_ssh = t.join("root-ssh");
+        std::fs::create_dir(&root_ssh).unwrap();
+        std::fs::set_permissions(&root_ssh, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::write(
+            t.join("passwd"),
+            format!("mallory:x:65534:65534::{}:/bin/sh\n", home.display()),
+        )
+        .unwrap();
+        std::fs::write(t.join("group"), "nogroup:x:65534:\n").unwrap();
+        let db = UserDb::new(t.join("passwd"), t.join("group"));
+        (t, db, home, root_ssh)
+    }
+
+    #[test]
+    fn a_user_swapping_ssh_for_a_symlink_never_gets_roots_directory_or_keys() {
+        use crate::sys::attack::{Attacker, Move};
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let (_t, db, home, root_ssh) = victim_env("attack-ssh");
+        let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).unwrap();
+        let ssh = home.join(".ssh");
+        let aside = home.join(".ssh-aside");
+        // The home's owner keeps replacing the ~/.ssh the agent makes or uses with a link to
+        // root's, between the agent's check and its use.
+        let _user = Attacker::start(
+            65534,
+            65534,
+            &[
+                Move::Rmdir(c(&ssh)),
+                Move::Rename {
+                    from: c(&ssh),
+                    to: c(&aside),
+                },
+                Move::Symlink {
+                    target: c(&root_ssh),
+                    link: c(&ssh),
+                },
+                Move::Unlink(c(&ssh)),
+                Move::Rename {
+                    from: c(&aside),
+                    to: c(&ssh),
+                },
+            ],
+            true,
+        )
+        .unwrap();
+        let req = SshKeysAddRequest {
+            user: "mallory".into(),
+            keys: vec![key(7, "mallory@evil")],
+            reset: false,
+        };
+        let clear = |p: &Path| match std::fs::symlink_metadata(p) {
+            Ok(m) if m.is_dir() => drop(std::fs::remove_dir_all(p)),
+            Ok(_) => drop(std::fs::remove_file(p)),
+            Err(_) => {}
+        };
+        for _ in 0..2000 {
+            let _ = ssh_keys_add(&db, &req);
+            let m = std::fs::metadata(&root_ssh).unwrap();
+            assert_eq!(
+                (m.uid(), m.mode() & 0o7777),
+                (0, 0o700),
+                "root's dir given away"
+            );
+            assert!(
+                std::fs::read_dir(&root_ssh).unwrap().next().is_none(),
+                "wrote into root's ~/.ssh"
+            );
+            // A fresh start: the agent has to make ~/.ssh again.
+            clear(&ssh);
+            clear(&aside);
+        }
+    }
+
+    #[test]
+    fn an_oversized_authorized_keys_is_refused_not_truncated() {
+        let e = env();
+        let dir = e.t.join("home/alice/.ssh");
+        std::fs::create_dir(&dir).unwrap();
+        let mut text = format!("{}\n", key(1, "first"));
+        while text.len() <= MAX_AUTHORIZED_KEYS_BYTES as usize {
+            text.push_str(&format!("# padding {}\n", "x".repeat(100)));
+        }
+        text.push_str(&format!("{}\n", key(2, "last, past 1 MiB")));
+        std::fs::write(dir.join("authorized_keys"), &text).unwrap();
+        let err = ssh_keys_add(
+            &e.db,
+            &SshKeysAddRequest {
+                user: "alice".into(),
+                keys: vec![key(3, "new")],
+                reset: false,
+            },
+        );
+        let now = std::fs::read_to_string(dir.join("authorized_keys")).unwrap();
+        assert!(
+            now == text,
+            "the file was rewritten: {} bytes, was {}",
+            now.len(),
+            text.len()
+        );
+        let err = err.unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidArgument, "{err}");
+        let err = ssh_keys_list(
+            &e.db,
+            &SshKeysListRequest {
+                user: "alice".into(),
+            },
+        )
+        .unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidArgument, "{err}");
+    }
+
     #[test]
     fn password_goes_to_chpasswd_on_stdin_never_argv() {
         let e = env();

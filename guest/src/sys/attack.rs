@@ -9,6 +9,8 @@ use std::io;
 pub enum Move {
     Symlink { target: CString, link: CString },
     Unlink(CString),
+    Rmdir(CString),
+    Rename { from: CString, to: CString },
 }
 
 /// A forked child that runs as `uid`/`gid` (no supplementary groups) and does `moves` in
@@ -46,6 +48,12 @@ impl Attacker {
                             }
                             Move::Unlink(p) => {
                                 libc::unlink(p.as_ptr());
+                            }
+                            Move::Rmdir(p) => {
+                                libc::rmdir(p.as_ptr());
+                            }
+                            Move::Rename { from, to } => {
+                                libc::rename(from.as_ptr(), to.as_ptr());
                             }
                         }
                     }
