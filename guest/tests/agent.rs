@@ -674,6 +674,48 @@ fn exec_runs_as_the_requested_user() {
     assert_starts_unmasked(&status);
 }
 
+#[test]
+fn exec_as_a_user_gets_their_login_environment_and_groups() {
+    if !unsafe_free_euid_is_root() {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    let mut host = agent.accept();
+    host.hello();
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    let nobody: Vec<&str> = passwd
+        .lines()
+        .find(|l| l.starts_with("nobody:"))
+        .unwrap()
+        .split(':')
+        .collect();
+    let script = "echo HOME=$HOME; echo USER=$USER; echo LOGNAME=$LOGNAME; echo SHELL=$SHELL; \
+                  echo PATH=$PATH; echo KEEP=$KEEP; grep ^Groups: /proc/self/status";
+    let mut req = exec(&["sh", "-c", script]);
+    req.user = "nobody".into();
+    req.env = vec!["KEEP=set by the request".into()];
+    let (_, envs) = host.request(Payload::ExecRequest(req));
+    let out = String::from_utf8(exec_exit(&envs).stdout).unwrap();
+    let expected = format!(
+        "HOME={}\nUSER=nobody\nLOGNAME=nobody\nSHELL={}\nPATH=/usr/local/bin:/usr/bin:/bin\nKEEP=set by the request\n",
+        nobody[5], nobody[6]
+    );
+    assert!(out.starts_with(&expected), "{out}");
+    // Its primary group, as initgroups gives it (none would be left after setgroups(0)).
+    let groups = out.lines().last().unwrap();
+    assert_eq!(
+        groups.split_whitespace().collect::<Vec<_>>(),
+        ["Groups:", nobody[3]],
+        "{out}"
+    );
+    // What the request sets wins.
+    let mut req = exec(&["sh", "-c", "echo HOME=$HOME"]);
+    req.user = "nobody".into();
+    req.env = vec!["HOME=/tmp".into()];
+    let (_, envs) = host.request(Payload::ExecRequest(req));
+    assert_eq!(exec_exit(&envs).stdout, b"HOME=/tmp\n");
+}
+
 /// Checks a child's /proc/PID/status: no signal blocked (the agent blocks SIGTERM, SIGINT,
 /// SIGHUP and SIGCHLD for its signalfd) and SIGPIPE not ignored (Rust's runtime ignores it in
 /// the agent). Other ignored signals are not the agent's doing: a glibc posix_spawn, as the
