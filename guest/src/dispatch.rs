@@ -374,11 +374,13 @@ impl Agent {
             })?;
             env.push((k.to_string(), v.to_string()));
         }
-        let (mut uid, mut gid) = (None, None);
+        let (mut uid, mut gid, mut groups, mut login_env) = (None, None, Vec::new(), Vec::new());
         if !r.user.is_empty() {
             let user = self.users.user(&r.user)?;
             uid = Some(user.uid);
             gid = Some(user.gid);
+            groups = self.users.groups(&user)?;
+            login_env = ops::users::login_env(&user);
         }
         if !r.group.is_empty() {
             gid = Some(self.users.gid(&r.group)?);
@@ -409,6 +411,8 @@ impl Agent {
             kill_grace: Duration::from_millis(u64::from(self.cfg.exec_kill_grace_ms)),
             uid,
             gid,
+            groups,
+            login_env,
         };
         Ok((spec, r.stream))
     }

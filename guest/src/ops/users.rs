@@ -43,6 +43,7 @@ pub struct PasswdEntry {
     pub uid: u32,
     pub gid: u32,
     pub home: PathBuf,
+    pub shell: PathBuf,
 }
 
 /// The user and group databases, as files (injectable for tests).
@@ -87,6 +88,7 @@ impl UserDb {
                     uid,
                     gid,
                     home: PathBuf::from(f[5]),
+                    shell: PathBuf::from(f[6]),
                 });
             }
         }
@@ -102,6 +104,23 @@ impl UserDb {
             Ok(uid) => Ok(uid),
             Err(_) => Ok(self.user(user)?.uid),
         }
+    }
+
+    /// The groups `user` is in, as initgroups(3) sets them: the primary group, then every group
+    /// of the group file that lists the user as a member.
+    pub fn groups(&self, user: &PasswdEntry) -> OpResult<Vec<u32>> {
+        let text = read_db(&self.group)?;
+        let mut gids = vec![user.gid];
+        for line in text.lines() {
+            let f: Vec<&str> = line.split(':').collect();
+            let Some((Ok(gid), members)) = f.get(2).map(|g| g.parse::<u32>()).zip(f.get(3)) else {
+                continue;
+            };
+            if members.split(',').any(|m| m.trim() == user.name) && !gids.contains(&gid) {
+                gids.push(gid);
+            }
+        }
+        Ok(gids)
     }
 
     /// The gid of `group` (a name, or a numeric gid, which need not be listed).
@@ -123,6 +142,27 @@ impl UserDb {
             format!("no group {group} in {}", self.group.display()),
         ))
     }
+}
+
+/// The search path `su -` gives root, and everybody else.
+pub const ROOT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const USER_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// The environment a login of `user` starts with, as `su -` sets it: HOME, USER, LOGNAME,
+/// SHELL (`/bin/sh` when the passwd entry names none) and PATH.
+pub fn login_env(user: &PasswdEntry) -> Vec<(String, String)> {
+    let shell = match user.shell.as_os_str().is_empty() {
+        true => "/bin/sh".to_string(),
+        false => user.shell.display().to_string(),
+    };
+    let path = if user.uid == 0 { ROOT_PATH } else { USER_PATH };
+    vec![
+        ("HOME".into(), user.home.display().to_string()),
+        ("USER".into(), user.name.clone()),
+        ("LOGNAME".into(), user.name.clone()),
+        ("SHELL".into(), shell),
+        ("PATH".into(), path.into()),
+    ]
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -637,6 +677,30 @@ mod tests {
             e.db.gid("nogroup-qx").unwrap_err().code,
             ErrorCode::NotFound
         );
+    }
+
+    #[test]
+    fn a_users_groups_and_login_environment_are_those_of_su_dash() {
+        let e = env();
+        let alice = e.db.user("alice").unwrap();
+        assert_eq!(e.db.groups(&alice).unwrap(), vec![4343, 50]);
+        let env: Vec<String> = login_env(&alice)
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        assert_eq!(
+            env,
+            [
+                format!("HOME={}", e.t.s("home/alice")),
+                "USER=alice".into(),
+                "LOGNAME=alice".into(),
+                "SHELL=/bin/sh".into(),
+                format!("PATH={USER_PATH}"),
+            ]
+        );
+        let root = e.db.user("root").unwrap();
+        assert_eq!(e.db.groups(&root).unwrap(), vec![0]);
+        assert!(login_env(&root).contains(&("PATH".into(), ROOT_PATH.into())));
     }
 
     #[test]

@@ -101,6 +101,24 @@ pub fn unblock_signals_in_child(cmd: &mut std::process::Command) {
     }
 }
 
+/// Makes `cmd`'s (forked) child drop to `uid`, `gid` and the supplementary `groups` before
+/// exec, as a login does: setgroups, setresgid, setresuid, in that order. std's own
+/// `uid`/`gid` would leave the child no supplementary groups at all.
+pub fn switch_user_in_child(cmd: &mut std::process::Command, uid: u32, gid: u32, groups: Vec<u32>) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only makes the
+    // async-signal-safe calls setgroups, setresgid and setresuid on plain integers and on
+    // `groups`, allocated before the fork and owned by the closure.
+    unsafe {
+        cmd.pre_exec(move || {
+            cvt(libc::setgroups(groups.len() as _, groups.as_ptr()))?;
+            cvt(libc::setresgid(gid, gid, gid))?;
+            cvt(libc::setresuid(uid, uid, uid))?;
+            Ok(())
+        });
+    }
+}
+
 /// posix_spawn's functions return an error number instead of setting errno.
 fn cvt_nz(ret: libc::c_int) -> io::Result<()> {
     if ret == 0 {
