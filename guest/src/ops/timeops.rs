@@ -156,6 +156,31 @@ mod tests {
     }
 
     #[test]
+    fn a_time_outside_the_sane_window_is_refused_with_the_reason() {
+        // Without CAP_SYS_TIME on this thread: a missing check fails with EPERM rather than
+        // setting the machine's clock to 1970.
+        let _unprivileged = crate::sys::attack::ThreadEuid::set(65534).unwrap();
+        let now = get().unwrap().unix_ns;
+        let year_ns = 365 * 86_400 * 1_000_000_000i64;
+        for (unix_ns, why) in [
+            (1_000_000_000, "build"),
+            (now + 200 * year_ns, "from the guest's clock"),
+            (now - 3 * year_ns, "from the guest's clock"),
+        ] {
+            let e = set_with_rtc(
+                &TimeSetRequest {
+                    unix_ns,
+                    write_rtc: false,
+                },
+                &[],
+            )
+            .unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidArgument, "{unix_ns}: {e}");
+            assert!(e.message.contains(why), "{e}");
+        }
+    }
+
+    #[test]
     fn set_takes_the_time_and_reports_the_rtc_honestly() {
         let t = TempDir::new("rtc");
         std::fs::write(t.join("not-an-rtc"), b"").unwrap();

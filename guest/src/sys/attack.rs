@@ -81,3 +81,29 @@ impl Drop for Attacker {
         let _ = super::wait_child(self.pid as u32, true);
     }
 }
+
+/// This thread (only: the raw syscall, not libc's process-wide setresuid) runs with effective
+/// uid `euid`, and so without effective capabilities, until dropped. For tests of refusals
+/// that, were the check missing, would otherwise change the machine (the clock): the call
+/// then fails with EPERM instead.
+#[derive(Debug)]
+pub struct ThreadEuid(());
+
+impl ThreadEuid {
+    pub fn set(euid: u32) -> io::Result<ThreadEuid> {
+        // SAFETY: setresuid takes plain integers; -1 leaves the real and saved uids alone.
+        let ret = unsafe { libc::syscall(libc::SYS_setresuid, -1, euid, -1) };
+        if ret != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(ThreadEuid(()))
+    }
+}
+
+impl Drop for ThreadEuid {
+    fn drop(&mut self) {
+        // SAFETY: as above; the saved uid is still 0, so the thread may return to it, and its
+        // effective capabilities come back from its permitted set.
+        unsafe { libc::syscall(libc::SYS_setresuid, -1, 0, -1) };
+    }
+}
