@@ -26,6 +26,7 @@
 //! | `file_deny` | (none) | comma-separated path prefixes they may not |
 //! | `freeze_state_file` | `/run/quantix-kvm-agent.frozen` | freeze record for crash recovery |
 //! | `freeze_hooks_dir` | `/etc/quantix-kvm/fsfreeze-hook.d` | pre-freeze/post-thaw hooks |
+//! | `time_max_skew_s` | `31622400` | a time set further than this from the guest's clock is refused unless forced (so is one before the agent's build date) |
 //! | `disable` | (none) | comma-separated capabilities to refuse, e.g. `exec,power` |
 //! | `power_command` | (detected) | command for power actions, words split on spaces, `{action}` replaced by poweroff, reboot or halt; by default chosen from what PID 1 is (guest/src/power.rs) |
 //! | `power_syscall_fallback` | `true` | when the power command fails, sync and call reboot(2) |
@@ -90,6 +91,7 @@ pub struct Config {
     pub file_deny: Vec<PathBuf>,
     pub freeze_state_file: PathBuf,
     pub freeze_hooks_dir: PathBuf,
+    pub time_max_skew_s: u64,
     pub disable: Vec<String>,
     pub power_command: Option<String>,
     pub power_syscall_fallback: bool,
@@ -117,6 +119,7 @@ impl Default for Config {
             file_deny: Vec::new(),
             freeze_state_file: PathBuf::from("/run/quantix-kvm-agent.frozen"),
             freeze_hooks_dir: PathBuf::from("/etc/quantix-kvm/fsfreeze-hook.d"),
+            time_max_skew_s: crate::ops::timeops::DEFAULT_MAX_SKEW_S,
             disable: Vec::new(),
             power_command: None,
             power_syscall_fallback: true,
@@ -198,6 +201,7 @@ impl Config {
             "file_deny" => self.file_deny = list(value).into_iter().map(PathBuf::from).collect(),
             "freeze_state_file" => self.freeze_state_file = PathBuf::from(value),
             "freeze_hooks_dir" => self.freeze_hooks_dir = PathBuf::from(value),
+            "time_max_skew_s" => self.time_max_skew_s = num(origin, key, value)?,
             "disable" => self.disable = list(value),
             "power_command" => self.power_command = (!value.is_empty()).then(|| value.to_string()),
             "power_syscall_fallback" => {

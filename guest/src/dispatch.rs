@@ -225,7 +225,8 @@ impl Agent {
                 self.reply_with(id, res, Payload::TimeInfo);
             }
             Payload::TimeSetRequest(r) => {
-                let res = ops::timeops::set(&r);
+                let window = ops::timeops::TimeWindow::new(self.cfg.time_max_skew_s);
+                let res = ops::timeops::set_within(&r, &window);
                 self.reply_with(id, res, Payload::TimeSetReply);
             }
             Payload::PowerRequest(r) => self.schedule_power(id, r, now),

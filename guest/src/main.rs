@@ -60,7 +60,8 @@ CONFIGURATION
     max_concurrent_exec, exec_timeout_ms, exec_kill_grace_ms,
     exec_output_cap_bytes, file_chunk_bytes, max_open_files, file_allow,
     file_deny (comma-separated path prefixes), freeze_state_file,
-    freeze_hooks_dir, disable (comma-separated capabilities, e.g. exec,power).
+    freeze_hooks_dir, time_max_skew_s, disable (comma-separated capabilities,
+    e.g. exec,power).
 
 SIGNALS
     SIGTERM, SIGINT  flush pending output to a connected host (at most 2 s),
