@@ -607,6 +607,47 @@ fn file_read_streams_chunks_then_done_and_hash_matches() {
 }
 
 #[test]
+fn too_many_concurrent_reads_and_hashes_get_busy() {
+    use qx_proto::agent::{FileHashRequest, FileReadRequest};
+    let agent = Agent::start(&[]);
+    let mut host = agent.accept();
+    host.hello();
+    // Sparse 16 MiB: no transfer of it ends while the host is not reading (the outbox fills).
+    let big = agent.dir_path.join("big");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let small = agent.dir_path.join("small");
+    std::fs::write(&small, b"small").unwrap();
+    let read = |p: &Path| {
+        Payload::FileReadRequest(FileReadRequest {
+            path: p.display().to_string(),
+            ..Default::default()
+        })
+    };
+    let hash = |p: &Path| {
+        Payload::FileHashRequest(FileHashRequest {
+            path: p.display().to_string(),
+        })
+    };
+    // The default limit, 16, shared by reads and hashes.
+    for id in 1..=8 {
+        host.send(id, read(&big));
+        host.send(100 + id, hash(&big));
+    }
+    let (_, envs) = host.request(read(&small));
+    assert_eq!(error_code(&envs), ErrorCode::Busy);
+    let (_, envs) = host.request(hash(&small));
+    assert_eq!(error_code(&envs), ErrorCode::Busy);
+    // One fewer open: room again.
+    let (_, envs) = host.request(Payload::Cancel(Cancel { target_id: 1 }));
+    assert!(matches!(terminal(&envs), Payload::Done(_)));
+    let (_, envs) = host.request(hash(&small));
+    assert!(matches!(terminal(&envs), Payload::FileHash(h) if h.size == 5));
+}
+
+#[test]
 fn file_write_is_committed_atomically() {
     use qx_proto::agent::{FileWriteChunk, FileWriteClose, FileWriteOpen};
     let agent = Agent::start(&[]);
