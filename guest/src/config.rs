@@ -22,6 +22,7 @@
 //! | `exec_output_cap_bytes` | `16384` | collected-mode per-stream cap when the request gives none (at most 30720, so ExecExit fits one frame); streaming output is flow-controlled and uncapped unless the request sets a cap |
 //! | `file_chunk_bytes` | `32768` | default file read chunk |
 //! | `max_open_files` | `16` | concurrent write transfers |
+//! | `max_open_reads` | `16` | concurrent read and hash transfers |
 //! | `file_allow` | `/tmp, /var/tmp, /home, /root, /srv, /opt` | comma-separated path prefixes the file operations may touch (`/`: everywhere) |
 //! | `file_deny` | (none) | comma-separated path prefixes they may not |
 //! | `freeze_state_file` | `/run/quantix-kvm-agent.frozen` | freeze record for crash recovery |
@@ -87,6 +88,7 @@ pub struct Config {
     pub exec_output_cap_bytes: u32,
     pub file_chunk_bytes: u32,
     pub max_open_files: usize,
+    pub max_open_reads: usize,
     pub file_allow: Vec<PathBuf>,
     pub file_deny: Vec<PathBuf>,
     pub freeze_state_file: PathBuf,
@@ -115,6 +117,7 @@ impl Default for Config {
             exec_output_cap_bytes: 16 * 1024,
             file_chunk_bytes: 32 * 1024,
             max_open_files: 16,
+            max_open_reads: 16,
             file_allow: DEFAULT_FILE_ALLOW.iter().map(PathBuf::from).collect(),
             file_deny: Vec::new(),
             freeze_state_file: PathBuf::from("/run/quantix-kvm-agent.frozen"),
@@ -197,6 +200,7 @@ impl Config {
             "exec_output_cap_bytes" => self.exec_output_cap_bytes = num(origin, key, value)?,
             "file_chunk_bytes" => self.file_chunk_bytes = num(origin, key, value)?,
             "max_open_files" => self.max_open_files = num(origin, key, value)?,
+            "max_open_reads" => self.max_open_reads = num(origin, key, value)?,
             "file_allow" => self.file_allow = list(value).into_iter().map(PathBuf::from).collect(),
             "file_deny" => self.file_deny = list(value).into_iter().map(PathBuf::from).collect(),
             "freeze_state_file" => self.freeze_state_file = PathBuf::from(value),

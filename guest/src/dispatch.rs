@@ -157,15 +157,23 @@ impl Agent {
             }
             Payload::Cancel(c) => self.cancel(id, c.target_id),
             Payload::FileReadRequest(r) => {
-                match files::FileReader::open(&self.policy, &r, self.cfg.file_chunk_bytes) {
+                let opened = self.room_for_read().and_then(|()| {
+                    files::FileReader::open(&self.policy, &r, self.cfg.file_chunk_bytes)
+                });
+                match opened {
                     Ok(reader) => self.transfers.push(Transfer::Read { id, reader }),
                     Err(e) => self.op_error(id, e),
                 }
             }
-            Payload::FileHashRequest(r) => match files::FileHasher::open(&self.policy, &r) {
-                Ok(hasher) => self.transfers.push(Transfer::Hash { id, hasher }),
-                Err(e) => self.op_error(id, e),
-            },
+            Payload::FileHashRequest(r) => {
+                let opened = self
+                    .room_for_read()
+                    .and_then(|()| files::FileHasher::open(&self.policy, &r));
+                match opened {
+                    Ok(hasher) => self.transfers.push(Transfer::Hash { id, hasher }),
+                    Err(e) => self.op_error(id, e),
+                }
+            }
             Payload::FileWriteOpen(r) => {
                 let res = self.writers.open(&self.policy, &r);
                 self.reply_with(id, res, Payload::FileWriteOpened);
@@ -324,6 +332,23 @@ impl Agent {
                 );
             }
         }
+    }
+
+    /// `Error{BUSY}` when `max_open_reads` reads and hashes are open (each holds a descriptor,
+    /// a hash also a 64 KiB buffer).
+    fn room_for_read(&self) -> OpResult<()> {
+        let open = self
+            .transfers
+            .iter()
+            .filter(|t| matches!(t, Transfer::Read { .. } | Transfer::Hash { .. }))
+            .count();
+        if open >= self.cfg.max_open_reads {
+            return Err(OpError::new(
+                ErrorCode::Busy,
+                format!("{open} file reads and hashes are already open"),
+            ));
+        }
+        Ok(())
     }
 
     fn cancel(&mut self, id: u64, target: u64) {
