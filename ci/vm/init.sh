@@ -74,6 +74,9 @@ if [ -n "$QX_DISK" ]; then
   i=0
   while [ ! -b "/dev/$dev" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
   mount -t ext4 "/dev/$dev" "$dir" || say "mount /dev/$dev on $dir failed"
+  # The agent's file operations reach the test disk as well as their default places.
+  mkdir -p /etc/quantix-kvm
+  echo "file_allow = /tmp, /var/tmp, /home, /root, /srv, /opt, $dir" >/etc/quantix-kvm/agent.conf
 fi
 
 respawn() {

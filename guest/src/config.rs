@@ -22,10 +22,12 @@
 //! | `exec_output_cap_bytes` | `16384` | collected-mode per-stream cap when the request gives none (at most 30720, so ExecExit fits one frame); streaming output is flow-controlled and uncapped unless the request sets a cap |
 //! | `file_chunk_bytes` | `32768` | default file read chunk |
 //! | `max_open_files` | `16` | concurrent write transfers |
-//! | `file_allow` | `/` | comma-separated path prefixes the file operations may touch |
+//! | `max_open_reads` | `16` | concurrent read and hash transfers |
+//! | `file_allow` | `/tmp, /var/tmp, /home, /root, /srv, /opt` | comma-separated path prefixes the file operations may touch (`/`: everywhere) |
 //! | `file_deny` | (none) | comma-separated path prefixes they may not |
 //! | `freeze_state_file` | `/run/quantix-kvm-agent.frozen` | freeze record for crash recovery |
 //! | `freeze_hooks_dir` | `/etc/quantix-kvm/fsfreeze-hook.d` | pre-freeze/post-thaw hooks |
+//! | `time_max_skew_s` | `31622400` | a time set further than this from the guest's clock is refused unless forced (so is one before the agent's build date) |
 //! | `disable` | (none) | comma-separated capabilities to refuse, e.g. `exec,power` |
 //! | `power_command` | (detected) | command for power actions, words split on spaces, `{action}` replaced by poweroff, reboot or halt; by default chosen from what PID 1 is (guest/src/power.rs) |
 //! | `power_syscall_fallback` | `true` | when the power command fails, sync and call reboot(2) |
@@ -38,6 +40,10 @@ use thiserror::Error;
 
 use crate::logring::{self, LogTarget};
 
+/// Where file operations may go by default: the places an operator copies files to and from
+/// (scratch, home directories, service data, add-on software), not the system's own files.
+/// `file_allow = /` restores reach everywhere (docs/security.md says why it is not the default).
+pub const DEFAULT_FILE_ALLOW: &[&str] = &["/tmp", "/var/tmp", "/home", "/root", "/srv", "/opt"];
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/quantix-kvm/agent.conf";
 pub const DEFAULT_DEVICE: &str = "/dev/virtio-ports/org.quantix.agent.0";
 /// The virtio-serial port name the agent looks for under /sys/class/virtio-ports.
@@ -82,10 +88,12 @@ pub struct Config {
     pub exec_output_cap_bytes: u32,
     pub file_chunk_bytes: u32,
     pub max_open_files: usize,
+    pub max_open_reads: usize,
     pub file_allow: Vec<PathBuf>,
     pub file_deny: Vec<PathBuf>,
     pub freeze_state_file: PathBuf,
     pub freeze_hooks_dir: PathBuf,
+    pub time_max_skew_s: u64,
     pub disable: Vec<String>,
     pub power_command: Option<String>,
     pub power_syscall_fallback: bool,
@@ -109,10 +117,12 @@ impl Default for Config {
             exec_output_cap_bytes: 16 * 1024,
             file_chunk_bytes: 32 * 1024,
             max_open_files: 16,
-            file_allow: vec![PathBuf::from("/")],
+            max_open_reads: 16,
+            file_allow: DEFAULT_FILE_ALLOW.iter().map(PathBuf::from).collect(),
             file_deny: Vec::new(),
             freeze_state_file: PathBuf::from("/run/quantix-kvm-agent.frozen"),
             freeze_hooks_dir: PathBuf::from("/etc/quantix-kvm/fsfreeze-hook.d"),
+            time_max_skew_s: crate::ops::timeops::DEFAULT_MAX_SKEW_S,
             disable: Vec::new(),
             power_command: None,
             power_syscall_fallback: true,
@@ -190,10 +200,12 @@ impl Config {
             "exec_output_cap_bytes" => self.exec_output_cap_bytes = num(origin, key, value)?,
             "file_chunk_bytes" => self.file_chunk_bytes = num(origin, key, value)?,
             "max_open_files" => self.max_open_files = num(origin, key, value)?,
+            "max_open_reads" => self.max_open_reads = num(origin, key, value)?,
             "file_allow" => self.file_allow = list(value).into_iter().map(PathBuf::from).collect(),
             "file_deny" => self.file_deny = list(value).into_iter().map(PathBuf::from).collect(),
             "freeze_state_file" => self.freeze_state_file = PathBuf::from(value),
             "freeze_hooks_dir" => self.freeze_hooks_dir = PathBuf::from(value),
+            "time_max_skew_s" => self.time_max_skew_s = num(origin, key, value)?,
             "disable" => self.disable = list(value),
             "power_command" => self.power_command = (!value.is_empty()).then(|| value.to_string()),
             "power_syscall_fallback" => {
@@ -299,6 +311,34 @@ mod tests {
         assert!(cfg.apply_text("f", "ping_interval_ms = soon").is_err());
         assert!(cfg.apply_text("f", "just words").is_err());
         assert!(cfg.apply_text("f", "connect = tcp:1").is_err());
+    }
+
+    #[test]
+    fn the_default_file_policy_reaches_operator_places_not_system_files() {
+        use crate::ops::policy::PathPolicy;
+        use qx_proto::agent::ErrorCode;
+        let policy = |cfg: &Config| PathPolicy::new(cfg.file_allow.clone(), cfg.file_deny.clone());
+        let default = policy(&Config::default());
+        for system in [
+            "/etc/passwd",
+            "/etc/shadow",
+            "/usr/bin",
+            "/var/lib",
+            "/boot",
+            "/",
+        ] {
+            let e = default.open(system, libc::O_PATH, false).unwrap_err();
+            assert_eq!(e.code, ErrorCode::PolicyDenied, "{system}: {e}");
+        }
+        for place in ["/tmp", "/var/tmp", "/root"] {
+            assert!(default.open(place, libc::O_PATH, false).is_ok(), "{place}");
+        }
+        // The old behaviour is one line away.
+        let mut cfg = Config::default();
+        cfg.apply_text("t", "file_allow = /\n").unwrap();
+        assert!(policy(&cfg)
+            .open("/etc/passwd", libc::O_PATH, false)
+            .is_ok());
     }
 
     #[test]

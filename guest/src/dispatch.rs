@@ -157,15 +157,23 @@ impl Agent {
             }
             Payload::Cancel(c) => self.cancel(id, c.target_id),
             Payload::FileReadRequest(r) => {
-                match files::FileReader::open(&self.policy, &r, self.cfg.file_chunk_bytes) {
+                let opened = self.room_for_read().and_then(|()| {
+                    files::FileReader::open(&self.policy, &r, self.cfg.file_chunk_bytes)
+                });
+                match opened {
                     Ok(reader) => self.transfers.push(Transfer::Read { id, reader }),
                     Err(e) => self.op_error(id, e),
                 }
             }
-            Payload::FileHashRequest(r) => match files::FileHasher::open(&self.policy, &r) {
-                Ok(hasher) => self.transfers.push(Transfer::Hash { id, hasher }),
-                Err(e) => self.op_error(id, e),
-            },
+            Payload::FileHashRequest(r) => {
+                let opened = self
+                    .room_for_read()
+                    .and_then(|()| files::FileHasher::open(&self.policy, &r));
+                match opened {
+                    Ok(hasher) => self.transfers.push(Transfer::Hash { id, hasher }),
+                    Err(e) => self.op_error(id, e),
+                }
+            }
             Payload::FileWriteOpen(r) => {
                 let res = self.writers.open(&self.policy, &r);
                 self.reply_with(id, res, Payload::FileWriteOpened);
@@ -225,7 +233,8 @@ impl Agent {
                 self.reply_with(id, res, Payload::TimeInfo);
             }
             Payload::TimeSetRequest(r) => {
-                let res = ops::timeops::set(&r);
+                let window = ops::timeops::TimeWindow::new(self.cfg.time_max_skew_s);
+                let res = ops::timeops::set_within(&r, &window);
                 self.reply_with(id, res, Payload::TimeSetReply);
             }
             Payload::PowerRequest(r) => self.schedule_power(id, r, now),
@@ -325,6 +334,23 @@ impl Agent {
         }
     }
 
+    /// `Error{BUSY}` when `max_open_reads` reads and hashes are open (each holds a descriptor,
+    /// a hash also a 64 KiB buffer).
+    fn room_for_read(&self) -> OpResult<()> {
+        let open = self
+            .transfers
+            .iter()
+            .filter(|t| matches!(t, Transfer::Read { .. } | Transfer::Hash { .. }))
+            .count();
+        if open >= self.cfg.max_open_reads {
+            return Err(OpError::new(
+                ErrorCode::Busy,
+                format!("{open} file reads and hashes are already open"),
+            ));
+        }
+        Ok(())
+    }
+
     fn cancel(&mut self, id: u64, target: u64) {
         if self.jobs.signal(target, libc::SIGKILL) {
             // The exec's own terminal reply (ExecExit, killed) follows when it is reaped.
@@ -374,11 +400,13 @@ impl Agent {
             })?;
             env.push((k.to_string(), v.to_string()));
         }
-        let (mut uid, mut gid) = (None, None);
+        let (mut uid, mut gid, mut groups, mut login_env) = (None, None, Vec::new(), Vec::new());
         if !r.user.is_empty() {
             let user = self.users.user(&r.user)?;
             uid = Some(user.uid);
             gid = Some(user.gid);
+            groups = self.users.groups(&user)?;
+            login_env = ops::users::login_env(&user);
         }
         if !r.group.is_empty() {
             gid = Some(self.users.gid(&r.group)?);
@@ -409,6 +437,8 @@ impl Agent {
             kill_grace: Duration::from_millis(u64::from(self.cfg.exec_kill_grace_ms)),
             uid,
             gid,
+            groups,
+            login_env,
         };
         Ok((spec, r.stream))
     }

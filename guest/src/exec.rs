@@ -97,6 +97,11 @@ pub struct Spec {
     pub kill_grace: Duration,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+    /// Supplementary groups of a child with a `uid` (initgroups' list).
+    pub groups: Vec<u32>,
+    /// The environment a child with a `uid` starts from instead of the agent's (`su -`'s:
+    /// HOME, USER, LOGNAME, SHELL, PATH); `env` is set over it.
+    pub login_env: Vec<(String, String)>,
     /// Per-stream caps (stdout, stderr).
     pub caps: [u64; 2],
 }
@@ -425,18 +430,22 @@ fn start(spec: &Spec) -> io::Result<sys::Spawned> {
 fn start_as_other_user(spec: &Spec, program: &str, args: &[String]) -> io::Result<sys::Spawned> {
     let mut cmd = Command::new(program);
     cmd.args(args);
-    if spec.clear_env {
-        cmd.env_clear();
-    }
-    cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
+    cmd.env_clear();
+    cmd.envs(child_env(spec));
     if let Some(cwd) = &spec.cwd {
         cmd.current_dir(cwd);
     }
-    if let Some(gid) = spec.gid {
-        cmd.gid(gid);
-    }
-    if let Some(uid) = spec.uid {
-        cmd.uid(uid);
+    match (spec.uid, spec.gid) {
+        (Some(uid), Some(gid)) => {
+            sys::switch_user_in_child(&mut cmd, uid, gid, spec.groups.clone())
+        }
+        (Some(uid), None) => {
+            cmd.uid(uid);
+        }
+        (None, Some(gid)) => {
+            cmd.gid(gid);
+        }
+        (None, None) => {}
     }
     sys::unblock_signals_in_child(&mut cmd);
     let mut child = cmd
@@ -459,11 +468,17 @@ fn start_as_other_user(spec: &Spec, program: &str, args: &[String]) -> io::Resul
     })
 }
 
-/// The child's whole environment: the agent's own (unless `clear_env`) with the request's
-/// variables set over it.
+/// The child's whole environment: the agent's own, or for a child running as a user that
+/// user's login environment (none at all with `clear_env`), with the request's variables set
+/// over it.
 fn child_env(spec: &Spec) -> Vec<(OsString, OsString)> {
     let mut env: Vec<(OsString, OsString)> = if spec.clear_env {
         Vec::new()
+    } else if spec.uid.is_some() && !spec.login_env.is_empty() {
+        spec.login_env
+            .iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect()
     } else {
         std::env::vars_os().collect()
     };

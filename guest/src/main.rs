@@ -58,9 +58,11 @@ CONFIGURATION
     Keys: device, connect, log_level, log_target, log_ring_lines,
     telemetry_interval_ms, ping_interval_ms, stale_after_pings, outbox_bytes,
     max_concurrent_exec, exec_timeout_ms, exec_kill_grace_ms,
-    exec_output_cap_bytes, file_chunk_bytes, max_open_files, file_allow,
+    exec_output_cap_bytes, file_chunk_bytes, max_open_files, max_open_reads,
+    file_allow,
     file_deny (comma-separated path prefixes), freeze_state_file,
-    freeze_hooks_dir, disable (comma-separated capabilities, e.g. exec,power).
+    freeze_hooks_dir, time_max_skew_s, disable (comma-separated capabilities,
+    e.g. exec,power).
 
 SIGNALS
     SIGTERM, SIGINT  flush pending output to a connected host (at most 2 s),
@@ -169,6 +171,11 @@ fn main() -> ExitCode {
         }
     };
     logring::init(cfg.log_level, cfg.log_target, cfg.log_ring_lines);
+    // Probed once, here, before any request: which way request paths are resolved.
+    log::info!(
+        "file paths resolved by {}",
+        qx_agent::sys::resolver().describe()
+    );
     let source = ConfigSource {
         path: config,
         optional,

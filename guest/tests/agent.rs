@@ -607,6 +607,49 @@ fn file_read_streams_chunks_then_done_and_hash_matches() {
 }
 
 #[test]
+fn too_many_concurrent_reads_and_hashes_get_busy() {
+    use qx_proto::agent::{FileHashRequest, FileReadRequest};
+    let agent = Agent::start(&[]);
+    let mut host = agent.accept();
+    host.hello();
+    // Sparse 4 MiB: no read of it ends while the host is not reading (the outbox fills, and
+    // while it is full no transfer is stepped).
+    let big = agent.dir_path.join("big");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let small = agent.dir_path.join("small");
+    std::fs::write(&small, b"small").unwrap();
+    let read = |p: &Path| {
+        Payload::FileReadRequest(FileReadRequest {
+            path: p.display().to_string(),
+            ..Default::default()
+        })
+    };
+    let hash = |p: &Path| {
+        Payload::FileHashRequest(FileHashRequest {
+            path: p.display().to_string(),
+        })
+    };
+    // The default limit, 16, shared by reads and hashes.
+    for id in 1..=8 {
+        host.send(id, read(&big));
+        host.send(100 + id, hash(&big));
+    }
+    let (_, envs) = host.request(read(&small));
+    assert_eq!(error_code(&envs), ErrorCode::Busy);
+    let (_, envs) = host.request(hash(&small));
+    assert_eq!(error_code(&envs), ErrorCode::Busy);
+    // Cancelled, they make room again (one that finished meanwhile answers NotFound).
+    for target_id in (1..=8).chain(101..=108) {
+        host.request(Payload::Cancel(Cancel { target_id }));
+    }
+    let (_, envs) = host.request(hash(&small));
+    assert!(matches!(terminal(&envs), Payload::FileHash(h) if h.size == 5));
+}
+
+#[test]
 fn file_write_is_committed_atomically() {
     use qx_proto::agent::{FileWriteChunk, FileWriteClose, FileWriteOpen};
     let agent = Agent::start(&[]);
@@ -645,7 +688,7 @@ fn file_write_is_committed_atomically() {
 #[test]
 fn file_policy_refusal_is_a_clear_error() {
     use qx_proto::agent::FileStatRequest;
-    let agent = Agent::start(&["--set", "file_deny=/etc"]);
+    let agent = Agent::start(&["--set", "file_allow=/", "--set", "file_deny=/etc"]);
     let mut host = agent.accept();
     host.hello();
     let (_, envs) = host.request(Payload::FileStatRequest(FileStatRequest {
@@ -672,6 +715,48 @@ fn exec_runs_as_the_requested_user() {
     let status = String::from_utf8(exec_exit(&envs).stdout).unwrap();
     assert!(status.contains("\nUid:\t65534\t"), "{status}");
     assert_starts_unmasked(&status);
+}
+
+#[test]
+fn exec_as_a_user_gets_their_login_environment_and_groups() {
+    if !unsafe_free_euid_is_root() {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    let mut host = agent.accept();
+    host.hello();
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    let nobody: Vec<&str> = passwd
+        .lines()
+        .find(|l| l.starts_with("nobody:"))
+        .unwrap()
+        .split(':')
+        .collect();
+    let script = "echo HOME=$HOME; echo USER=$USER; echo LOGNAME=$LOGNAME; echo SHELL=$SHELL; \
+                  echo PATH=$PATH; echo KEEP=$KEEP; grep ^Groups: /proc/self/status";
+    let mut req = exec(&["sh", "-c", script]);
+    req.user = "nobody".into();
+    req.env = vec!["KEEP=set by the request".into()];
+    let (_, envs) = host.request(Payload::ExecRequest(req));
+    let out = String::from_utf8(exec_exit(&envs).stdout).unwrap();
+    let expected = format!(
+        "HOME={}\nUSER=nobody\nLOGNAME=nobody\nSHELL={}\nPATH=/usr/local/bin:/usr/bin:/bin\nKEEP=set by the request\n",
+        nobody[5], nobody[6]
+    );
+    assert!(out.starts_with(&expected), "{out}");
+    // Its primary group, as initgroups gives it (none would be left after setgroups(0)).
+    let groups = out.lines().last().unwrap();
+    assert_eq!(
+        groups.split_whitespace().collect::<Vec<_>>(),
+        ["Groups:", nobody[3]],
+        "{out}"
+    );
+    // What the request sets wins.
+    let mut req = exec(&["sh", "-c", "echo HOME=$HOME"]);
+    req.user = "nobody".into();
+    req.env = vec!["HOME=/tmp".into()];
+    let (_, envs) = host.request(Payload::ExecRequest(req));
+    assert_eq!(exec_exit(&envs).stdout, b"HOME=/tmp\n");
 }
 
 /// Checks a child's /proc/PID/status: no signal blocked (the agent blocks SIGTERM, SIGINT,

@@ -739,6 +739,7 @@ impl AgentApi {
             let req = Payload::TimeSetRequest(ap::TimeSetRequest {
                 unix_ns: now_unix_ns() + half,
                 write_rtc: request.write_rtc,
+                force: request.force,
             });
             let set = call!(
                 self,

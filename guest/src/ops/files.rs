@@ -6,13 +6,22 @@
 //! non-blocking, so a FIFO cannot stall the loop). Writes go to a temp file beside the target
 //! (`O_EXCL`, mode 0600) and become visible only on commit: fsync, owner, mode, rename over the
 //! target (or link, when overwriting is not allowed), fsync of the directory.
+//!
+//! Everything happens through descriptors the [`PathPolicy`] opened: metadata, owner and mode
+//! are read and set on the open file (`fstat`, `fchown`, `fchmod`); names are created, renamed,
+//! linked and removed relative to the opened parent directory (`openat`, `renameat`,
+//! `linkat`, `unlinkat`). A last component that is a symlink is never written, read or
+//! listed through; a recursive delete walks by descriptor, removes symlinks without following
+//! them and leaves other filesystems mounted inside the tree alone.
 
 use std::collections::BTreeMap;
-use std::fs::{File, Metadata, OpenOptions};
+use std::ffi::{OsStr, OsString};
+use std::fs::{File, Metadata};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::Path;
 
 use prost::Message;
 use qx_proto::agent::{
@@ -25,6 +34,7 @@ use super::policy::PathPolicy;
 use super::sha256::{hex, Sha256};
 use super::users::UserDb;
 use super::{OpError, OpResult};
+use crate::sys;
 
 /// Largest data chunk a FileChunk carries, so the frame stays well under 64 KiB.
 pub const MAX_CHUNK_BYTES: u32 = 48 * 1024;
@@ -94,19 +104,14 @@ fn display_name(path: &str) -> String {
         .unwrap_or_else(|| "/".to_string())
 }
 
-/// Metadata of one path; `follow_symlinks` false describes a symlink itself.
+/// Metadata of one path; `follow_symlinks` false describes a symlink itself. A symlink is
+/// followed only when asked, only when root owns it, and only to a target the policy allows.
 pub fn stat(policy: &PathPolicy, req: &FileStatRequest) -> OpResult<FileStat> {
-    let (resolved, meta) = if req.follow_symlinks {
-        let r = policy.check(&req.path)?;
-        let m = std::fs::metadata(&r).map_err(|e| OpError::io(&req.path, &e))?;
-        (r, m)
-    } else {
-        let r = policy.check_nofollow(&req.path)?;
-        let m = std::fs::symlink_metadata(&r).map_err(|e| OpError::io(&req.path, &e))?;
-        (r, m)
-    };
+    let opened = policy.open(&req.path, libc::O_PATH, req.follow_symlinks)?;
+    let file = File::from(opened.fd);
+    let meta = file.metadata().map_err(|e| OpError::io(&req.path, &e))?;
     let link = if meta.file_type().is_symlink() {
-        std::fs::read_link(&resolved).ok()
+        sys::readlinkat(file.as_fd(), OsStr::new("")).ok()
     } else {
         None
     };
@@ -116,6 +121,12 @@ pub fn stat(policy: &PathPolicy, req: &FileStatRequest) -> OpResult<FileStat> {
         &meta,
         link.as_deref(),
     ))
+}
+
+/// Metadata of `name` in `dir`, not following it.
+fn meta_at(dir: BorrowedFd<'_>, name: &OsStr) -> std::io::Result<Metadata> {
+    let fd = sys::openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+    File::from(fd).metadata()
 }
 
 fn decode_token(token: &str) -> OpResult<Vec<u8>> {
@@ -138,7 +149,7 @@ fn decode_token(token: &str) -> OpResult<Vec<u8>> {
 /// The page token is the last name returned, so pages stay stable while the directory
 /// changes. Entries under a denied prefix are left out.
 pub fn list(policy: &PathPolicy, req: &FileListRequest) -> OpResult<FileList> {
-    let dir = policy.check(&req.path)?;
+    let dir = policy.open(&req.path, libc::O_PATH | libc::O_DIRECTORY, false)?;
     let after = if req.page_token.is_empty() {
         None
     } else {
@@ -148,11 +159,10 @@ pub fn list(policy: &PathPolicy, req: &FileListRequest) -> OpResult<FileList> {
         0 => DEFAULT_PAGE_SIZE,
         n => n.min(MAX_PAGE_SIZE),
     } as usize;
-    let rd = std::fs::read_dir(&dir).map_err(|e| OpError::io(&req.path, &e))?;
+    let entries = sys::read_dir_names(dir.fd.as_fd()).map_err(|e| OpError::io(&req.path, &e))?;
     let mut names: Vec<Vec<u8>> = Vec::new();
-    for entry in rd {
-        let entry = entry.map_err(|e| OpError::io(&req.path, &e))?;
-        let name = entry.file_name().as_bytes().to_vec();
+    for entry in entries {
+        let name = entry.into_vec();
         if after
             .as_ref()
             .is_some_and(|a| name.as_slice() <= a.as_slice())
@@ -173,18 +183,18 @@ pub fn list(policy: &PathPolicy, req: &FileListRequest) -> OpResult<FileList> {
             more = true;
             break;
         }
-        let full = dir.join(std::ffi::OsStr::from_bytes(name));
-        if denied.iter().any(|d| full.starts_with(d)) {
+        let name_os = OsStr::from_bytes(name);
+        if denied.iter().any(|d| dir.real.join(name_os).starts_with(d)) {
             last = Some(name);
             continue;
         }
-        let Ok(meta) = std::fs::symlink_metadata(&full) else {
+        let Ok(meta) = meta_at(dir.fd.as_fd(), name_os) else {
             // Gone since readdir.
             last = Some(name);
             continue;
         };
         let link = if meta.file_type().is_symlink() {
-            std::fs::read_link(&full).ok()
+            sys::readlinkat(dir.fd.as_fd(), name_os).ok()
         } else {
             None
         };
@@ -208,40 +218,54 @@ pub fn list(policy: &PathPolicy, req: &FileListRequest) -> OpResult<FileList> {
 
 /// Creates a directory (and its parents with `parents`, where an existing directory is fine).
 pub fn mkdir(policy: &PathPolicy, req: &MkdirRequest) -> OpResult<()> {
-    let path = policy.check(&req.path)?;
     let mode = match req.mode & 0o7777 {
         0 => DEFAULT_DIR_MODE,
         m => m,
     };
-    if req.parents && path.is_dir() {
-        return Ok(());
+    let parent = policy.open_parent(&req.path, req.parents.then_some(DEFAULT_DIR_MODE))?;
+    let open_it = || {
+        sys::openat(
+            parent.dir.as_fd(),
+            &parent.name,
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+            0,
+        )
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) | Some(libc::ENOTDIR) => OpError::new(
+                ErrorCode::AlreadyExists,
+                format!("{} exists and is not a directory", req.path),
+            ),
+            _ => OpError::io(&req.path, &e),
+        })
+    };
+    match sys::mkdirat(parent.dir.as_fd(), &parent.name, DEFAULT_DIR_MODE) {
+        Ok(()) => {}
+        Err(e) if req.parents && e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return open_it().map(drop);
+        }
+        Err(e) => return Err(OpError::io(&req.path, &e)),
     }
-    std::fs::DirBuilder::new()
-        .recursive(req.parents)
-        .mode(DEFAULT_DIR_MODE)
-        .create(&path)
-        .map_err(|e| OpError::io(&req.path, &e))?;
-    // The umask applied to the mkdir; the requested mode is set exactly on the last directory.
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+    // The umask applied to the mkdir; the requested mode is set exactly on the new directory.
+    File::from(open_it()?)
+        .set_permissions(std::fs::Permissions::from_mode(mode))
         .map_err(|e| OpError::io(&req.path, &e))
 }
 
+/// Deepest directory nesting a recursive delete descends (each level holds a descriptor).
+pub const MAX_DELETE_DEPTH: usize = 256;
+
 /// Deletes a file, a symlink (not its target), an empty directory, or with `recursive` a
-/// whole tree (symlinks inside are removed, never followed).
+/// whole tree: walked by descriptor, symlinks inside removed and never followed, directories
+/// of other filesystems mounted inside left alone (and reported).
 pub fn delete(policy: &PathPolicy, req: &DeleteRequest) -> OpResult<()> {
-    let path = policy.check_nofollow(&req.path)?;
-    if path.parent().is_none() {
-        return Err(OpError::new(
-            ErrorCode::InvalidArgument,
-            "refusing to delete /",
-        ));
-    }
-    let meta = std::fs::symlink_metadata(&path).map_err(|e| OpError::io(&req.path, &e))?;
+    let parent = policy.open_parent(&req.path, None)?;
+    let dir = parent.dir.as_fd();
+    let meta = meta_at(dir, &parent.name).map_err(|e| OpError::io(&req.path, &e))?;
     if !meta.is_dir() {
-        return std::fs::remove_file(&path).map_err(|e| OpError::io(&req.path, &e));
+        return sys::unlinkat(dir, &parent.name, false).map_err(|e| OpError::io(&req.path, &e));
     }
     if !req.recursive {
-        return std::fs::remove_dir(&path).map_err(|e| {
+        return sys::unlinkat(dir, &parent.name, true).map_err(|e| {
             if e.raw_os_error() == Some(libc::ENOTEMPTY) {
                 OpError::new(
                     ErrorCode::FailedPrecondition,
@@ -252,23 +276,119 @@ pub fn delete(policy: &PathPolicy, req: &DeleteRequest) -> OpResult<()> {
             }
         });
     }
-    if policy.reaches_denied(&path) {
+    if policy.reaches_denied(&parent.real) {
         return Err(OpError::new(
             ErrorCode::PolicyDenied,
             format!("{}: the tree holds a denied prefix", req.path),
         ));
     }
-    std::fs::remove_dir_all(&path).map_err(|e| OpError::io(&req.path, &e))
+    remove_tree(dir, &parent.name, meta.dev(), &req.path)
+}
+
+/// A directory being emptied by [`remove_tree`].
+struct Level {
+    fd: OwnedFd,
+    name: OsString,
+    left: Vec<OsString>,
+}
+
+/// Opens the directory `name` of `parent` for emptying: never through a symlink, and only on
+/// filesystem `dev`. `Ok(None)`: another filesystem.
+fn open_level(parent: BorrowedFd<'_>, name: &OsStr, dev: u64) -> std::io::Result<Option<Level>> {
+    let fd = sys::openat(
+        parent,
+        name,
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+        0,
+    )?;
+    let file = File::from(fd);
+    if file.metadata()?.dev() != dev {
+        return Ok(None);
+    }
+    let fd = OwnedFd::from(file);
+    let left = sys::read_dir_names(fd.as_fd())?;
+    Ok(Some(Level {
+        fd,
+        name: name.to_os_string(),
+        left,
+    }))
+}
+
+/// Removes the directory `name` of `parent` and everything in it that is on filesystem `dev`.
+fn remove_tree(parent: BorrowedFd<'_>, name: &OsStr, dev: u64, what: &str) -> OpResult<()> {
+    let io = |e: std::io::Error| OpError::io(what, &e);
+    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+    let mut skipped = 0usize;
+    let mut stack: Vec<Level> = match open_level(parent, name, dev).map_err(io)? {
+        Some(top) => vec![top],
+        None => {
+            return Err(OpError::new(
+                ErrorCode::FailedPrecondition,
+                format!("{what} is a mount point; not deleting another filesystem"),
+            ))
+        }
+    };
+    while let Some(level) = stack.last_mut() {
+        let Some(entry) = level.left.pop() else {
+            let Some(done) = stack.pop() else { break };
+            drop(done.fd);
+            let up = stack.last().map_or(parent, |l| l.fd.as_fd());
+            match sys::unlinkat(up, &done.name, true) {
+                Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) && skipped > 0 => {}
+                Err(e) if !gone(&e) => return Err(io(e)),
+                _ => {}
+            }
+            continue;
+        };
+        let depth = stack.len();
+        let here = stack[depth - 1].fd.as_fd();
+        let meta = match meta_at(here, &entry) {
+            Ok(m) => m,
+            Err(e) if gone(&e) => continue,
+            Err(e) => return Err(io(e)),
+        };
+        if !meta.is_dir() {
+            match sys::unlinkat(here, &entry, false) {
+                Err(e) if !gone(&e) => return Err(io(e)),
+                _ => continue,
+            }
+        }
+        if meta.dev() != dev {
+            skipped += 1;
+            continue;
+        }
+        if depth >= MAX_DELETE_DEPTH {
+            return Err(OpError::new(
+                ErrorCode::FailedPrecondition,
+                format!("{what}: the tree is nested deeper than {MAX_DELETE_DEPTH} directories"),
+            ));
+        }
+        match open_level(here, &entry, dev) {
+            Ok(Some(next)) => stack.push(next),
+            Ok(None) => skipped += 1,
+            Err(e) if gone(&e) => {}
+            Err(e) => return Err(io(e)),
+        }
+    }
+    if skipped > 0 {
+        return Err(OpError::new(
+            ErrorCode::FailedPrecondition,
+            format!(
+                "{what}: {skipped} directories on other filesystems (mount points) were left alone with the directories holding them; the rest was deleted"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Opens a regular file for reading without blocking on FIFOs or devices.
 fn open_regular(policy: &PathPolicy, path: &str) -> OpResult<(File, Metadata)> {
-    let resolved = policy.check(path)?;
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(&resolved)
-        .map_err(|e| OpError::io(path, &e))?;
+    let opened = policy.open(
+        path,
+        libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY,
+        false,
+    )?;
+    let file = File::from(opened.fd);
     let meta = file.metadata().map_err(|e| OpError::io(path, &e))?;
     if !meta.is_file() {
         return Err(OpError::new(
@@ -439,8 +559,10 @@ impl FileHasher {
 #[derive(Debug)]
 struct Writer {
     requested: String,
-    target: PathBuf,
-    temp: PathBuf,
+    /// The target's directory (O_PATH); the temp file and the target are names in it.
+    dir: OwnedFd,
+    name: OsString,
+    temp: OsString,
     file: File,
     next_offset: u64,
     sha: Sha256,
@@ -448,6 +570,12 @@ struct Writer {
     owner: Option<u32>,
     group: Option<u32>,
     overwrite: bool,
+}
+
+impl Writer {
+    fn remove_temp(&self) {
+        let _ = sys::unlinkat(self.dir.as_fd(), &self.temp, false);
+    }
 }
 
 /// Open write transfers, by handle.
@@ -489,19 +617,20 @@ impl FileWriters {
                 format!("{} file writes are already open", self.open.len()),
             ));
         }
-        let target = policy.check(&req.path)?;
-        let (Some(parent), Some(name)) = (target.parent(), target.file_name()) else {
-            return Err(OpError::new(
-                ErrorCode::InvalidArgument,
-                format!("{} names no file", req.path),
-            ));
-        };
-        let existing = match std::fs::metadata(&target) {
+        let parent =
+            policy.open_parent(&req.path, req.create_parents.then_some(DEFAULT_DIR_MODE))?;
+        let existing = match meta_at(parent.dir.as_fd(), &parent.name) {
             Ok(m) => Some(m),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(OpError::io(&req.path, &e)),
         };
         if let Some(m) = &existing {
+            if m.file_type().is_symlink() {
+                return Err(OpError::new(
+                    ErrorCode::PolicyDenied,
+                    format!("{} is a symlink; refusing to write through it", req.path),
+                ));
+            }
             if m.is_dir() {
                 return Err(OpError::new(
                     ErrorCode::InvalidArgument,
@@ -527,43 +656,29 @@ impl FileWriters {
             owner = owner.or(Some(m.uid()));
             group = group.or(Some(m.gid()));
         }
-        if !parent.is_dir() {
-            if !req.create_parents {
-                return Err(OpError::new(
-                    ErrorCode::NotFound,
-                    format!(
-                        "{}: directory {} does not exist (set create_parents)",
-                        req.path,
-                        parent.display()
-                    ),
-                ));
-            }
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(DEFAULT_DIR_MODE)
-                .create(parent)
-                .map_err(|e| OpError::io(&parent.display().to_string(), &e))?;
-        }
         let suffix = crate::sys::random_u64().map_err(|e| OpError::io("getrandom", &e))?;
         // A long target name is shortened in the temp name so it stays under NAME_MAX.
-        let short = &name.as_bytes()[..name.len().min(200)];
-        let mut temp_name = std::ffi::OsString::from(".");
-        temp_name.push(std::ffi::OsStr::from_bytes(short));
-        temp_name.push(format!(".qx-{suffix:016x}.tmp"));
-        let temp = parent.join(temp_name);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&temp)
-            .map_err(|e| OpError::io(&temp.display().to_string(), &e))?;
+        let name = parent.name.as_bytes();
+        let short = &name[..name.len().min(200)];
+        let mut temp = OsString::from(".");
+        temp.push(OsStr::from_bytes(short));
+        temp.push(format!(".qx-{suffix:016x}.tmp"));
+        let fd = sys::openat(
+            parent.dir.as_fd(),
+            &temp,
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
+            0o600,
+        )
+        .map_err(|e| OpError::io(&req.path, &e))?;
+        let file = File::from(fd);
         let handle = self.next_handle;
         self.next_handle += 1;
         self.open.insert(
             handle,
             Writer {
                 requested: req.path.clone(),
-                target,
+                dir: parent.dir,
+                name: parent.name,
                 temp,
                 file,
                 next_offset: 0,
@@ -612,7 +727,7 @@ impl FileWriters {
             .ok_or_else(|| unknown_handle(req.handle))?;
         let digest = w.sha.clone().finish();
         if !req.commit {
-            let _ = std::fs::remove_file(&w.temp);
+            w.remove_temp();
             return Ok(FileWriteDone {
                 bytes: w.next_offset,
                 sha256: digest.to_vec(),
@@ -621,7 +736,7 @@ impl FileWriters {
         }
         let result = commit(&w, &digest, &req.expected_sha256);
         if result.is_err() {
-            let _ = std::fs::remove_file(&w.temp);
+            w.remove_temp();
         }
         result?;
         Ok(FileWriteDone {
@@ -634,7 +749,7 @@ impl FileWriters {
     /// Aborts every open transfer (temp files removed), e.g. on a new host session.
     pub fn abort_all(&mut self) {
         for (_, w) in std::mem::take(&mut self.open) {
-            let _ = std::fs::remove_file(&w.temp);
+            w.remove_temp();
         }
     }
 }
@@ -680,19 +795,18 @@ fn commit(w: &Writer, digest: &[u8; 32], expected: &[u8]) -> OpResult<()> {
     w.file
         .set_permissions(std::fs::Permissions::from_mode(w.mode))
         .map_err(|e| OpError::io(what, &e))?;
+    let dir = w.dir.as_fd();
     if w.overwrite {
-        std::fs::rename(&w.temp, &w.target).map_err(|e| OpError::io(what, &e))?;
+        // renameat replaces a name that became a symlink meanwhile; it never follows it.
+        sys::renameat(dir, &w.temp, dir, &w.name).map_err(|e| OpError::io(what, &e))?;
     } else {
         // link(2) refuses to replace, so a file that appeared since open is not clobbered.
-        std::fs::hard_link(&w.temp, &w.target).map_err(|e| OpError::io(what, &e))?;
-        let _ = std::fs::remove_file(&w.temp);
+        sys::linkat(dir, &w.temp, dir, &w.name).map_err(|e| OpError::io(what, &e))?;
+        w.remove_temp();
     }
-    if let Some(parent) = w.target.parent() {
-        File::open(parent)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| OpError::io(&parent.display().to_string(), &e))?;
-    }
-    Ok(())
+    sys::openat(dir, OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY, 0)
+        .and_then(|d| File::from(d).sync_all())
+        .map_err(|e| OpError::io(&format!("directory of {what}"), &e))
 }
 
 #[cfg(test)]
@@ -701,6 +815,170 @@ mod tests {
     use super::*;
     use crate::ops::testutil::TempDir;
     use std::os::unix::fs::symlink;
+
+    use crate::sys::attack::{Attacker, Move};
+    use std::ffi::CString;
+    use std::path::PathBuf;
+
+    /// The unprivileged guest user of the attack tests.
+    const USER: u32 = 65534;
+
+    fn c(p: &Path) -> CString {
+        CString::new(p.as_os_str().as_bytes()).unwrap()
+    }
+
+    /// A world-writable sticky directory like /tmp, and a root-owned file outside it.
+    fn sticky_tmp(t: &TempDir) -> (PathBuf, PathBuf) {
+        std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let tmp = t.join("tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let victim = t.join("victim");
+        std::fs::write(&victim, b"root's data\n").unwrap();
+        (tmp, victim)
+    }
+
+    /// As the user, once.
+    fn as_user(moves: &[Move]) {
+        assert_eq!(
+            Attacker::start(USER, USER, moves, false)
+                .unwrap()
+                .wait()
+                .unwrap(),
+            0
+        );
+    }
+
+    #[test]
+    fn a_write_to_a_users_symlink_does_not_overwrite_its_target() {
+        let t = TempDir::new("attack-write");
+        let (tmp, victim) = sticky_tmp(&t);
+        let link = tmp.join("report.txt");
+        as_user(&[Move::Symlink {
+            target: c(&victim),
+            link: c(&link),
+        }]);
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        // Even with everything allowed (the old default `file_allow = /`).
+        let pol = PathPolicy::allow_all();
+        let mut w = FileWriters::new(4);
+        let mut req = open_req(link.display().to_string());
+        req.overwrite = true;
+        let result = w.open(&pol, &req).and_then(|o| {
+            w.write(&FileWriteChunk {
+                handle: o.handle,
+                offset: 0,
+                data: b"pwned\n".to_vec(),
+            })?;
+            w.close(&FileWriteClose {
+                handle: o.handle,
+                commit: true,
+                expected_sha256: vec![],
+            })
+        });
+        assert_eq!(std::fs::read(&victim).unwrap(), b"root's data\n");
+        let e = result.unwrap_err();
+        assert_eq!(e.code, ErrorCode::PolicyDenied, "{e}");
+        assert!(e.message.contains("symlink"), "{e}");
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+    }
+
+    #[test]
+    fn a_recursive_delete_below_a_users_symlink_does_not_reach_its_target() {
+        let t = TempDir::new("attack-delete");
+        let (tmp, _) = sticky_tmp(&t);
+        let lib = t.join("var-lib");
+        std::fs::create_dir_all(lib.join("mysql")).unwrap();
+        std::fs::write(lib.join("mysql/canary"), b"c").unwrap();
+        as_user(&[Move::Symlink {
+            target: c(&lib),
+            link: c(&tmp.join("build")),
+        }]);
+        let pol = PathPolicy::allow_all();
+        let result = delete(
+            &pol,
+            &DeleteRequest {
+                path: tmp.join("build/mysql").display().to_string(),
+                recursive: true,
+            },
+        );
+        assert!(
+            lib.join("mysql/canary").exists(),
+            "deleted through the link"
+        );
+        let e = result.unwrap_err();
+        assert_eq!(e.code, ErrorCode::PolicyDenied, "{e}");
+        assert!(e.message.contains("symlink"), "{e}");
+    }
+
+    #[test]
+    fn a_read_through_a_users_symlink_is_refused_while_it_races() {
+        let t = TempDir::new("attack-read");
+        let (tmp, victim) = sticky_tmp(&t);
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // The user keeps planting and removing a link to root's file.
+        let name = tmp.join("r");
+        let _user = Attacker::start(
+            USER,
+            USER,
+            &[
+                Move::Symlink {
+                    target: c(&victim),
+                    link: c(&name),
+                },
+                Move::Unlink(c(&name)),
+            ],
+            true,
+        )
+        .unwrap();
+        let pol = PathPolicy::allow_all();
+        for _ in 0..2000 {
+            let req = FileReadRequest {
+                path: name.display().to_string(),
+                ..Default::default()
+            };
+            if let Ok(mut r) = FileReader::open(&pol, &req, 0) {
+                let (data, _) = read_all(&mut r);
+                assert_ne!(data, b"root's data\n", "read root's file through the link");
+            }
+        }
+    }
+
+    #[test]
+    fn a_recursive_delete_leaves_a_filesystem_mounted_inside_alone() {
+        let t = TempDir::new("delete-mount");
+        let mnt = t.join("tree/sub/mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        std::fs::write(t.join("tree/sub/f"), b"x").unwrap();
+        // Needs root (the CI machine runs the tests as root).
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "qx-issue15"])
+            .arg(&mnt)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        std::fs::write(mnt.join("keep"), b"k").unwrap();
+        let result = delete(
+            &PathPolicy::allow_all(),
+            &DeleteRequest {
+                path: t.s("tree"),
+                recursive: true,
+            },
+        );
+        let kept = mnt.join("keep").exists();
+        let _ = std::process::Command::new("umount").arg(&mnt).status();
+        assert!(kept, "deleted inside another filesystem");
+        let e = result.unwrap_err();
+        assert_eq!(e.code, ErrorCode::FailedPrecondition, "{e}");
+        assert!(e.message.contains("mount point"), "{e}");
+        assert!(!t.join("tree/sub/f").exists());
+    }
 
     fn policy_for(t: &TempDir) -> PathPolicy {
         std::fs::create_dir_all(t.join("allowed/denied")).unwrap();

@@ -1,5 +1,11 @@
 //! Guest clocks: read REALTIME/MONOTONIC/BOOTTIME, set REALTIME, write the RTC (in UTC, as
 //! hwclock --utc does).
+//!
+//! A set must fall in a sane window unless the request says `force`: not before the agent's
+//! build date (no guest it runs in lives in the past), and no further than `time_max_skew_s`
+//! from the guest's own clock (a host bug must not move a guest to 2200). When the guest's
+//! clock itself reads before the build date it is plainly wrong, and only the build-date floor
+//! applies.
 
 use std::path::Path;
 
@@ -7,6 +13,78 @@ use qx_proto::agent::{ErrorCode, TimeInfo, TimeSetReply, TimeSetRequest};
 
 use super::{OpError, OpResult};
 use crate::sys::{self, RtcTime};
+
+/// Largest move of the clock without `force`, when the configuration names none: a year and a
+/// day, enough for a guest restored from an old snapshot.
+pub const DEFAULT_MAX_SKEW_S: u64 = 366 * 86_400;
+
+/// The agent's build date (Unix seconds), stamped by the build script.
+pub fn build_unix_s() -> i64 {
+    env!("QX_AGENT_BUILD_UNIX_S").parse().unwrap_or(0)
+}
+
+/// Where a set may land without `force`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeWindow {
+    pub not_before_ns: i64,
+    pub max_skew_ns: i64,
+}
+
+impl TimeWindow {
+    /// From the build date, at most `max_skew_s` from the guest's clock.
+    pub fn new(max_skew_s: u64) -> Self {
+        TimeWindow {
+            not_before_ns: build_unix_s().saturating_mul(1_000_000_000),
+            max_skew_ns: i64::try_from(max_skew_s)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(1_000_000_000),
+        }
+    }
+
+    /// Whether `unix_ns` may be set when the guest's clock reads `now_ns`; the error says why
+    /// not.
+    pub fn check(&self, unix_ns: i64, now_ns: i64) -> OpResult<()> {
+        let day = |ns: i64| {
+            let tm = utc_tm(ns.div_euclid(1_000_000_000));
+            format!(
+                "{:04}-{:02}-{:02}",
+                tm.tm_year + 1900,
+                tm.tm_mon + 1,
+                tm.tm_mday
+            )
+        };
+        if unix_ns < self.not_before_ns {
+            return Err(OpError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "unix_ns {unix_ns} ({}) is before the agent was built ({}); set force to set it anyway",
+                    day(unix_ns),
+                    day(self.not_before_ns)
+                ),
+            ));
+        }
+        let skew = unix_ns.saturating_sub(now_ns).saturating_abs();
+        if now_ns >= self.not_before_ns && skew > self.max_skew_ns {
+            return Err(OpError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "unix_ns {unix_ns} ({}) is {} days from the guest's clock ({}), more than time_max_skew_s allows ({} days); set force to set it anyway",
+                    day(unix_ns),
+                    skew / 86_400_000_000_000,
+                    day(now_ns),
+                    self.max_skew_ns / 86_400_000_000_000
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for TimeWindow {
+    fn default() -> Self {
+        TimeWindow::new(DEFAULT_MAX_SKEW_S)
+    }
+}
 
 /// RTC device nodes tried in order.
 pub const RTC_PATHS: &[&str] = &["/dev/rtc0", "/dev/rtc"];
@@ -71,8 +149,13 @@ fn write_rtc(unix_ns: i64, rtc_paths: &[&str]) -> bool {
     })
 }
 
-/// Sets CLOCK_REALTIME and, with `write_rtc`, the first RTC of `rtc_paths`.
-pub fn set_with_rtc(req: &TimeSetRequest, rtc_paths: &[&str]) -> OpResult<TimeSetReply> {
+/// Sets CLOCK_REALTIME and, with `write_rtc`, the first RTC of `rtc_paths`, when the time is
+/// in `window` or the request says `force`.
+pub fn set_with_rtc(
+    req: &TimeSetRequest,
+    window: &TimeWindow,
+    rtc_paths: &[&str],
+) -> OpResult<TimeSetReply> {
     if req.unix_ns <= 0 {
         return Err(OpError::new(
             ErrorCode::InvalidArgument,
@@ -80,6 +163,9 @@ pub fn set_with_rtc(req: &TimeSetRequest, rtc_paths: &[&str]) -> OpResult<TimeSe
         ));
     }
     let previous = clock(libc::CLOCK_REALTIME, "CLOCK_REALTIME")? as i64;
+    if !req.force {
+        window.check(req.unix_ns, previous)?;
+    }
     sys::set_realtime_ns(req.unix_ns).map_err(|e| OpError::io("clock_settime", &e))?;
     let rtc_written = req.write_rtc && write_rtc(req.unix_ns, rtc_paths);
     Ok(TimeSetReply {
@@ -90,10 +176,16 @@ pub fn set_with_rtc(req: &TimeSetRequest, rtc_paths: &[&str]) -> OpResult<TimeSe
     })
 }
 
-/// Sets CLOCK_REALTIME and, with `write_rtc`, the RTC (/dev/rtc0, else /dev/rtc).
-/// `rtc_written` is true only when an RTC took the time.
+/// Sets CLOCK_REALTIME and, with `write_rtc`, the RTC (/dev/rtc0, else /dev/rtc), within
+/// the default [`TimeWindow`] unless forced. `rtc_written` is true only when an RTC took the
+/// time.
 pub fn set(req: &TimeSetRequest) -> OpResult<TimeSetReply> {
-    set_with_rtc(req, RTC_PATHS)
+    set_within(req, &TimeWindow::default())
+}
+
+/// [`set`] within `window` (the configured skew).
+pub fn set_within(req: &TimeSetRequest, window: &TimeWindow) -> OpResult<TimeSetReply> {
+    set_with_rtc(req, window, RTC_PATHS)
 }
 
 #[cfg(test)]
@@ -156,6 +248,48 @@ mod tests {
     }
 
     #[test]
+    fn a_time_outside_the_sane_window_is_refused_with_the_reason() {
+        // Without CAP_SYS_TIME on this thread: a missing check fails with EPERM rather than
+        // setting the machine's clock to 1970.
+        let _unprivileged = crate::sys::attack::ThreadEuid::set(65534).unwrap();
+        let now = get().unwrap().unix_ns;
+        let year_ns = 365 * 86_400 * 1_000_000_000i64;
+        for (unix_ns, why) in [
+            (1_000_000_000, "before the agent was built"),
+            (now + 200 * year_ns, "from the guest's clock"),
+        ] {
+            let mut req = TimeSetRequest {
+                unix_ns,
+                write_rtc: false,
+                force: false,
+            };
+            let e = set_with_rtc(&req, &TimeWindow::default(), &[]).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidArgument, "{unix_ns}: {e}");
+            assert!(e.message.contains(why), "{e}");
+            assert!(e.message.contains("set force"), "{e}");
+            // Forced, the window is not checked: the OS refuses this thread instead.
+            req.force = true;
+            let e = set_with_rtc(&req, &TimeWindow::default(), &[]).unwrap_err();
+            assert_eq!(e.code, ErrorCode::PermissionDenied, "{unix_ns}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_window_is_the_build_date_and_the_configured_skew() {
+        let w = TimeWindow::new(3600);
+        let built = build_unix_s() * 1_000_000_000;
+        assert!(built > 1_700_000_000_000_000_000, "{built}");
+        let hour = 3_600_000_000_000i64;
+        let now = built + 100 * hour;
+        assert!(w.check(now + hour, now).is_ok());
+        assert!(w.check(now - hour, now).is_ok());
+        assert!(w.check(now + hour + 1, now).is_err());
+        // A guest clock before the build date is wrong: any time after the build date goes.
+        assert!(w.check(built + 1000 * hour, built - hour).is_ok());
+        assert!(w.check(built - 1, built - hour).is_err());
+    }
+
+    #[test]
     fn set_takes_the_time_and_reports_the_rtc_honestly() {
         let t = TempDir::new("rtc");
         std::fs::write(t.join("not-an-rtc"), b"").unwrap();
@@ -166,7 +300,9 @@ mod tests {
             &TimeSetRequest {
                 unix_ns: now,
                 write_rtc: true,
+                force: false,
             },
+            &TimeWindow::default(),
             &["/nonexistent/rtc", &not_rtc],
         );
         match reply {
@@ -184,6 +320,7 @@ mod tests {
             let e = set(&TimeSetRequest {
                 unix_ns: bad,
                 write_rtc: false,
+                force: true,
             })
             .unwrap_err();
             assert_eq!(e.code, ErrorCode::InvalidArgument);

@@ -6,13 +6,20 @@
 //!
 //! authorized_keys is rewritten the way sshd expects to find it: `~/.ssh` 0700 and the file
 //! 0600, both owned by the user; the new content goes to a temp file in `~/.ssh` that is
-//! fsynced and renamed over the old one. A `~/.ssh` or authorized_keys that is a symlink is
-//! refused (root must not follow a user's symlink into /etc). Lines that are not keys
-//! (comments, blank lines) are kept as they are.
+//! fsynced and renamed over the old one. The home directory's owner controls `~/.ssh`, so
+//! everything goes through descriptors: the home directory is opened, `~/.ssh` is opened (or
+//! made) relative to it with O_NOFOLLOW and must be a directory owned by the user (or root),
+//! and the temp file is created, given its owner and mode, synced and renamed relative to the
+//! `~/.ssh` descriptor. Swapping `~/.ssh` for a symlink at any moment cannot make root chown,
+//! read or write anything else. An authorized_keys over 1 MiB is refused whole
+//! (INVALID_ARGUMENT), never truncated. Lines that are not keys (comments, blank lines) are
+//! kept as they are.
 
-use std::fs::{File, OpenOptions};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use qx_proto::agent::{
@@ -21,6 +28,7 @@ use qx_proto::agent::{
 };
 
 use super::{ChildCommand, OpError, OpResult};
+use crate::sys::{self, Beneath};
 
 /// Longest accepted authorized_keys line, and largest file read.
 pub const MAX_KEY_BYTES: usize = 16 * 1024;
@@ -35,6 +43,7 @@ pub struct PasswdEntry {
     pub uid: u32,
     pub gid: u32,
     pub home: PathBuf,
+    pub shell: PathBuf,
 }
 
 /// The user and group databases, as files (injectable for tests).
@@ -79,6 +88,7 @@ impl UserDb {
                     uid,
                     gid,
                     home: PathBuf::from(f[5]),
+                    shell: PathBuf::from(f[6]),
                 });
             }
         }
@@ -94,6 +104,23 @@ impl UserDb {
             Ok(uid) => Ok(uid),
             Err(_) => Ok(self.user(user)?.uid),
         }
+    }
+
+    /// The groups `user` is in, as initgroups(3) sets them: the primary group, then every group
+    /// of the group file that lists the user as a member.
+    pub fn groups(&self, user: &PasswdEntry) -> OpResult<Vec<u32>> {
+        let text = read_db(&self.group)?;
+        let mut gids = vec![user.gid];
+        for line in text.lines() {
+            let f: Vec<&str> = line.split(':').collect();
+            let Some((Ok(gid), members)) = f.get(2).map(|g| g.parse::<u32>()).zip(f.get(3)) else {
+                continue;
+            };
+            if members.split(',').any(|m| m.trim() == user.name) && !gids.contains(&gid) {
+                gids.push(gid);
+            }
+        }
+        Ok(gids)
     }
 
     /// The gid of `group` (a name, or a numeric gid, which need not be listed).
@@ -115,6 +142,27 @@ impl UserDb {
             format!("no group {group} in {}", self.group.display()),
         ))
     }
+}
+
+/// The search path `su -` gives root, and everybody else.
+pub const ROOT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const USER_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// The environment a login of `user` starts with, as `su -` sets it: HOME, USER, LOGNAME,
+/// SHELL (`/bin/sh` when the passwd entry names none) and PATH.
+pub fn login_env(user: &PasswdEntry) -> Vec<(String, String)> {
+    let shell = match user.shell.as_os_str().is_empty() {
+        true => "/bin/sh".to_string(),
+        false => user.shell.display().to_string(),
+    };
+    let path = if user.uid == 0 { ROOT_PATH } else { USER_PATH };
+    vec![
+        ("HOME".into(), user.home.display().to_string()),
+        ("USER".into(), user.name.clone()),
+        ("LOGNAME".into(), user.name.clone()),
+        ("SHELL".into(), shell),
+        ("PATH".into(), path.into()),
+    ]
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -317,78 +365,127 @@ fn failed(msg: String) -> OpError {
     OpError::new(ErrorCode::FailedPrecondition, msg)
 }
 
-/// The user's ~/.ssh, checked (and created when `create`).
-fn ssh_dir(user: &PasswdEntry, create: bool) -> OpResult<Option<PathBuf>> {
-    if !user.home.is_absolute() {
+/// The user's home directory, opened by descriptor (O_PATH). Only root's symlinks are
+/// followed on the way (a user's symlink in the path is refused).
+fn open_home(user: &PasswdEntry) -> OpResult<OwnedFd> {
+    let shown = user.home.display().to_string();
+    let Ok(rel) = user.home.strip_prefix("/") else {
         return Err(failed(format!(
             "{} has no absolute home directory",
             user.name
         )));
-    }
-    let dir = user.home.join(".ssh");
-    match std::fs::symlink_metadata(&dir) {
-        Ok(m) if m.file_type().is_symlink() => Err(failed(format!(
-            "{} is a symlink; refusing to follow it",
-            dir.display()
-        ))),
-        Ok(m) if !m.is_dir() => Err(failed(format!("{} is not a directory", dir.display()))),
-        Ok(m) if m.uid() != user.uid && m.uid() != 0 => Err(failed(format!(
-            "{} is owned by uid {}, not {}",
-            dir.display(),
+    };
+    let root = sys::open_dir_path(Path::new("/")).map_err(|e| OpError::io("/", &e))?;
+    sys::open_beneath(
+        root.as_fd(),
+        rel,
+        libc::O_PATH | libc::O_DIRECTORY,
+        Beneath {
+            in_root: true,
+            follow_last: true,
+        },
+    )
+    .map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOENT) => failed(format!(
+            "home directory {shown} of {} does not exist",
+            user.name
+        )),
+        _ => failed(format!("home directory {shown} of {}: {e}", user.name)),
+    })
+}
+
+/// The user's ~/.ssh, opened relative to the home directory's descriptor without following
+/// a symlink, and refused unless it is a directory owned by the user (or by root, which
+/// only root could have made). With `create`, a missing one is made (0700) and given to the
+/// user through its descriptor.
+fn ssh_dir(user: &PasswdEntry, create: bool) -> OpResult<Option<File>> {
+    let home = open_home(user)?;
+    let shown = user.home.join(".ssh").display().to_string();
+    let name = OsStr::new(".ssh");
+    let open = || {
+        sys::openat(
+            home.as_fd(),
+            name,
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+            0,
+        )
+    };
+    let fd = match open() {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !create => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            match sys::mkdirat(home.as_fd(), name, 0o700) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                    return Err(OpError::io(&shown, &e))
+                }
+                _ => {}
+            }
+            open().map_err(|e| refused(&shown, &e))?
+        }
+        Err(e) => return Err(refused(&shown, &e)),
+    };
+    let dir = File::from(fd);
+    let m = dir.metadata().map_err(|e| OpError::io(&shown, &e))?;
+    if m.uid() != user.uid && m.uid() != 0 {
+        return Err(failed(format!(
+            "{shown} is owned by uid {}, not {}",
             m.uid(),
             user.name
-        ))),
-        Ok(_) => Ok(Some(dir)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if !create {
-                return Ok(None);
-            }
-            if !user.home.is_dir() {
-                return Err(failed(format!(
-                    "home directory {} of {} does not exist",
-                    user.home.display(),
-                    user.name
-                )));
-            }
-            std::fs::DirBuilder::new()
-                .mode(0o700)
-                .create(&dir)
-                .map_err(|e| OpError::io(&dir.display().to_string(), &e))?;
-            std::os::unix::fs::chown(&dir, Some(user.uid), Some(user.gid))
-                .map_err(|e| OpError::io(&dir.display().to_string(), &e))?;
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(|e| OpError::io(&dir.display().to_string(), &e))?;
-            Ok(Some(dir))
-        }
-        Err(e) => Err(OpError::io(&dir.display().to_string(), &e)),
+        )));
+    }
+    Ok(Some(dir))
+}
+
+/// The error for a ~/.ssh or authorized_keys that could not be opened.
+fn refused(shown: &str, e: &std::io::Error) -> OpError {
+    match e.raw_os_error() {
+        Some(libc::ELOOP) => failed(format!("{shown} is a symlink; refusing to follow it")),
+        Some(libc::ENOTDIR) => failed(format!("{shown} is not a directory")),
+        _ => OpError::io(shown, e),
     }
 }
 
-/// The lines of authorized_keys (empty when missing), never through a symlink.
-fn read_lines(file: &Path) -> OpResult<Vec<String>> {
-    let shown = file.display().to_string();
-    let f = match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(file)
-    {
-        Ok(f) => f,
+fn too_big(shown: &str, bytes: u64) -> OpError {
+    OpError::new(
+        ErrorCode::InvalidArgument,
+        format!(
+            "{shown} is {bytes} bytes, more than {MAX_AUTHORIZED_KEYS_BYTES}; refusing to read or rewrite it"
+        ),
+    )
+}
+
+/// The lines of dir/authorized_keys (empty when missing), never through a symlink; a file
+/// over [`MAX_AUTHORIZED_KEYS_BYTES`] is refused whole.
+fn read_lines(user: &PasswdEntry, dir: &File) -> OpResult<Vec<String>> {
+    let shown = user.home.join(".ssh/authorized_keys").display().to_string();
+    let fd = match sys::openat(
+        dir.as_fd(),
+        OsStr::new("authorized_keys"),
+        libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY,
+        0,
+    ) {
+        Ok(fd) => fd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-            return Err(failed(format!(
-                "{shown} is a symlink; refusing to follow it"
-            )))
-        }
-        Err(e) => return Err(OpError::io(&shown, &e)),
+        Err(e) => return Err(refused(&shown, &e)),
     };
+    let f = File::from(fd);
     let meta = f.metadata().map_err(|e| OpError::io(&shown, &e))?;
     if !meta.is_file() {
         return Err(failed(format!("{shown} is not a regular file")));
     }
-    let mut text = String::new();
-    f.take(MAX_AUTHORIZED_KEYS_BYTES)
-        .read_to_string(&mut text)
+    if meta.len() > MAX_AUTHORIZED_KEYS_BYTES {
+        return Err(too_big(&shown, meta.len()));
+    }
+    let mut bytes = Vec::new();
+    f.take(MAX_AUTHORIZED_KEYS_BYTES + 1)
+        .read_to_end(&mut bytes)
         .map_err(|e| OpError::io(&shown, &e))?;
+    if bytes.len() as u64 > MAX_AUTHORIZED_KEYS_BYTES {
+        // It grew since the fstat.
+        return Err(too_big(&shown, bytes.len() as u64));
+    }
+    let text =
+        String::from_utf8(bytes).map_err(|_| failed(format!("{shown} is not UTF-8 text")))?;
     Ok(text.lines().map(str::to_string).collect())
 }
 
@@ -402,36 +499,37 @@ fn keys_in(lines: &[String]) -> SshKeys {
     }
 }
 
-/// Writes `lines` to dir/authorized_keys atomically, 0600, owned by the user.
-fn write_lines(user: &PasswdEntry, dir: &Path, lines: &[String]) -> OpResult<()> {
-    // ~/.ssh was checked to be a real directory owned by the user or root; it is opened
-    // without following symlinks and given the owner and mode sshd's StrictModes expects.
-    let dir_shown = dir.display().to_string();
-    let dir_fd = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
-        .open(dir)
+/// Writes `lines` to dir/authorized_keys atomically, 0600, owned by the user: a temp file
+/// made, owned, moded, synced and renamed relative to the ~/.ssh descriptor, which is first
+/// given the owner and mode sshd's StrictModes expects.
+fn write_lines(user: &PasswdEntry, dir: &File, lines: &[String]) -> OpResult<()> {
+    let dir_shown = user.home.join(".ssh").display().to_string();
+    let mut text = lines.join("\n");
+    if !text.is_empty() {
+        text.push('\n');
+    }
+    if text.len() as u64 > MAX_AUTHORIZED_KEYS_BYTES {
+        return Err(too_big(
+            &format!("{dir_shown}/authorized_keys (as it would be)"),
+            text.len() as u64,
+        ));
+    }
+    std::os::unix::fs::fchown(dir, Some(user.uid), Some(user.gid))
         .map_err(|e| OpError::io(&dir_shown, &e))?;
-    std::os::unix::fs::fchown(&dir_fd, Some(user.uid), Some(user.gid))
+    dir.set_permissions(std::fs::Permissions::from_mode(0o700))
         .map_err(|e| OpError::io(&dir_shown, &e))?;
-    dir_fd
-        .set_permissions(std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| OpError::io(&dir_shown, &e))?;
-    let target = dir.join("authorized_keys");
     let suffix = crate::sys::random_u64().map_err(|e| OpError::io("getrandom", &e))?;
-    let temp = dir.join(format!(".authorized_keys.qx-{suffix:016x}.tmp"));
-    let shown = temp.display().to_string();
+    let temp = OsString::from(format!(".authorized_keys.qx-{suffix:016x}.tmp"));
+    let shown = format!("{dir_shown}/{}", temp.to_string_lossy());
+    let fd = sys::openat(
+        dir.as_fd(),
+        &temp,
+        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
+        0o600,
+    )
+    .map_err(|e| OpError::io(&shown, &e))?;
     let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&temp)
-            .map_err(|e| OpError::io(&shown, &e))?;
-        let mut text = lines.join("\n");
-        if !text.is_empty() {
-            text.push('\n');
-        }
+        let mut f = File::from(fd);
         f.write_all(text.as_bytes())
             .map_err(|e| OpError::io(&shown, &e))?;
         std::os::unix::fs::fchown(&f, Some(user.uid), Some(user.gid))
@@ -439,12 +537,17 @@ fn write_lines(user: &PasswdEntry, dir: &Path, lines: &[String]) -> OpResult<()>
         f.set_permissions(std::fs::Permissions::from_mode(0o600))
             .map_err(|e| OpError::io(&shown, &e))?;
         f.sync_all().map_err(|e| OpError::io(&shown, &e))?;
-        std::fs::rename(&temp, &target)
-            .map_err(|e| OpError::io(&target.display().to_string(), &e))?;
-        dir_fd.sync_all().map_err(|e| OpError::io(&dir_shown, &e))
+        sys::renameat(
+            dir.as_fd(),
+            &temp,
+            dir.as_fd(),
+            OsStr::new("authorized_keys"),
+        )
+        .map_err(|e| OpError::io(&format!("{dir_shown}/authorized_keys"), &e))?;
+        dir.sync_all().map_err(|e| OpError::io(&dir_shown, &e))
     })();
     if result.is_err() {
-        let _ = std::fs::remove_file(&temp);
+        let _ = sys::unlinkat(dir.as_fd(), &temp, false);
     }
     result
 }
@@ -453,7 +556,7 @@ fn write_lines(user: &PasswdEntry, dir: &Path, lines: &[String]) -> OpResult<()>
 pub fn ssh_keys_list(db: &UserDb, req: &SshKeysListRequest) -> OpResult<SshKeys> {
     let user = db.user(&req.user)?;
     match ssh_dir(&user, false)? {
-        Some(dir) => Ok(keys_in(&read_lines(&dir.join("authorized_keys"))?)),
+        Some(dir) => Ok(keys_in(&read_lines(&user, &dir)?)),
         None => Ok(SshKeys::default()),
     }
 }
@@ -471,7 +574,7 @@ pub fn ssh_keys_add(db: &UserDb, req: &SshKeysAddRequest) -> OpResult<SshKeys> {
     let mut lines = if req.reset {
         Vec::new()
     } else {
-        read_lines(&dir.join("authorized_keys"))?
+        read_lines(&user, &dir)?
     };
     for key in new {
         let id = key_of(key);
@@ -495,8 +598,7 @@ pub fn ssh_keys_remove(db: &UserDb, req: &SshKeysRemoveRequest) -> OpResult<SshK
     let Some(dir) = ssh_dir(&user, false)? else {
         return Ok(SshKeys::default());
     };
-    let file = dir.join("authorized_keys");
-    let mut lines = read_lines(&file)?;
+    let mut lines = read_lines(&user, &dir)?;
     let before = lines.len();
     lines.retain(|l| key_of(l).is_none_or(|id| !gone.contains(&id)));
     if lines.len() != before {
@@ -575,6 +677,30 @@ mod tests {
             e.db.gid("nogroup-qx").unwrap_err().code,
             ErrorCode::NotFound
         );
+    }
+
+    #[test]
+    fn a_users_groups_and_login_environment_are_those_of_su_dash() {
+        let e = env();
+        let alice = e.db.user("alice").unwrap();
+        assert_eq!(e.db.groups(&alice).unwrap(), vec![4343, 50]);
+        let env: Vec<String> = login_env(&alice)
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        assert_eq!(
+            env,
+            [
+                format!("HOME={}", e.t.s("home/alice")),
+                "USER=alice".into(),
+                "LOGNAME=alice".into(),
+                "SHELL=/bin/sh".into(),
+                format!("PATH={USER_PATH}"),
+            ]
+        );
+        let root = e.db.user("root").unwrap();
+        assert_eq!(e.db.groups(&root).unwrap(), vec![0]);
+        assert!(login_env(&root).contains(&("PATH".into(), ROOT_PATH.into())));
     }
 
     #[test]
@@ -732,6 +858,126 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.code, ErrorCode::FailedPrecondition);
         assert!(err.message.contains("symlink"), "{err}");
+    }
+
+    /// The unprivileged user of the attack tests, with a home of their own and root's ~/.ssh
+    /// elsewhere.
+    fn victim_env(tag: &str) -> (TempDir, UserDb, PathBuf, PathBuf) {
+        let t = TempDir::new(tag);
+        std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let home = t.join("home/mallory");
+        std::fs::create_dir_all(&home).unwrap();
+        std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
+        let root_ssh = t.join("root-ssh");
+        std::fs::create_dir(&root_ssh).unwrap();
+        std::fs::set_permissions(&root_ssh, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::write(
+            t.join("passwd"),
+            format!("mallory:x:65534:65534::{}:/bin/sh\n", home.display()),
+        )
+        .unwrap();
+        std::fs::write(t.join("group"), "nogroup:x:65534:\n").unwrap();
+        let db = UserDb::new(t.join("passwd"), t.join("group"));
+        (t, db, home, root_ssh)
+    }
+
+    #[test]
+    fn a_user_swapping_ssh_for_a_symlink_never_gets_roots_directory_or_keys() {
+        use crate::sys::attack::{Attacker, Move};
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let (_t, db, home, root_ssh) = victim_env("attack-ssh");
+        let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).unwrap();
+        let ssh = home.join(".ssh");
+        let aside = home.join(".ssh-aside");
+        // The home's owner keeps replacing the ~/.ssh the agent makes or uses with a link to
+        // root's, between the agent's check and its use.
+        let _user = Attacker::start(
+            65534,
+            65534,
+            &[
+                Move::Rmdir(c(&ssh)),
+                Move::Rename {
+                    from: c(&ssh),
+                    to: c(&aside),
+                },
+                Move::Symlink {
+                    target: c(&root_ssh),
+                    link: c(&ssh),
+                },
+                Move::Unlink(c(&ssh)),
+                Move::Rename {
+                    from: c(&aside),
+                    to: c(&ssh),
+                },
+            ],
+            true,
+        )
+        .unwrap();
+        let req = SshKeysAddRequest {
+            user: "mallory".into(),
+            keys: vec![key(7, "mallory@evil")],
+            reset: false,
+        };
+        let clear = |p: &Path| match std::fs::symlink_metadata(p) {
+            Ok(m) if m.is_dir() => drop(std::fs::remove_dir_all(p)),
+            Ok(_) => drop(std::fs::remove_file(p)),
+            Err(_) => {}
+        };
+        for _ in 0..1000 {
+            let _ = ssh_keys_add(&db, &req);
+            let m = std::fs::metadata(&root_ssh).unwrap();
+            assert_eq!(
+                (m.uid(), m.mode() & 0o7777),
+                (0, 0o700),
+                "root's dir given away"
+            );
+            assert!(
+                std::fs::read_dir(&root_ssh).unwrap().next().is_none(),
+                "wrote into root's ~/.ssh"
+            );
+            // A fresh start: the agent has to make ~/.ssh again.
+            clear(&ssh);
+            clear(&aside);
+        }
+    }
+
+    #[test]
+    fn an_oversized_authorized_keys_is_refused_not_truncated() {
+        let e = env();
+        let dir = e.t.join("home/alice/.ssh");
+        std::fs::create_dir(&dir).unwrap();
+        let mut text = format!("{}\n", key(1, "first"));
+        while text.len() <= MAX_AUTHORIZED_KEYS_BYTES as usize {
+            text.push_str(&format!("# padding {}\n", "x".repeat(100)));
+        }
+        text.push_str(&format!("{}\n", key(2, "last, past 1 MiB")));
+        std::fs::write(dir.join("authorized_keys"), &text).unwrap();
+        let err = ssh_keys_add(
+            &e.db,
+            &SshKeysAddRequest {
+                user: "alice".into(),
+                keys: vec![key(3, "new")],
+                reset: false,
+            },
+        );
+        let now = std::fs::read_to_string(dir.join("authorized_keys")).unwrap();
+        assert!(
+            now == text,
+            "the file was rewritten: {} bytes, was {}",
+            now.len(),
+            text.len()
+        );
+        let err = err.unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidArgument, "{err}");
+        let err = ssh_keys_list(
+            &e.db,
+            &SshKeysListRequest {
+                user: "alice".into(),
+            },
+        )
+        .unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidArgument, "{err}");
     }
 
     #[test]

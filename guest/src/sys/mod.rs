@@ -1,9 +1,19 @@
 //! The agent's libc calls, and its only `unsafe` code: every block names its invariants, and
 //! raw fds become `OwnedFd` at once. Here: signalfd, pidfd, signals, spawning children, sync,
-//! reboot; in [`os`], the calls of the operations (re-exported here).
+//! reboot; in [`os`], the calls of the operations, and in [`fs`], the descriptor-relative
+//! filesystem calls (both re-exported here).
 #![allow(unsafe_code)]
 
+#[cfg(test)]
+pub mod attack;
+mod fs;
 mod os;
+#[cfg(test)]
+pub use fs::walk_for_tests;
+pub use fs::{
+    fd_path, linkat, mkdirat, open_beneath, open_dir_path, openat, read_dir_names, readlinkat,
+    renameat, resolver, unlinkat, Beneath, Resolver, UntrustedSymlink,
+};
 pub use os::{
     clock_ns, fifreeze, fithaw, fitrim, getifaddrs, rtc_set_time, set_realtime_ns, statvfs, uname,
     FsSpace, IfAddr, IfAddress, RtcTime, Uname,
@@ -86,6 +96,24 @@ pub fn unblock_signals_in_child(cmd: &mut std::process::Command) {
                 &set,
                 std::ptr::null_mut(),
             ))?;
+            Ok(())
+        });
+    }
+}
+
+/// Makes `cmd`'s (forked) child drop to `uid`, `gid` and the supplementary `groups` before
+/// exec, as a login does: setgroups, setresgid, setresuid, in that order. std's own
+/// `uid`/`gid` would leave the child no supplementary groups at all.
+pub fn switch_user_in_child(cmd: &mut std::process::Command, uid: u32, gid: u32, groups: Vec<u32>) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only makes the
+    // async-signal-safe calls setgroups, setresgid and setresuid on plain integers and on
+    // `groups`, allocated before the fork and owned by the closure.
+    unsafe {
+        cmd.pre_exec(move || {
+            cvt(libc::setgroups(groups.len() as _, groups.as_ptr()))?;
+            cvt(libc::setresgid(gid, gid, gid))?;
+            cvt(libc::setresuid(uid, uid, uid))?;
             Ok(())
         });
     }
