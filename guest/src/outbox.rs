@@ -494,6 +494,59 @@ mod tests {
     }
 
     #[test]
+    fn hello_behind_an_unstarted_frame_never_overfills_the_lane() {
+        let chunk = |n| {
+            env(
+                0,
+                Payload::FileChunk(FileChunk {
+                    offset: 0,
+                    data: vec![7; n],
+                }),
+            )
+        };
+        let mut ob = Outbox::new(0);
+        let first = chunk(40_000);
+        ob.push_reply(&first).unwrap();
+        // The host stops reading: the first frame is taken up for writing, nothing of it is
+        // written, and the lane fills up behind it.
+        let mut sink = TestSink::new(1000);
+        sink.stalled = true;
+        ob.flush(&mut sink).unwrap();
+        let mut queued = vec![first];
+        loop {
+            let next = chunk(10_000);
+            if ob.push_reply(&next).is_err() {
+                break;
+            }
+            queued.push(next);
+        }
+        // A reconnect (or a stale link) queues the hello ahead of everything not started.
+        let hello = env(1, Payload::Ping(Ping { seq: 1 }));
+        ob.push_urgent(&hello).unwrap();
+        let bound = Outbox::new(0).room() + 4 * MAX_FRAME_TOTAL_BYTES;
+        assert!(ob.pending_bytes() <= bound);
+        assert!(ob.room() <= Outbox::new(0).room());
+        // Nothing more is taken than the lane holds, and everything comes out whole.
+        let before = ob.stats().frames_queued;
+        while ob.push_reply(&chunk(10_000)).is_ok() {
+            assert!(
+                ob.stats().frames_queued - before < 100,
+                "the lane takes frames without limit"
+            );
+        }
+        let more = ob.stats().frames_queued - before;
+        sink.stalled = false;
+        while !ob.is_empty() {
+            ob.flush(&mut sink).unwrap();
+        }
+        let (frames, garbage) = decode_all(&sink.data);
+        assert_eq!(garbage, 0);
+        assert_eq!(frames[0], hello);
+        assert_eq!(frames[1..=queued.len()], queued[..]);
+        assert_eq!(frames.len(), 1 + queued.len() + more as usize);
+    }
+
+    #[test]
     fn oversized_envelope_is_refused_without_queueing() {
         let mut ob = Outbox::new(0);
         let huge = env(

@@ -652,8 +652,11 @@ pub fn random_session_id() -> u64 {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use qx_proto::agent::{ExecRequest, HostHello, TimeGetRequest};
+    use qx_proto::agent::{
+        AgentLogs, ExecExit, ExecRequest, FileChunk, HostHello, LogLine, TimeGetRequest,
+    };
     use qx_proto::encode_envelope;
+    use std::collections::HashMap;
 
     fn session(now: Instant) -> Session {
         let cfg = SessionConfig {
@@ -875,6 +878,458 @@ mod tests {
             })
             .collect();
         assert_eq!(ids, vec![42, 42]);
+    }
+
+    fn hello(host_session_id: u64) -> Payload {
+        Payload::HostHello(HostHello {
+            host_session_id,
+            ..Default::default()
+        })
+    }
+
+    fn collected_exec(cap: u32) -> Payload {
+        Payload::ExecRequest(ExecRequest {
+            argv: vec!["true".into()],
+            stdout_cap_bytes: cap,
+            stderr_cap_bytes: cap,
+            ..Default::default()
+        })
+    }
+
+    fn exec_exit(bytes: usize) -> Payload {
+        Payload::ExecExit(ExecExit {
+            exited: true,
+            stdout: vec![b'o'; bytes],
+            stderr: vec![b'e'; bytes],
+            ..Default::default()
+        })
+    }
+
+    /// Fills the lane with stream items of request `id` until the outbox refuses one.
+    fn fill_lane(s: &mut Session, id: u64) {
+        let chunk = |n| {
+            Payload::FileChunk(FileChunk {
+                offset: 0,
+                data: vec![0; n],
+            })
+        };
+        let mut n = 0;
+        // Down to the last bytes: an empty chunk's frame is smaller than a pong's.
+        for size in [8000, 1000, 100, 10, 1, 0] {
+            while s.stream(id, chunk(size)).is_ok() {
+                n += 1;
+                assert!(n < 1000, "the lane takes stream items without limit");
+            }
+        }
+    }
+
+    /// Terminal frames (not acks, pongs, hellos, pings, telemetry or stream items) by
+    /// correlation id: the set of distinct envelope ids for each.
+    fn terminals(envs: &[Envelope]) -> HashMap<u64, HashSet<u64>> {
+        let mut out: HashMap<u64, HashSet<u64>> = HashMap::new();
+        for e in envs {
+            match e.payload {
+                Some(
+                    Payload::Ack(_)
+                    | Payload::Pong(_)
+                    | Payload::Ping(_)
+                    | Payload::AgentReady(_)
+                    | Payload::Telemetry(_)
+                    | Payload::FileChunk(_)
+                    | Payload::ExecOutput(_),
+                ) => {}
+                _ => {
+                    out.entry(e.correlation_id).or_default().insert(e.id);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn terminal_replies_wait_for_room_instead_of_being_dropped() {
+        let t0 = Instant::now();
+        let cfg = SessionConfig {
+            ping_interval: Duration::ZERO,
+            stale_after_pings: 3,
+            outbox_bytes: 300_000,
+        };
+        let mut s = Session::new(cfg, 42, AgentReady::default(), t0);
+        // Twelve commands whose collected output nearly fills a frame, to a host that does
+        // not read while they run.
+        for id in 1..=12 {
+            s.receive(&frame(id, collected_exec(30_000)), t0);
+        }
+        let mut out = Vec::new();
+        let mut ran = HashSet::new();
+        for _ in 0..100 {
+            let mut running = Vec::new();
+            while let Some(req) = s.next_request(t0) {
+                assert!(ran.insert(req.id), "request {} ran twice", req.id);
+                running.push(req.id);
+            }
+            for id in running {
+                let _ = s.reply(id, exec_exit(30_000));
+            }
+            out.extend(sent(&mut s));
+        }
+        let acked: HashSet<u64> = out
+            .iter()
+            .filter(|e| matches!(e.payload, Some(Payload::Ack(_))))
+            .map(|e| e.correlation_id)
+            .collect();
+        assert_eq!(acked, (1..=12).collect());
+        let terms = terminals(&out);
+        for id in 1..=12 {
+            assert_eq!(
+                terms.get(&id).map(HashSet::len),
+                Some(1),
+                "request {id}: one terminal reply"
+            );
+        }
+    }
+
+    #[test]
+    fn pong_waits_for_room_rather_than_being_dropped() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        s.receive(&frame(7, Payload::FileReadRequest(Default::default())), t0);
+        let req = s.next_request(t0).unwrap();
+        fill_lane(&mut s, req.id);
+        s.receive(&frame(8, Payload::Ping(Ping { seq: 5 })), t0);
+        let mut out = Vec::new();
+        for _ in 0..100 {
+            s.next_request(t0);
+            out.extend(sent(&mut s));
+        }
+        assert!(out
+            .iter()
+            .any(|e| e.payload == Some(Payload::Pong(Pong { seq: 5 }))));
+    }
+
+    #[test]
+    fn cached_reply_of_a_redelivery_waits_for_room_rather_than_being_dropped() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        s.receive(&frame(7, Payload::TimeGetRequest(TimeGetRequest {})), t0);
+        let req = s.next_request(t0).unwrap();
+        s.reply(req.id, Payload::Done(Default::default())).unwrap();
+        s.receive(&frame(9, Payload::FileReadRequest(Default::default())), t0);
+        let reader = s.next_request(t0).unwrap();
+        let mut out = sent(&mut s);
+        fill_lane(&mut s, reader.id);
+        s.receive(&frame(7, Payload::TimeGetRequest(TimeGetRequest {})), t0);
+        for _ in 0..100 {
+            assert_eq!(s.next_request(t0), None);
+            out.extend(sent(&mut s));
+        }
+        let dones = out
+            .iter()
+            .filter(|e| e.correlation_id == 7 && matches!(e.payload, Some(Payload::Done(_))))
+            .count();
+        assert_eq!(
+            dones, 2,
+            "the reply, then the same reply for the redelivery"
+        );
+    }
+
+    #[test]
+    fn hosts_alternating_on_one_port_never_rerun_a_request() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        s.receive(&frame(1, hello(100)), t0);
+        s.receive(&frame(7, Payload::TimeGetRequest(TimeGetRequest {})), t0);
+        let req = s.next_request(t0).unwrap();
+        s.reply(req.id, Payload::Done(Default::default())).unwrap();
+        let first = sent(&mut s);
+        // An upgrade overlap: the new daemon says hello, then the old one again, which
+        // redelivers the request it did not see answered.
+        s.receive(&frame(1, hello(200)), t0);
+        assert_eq!(s.next_request(t0), None);
+        s.receive(&frame(2, hello(100)), t0);
+        s.receive(&frame(7, Payload::TimeGetRequest(TimeGetRequest {})), t0);
+        assert_eq!(s.next_request(t0), None, "request 7 of host 100 ran twice");
+        let again = sent(&mut s);
+        let done = |envs: &[Envelope]| {
+            envs.iter()
+                .find(|e| e.correlation_id == 7 && matches!(e.payload, Some(Payload::Done(_))))
+                .cloned()
+        };
+        assert_eq!(done(&again), done(&first));
+        assert!(done(&first).is_some());
+    }
+
+    /// The invariant of admission control, over random interleavings.
+    mod admission {
+        use super::*;
+        use proptest::prelude::*;
+
+        const OUTBOX_BYTES: usize = 300_000;
+        const HOSTS: [u64; 2] = [100, 200];
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            /// The connected host sends request `n` (a redelivery when it sent `n` before).
+            Request {
+                n: u64,
+                kind: u8,
+                cap: u32,
+            },
+            /// A running request ends; its reply size is `per_mille` of its maximum.
+            Finish {
+                pick: usize,
+                per_mille: u32,
+            },
+            /// A streaming request queues an output item if the outbox has room.
+            Stream {
+                pick: usize,
+            },
+            Stall,
+            Resume,
+            /// The host reads up to `bytes`.
+            Read {
+                bytes: usize,
+            },
+            /// The link goes down and comes up with host `host`'s hello.
+            Reconnect {
+                host: usize,
+            },
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                4 => (1..40u64, 0..3u8, 1..30_721u32)
+                    .prop_map(|(n, kind, cap)| Op::Request { n, kind, cap }),
+                3 => (any::<usize>(), 0..=1000u32)
+                    .prop_map(|(pick, per_mille)| Op::Finish { pick, per_mille }),
+                1 => any::<usize>().prop_map(|pick| Op::Stream { pick }),
+                1 => Just(Op::Stall),
+                1 => Just(Op::Resume),
+                2 => (1..200_000usize).prop_map(|bytes| Op::Read { bytes }),
+                1 => (0..2usize).prop_map(|host| Op::Reconnect { host }),
+            ]
+        }
+
+        /// A host that takes `budget` more bytes, then blocks.
+        struct Host {
+            data: Vec<u8>,
+            budget: usize,
+        }
+
+        impl std::io::Write for Host {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                if self.budget == 0 {
+                    return Err(std::io::ErrorKind::WouldBlock.into());
+                }
+                let n = buf.len().min(self.budget);
+                self.budget -= n;
+                self.data.extend_from_slice(&buf[..n]);
+                Ok(n)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+
+        struct Harness {
+            s: Session,
+            now: Instant,
+            host: usize,
+            stalled: bool,
+            wire: Host,
+            /// Requests the session returned to run: (id, kind, cap), in order.
+            running: Vec<(u64, u8, u32)>,
+            ran: HashSet<u64>,
+            /// What each id of each host asks for (a redelivery repeats it).
+            sent: HashMap<u64, (u8, u32)>,
+        }
+
+        impl Harness {
+            fn new() -> Self {
+                let now = Instant::now();
+                let cfg = SessionConfig {
+                    ping_interval: Duration::ZERO,
+                    stale_after_pings: 3,
+                    outbox_bytes: OUTBOX_BYTES,
+                };
+                let mut h = Harness {
+                    s: Session::new(cfg, 42, AgentReady::default(), now),
+                    now,
+                    host: 0,
+                    stalled: false,
+                    wire: Host {
+                        data: Vec::new(),
+                        budget: 0,
+                    },
+                    running: Vec::new(),
+                    ran: HashSet::new(),
+                    sent: HashMap::new(),
+                };
+                h.s.transition(LinkEvent::Up, now);
+                h.s.receive(&frame(1, hello(HOSTS[0])), now);
+                h
+            }
+
+            fn request(kind: u8, cap: u32) -> Payload {
+                match kind {
+                    0 => Payload::TimeGetRequest(TimeGetRequest {}),
+                    1 => collected_exec(cap),
+                    _ => Payload::LogsRequest(Default::default()),
+                }
+            }
+
+            fn reply(kind: u8, cap: u32, per_mille: u32) -> Payload {
+                match kind {
+                    0 => Payload::Done(Default::default()),
+                    1 => {
+                        let max = cap.min(30 * 1024) as usize;
+                        exec_exit(max * per_mille as usize / 1000)
+                    }
+                    _ => {
+                        let len = 60_000 * per_mille as usize / 1000;
+                        Payload::AgentLogs(AgentLogs {
+                            lines: vec![LogLine {
+                                message: "l".repeat(len),
+                                ..Default::default()
+                            }],
+                            dropped: 0,
+                        })
+                    }
+                }
+            }
+
+            fn pump(&mut self) {
+                while let Some(req) = self.s.next_request(self.now) {
+                    assert!(self.ran.insert(req.id), "request {} ran twice", req.id);
+                    let (kind, cap) = self.sent[&req.id];
+                    self.running.push((req.id, kind, cap));
+                }
+            }
+
+            fn flush(&mut self) {
+                if !self.stalled {
+                    self.s.outbox_mut().flush(&mut self.wire).unwrap();
+                }
+            }
+
+            fn apply(&mut self, op: Op) {
+                match op {
+                    Op::Request { n, kind, cap } => {
+                        let id = (self.host as u64 + 1) * 1000 + n;
+                        let (kind, cap) = *self.sent.entry(id).or_insert((kind, cap));
+                        self.s
+                            .receive(&frame(id, Self::request(kind, cap)), self.now);
+                    }
+                    Op::Finish { pick, per_mille } => {
+                        if !self.running.is_empty() {
+                            let (id, kind, cap) = self.running.remove(pick % self.running.len());
+                            let _ = self.s.reply(id, Self::reply(kind, cap, per_mille));
+                        }
+                    }
+                    Op::Stream { pick } => {
+                        if !self.running.is_empty() && self.s.outbox().room() >= 2 * 8192 {
+                            let (id, _, _) = self.running[pick % self.running.len()];
+                            let item = Payload::FileChunk(FileChunk {
+                                offset: 0,
+                                data: vec![1; 8000],
+                            });
+                            self.s.stream(id, item).unwrap();
+                        }
+                    }
+                    Op::Stall => self.stalled = true,
+                    Op::Resume => self.stalled = false,
+                    Op::Read { bytes } => {
+                        self.wire.budget += bytes;
+                        self.flush();
+                    }
+                    Op::Reconnect { host } => {
+                        self.s.transition(LinkEvent::Down, self.now);
+                        self.s.transition(LinkEvent::Up, self.now);
+                        self.host = host;
+                        self.s.receive(&frame(1, hello(HOSTS[host])), self.now);
+                    }
+                }
+                self.pump();
+                let bound = OUTBOX_BYTES + 4 * crate::outbox::MAX_FRAME_TOTAL_BYTES;
+                assert!(self.s.outbox().pending_bytes() <= bound);
+            }
+
+            /// The host reads everything, every request ends, and the host redelivers what
+            /// it never saw acked.
+            fn settle(&mut self) -> Vec<Envelope> {
+                self.stalled = false;
+                for _ in 0..200 {
+                    self.pump();
+                    while let Some((id, kind, cap)) = self.running.pop() {
+                        let _ = self.s.reply(id, Self::reply(kind, cap, 1000));
+                    }
+                    self.wire.budget = usize::MAX / 2;
+                    self.flush();
+                }
+                let mut dec = Decoder::new(DEFAULT_MAX_FRAME_BYTES);
+                dec.push(&self.wire.data);
+                let mut out = Vec::new();
+                loop {
+                    match dec.decode() {
+                        Ok(Some(p)) => out.push(decode_envelope(p).unwrap()),
+                        Ok(None) => break,
+                        Err(_) => {}
+                    }
+                }
+                out
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+            #[test]
+            fn every_acked_request_gets_exactly_one_terminal_reply(
+                ops in proptest::collection::vec(op(), 1..120)
+            ) {
+                let mut h = Harness::new();
+                for op in ops {
+                    h.apply(op);
+                }
+                // The current host redelivers every request of its own it never saw acked.
+                let mut out = h.settle();
+                let acked: HashSet<u64> = out
+                    .iter()
+                    .filter(|e| matches!(e.payload, Some(Payload::Ack(_))))
+                    .map(|e| e.correlation_id)
+                    .collect();
+                let base = (h.host as u64 + 1) * 1000;
+                let unacked: Vec<u64> = h
+                    .sent
+                    .keys()
+                    .copied()
+                    .filter(|id| *id / 1000 * 1000 == base && !acked.contains(id))
+                    .collect();
+                for id in unacked {
+                    let (kind, cap) = h.sent[&id];
+                    h.s.receive(&frame(id, Harness::request(kind, cap)), h.now);
+                }
+                out = h.settle();
+                let acked: HashSet<u64> = out
+                    .iter()
+                    .filter(|e| matches!(e.payload, Some(Payload::Ack(_))))
+                    .map(|e| e.correlation_id)
+                    .collect();
+                for id in h.sent.keys().filter(|id| *id / 1000 * 1000 == base) {
+                    prop_assert!(acked.contains(id), "request {} never acked", id);
+                }
+                let terms = terminals(&out);
+                for id in &acked {
+                    prop_assert_eq!(
+                        terms.get(id).map(HashSet::len),
+                        Some(1),
+                        "request {}: one terminal reply", id
+                    );
+                }
+                for id in &h.ran {
+                    prop_assert!(terms.contains_key(id), "request {} ran without a reply", id);
+                }
+            }
+        }
     }
 
     #[test]
