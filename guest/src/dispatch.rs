@@ -19,7 +19,7 @@ use crate::exec::{Finished, Owner, Spec};
 use crate::logring;
 use crate::ops::fsfreeze::HookPhase;
 use crate::ops::{self, files, fsfreeze, ChildCommand, OpError, OpResult};
-use crate::outbox::{OutboxError, SEND_MAX_FRAME_BYTES};
+use crate::outbox::SEND_MAX_FRAME_BYTES;
 use crate::power::{self, Method};
 use crate::session::Request;
 
@@ -88,11 +88,10 @@ fn done() -> Payload {
 }
 
 impl Agent {
-    /// Sends the terminal reply of `id`; a reply too large for one frame becomes an error.
+    /// Sends the terminal reply of `id` in the room reserved for it at admission (a reply
+    /// too large for that room becomes an error: see [`crate::session::Session::reply`]).
     pub(crate) fn reply(&mut self, id: u64, payload: Payload) {
-        if let Err(OutboxError::TooLarge(e)) = self.session.reply(id, payload) {
-            self.session.error(id, ErrorCode::Internal, e.to_string());
-        }
+        let _ = self.session.reply(id, payload);
     }
 
     fn reply_with<T>(&mut self, id: u64, result: OpResult<T>, wrap: impl FnOnce(T) -> Payload) {

@@ -39,8 +39,9 @@ pub const PORT: Token = Token(0);
 pub const SIGNALS: Token = Token(1);
 /// Bytes asked of one read() on the port (a virtio-serial read returns at most 4096).
 pub const PORT_READ_BYTES: usize = 4096;
-/// Free outbox bytes needed before the loop reads more input or starts more output work:
-/// one maximum frame, so an accepted request always has room for its reply.
+/// Free outbox bytes ([`crate::outbox::Outbox::room`]) needed before the loop queues another
+/// stream item (a file chunk, an exec output chunk): one maximum frame. Terminal replies
+/// need none: their room was reserved when the request was admitted.
 pub const WORK_ROOM_BYTES: usize = MAX_FRAME_TOTAL_BYTES;
 /// How long SIGTERM waits for the outbox to drain to a connected host.
 pub const EXIT_FLUSH: Duration = Duration::from_secs(2);
@@ -219,11 +220,22 @@ pub(crate) fn ready_template(cfg: &Config) -> AgentReady {
     }
 }
 
+/// The reply lane's size: the configured size, raised so that `max_concurrent_exec`
+/// collected-output execs plus one request of every other kind are always admitted at once
+/// (docs/architecture.md, "Admission control").
 fn session_config(cfg: &Config) -> SessionConfig {
+    let exec = qx_proto::agent::ExecRequest::default();
+    let exec_reply = crate::session::reply_bound(
+        &qx_proto::agent::envelope::Payload::ExecRequest(exec),
+        cfg.exec_output_cap_bytes,
+    );
+    let floor = crate::outbox::SESSION_RESERVE_BYTES
+        + cfg.max_concurrent_exec * exec_reply
+        + 2 * MAX_FRAME_TOTAL_BYTES;
     SessionConfig {
         ping_interval: cfg.ping_interval(),
         stale_after_pings: cfg.stale_after_pings.max(1),
-        outbox_bytes: cfg.outbox_bytes.max(2 * MAX_FRAME_TOTAL_BYTES),
+        outbox_bytes: cfg.outbox_bytes.max(floor),
     }
 }
 
@@ -247,12 +259,13 @@ impl Agent {
                 explicit: cfg.device != std::path::Path::new(crate::config::DEFAULT_DEVICE),
             },
         };
-        let session = Session::new(
+        let mut session = Session::new(
             session_config(&cfg),
             crate::session::random_session_id(),
             ready_template(&cfg),
             now,
         );
+        session.set_exec_cap(cfg.exec_output_cap_bytes);
         let mut freezer = Freezer::new(
             cfg.freeze_state_file.clone(),
             Some(cfg.freeze_hooks_dir.clone()),
@@ -362,8 +375,15 @@ impl Agent {
         .min()
     }
 
+    /// Room for another stream item.
     fn has_room(&self) -> bool {
         self.session.outbox().room() >= WORK_ROOM_BYTES
+    }
+
+    /// Whether decoding more input can make progress: not while an envelope waits for
+    /// outbox room.
+    fn takes_input(&self) -> bool {
+        !self.session.is_holding()
     }
 
     /// One turn of work. Returns true when work is left that can progress at once.
@@ -381,17 +401,15 @@ impl Agent {
             let after = self.session.outbox().stats();
             let progressed = after.frames_queued != before.frames_queued
                 || after.bytes_sent != before.bytes_sent;
-            if !progressed || !self.has_room() {
+            if !progressed {
                 break;
             }
         }
         let want_write = !self.session.host_present() || !self.session.outbox().is_empty();
         self.transport
             .set_interest(self.poll.registry(), PORT, want_write);
-        self.has_room()
-            && ((self.port_ready && self.transport.is_open())
-                || !self.transfers.is_empty()
-                || self.jobs.wants_room())
+        (self.takes_input() && self.port_ready && self.transport.is_open())
+            || (self.has_room() && (!self.transfers.is_empty() || self.jobs.wants_room()))
     }
 
     fn open_transport(&mut self, now: Instant) {
@@ -423,11 +441,11 @@ impl Agent {
         self.port_ready = false;
     }
 
-    /// Reads until `WouldBlock` (a host is attached), EOF (no host) or the outbox is short
-    /// of room (stays ready for the next turn).
+    /// Reads until `WouldBlock` (a host is attached), EOF (no host) or an envelope waits
+    /// for outbox room (the port stays ready for a later turn).
     fn read_port(&mut self, now: Instant) {
         while self.port_ready && self.transport.is_open() {
-            if !self.has_room() && self.session.host_present() {
+            if !self.takes_input() && self.session.host_present() {
                 return;
             }
             let buf = self.session.read_buf(PORT_READ_BYTES);
@@ -471,7 +489,7 @@ impl Agent {
     }
 
     fn handle_requests(&mut self, now: Instant) {
-        while self.has_room() {
+        loop {
             let next = self.session.next_request(now);
             if self.session.take_host_changed() && self.writers.open_count() > 0 {
                 log::info!("new host session: aborting open write transfers");
@@ -522,13 +540,10 @@ impl Agent {
         if self.jobs.is_empty() {
             return;
         }
-        let room = self.session.outbox().room();
-        let room_for_reply = move || room >= WORK_ROOM_BYTES;
         let finished = self.jobs.service(
             self.poll.registry(),
             now,
             &mut SessionSink(&mut self.session),
-            &room_for_reply,
         );
         for f in finished {
             self.child_finished(f, now);
@@ -573,6 +588,7 @@ impl Agent {
         self.session
             .set_ping_interval(cfg.ping_interval(), cfg.stale_after_pings);
         self.jobs.set_max_exec(cfg.max_concurrent_exec);
+        self.session.set_exec_cap(cfg.exec_output_cap_bytes);
         self.policy = PathPolicy::new(cfg.file_allow.clone(), cfg.file_deny.clone());
         self.session.set_ready(ready_template(&cfg));
         self.cfg = cfg;

@@ -323,14 +323,13 @@ impl Jobs {
     }
 
     /// Runs timeouts, feeds stdin, reads output (streaming output only while `sink` has
-    /// room) and returns the children that finished. A finished child is only returned when
-    /// `room_for_reply` says its terminal reply can be queued; otherwise it waits.
+    /// room) and returns the children that finished. (The room for a child's terminal reply
+    /// was reserved when its request was admitted.)
     pub fn service(
         &mut self,
         registry: &Registry,
         now: Instant,
         sink: &mut dyn OutputSink,
-        room_for_reply: &dyn Fn() -> bool,
     ) -> Vec<Finished> {
         let mut done = Vec::new();
         for slot in 0..self.slots.len() {
@@ -370,7 +369,7 @@ impl Jobs {
                 }
             }
             let pipes_done = job.pipes.iter().all(|p| p.file.is_none() || !p.ready);
-            if job.status.is_some() && pipes_done && room_for_reply() {
+            if job.status.is_some() && pipes_done {
                 if let Some(job) = self.slots[slot].take() {
                     done.push(finish(registry, slot, job, now));
                 }
