@@ -195,15 +195,11 @@ impl Agent {
             }
             Payload::FsFreezeRequest(r) => self.start_freeze(id, r, now),
             Payload::FsThawRequest(r) => {
+                // The thaw hooks follow from the loop (`Agent::after_thaw`).
                 let res = self.freezer.thaw(&r);
                 logring::set_frozen(self.freezer.is_frozen());
-                let ok = res.is_ok();
                 self.reply_with(id, res, Payload::FsThawReply);
-                if ok && r.run_hooks {
-                    for cmd in self.freezer.hook_commands(HookPhase::Thaw) {
-                        self.spawn_command(0, Owner::Detached, cmd, now);
-                    }
-                }
+                self.after_thaw(now);
             }
             Payload::FsFreezeStatusRequest(_) => {
                 let status = self.freezer.status(now);
@@ -412,9 +408,9 @@ impl Agent {
         Ok((spec, r.stream))
     }
 
-    /// Runs an operation's command as a child job.
-    fn spawn_command(&mut self, id: u64, owner: Owner, cmd: ChildCommand, now: Instant) {
-        let spec = Spec {
+    /// The child spec of an operation's command.
+    fn command_spec(&self, cmd: ChildCommand) -> Spec {
+        Spec {
             argv: cmd.argv,
             stdin: cmd.stdin,
             // 0: the agent's default exec timeout.
@@ -426,19 +422,70 @@ impl Agent {
             kill_grace: Duration::from_millis(u64::from(self.cfg.exec_kill_grace_ms)),
             caps: [4096, 4096],
             ..Default::default()
-        };
+        }
+    }
+
+    /// Runs an operation's command (or a pre-freeze hook) as a child job.
+    fn spawn_command(&mut self, id: u64, owner: Owner, cmd: ChildCommand, now: Instant) {
+        let spec = self.command_spec(cmd);
         if let Err(e) = self
             .jobs
             .spawn(self.poll.registry(), id, owner.clone(), spec, now)
         {
-            match owner {
-                Owner::Detached => log::warn!("hook not started: {e}"),
-                Owner::Power(action) => self.power_fallback(action, &e.to_string()),
-                Owner::FreezeHook => {
-                    self.freeze_chain = None;
-                    self.op_error(id, e);
+            if owner == Owner::FreezeHook {
+                self.freeze_chain = None;
+            }
+            self.op_error(id, e);
+        }
+    }
+
+    /// After a thaw: queue the thaw hooks if they are due, and remove what had to wait for
+    /// the thaw (the temporary files of aborted uploads).
+    pub(crate) fn after_thaw(&mut self, now: Instant) {
+        if self.freezer.is_frozen() {
+            return;
+        }
+        if self.freezer.take_thaw_hooks_due() {
+            self.thaw_hooks = self.freezer.hook_commands(HookPhase::Thaw).into();
+        }
+        for temp in std::mem::take(&mut self.postponed_unlinks) {
+            if let Err(e) = std::fs::remove_file(&temp) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    log::warn!("cannot remove {}: {e}", temp.display());
                 }
-                _ => self.op_error(id, e),
+            }
+        }
+        self.next_thaw_hook(now);
+    }
+
+    /// Starts the next thaw hook unless one runs: one after another, in the order
+    /// [`fsfreeze::Freezer::hook_commands`] gives (descending), in a slot the exec limit
+    /// cannot take. No free slot: try again later.
+    pub(crate) fn next_thaw_hook(&mut self, now: Instant) {
+        if self.thaw_hook_running || self.thaw_hook_retry.is_some_and(|at| now < at) {
+            return;
+        }
+        self.thaw_hook_retry = None;
+        let Some(cmd) = self.thaw_hooks.front().cloned() else {
+            return;
+        };
+        let spec = self.command_spec(cmd);
+        match self
+            .jobs
+            .spawn(self.poll.registry(), 0, Owner::Detached, spec, now)
+        {
+            Ok(_) => {
+                self.thaw_hooks.pop_front();
+                self.thaw_hook_running = true;
+            }
+            Err(e) if e.code == ErrorCode::Busy => {
+                log::warn!("thaw hook waits for a free child slot");
+                self.thaw_hook_retry = Some(now + crate::event_loop::SLOT_RETRY);
+            }
+            Err(e) => {
+                log::warn!("thaw hook not started: {e}");
+                self.thaw_hooks.pop_front();
+                self.next_thaw_hook(now);
             }
         }
     }
@@ -462,8 +509,10 @@ impl Agent {
             }
             Owner::Detached => {
                 if !ok {
-                    log::warn!("hook failed ({})", describe_exit(&f));
+                    log::warn!("thaw hook failed ({})", describe_exit(&f));
                 }
+                self.thaw_hook_running = false;
+                self.next_thaw_hook(now);
             }
             Owner::FreezeHook => {
                 if ok {
@@ -491,6 +540,14 @@ impl Agent {
                 .error(id, ErrorCode::Busy, "a freeze is already in progress");
             return;
         }
+        if self.exiting() {
+            self.session.error(
+                id,
+                ErrorCode::FailedPrecondition,
+                "the agent is exiting; nothing was frozen",
+            );
+            return;
+        }
         let remaining = if r.run_hooks {
             self.freezer.hook_commands(HookPhase::Freeze).into()
         } else {
@@ -515,9 +572,40 @@ impl Agent {
             return;
         }
         if let Some(chain) = self.freeze_chain.take() {
+            self.cancel_trims();
             let res = self.freezer.freeze(&chain.req, now);
             logring::set_frozen(self.freezer.is_frozen());
             self.reply_with(id, res, Payload::FsFreezeReply);
+        }
+    }
+
+    /// A freeze is about to start: trims that have not reached their filesystems stop there
+    /// (FITRIM must not run on a frozen filesystem) and report the rest as skipped.
+    fn cancel_trims(&mut self) {
+        let mut i = 0;
+        while i < self.transfers.len() {
+            let Transfer::Trim {
+                id,
+                targets,
+                next,
+                results,
+                ..
+            } = &mut self.transfers[i]
+            else {
+                i += 1;
+                continue;
+            };
+            let id = *id;
+            let mut results = std::mem::take(results);
+            for mp in &targets[*next..] {
+                results.push(qx_proto::agent::FsTrimResult {
+                    mountpoint: mp.clone(),
+                    trimmed_bytes: 0,
+                    error: "skipped: a filesystem freeze came first".into(),
+                });
+            }
+            self.transfers.remove(i);
+            self.reply(id, Payload::FsTrimReply(FsTrimReply { results }));
         }
     }
 
@@ -563,11 +651,26 @@ impl Agent {
         match p.method {
             Method::Command(argv) => {
                 let cmd = ChildCommand {
-                    argv,
+                    argv: argv.clone(),
                     stdin: Vec::new(),
                     timeout_ms: 60_000,
                 };
-                self.spawn_command(0, Owner::Power(p.action), cmd, now);
+                let spec = self.command_spec(cmd);
+                let owner = Owner::Power(p.action);
+                match self.jobs.spawn(self.poll.registry(), 0, owner, spec, now) {
+                    Ok(_) => {}
+                    // A full child table is no reason to reboot(2) behind the init's back:
+                    // the power command has a slot of its own; wait for it.
+                    Err(e) if e.code == ErrorCode::Busy => {
+                        log::warn!("power command waits for a free child slot");
+                        self.power = Some(PendingPower {
+                            action: p.action,
+                            method: Method::Command(argv),
+                            at: now + crate::event_loop::SLOT_RETRY,
+                        });
+                    }
+                    Err(e) => self.power_fallback(p.action, &e.to_string()),
+                }
             }
             Method::Syscall => self.power_fallback(p.action, "no init to ask"),
         }

@@ -43,8 +43,12 @@ pub const PORT_READ_BYTES: usize = 4096;
 /// stream item (a file chunk, an exec output chunk): one maximum frame. Terminal replies
 /// need none: their room was reserved when the request was admitted.
 pub const WORK_ROOM_BYTES: usize = MAX_FRAME_TOTAL_BYTES;
-/// How long SIGTERM waits for the outbox to drain to a connected host.
+/// How long SIGTERM waits for the outbox to drain to a connected host (and the thaw hooks
+/// to finish, after the thaw that comes first).
 pub const EXIT_FLUSH: Duration = Duration::from_secs(2);
+/// How long a hook or power command that found no free child slot waits before it tries
+/// again.
+pub const SLOT_RETRY: Duration = Duration::from_secs(1);
 /// Service rounds per turn before the loop polls again (fairness between transfers and I/O).
 const ROUNDS_PER_TURN: usize = 8;
 
@@ -171,6 +175,14 @@ pub struct Agent {
     pub(crate) next_telemetry: Option<Instant>,
     pub(crate) power: Option<PendingPower>,
     pub(crate) freeze_chain: Option<FreezeChain>,
+    /// Thaw hooks still to run, in order; one runs at a time.
+    pub(crate) thaw_hooks: std::collections::VecDeque<crate::ops::ChildCommand>,
+    pub(crate) thaw_hook_running: bool,
+    /// When a thaw hook that found no free slot tries again.
+    pub(crate) thaw_hook_retry: Option<Instant>,
+    /// Temporary files of aborted uploads, removed after the thaw (never on a frozen
+    /// filesystem).
+    pub(crate) postponed_unlinks: Vec<PathBuf>,
     port_ready: bool,
     exit_by: Option<Instant>,
 }
@@ -290,6 +302,10 @@ impl Agent {
             next_telemetry,
             power: None,
             freeze_chain: None,
+            thaw_hooks: Default::default(),
+            thaw_hook_running: false,
+            thaw_hook_retry: None,
+            postponed_unlinks: Vec::new(),
             port_ready: false,
             exit_by: None,
             transport: Transport::new(endpoint),
@@ -306,8 +322,34 @@ impl Agent {
         self.session.session_id()
     }
 
-    /// Runs until SIGTERM/SIGINT.
+    /// Runs until SIGTERM/SIGINT. Whichever way the loop ends, nothing stays frozen.
     pub fn run(&mut self) -> Result<(), LoopError> {
+        let res = self.run_loop();
+        self.thaw_for("the agent exits");
+        res
+    }
+
+    /// Thaws whatever is frozen, now (the thaw hooks follow from the loop, if it runs on).
+    fn thaw_for(&mut self, why: &str) {
+        if let Some(res) = self.freezer.thaw_all() {
+            match res {
+                Ok(reply) => log::warn!("thawed {:?}: {why}", reply.thawed),
+                Err(e) => log::error!("thaw before exiting failed: {e}"),
+            }
+            logring::set_frozen(self.freezer.is_frozen());
+        }
+        if !self.freezer.is_frozen() {
+            for temp in std::mem::take(&mut self.postponed_unlinks) {
+                let _ = std::fs::remove_file(temp);
+            }
+        }
+    }
+
+    pub(crate) fn exiting(&self) -> bool {
+        self.exit_by.is_some()
+    }
+
+    fn run_loop(&mut self) -> Result<(), LoopError> {
         let mut events = Events::with_capacity(64);
         log::info!(
             "quantix-kvm-agent {} started, session {:016x}, {:?}",
@@ -355,7 +397,10 @@ impl Agent {
         match self.exit_by {
             None => false,
             Some(by) => {
-                now >= by || !self.session.host_present() || self.session.outbox().is_empty()
+                let hooks_done = !self.thaw_hook_running && self.thaw_hooks.is_empty();
+                now >= by
+                    || (hooks_done
+                        && (!self.session.host_present() || self.session.outbox().is_empty()))
             }
         }
     }
@@ -368,6 +413,7 @@ impl Agent {
             self.freezer.deadline(),
             self.power.as_ref().map(|p| p.at),
             self.jobs.next_deadline(),
+            self.thaw_hook_retry,
             self.exit_by,
         ]
         .into_iter()
@@ -493,7 +539,12 @@ impl Agent {
             let next = self.session.next_request(now);
             if self.session.take_host_changed() && self.writers.open_count() > 0 {
                 log::info!("new host session: aborting open write transfers");
-                self.writers.abort_all();
+                // Their temporary files go after a thaw: an unlink on a frozen filesystem
+                // would block the loop, and with it the auto-thaw.
+                self.postponed_unlinks.extend(self.writers.abandon_all());
+                if !self.freezer.is_frozen() {
+                    self.after_thaw(now);
+                }
             }
             match next {
                 Some(req) => self.dispatch(req, now),
@@ -529,6 +580,9 @@ impl Agent {
             }
             logring::set_frozen(self.freezer.is_frozen());
         }
+        // Thaw hooks due after any thaw (the host's, the deadline's, the exit's, or the
+        // start-up recovery's), and their retries.
+        self.after_thaw(now);
         if self.power.as_ref().is_some_and(|p| now >= p.at) {
             if let Some(p) = self.power.take() {
                 self.carry_out_power(p, now);
@@ -554,8 +608,10 @@ impl Agent {
         loop {
             match sys::read_signal(&self.signals) {
                 Ok(Some(sig)) if sig == libc::SIGTERM || sig == libc::SIGINT => {
-                    log::info!("signal {sig}: flushing and exiting");
+                    log::info!("signal {sig}: thawing, flushing and exiting");
                     self.exit_by.get_or_insert(now + EXIT_FLUSH);
+                    // First of all: nothing may stay frozen once the agent is gone.
+                    self.thaw_for("the agent was told to exit");
                 }
                 Ok(Some(sig)) if sig == libc::SIGHUP => self.reload(),
                 Ok(Some(sig)) if sig == libc::SIGCHLD => self.jobs.on_sigchld(),

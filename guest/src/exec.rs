@@ -31,6 +31,9 @@ pub const PIPE_READ_BYTES: usize = 32 * 1024;
 /// Slots kept for the agent's own children (commands of operations, hooks, power) beyond the
 /// exec limit.
 pub const INTERNAL_SLOTS: usize = 4;
+/// Internal slots operation commands (password changes) may not take: one each for a
+/// pre-freeze hook, a thaw hook and the power command, which run one at a time.
+pub const RESERVED_SLOTS: usize = 3;
 
 /// Which fd of a child a token names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,6 +216,19 @@ impl Jobs {
             return Err(OpError::new(
                 ErrorCode::Busy,
                 format!("{} commands already running", self.max_exec),
+            ));
+        }
+        let is_command = matches!(owner, Owner::Command { .. });
+        let commands = || {
+            let running = self.slots.iter().flatten();
+            running
+                .filter(|j| matches!(j.owner, Owner::Command { .. }))
+                .count()
+        };
+        if is_command && commands() >= INTERNAL_SLOTS - RESERVED_SLOTS {
+            return Err(OpError::new(
+                ErrorCode::Busy,
+                "another operation command is running",
             ));
         }
         let slot = self

@@ -631,7 +631,16 @@ impl FileWriters {
         })
     }
 
-    /// Aborts every open transfer (temp files removed), e.g. on a new host session.
+    /// Ends every open transfer without touching its filesystem and returns the temporary
+    /// files, for the caller to remove when that cannot block (not while frozen).
+    pub fn abandon_all(&mut self) -> Vec<PathBuf> {
+        std::mem::take(&mut self.open)
+            .into_values()
+            .map(|w| w.temp)
+            .collect()
+    }
+
+    /// Aborts every open transfer (temp files removed).
     pub fn abort_all(&mut self) {
         for (_, w) in std::mem::take(&mut self.open) {
             let _ = std::fs::remove_file(&w.temp);
