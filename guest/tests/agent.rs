@@ -1410,3 +1410,37 @@ fn a_freeze_cancels_a_trim_that_has_not_reached_the_filesystem_and_says_so() {
         trim.results[0]
     );
 }
+
+#[test]
+fn a_filesystem_call_that_blocks_never_keeps_a_ping_waiting() {
+    use qx_proto::agent::MkdirRequest;
+    let agent = Agent::start(&[]);
+    // Dropped before the agent: a failing test thaws before it kills the agent.
+    let fs = LoopFs::new();
+    let mut host = agent.accept();
+    host.hello();
+    // Frozen behind the agent's back (another tool): a mkdir there blocks in the kernel
+    // until the thaw.
+    let frozen = Command::new("fsfreeze")
+        .args(["-f", &fs.mnt])
+        .status()
+        .unwrap();
+    assert!(frozen.success());
+    host.send(
+        60,
+        Payload::MkdirRequest(MkdirRequest {
+            path: format!("{}/made-while-frozen", fs.mnt),
+            ..Default::default()
+        }),
+    );
+    host.send(61, Payload::Ping(Ping { seq: 61 }));
+    let got = host.recv_until(|e| e.correlation_id == 61);
+    assert!(matches!(terminal(&got), Payload::Pong(_)));
+    assert!(Command::new("fsfreeze")
+        .args(["-u", &fs.mnt])
+        .status()
+        .unwrap()
+        .success());
+    let envs = host.replies(60);
+    assert!(matches!(terminal(&envs), Payload::Done(_)), "{envs:?}");
+}
