@@ -10,11 +10,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use prost::Message;
 use qx_proto::agent::envelope::Payload;
 use qx_proto::agent::{
-    Done, ErrorCode, ExecRequest, FsFreezeRequest, FsTrimReply, PowerAction, PowerReply,
-    PowerRequest,
+    Done, ErrorCode, ExecRequest, FileChunk, FsFreezeRequest, FsTrimReply, FsTrimResult,
+    PowerAction, PowerReply, PowerRequest,
 };
 
-use crate::event_loop::{Agent, FreezeChain, PendingPower, Transfer};
+use crate::event_loop::{lock, Agent, FreezeChain, PendingPower, Transfer, WORK_ROOM_BYTES};
 use crate::exec::{Finished, Owner, Spec};
 use crate::logring;
 use crate::ops::fsfreeze::HookPhase;
@@ -101,6 +101,25 @@ impl Agent {
         }
     }
 
+    /// Runs `op` on the filesystem worker (see [`crate::worker`]) and replies with its
+    /// result, wrapped by `wrap`.
+    fn offload<T: Send + 'static>(
+        &mut self,
+        id: u64,
+        op: impl FnOnce() -> OpResult<T> + Send + 'static,
+        wrap: fn(T) -> Payload,
+    ) {
+        self.worker.submit(move || {
+            let res = op();
+            Box::new(move |agent: &mut Agent, _now: Instant| agent.reply_with(id, res, wrap))
+        });
+    }
+
+    /// Filesystems are frozen, or a freeze is on its way to the worker.
+    pub(crate) fn frozen_or_freezing(&self) -> bool {
+        self.freezer.is_frozen() || self.freezing
+    }
+
     fn op_error(&mut self, id: u64, e: OpError) {
         log::debug!("request {id} failed: {e}");
         self.session.error(id, e.code, e.message);
@@ -120,7 +139,7 @@ impl Agent {
                 return;
             }
         }
-        if self.freezer.is_frozen() && !allowed_while_frozen(&req.payload) {
+        if self.frozen_or_freezing() && !allowed_while_frozen(&req.payload) {
             self.session.error(
                 id,
                 ErrorCode::Frozen,
@@ -155,43 +174,65 @@ impl Agent {
                 }
             }
             Payload::Cancel(c) => self.cancel(id, c.target_id),
+            // Everything that touches a filesystem runs on the worker.
             Payload::FileReadRequest(r) => {
-                match files::FileReader::open(&self.policy, &r, self.cfg.file_chunk_bytes) {
-                    Ok(reader) => self.transfers.push(Transfer::Read { id, reader }),
-                    Err(e) => self.op_error(id, e),
-                }
+                let (policy, chunk) = (self.policy.clone(), self.cfg.file_chunk_bytes);
+                self.worker.submit(move || {
+                    let res = files::FileReader::open(&policy, &r, chunk);
+                    Box::new(move |agent: &mut Agent, _now: Instant| match res {
+                        Ok(reader) => agent.transfers.push(Transfer::Read {
+                            id,
+                            reader: Some(reader),
+                            pending: None,
+                        }),
+                        Err(e) => agent.op_error(id, e),
+                    })
+                });
             }
-            Payload::FileHashRequest(r) => match files::FileHasher::open(&self.policy, &r) {
-                Ok(hasher) => self.transfers.push(Transfer::Hash { id, hasher }),
-                Err(e) => self.op_error(id, e),
-            },
+            Payload::FileHashRequest(r) => {
+                let policy = self.policy.clone();
+                self.worker.submit(move || {
+                    let res = files::FileHasher::open(&policy, &r);
+                    Box::new(move |agent: &mut Agent, _now: Instant| match res {
+                        Ok(hasher) => agent.transfers.push(Transfer::Hash {
+                            id,
+                            hasher: Some(hasher),
+                        }),
+                        Err(e) => agent.op_error(id, e),
+                    })
+                });
+            }
             Payload::FileWriteOpen(r) => {
-                let res = self.writers.open(&self.policy, &r);
-                self.reply_with(id, res, Payload::FileWriteOpened);
+                let (writers, policy) = (self.writers.clone(), self.policy.clone());
+                self.offload(
+                    id,
+                    move || lock(&writers).open(&policy, &r),
+                    Payload::FileWriteOpened,
+                );
             }
             Payload::FileWriteChunk(r) => {
-                let res = self.writers.write(&r);
-                self.reply_with(id, res, |()| done());
+                let writers = self.writers.clone();
+                self.offload(id, move || lock(&writers).write(&r), |()| done());
             }
             Payload::FileWriteClose(r) => {
-                let res = self.writers.close(&r);
-                self.reply_with(id, res, Payload::FileWriteDone);
+                let writers = self.writers.clone();
+                self.offload(id, move || lock(&writers).close(&r), Payload::FileWriteDone);
             }
             Payload::FileListRequest(r) => {
-                let res = files::list(&self.policy, &r);
-                self.reply_with(id, res, Payload::FileList);
+                let policy = self.policy.clone();
+                self.offload(id, move || files::list(&policy, &r), Payload::FileList);
             }
             Payload::FileStatRequest(r) => {
-                let res = files::stat(&self.policy, &r);
-                self.reply_with(id, res, Payload::FileStat);
+                let policy = self.policy.clone();
+                self.offload(id, move || files::stat(&policy, &r), Payload::FileStat);
             }
             Payload::MkdirRequest(r) => {
-                let res = files::mkdir(&self.policy, &r);
-                self.reply_with(id, res, |()| done());
+                let policy = self.policy.clone();
+                self.offload(id, move || files::mkdir(&policy, &r), |()| done());
             }
             Payload::DeleteRequest(r) => {
-                let res = files::delete(&self.policy, &r);
-                self.reply_with(id, res, |()| done());
+                let policy = self.policy.clone();
+                self.offload(id, move || files::delete(&policy, &r), |()| done());
             }
             Payload::FsFreezeRequest(r) => self.start_freeze(id, r, now),
             Payload::FsThawRequest(r) => {
@@ -205,16 +246,20 @@ impl Agent {
                 let status = self.freezer.status(now);
                 self.reply(id, Payload::FsFreezeStatus(status));
             }
-            Payload::FsTrimRequest(r) => match fsfreeze::trim_targets(&r) {
-                Ok(targets) => self.transfers.push(Transfer::Trim {
-                    id,
-                    targets,
-                    next: 0,
-                    minimum_bytes: r.minimum_bytes,
-                    results: Vec::new(),
-                }),
-                Err(e) => self.op_error(id, e),
-            },
+            Payload::FsTrimRequest(r) => self.worker.submit(move || {
+                let res = fsfreeze::trim_targets(&r);
+                Box::new(move |agent: &mut Agent, _now: Instant| match res {
+                    Ok(targets) => agent.transfers.push(Transfer::Trim {
+                        id,
+                        targets,
+                        next: 0,
+                        minimum_bytes: r.minimum_bytes,
+                        results: Vec::new(),
+                        in_flight: false,
+                    }),
+                    Err(e) => agent.op_error(id, e),
+                })
+            }),
             Payload::TimeGetRequest(_) => {
                 let res = ops::timeops::get();
                 self.reply_with(id, res, Payload::TimeInfo);
@@ -240,25 +285,26 @@ impl Agent {
                 }
             }
             Payload::SshKeysListRequest(r) => {
-                let res = ops::users::ssh_keys_list(&self.users, &r);
-                self.reply_with(id, res, Payload::SshKeys);
+                let users = self.users.clone();
+                let op = move || ops::users::ssh_keys_list(&users, &r);
+                self.offload(id, op, Payload::SshKeys);
             }
             Payload::SshKeysAddRequest(r) => {
-                let res = ops::users::ssh_keys_add(&self.users, &r);
-                self.reply_with(id, res, Payload::SshKeys);
+                let users = self.users.clone();
+                let op = move || ops::users::ssh_keys_add(&users, &r);
+                self.offload(id, op, Payload::SshKeys);
             }
             Payload::SshKeysRemoveRequest(r) => {
-                let res = ops::users::ssh_keys_remove(&self.users, &r);
-                self.reply_with(id, res, Payload::SshKeys);
+                let users = self.users.clone();
+                let op = move || ops::users::ssh_keys_remove(&users, &r);
+                self.offload(id, op, Payload::SshKeys);
             }
             Payload::NetworkRequest(_) => {
                 let res = ops::netinfo::interfaces();
                 self.reply_with(id, res, Payload::NetworkInfo);
             }
-            Payload::DisksRequest(_) => {
-                let res = ops::disks::disks();
-                self.reply_with(id, res, Payload::DisksInfo);
-            }
+            // statvfs of every mount: a dead network mount blocks it.
+            Payload::DisksRequest(_) => self.offload(id, ops::disks::disks, Payload::DisksInfo),
             Payload::LogsRequest(r) => {
                 let mut logs = logring::snapshot(r.max_lines);
                 // Keep the newest lines that fit one frame.
@@ -442,18 +488,24 @@ impl Agent {
     /// After a thaw: queue the thaw hooks if they are due, and remove what had to wait for
     /// the thaw (the temporary files of aborted uploads).
     pub(crate) fn after_thaw(&mut self, now: Instant) {
-        if self.freezer.is_frozen() {
+        if self.frozen_or_freezing() {
             return;
         }
         if self.freezer.take_thaw_hooks_due() {
             self.thaw_hooks = self.freezer.hook_commands(HookPhase::Thaw).into();
         }
-        for temp in std::mem::take(&mut self.postponed_unlinks) {
-            if let Err(e) = std::fs::remove_file(&temp) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    log::warn!("cannot remove {}: {e}", temp.display());
+        if !self.postponed_unlinks.is_empty() {
+            let temps = std::mem::take(&mut self.postponed_unlinks);
+            self.worker.submit(move || {
+                for temp in temps {
+                    if let Err(e) = std::fs::remove_file(&temp) {
+                        if e.kind() != std::io::ErrorKind::NotFound {
+                            log::warn!("cannot remove {}: {e}", temp.display());
+                        }
+                    }
                 }
-            }
+                Box::new(|_: &mut Agent, _: Instant| {})
+            });
         }
         self.next_thaw_hook(now);
     }
@@ -535,7 +587,7 @@ impl Agent {
     }
 
     fn start_freeze(&mut self, id: u64, r: FsFreezeRequest, now: Instant) {
-        if self.freeze_chain.is_some() {
+        if self.freeze_chain.is_some() || self.freezing {
             self.session
                 .error(id, ErrorCode::Busy, "a freeze is already in progress");
             return;
@@ -572,40 +624,23 @@ impl Agent {
             return;
         }
         if let Some(chain) = self.freeze_chain.take() {
-            self.cancel_trims();
-            let res = self.freezer.freeze(&chain.req, now);
-            logring::set_frozen(self.freezer.is_frozen());
-            self.reply_with(id, res, Payload::FsFreezeReply);
-        }
-    }
-
-    /// A freeze is about to start: trims that have not reached their filesystems stop there
-    /// (FITRIM must not run on a frozen filesystem) and report the rest as skipped.
-    fn cancel_trims(&mut self) {
-        let mut i = 0;
-        while i < self.transfers.len() {
-            let Transfer::Trim {
-                id,
-                targets,
-                next,
-                results,
-                ..
-            } = &mut self.transfers[i]
-            else {
-                i += 1;
-                continue;
-            };
-            let id = *id;
-            let mut results = std::mem::take(results);
-            for mp in &targets[*next..] {
-                results.push(qx_proto::agent::FsTrimResult {
-                    mountpoint: mp.clone(),
-                    trimmed_bytes: 0,
-                    error: "skipped: a filesystem freeze came first".into(),
-                });
-            }
-            self.transfers.remove(i);
-            self.reply(id, Payload::FsTrimReply(FsTrimReply { results }));
+            // FIFREEZE flushes dirty data: the worker does it, after the trims and writes
+            // already sent to it (it takes jobs in order). Trims not yet sent stop here
+            // (`step_transfer`), and writes are refused from now on.
+            self.freezing = true;
+            let mut freezer = self.freezer.clone();
+            self.worker.submit(move || {
+                let res = freezer.freeze(&chain.req, now);
+                Box::new(move |agent: &mut Agent, _now: Instant| {
+                    agent.freezing = false;
+                    agent.freezer.adopt_freeze(freezer);
+                    logring::set_frozen(agent.freezer.is_frozen());
+                    agent.reply_with(id, res, Payload::FsFreezeReply);
+                    if agent.exiting() {
+                        agent.thaw_for("the agent is exiting");
+                    }
+                })
+            });
         }
     }
 
@@ -686,70 +721,193 @@ impl Agent {
         log::error!("reboot(2) failed: {err}");
     }
 
-    /// Steps every transfer once, while the outbox has room.
+    /// Steps every transfer that is not waiting for the worker once.
     pub(crate) fn step_transfers(&mut self, _now: Instant) {
         let mut i = 0;
         while i < self.transfers.len() {
-            if self.session.outbox().room() < crate::event_loop::WORK_ROOM_BYTES {
-                return;
-            }
-            let finished = match &mut self.transfers[i] {
-                Transfer::Read { id, reader } => {
-                    let id = *id;
-                    match reader.next_chunk() {
-                        Ok(Some(chunk)) => {
-                            let _ = self.session.stream(id, Payload::FileChunk(chunk));
-                            false
-                        }
-                        Ok(None) => {
-                            let d = reader.done();
-                            self.reply(id, Payload::FileReadDone(d));
-                            true
-                        }
-                        Err(e) => {
-                            self.op_error(id, e);
-                            true
-                        }
-                    }
-                }
-                Transfer::Hash { id, hasher } => {
-                    let id = *id;
-                    match hasher.step(HASH_STEP_BYTES) {
-                        Ok(None) => false,
-                        Ok(Some(h)) => {
-                            self.reply(id, Payload::FileHash(h));
-                            true
-                        }
-                        Err(e) => {
-                            self.op_error(id, e);
-                            true
-                        }
-                    }
-                }
-                Transfer::Trim {
-                    id,
-                    targets,
-                    next,
-                    minimum_bytes,
-                    results,
-                } => {
-                    if let Some(mp) = targets.get(*next) {
-                        results.push(fsfreeze::trim_one(mp, *minimum_bytes));
-                        *next += 1;
-                        false
-                    } else {
-                        let id = *id;
-                        let results = std::mem::take(results);
-                        self.reply(id, Payload::FsTrimReply(FsTrimReply { results }));
-                        true
-                    }
-                }
-            };
-            if finished {
-                self.transfers.remove(i);
-            } else {
+            let t = self.transfers.remove(i);
+            if let Some(t) = self.step_transfer(t) {
+                self.transfers.insert(i, t);
                 i += 1;
             }
+        }
+    }
+
+    /// Sends the next piece of `t` to the worker; returns `t` while it goes on.
+    fn step_transfer(&mut self, t: Transfer) -> Option<Transfer> {
+        match t {
+            Transfer::Read {
+                id,
+                reader: Some(mut reader),
+                pending,
+            } => {
+                // A chunk that came back when the outbox was short of room goes first.
+                if let Some(chunk) = pending {
+                    if self.session.outbox().room() < WORK_ROOM_BYTES {
+                        return Some(Transfer::Read {
+                            id,
+                            reader: Some(reader),
+                            pending: Some(chunk),
+                        });
+                    }
+                    let _ = self.session.stream(id, Payload::FileChunk(chunk));
+                }
+                if self.session.outbox().room() < WORK_ROOM_BYTES {
+                    return Some(Transfer::Read {
+                        id,
+                        reader: Some(reader),
+                        pending: None,
+                    });
+                }
+                self.worker.submit(move || {
+                    let res = reader.next_chunk();
+                    Box::new(move |agent: &mut Agent, _now: Instant| {
+                        agent.read_stepped(id, reader, res)
+                    })
+                });
+                Some(Transfer::Read {
+                    id,
+                    reader: None,
+                    pending: None,
+                })
+            }
+            Transfer::Hash {
+                id,
+                hasher: Some(mut hasher),
+            } => {
+                self.worker.submit(move || {
+                    let res = hasher.step(HASH_STEP_BYTES);
+                    Box::new(move |agent: &mut Agent, _now: Instant| {
+                        agent.hash_stepped(id, hasher, res)
+                    })
+                });
+                Some(Transfer::Hash { id, hasher: None })
+            }
+            Transfer::Trim {
+                id,
+                targets,
+                mut next,
+                minimum_bytes,
+                mut results,
+                in_flight: false,
+            } => {
+                // FITRIM never reaches a frozen filesystem: once a freeze has started, the
+                // mounts not yet trimmed are reported skipped.
+                if self.frozen_or_freezing() {
+                    for mp in &targets[next..] {
+                        results.push(FsTrimResult {
+                            mountpoint: mp.clone(),
+                            trimmed_bytes: 0,
+                            error: "skipped: a filesystem freeze came first".into(),
+                        });
+                    }
+                    next = targets.len();
+                }
+                let Some(mp) = targets.get(next).cloned() else {
+                    self.reply(id, Payload::FsTrimReply(FsTrimReply { results }));
+                    return None;
+                };
+                self.worker.submit(move || {
+                    let result = fsfreeze::trim_one(&mp, minimum_bytes);
+                    Box::new(move |agent: &mut Agent, _now: Instant| agent.trim_stepped(id, result))
+                });
+                Some(Transfer::Trim {
+                    id,
+                    targets,
+                    next: next + 1,
+                    minimum_bytes,
+                    results,
+                    in_flight: true,
+                })
+            }
+            // Waiting for the worker.
+            t => Some(t),
+        }
+    }
+
+    fn transfer_mut(&mut self, id: u64) -> Option<&mut Transfer> {
+        self.transfers.iter_mut().find(|t| t.id() == id)
+    }
+
+    fn remove_transfer(&mut self, id: u64) {
+        self.transfers.retain(|t| t.id() != id);
+    }
+
+    /// A chunk read by the worker. (A transfer cancelled meanwhile is gone: drop it.)
+    fn read_stepped(
+        &mut self,
+        id: u64,
+        reader: files::FileReader,
+        res: OpResult<Option<FileChunk>>,
+    ) {
+        if self.transfer_mut(id).is_none() {
+            return;
+        }
+        match res {
+            Ok(Some(chunk)) => {
+                let pending = if self.session.outbox().room() >= WORK_ROOM_BYTES {
+                    let _ = self.session.stream(id, Payload::FileChunk(chunk));
+                    None
+                } else {
+                    Some(chunk)
+                };
+                if let Some(t) = self.transfer_mut(id) {
+                    *t = Transfer::Read {
+                        id,
+                        reader: Some(reader),
+                        pending,
+                    };
+                }
+            }
+            Ok(None) => {
+                self.remove_transfer(id);
+                self.reply(id, Payload::FileReadDone(reader.done()));
+            }
+            Err(e) => {
+                self.remove_transfer(id);
+                self.op_error(id, e);
+            }
+        }
+    }
+
+    /// A hash step done by the worker.
+    fn hash_stepped(
+        &mut self,
+        id: u64,
+        hasher: files::FileHasher,
+        res: OpResult<Option<qx_proto::agent::FileHash>>,
+    ) {
+        if self.transfer_mut(id).is_none() {
+            return;
+        }
+        match res {
+            Ok(None) => {
+                if let Some(t) = self.transfer_mut(id) {
+                    *t = Transfer::Hash {
+                        id,
+                        hasher: Some(hasher),
+                    };
+                }
+            }
+            Ok(Some(h)) => {
+                self.remove_transfer(id);
+                self.reply(id, Payload::FileHash(h));
+            }
+            Err(e) => {
+                self.remove_transfer(id);
+                self.op_error(id, e);
+            }
+        }
+    }
+
+    /// One mount trimmed by the worker.
+    fn trim_stepped(&mut self, id: u64, result: FsTrimResult) {
+        if let Some(Transfer::Trim {
+            results, in_flight, ..
+        }) = self.transfer_mut(id)
+        {
+            results.push(result);
+            *in_flight = false;
         }
     }
 }

@@ -13,6 +13,7 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
@@ -32,11 +33,20 @@ use crate::outbox::MAX_FRAME_TOTAL_BYTES;
 use crate::session::{LinkEvent, Session, SessionConfig};
 use crate::sys;
 use crate::transport::{Endpoint, Transport};
+use crate::worker::Worker;
+
+/// The open uploads, locked by the worker. A job that panicked cannot leave them half
+/// changed in a way a later job must not see (each call is whole), so poisoning is ignored.
+pub(crate) fn lock(writers: &Mutex<FileWriters>) -> MutexGuard<'_, FileWriters> {
+    writers.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// The transport's token.
 pub const PORT: Token = Token(0);
 /// The signalfd's token.
 pub const SIGNALS: Token = Token(1);
+/// The filesystem worker's waker.
+pub const WORKER: Token = Token(8);
 /// Bytes asked of one read() on the port (a virtio-serial read returns at most 4096).
 pub const PORT_READ_BYTES: usize = 4096;
 /// Free outbox bytes ([`crate::outbox::Outbox::room`]) needed before the loop queues another
@@ -57,6 +67,7 @@ const ROUNDS_PER_TURN: usize = 8;
 enum Tok {
     Port,
     Signals,
+    Worker,
     Child(usize, ChildFd),
     Unknown(usize),
 }
@@ -66,6 +77,7 @@ impl From<Token> for Tok {
         match t {
             PORT => Tok::Port,
             SIGNALS => Tok::Signals,
+            WORKER => Tok::Worker,
             other => match ChildFd::from_token(other) {
                 Some((slot, fd)) => Tok::Child(slot, fd),
                 None => Tok::Unknown(other.0),
@@ -81,6 +93,8 @@ pub enum LoopError {
     Poll(std::io::Error),
     #[error("cannot set up signal handling: {0}")]
     Signals(std::io::Error),
+    #[error("cannot start the filesystem worker: {0}")]
+    Worker(std::io::Error),
 }
 
 /// The capabilities this build serves (docs/protocol.md, "Capabilities").
@@ -110,27 +124,43 @@ pub struct ConfigSource {
     pub overrides: Vec<(String, String)>,
 }
 
-/// A file transfer or other long operation stepped by the loop one piece at a time.
+/// A file transfer or other long operation stepped by the loop one piece at a time, each
+/// piece on the filesystem worker.
 #[derive(Debug)]
 pub(crate) enum Transfer {
+    /// `reader` is `None` while the worker reads a chunk; `pending` holds a chunk that came
+    /// back when the outbox was short of room.
     Read {
         id: u64,
-        reader: crate::ops::files::FileReader,
+        reader: Option<crate::ops::files::FileReader>,
+        pending: Option<qx_proto::agent::FileChunk>,
     },
+    /// `hasher` is `None` while the worker hashes a step.
     Hash {
         id: u64,
-        hasher: crate::ops::files::FileHasher,
+        hasher: Option<crate::ops::files::FileHasher>,
     },
+    /// `in_flight` while the worker trims `targets[next - 1]`.
     Trim {
         id: u64,
         targets: Vec<String>,
         next: usize,
         minimum_bytes: u64,
         results: Vec<qx_proto::agent::FsTrimResult>,
+        in_flight: bool,
     },
 }
 
 impl Transfer {
+    /// Whether the loop can send its next piece to the worker (none is there now).
+    fn ready(&self) -> bool {
+        match self {
+            Transfer::Read { reader, .. } => reader.is_some(),
+            Transfer::Hash { hasher, .. } => hasher.is_some(),
+            Transfer::Trim { in_flight, .. } => !in_flight,
+        }
+    }
+
     pub(crate) fn id(&self) -> u64 {
         match self {
             Transfer::Read { id, .. } | Transfer::Hash { id, .. } | Transfer::Trim { id, .. } => {
@@ -167,7 +197,11 @@ pub struct Agent {
     signals: OwnedFd,
     pub(crate) jobs: Jobs,
     pub(crate) policy: PathPolicy,
-    pub(crate) writers: FileWriters,
+    /// Open uploads; only the worker locks them (see [`lock`]).
+    pub(crate) writers: Arc<Mutex<FileWriters>>,
+    pub(crate) worker: Worker,
+    /// A freeze was sent to the worker and has not come back.
+    pub(crate) freezing: bool,
     pub(crate) freezer: Freezer,
     pub(crate) users: UserDb,
     pub(crate) collector: Collector,
@@ -294,7 +328,9 @@ impl Agent {
         Ok(Agent {
             jobs: Jobs::new(cfg.max_concurrent_exec),
             policy: PathPolicy::new(cfg.file_allow.clone(), cfg.file_deny.clone()),
-            writers: FileWriters::new(cfg.max_open_files),
+            writers: Arc::new(Mutex::new(FileWriters::new(cfg.max_open_files))),
+            worker: Worker::start(poll.registry(), WORKER).map_err(LoopError::Worker)?,
+            freezing: false,
             freezer,
             users: UserDb::system(),
             collector: Collector::new(),
@@ -325,12 +361,24 @@ impl Agent {
     /// Runs until SIGTERM/SIGINT. Whichever way the loop ends, nothing stays frozen.
     pub fn run(&mut self) -> Result<(), LoopError> {
         let res = self.run_loop();
+        if self.freezing {
+            // The worker did not bring a freeze back in time (a freeze sent to the worker
+            // before the exit comes back and is thawed by `thaw_for`): thaw what the state
+            // file, written before the first FIFREEZE, lists.
+            match self.freezer.recover() {
+                Ok(thawed) if !thawed.is_empty() => {
+                    log::warn!("thawed {thawed:?}: the agent exits")
+                }
+                Ok(_) => {}
+                Err(e) => log::error!("thaw before exiting failed: {e}"),
+            }
+        }
         self.thaw_for("the agent exits");
         res
     }
 
     /// Thaws whatever is frozen, now (the thaw hooks follow from the loop, if it runs on).
-    fn thaw_for(&mut self, why: &str) {
+    pub(crate) fn thaw_for(&mut self, why: &str) {
         if let Some(res) = self.freezer.thaw_all() {
             match res {
                 Ok(reply) => log::warn!("thawed {:?}: {why}", reply.thawed),
@@ -386,6 +434,8 @@ impl Agent {
                 match Tok::from(event.token()) {
                     Tok::Port => self.port_ready = true,
                     Tok::Signals => self.on_signals(now),
+                    // Finished jobs are taken every round of `service`.
+                    Tok::Worker => {}
                     Tok::Child(slot, fd) => self.jobs.on_event(slot, fd),
                     Tok::Unknown(t) => log::warn!("event for unknown token {t}"),
                 }
@@ -397,7 +447,8 @@ impl Agent {
         match self.exit_by {
             None => false,
             Some(by) => {
-                let hooks_done = !self.thaw_hook_running && self.thaw_hooks.is_empty();
+                let hooks_done =
+                    !self.thaw_hook_running && self.thaw_hooks.is_empty() && self.worker.is_idle();
                 now >= by
                     || (hooks_done
                         && (!self.session.host_present() || self.session.outbox().is_empty()))
@@ -437,6 +488,7 @@ impl Agent {
         self.open_transport(now);
         for _ in 0..ROUNDS_PER_TURN {
             let before = self.session.outbox().stats();
+            self.finish_jobs(now);
             self.read_port(now);
             self.handle_requests(now);
             self.session.transition(LinkEvent::Tick, now);
@@ -455,7 +507,8 @@ impl Agent {
         self.transport
             .set_interest(self.poll.registry(), PORT, want_write);
         (self.takes_input() && self.port_ready && self.transport.is_open())
-            || (self.has_room() && (!self.transfers.is_empty() || self.jobs.wants_room()))
+            || (self.has_room()
+                && (self.transfers.iter().any(Transfer::ready) || self.jobs.wants_room()))
     }
 
     fn open_transport(&mut self, now: Instant) {
@@ -537,19 +590,35 @@ impl Agent {
     fn handle_requests(&mut self, now: Instant) {
         loop {
             let next = self.session.next_request(now);
-            if self.session.take_host_changed() && self.writers.open_count() > 0 {
-                log::info!("new host session: aborting open write transfers");
-                // Their temporary files go after a thaw: an unlink on a frozen filesystem
-                // would block the loop, and with it the auto-thaw.
-                self.postponed_unlinks.extend(self.writers.abandon_all());
-                if !self.freezer.is_frozen() {
-                    self.after_thaw(now);
-                }
+            if self.session.take_host_changed() {
+                // The old host session's uploads end; their temporary files go after a
+                // thaw: an unlink on a frozen filesystem would block, and with it the thaw.
+                let writers = self.writers.clone();
+                self.worker.submit(move || {
+                    let temps = lock(&writers).abandon_all();
+                    Box::new(move |agent: &mut Agent, now: Instant| {
+                        if !temps.is_empty() {
+                            log::info!(
+                                "new host session: aborted {} open write transfers",
+                                temps.len()
+                            );
+                        }
+                        agent.postponed_unlinks.extend(temps);
+                        agent.after_thaw(now);
+                    })
+                });
             }
             match next {
                 Some(req) => self.dispatch(req, now),
                 None => return,
             }
+        }
+    }
+
+    /// Runs the replies of the jobs the worker has finished.
+    fn finish_jobs(&mut self, now: Instant) {
+        while let Some(finish) = self.worker.next_finished() {
+            finish(self, now);
         }
     }
 

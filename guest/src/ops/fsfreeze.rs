@@ -69,8 +69,9 @@ struct Frozen {
     hooks_ran: bool,
 }
 
-/// Owns the freeze state of this agent.
-#[derive(Debug)]
+/// Owns the freeze state of this agent. A clone does a freeze on the filesystem worker; the
+/// loop's copy takes the result with [`Freezer::adopt_freeze`].
+#[derive(Debug, Clone)]
 pub struct Freezer {
     state_file: PathBuf,
     hooks_dir: Option<PathBuf>,
@@ -194,6 +195,13 @@ impl Freezer {
 
     pub fn is_frozen(&self) -> bool {
         self.current.is_some()
+    }
+
+    /// Takes the freeze `other` (a clone that did [`Freezer::freeze`]) made, if any.
+    pub fn adopt_freeze(&mut self, other: Freezer) {
+        if other.current.is_some() {
+            self.current = other.current;
+        }
     }
 
     /// True once after a thaw or recovery that must be followed by the thaw hooks.
