@@ -10,16 +10,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use prost::Message;
 use qx_proto::agent::envelope::Payload;
 use qx_proto::agent::{
-    Done, ErrorCode, ExecRequest, FsFreezeRequest, FsTrimReply, PowerAction, PowerReply,
-    PowerRequest,
+    Done, ErrorCode, ExecRequest, FileChunk, FsFreezeRequest, FsTrimReply, FsTrimResult,
+    PowerAction, PowerReply, PowerRequest,
 };
 
-use crate::event_loop::{Agent, FreezeChain, PendingPower, Transfer};
+use crate::event_loop::{lock, Agent, FreezeChain, PendingPower, Transfer, WORK_ROOM_BYTES};
 use crate::exec::{Finished, Owner, Spec};
 use crate::logring;
 use crate::ops::fsfreeze::HookPhase;
 use crate::ops::{self, files, fsfreeze, ChildCommand, OpError, OpResult};
-use crate::outbox::{OutboxError, SEND_MAX_FRAME_BYTES};
+use crate::outbox::SEND_MAX_FRAME_BYTES;
 use crate::power::{self, Method};
 use crate::session::Request;
 
@@ -88,11 +88,10 @@ fn done() -> Payload {
 }
 
 impl Agent {
-    /// Sends the terminal reply of `id`; a reply too large for one frame becomes an error.
+    /// Sends the terminal reply of `id` in the room reserved for it at admission (a reply
+    /// too large for that room becomes an error: see [`crate::session::Session::reply`]).
     pub(crate) fn reply(&mut self, id: u64, payload: Payload) {
-        if let Err(OutboxError::TooLarge(e)) = self.session.reply(id, payload) {
-            self.session.error(id, ErrorCode::Internal, e.to_string());
-        }
+        let _ = self.session.reply(id, payload);
     }
 
     fn reply_with<T>(&mut self, id: u64, result: OpResult<T>, wrap: impl FnOnce(T) -> Payload) {
@@ -100,6 +99,25 @@ impl Agent {
             Ok(v) => self.reply(id, wrap(v)),
             Err(e) => self.op_error(id, e),
         }
+    }
+
+    /// Runs `op` on the filesystem worker (see [`crate::worker`]) and replies with its
+    /// result, wrapped by `wrap`.
+    fn offload<T: Send + 'static>(
+        &mut self,
+        id: u64,
+        op: impl FnOnce() -> OpResult<T> + Send + 'static,
+        wrap: fn(T) -> Payload,
+    ) {
+        self.worker.submit(move || {
+            let res = op();
+            Box::new(move |agent: &mut Agent, _now: Instant| agent.reply_with(id, res, wrap))
+        });
+    }
+
+    /// Filesystems are frozen, or a freeze is on its way to the worker.
+    pub(crate) fn frozen_or_freezing(&self) -> bool {
+        self.freezer.is_frozen() || self.freezing
     }
 
     fn op_error(&mut self, id: u64, e: OpError) {
@@ -121,7 +139,7 @@ impl Agent {
                 return;
             }
         }
-        if self.freezer.is_frozen() && !allowed_while_frozen(&req.payload) {
+        if self.frozen_or_freezing() && !allowed_while_frozen(&req.payload) {
             self.session.error(
                 id,
                 ErrorCode::Frozen,
@@ -156,78 +174,106 @@ impl Agent {
                 }
             }
             Payload::Cancel(c) => self.cancel(id, c.target_id),
+            // Everything that touches a filesystem runs on the worker.
             Payload::FileReadRequest(r) => {
-                let opened = self.room_for_read().and_then(|()| {
-                    files::FileReader::open(&self.policy, &r, self.cfg.file_chunk_bytes)
-                });
-                match opened {
-                    Ok(reader) => self.transfers.push(Transfer::Read { id, reader }),
-                    Err(e) => self.op_error(id, e),
+                if let Err(e) = self.room_for_read() {
+                    return self.op_error(id, e);
                 }
+                self.opening_reads += 1;
+                let (policy, chunk) = (self.policy.clone(), self.cfg.file_chunk_bytes);
+                self.worker.submit(move || {
+                    let res = files::FileReader::open(&policy, &r, chunk);
+                    Box::new(move |agent: &mut Agent, _now: Instant| {
+                        agent.opening_reads -= 1;
+                        match res {
+                            Ok(reader) => agent.transfers.push(Transfer::Read {
+                                id,
+                                reader: Some(reader),
+                                pending: None,
+                            }),
+                            Err(e) => agent.op_error(id, e),
+                        }
+                    })
+                });
             }
             Payload::FileHashRequest(r) => {
-                let opened = self
-                    .room_for_read()
-                    .and_then(|()| files::FileHasher::open(&self.policy, &r));
-                match opened {
-                    Ok(hasher) => self.transfers.push(Transfer::Hash { id, hasher }),
-                    Err(e) => self.op_error(id, e),
+                if let Err(e) = self.room_for_read() {
+                    return self.op_error(id, e);
                 }
+                self.opening_reads += 1;
+                let policy = self.policy.clone();
+                self.worker.submit(move || {
+                    let res = files::FileHasher::open(&policy, &r);
+                    Box::new(move |agent: &mut Agent, _now: Instant| {
+                        agent.opening_reads -= 1;
+                        match res {
+                            Ok(hasher) => agent.transfers.push(Transfer::Hash {
+                                id,
+                                hasher: Some(hasher),
+                            }),
+                            Err(e) => agent.op_error(id, e),
+                        }
+                    })
+                });
             }
             Payload::FileWriteOpen(r) => {
-                let res = self.writers.open(&self.policy, &r);
-                self.reply_with(id, res, Payload::FileWriteOpened);
+                let (writers, policy) = (self.writers.clone(), self.policy.clone());
+                self.offload(
+                    id,
+                    move || lock(&writers).open(&policy, &r),
+                    Payload::FileWriteOpened,
+                );
             }
             Payload::FileWriteChunk(r) => {
-                let res = self.writers.write(&r);
-                self.reply_with(id, res, |()| done());
+                let writers = self.writers.clone();
+                self.offload(id, move || lock(&writers).write(&r), |()| done());
             }
             Payload::FileWriteClose(r) => {
-                let res = self.writers.close(&r);
-                self.reply_with(id, res, Payload::FileWriteDone);
+                let writers = self.writers.clone();
+                self.offload(id, move || lock(&writers).close(&r), Payload::FileWriteDone);
             }
             Payload::FileListRequest(r) => {
-                let res = files::list(&self.policy, &r);
-                self.reply_with(id, res, Payload::FileList);
+                let policy = self.policy.clone();
+                self.offload(id, move || files::list(&policy, &r), Payload::FileList);
             }
             Payload::FileStatRequest(r) => {
-                let res = files::stat(&self.policy, &r);
-                self.reply_with(id, res, Payload::FileStat);
+                let policy = self.policy.clone();
+                self.offload(id, move || files::stat(&policy, &r), Payload::FileStat);
             }
             Payload::MkdirRequest(r) => {
-                let res = files::mkdir(&self.policy, &r);
-                self.reply_with(id, res, |()| done());
+                let policy = self.policy.clone();
+                self.offload(id, move || files::mkdir(&policy, &r), |()| done());
             }
             Payload::DeleteRequest(r) => {
-                let res = files::delete(&self.policy, &r);
-                self.reply_with(id, res, |()| done());
+                let policy = self.policy.clone();
+                self.offload(id, move || files::delete(&policy, &r), |()| done());
             }
             Payload::FsFreezeRequest(r) => self.start_freeze(id, r, now),
             Payload::FsThawRequest(r) => {
+                // The thaw hooks follow from the loop (`Agent::after_thaw`).
                 let res = self.freezer.thaw(&r);
                 logring::set_frozen(self.freezer.is_frozen());
-                let ok = res.is_ok();
                 self.reply_with(id, res, Payload::FsThawReply);
-                if ok && r.run_hooks {
-                    for cmd in self.freezer.hook_commands(HookPhase::Thaw) {
-                        self.spawn_command(0, Owner::Detached, cmd, now);
-                    }
-                }
+                self.after_thaw(now);
             }
             Payload::FsFreezeStatusRequest(_) => {
                 let status = self.freezer.status(now);
                 self.reply(id, Payload::FsFreezeStatus(status));
             }
-            Payload::FsTrimRequest(r) => match fsfreeze::trim_targets(&r) {
-                Ok(targets) => self.transfers.push(Transfer::Trim {
-                    id,
-                    targets,
-                    next: 0,
-                    minimum_bytes: r.minimum_bytes,
-                    results: Vec::new(),
-                }),
-                Err(e) => self.op_error(id, e),
-            },
+            Payload::FsTrimRequest(r) => self.worker.submit(move || {
+                let res = fsfreeze::trim_targets(&r);
+                Box::new(move |agent: &mut Agent, _now: Instant| match res {
+                    Ok(targets) => agent.transfers.push(Transfer::Trim {
+                        id,
+                        targets,
+                        next: 0,
+                        minimum_bytes: r.minimum_bytes,
+                        results: Vec::new(),
+                        in_flight: false,
+                    }),
+                    Err(e) => agent.op_error(id, e),
+                })
+            }),
             Payload::TimeGetRequest(_) => {
                 let res = ops::timeops::get();
                 self.reply_with(id, res, Payload::TimeInfo);
@@ -254,25 +300,26 @@ impl Agent {
                 }
             }
             Payload::SshKeysListRequest(r) => {
-                let res = ops::users::ssh_keys_list(&self.users, &r);
-                self.reply_with(id, res, Payload::SshKeys);
+                let users = self.users.clone();
+                let op = move || ops::users::ssh_keys_list(&users, &r);
+                self.offload(id, op, Payload::SshKeys);
             }
             Payload::SshKeysAddRequest(r) => {
-                let res = ops::users::ssh_keys_add(&self.users, &r);
-                self.reply_with(id, res, Payload::SshKeys);
+                let users = self.users.clone();
+                let op = move || ops::users::ssh_keys_add(&users, &r);
+                self.offload(id, op, Payload::SshKeys);
             }
             Payload::SshKeysRemoveRequest(r) => {
-                let res = ops::users::ssh_keys_remove(&self.users, &r);
-                self.reply_with(id, res, Payload::SshKeys);
+                let users = self.users.clone();
+                let op = move || ops::users::ssh_keys_remove(&users, &r);
+                self.offload(id, op, Payload::SshKeys);
             }
             Payload::NetworkRequest(_) => {
                 let res = ops::netinfo::interfaces();
                 self.reply_with(id, res, Payload::NetworkInfo);
             }
-            Payload::DisksRequest(_) => {
-                let res = ops::disks::disks();
-                self.reply_with(id, res, Payload::DisksInfo);
-            }
+            // statvfs of every mount: a dead network mount blocks it.
+            Payload::DisksRequest(_) => self.offload(id, ops::disks::disks, Payload::DisksInfo),
             Payload::LogsRequest(r) => {
                 let mut logs = logring::snapshot(r.max_lines);
                 // Keep the newest lines that fit one frame.
@@ -341,7 +388,8 @@ impl Agent {
             .transfers
             .iter()
             .filter(|t| matches!(t, Transfer::Read { .. } | Transfer::Hash { .. }))
-            .count();
+            .count()
+            + self.opening_reads;
         if open >= self.cfg.max_open_reads {
             return Err(OpError::new(
                 ErrorCode::Busy,
@@ -443,9 +491,9 @@ impl Agent {
         Ok((spec, r.stream))
     }
 
-    /// Runs an operation's command as a child job.
-    fn spawn_command(&mut self, id: u64, owner: Owner, cmd: ChildCommand, now: Instant) {
-        let spec = Spec {
+    /// The child spec of an operation's command.
+    fn command_spec(&self, cmd: ChildCommand) -> Spec {
+        Spec {
             argv: cmd.argv,
             stdin: cmd.stdin,
             // 0: the agent's default exec timeout.
@@ -457,19 +505,72 @@ impl Agent {
             kill_grace: Duration::from_millis(u64::from(self.cfg.exec_kill_grace_ms)),
             caps: [4096, 4096],
             ..Default::default()
-        };
+        }
+    }
+
+    /// Runs an operation's command (or a pre-freeze hook) as a child job.
+    fn spawn_command(&mut self, id: u64, owner: Owner, cmd: ChildCommand, now: Instant) {
+        let spec = self.command_spec(cmd);
         if let Err(e) = self
             .jobs
             .spawn(self.poll.registry(), id, owner.clone(), spec, now)
         {
-            match owner {
-                Owner::Detached => log::warn!("hook not started: {e}"),
-                Owner::Power(action) => self.power_fallback(action, &e.to_string()),
-                Owner::FreezeHook => {
-                    self.freeze_chain = None;
-                    self.op_error(id, e);
+            if owner == Owner::FreezeHook {
+                self.freeze_chain = None;
+            }
+            self.op_error(id, e);
+        }
+    }
+
+    /// After a thaw: queue the thaw hooks if they are due, and remove what had to wait for
+    /// the thaw (the temporary files of aborted uploads).
+    pub(crate) fn after_thaw(&mut self, now: Instant) {
+        if self.frozen_or_freezing() {
+            return;
+        }
+        if self.freezer.take_thaw_hooks_due() {
+            self.thaw_hooks = self.freezer.hook_commands(HookPhase::Thaw).into();
+        }
+        if !self.postponed_unlinks.is_empty() {
+            let temps = std::mem::take(&mut self.postponed_unlinks);
+            self.worker.submit(move || {
+                for temp in temps {
+                    temp.remove();
                 }
-                _ => self.op_error(id, e),
+                Box::new(|_: &mut Agent, _: Instant| {})
+            });
+        }
+        self.next_thaw_hook(now);
+    }
+
+    /// Starts the next thaw hook unless one runs: one after another, in the order
+    /// [`fsfreeze::Freezer::hook_commands`] gives (descending), in a slot the exec limit
+    /// cannot take. No free slot: try again later.
+    pub(crate) fn next_thaw_hook(&mut self, now: Instant) {
+        if self.thaw_hook_running || self.thaw_hook_retry.is_some_and(|at| now < at) {
+            return;
+        }
+        self.thaw_hook_retry = None;
+        let Some(cmd) = self.thaw_hooks.front().cloned() else {
+            return;
+        };
+        let spec = self.command_spec(cmd);
+        match self
+            .jobs
+            .spawn(self.poll.registry(), 0, Owner::Detached, spec, now)
+        {
+            Ok(_) => {
+                self.thaw_hooks.pop_front();
+                self.thaw_hook_running = true;
+            }
+            Err(e) if e.code == ErrorCode::Busy => {
+                log::warn!("thaw hook waits for a free child slot");
+                self.thaw_hook_retry = Some(now + crate::event_loop::SLOT_RETRY);
+            }
+            Err(e) => {
+                log::warn!("thaw hook not started: {e}");
+                self.thaw_hooks.pop_front();
+                self.next_thaw_hook(now);
             }
         }
     }
@@ -493,8 +594,10 @@ impl Agent {
             }
             Owner::Detached => {
                 if !ok {
-                    log::warn!("hook failed ({})", describe_exit(&f));
+                    log::warn!("thaw hook failed ({})", describe_exit(&f));
                 }
+                self.thaw_hook_running = false;
+                self.next_thaw_hook(now);
             }
             Owner::FreezeHook => {
                 if ok {
@@ -517,9 +620,17 @@ impl Agent {
     }
 
     fn start_freeze(&mut self, id: u64, r: FsFreezeRequest, now: Instant) {
-        if self.freeze_chain.is_some() {
+        if self.freeze_chain.is_some() || self.freezing {
             self.session
                 .error(id, ErrorCode::Busy, "a freeze is already in progress");
+            return;
+        }
+        if self.exiting() {
+            self.session.error(
+                id,
+                ErrorCode::FailedPrecondition,
+                "the agent is exiting; nothing was frozen",
+            );
             return;
         }
         let remaining = if r.run_hooks {
@@ -546,9 +657,23 @@ impl Agent {
             return;
         }
         if let Some(chain) = self.freeze_chain.take() {
-            let res = self.freezer.freeze(&chain.req, now);
-            logring::set_frozen(self.freezer.is_frozen());
-            self.reply_with(id, res, Payload::FsFreezeReply);
+            // FIFREEZE flushes dirty data: the worker does it, after the trims and writes
+            // already sent to it (it takes jobs in order). Trims not yet sent stop here
+            // (`step_transfer`), and writes are refused from now on.
+            self.freezing = true;
+            let mut freezer = self.freezer.clone();
+            self.worker.submit(move || {
+                let res = freezer.freeze(&chain.req, now);
+                Box::new(move |agent: &mut Agent, _now: Instant| {
+                    agent.freezing = false;
+                    agent.freezer.adopt_freeze(freezer);
+                    logring::set_frozen(agent.freezer.is_frozen());
+                    agent.reply_with(id, res, Payload::FsFreezeReply);
+                    if agent.exiting() {
+                        agent.thaw_for("the agent is exiting");
+                    }
+                })
+            });
         }
     }
 
@@ -594,11 +719,26 @@ impl Agent {
         match p.method {
             Method::Command(argv) => {
                 let cmd = ChildCommand {
-                    argv,
+                    argv: argv.clone(),
                     stdin: Vec::new(),
                     timeout_ms: 60_000,
                 };
-                self.spawn_command(0, Owner::Power(p.action), cmd, now);
+                let spec = self.command_spec(cmd);
+                let owner = Owner::Power(p.action);
+                match self.jobs.spawn(self.poll.registry(), 0, owner, spec, now) {
+                    Ok(_) => {}
+                    // A full child table is no reason to reboot(2) behind the init's back:
+                    // the power command has a slot of its own; wait for it.
+                    Err(e) if e.code == ErrorCode::Busy => {
+                        log::warn!("power command waits for a free child slot");
+                        self.power = Some(PendingPower {
+                            action: p.action,
+                            method: Method::Command(argv),
+                            at: now + crate::event_loop::SLOT_RETRY,
+                        });
+                    }
+                    Err(e) => self.power_fallback(p.action, &e.to_string()),
+                }
             }
             Method::Syscall => self.power_fallback(p.action, "no init to ask"),
         }
@@ -614,70 +754,193 @@ impl Agent {
         log::error!("reboot(2) failed: {err}");
     }
 
-    /// Steps every transfer once, while the outbox has room.
+    /// Steps every transfer that is not waiting for the worker once.
     pub(crate) fn step_transfers(&mut self, _now: Instant) {
         let mut i = 0;
         while i < self.transfers.len() {
-            if self.session.outbox().room() < crate::event_loop::WORK_ROOM_BYTES {
-                return;
-            }
-            let finished = match &mut self.transfers[i] {
-                Transfer::Read { id, reader } => {
-                    let id = *id;
-                    match reader.next_chunk() {
-                        Ok(Some(chunk)) => {
-                            let _ = self.session.stream(id, Payload::FileChunk(chunk));
-                            false
-                        }
-                        Ok(None) => {
-                            let d = reader.done();
-                            self.reply(id, Payload::FileReadDone(d));
-                            true
-                        }
-                        Err(e) => {
-                            self.op_error(id, e);
-                            true
-                        }
-                    }
-                }
-                Transfer::Hash { id, hasher } => {
-                    let id = *id;
-                    match hasher.step(HASH_STEP_BYTES) {
-                        Ok(None) => false,
-                        Ok(Some(h)) => {
-                            self.reply(id, Payload::FileHash(h));
-                            true
-                        }
-                        Err(e) => {
-                            self.op_error(id, e);
-                            true
-                        }
-                    }
-                }
-                Transfer::Trim {
-                    id,
-                    targets,
-                    next,
-                    minimum_bytes,
-                    results,
-                } => {
-                    if let Some(mp) = targets.get(*next) {
-                        results.push(fsfreeze::trim_one(mp, *minimum_bytes));
-                        *next += 1;
-                        false
-                    } else {
-                        let id = *id;
-                        let results = std::mem::take(results);
-                        self.reply(id, Payload::FsTrimReply(FsTrimReply { results }));
-                        true
-                    }
-                }
-            };
-            if finished {
-                self.transfers.remove(i);
-            } else {
+            let t = self.transfers.remove(i);
+            if let Some(t) = self.step_transfer(t) {
+                self.transfers.insert(i, t);
                 i += 1;
             }
+        }
+    }
+
+    /// Sends the next piece of `t` to the worker; returns `t` while it goes on.
+    fn step_transfer(&mut self, t: Transfer) -> Option<Transfer> {
+        match t {
+            Transfer::Read {
+                id,
+                reader: Some(mut reader),
+                pending,
+            } => {
+                // A chunk that came back when the outbox was short of room goes first.
+                if let Some(chunk) = pending {
+                    if self.session.outbox().room() < WORK_ROOM_BYTES {
+                        return Some(Transfer::Read {
+                            id,
+                            reader: Some(reader),
+                            pending: Some(chunk),
+                        });
+                    }
+                    let _ = self.session.stream(id, Payload::FileChunk(chunk));
+                }
+                if self.session.outbox().room() < WORK_ROOM_BYTES {
+                    return Some(Transfer::Read {
+                        id,
+                        reader: Some(reader),
+                        pending: None,
+                    });
+                }
+                self.worker.submit(move || {
+                    let res = reader.next_chunk();
+                    Box::new(move |agent: &mut Agent, _now: Instant| {
+                        agent.read_stepped(id, reader, res)
+                    })
+                });
+                Some(Transfer::Read {
+                    id,
+                    reader: None,
+                    pending: None,
+                })
+            }
+            Transfer::Hash {
+                id,
+                hasher: Some(mut hasher),
+            } => {
+                self.worker.submit(move || {
+                    let res = hasher.step(HASH_STEP_BYTES);
+                    Box::new(move |agent: &mut Agent, _now: Instant| {
+                        agent.hash_stepped(id, hasher, res)
+                    })
+                });
+                Some(Transfer::Hash { id, hasher: None })
+            }
+            Transfer::Trim {
+                id,
+                targets,
+                mut next,
+                minimum_bytes,
+                mut results,
+                in_flight: false,
+            } => {
+                // FITRIM never reaches a frozen filesystem: once a freeze has started, the
+                // mounts not yet trimmed are reported skipped.
+                if self.frozen_or_freezing() {
+                    for mp in &targets[next..] {
+                        results.push(FsTrimResult {
+                            mountpoint: mp.clone(),
+                            trimmed_bytes: 0,
+                            error: "skipped: a filesystem freeze came first".into(),
+                        });
+                    }
+                    next = targets.len();
+                }
+                let Some(mp) = targets.get(next).cloned() else {
+                    self.reply(id, Payload::FsTrimReply(FsTrimReply { results }));
+                    return None;
+                };
+                self.worker.submit(move || {
+                    let result = fsfreeze::trim_one(&mp, minimum_bytes);
+                    Box::new(move |agent: &mut Agent, _now: Instant| agent.trim_stepped(id, result))
+                });
+                Some(Transfer::Trim {
+                    id,
+                    targets,
+                    next: next + 1,
+                    minimum_bytes,
+                    results,
+                    in_flight: true,
+                })
+            }
+            // Waiting for the worker.
+            t => Some(t),
+        }
+    }
+
+    fn transfer_mut(&mut self, id: u64) -> Option<&mut Transfer> {
+        self.transfers.iter_mut().find(|t| t.id() == id)
+    }
+
+    fn remove_transfer(&mut self, id: u64) {
+        self.transfers.retain(|t| t.id() != id);
+    }
+
+    /// A chunk read by the worker. (A transfer cancelled meanwhile is gone: drop it.)
+    fn read_stepped(
+        &mut self,
+        id: u64,
+        reader: files::FileReader,
+        res: OpResult<Option<FileChunk>>,
+    ) {
+        if self.transfer_mut(id).is_none() {
+            return;
+        }
+        match res {
+            Ok(Some(chunk)) => {
+                let pending = if self.session.outbox().room() >= WORK_ROOM_BYTES {
+                    let _ = self.session.stream(id, Payload::FileChunk(chunk));
+                    None
+                } else {
+                    Some(chunk)
+                };
+                if let Some(t) = self.transfer_mut(id) {
+                    *t = Transfer::Read {
+                        id,
+                        reader: Some(reader),
+                        pending,
+                    };
+                }
+            }
+            Ok(None) => {
+                self.remove_transfer(id);
+                self.reply(id, Payload::FileReadDone(reader.done()));
+            }
+            Err(e) => {
+                self.remove_transfer(id);
+                self.op_error(id, e);
+            }
+        }
+    }
+
+    /// A hash step done by the worker.
+    fn hash_stepped(
+        &mut self,
+        id: u64,
+        hasher: files::FileHasher,
+        res: OpResult<Option<qx_proto::agent::FileHash>>,
+    ) {
+        if self.transfer_mut(id).is_none() {
+            return;
+        }
+        match res {
+            Ok(None) => {
+                if let Some(t) = self.transfer_mut(id) {
+                    *t = Transfer::Hash {
+                        id,
+                        hasher: Some(hasher),
+                    };
+                }
+            }
+            Ok(Some(h)) => {
+                self.remove_transfer(id);
+                self.reply(id, Payload::FileHash(h));
+            }
+            Err(e) => {
+                self.remove_transfer(id);
+                self.op_error(id, e);
+            }
+        }
+    }
+
+    /// One mount trimmed by the worker.
+    fn trim_stepped(&mut self, id: u64, result: FsTrimResult) {
+        if let Some(Transfer::Trim {
+            results, in_flight, ..
+        }) = self.transfer_mut(id)
+        {
+            results.push(result);
+            *in_flight = false;
         }
     }
 }

@@ -13,6 +13,7 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
@@ -32,18 +33,32 @@ use crate::outbox::MAX_FRAME_TOTAL_BYTES;
 use crate::session::{LinkEvent, Session, SessionConfig};
 use crate::sys;
 use crate::transport::{Endpoint, Transport};
+use crate::worker::Worker;
+
+/// The open uploads, locked by the worker. A job that panicked cannot leave them half
+/// changed in a way a later job must not see (each call is whole), so poisoning is ignored.
+pub(crate) fn lock(writers: &Mutex<FileWriters>) -> MutexGuard<'_, FileWriters> {
+    writers.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// The transport's token.
 pub const PORT: Token = Token(0);
 /// The signalfd's token.
 pub const SIGNALS: Token = Token(1);
+/// The filesystem worker's waker.
+pub const WORKER: Token = Token(8);
 /// Bytes asked of one read() on the port (a virtio-serial read returns at most 4096).
 pub const PORT_READ_BYTES: usize = 4096;
-/// Free outbox bytes needed before the loop reads more input or starts more output work:
-/// one maximum frame, so an accepted request always has room for its reply.
+/// Free outbox bytes ([`crate::outbox::Outbox::room`]) needed before the loop queues another
+/// stream item (a file chunk, an exec output chunk): one maximum frame. Terminal replies
+/// need none: their room was reserved when the request was admitted.
 pub const WORK_ROOM_BYTES: usize = MAX_FRAME_TOTAL_BYTES;
-/// How long SIGTERM waits for the outbox to drain to a connected host.
+/// How long SIGTERM waits for the outbox to drain to a connected host (and the thaw hooks
+/// to finish, after the thaw that comes first).
 pub const EXIT_FLUSH: Duration = Duration::from_secs(2);
+/// How long a hook or power command that found no free child slot waits before it tries
+/// again.
+pub const SLOT_RETRY: Duration = Duration::from_secs(1);
 /// Service rounds per turn before the loop polls again (fairness between transfers and I/O).
 const ROUNDS_PER_TURN: usize = 8;
 
@@ -52,6 +67,7 @@ const ROUNDS_PER_TURN: usize = 8;
 enum Tok {
     Port,
     Signals,
+    Worker,
     Child(usize, ChildFd),
     Unknown(usize),
 }
@@ -61,6 +77,7 @@ impl From<Token> for Tok {
         match t {
             PORT => Tok::Port,
             SIGNALS => Tok::Signals,
+            WORKER => Tok::Worker,
             other => match ChildFd::from_token(other) {
                 Some((slot, fd)) => Tok::Child(slot, fd),
                 None => Tok::Unknown(other.0),
@@ -76,6 +93,8 @@ pub enum LoopError {
     Poll(std::io::Error),
     #[error("cannot set up signal handling: {0}")]
     Signals(std::io::Error),
+    #[error("cannot start the filesystem worker: {0}")]
+    Worker(std::io::Error),
 }
 
 /// The capabilities this build serves (docs/protocol.md, "Capabilities").
@@ -105,27 +124,43 @@ pub struct ConfigSource {
     pub overrides: Vec<(String, String)>,
 }
 
-/// A file transfer or other long operation stepped by the loop one piece at a time.
+/// A file transfer or other long operation stepped by the loop one piece at a time, each
+/// piece on the filesystem worker.
 #[derive(Debug)]
 pub(crate) enum Transfer {
+    /// `reader` is `None` while the worker reads a chunk; `pending` holds a chunk that came
+    /// back when the outbox was short of room.
     Read {
         id: u64,
-        reader: crate::ops::files::FileReader,
+        reader: Option<crate::ops::files::FileReader>,
+        pending: Option<qx_proto::agent::FileChunk>,
     },
+    /// `hasher` is `None` while the worker hashes a step.
     Hash {
         id: u64,
-        hasher: crate::ops::files::FileHasher,
+        hasher: Option<crate::ops::files::FileHasher>,
     },
+    /// `in_flight` while the worker trims `targets[next - 1]`.
     Trim {
         id: u64,
         targets: Vec<String>,
         next: usize,
         minimum_bytes: u64,
         results: Vec<qx_proto::agent::FsTrimResult>,
+        in_flight: bool,
     },
 }
 
 impl Transfer {
+    /// Whether the loop can send its next piece to the worker (none is there now).
+    fn ready(&self) -> bool {
+        match self {
+            Transfer::Read { reader, .. } => reader.is_some(),
+            Transfer::Hash { hasher, .. } => hasher.is_some(),
+            Transfer::Trim { in_flight, .. } => !in_flight,
+        }
+    }
+
     pub(crate) fn id(&self) -> u64 {
         match self {
             Transfer::Read { id, .. } | Transfer::Hash { id, .. } | Transfer::Trim { id, .. } => {
@@ -162,14 +197,28 @@ pub struct Agent {
     signals: OwnedFd,
     pub(crate) jobs: Jobs,
     pub(crate) policy: PathPolicy,
-    pub(crate) writers: FileWriters,
+    /// Open uploads; only the worker locks them (see [`lock`]).
+    pub(crate) writers: Arc<Mutex<FileWriters>>,
+    pub(crate) worker: Worker,
+    /// A freeze was sent to the worker and has not come back.
+    pub(crate) freezing: bool,
     pub(crate) freezer: Freezer,
     pub(crate) users: UserDb,
     pub(crate) collector: Collector,
     pub(crate) transfers: Vec<Transfer>,
+    /// Reads and hashes whose open is on the worker; they count against `max_open_reads`.
+    pub(crate) opening_reads: usize,
     pub(crate) next_telemetry: Option<Instant>,
     pub(crate) power: Option<PendingPower>,
     pub(crate) freeze_chain: Option<FreezeChain>,
+    /// Thaw hooks still to run, in order; one runs at a time.
+    pub(crate) thaw_hooks: std::collections::VecDeque<crate::ops::ChildCommand>,
+    pub(crate) thaw_hook_running: bool,
+    /// When a thaw hook that found no free slot tries again.
+    pub(crate) thaw_hook_retry: Option<Instant>,
+    /// Temporary files of aborted uploads, removed after the thaw (never on a frozen
+    /// filesystem).
+    pub(crate) postponed_unlinks: Vec<crate::ops::files::AbandonedTemp>,
     port_ready: bool,
     exit_by: Option<Instant>,
 }
@@ -219,11 +268,22 @@ pub(crate) fn ready_template(cfg: &Config) -> AgentReady {
     }
 }
 
+/// The reply lane's size: the configured size, raised so that `max_concurrent_exec`
+/// collected-output execs plus one request of every other kind are always admitted at once
+/// (docs/architecture.md, "Admission control").
 fn session_config(cfg: &Config) -> SessionConfig {
+    let exec = qx_proto::agent::ExecRequest::default();
+    let exec_reply = crate::session::reply_bound(
+        &qx_proto::agent::envelope::Payload::ExecRequest(exec),
+        cfg.exec_output_cap_bytes,
+    );
+    let floor = crate::outbox::SESSION_RESERVE_BYTES
+        + cfg.max_concurrent_exec * exec_reply
+        + 2 * MAX_FRAME_TOTAL_BYTES;
     SessionConfig {
         ping_interval: cfg.ping_interval(),
         stale_after_pings: cfg.stale_after_pings.max(1),
-        outbox_bytes: cfg.outbox_bytes.max(2 * MAX_FRAME_TOTAL_BYTES),
+        outbox_bytes: cfg.outbox_bytes.max(floor),
     }
 }
 
@@ -247,12 +307,13 @@ impl Agent {
                 explicit: cfg.device != std::path::Path::new(crate::config::DEFAULT_DEVICE),
             },
         };
-        let session = Session::new(
+        let mut session = Session::new(
             session_config(&cfg),
             crate::session::random_session_id(),
             ready_template(&cfg),
             now,
         );
+        session.set_exec_cap(cfg.exec_output_cap_bytes);
         let mut freezer = Freezer::new(
             cfg.freeze_state_file.clone(),
             Some(cfg.freeze_hooks_dir.clone()),
@@ -269,14 +330,21 @@ impl Agent {
         Ok(Agent {
             jobs: Jobs::new(cfg.max_concurrent_exec),
             policy: PathPolicy::new(cfg.file_allow.clone(), cfg.file_deny.clone()),
-            writers: FileWriters::new(cfg.max_open_files),
+            writers: Arc::new(Mutex::new(FileWriters::new(cfg.max_open_files))),
+            worker: Worker::start(poll.registry(), WORKER).map_err(LoopError::Worker)?,
+            freezing: false,
             freezer,
             users: UserDb::system(),
             collector: Collector::new(),
             transfers: Vec::new(),
+            opening_reads: 0,
             next_telemetry,
             power: None,
             freeze_chain: None,
+            thaw_hooks: Default::default(),
+            thaw_hook_running: false,
+            thaw_hook_retry: None,
+            postponed_unlinks: Vec::new(),
             port_ready: false,
             exit_by: None,
             transport: Transport::new(endpoint),
@@ -293,8 +361,46 @@ impl Agent {
         self.session.session_id()
     }
 
-    /// Runs until SIGTERM/SIGINT.
+    /// Runs until SIGTERM/SIGINT. Whichever way the loop ends, nothing stays frozen.
     pub fn run(&mut self) -> Result<(), LoopError> {
+        let res = self.run_loop();
+        if self.freezing {
+            // The worker did not bring a freeze back in time (a freeze sent to the worker
+            // before the exit comes back and is thawed by `thaw_for`): thaw what the state
+            // file, written before the first FIFREEZE, lists.
+            match self.freezer.recover() {
+                Ok(thawed) if !thawed.is_empty() => {
+                    log::warn!("thawed {thawed:?}: the agent exits")
+                }
+                Ok(_) => {}
+                Err(e) => log::error!("thaw before exiting failed: {e}"),
+            }
+        }
+        self.thaw_for("the agent exits");
+        res
+    }
+
+    /// Thaws whatever is frozen, now (the thaw hooks follow from the loop, if it runs on).
+    pub(crate) fn thaw_for(&mut self, why: &str) {
+        if let Some(res) = self.freezer.thaw_all() {
+            match res {
+                Ok(reply) => log::warn!("thawed {:?}: {why}", reply.thawed),
+                Err(e) => log::error!("thaw before exiting failed: {e}"),
+            }
+            logring::set_frozen(self.freezer.is_frozen());
+        }
+        if !self.freezer.is_frozen() {
+            for temp in std::mem::take(&mut self.postponed_unlinks) {
+                temp.remove();
+            }
+        }
+    }
+
+    pub(crate) fn exiting(&self) -> bool {
+        self.exit_by.is_some()
+    }
+
+    fn run_loop(&mut self) -> Result<(), LoopError> {
         let mut events = Events::with_capacity(64);
         log::info!(
             "quantix-kvm-agent {} started, session {:016x}, {:?}",
@@ -331,6 +437,8 @@ impl Agent {
                 match Tok::from(event.token()) {
                     Tok::Port => self.port_ready = true,
                     Tok::Signals => self.on_signals(now),
+                    // Finished jobs are taken every round of `service`.
+                    Tok::Worker => {}
                     Tok::Child(slot, fd) => self.jobs.on_event(slot, fd),
                     Tok::Unknown(t) => log::warn!("event for unknown token {t}"),
                 }
@@ -342,7 +450,11 @@ impl Agent {
         match self.exit_by {
             None => false,
             Some(by) => {
-                now >= by || !self.session.host_present() || self.session.outbox().is_empty()
+                let hooks_done =
+                    !self.thaw_hook_running && self.thaw_hooks.is_empty() && self.worker.is_idle();
+                now >= by
+                    || (hooks_done
+                        && (!self.session.host_present() || self.session.outbox().is_empty()))
             }
         }
     }
@@ -355,6 +467,7 @@ impl Agent {
             self.freezer.deadline(),
             self.power.as_ref().map(|p| p.at),
             self.jobs.next_deadline(),
+            self.thaw_hook_retry,
             self.exit_by,
         ]
         .into_iter()
@@ -362,8 +475,15 @@ impl Agent {
         .min()
     }
 
+    /// Room for another stream item.
     fn has_room(&self) -> bool {
         self.session.outbox().room() >= WORK_ROOM_BYTES
+    }
+
+    /// Whether decoding more input can make progress: not while an envelope waits for
+    /// outbox room.
+    fn takes_input(&self) -> bool {
+        !self.session.is_holding()
     }
 
     /// One turn of work. Returns true when work is left that can progress at once.
@@ -371,6 +491,7 @@ impl Agent {
         self.open_transport(now);
         for _ in 0..ROUNDS_PER_TURN {
             let before = self.session.outbox().stats();
+            self.finish_jobs(now);
             self.read_port(now);
             self.handle_requests(now);
             self.session.transition(LinkEvent::Tick, now);
@@ -381,17 +502,16 @@ impl Agent {
             let after = self.session.outbox().stats();
             let progressed = after.frames_queued != before.frames_queued
                 || after.bytes_sent != before.bytes_sent;
-            if !progressed || !self.has_room() {
+            if !progressed {
                 break;
             }
         }
         let want_write = !self.session.host_present() || !self.session.outbox().is_empty();
         self.transport
             .set_interest(self.poll.registry(), PORT, want_write);
-        self.has_room()
-            && ((self.port_ready && self.transport.is_open())
-                || !self.transfers.is_empty()
-                || self.jobs.wants_room())
+        (self.takes_input() && self.port_ready && self.transport.is_open())
+            || (self.has_room()
+                && (self.transfers.iter().any(Transfer::ready) || self.jobs.wants_room()))
     }
 
     fn open_transport(&mut self, now: Instant) {
@@ -423,11 +543,11 @@ impl Agent {
         self.port_ready = false;
     }
 
-    /// Reads until `WouldBlock` (a host is attached), EOF (no host) or the outbox is short
-    /// of room (stays ready for the next turn).
+    /// Reads until `WouldBlock` (a host is attached), EOF (no host) or an envelope waits
+    /// for outbox room (the port stays ready for a later turn).
     fn read_port(&mut self, now: Instant) {
         while self.port_ready && self.transport.is_open() {
-            if !self.has_room() && self.session.host_present() {
+            if !self.takes_input() && self.session.host_present() {
                 return;
             }
             let buf = self.session.read_buf(PORT_READ_BYTES);
@@ -471,16 +591,37 @@ impl Agent {
     }
 
     fn handle_requests(&mut self, now: Instant) {
-        while self.has_room() {
+        loop {
             let next = self.session.next_request(now);
-            if self.session.take_host_changed() && self.writers.open_count() > 0 {
-                log::info!("new host session: aborting open write transfers");
-                self.writers.abort_all();
+            if self.session.take_host_changed() {
+                // The old host session's uploads end; their temporary files go after a
+                // thaw: an unlink on a frozen filesystem would block, and with it the thaw.
+                let writers = self.writers.clone();
+                self.worker.submit(move || {
+                    let temps = lock(&writers).abandon_all();
+                    Box::new(move |agent: &mut Agent, now: Instant| {
+                        if !temps.is_empty() {
+                            log::info!(
+                                "new host session: aborted {} open write transfers",
+                                temps.len()
+                            );
+                        }
+                        agent.postponed_unlinks.extend(temps);
+                        agent.after_thaw(now);
+                    })
+                });
             }
             match next {
                 Some(req) => self.dispatch(req, now),
                 None => return,
             }
+        }
+    }
+
+    /// Runs the replies of the jobs the worker has finished.
+    fn finish_jobs(&mut self, now: Instant) {
+        while let Some(finish) = self.worker.next_finished() {
+            finish(self, now);
         }
     }
 
@@ -511,6 +652,9 @@ impl Agent {
             }
             logring::set_frozen(self.freezer.is_frozen());
         }
+        // Thaw hooks due after any thaw (the host's, the deadline's, the exit's, or the
+        // start-up recovery's), and their retries.
+        self.after_thaw(now);
         if self.power.as_ref().is_some_and(|p| now >= p.at) {
             if let Some(p) = self.power.take() {
                 self.carry_out_power(p, now);
@@ -522,13 +666,10 @@ impl Agent {
         if self.jobs.is_empty() {
             return;
         }
-        let room = self.session.outbox().room();
-        let room_for_reply = move || room >= WORK_ROOM_BYTES;
         let finished = self.jobs.service(
             self.poll.registry(),
             now,
             &mut SessionSink(&mut self.session),
-            &room_for_reply,
         );
         for f in finished {
             self.child_finished(f, now);
@@ -539,8 +680,10 @@ impl Agent {
         loop {
             match sys::read_signal(&self.signals) {
                 Ok(Some(sig)) if sig == libc::SIGTERM || sig == libc::SIGINT => {
-                    log::info!("signal {sig}: flushing and exiting");
+                    log::info!("signal {sig}: thawing, flushing and exiting");
                     self.exit_by.get_or_insert(now + EXIT_FLUSH);
+                    // First of all: nothing may stay frozen once the agent is gone.
+                    self.thaw_for("the agent was told to exit");
                 }
                 Ok(Some(sig)) if sig == libc::SIGHUP => self.reload(),
                 Ok(Some(sig)) if sig == libc::SIGCHLD => self.jobs.on_sigchld(),
@@ -573,6 +716,7 @@ impl Agent {
         self.session
             .set_ping_interval(cfg.ping_interval(), cfg.stale_after_pings);
         self.jobs.set_max_exec(cfg.max_concurrent_exec);
+        self.session.set_exec_cap(cfg.exec_output_cap_bytes);
         self.policy = PathPolicy::new(cfg.file_allow.clone(), cfg.file_deny.clone());
         self.session.set_ready(ready_template(&cfg));
         self.cfg = cfg;

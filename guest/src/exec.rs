@@ -31,6 +31,9 @@ pub const PIPE_READ_BYTES: usize = 32 * 1024;
 /// Slots kept for the agent's own children (commands of operations, hooks, power) beyond the
 /// exec limit.
 pub const INTERNAL_SLOTS: usize = 4;
+/// Internal slots operation commands (password changes) may not take: one each for a
+/// pre-freeze hook, a thaw hook and the power command, which run one at a time.
+pub const RESERVED_SLOTS: usize = 3;
 
 /// Which fd of a child a token names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,6 +223,19 @@ impl Jobs {
                 format!("{} commands already running", self.max_exec),
             ));
         }
+        let is_command = matches!(owner, Owner::Command { .. });
+        let commands = || {
+            let running = self.slots.iter().flatten();
+            running
+                .filter(|j| matches!(j.owner, Owner::Command { .. }))
+                .count()
+        };
+        if is_command && commands() >= INTERNAL_SLOTS - RESERVED_SLOTS {
+            return Err(OpError::new(
+                ErrorCode::Busy,
+                "another operation command is running",
+            ));
+        }
         let slot = self
             .slots
             .iter()
@@ -328,14 +344,13 @@ impl Jobs {
     }
 
     /// Runs timeouts, feeds stdin, reads output (streaming output only while `sink` has
-    /// room) and returns the children that finished. A finished child is only returned when
-    /// `room_for_reply` says its terminal reply can be queued; otherwise it waits.
+    /// room) and returns the children that finished. (The room for a child's terminal reply
+    /// was reserved when its request was admitted.)
     pub fn service(
         &mut self,
         registry: &Registry,
         now: Instant,
         sink: &mut dyn OutputSink,
-        room_for_reply: &dyn Fn() -> bool,
     ) -> Vec<Finished> {
         let mut done = Vec::new();
         for slot in 0..self.slots.len() {
@@ -375,7 +390,7 @@ impl Jobs {
                 }
             }
             let pipes_done = job.pipes.iter().all(|p| p.file.is_none() || !p.ready);
-            if job.status.is_some() && pipes_done && room_for_reply() {
+            if job.status.is_some() && pipes_done {
                 if let Some(job) = self.slots[slot].take() {
                     done.push(finish(registry, slot, job, now));
                 }

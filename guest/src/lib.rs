@@ -6,8 +6,9 @@
 //!   own log), [`config`]. Tests drive them with byte buffers and `Instant`s.
 //! - **I/O shell:** [`event_loop`] (one `mio::Poll`, one thread), [`transport`] (the
 //!   virtio-serial port or a unix socket), [`exec`] (child processes), [`power`], [`dispatch`]
-//!   (every request type to its handler) and [`sys`] (the crate's only `unsafe`: its libc
-//!   calls, the operations' included). `main.rs` parses the command line and calls [`event_loop::run`].
+//!   (every request type to its handler), [`worker`] (the one thread for calls that can block
+//!   in a filesystem) and [`sys`] (the crate's only `unsafe`: its libc calls, the operations'
+//!   included). `main.rs` parses the command line and calls [`event_loop::run`].
 //!
 //! Operations themselves (files, freeze, users, ...) live in [`ops`].
 
@@ -22,3 +23,4 @@ pub mod power;
 pub mod session;
 pub mod sys;
 pub mod transport;
+pub mod worker;

@@ -6,29 +6,45 @@
 //! stopped reading, or went away: a virtio-serial `write()` then returns `EAGAIN`). The outbox
 //! is what makes that harmless:
 //!
-//! - **Whole frames or nothing.** [`Outbox::push_reply`] encodes an envelope into one frame and
-//!   queues all of it, or refuses it with [`OutboxError::Full`] (counted in
-//!   [`OutboxStats::refused`]). Nothing ever queues a partial frame.
+//! - **Whole frames or nothing.** Every push encodes an envelope into one frame and queues all
+//!   of it, or refuses it with [`OutboxError::Full`] (counted in [`OutboxStats::refused`]).
+//!   Nothing ever queues a partial frame.
 //! - **Exact progress.** [`Outbox::flush`] hands the sink at most [`MAX_WRITE_BYTES`] at a time
 //!   and advances by exactly what the sink took. `WouldBlock` means "not now", never an error;
 //!   `Interrupted` is retried. No deadline ever cuts a frame: there is no timeout in here.
-//! - **Two lanes.** The *reply lane* holds acks, replies, errors, stream items, pongs and hellos,
-//!   in order, in a preallocated ring of `capacity` bytes. The *telemetry slot* holds at most one
-//!   pushed telemetry frame: a newer sample replaces an older one that has not started going out
-//!   (latest wins), so a host that stops reading costs one frame, not a backlog. Between frames
-//!   the reply lane always goes first.
+//! - **Three lanes.** The *reply lane* holds acks, replies, errors, stream items and pongs, in
+//!   order, in a preallocated ring of `capacity` bytes. The *hello slot* holds at most one
+//!   AgentReady: a newer one replaces one that has not started going out, and it goes ahead of
+//!   the reply lane. The *telemetry slot* holds at most one pushed telemetry frame, latest wins,
+//!   so a host that stops reading costs one frame, not a backlog. Between frames the order is
+//!   hello, reply lane, telemetry.
+//! - **Admission, not refusal.** The reply lane is shared out so that a terminal reply never
+//!   finds it full (docs/architecture.md, "Admission control"):
+//!   - the session keeps [`SESSION_RESERVE_BYTES`] for its own frames (pongs, pings, an ack
+//!     and a cached reply for a redelivered request), pushed with [`Outbox::push_session`];
+//!   - a request is admitted only once [`Outbox::reserve`] has set aside the most its
+//!     terminal reply can take; [`Outbox::push_terminal`] spends that reservation, and a
+//!     reply that fits its reservation always fits the lane;
+//!   - acks of new requests and stream items ([`Outbox::push_reply`]) use only what is left
+//!     beyond both ([`Outbox::room`]).
+//!
+//!   The invariant `queued + reserved <= capacity` holds after every call, so a refused push
+//!   means "wait until the host reads", never "drop".
 //! - **A started frame is always finished.** The frame being written lives in its own buffer
 //!   (`current`) until its last byte is taken, whatever happens meanwhile. When the host
 //!   disconnects mid-frame the remainder stays there, and on the next connection the outbox
-//!   finishes that frame *before* anything else, then sends the new AgentReady, which the
-//!   session queues with [`Outbox::push_urgent`] ahead of older replies. The new host's
+//!   finishes that frame *before* anything else, then sends the new AgentReady. The new host's
 //!   decoder sees the tail as leading garbage and skips it; nothing after it is misparsed,
 //!   because every later frame starts on a frame boundary. The alternative (dropping the tail)
 //!   would leave the *old* host's half frame to swallow the start of the next frame on a
 //!   device whose queue survives the reconnect, which is exactly the corruption the field report
-//!   describes.
+//!   describes. A reply-lane frame taken up for writing of which the sink took nothing goes
+//!   back to the head of the lane behind a new hello; while it sits in `current` it still
+//!   counts against the lane, so moving it back never overfills the lane.
 //!
-//! Memory is bounded by `capacity + max frame + one telemetry frame`, all reserved up front.
+//! Memory is bounded by `capacity + 3 * MAX_FRAME_TOTAL_BYTES` (the lane; the frame in
+//! progress when it came from a slot; the hello and telemetry slots), plus one frame of
+//! encoding scratch.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -43,6 +59,11 @@ pub const MAX_WRITE_BYTES: usize = 32 * 1024;
 pub const SEND_MAX_FRAME_BYTES: u32 = 64 * 1024;
 /// Header plus largest payload.
 pub const MAX_FRAME_TOTAL_BYTES: usize = qx_proto::HEADER_BYTES + SEND_MAX_FRAME_BYTES as usize;
+/// Reply-lane bytes kept for the session's own frames: a redelivered request's ack and its
+/// cached reply (up to one frame) fit in it together.
+pub const SESSION_RESERVE_BYTES: usize = MAX_FRAME_TOTAL_BYTES + 1024;
+/// The smallest reply lane: the session reserve plus one request's largest reply and its ack.
+pub const MIN_CAPACITY_BYTES: usize = SESSION_RESERVE_BYTES + MAX_FRAME_TOTAL_BYTES + 1024;
 
 /// Why a frame was not queued. Nothing was queued.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -51,6 +72,18 @@ pub enum OutboxError {
     Full { need: usize, room: usize },
     #[error("envelope does not fit in one frame")]
     TooLarge(#[from] qx_proto::EncodeError),
+    #[error("reply of {need} bytes exceeds the {reserved} bytes reserved for it")]
+    OverReservation { need: usize, reserved: usize },
+    #[error("request {0} is not running")]
+    NotRunning(u64),
+}
+
+/// Where the frame in progress came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    Reply,
+    Hello,
+    Telemetry,
 }
 
 /// Counters over the outbox's lifetime.
@@ -59,7 +92,7 @@ pub struct OutboxStats {
     pub frames_queued: u64,
     pub frames_sent: u64,
     pub bytes_sent: u64,
-    /// Replies refused because the reply lane was full.
+    /// Pushes refused because the reply lane was full (the caller waits and retries).
     pub refused: u64,
     /// Telemetry frames replaced by a newer sample before they went out.
     pub coalesced: u64,
@@ -73,39 +106,90 @@ pub struct Outbox {
     /// Lengths of the frames in `ring`, oldest first.
     lens: VecDeque<usize>,
     capacity: usize,
+    /// Bytes set aside for the terminal replies of admitted requests.
+    reserved: usize,
+    /// Latest AgentReady not yet started (empty: none).
+    hello: Vec<u8>,
     /// Latest telemetry frame not yet started.
     telemetry: Option<Vec<u8>>,
-    /// The frame being written, and how much of it the sink has taken.
+    /// The frame being written, where it came from, and how much of it the sink has taken.
     current: Vec<u8>,
+    current_lane: Lane,
     current_pos: usize,
     scratch: Vec<u8>,
     stats: OutboxStats,
 }
 
 impl Outbox {
-    /// An outbox whose reply lane holds `capacity` bytes (raised to one maximum frame).
+    /// An outbox whose reply lane holds `capacity` bytes (raised to [`MIN_CAPACITY_BYTES`]).
     pub fn new(capacity: usize) -> Self {
-        let capacity = capacity.max(MAX_FRAME_TOTAL_BYTES);
+        let capacity = capacity.max(MIN_CAPACITY_BYTES);
         Outbox {
             ring: VecDeque::with_capacity(capacity),
             lens: VecDeque::with_capacity(64),
             capacity,
+            reserved: 0,
+            hello: Vec::new(),
             telemetry: None,
             current: Vec::with_capacity(MAX_FRAME_TOTAL_BYTES),
+            current_lane: Lane::Reply,
             current_pos: 0,
             scratch: Vec::with_capacity(MAX_FRAME_TOTAL_BYTES),
             stats: OutboxStats::default(),
         }
     }
 
-    /// Free bytes in the reply lane.
+    /// Reply-lane bytes queued, counting the unwritten rest of a lane frame in progress.
+    fn queued(&self) -> usize {
+        let in_progress = if self.current_lane == Lane::Reply {
+            self.current.len() - self.current_pos
+        } else {
+            0
+        };
+        self.ring.len() + in_progress
+    }
+
+    /// The reply-lane capacity, in bytes.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Bytes reserved for terminal replies not yet pushed.
+    pub fn reserved(&self) -> usize {
+        self.reserved
+    }
+
+    /// Free bytes for acks, stream items and new reservations: what is left beyond the
+    /// queued frames, the reservations and the session reserve.
     pub fn room(&self) -> usize {
-        self.capacity - self.ring.len()
+        (self.capacity - SESSION_RESERVE_BYTES).saturating_sub(self.queued() + self.reserved)
+    }
+
+    /// Free bytes for the session's own frames (the session reserve included).
+    pub fn session_room(&self) -> usize {
+        self.capacity.saturating_sub(self.queued() + self.reserved)
+    }
+
+    /// Whether a request whose reply needs `bytes` could ever be admitted while the current
+    /// reservations stand (false: only finishing requests makes room, not the host reading).
+    pub fn could_reserve(&self, bytes: usize) -> bool {
+        self.reserved + bytes <= self.capacity - SESSION_RESERVE_BYTES
+    }
+
+    /// Sets `bytes` aside for a terminal reply, or returns false (nothing reserved).
+    pub fn reserve(&mut self, bytes: usize) -> bool {
+        if bytes > self.room() {
+            self.stats.refused += 1;
+            return false;
+        }
+        self.reserved += bytes;
+        true
     }
 
     /// Bytes waiting to be written (both lanes and the frame in progress).
     pub fn pending_bytes(&self) -> usize {
         self.ring.len()
+            + self.hello.len()
             + self.telemetry.as_ref().map_or(0, Vec::len)
             + (self.current.len() - self.current_pos)
     }
@@ -125,51 +209,100 @@ impl Outbox {
         self.stats
     }
 
-    /// Encodes `env` into `scratch` and checks that the reply lane has room for it.
-    fn encode_for_lane(&mut self, env: &Envelope) -> Result<usize, OutboxError> {
+    /// Encodes `env` into `scratch` and checks that `room` bytes hold it.
+    fn encode_within(&mut self, env: &Envelope, room: usize) -> Result<usize, OutboxError> {
         self.scratch.clear();
         qx_proto::encode_envelope(env, SEND_MAX_FRAME_BYTES, &mut self.scratch)?;
         let need = self.scratch.len();
-        if need > self.room() {
+        if need > room {
             self.stats.refused += 1;
-            return Err(OutboxError::Full {
-                need,
-                room: self.room(),
-            });
+            return Err(OutboxError::Full { need, room });
         }
         Ok(need)
     }
 
-    /// Queues `env` on the reply lane, whole, or refuses it.
-    pub fn push_reply(&mut self, env: &Envelope) -> Result<(), OutboxError> {
-        let need = self.encode_for_lane(env)?;
+    /// Appends the frame in `scratch` to the reply lane.
+    fn enqueue_scratch(&mut self, need: usize) {
         // A slice extend: one copy, not a byte at a time.
         self.ring.extend(self.scratch.iter());
         self.lens.push_back(need);
         self.stats.frames_queued += 1;
+    }
+
+    /// Queues an ack or a stream item on the reply lane, whole, or refuses it when it does
+    /// not fit [`Outbox::room`].
+    pub fn push_reply(&mut self, env: &Envelope) -> Result<(), OutboxError> {
+        let need = self.encode_within(env, self.room())?;
+        self.enqueue_scratch(need);
         Ok(())
     }
 
-    /// Queues `env` on the reply lane ahead of every queued frame (still after the frame in
-    /// progress, which is always finished first): the hello on a new connection.
+    /// Queues one of the session's own frames, which may use the session reserve.
+    pub fn push_session(&mut self, env: &Envelope) -> Result<(), OutboxError> {
+        let need = self.encode_within(env, self.session_room())?;
+        self.enqueue_scratch(need);
+        Ok(())
+    }
+
+    /// Queues a terminal reply in place of the `reserved` bytes set aside for it. A reply
+    /// larger than its reservation is refused with [`OutboxError::OverReservation`] and the
+    /// reservation stands (the caller sends a smaller error in its place).
+    pub fn push_terminal(&mut self, env: &Envelope, reserved: usize) -> Result<(), OutboxError> {
+        let reserved = reserved.min(self.reserved);
+        self.scratch.clear();
+        qx_proto::encode_envelope(env, SEND_MAX_FRAME_BYTES, &mut self.scratch)?;
+        let need = self.scratch.len();
+        if need > reserved {
+            return Err(OutboxError::OverReservation { need, reserved });
+        }
+        // queued + reserved <= capacity held before; the frame takes no more than it frees.
+        self.reserved -= reserved;
+        self.enqueue_scratch(need);
+        Ok(())
+    }
+
+    /// Puts `env` (the AgentReady of a new connection) in the hello slot, ahead of every
+    /// queued frame but after the frame in progress, which is always finished first. A hello
+    /// that has not started is replaced.
     pub fn push_urgent(&mut self, env: &Envelope) -> Result<(), OutboxError> {
-        let need = self.encode_for_lane(env)?;
+        self.scratch.clear();
+        qx_proto::encode_envelope(env, SEND_MAX_FRAME_BYTES, &mut self.scratch)?;
         // A frame taken up for writing of which the sink has not taken a byte has not
-        // started: it goes back to the head of the lane, behind the urgent frame. (Memory stays
-        // within the bound: the frame only moves from `current` to the lane.)
+        // started: it yields to the hello.
         if self.current_pos == 0 && !self.current.is_empty() {
             let unstarted = std::mem::take(&mut self.current);
-            for &b in unstarted.iter().rev() {
-                self.ring.push_front(b);
+            match self.current_lane {
+                // It counted against the lane while in `current`: the lane stays within
+                // its capacity.
+                Lane::Reply => {
+                    for &b in unstarted.iter().rev() {
+                        self.ring.push_front(b);
+                    }
+                    self.lens.push_front(unstarted.len());
+                }
+                // Superseded by the new hello.
+                Lane::Hello => self.stats.coalesced += 1,
+                Lane::Telemetry => {
+                    let slot = self.telemetry.get_or_insert_with(Vec::new);
+                    if slot.is_empty() {
+                        *slot = unstarted;
+                    } else {
+                        self.stats.coalesced += 1;
+                    }
+                }
             }
-            self.lens.push_front(unstarted.len());
         }
-        for &b in self.scratch.iter().rev() {
-            self.ring.push_front(b);
+        if self.hello.is_empty() {
+            self.stats.frames_queued += 1;
         }
-        self.lens.push_front(need);
-        self.stats.frames_queued += 1;
+        self.hello.clear();
+        self.hello.extend_from_slice(&self.scratch);
         Ok(())
+    }
+
+    /// Whether an AgentReady waits in the hello slot, not yet started.
+    pub fn hello_pending(&self) -> bool {
+        !self.hello.is_empty()
     }
 
     /// Puts `env` in the telemetry slot, replacing a sample that has not started going out.
@@ -194,6 +327,12 @@ impl Outbox {
         }
         self.current.clear();
         self.current_pos = 0;
+        if !self.hello.is_empty() {
+            std::mem::swap(&mut self.current, &mut self.hello);
+            self.hello.clear();
+            self.current_lane = Lane::Hello;
+            return true;
+        }
         if let Some(len) = self.lens.pop_front() {
             let (a, b) = self.ring.as_slices();
             let from_a = len.min(a.len());
@@ -201,12 +340,14 @@ impl Outbox {
             self.current.extend_from_slice(&b[..len - from_a]);
             // u8 needs no drop: dropping the drain only moves the ring's head.
             self.ring.drain(..len);
+            self.current_lane = Lane::Reply;
             return true;
         }
         if let Some(slot) = self.telemetry.as_mut() {
             if !slot.is_empty() {
                 std::mem::swap(&mut self.current, slot);
                 slot.clear();
+                self.current_lane = Lane::Telemetry;
                 return true;
             }
         }
@@ -397,7 +538,8 @@ mod tests {
             }
             ob.flush(&mut sink).unwrap();
         }
-        assert!(ob.pending_bytes() <= MAX_FRAME_TOTAL_BYTES + 64);
+        // Acks use the lane beyond the session reserve; telemetry one slot.
+        assert!(ob.pending_bytes() <= ob.capacity() - SESSION_RESERVE_BYTES + 64);
         assert!(refused > 90_000);
         assert_eq!(ob.stats().refused, refused);
         assert_eq!(ob.stats().coalesced, 99_999);
@@ -491,6 +633,116 @@ mod tests {
         let (frames, garbage) = decode_all(&next_host.data);
         assert_eq!(garbage, 0);
         assert_eq!(frames, vec![hello, reply]);
+    }
+
+    #[test]
+    fn hello_behind_an_unstarted_frame_never_overfills_the_lane() {
+        let chunk = |n| {
+            env(
+                0,
+                Payload::FileChunk(FileChunk {
+                    offset: 0,
+                    data: vec![7; n],
+                }),
+            )
+        };
+        let mut ob = Outbox::new(0);
+        let first = chunk(40_000);
+        ob.push_reply(&first).unwrap();
+        // The host stops reading: the first frame is taken up for writing, nothing of it is
+        // written, and the lane fills up behind it.
+        let mut sink = TestSink::new(1000);
+        sink.stalled = true;
+        ob.flush(&mut sink).unwrap();
+        let mut queued = vec![first];
+        loop {
+            let next = chunk(10_000);
+            if ob.push_reply(&next).is_err() {
+                break;
+            }
+            queued.push(next);
+        }
+        // A reconnect (or a stale link) queues the hello ahead of everything not started.
+        let hello = env(1, Payload::Ping(Ping { seq: 1 }));
+        ob.push_urgent(&hello).unwrap();
+        let bound = Outbox::new(0).room() + 4 * MAX_FRAME_TOTAL_BYTES;
+        assert!(ob.pending_bytes() <= bound);
+        assert!(ob.room() <= Outbox::new(0).room());
+        // Nothing more is taken than the lane holds, and everything comes out whole.
+        let before = ob.stats().frames_queued;
+        while ob.push_reply(&chunk(10_000)).is_ok() {
+            assert!(
+                ob.stats().frames_queued - before < 100,
+                "the lane takes frames without limit"
+            );
+        }
+        let more = ob.stats().frames_queued - before;
+        sink.stalled = false;
+        while !ob.is_empty() {
+            ob.flush(&mut sink).unwrap();
+        }
+        let (frames, garbage) = decode_all(&sink.data);
+        assert_eq!(garbage, 0);
+        assert_eq!(frames[0], hello);
+        assert_eq!(frames[1..=queued.len()], queued[..]);
+        assert_eq!(frames.len(), 1 + queued.len() + more as usize);
+    }
+
+    #[test]
+    fn a_reserved_reply_always_fits_even_when_the_lane_is_full() {
+        let mut ob = Outbox::new(0);
+        let reply = env(
+            0,
+            Payload::FileChunk(FileChunk {
+                offset: 0,
+                data: vec![3; 30_000],
+            }),
+        );
+        let need = qx_proto::encoded_frame_len(&reply);
+        assert!(ob.reserve(need));
+        // Stream items and session frames take every other byte.
+        while ob.push_reply(&ack(1)).is_ok() {}
+        while ob.push_session(&ack(2)).is_ok() {}
+        assert_eq!(ob.room(), 0);
+        assert!(!ob.reserve(1));
+        ob.push_terminal(&reply, need).unwrap();
+        assert_eq!(ob.reserved(), 0);
+        assert!(ob.pending_bytes() <= ob.capacity());
+    }
+
+    #[test]
+    fn a_reply_larger_than_its_reservation_is_refused_and_the_reservation_kept() {
+        let mut ob = Outbox::new(0);
+        assert!(ob.reserve(100));
+        let big = env(
+            0,
+            Payload::FileChunk(FileChunk {
+                offset: 0,
+                data: vec![3; 1000],
+            }),
+        );
+        assert!(matches!(
+            ob.push_terminal(&big, 100),
+            Err(OutboxError::OverReservation { reserved: 100, .. })
+        ));
+        assert_eq!(ob.reserved(), 100);
+        ob.push_terminal(&ack(1), 100).unwrap();
+        assert_eq!(ob.reserved(), 0);
+    }
+
+    #[test]
+    fn a_newer_hello_replaces_one_not_yet_started() {
+        let mut ob = Outbox::new(0);
+        let first = env(1, Payload::Ping(Ping { seq: 1 }));
+        let second = env(2, Payload::Ping(Ping { seq: 2 }));
+        ob.push_reply(&ack(3)).unwrap();
+        ob.push_urgent(&first).unwrap();
+        ob.push_urgent(&second).unwrap();
+        let mut sink = TestSink::new(1000);
+        ob.flush(&mut sink).unwrap();
+        let (frames, garbage) = decode_all(&sink.data);
+        assert_eq!(garbage, 0);
+        assert_eq!(frames, vec![second, ack(3)]);
     }
 
     #[test]

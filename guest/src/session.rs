@@ -35,7 +35,7 @@
 //! All transitions happen in [`Session::transition`]. Time is an input (`now`); the loop asks
 //! [`Session::next_deadline`] how long it may sleep.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{debug, info, warn};
@@ -44,7 +44,7 @@ use qx_proto::agent::envelope::Payload;
 use qx_proto::agent::{Ack, AgentReady, Envelope, Error as WireError, ErrorCode, Ping, Pong};
 use qx_proto::{decode_envelope, Decoder, DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION};
 
-use crate::outbox::{Outbox, OutboxError};
+use crate::outbox::{Outbox, OutboxError, MAX_FRAME_TOTAL_BYTES};
 
 /// Terminal replies remembered for redelivered ids.
 pub const REPLY_CACHE_ENTRIES: usize = 64;
@@ -52,6 +52,10 @@ pub const REPLY_CACHE_ENTRIES: usize = 64;
 pub const REPLY_CACHE_BYTES: usize = 1024 * 1024;
 /// Request ids remembered after their reply left the cache.
 pub const SEEN_IDS: usize = 4096;
+/// The reservation of a request whose terminal reply is small (Done, a status, an error).
+pub const SMALL_REPLY_BYTES: usize = 4096;
+/// Error messages are cut to this many bytes, so any error fits [`SMALL_REPLY_BYTES`].
+pub const ERROR_MESSAGE_BYTES: usize = 2048;
 
 /// Session tunables.
 #[derive(Debug, Clone)]
@@ -169,30 +173,34 @@ impl RateLimiter {
     }
 }
 
-/// Terminal replies by request id, bounded by entries and bytes.
+/// A request id as the host that sent it knows it: (host session, request id). Two hosts
+/// on one port (an upgrade overlap) number their requests independently.
+type Key = (u64, u64);
+
+/// Terminal replies by request key, bounded by entries and bytes.
 #[derive(Debug, Default)]
 struct ReplyCache {
-    entries: VecDeque<(u64, Envelope, usize)>,
+    entries: VecDeque<(Key, Envelope, usize)>,
     bytes: usize,
-    seen: HashSet<u64>,
-    seen_order: VecDeque<u64>,
+    seen: HashSet<Key>,
+    seen_order: VecDeque<Key>,
 }
 
 impl ReplyCache {
-    fn get(&self, id: u64) -> Option<&Envelope> {
+    fn get(&self, key: Key) -> Option<&Envelope> {
         self.entries
             .iter()
-            .find(|(i, _, _)| *i == id)
+            .find(|(k, _, _)| *k == key)
             .map(|(_, e, _)| e)
     }
 
-    fn seen(&self, id: u64) -> bool {
-        self.seen.contains(&id)
+    fn seen(&self, key: Key) -> bool {
+        self.seen.contains(&key)
     }
 
-    fn mark_seen(&mut self, id: u64) {
-        if self.seen.insert(id) {
-            self.seen_order.push_back(id);
+    fn mark_seen(&mut self, key: Key) {
+        if self.seen.insert(key) {
+            self.seen_order.push_back(key);
             while self.seen_order.len() > SEEN_IDS {
                 if let Some(old) = self.seen_order.pop_front() {
                     self.seen.remove(&old);
@@ -201,9 +209,9 @@ impl ReplyCache {
         }
     }
 
-    fn insert(&mut self, id: u64, env: Envelope) {
+    fn insert(&mut self, key: Key, env: Envelope) {
         let size = env.encoded_len();
-        self.entries.push_back((id, env, size));
+        self.entries.push_back((key, env, size));
         self.bytes += size;
         while self.entries.len() > REPLY_CACHE_ENTRIES
             || (self.bytes > REPLY_CACHE_BYTES && self.entries.len() > 1)
@@ -212,6 +220,54 @@ impl ReplyCache {
                 self.bytes -= s;
             }
         }
+    }
+}
+
+/// An admitted request: whose it is and the outbox bytes reserved for its terminal reply.
+#[derive(Debug, Clone, Copy)]
+struct Running {
+    host: u64,
+    reserved: usize,
+}
+
+/// What became of one decoded envelope.
+enum Step {
+    /// Answered (or ignored); decode the next.
+    Handled,
+    /// A new request, acked and admitted: run it.
+    Run(Request),
+    /// Its answer does not fit the outbox yet: keep it and stop decoding until the host reads.
+    Wait(Envelope),
+}
+
+/// The most bytes a terminal reply to `p` can take, frame header included; the session
+/// reserves this much before it admits the request. `exec_cap` is the collected-output cap
+/// of an exec request that gives none.
+pub fn reply_bound(p: &Payload, exec_cap: u32) -> usize {
+    match p {
+        Payload::ExecRequest(r) if r.stream => SMALL_REPLY_BYTES,
+        Payload::ExecRequest(r) => {
+            let cap = |c: u32| {
+                let c = if c == 0 { exec_cap } else { c };
+                c.min(crate::dispatch::COLLECTED_CAP_BYTES) as usize
+            };
+            (cap(r.stdout_cap_bytes) + cap(r.stderr_cap_bytes) + SMALL_REPLY_BYTES)
+                .min(MAX_FRAME_TOTAL_BYTES)
+        }
+        Payload::TimeGetRequest(_)
+        | Payload::TimeSetRequest(_)
+        | Payload::SetTelemetryInterval(_)
+        | Payload::ExecKill(_)
+        | Payload::Cancel(_)
+        | Payload::FileReadRequest(_)
+        | Payload::FileHashRequest(_)
+        | Payload::FileWriteOpen(_)
+        | Payload::FileWriteChunk(_)
+        | Payload::FileWriteClose(_)
+        | Payload::MkdirRequest(_)
+        | Payload::DeleteRequest(_)
+        | Payload::SetPasswordRequest(_) => SMALL_REPLY_BYTES,
+        _ => MAX_FRAME_TOTAL_BYTES,
     }
 }
 
@@ -228,7 +284,14 @@ pub struct Session {
     next_envelope_id: u64,
     ping_seq: u64,
     cache: ReplyCache,
-    running: HashSet<u64>,
+    running: HashMap<u64, Running>,
+    /// A decoded envelope whose answer waits for outbox room.
+    held: Option<Envelope>,
+    /// Collected-output cap of an exec request that gives none (for [`reply_bound`]).
+    exec_cap: u32,
+    /// The correlation id of a hello answer not yet started, kept when a newer hello
+    /// replaces it.
+    hello_correlation: u64,
     stats: SessionStats,
     noisy: RateLimiter,
     /// Connect/disconnect/hello lines: a host reconnecting in a loop must not flood the log.
@@ -254,7 +317,10 @@ impl Session {
             next_envelope_id: 1,
             ping_seq: 0,
             cache: ReplyCache::default(),
-            running: HashSet::new(),
+            running: HashMap::new(),
+            held: None,
+            exec_cap: crate::dispatch::COLLECTED_CAP_BYTES,
+            hello_correlation: 0,
             stats: SessionStats::default(),
             noisy: RateLimiter::new(10, Duration::from_secs(60)),
             link_log: RateLimiter::new(20, Duration::from_secs(60)),
@@ -289,6 +355,17 @@ impl Session {
         &mut self.outbox
     }
 
+    /// Sets the collected-output cap of exec requests that give none (the configuration's).
+    pub fn set_exec_cap(&mut self, cap: u32) {
+        self.exec_cap = cap;
+    }
+
+    /// Whether a decoded envelope waits for outbox room: the loop reads no more input until
+    /// the host has taken some output.
+    pub fn is_holding(&self) -> bool {
+        self.held.is_some()
+    }
+
     /// Replaces the identity announced in AgentReady (addresses change at run time).
     pub fn set_ready(&mut self, ready: AgentReady) {
         self.ready = ready;
@@ -313,7 +390,10 @@ impl Session {
                 if self.link_log.allow(now) {
                     info!("host connected");
                 }
+                // Undecoded input from a previous host is dropped, with any envelope that
+                // was waiting for room: its host redelivers what it saw no ack for.
                 self.decoder.reset();
+                self.held = None;
                 self.announce(0, now);
                 Some(LinkState::Connected {
                     last_rx: now,
@@ -423,36 +503,45 @@ impl Session {
     }
 
     /// Decodes buffered frames, answers session messages itself, and returns the next new
-    /// request (already acked), or `None` when the buffered bytes hold no more.
+    /// request (already acked and admitted), or `None` when the buffered bytes hold no more or
+    /// the next answer waits for outbox room ([`Session::is_holding`]).
     pub fn next_request(&mut self, now: Instant) -> Option<Request> {
         loop {
-            let env = match self.decoder.decode() {
-                Ok(None) => return None,
-                Err(e) => {
-                    self.stats.bad_frames += 1;
-                    if self.noisy.allow(now) {
-                        debug!("input skipped: {e}");
-                    }
-                    continue;
-                }
-                Ok(Some(payload)) => match decode_envelope(payload) {
-                    Ok(env) => env,
+            let env = match self.held.take() {
+                Some(env) => env,
+                None => match self.decoder.decode() {
+                    Ok(None) => return None,
                     Err(e) => {
-                        self.stats.bad_envelopes += 1;
+                        self.stats.bad_frames += 1;
                         if self.noisy.allow(now) {
-                            warn!("undecodable envelope skipped: {e}");
+                            debug!("input skipped: {e}");
                         }
                         continue;
                     }
+                    Ok(Some(payload)) => match decode_envelope(payload) {
+                        Ok(env) => env,
+                        Err(e) => {
+                            self.stats.bad_envelopes += 1;
+                            if self.noisy.allow(now) {
+                                warn!("undecodable envelope skipped: {e}");
+                            }
+                            continue;
+                        }
+                    },
                 },
             };
-            if let Some(req) = self.on_envelope(env, now) {
-                return Some(req);
+            match self.on_envelope(env, now) {
+                Step::Handled => {}
+                Step::Run(req) => return Some(req),
+                Step::Wait(env) => {
+                    self.held = Some(env);
+                    return None;
+                }
             }
         }
     }
 
-    fn on_envelope(&mut self, env: Envelope, now: Instant) -> Option<Request> {
+    fn on_envelope(&mut self, env: Envelope, now: Instant) -> Step {
         let id = env.id;
         let payload = match env.payload {
             Some(Payload::HostHello(h)) => {
@@ -463,76 +552,157 @@ impl Session {
                     );
                 }
                 if h.host_session_id != self.host_session_id {
-                    // A restarted host numbers its requests afresh: replies cached for the
-                    // old host's ids must not answer the new host's requests.
+                    // Request ids are per host session: cached replies stay keyed by the
+                    // session that asked, for when that host comes back (an upgrade overlap).
                     if self.host_session_id != 0 {
                         self.host_changed = true;
                     }
                     self.host_session_id = h.host_session_id;
-                    self.cache = ReplyCache::default();
                 }
                 self.announce(id, now);
-                return None;
+                return Step::Handled;
             }
             Some(Payload::Ping(p)) => {
-                self.send(id, Payload::Pong(Pong { seq: p.seq }));
-                return None;
+                let pong = self.envelope(id, Payload::Pong(Pong { seq: p.seq }));
+                return self.session_frames(&[pong], env_again(id, Payload::Ping(p)));
             }
-            Some(Payload::Pong(_)) => return None,
+            Some(Payload::Pong(_)) => return Step::Handled,
             Some(p @ (Payload::Ack(_) | Payload::Error(_) | Payload::Done(_))) if id == 0 => {
                 if self.noisy.allow(now) {
                     debug!("ignored {} from host", payload_name(&p));
                 }
-                return None;
+                return Step::Handled;
             }
             Some(p) => p,
             None => {
-                if id != 0 {
-                    self.send(
-                        id,
-                        Payload::Error(WireError {
-                            code: ErrorCode::InvalidArgument as i32,
-                            message: "envelope carries no payload".into(),
-                        }),
-                    );
+                if id == 0 {
+                    return Step::Handled;
                 }
-                return None;
+                let err = self.envelope(
+                    id,
+                    wire_error(ErrorCode::InvalidArgument, "envelope carries no payload"),
+                );
+                return self.session_frames(
+                    &[err],
+                    Envelope {
+                        id,
+                        correlation_id: env.correlation_id,
+                        payload: None,
+                    },
+                );
             }
         };
         if id == 0 {
             if self.noisy.allow(now) {
                 warn!("{} with request id 0 ignored", payload_name(&payload));
             }
-            return None;
+            return Step::Handled;
         }
-        if let Some(cached) = self.cache.get(id).cloned() {
-            self.stats.redelivered += 1;
-            self.ack(id);
-            let _ = self.push(&cached);
-            return None;
+        let key = (self.host_session_id, id);
+        if let Some(cached) = self.cache.get(key).cloned() {
+            let ack = self.envelope(id, Payload::Ack(Ack {}));
+            let step = self.session_frames(&[ack, cached], env_again(id, payload));
+            if matches!(step, Step::Handled) {
+                self.stats.redelivered += 1;
+            }
+            return step;
         }
-        if self.running.contains(&id) {
-            self.stats.redelivered += 1;
-            self.ack(id);
-            return None;
-        }
-        if self.cache.seen(id) {
-            self.stats.redelivered += 1;
-            self.ack(id);
-            self.send(
+        if let Some(run) = self.running.get(&id).copied() {
+            let ack = self.envelope(id, Payload::Ack(Ack {}));
+            if run.host == key.0 {
+                let step = self.session_frames(&[ack], env_again(id, payload));
+                if matches!(step, Step::Handled) {
+                    self.stats.redelivered += 1;
+                }
+                return step;
+            }
+            // Another host session's request of the same id still runs: replies carry only
+            // the id, so this one cannot run beside it.
+            let busy = self.envelope(
                 id,
-                Payload::Error(WireError {
-                    code: ErrorCode::FailedPrecondition as i32,
-                    message: "request already ran; its reply is no longer cached".into(),
-                }),
+                wire_error(
+                    ErrorCode::Busy,
+                    "a request with this id from another host session is still running",
+                ),
             );
-            return None;
+            return self.refuse(key, ack, busy, env_again(id, payload));
+        }
+        if self.cache.seen(key) {
+            let ack = self.envelope(id, Payload::Ack(Ack {}));
+            let err = self.envelope(
+                id,
+                wire_error(
+                    ErrorCode::FailedPrecondition,
+                    "request already ran; its reply is no longer cached",
+                ),
+            );
+            let step = self.session_frames(&[ack, err], env_again(id, payload));
+            if matches!(step, Step::Handled) {
+                self.stats.redelivered += 1;
+            }
+            return step;
+        }
+        // Admission: the ack and the reservation for the terminal reply, or wait.
+        let bound = reply_bound(&payload, self.exec_cap);
+        let ack = self.envelope(id, Payload::Ack(Ack {}));
+        let ack_len = qx_proto::encoded_frame_len(&ack);
+        if self.outbox.room() < ack_len + bound {
+            if self.outbox.could_reserve(ack_len + bound) {
+                // The host has not read enough yet: wait for it.
+                return Step::Wait(env_again(id, payload));
+            }
+            // Only finishing requests would make room, which can take any time: refuse
+            // now, so that nothing behind this request (a ping) waits for it.
+            let busy = self.envelope(
+                id,
+                wire_error(
+                    ErrorCode::Busy,
+                    "too many replies outstanding; retry when requests finish",
+                ),
+            );
+            return self.refuse(key, ack, busy, env_again(id, payload));
+        }
+        // Both checked against room() above: neither can be refused.
+        if self.outbox.push_reply(&ack).is_err() || !self.outbox.reserve(bound) {
+            warn!("request {id}: admission failed after its room was checked");
+            return Step::Wait(env_again(id, payload));
         }
         self.stats.requests += 1;
-        self.cache.mark_seen(id);
-        self.running.insert(id);
-        self.ack(id);
-        Some(Request { id, payload })
+        self.cache.mark_seen(key);
+        self.running.insert(
+            id,
+            Running {
+                host: key.0,
+                reserved: bound,
+            },
+        );
+        Step::Run(Request { id, payload })
+    }
+
+    /// Acks request `key` and answers it with the terminal `err` without running it. The
+    /// error is its one terminal reply: cached, so a redelivery gets it again.
+    fn refuse(&mut self, key: Key, ack: Envelope, err: Envelope, env: Envelope) -> Step {
+        let step = self.session_frames(&[ack, err.clone()], env);
+        if matches!(step, Step::Handled) {
+            self.cache.mark_seen(key);
+            self.cache.insert(key, err);
+        }
+        step
+    }
+
+    /// Queues `frames` together from the session reserve, or none of them: then `env` waits.
+    fn session_frames(&mut self, frames: &[Envelope], env: Envelope) -> Step {
+        let need: usize = frames.iter().map(qx_proto::encoded_frame_len).sum();
+        if need > self.outbox.session_room() {
+            return Step::Wait(env);
+        }
+        for f in frames {
+            if let Err(e) = self.outbox.push_session(f) {
+                // Checked above; a frame too large for the codec is the only way here.
+                warn!("{} not sent: {e}", payload_name_env(f));
+            }
+        }
+        Step::Handled
     }
 
     fn envelope(&mut self, correlation_id: u64, payload: Payload) -> Envelope {
@@ -545,31 +715,15 @@ impl Session {
         }
     }
 
-    fn push(&mut self, env: &Envelope) -> Result<(), OutboxError> {
-        let res = self.outbox.push_reply(env);
-        if let Err(e) = &res {
-            if self.noisy.allow(Instant::now()) {
-                warn!("{} not sent: {e}", payload_name_env(env));
-            }
-        }
-        res
-    }
-
-    /// Queues a non-terminal message (pong, hello, ack) for `correlation_id`.
-    fn send(&mut self, correlation_id: u64, payload: Payload) {
-        let env = self.envelope(correlation_id, payload);
-        let _ = self.push(&env);
-    }
-
-    fn ack(&mut self, id: u64) {
-        self.send(id, Payload::Ack(Ack {}));
-    }
-
+    /// Pings the host unless the outbox is short of room: a ping nobody can read is
+    /// worthless, and the next interval tries again.
     fn ping(&mut self, _now: Instant) {
         self.ping_seq += 1;
-        self.stats.pings_sent += 1;
         let seq = self.ping_seq;
-        self.send(0, Payload::Ping(Ping { seq }));
+        let env = self.envelope(0, Payload::Ping(Ping { seq }));
+        if self.outbox.push_session(&env).is_ok() {
+            self.stats.pings_sent += 1;
+        }
     }
 
     fn announce(&mut self, correlation_id: u64, now: Instant) {
@@ -580,36 +734,53 @@ impl Session {
         ready.guest_unix_ns = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i64);
+        // A newer hello replaces one that has not gone out; it still answers the host hello
+        // the replaced one answered.
+        let correlation_id = if correlation_id == 0 && self.outbox.hello_pending() {
+            self.hello_correlation
+        } else {
+            correlation_id
+        };
+        self.hello_correlation = correlation_id;
         // Ahead of queued replies: the new host learns who it talks to first.
         let env = self.envelope(correlation_id, Payload::AgentReady(ready));
-        let _ = self.outbox.push_urgent(&env);
+        if let Err(e) = self.outbox.push_urgent(&env) {
+            warn!("agent_ready not sent: {e}");
+        }
     }
 
-    /// Queues a stream item (ExecOutput, FileChunk) of request `id`.
+    /// Queues a stream item (ExecOutput, FileChunk) of request `id`. The caller checks
+    /// [`Outbox::room`] first; a refused item is the caller's to retry.
     pub fn stream(&mut self, id: u64, payload: Payload) -> Result<(), OutboxError> {
         let env = self.envelope(id, payload);
-        self.push(&env)
+        self.outbox.push_reply(&env)
     }
 
-    /// Queues the terminal reply of request `id` and remembers it for redeliveries. The reply
-    /// is cached even if the outbox refuses it, so a redelivery still gets it.
+    /// Queues the terminal reply of request `id` in the room reserved for it when it was
+    /// admitted, and remembers it for redeliveries. A reply larger than its reservation (or
+    /// than a frame) becomes an `Error{INTERNAL}`, which always fits: the host learns of every
+    /// request's end. Fails only for an id that is not running.
     pub fn reply(&mut self, id: u64, payload: Payload) -> Result<(), OutboxError> {
-        let env = self.envelope(id, payload);
-        self.running.remove(&id);
-        let res = self.push(&env);
-        self.cache.insert(id, env);
-        res
+        let Some(run) = self.running.remove(&id) else {
+            warn!("reply for request {id}, which is not running, not sent");
+            return Err(OutboxError::NotRunning(id));
+        };
+        let mut env = self.envelope(id, payload);
+        if let Err(e) = self.outbox.push_terminal(&env, run.reserved) {
+            warn!("{} of request {id} not sent: {e}", payload_name_env(&env));
+            env = self.envelope(id, wire_error(ErrorCode::Internal, &e.to_string()));
+            if let Err(e) = self.outbox.push_terminal(&env, run.reserved) {
+                // Unreachable: an error fits the smallest reservation.
+                warn!("error reply of request {id} not sent: {e}");
+            }
+        }
+        self.cache.insert((run.host, id), env);
+        Ok(())
     }
 
-    /// Terminal `Error` for request `id`.
+    /// Terminal `Error` for request `id`, its message cut to [`ERROR_MESSAGE_BYTES`].
     pub fn error(&mut self, id: u64, code: ErrorCode, message: impl Into<String>) {
-        let _ = self.reply(
-            id,
-            Payload::Error(WireError {
-                code: code as i32,
-                message: message.into(),
-            }),
-        );
+        let _ = self.reply(id, wire_error(code, &message.into()));
     }
 
     /// Pushes unsolicited telemetry into the coalescing slot.
@@ -620,8 +791,29 @@ impl Session {
 
     /// Whether request `id` was acked and has no terminal reply yet.
     pub fn is_running(&self, id: u64) -> bool {
-        self.running.contains(&id)
+        self.running.contains_key(&id)
     }
+}
+
+/// An envelope put back together to wait for room.
+fn env_again(id: u64, payload: Payload) -> Envelope {
+    Envelope {
+        id,
+        correlation_id: 0,
+        payload: Some(payload),
+    }
+}
+
+/// An `Error` payload whose message is cut to [`ERROR_MESSAGE_BYTES`] on a char boundary.
+fn wire_error(code: ErrorCode, message: &str) -> Payload {
+    let mut end = message.len().min(ERROR_MESSAGE_BYTES);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    Payload::Error(WireError {
+        code: code as i32,
+        message: message[..end].to_string(),
+    })
 }
 
 fn payload_name(p: &Payload) -> &'static str {
@@ -652,8 +844,11 @@ pub fn random_session_id() -> u64 {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use qx_proto::agent::{ExecRequest, HostHello, TimeGetRequest};
+    use qx_proto::agent::{
+        AgentLogs, ExecExit, ExecRequest, FileChunk, HostHello, LogLine, TimeGetRequest,
+    };
     use qx_proto::encode_envelope;
+    use std::collections::HashMap;
 
     fn session(now: Instant) -> Session {
         let cfg = SessionConfig {
@@ -874,7 +1069,460 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(ids, vec![42, 42]);
+        // The second hello replaced the first, which had not gone out.
+        assert_eq!(ids, vec![42]);
+    }
+
+    fn hello(host_session_id: u64) -> Payload {
+        Payload::HostHello(HostHello {
+            host_session_id,
+            ..Default::default()
+        })
+    }
+
+    fn collected_exec(cap: u32) -> Payload {
+        Payload::ExecRequest(ExecRequest {
+            argv: vec!["true".into()],
+            stdout_cap_bytes: cap,
+            stderr_cap_bytes: cap,
+            ..Default::default()
+        })
+    }
+
+    fn exec_exit(bytes: usize) -> Payload {
+        Payload::ExecExit(ExecExit {
+            exited: true,
+            stdout: vec![b'o'; bytes],
+            stderr: vec![b'e'; bytes],
+            ..Default::default()
+        })
+    }
+
+    /// Fills the lane with stream items of request `id` until the outbox refuses one.
+    fn fill_lane(s: &mut Session, id: u64) {
+        let chunk = |n| {
+            Payload::FileChunk(FileChunk {
+                offset: 0,
+                data: vec![0; n],
+            })
+        };
+        let mut n = 0;
+        // Down to the last bytes: an empty chunk's frame is smaller than a pong's.
+        for size in [8000, 1000, 100, 10, 1, 0] {
+            while s.stream(id, chunk(size)).is_ok() {
+                n += 1;
+                assert!(n < 1000, "the lane takes stream items without limit");
+            }
+        }
+    }
+
+    /// Terminal frames (not acks, pongs, hellos, pings, telemetry or stream items) by
+    /// correlation id: the set of distinct envelope ids for each.
+    fn terminals(envs: &[Envelope]) -> HashMap<u64, HashSet<u64>> {
+        let mut out: HashMap<u64, HashSet<u64>> = HashMap::new();
+        for e in envs {
+            match e.payload {
+                Some(
+                    Payload::Ack(_)
+                    | Payload::Pong(_)
+                    | Payload::Ping(_)
+                    | Payload::AgentReady(_)
+                    | Payload::Telemetry(_)
+                    | Payload::FileChunk(_)
+                    | Payload::ExecOutput(_),
+                ) => {}
+                _ => {
+                    out.entry(e.correlation_id).or_default().insert(e.id);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn terminal_replies_wait_for_room_instead_of_being_dropped() {
+        let t0 = Instant::now();
+        let cfg = SessionConfig {
+            ping_interval: Duration::ZERO,
+            stale_after_pings: 3,
+            outbox_bytes: 300_000,
+        };
+        let mut s = Session::new(cfg, 42, AgentReady::default(), t0);
+        // Twelve commands whose collected output nearly fills a frame, to a host that does
+        // not read while they run.
+        for id in 1..=12 {
+            s.receive(&frame(id, collected_exec(30_000)), t0);
+        }
+        let mut out = Vec::new();
+        let mut ran = HashSet::new();
+        for _ in 0..100 {
+            let mut running = Vec::new();
+            while let Some(req) = s.next_request(t0) {
+                assert!(ran.insert(req.id), "request {} ran twice", req.id);
+                running.push(req.id);
+            }
+            for id in running {
+                let _ = s.reply(id, exec_exit(30_000));
+            }
+            out.extend(sent(&mut s));
+        }
+        let acked: HashSet<u64> = out
+            .iter()
+            .filter(|e| matches!(e.payload, Some(Payload::Ack(_))))
+            .map(|e| e.correlation_id)
+            .collect();
+        assert_eq!(acked, (1..=12).collect());
+        let terms = terminals(&out);
+        for id in 1..=12 {
+            assert_eq!(
+                terms.get(&id).map(HashSet::len),
+                Some(1),
+                "request {id}: one terminal reply"
+            );
+        }
+    }
+
+    #[test]
+    fn pong_waits_for_room_rather_than_being_dropped() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        s.receive(&frame(7, Payload::FileReadRequest(Default::default())), t0);
+        let req = s.next_request(t0).unwrap();
+        fill_lane(&mut s, req.id);
+        s.receive(&frame(8, Payload::Ping(Ping { seq: 5 })), t0);
+        let mut out = Vec::new();
+        for _ in 0..100 {
+            s.next_request(t0);
+            out.extend(sent(&mut s));
+        }
+        assert!(out
+            .iter()
+            .any(|e| e.payload == Some(Payload::Pong(Pong { seq: 5 }))));
+    }
+
+    #[test]
+    fn cached_reply_of_a_redelivery_waits_for_room_rather_than_being_dropped() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        s.receive(&frame(7, Payload::TimeGetRequest(TimeGetRequest {})), t0);
+        let req = s.next_request(t0).unwrap();
+        s.reply(req.id, Payload::Done(Default::default())).unwrap();
+        s.receive(&frame(9, Payload::FileReadRequest(Default::default())), t0);
+        let reader = s.next_request(t0).unwrap();
+        let mut out = sent(&mut s);
+        fill_lane(&mut s, reader.id);
+        s.receive(&frame(7, Payload::TimeGetRequest(TimeGetRequest {})), t0);
+        for _ in 0..100 {
+            assert_eq!(s.next_request(t0), None);
+            out.extend(sent(&mut s));
+        }
+        let dones = out
+            .iter()
+            .filter(|e| e.correlation_id == 7 && matches!(e.payload, Some(Payload::Done(_))))
+            .count();
+        assert_eq!(
+            dones, 2,
+            "the reply, then the same reply for the redelivery"
+        );
+    }
+
+    #[test]
+    fn hosts_alternating_on_one_port_never_rerun_a_request() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        s.receive(&frame(1, hello(100)), t0);
+        s.receive(&frame(7, Payload::TimeGetRequest(TimeGetRequest {})), t0);
+        let req = s.next_request(t0).unwrap();
+        s.reply(req.id, Payload::Done(Default::default())).unwrap();
+        let first = sent(&mut s);
+        // An upgrade overlap: the new daemon says hello, then the old one again, which
+        // redelivers the request it did not see answered.
+        s.receive(&frame(1, hello(200)), t0);
+        assert_eq!(s.next_request(t0), None);
+        s.receive(&frame(2, hello(100)), t0);
+        s.receive(&frame(7, Payload::TimeGetRequest(TimeGetRequest {})), t0);
+        assert_eq!(s.next_request(t0), None, "request 7 of host 100 ran twice");
+        let again = sent(&mut s);
+        let done = |envs: &[Envelope]| {
+            envs.iter()
+                .find(|e| e.correlation_id == 7 && matches!(e.payload, Some(Payload::Done(_))))
+                .cloned()
+        };
+        assert_eq!(done(&again), done(&first));
+        assert!(done(&first).is_some());
+    }
+
+    /// The invariant of admission control, over random interleavings.
+    mod admission {
+        use super::*;
+        use proptest::prelude::*;
+
+        const OUTBOX_BYTES: usize = 300_000;
+        const HOSTS: [u64; 2] = [100, 200];
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            /// The connected host sends request `n` (a redelivery when it sent `n` before).
+            Request {
+                n: u64,
+                kind: u8,
+                cap: u32,
+            },
+            /// A running request ends; its reply size is `per_mille` of its maximum.
+            Finish {
+                pick: usize,
+                per_mille: u32,
+            },
+            /// A streaming request queues an output item if the outbox has room.
+            Stream {
+                pick: usize,
+            },
+            Stall,
+            Resume,
+            /// The host reads up to `bytes`.
+            Read {
+                bytes: usize,
+            },
+            /// The link goes down and comes up with host `host`'s hello.
+            Reconnect {
+                host: usize,
+            },
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                4 => (1..40u64, 0..3u8, 1..30_721u32)
+                    .prop_map(|(n, kind, cap)| Op::Request { n, kind, cap }),
+                3 => (any::<usize>(), 0..=1000u32)
+                    .prop_map(|(pick, per_mille)| Op::Finish { pick, per_mille }),
+                1 => any::<usize>().prop_map(|pick| Op::Stream { pick }),
+                1 => Just(Op::Stall),
+                1 => Just(Op::Resume),
+                2 => (1..200_000usize).prop_map(|bytes| Op::Read { bytes }),
+                1 => (0..2usize).prop_map(|host| Op::Reconnect { host }),
+            ]
+        }
+
+        /// A host that takes `budget` more bytes, then blocks.
+        struct Host {
+            data: Vec<u8>,
+            budget: usize,
+        }
+
+        impl std::io::Write for Host {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                if self.budget == 0 {
+                    return Err(std::io::ErrorKind::WouldBlock.into());
+                }
+                let n = buf.len().min(self.budget);
+                self.budget -= n;
+                self.data.extend_from_slice(&buf[..n]);
+                Ok(n)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+
+        struct Harness {
+            s: Session,
+            now: Instant,
+            host: usize,
+            stalled: bool,
+            wire: Host,
+            /// Requests the session returned to run: (id, kind, cap), in order.
+            running: Vec<(u64, u8, u32)>,
+            ran: HashSet<u64>,
+            /// What each id of each host asks for (a redelivery repeats it).
+            sent: HashMap<u64, (u8, u32)>,
+        }
+
+        impl Harness {
+            fn new() -> Self {
+                let now = Instant::now();
+                let cfg = SessionConfig {
+                    ping_interval: Duration::ZERO,
+                    stale_after_pings: 3,
+                    outbox_bytes: OUTBOX_BYTES,
+                };
+                let mut h = Harness {
+                    s: Session::new(cfg, 42, AgentReady::default(), now),
+                    now,
+                    host: 0,
+                    stalled: false,
+                    wire: Host {
+                        data: Vec::new(),
+                        budget: 0,
+                    },
+                    running: Vec::new(),
+                    ran: HashSet::new(),
+                    sent: HashMap::new(),
+                };
+                h.s.transition(LinkEvent::Up, now);
+                h.s.receive(&frame(1, hello(HOSTS[0])), now);
+                h
+            }
+
+            fn request(kind: u8, cap: u32) -> Payload {
+                match kind {
+                    0 => Payload::TimeGetRequest(TimeGetRequest {}),
+                    1 => collected_exec(cap),
+                    _ => Payload::LogsRequest(Default::default()),
+                }
+            }
+
+            fn reply(kind: u8, cap: u32, per_mille: u32) -> Payload {
+                match kind {
+                    0 => Payload::Done(Default::default()),
+                    1 => {
+                        let max = cap.min(30 * 1024) as usize;
+                        exec_exit(max * per_mille as usize / 1000)
+                    }
+                    _ => {
+                        let len = 60_000 * per_mille as usize / 1000;
+                        Payload::AgentLogs(AgentLogs {
+                            lines: vec![LogLine {
+                                message: "l".repeat(len),
+                                ..Default::default()
+                            }],
+                            dropped: 0,
+                        })
+                    }
+                }
+            }
+
+            fn pump(&mut self) {
+                while let Some(req) = self.s.next_request(self.now) {
+                    assert!(self.ran.insert(req.id), "request {} ran twice", req.id);
+                    let (kind, cap) = self.sent[&req.id];
+                    self.running.push((req.id, kind, cap));
+                }
+            }
+
+            fn flush(&mut self) {
+                if !self.stalled {
+                    self.s.outbox_mut().flush(&mut self.wire).unwrap();
+                }
+            }
+
+            fn apply(&mut self, op: Op) {
+                match op {
+                    Op::Request { n, kind, cap } => {
+                        let id = (self.host as u64 + 1) * 1000 + n;
+                        let (kind, cap) = *self.sent.entry(id).or_insert((kind, cap));
+                        self.s
+                            .receive(&frame(id, Self::request(kind, cap)), self.now);
+                    }
+                    Op::Finish { pick, per_mille } => {
+                        if !self.running.is_empty() {
+                            let (id, kind, cap) = self.running.remove(pick % self.running.len());
+                            let _ = self.s.reply(id, Self::reply(kind, cap, per_mille));
+                        }
+                    }
+                    Op::Stream { pick } => {
+                        if !self.running.is_empty() && self.s.outbox().room() >= 2 * 8192 {
+                            let (id, _, _) = self.running[pick % self.running.len()];
+                            let item = Payload::FileChunk(FileChunk {
+                                offset: 0,
+                                data: vec![1; 8000],
+                            });
+                            self.s.stream(id, item).unwrap();
+                        }
+                    }
+                    Op::Stall => self.stalled = true,
+                    Op::Resume => self.stalled = false,
+                    Op::Read { bytes } => {
+                        self.wire.budget += bytes;
+                        self.flush();
+                    }
+                    Op::Reconnect { host } => {
+                        self.s.transition(LinkEvent::Down, self.now);
+                        self.s.transition(LinkEvent::Up, self.now);
+                        self.host = host;
+                        self.s.receive(&frame(1, hello(HOSTS[host])), self.now);
+                    }
+                }
+                self.pump();
+                let bound = OUTBOX_BYTES + 4 * crate::outbox::MAX_FRAME_TOTAL_BYTES;
+                assert!(self.s.outbox().pending_bytes() <= bound);
+            }
+
+            /// The host reads everything, every request ends, and the host redelivers what
+            /// it never saw acked.
+            fn settle(&mut self) -> Vec<Envelope> {
+                self.stalled = false;
+                for _ in 0..200 {
+                    self.pump();
+                    while let Some((id, kind, cap)) = self.running.pop() {
+                        let _ = self.s.reply(id, Self::reply(kind, cap, 1000));
+                    }
+                    self.wire.budget = usize::MAX / 2;
+                    self.flush();
+                }
+                let mut dec = Decoder::new(DEFAULT_MAX_FRAME_BYTES);
+                dec.push(&self.wire.data);
+                let mut out = Vec::new();
+                loop {
+                    match dec.decode() {
+                        Ok(Some(p)) => out.push(decode_envelope(p).unwrap()),
+                        Ok(None) => break,
+                        Err(_) => {}
+                    }
+                }
+                out
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+            #[test]
+            fn every_acked_request_gets_exactly_one_terminal_reply(
+                ops in proptest::collection::vec(op(), 1..120)
+            ) {
+                let mut h = Harness::new();
+                for op in ops {
+                    h.apply(op);
+                }
+                // The current host redelivers every request of its own it never saw acked.
+                let mut out = h.settle();
+                let acked: HashSet<u64> = out
+                    .iter()
+                    .filter(|e| matches!(e.payload, Some(Payload::Ack(_))))
+                    .map(|e| e.correlation_id)
+                    .collect();
+                let base = (h.host as u64 + 1) * 1000;
+                let unacked: Vec<u64> = h
+                    .sent
+                    .keys()
+                    .copied()
+                    .filter(|id| *id / 1000 * 1000 == base && !acked.contains(id))
+                    .collect();
+                for id in unacked {
+                    let (kind, cap) = h.sent[&id];
+                    h.s.receive(&frame(id, Harness::request(kind, cap)), h.now);
+                }
+                out = h.settle();
+                let acked: HashSet<u64> = out
+                    .iter()
+                    .filter(|e| matches!(e.payload, Some(Payload::Ack(_))))
+                    .map(|e| e.correlation_id)
+                    .collect();
+                for id in h.sent.keys().filter(|id| *id / 1000 * 1000 == base) {
+                    prop_assert!(acked.contains(id), "request {} never acked", id);
+                }
+                let terms = terminals(&out);
+                for id in &acked {
+                    prop_assert_eq!(
+                        terms.get(id).map(HashSet::len),
+                        Some(1),
+                        "request {}: one terminal reply", id
+                    );
+                }
+                for id in &h.ran {
+                    prop_assert!(terms.contains_key(id), "request {} ran without a reply", id);
+                }
+            }
+        }
     }
 
     #[test]

@@ -1208,3 +1208,324 @@ fn freeze_hooks_run_before_freezing_and_a_failing_hook_prevents_the_freeze() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Whether `mnt` is frozen, found without writing to it: FIFREEZE of a frozen filesystem
+/// fails (EBUSY); one that was not frozen is thawed again at once.
+fn is_frozen(mnt: &str) -> bool {
+    let froze = Command::new("fsfreeze")
+        .args(["-f", mnt])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    if froze {
+        let _ = Command::new("fsfreeze").args(["-u", mnt]).status();
+    }
+    !froze
+}
+
+/// Waits (at most [`PATIENCE`]) until `done` holds.
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < PATIENCE, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn freeze_request(mnt: &str, auto_thaw_ms: u32, run_hooks: bool) -> Payload {
+    Payload::FsFreezeRequest(qx_proto::agent::FsFreezeRequest {
+        mountpoints: vec![mnt.to_string()],
+        auto_thaw_ms,
+        run_hooks,
+    })
+}
+
+fn freeze_token(envs: &[Envelope]) -> u64 {
+    match terminal(envs) {
+        Payload::FsFreezeReply(r) => r.token,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Two hooks that each record their start and end around a short sleep, so hooks that run
+/// at the same time interleave in the marker file.
+fn slow_recording_hooks(dir: &Path, marker: &Path) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    for name in ["a", "b"] {
+        let path = dir.join(format!("{}-{name}", if name == "a" { 10 } else { 20 }));
+        let m = marker.display();
+        std::fs::write(
+            &path,
+            format!("#!/bin/sh\necho \"$1 {name} start\" >> {m}\nsleep 0.3\necho \"$1 {name} end\" >> {m}\n"),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    format!("freeze_hooks_dir={}", dir.display())
+}
+
+const FREEZE_HOOKS_RAN: &str = "freeze a start\nfreeze a end\nfreeze b start\nfreeze b end\n";
+const THAW_HOOKS_RAN: &str = "thaw b start\nthaw b end\nthaw a start\nthaw a end\n";
+
+#[test]
+fn sigterm_of_a_frozen_agent_thaws_before_it_exits() {
+    let mut agent = Agent::start(&[]);
+    // Dropped before the agent: a failing test thaws before it kills the agent.
+    let fs = LoopFs::new();
+    let mut host = agent.accept();
+    host.hello();
+    let (_, envs) = host.request(freeze_request(&fs.mnt, 60_000, false));
+    freeze_token(&envs);
+    assert!(is_frozen(&fs.mnt));
+    let pid = agent.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let code = agent.child.wait().unwrap();
+    assert!(code.success(), "{code:?}");
+    assert!(
+        !is_frozen(&fs.mnt),
+        "the agent exited and left the filesystem frozen"
+    );
+    assert!(!agent.dir_path.join("frozen").exists());
+}
+
+#[test]
+fn auto_thaw_delay_is_capped() {
+    // docs/operations.md: a freeze lasts at most 10 minutes, whatever the host asks.
+    const CAP_MS: i64 = 10 * 60 * 1000;
+    let agent = Agent::start(&[]);
+    // Dropped before the agent: a failing test thaws before it kills the agent.
+    let fs = LoopFs::new();
+    let mut host = agent.accept();
+    host.hello();
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let (_, envs) = host.request(freeze_request(&fs.mnt, u32::MAX, false));
+    let (token, at) = match terminal(&envs) {
+        Payload::FsFreezeReply(r) => (r.token, r.auto_thaw_unix_ms),
+        other => panic!("{other:?}"),
+    };
+    let (_, envs) = host.request(Payload::FsThawRequest(qx_proto::agent::FsThawRequest {
+        token,
+        run_hooks: false,
+    }));
+    assert!(matches!(terminal(&envs), Payload::FsThawReply(_)));
+    assert!(
+        at - before <= CAP_MS + 60_000,
+        "auto-thaw {} ms away",
+        at - before
+    );
+}
+
+#[test]
+fn thaw_hooks_run_one_after_another_in_reverse_order() {
+    let hooks = tempfile::tempdir().unwrap();
+    let marker = hooks.path().join("marker");
+    let hooks_dir = slow_recording_hooks(hooks.path(), &marker);
+    let agent = Agent::start(&["--set", &hooks_dir]);
+    // Dropped before the agent: a failing test thaws before it kills the agent.
+    let fs = LoopFs::new();
+    let mut host = agent.accept();
+    host.hello();
+    let (_, envs) = host.request(freeze_request(&fs.mnt, 60_000, true));
+    let token = freeze_token(&envs);
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), FREEZE_HOOKS_RAN);
+    let (_, envs) = host.request(Payload::FsThawRequest(qx_proto::agent::FsThawRequest {
+        token,
+        run_hooks: true,
+    }));
+    assert!(matches!(terminal(&envs), Payload::FsThawReply(_)));
+    let expected = format!("{FREEZE_HOOKS_RAN}{THAW_HOOKS_RAN}");
+    wait_for("thaw hooks did not run one after another", || {
+        let got = std::fs::read_to_string(&marker).unwrap();
+        assert!(expected.starts_with(&got), "hooks ran out of order:\n{got}");
+        got == expected
+    });
+}
+
+#[test]
+fn auto_thaw_runs_the_thaw_hooks() {
+    let hooks = tempfile::tempdir().unwrap();
+    let marker = hooks.path().join("marker");
+    let hooks_dir = slow_recording_hooks(hooks.path(), &marker);
+    let agent = Agent::start(&["--set", &hooks_dir]);
+    // Dropped before the agent: a failing test thaws before it kills the agent.
+    let fs = LoopFs::new();
+    let mut host = agent.accept();
+    host.hello();
+    let (_, envs) = host.request(freeze_request(&fs.mnt, 300, true));
+    freeze_token(&envs);
+    let expected = format!("{FREEZE_HOOKS_RAN}{THAW_HOOKS_RAN}");
+    wait_for("the auto-thaw did not run the thaw hooks", || {
+        std::fs::read_to_string(&marker).unwrap() == expected
+    });
+    assert!(!is_frozen(&fs.mnt));
+}
+
+#[test]
+fn a_restarted_agent_thaws_and_runs_the_thaw_hooks_a_dead_one_left() {
+    let hooks = tempfile::tempdir().unwrap();
+    let marker = hooks.path().join("marker");
+    let hooks_dir = slow_recording_hooks(hooks.path(), &marker);
+    let mut agent = Agent::start(&["--set", &hooks_dir]);
+    // Dropped before the agent: a failing test thaws before it kills the agent.
+    let fs = LoopFs::new();
+    let mut host = agent.accept();
+    host.hello();
+    let (_, envs) = host.request(freeze_request(&fs.mnt, 60_000, true));
+    freeze_token(&envs);
+    // SIGKILL: no code of the agent runs; the next one recovers from the state file.
+    agent.restart(&["--set", &hooks_dir]);
+    let _host = agent.accept();
+    wait_for("the restarted agent did not thaw", || !is_frozen(&fs.mnt));
+    let expected = format!("{FREEZE_HOOKS_RAN}{THAW_HOOKS_RAN}");
+    wait_for("the restarted agent did not run the thaw hooks", || {
+        std::fs::read_to_string(&marker).unwrap() == expected
+    });
+}
+
+#[test]
+fn an_upload_aborted_while_frozen_never_blocks_the_agent() {
+    use qx_proto::agent::{FileWriteChunk, FileWriteOpen, FsThawRequest};
+    let agent = Agent::start(&[]);
+    // Dropped before the agent: a failing test thaws before it kills the agent.
+    let fs = LoopFs::new();
+    let mut host = agent.accept();
+    host.hello();
+    let hello = |id| {
+        Payload::HostHello(HostHello {
+            host_session_id: id,
+            ..Default::default()
+        })
+    };
+    host.send(1, hello(0x14));
+    host.recv_until(|e| e.correlation_id == 1);
+    let (_, envs) = host.request(Payload::FileWriteOpen(FileWriteOpen {
+        path: format!("{}/upload.bin", fs.mnt),
+        overwrite: true,
+        ..Default::default()
+    }));
+    let handle = match terminal(&envs) {
+        Payload::FileWriteOpened(o) => o.handle,
+        other => panic!("{other:?}"),
+    };
+    let (_, envs) = host.request(Payload::FileWriteChunk(FileWriteChunk {
+        handle,
+        offset: 0,
+        data: vec![1; 4096],
+    }));
+    assert!(matches!(terminal(&envs), Payload::Done(_)));
+    let (_, envs) = host.request(freeze_request(&fs.mnt, 60_000, false));
+    let token = freeze_token(&envs);
+    // The daemon restarts: the agent aborts the upload of the old host session.
+    host.send(2, hello(0x15));
+    host.recv_until(|e| e.correlation_id == 2);
+    host.send(3, Payload::Ping(Ping { seq: 3 }));
+    let got = host.recv_until(|e| e.correlation_id == 3);
+    assert!(matches!(terminal(&got), Payload::Pong(_)));
+    let (_, envs) = host.request(Payload::FsThawRequest(FsThawRequest {
+        token,
+        run_hooks: false,
+    }));
+    assert!(matches!(terminal(&envs), Payload::FsThawReply(_)));
+    // The aborted upload's temporary file goes once the filesystem is thawed.
+    wait_for("the aborted upload's temporary file stayed", || {
+        std::fs::read_dir(&fs.mnt)
+            .unwrap()
+            .flatten()
+            .all(|e| e.file_name() == "lost+found")
+    });
+}
+
+#[test]
+fn a_freeze_cancels_a_trim_that_has_not_reached_the_filesystem_and_says_so() {
+    use qx_proto::agent::{FsThawRequest, FsTrimRequest};
+    let agent = Agent::start(&[]);
+    // Dropped before the agent: a failing test thaws before it kills the agent.
+    let fs = LoopFs::new();
+    let mut host = agent.accept();
+    host.hello();
+    // Both in one write: the agent takes them in the same turn, the trim first.
+    let mut bytes = Vec::new();
+    for (id, payload) in [
+        (
+            50,
+            Payload::FsTrimRequest(FsTrimRequest {
+                mountpoints: vec![fs.mnt.clone()],
+                minimum_bytes: 0,
+            }),
+        ),
+        (51, freeze_request(&fs.mnt, 60_000, false)),
+    ] {
+        let env = Envelope {
+            id,
+            correlation_id: 0,
+            payload: Some(payload),
+        };
+        encode_envelope(&env, DEFAULT_MAX_FRAME_BYTES, &mut bytes).unwrap();
+    }
+    host.send_raw(&bytes);
+    let mut trim = None;
+    let mut token = None;
+    while trim.is_none() || token.is_none() {
+        let env = host.recv();
+        match env.payload {
+            Some(Payload::FsTrimReply(r)) => trim = Some(r),
+            Some(Payload::FsFreezeReply(r)) => token = Some(r.token),
+            Some(Payload::Error(e)) => panic!("{e:?}"),
+            _ => {}
+        }
+    }
+    let trim = trim.unwrap();
+    let (_, envs) = host.request(Payload::FsThawRequest(FsThawRequest {
+        token: token.unwrap(),
+        run_hooks: false,
+    }));
+    assert!(matches!(terminal(&envs), Payload::FsThawReply(_)));
+    assert_eq!(trim.results.len(), 1);
+    assert!(
+        trim.results[0].error.contains("freeze"),
+        "trimmed a filesystem being frozen: {:?}",
+        trim.results[0]
+    );
+}
+
+#[test]
+fn a_filesystem_call_that_blocks_never_keeps_a_ping_waiting() {
+    use qx_proto::agent::MkdirRequest;
+    let agent = Agent::start(&[]);
+    // Dropped before the agent: a failing test thaws before it kills the agent.
+    let fs = LoopFs::new();
+    let mut host = agent.accept();
+    host.hello();
+    // Frozen behind the agent's back (another tool): a mkdir there blocks in the kernel
+    // until the thaw.
+    let frozen = Command::new("fsfreeze")
+        .args(["-f", &fs.mnt])
+        .status()
+        .unwrap();
+    assert!(frozen.success());
+    host.send(
+        60,
+        Payload::MkdirRequest(MkdirRequest {
+            path: format!("{}/made-while-frozen", fs.mnt),
+            ..Default::default()
+        }),
+    );
+    host.send(61, Payload::Ping(Ping { seq: 61 }));
+    let got = host.recv_until(|e| e.correlation_id == 61);
+    assert!(matches!(terminal(&got), Payload::Pong(_)));
+    assert!(Command::new("fsfreeze")
+        .args(["-u", &fs.mnt])
+        .status()
+        .unwrap()
+        .success());
+    let envs = host.replies(60);
+    assert!(matches!(terminal(&envs), Payload::Done(_)), "{envs:?}");
+}

@@ -578,6 +578,25 @@ impl Writer {
     }
 }
 
+/// The temporary file of an upload that was given up, still to be removed: a name in its
+/// directory, held by descriptor so that the removal cannot be redirected.
+#[derive(Debug)]
+pub struct AbandonedTemp {
+    dir: OwnedFd,
+    name: OsString,
+}
+
+impl AbandonedTemp {
+    /// Removes the file; one that is already gone is not an error.
+    pub fn remove(self) {
+        if let Err(e) = sys::unlinkat(self.dir.as_fd(), &self.name, false) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                log::warn!("cannot remove {}: {e}", Path::new(&self.name).display());
+            }
+        }
+    }
+}
+
 /// Open write transfers, by handle.
 #[derive(Debug)]
 pub struct FileWriters {
@@ -746,7 +765,19 @@ impl FileWriters {
         })
     }
 
-    /// Aborts every open transfer (temp files removed), e.g. on a new host session.
+    /// Ends every open transfer without touching its filesystem and returns the temporary
+    /// files, for the caller to remove when that cannot block (not while frozen).
+    pub fn abandon_all(&mut self) -> Vec<AbandonedTemp> {
+        std::mem::take(&mut self.open)
+            .into_values()
+            .map(|w| AbandonedTemp {
+                dir: w.dir,
+                name: w.temp,
+            })
+            .collect()
+    }
+
+    /// Aborts every open transfer (temp files removed).
     pub fn abort_all(&mut self) {
         for (_, w) in std::mem::take(&mut self.open) {
             w.remove_temp();

@@ -11,9 +11,15 @@
 //! freeze refuses to freeze the filesystem holding it, so the agent never has to write to a
 //! frozen disk, and it is only written before freezing and removed after thawing.
 //!
-//! Hooks are executables in the hooks directory, run by the loop as children (see
-//! [`Freezer::hook_commands`]): ascending name order with the argument "freeze" before a freeze,
-//! descending order with "thaw" after a thaw, each with [`HOOK_TIMEOUT_MS`].
+//! Hooks are executables in the hooks directory, run by the loop as children one after another
+//! (see [`Freezer::hook_commands`]): ascending name order with the argument "freeze" before a
+//! freeze, descending order with "thaw" after a thaw, each with [`HOOK_TIMEOUT_MS`]. The state
+//! file records whether the freeze hooks ran; if they did, every thaw (by the host, by the
+//! deadline, at exit, or by a restarted agent's recovery) leaves [`Freezer::take_thaw_hooks_due`]
+//! set so the loop runs the thaw hooks.
+//!
+//! The auto-thaw delay is capped at [`MAX_AUTO_THAW_MS`]: a guest whose disks stay frozen
+//! longer than that is broken, whatever the host asked.
 //!
 //! While filesystems are frozen the dispatcher must run only safe requests (ping, status,
 //! thaw); in particular [`trim`] on a frozen filesystem would block until the thaw.
@@ -35,6 +41,8 @@ use crate::sys;
 
 /// Default auto-thaw delay when the request leaves it 0.
 pub const DEFAULT_AUTO_THAW_MS: u32 = 60_000;
+/// The longest auto-thaw delay: larger requests are cut to this (10 minutes).
+pub const MAX_AUTO_THAW_MS: u32 = 600_000;
 /// Timeout for each hook script.
 pub const HOOK_TIMEOUT_MS: u32 = 10_000;
 /// First line of the state file.
@@ -57,16 +65,21 @@ struct Frozen {
     mounts: Vec<String>,
     deadline: Instant,
     auto_thaw_unix_ms: i64,
+    /// The freeze hooks ran before this freeze: the thaw hooks must run after it.
+    hooks_ran: bool,
 }
 
-/// Owns the freeze state of this agent.
-#[derive(Debug)]
+/// Owns the freeze state of this agent. A clone does a freeze on the filesystem worker; the
+/// loop's copy takes the result with [`Freezer::adopt_freeze`].
+#[derive(Debug, Clone)]
 pub struct Freezer {
     state_file: PathBuf,
     hooks_dir: Option<PathBuf>,
     /// The mount table consulted (/proc/self/mountinfo; a file in tests).
     mountinfo: PathBuf,
     current: Option<Frozen>,
+    /// A thaw (or a recovery) happened after a freeze whose hooks ran.
+    thaw_hooks_due: bool,
 }
 
 /// major/minor of a dev_t (glibc's encoding, which the kernel's new_encode_dev matches).
@@ -169,6 +182,7 @@ impl Freezer {
             hooks_dir,
             mountinfo: PathBuf::from("/proc/self/mountinfo"),
             current: None,
+            thaw_hooks_due: false,
         }
     }
 
@@ -181,6 +195,18 @@ impl Freezer {
 
     pub fn is_frozen(&self) -> bool {
         self.current.is_some()
+    }
+
+    /// Takes the freeze `other` (a clone that did [`Freezer::freeze`]) made, if any.
+    pub fn adopt_freeze(&mut self, other: Freezer) {
+        if other.current.is_some() {
+            self.current = other.current;
+        }
+    }
+
+    /// True once after a thaw or recovery that must be followed by the thaw hooks.
+    pub fn take_thaw_hooks_due(&mut self) -> bool {
+        std::mem::take(&mut self.thaw_hooks_due)
     }
 
     /// When the agent must thaw by itself.
@@ -218,6 +244,9 @@ impl Freezer {
             "{STATE_MAGIC}\ntoken {:016x}\nauto_thaw_unix_ms {}\n",
             f.token, f.auto_thaw_unix_ms
         );
+        if f.hooks_ran {
+            text.push_str("hooks ran\n");
+        }
         for m in &f.mounts {
             text.push_str(&format!("mount {}\n", escape(m)));
         }
@@ -246,8 +275,9 @@ impl Freezer {
         let _ = std::fs::remove_file(&self.state_file);
     }
 
-    /// Reads the state file: (token, mountpoints in freeze order), None when absent.
-    fn read_state(&self) -> OpResult<Option<(u64, Vec<String>)>> {
+    /// Reads the state file: (token, mountpoints in freeze order, whether the freeze hooks
+    /// ran), None when absent.
+    fn read_state(&self) -> OpResult<Option<(u64, Vec<String>, bool)>> {
         use std::io::Read;
         let shown = self.state_shown();
         let mut text = String::new();
@@ -268,21 +298,24 @@ impl Freezer {
         }
         let mut token = 0;
         let mut mounts = Vec::new();
+        let mut hooks_ran = false;
         for line in lines {
             match line.split_once(' ') {
                 Some(("token", t)) => token = u64::from_str_radix(t, 16).unwrap_or(0),
                 Some(("mount", m)) => mounts.push(disks::unescape(m)),
+                Some(("hooks", "ran")) => hooks_ran = true,
                 _ => {}
             }
         }
-        Ok(Some((token, mounts)))
+        Ok(Some((token, mounts, hooks_ran)))
     }
 
     /// Thaws what a previous agent left frozen according to the state file, then removes
-    /// it. Returns the mountpoints that were actually frozen.
+    /// it. Returns the mountpoints that were actually frozen. If the dead agent's freeze ran
+    /// the freeze hooks, the thaw hooks are due.
     pub fn recover(&mut self) -> OpResult<Vec<String>> {
         let state = self.read_state();
-        let Some((_, mounts)) = (match state {
+        let Some((_, mounts, hooks_ran)) = (match state {
             Ok(s) => s,
             Err(e) => {
                 self.remove_state();
@@ -309,6 +342,7 @@ impl Freezer {
             ));
         }
         self.remove_state();
+        self.thaw_hooks_due |= hooks_ran;
         Ok(thawed)
     }
 
@@ -359,7 +393,7 @@ impl Freezer {
         }
         let auto_ms = match req.auto_thaw_ms {
             0 => DEFAULT_AUTO_THAW_MS,
-            ms => ms,
+            ms => ms.min(MAX_AUTO_THAW_MS),
         };
         let token = sys::random_u64()
             .map_err(|e| OpError::io("getrandom", &e))?
@@ -369,6 +403,7 @@ impl Freezer {
             mounts: targets.iter().rev().map(|m| m.mountpoint.clone()).collect(),
             deadline: now + Duration::from_millis(u64::from(auto_ms)),
             auto_thaw_unix_ms: now_unix_ms() + i64::from(auto_ms),
+            hooks_ran: req.run_hooks,
         };
         // Recorded before anything is frozen, so a crash at any point below is recoverable.
         self.write_state(&frozen)?;
@@ -452,6 +487,7 @@ impl Freezer {
             }
         }
         if failed.is_empty() {
+            self.thaw_hooks_due |= f.hooks_ran || req.run_hooks;
             self.current = None;
             self.remove_state();
             return Ok(FsThawReply { thawed });
@@ -468,6 +504,17 @@ impl Freezer {
                 thawed.join(", ")
             ),
         ))
+    }
+
+    /// Thaws whatever is frozen (forced), e.g. before the agent exits; `None` when nothing
+    /// was frozen.
+    pub fn thaw_all(&mut self) -> Option<OpResult<FsThawReply>> {
+        self.is_frozen().then(|| {
+            self.thaw(&FsThawRequest {
+                token: 0,
+                run_hooks: false,
+            })
+        })
     }
 
     /// Thaws (forced) when the deadline has passed; `None` when nothing was due.
