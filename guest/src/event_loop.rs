@@ -52,6 +52,7 @@ const ROUNDS_PER_TURN: usize = 8;
 enum Tok {
     Port,
     Signals,
+    Qga,
     Child(usize, ChildFd),
     Unknown(usize),
 }
@@ -61,6 +62,7 @@ impl From<Token> for Tok {
         match t {
             PORT => Tok::Port,
             SIGNALS => Tok::Signals,
+            crate::qga::QGA => Tok::Qga,
             other => match ChildFd::from_token(other) {
                 Some((slot, fd)) => Tok::Child(slot, fd),
                 None => Tok::Unknown(other.0),
@@ -170,6 +172,8 @@ pub struct Agent {
     pub(crate) next_telemetry: Option<Instant>,
     pub(crate) power: Option<PendingPower>,
     pub(crate) freeze_chain: Option<FreezeChain>,
+    /// The qemu-ga front end (docs/qemu-ga.md), when configured.
+    pub(crate) qga: Option<crate::qga::QgaPort>,
     port_ready: bool,
     exit_by: Option<Instant>,
 }
@@ -277,6 +281,7 @@ impl Agent {
             next_telemetry,
             power: None,
             freeze_chain: None,
+            qga: crate::qga::QgaPort::from_config(&cfg),
             port_ready: false,
             exit_by: None,
             transport: Transport::new(endpoint),
@@ -331,6 +336,11 @@ impl Agent {
                 match Tok::from(event.token()) {
                     Tok::Port => self.port_ready = true,
                     Tok::Signals => self.on_signals(now),
+                    Tok::Qga => {
+                        if let Some(q) = self.qga.as_mut() {
+                            q.on_event();
+                        }
+                    }
                     Tok::Child(slot, fd) => self.jobs.on_event(slot, fd),
                     Tok::Unknown(t) => log::warn!("event for unknown token {t}"),
                 }
@@ -355,6 +365,7 @@ impl Agent {
             self.freezer.deadline(),
             self.power.as_ref().map(|p| p.at),
             self.jobs.next_deadline(),
+            self.qga.as_ref().and_then(|q| q.next_deadline()),
             self.exit_by,
         ]
         .into_iter()
@@ -385,13 +396,15 @@ impl Agent {
                 break;
             }
         }
+        let qga_busy = self.service_qga(now);
         let want_write = !self.session.host_present() || !self.session.outbox().is_empty();
         self.transport
             .set_interest(self.poll.registry(), PORT, want_write);
-        self.has_room()
-            && ((self.port_ready && self.transport.is_open())
-                || !self.transfers.is_empty()
-                || self.jobs.wants_room())
+        qga_busy
+            || self.has_room()
+                && ((self.port_ready && self.transport.is_open())
+                    || !self.transfers.is_empty()
+                    || self.jobs.wants_room())
     }
 
     fn open_transport(&mut self, now: Instant) {
@@ -575,6 +588,9 @@ impl Agent {
         self.jobs.set_max_exec(cfg.max_concurrent_exec);
         self.policy = PathPolicy::new(cfg.file_allow.clone(), cfg.file_deny.clone());
         self.session.set_ready(ready_template(&cfg));
+        if let Some(q) = self.qga.as_mut() {
+            q.set_policy(cfg.qga_policy());
+        }
         self.cfg = cfg;
         log::info!("configuration reloaded");
     }
