@@ -269,7 +269,7 @@ fn requests_need_no_newline_run_in_order_and_echo_their_ids() {
 
 #[test]
 fn errors_carry_qemu_ga_classes_and_the_next_request_still_runs() {
-    let agent = Agent::start(&["--set", "qga_block_rpcs=guest-get-users"]);
+    let agent = Agent::start(&["--block-rpcs", "guest-get-users,guest-get-osinfo"]);
     let mut conn = agent.accept();
     for (req, class) in [
         (
