@@ -249,6 +249,7 @@ impl Agent {
             None => Endpoint::Device {
                 path: cfg.device.clone(),
                 explicit: cfg.device != std::path::Path::new(crate::config::DEFAULT_DEVICE),
+                name: crate::config::PORT_NAME,
             },
         };
         let session = Session::new(

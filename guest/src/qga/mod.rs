@@ -32,6 +32,8 @@ use json::{Split, Splitter, Value};
 use outbox::LineOutbox;
 use request::{QgaError, QgaResult};
 
+/// The qemu-ga port's virtio-serial name.
+pub const QGA_PORT_NAME: &str = "org.qemu.guest_agent.0";
 /// The qemu-ga port's poll token.
 pub const QGA: Token = Token(2);
 /// Child job ids of this front end have this bit set (native request ids never do in
@@ -114,7 +116,8 @@ impl QgaPort {
             (Some(sock), _) => Endpoint::Unix(sock.clone()),
             (None, Some(dev)) => Endpoint::Device {
                 path: dev.clone(),
-                explicit: true,
+                explicit: dev != std::path::Path::new(crate::config::DEFAULT_QGA_DEVICE),
+                name: QGA_PORT_NAME,
             },
             (None, None) => return None,
         };
