@@ -29,6 +29,8 @@ pub const MAX_FILE_READ_BYTES: i64 = 8 * 1024 * 1024;
 pub const EXEC_CAPTURE_BYTES: u64 = 16 * 1024 * 1024;
 /// The auto-thaw of a qemu-ga freeze: qemu-ga has none, so the longest the freezer takes.
 pub const QGA_AUTO_THAW_MS: u32 = u32::MAX;
+/// The RTC's time in seconds since the epoch (the RTC keeps UTC, as QEMU's does by default).
+const RTC_SINCE_EPOCH: &str = "/sys/class/rtc/rtc0/since_epoch";
 /// The fsfreeze hook's time limit.
 const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -205,9 +207,17 @@ impl Agent {
             "guest-set-time" => {
                 a.only(&["time"])?;
                 let Some(ns) = a.opt_int("time")? else {
-                    return Err(QgaError::generic(
-                        "setting the time from the RTC (no 'time') is not supported",
-                    ));
+                    // No time: set the system clock from the RTC (qemu-ga runs `hwclock -s`).
+                    let rtc = read_trim(Path::new(RTC_SINCE_EPOCH));
+                    let secs: i64 = rtc.parse().map_err(|_| {
+                        QgaError::generic(format!("cannot read the RTC ({RTC_SINCE_EPOCH})"))
+                    })?;
+                    return ops::timeops::set(&TimeSetRequest {
+                        unix_ns: secs.saturating_mul(1_000_000_000),
+                        write_rtc: false,
+                    })
+                    .map(|_| empty())
+                    .map_err(op_err);
                 };
                 // qemu-ga's range: years 1970 to 2069.
                 if !(0..3_155_760_000_000_000_000).contains(&ns) {
