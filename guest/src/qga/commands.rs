@@ -249,11 +249,15 @@ impl Agent {
                 a.only(&[])?;
                 let text = std::fs::read_to_string("/proc/loadavg")
                     .map_err(|e| QgaError::generic(format!("/proc/loadavg: {e}")))?;
-                let l = ops::telemetry::parse_loadavg(&text);
+                // The kernel's own decimal text is the number: nothing to convert.
+                let mut f = text
+                    .split_whitespace()
+                    .map(|v| Value::Number(v.to_string()));
+                let mut next = || f.next().unwrap_or(Value::Int(0));
                 Ok(obj([
-                    ("load1m", Value::Float(f64::from(l.one))),
-                    ("load5m", Value::Float(f64::from(l.five))),
-                    ("load15m", Value::Float(f64::from(l.fifteen))),
+                    ("load1m", next()),
+                    ("load5m", next()),
+                    ("load15m", next()),
                 ]))
             }
             "guest-get-vcpus" => a
@@ -974,7 +978,8 @@ fn qga_users() -> QgaResult<Value> {
             .map(|(user, t)| {
                 obj([
                     ("user", Value::from(user)),
-                    ("login-time", Value::Float(t as f64)),
+                    // Whole seconds (utmp has microseconds; libvirt reads a number).
+                    ("login-time", Value::Int(t)),
                 ])
             })
             .collect(),

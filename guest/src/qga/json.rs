@@ -22,7 +22,9 @@ pub enum Value {
     Null,
     Bool(bool),
     Int(i64),
-    Float(f64),
+    /// Any other number (a fraction, an exponent, or beyond `i64`), kept as its JSON text:
+    /// no command takes one, and the agent never needs its value.
+    Number(String),
     Str(String),
     Array(Vec<Value>),
     Object(Vec<(String, Value)>),
@@ -343,31 +345,47 @@ impl Parser<'_> {
 
     fn number(&mut self) -> Result<Value, JsonError> {
         let start = self.at;
-        let mut float = false;
+        let digits = |p: &mut Self| {
+            let from = p.at;
+            while p.peek().is_some_and(|b| b.is_ascii_digit()) {
+                p.at += 1;
+            }
+            p.at > from
+        };
         if self.peek() == Some(b'-') {
             self.at += 1;
         }
-        while let Some(b) = self.peek() {
-            match b {
-                b'0'..=b'9' => {}
-                b'.' | b'e' | b'E' | b'+' | b'-' => float = true,
-                _ => break,
-            }
-            self.at += 1;
+        let int_start = self.at;
+        if !digits(self) || (self.s[int_start] == b'0' && self.at - int_start > 1) {
+            return Err(JsonError::Syntax("invalid number"));
         }
-        let text = std::str::from_utf8(&self.s[start..self.at])
-            .map_err(|_| JsonError::Syntax("invalid number"))?;
-        if !float {
+        let mut integer = true;
+        if self.peek() == Some(b'.') {
+            self.at += 1;
+            integer = false;
+            if !digits(self) {
+                return Err(JsonError::Syntax("invalid number"));
+            }
+        }
+        if matches!(self.peek(), Some(b'e' | b'E')) {
+            self.at += 1;
+            integer = false;
+            if matches!(self.peek(), Some(b'+' | b'-')) {
+                self.at += 1;
+            }
+            if !digits(self) {
+                return Err(JsonError::Syntax("invalid number"));
+            }
+        }
+        // ASCII digits and signs only, checked above.
+        let text = String::from_utf8_lossy(&self.s[start..self.at]).into_owned();
+        if integer {
             if let Ok(i) = text.parse::<i64>() {
                 return Ok(Value::Int(i));
             }
         }
-        // An integer beyond i64 is a float, as in QEMU's parser.
-        text.parse::<f64>()
-            .ok()
-            .filter(|f| f.is_finite())
-            .map(Value::Float)
-            .ok_or(JsonError::Syntax("invalid number"))
+        // An integer beyond i64 is not an integer, as in QEMU's parser.
+        Ok(Value::Number(text))
     }
 
     fn hex4(&mut self) -> Result<u32, JsonError> {
@@ -449,13 +467,7 @@ impl Value {
             Value::Int(i) => {
                 let _ = write!(out, "{i}");
             }
-            Value::Float(f) => {
-                if f.is_finite() {
-                    let _ = write!(out, "{f:?}");
-                } else {
-                    out.push_str("null");
-                }
-            }
+            Value::Number(text) => out.push_str(text),
             Value::Str(s) => write_str(s, out),
             Value::Array(items) => {
                 out.push('[');
@@ -657,14 +669,21 @@ mod tests {
     }
 
     #[test]
-    fn numbers_with_a_fraction_are_floats_and_huge_integers_too() {
+    fn numbers_with_a_fraction_or_beyond_i64_are_not_integers() {
         assert_eq!(
             parse(b"[1.0]").unwrap(),
-            Value::Array(vec![Value::Float(1.0)])
+            Value::Array(vec![Value::Number("1.0".into())])
         );
         assert_eq!(
+            parse(b"[-2.5e+3]").unwrap(),
+            Value::Array(vec![Value::Number("-2.5e+3".into())])
+        );
+        for bad in [&b"[01]"[..], b"[1.]", b"[.5]", b"[1e]", b"[-]", b"[+1]"] {
+            assert!(parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        assert_eq!(
             parse(b"[99999999999999999999]").unwrap(),
-            Value::Array(vec![Value::Float(1e20)])
+            Value::Array(vec![Value::Number("99999999999999999999".into())])
         );
         assert_eq!(
             parse(b"[-9223372036854775808]").unwrap(),
@@ -700,7 +719,7 @@ mod tests {
         let v = obj([
             ("s", Value::from("é\u{1}\"\\\n😀")),
             ("n", Value::Int(-3)),
-            ("f", Value::Float(1.5)),
+            ("f", Value::Number("1.5".into())),
             ("a", Value::Array(vec![Value::Null, Value::Bool(true)])),
         ]);
         let text = v.to_text();
