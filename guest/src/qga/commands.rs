@@ -283,7 +283,7 @@ impl Agent {
                     &self.users,
                     &SshKeysAddRequest {
                         user: a.str("username")?.to_string(),
-                        keys: a.str_list("keys")?,
+                        keys: non_blank(a.str_list("keys")?),
                         reset: a.opt_bool("reset")?.unwrap_or(false),
                     },
                 )
@@ -296,7 +296,7 @@ impl Agent {
                     &self.users,
                     &SshKeysRemoveRequest {
                         user: a.str("username")?.to_string(),
-                        keys: a.str_list("keys")?,
+                        keys: non_blank(a.str_list("keys")?),
                     },
                 )
                 .map(|_| empty())
@@ -710,6 +710,12 @@ impl Agent {
             .map_err(|e| QgaError::generic(format!("failed to seek file: {e}")))?;
         Ok(obj([("position", int(at)), ("eof", Value::from(false))]))
     }
+}
+
+/// The keys without blank entries: `virsh set-user-sshkeys` sends the empty string after a
+/// key file's last newline, and qemu-ga takes it.
+fn non_blank(keys: Vec<String>) -> Vec<String> {
+    keys.into_iter().filter(|k| !k.trim().is_empty()).collect()
 }
 
 fn handle_not_found(h: i64) -> QgaError {
