@@ -532,12 +532,30 @@ impl Drop for LoopFs {
 #[test]
 fn freeze_list_allows_only_the_frozen_list_and_thaw_counts() {
     let fs = LoopFs::new();
-    let mut agent = Agent::start(&[]);
+    let hooks = tempfile::tempdir().unwrap();
+    let hook = hooks.path().join("fsfreeze-hook");
+    let hook_log = hooks.path().join("hook.log");
+    std::fs::write(
+        &hook,
+        format!("#!/bin/sh\necho \"$1\" >> {}\n", hook_log.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // The hook comes from qemu-ga's own configuration file, as on a guest that had qemu-ga.
+    let conf = hooks.path().join("qemu-ga.conf");
+    std::fs::write(
+        &conf,
+        format!("[general]\nfsfreeze-hook={}\n", hook.display()),
+    )
+    .unwrap();
+    let mut agent = Agent::start(&["--set", &format!("qga_config={}", conf.display())]);
     let n = agent.proxmox(
         "guest-fsfreeze-freeze-list",
         json!({"mountpoints": [fs.mnt]}),
     );
     assert_eq!(n, json!({"return": 1}));
+    // The freeze hook ran (and ended) before the freeze was answered.
+    assert_eq!(std::fs::read_to_string(&hook_log).unwrap(), "freeze\n");
     // The freeze record the native protocol shares.
     assert!(agent.path("frozen").exists());
     assert_eq!(
@@ -569,6 +587,11 @@ fn freeze_list_allows_only_the_frozen_list_and_thaw_counts() {
         json!({"return": 1})
     );
     assert!(writer.wait().unwrap().success());
+    let start = Instant::now();
+    while std::fs::read_to_string(&hook_log).unwrap() != "freeze\nthaw\n" {
+        assert!(start.elapsed() < PATIENCE, "the thaw hook never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "x\n");
     assert_eq!(
         agent.proxmox("guest-fsfreeze-thaw", json!({})),
