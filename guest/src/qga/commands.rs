@@ -50,6 +50,7 @@ pub const COMMANDS: &[&str] = &[
     "guest-fsfreeze-status",
     "guest-fsfreeze-thaw",
     "guest-fstrim",
+    "guest-get-disks",
     "guest-get-fsinfo",
     "guest-get-host-name",
     "guest-get-load",
@@ -198,6 +199,7 @@ impl Agent {
                 qga_fstrim(minimum)
             }
             "guest-get-fsinfo" => a.only(&[]).and_then(|()| qga_fsinfo()),
+            "guest-get-disks" => a.only(&[]).map(|()| qga_disks(Path::new("/sys/block"))),
             "guest-get-time" => {
                 a.only(&[])?;
                 ops::timeops::get()
@@ -854,6 +856,71 @@ fn disks_of(dir: &Path, depth: usize, out: &mut Vec<Value>) {
     }
 }
 
+/// `/dev/` names of the entries of a sysfs `slaves` directory.
+fn slaves(dir: &Path) -> Vec<Value> {
+    let mut names: Vec<String> = std::fs::read_dir(dir.join("slaves"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| format!("/dev/{}", e.file_name().to_string_lossy()))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names.into_iter().map(Value::from).collect()
+}
+
+/// The disks of a /sys/block-like directory and their partitions, with what each depends on
+/// and, for disks on a PCI device, the address libvirt maps to the domain's disk.
+pub fn qga_disks(sys_block: &Path) -> Value {
+    let mut disks: Vec<String> = std::fs::read_dir(sys_block)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    disks.sort();
+    let mut out = Vec::new();
+    for name in disks {
+        let dir = sys_block.join(&name);
+        let real = std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone());
+        let mut serial = read_trim(&real.join("serial"));
+        if serial.is_empty() {
+            serial = read_trim(&real.join("device/serial"));
+        }
+        let deps = slaves(&real);
+        out.push(sparse(vec![
+            ("name", Some(Value::from(format!("/dev/{name}")))),
+            ("partition", Some(Value::from(false))),
+            (
+                "dependencies",
+                (!deps.is_empty()).then_some(Value::Array(deps)),
+            ),
+            ("address", disk_address(&real, &name, &serial)),
+        ]));
+        let mut parts: Vec<String> = std::fs::read_dir(&real)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.path().join("partition").exists())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        parts.sort();
+        for p in parts {
+            out.push(obj([
+                ("name", Value::from(format!("/dev/{p}"))),
+                ("partition", Value::from(true)),
+                (
+                    "dependencies",
+                    Value::Array(vec![Value::from(format!("/dev/{name}"))]),
+                ),
+            ]));
+        }
+    }
+    Value::Array(out)
+}
+
 fn qga_fsinfo() -> QgaResult<Value> {
     let mounts = ops::disks::mounts().map_err(op_err)?;
     let mut seen = std::collections::HashSet::new();
@@ -1062,6 +1129,19 @@ mod tests {
         assert_eq!(
             disk_address(Path::new("/sys/devices/virtual/block/loop0"), "loop0", ""),
             None
+        );
+    }
+
+    #[test]
+    fn disks_list_partitions_and_device_mapper_dependencies() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = dir.path();
+        std::fs::create_dir_all(b.join("vda/vda1")).unwrap();
+        std::fs::write(b.join("vda/vda1/partition"), "1").unwrap();
+        std::fs::create_dir_all(b.join("dm-0/slaves/vda1")).unwrap();
+        assert_eq!(
+            qga_disks(b).to_text(),
+            r#"[{"name": "/dev/dm-0", "partition": false, "dependencies": ["/dev/vda1"]}, {"name": "/dev/vda", "partition": false}, {"name": "/dev/vda1", "partition": true, "dependencies": ["/dev/vda"]}]"#
         );
     }
 
