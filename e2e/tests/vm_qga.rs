@@ -276,6 +276,12 @@ fn libvirt_drives_the_agent_as_qemu_ga() {
     assert_eq!(field("fs.0.fstype"), "ext4");
     assert_eq!(field("fs.0.disk.0.alias"), "vda");
     assert_eq!(field("fs.0.disk.0.serial"), "QGA17DATA");
+    // The disk category (guest-get-disks): /dev/vda is the domain's vda.
+    let n = (0..field("disk.count").parse::<usize>().unwrap())
+        .find(|i| field(&format!("disk.{i}.name")) == "/dev/vda")
+        .unwrap_or_else(|| panic!("no /dev/vda among the disks: {gi}"));
+    assert_eq!(field(&format!("disk.{n}.alias")), "vda");
+    assert_eq!(field(&format!("disk.{n}.partition")), "no");
     // qemu-ga's total: (blocks - free + available) * fragment size.
     let st: Vec<u64> = dom
         .sh_ok("stat -f -c '%S %b %f %a' /data")
