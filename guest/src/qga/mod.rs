@@ -107,6 +107,9 @@ pub struct QgaPort {
     execs: Vec<ExecRecord>,
     files: Vec<(i64, std::fs::File)>,
     next_handle: i64,
+    /// While the port does not exist (a VM without a qemu-ga channel, the normal case for
+    /// many), when to look again; nothing is logged for it.
+    look_again_at: Option<Instant>,
 }
 
 impl QgaPort {
@@ -135,6 +138,7 @@ impl QgaPort {
             execs: Vec::new(),
             files: Vec::new(),
             next_handle: FIRST_FILE_HANDLE,
+            look_again_at: None,
         })
     }
 
@@ -148,7 +152,35 @@ impl QgaPort {
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.transport.next_deadline()
+        if self.transport.is_open() {
+            return None;
+        }
+        self.transport.next_deadline().max(self.look_again_at)
+    }
+
+    /// Whether the port exists (a socket is always worth a connect).
+    fn port_exists(&self) -> bool {
+        match self.transport.endpoint() {
+            Endpoint::Device {
+                path,
+                explicit,
+                name,
+            } => path.exists() || (!explicit && crate::transport::find_vport(name).is_some()),
+            Endpoint::Unix(_) => true,
+        }
+    }
+
+    /// Opens the port when it exists and the retry is due; true when it just opened.
+    fn open(&mut self, registry: &mio::Registry, now: Instant) -> bool {
+        if self.transport.is_open() || self.look_again_at.is_some_and(|t| now < t) {
+            return false;
+        }
+        if !self.port_exists() {
+            self.look_again_at = Some(now + crate::transport::PORT_RETRY);
+            return false;
+        }
+        self.look_again_at = None;
+        self.transport.try_open(registry, QGA, now)
     }
 
     fn job_id(&mut self) -> u64 {
@@ -202,7 +234,7 @@ impl Agent {
         let Some(q) = self.qga.as_mut() else {
             return false;
         };
-        if !q.transport.is_open() && q.transport.try_open(self.poll.registry(), QGA, now) {
+        if q.open(self.poll.registry(), now) {
             q.ready = true;
             q.host_present = q.transport.is_socket();
         }
