@@ -8,6 +8,8 @@
 #   --no-start       install and enable the service, do not start or restart it
 #   --timeout SECS   how long to wait for the agent to open its port (default 30)
 #   --dry-run        print what would be done, change nothing
+#   --replace-qemu-ga  stop and disable qemu-guest-agent: this agent serves its protocol on
+#                    org.qemu.guest_agent.0 too (uninstall puts qemu-ga back)
 #   --uninstall      run uninstall.sh instead (arguments after it go to uninstall.sh)
 #   -h, --help       this text
 #
@@ -41,6 +43,9 @@ INIT=""
 START=1
 TIMEOUT=30
 DRY=0
+REPLACE_QGA=0
+QGA_PORT=org.qemu.guest_agent.0
+QGA_SERVICE=qemu-guest-agent
 
 say() { printf 'install: %s\n' "$*"; }
 warn() { printf 'install: warning: %s\n' "$*" >&2; }
@@ -94,13 +99,17 @@ while [ $# -gt 0 ]; do
 		DRY=1
 		shift
 		;;
+	--replace-qemu-ga)
+		REPLACE_QGA=1
+		shift
+		;;
 	--uninstall)
 		shift
 		UNINSTALL=1
 		break
 		;;
 	-h | --help)
-		sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
+		sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'
 		exit 0
 		;;
 	*) die 1 "unknown option $1 (see --help)" ;;
@@ -289,9 +298,10 @@ agent_pids() {
 		[ "$(readlink "$d/exe" 2>/dev/null)" = "$BIN" ] && echo "${d#/proc/}"
 	done
 }
-# True when a process running $BIN holds the port open: one of its fds links to the device.
+# True when a process running $BIN holds the port open (the one named $1, default ours): one of
+# its fds links to the device.
 port_opened() {
-	dev=$(port_path)
+	dev=${1:-$(port_path)}
 	node=$(readlink -f "$dev" 2>/dev/null)
 	for pid in $(agent_pids); do
 		for fd in /proc/"$pid"/fd/*; do
@@ -317,6 +327,72 @@ wait_port() {
 		i=$((i + 1))
 	done
 	return 1
+}
+
+# ---- replacing qemu-ga ----------------------------------------------------------------------
+
+# Pids of running qemu-ga binaries (where distributions install it).
+qga_pids() {
+	for d in /proc/[0-9]*; do
+		case "$(readlink "$d/exe" 2>/dev/null)" in
+		/usr/bin/qemu-ga | /usr/sbin/qemu-ga | /usr/local/bin/qemu-ga | /usr/local/sbin/qemu-ga) echo "${d#/proc/}" ;;
+		esac
+	done
+}
+
+# Stops qemu-ga and keeps its init from starting it again; what was done is recorded so that
+# uninstall.sh can undo it. The port admits one opener: qemu-ga must be gone before this agent
+# can open it.
+replace_qemu_ga() {
+	case "$INIT" in
+	systemd)
+		# The unit is started by udev when the port appears: masked, not just disabled.
+		run systemctl stop "$QGA_SERVICE.service" || warn "systemctl stop $QGA_SERVICE failed"
+		run systemctl mask "$QGA_SERVICE.service" || die 4 "systemctl mask $QGA_SERVICE failed"
+		;;
+	openrc)
+		if [ -f /etc/init.d/$QGA_SERVICE ]; then
+			run rc-service "$QGA_SERVICE" stop || warn "rc-service $QGA_SERVICE stop failed"
+			run rc-update del "$QGA_SERVICE" default || warn "rc-update del $QGA_SERVICE failed"
+		fi
+		;;
+	sysvinit)
+		if [ -f /etc/init.d/$QGA_SERVICE ]; then
+			run /etc/init.d/$QGA_SERVICE stop || warn "$QGA_SERVICE stop failed"
+			if command -v update-rc.d >/dev/null 2>&1; then
+				run update-rc.d "$QGA_SERVICE" disable || die 4 "update-rc.d $QGA_SERVICE disable failed"
+			elif command -v chkconfig >/dev/null 2>&1; then
+				run chkconfig "$QGA_SERVICE" off || die 4 "chkconfig $QGA_SERVICE off failed"
+			fi
+		fi
+		;;
+	busybox)
+		if [ -f /etc/inittab ] && grep -q '^[^#].*qemu-ga' /etc/inittab; then
+			if [ "$DRY" = 1 ]; then
+				say "would comment out the qemu-ga lines of /etc/inittab"
+			else
+				sed 's/^\([^#].*qemu-ga.*\)$/#qx-replaced# \1/' /etc/inittab >/etc/inittab.qx-new \
+					&& cat /etc/inittab.qx-new >/etc/inittab && rm -f /etc/inittab.qx-new \
+					|| die 4 "cannot update /etc/inittab"
+			fi
+			if pid1_is_busybox_init; then run kill -HUP 1; fi
+		fi
+		;;
+	esac
+	pids=$(qga_pids)
+	if [ -n "$pids" ]; then
+		# shellcheck disable=SC2086
+		run kill $pids 2>/dev/null
+		i=0
+		while [ "$DRY" = 0 ] && [ -n "$(qga_pids)" ] && [ $i -lt 50 ]; do
+			sleep 0.1 2>/dev/null || sleep 1
+			i=$((i + 1))
+		done
+		left=$(qga_pids)
+		# shellcheck disable=SC2086
+		[ "$DRY" = 1 ] || [ -z "$left" ] || kill -9 $left 2>/dev/null
+	fi
+	say "qemu-guest-agent stopped and disabled; this agent serves $QGA_PORT"
 }
 
 # ---- service management, per init system ---------------------------------------------------
@@ -550,13 +626,22 @@ busybox) record "inittab:$NAME" ;;
 *) record "service:$INIT" ;;
 esac
 
-# 6. The state file: what uninstall.sh removes.
+# 6. qemu-ga, when this agent is to take its port.
+QGA_REPLACED=""
+[ -f "$STATE" ] && QGA_REPLACED=$(sed -n 's/^qemu_ga=//p' "$STATE" | tail -n1)
+if [ "$REPLACE_QGA" = 1 ]; then
+	replace_qemu_ga
+	QGA_REPLACED=$INIT
+fi
+
+# 7. The state file: what uninstall.sh removes (and whether it puts qemu-ga back).
 if [ "$DRY" = 0 ]; then
 	ensure_dir "$STATE_DIR"
 	{
 		echo "version=$VERSION"
 		echo "init=$INIT"
 		echo "prefix=$PREFIX"
+		[ -z "$QGA_REPLACED" ] || echo "qemu_ga=$QGA_REPLACED"
 		# Merge with an earlier install's list so an upgrade keeps what it added.
 		[ -f "$STATE" ] && sed -n 's/^file=//p' "$STATE" | sed 's/^/file=/'
 		printf '%s' "$RECORD" | sed '/^$/d; s/^/file=/'
@@ -568,7 +653,7 @@ if [ "$START" = 0 ]; then
 	exit 0
 fi
 
-# 7. Start (or restart onto the new binary) and wait for the port.
+# 8. Start (or restart onto the new binary) and wait for the port.
 name_port || true
 restart_service || warn "starting the service reported a failure; waiting for the port anyway"
 if [ "$DRY" = 1 ]; then
@@ -576,6 +661,22 @@ if [ "$DRY" = 1 ]; then
 	exit 0
 fi
 if wait_port; then
+	if [ "$REPLACE_QGA" = 1 ]; then
+		# The qemu-ga port, when the VM has one, is opened by the same process.
+		qdev=/dev/virtio-ports/$QGA_PORT
+		for p in /sys/class/virtio-ports/vport*; do
+			[ "$(cat "$p/name" 2>/dev/null)" = "$QGA_PORT" ] && qdev=/dev/${p##*/}
+		done
+		if [ -e "$qdev" ]; then
+			i=0
+			while ! port_opened "$qdev" >/dev/null && [ $i -lt $((TIMEOUT * 10)) ]; do
+				sleep 0.1 2>/dev/null || sleep 1
+				i=$((i + 1))
+			done
+			port_opened "$qdev" >/dev/null && say "the agent has opened $qdev (qemu-ga's port)" \
+				|| warn "the agent has not opened $qdev within ${TIMEOUT}s"
+		fi
+	fi
 	say "installed and running: quantix-kvm-agent $VERSION"
 	exit 0
 fi

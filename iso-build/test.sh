@@ -10,6 +10,7 @@
 #      and keeps .old, an edited agent.conf survives, --dry-run changes nothing, a tampered
 #      image is refused before anything changes, uninstall removes everything it added; with
 #      `uname -m` stubbed to aarch64 or arm64 install.sh picks the aarch64 binary;
+#      --replace-qemu-ga stops and disables qemu-ga per init and uninstall puts it back;
 # The init systems' CLIs (systemctl, rc-update, update-rc.d) are stubs that record what they
 # were asked; the real-init path is covered by iso-build/vm-test.sh in a TCG VM.
 #
@@ -426,6 +427,54 @@ for sh in ash bash; do
     diff <(echo "$before") <(snapshot "$r") || fail "[$init/$sh] --uninstall --purge left changes behind"
     ok "[$init/$sh] install.sh --uninstall --purge"
   done
+done
+
+# --replace-qemu-ga: qemu-ga is stopped and kept from starting again, the way its init does it;
+# the record survives an upgrade without the flag; uninstall puts qemu-ga back exactly.
+for init in systemd openrc sysvinit busybox; do
+  r=$work/root-qga-$init
+  make_root "$r" "$init" ash
+  case "$init" in
+    systemd)
+      mkdir -p "$r/lib/systemd/system"
+      printf '[Unit]\nDescription=QEMU Guest Agent\n[Service]\nExecStart=/usr/sbin/qemu-ga\n' \
+        >"$r/lib/systemd/system/qemu-guest-agent.service"
+      ;;
+    openrc | sysvinit)
+      printf '#!/bin/sh\necho "qemu-guest-agent $*" >>/var/log/qx-stub.log\n' >"$r/etc/init.d/qemu-guest-agent"
+      chmod 0755 "$r/etc/init.d/qemu-guest-agent"
+      ;;
+    busybox) printf '::respawn:/usr/sbin/qemu-ga -m virtio-serial\n' >>"$r/etc/inittab" ;;
+  esac
+  before=$(snapshot "$r")
+  in_root "$r" ash /media/cdrom/install.sh --replace-qemu-ga --no-start >"$work/qga.log" 2>&1 \
+    || { cat "$work/qga.log"; fail "[qga/$init] install --replace-qemu-ga failed"; }
+  state=$r/var/lib/quantix-kvm-agent/installed
+  grep -qx "qemu_ga=$init" "$state" || fail "[qga/$init] the state file does not record the replaced qemu-ga"
+  stubbed() { grep -qxF "$1" "$r/var/log/qx-stub.log" || fail "[qga/$init] '$1' was not run"; }
+  case "$init" in
+    systemd) stubbed 'systemctl stop qemu-guest-agent.service'; stubbed 'systemctl mask qemu-guest-agent.service' ;;
+    openrc) stubbed 'rc-service qemu-guest-agent stop'; stubbed 'rc-update del qemu-guest-agent default' ;;
+    sysvinit) stubbed 'qemu-guest-agent stop'; stubbed 'update-rc.d qemu-guest-agent disable' ;;
+    busybox)
+      grep -qx '#qx-replaced# ::respawn:/usr/sbin/qemu-ga -m virtio-serial' "$r/etc/inittab" \
+        || fail "[qga/busybox] the qemu-ga inittab line is not commented out"
+      ;;
+  esac
+  grep -Eq '^[[:space:]]*qga_device[[:space:]]*=[[:space:]]*none' "$r/etc/quantix-kvm/agent.conf" \
+    && fail "[qga/$init] the installed agent.conf turns the qemu-ga front end off"
+  in_root "$r" ash /media/cdrom/install.sh --no-start >"$work/qga2.log" 2>&1 \
+    || { cat "$work/qga2.log"; fail "[qga/$init] upgrade failed"; }
+  grep -qx "qemu_ga=$init" "$state" || fail "[qga/$init] an upgrade forgot the replaced qemu-ga"
+  in_root "$r" ash /usr/local/sbin/quantix-kvm-agent-uninstall --purge >"$work/qga-un.log" 2>&1 \
+    || { cat "$work/qga-un.log"; fail "[qga/$init] uninstall failed"; }
+  case "$init" in
+    systemd) stubbed 'systemctl unmask qemu-guest-agent.service'; stubbed 'systemctl start qemu-guest-agent.service' ;;
+    openrc) stubbed 'rc-update add qemu-guest-agent default'; stubbed 'rc-service qemu-guest-agent start' ;;
+    sysvinit) stubbed 'update-rc.d qemu-guest-agent enable'; stubbed 'qemu-guest-agent start' ;;
+  esac
+  diff <(echo "$before") <(snapshot "$r") || fail "[qga/$init] uninstall did not restore the system (inittab included)"
+  ok "[qga/$init] --replace-qemu-ga stops and disables qemu-ga; uninstall puts it back"
 done
 
 # --prefix: the binary and the service definition's path move together; uninstall follows.

@@ -155,6 +155,51 @@ done
 if [ "$INIT" = systemd ]; then
 	run systemctl daemon-reload || warn "systemctl daemon-reload failed"
 fi
+
+# qemu-ga, if install.sh --replace-qemu-ga stopped it: enabled and started again (the port is
+# free now that this agent is gone).
+QGA_SERVICE=qemu-guest-agent
+case "$(sed -n 's/^qemu_ga=//p' "$STATE" | tail -n1)" in
+systemd)
+	run systemctl unmask "$QGA_SERVICE.service" || warn "systemctl unmask $QGA_SERVICE failed"
+	run systemctl start "$QGA_SERVICE.service" || warn "systemctl start $QGA_SERVICE failed"
+	say "qemu-guest-agent is back"
+	;;
+openrc)
+	if [ -f /etc/init.d/$QGA_SERVICE ]; then
+		run rc-update add "$QGA_SERVICE" default || warn "rc-update add $QGA_SERVICE failed"
+		run rc-service "$QGA_SERVICE" start || warn "rc-service $QGA_SERVICE start failed"
+		say "qemu-guest-agent is back"
+	fi
+	;;
+sysvinit)
+	if [ -f /etc/init.d/$QGA_SERVICE ]; then
+		if command -v update-rc.d >/dev/null 2>&1; then
+			run update-rc.d "$QGA_SERVICE" enable || warn "update-rc.d $QGA_SERVICE enable failed"
+		elif command -v chkconfig >/dev/null 2>&1; then
+			run chkconfig "$QGA_SERVICE" on || warn "chkconfig $QGA_SERVICE on failed"
+		fi
+		run /etc/init.d/$QGA_SERVICE start || warn "$QGA_SERVICE start failed"
+		say "qemu-guest-agent is back"
+	fi
+	;;
+busybox)
+	if [ -f /etc/inittab ] && grep -q '^#qx-replaced# ' /etc/inittab; then
+		if [ "$DRY" = 1 ]; then
+			say "would restore the qemu-ga lines of /etc/inittab"
+		else
+			sed 's/^#qx-replaced# //' /etc/inittab >/etc/inittab.qx-new && cat /etc/inittab.qx-new >/etc/inittab
+			rm -f /etc/inittab.qx-new
+		fi
+		argv0=$(tr '\0' '\n' </proc/1/cmdline 2>/dev/null | head -n1)
+		if readlink /proc/1/exe 2>/dev/null | grep -q busybox \
+			&& { [ "${argv0##*/}" = init ] || [ "${argv0##*/}" = linuxrc ]; }; then
+			run kill -HUP 1
+		fi
+		say "qemu-guest-agent is back in /etc/inittab"
+	fi
+	;;
+esac
 if command -v udevadm >/dev/null 2>&1 && [ -d /sys/class/virtio-ports ]; then
 	run udevadm control --reload >/dev/null 2>&1
 fi

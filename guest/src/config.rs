@@ -31,6 +31,12 @@
 //! | `disable` | (none) | comma-separated capabilities to refuse, e.g. `exec,power` |
 //! | `power_command` | (detected) | command for power actions, words split on spaces, `{action}` replaced by poweroff, reboot or halt; by default chosen from what PID 1 is (guest/src/power.rs) |
 //! | `power_syscall_fallback` | `true` | when the power command fails, sync and call reboot(2) |
+//! | `qga_device` | `/dev/virtio-ports/org.qemu.guest_agent.0` | the qemu-ga port (docs/qemu-ga.md); `none` turns that front end off |
+//! | `qga_connect` | (none) | `unix:PATH`: serve qemu-ga's protocol on a unix socket instead |
+//! | `qga_config` | `/etc/qemu/qemu-ga.conf` | qemu-ga's configuration, `[general]` keys (absent is fine) |
+//! | `qga_block_rpcs` | (none) | comma-separated qemu-ga commands to refuse (`--block-rpcs`) |
+//! | `qga_allow_rpcs` | (none) | comma-separated qemu-ga commands to allow, all others refused (`--allow-rpcs`) |
+//! | `qga_fsfreeze_hook` | (none) | script run with `freeze` / `thaw` around a qemu-ga freeze |
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -46,6 +52,9 @@ use crate::logring::{self, LogTarget};
 pub const DEFAULT_FILE_ALLOW: &[&str] = &["/tmp", "/var/tmp", "/home", "/root", "/srv", "/opt"];
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/quantix-kvm/agent.conf";
 pub const DEFAULT_DEVICE: &str = "/dev/virtio-ports/org.quantix.agent.0";
+/// The qemu-ga port.
+pub const DEFAULT_QGA_DEVICE: &str = "/dev/virtio-ports/org.qemu.guest_agent.0";
+pub const DEFAULT_QGA_CONFIG: &str = "/etc/qemu/qemu-ga.conf";
 /// The virtio-serial port name the agent looks for under /sys/class/virtio-ports.
 pub const PORT_NAME: &str = "org.quantix.agent.0";
 
@@ -97,6 +106,12 @@ pub struct Config {
     pub disable: Vec<String>,
     pub power_command: Option<String>,
     pub power_syscall_fallback: bool,
+    pub qga_device: Option<PathBuf>,
+    pub qga_connect: Option<PathBuf>,
+    pub qga_config: PathBuf,
+    pub qga_block_rpcs: Vec<String>,
+    pub qga_allow_rpcs: Vec<String>,
+    pub qga_fsfreeze_hook: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -126,6 +141,12 @@ impl Default for Config {
             disable: Vec::new(),
             power_command: None,
             power_syscall_fallback: true,
+            qga_device: Some(PathBuf::from(DEFAULT_QGA_DEVICE)),
+            qga_connect: None,
+            qga_config: PathBuf::from(DEFAULT_QGA_CONFIG),
+            qga_block_rpcs: Vec::new(),
+            qga_allow_rpcs: Vec::new(),
+            qga_fsfreeze_hook: None,
         }
     }
 }
@@ -154,8 +175,8 @@ impl Config {
         let value = value.trim();
         match key {
             "device" => self.device = PathBuf::from(value),
-            "connect" => {
-                self.connect = if value.is_empty() {
+            "connect" | "qga_connect" => {
+                let sock = if value.is_empty() {
                     None
                 } else {
                     let path = value.strip_prefix("unix:").ok_or(ConfigError::BadValue {
@@ -165,7 +186,22 @@ impl Config {
                         why: "expected unix:PATH",
                     })?;
                     Some(PathBuf::from(path))
+                };
+                if key == "connect" {
+                    self.connect = sock;
+                } else {
+                    self.qga_connect = sock;
                 }
+            }
+            "qga_device" => {
+                self.qga_device =
+                    (value != "none" && !value.is_empty()).then(|| PathBuf::from(value))
+            }
+            "qga_config" => self.qga_config = PathBuf::from(value),
+            "qga_block_rpcs" => self.qga_block_rpcs = list(value),
+            "qga_allow_rpcs" => self.qga_allow_rpcs = list(value),
+            "qga_fsfreeze_hook" => {
+                self.qga_fsfreeze_hook = (!value.is_empty()).then(|| PathBuf::from(value))
             }
             "log_level" => {
                 self.log_level = logring::parse_level(value).ok_or(ConfigError::BadValue {
@@ -269,11 +305,25 @@ impl Config {
         for (key, value) in overrides {
             cfg.set("command line", key, value)?;
         }
+        match std::fs::read_to_string(&cfg.qga_config) {
+            Ok(text) => crate::qga::conf::apply(&mut cfg, &text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => log::warn!("{}: {e}", cfg.qga_config.display()),
+        }
         Ok(cfg)
     }
 
     pub fn ping_interval(&self) -> Duration {
         Duration::from_millis(u64::from(self.ping_interval_ms))
+    }
+
+    /// The qemu-ga front end's policy.
+    pub fn qga_policy(&self) -> crate::qga::QgaPolicy {
+        crate::qga::QgaPolicy {
+            block: self.qga_block_rpcs.clone(),
+            allow: self.qga_allow_rpcs.clone(),
+            fsfreeze_hook: self.qga_fsfreeze_hook.clone(),
+        }
     }
 
     /// Whether capability `name` was disabled by the `disable` key.

@@ -577,6 +577,9 @@ impl Agent {
 
     /// A child ended: answer whoever started it.
     pub(crate) fn child_finished(&mut self, f: Finished, now: Instant) {
+        if crate::qga::is_qga_job(f.id) {
+            return self.qga_child_finished(f, now);
+        }
         let ok = f.exit.exited && f.exit.exit_code == 0;
         match f.owner.clone() {
             Owner::Exec { .. } => self.reply(f.id, Payload::ExecExit(f.exit)),

@@ -68,6 +68,7 @@ enum Tok {
     Port,
     Signals,
     Worker,
+    Qga,
     Child(usize, ChildFd),
     Unknown(usize),
 }
@@ -78,6 +79,7 @@ impl From<Token> for Tok {
             PORT => Tok::Port,
             SIGNALS => Tok::Signals,
             WORKER => Tok::Worker,
+            crate::qga::QGA => Tok::Qga,
             other => match ChildFd::from_token(other) {
                 Some((slot, fd)) => Tok::Child(slot, fd),
                 None => Tok::Unknown(other.0),
@@ -219,6 +221,8 @@ pub struct Agent {
     /// Temporary files of aborted uploads, removed after the thaw (never on a frozen
     /// filesystem).
     pub(crate) postponed_unlinks: Vec<crate::ops::files::AbandonedTemp>,
+    /// The qemu-ga front end (docs/qemu-ga.md), when configured.
+    pub(crate) qga: Option<crate::qga::QgaPort>,
     port_ready: bool,
     exit_by: Option<Instant>,
 }
@@ -305,6 +309,7 @@ impl Agent {
             None => Endpoint::Device {
                 path: cfg.device.clone(),
                 explicit: cfg.device != std::path::Path::new(crate::config::DEFAULT_DEVICE),
+                name: crate::config::PORT_NAME,
             },
         };
         let mut session = Session::new(
@@ -345,6 +350,7 @@ impl Agent {
             thaw_hook_running: false,
             thaw_hook_retry: None,
             postponed_unlinks: Vec::new(),
+            qga: crate::qga::QgaPort::from_config(&cfg),
             port_ready: false,
             exit_by: None,
             transport: Transport::new(endpoint),
@@ -439,6 +445,11 @@ impl Agent {
                     Tok::Signals => self.on_signals(now),
                     // Finished jobs are taken every round of `service`.
                     Tok::Worker => {}
+                    Tok::Qga => {
+                        if let Some(q) = self.qga.as_mut() {
+                            q.on_event();
+                        }
+                    }
                     Tok::Child(slot, fd) => self.jobs.on_event(slot, fd),
                     Tok::Unknown(t) => log::warn!("event for unknown token {t}"),
                 }
@@ -468,6 +479,7 @@ impl Agent {
             self.power.as_ref().map(|p| p.at),
             self.jobs.next_deadline(),
             self.thaw_hook_retry,
+            self.qga.as_ref().and_then(|q| q.next_deadline()),
             self.exit_by,
         ]
         .into_iter()
@@ -506,10 +518,12 @@ impl Agent {
                 break;
             }
         }
+        let qga_busy = self.service_qga(now);
         let want_write = !self.session.host_present() || !self.session.outbox().is_empty();
         self.transport
             .set_interest(self.poll.registry(), PORT, want_write);
-        (self.takes_input() && self.port_ready && self.transport.is_open())
+        qga_busy
+            || (self.takes_input() && self.port_ready && self.transport.is_open())
             || (self.has_room()
                 && (self.transfers.iter().any(Transfer::ready) || self.jobs.wants_room()))
     }
@@ -719,6 +733,9 @@ impl Agent {
         self.session.set_exec_cap(cfg.exec_output_cap_bytes);
         self.policy = PathPolicy::new(cfg.file_allow.clone(), cfg.file_deny.clone());
         self.session.set_ready(ready_template(&cfg));
+        if let Some(q) = self.qga.as_mut() {
+            q.set_policy(cfg.qga_policy());
+        }
         self.cfg = cfg;
         log::info!("configuration reloaded");
     }

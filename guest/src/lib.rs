@@ -10,7 +10,8 @@
 //!   in a filesystem) and [`sys`] (the crate's only `unsafe`: its libc calls, the operations'
 //!   included). `main.rs` parses the command line and calls [`event_loop::run`].
 //!
-//! Operations themselves (files, freeze, users, ...) live in [`ops`].
+//! Operations themselves (files, freeze, users, ...) live in [`ops`]. [`qga`] is the second
+//! front end: qemu-guest-agent's JSON protocol on its own port, calling the same operations.
 
 pub mod config;
 pub mod dispatch;
@@ -20,6 +21,7 @@ pub mod logring;
 pub mod ops;
 pub mod outbox;
 pub mod power;
+pub mod qga;
 pub mod session;
 pub mod sys;
 pub mod transport;

@@ -45,6 +45,10 @@ OPTIONS
         Default 5000.
     --max-concurrent-exec N
         Children running at once; more requests get Error BUSY. Default 8.
+    --block-rpcs LIST
+        qemu-ga commands to refuse on the qemu-ga port (comma-separated).
+    --allow-rpcs LIST
+        qemu-ga commands to allow there; all others are refused.
     --set KEY=VALUE
         Set any configuration key (repeatable); see CONFIGURATION.
     -V, --version
@@ -62,7 +66,15 @@ CONFIGURATION
     file_allow,
     file_deny (comma-separated path prefixes), freeze_state_file,
     freeze_hooks_dir, time_max_skew_s, disable (comma-separated capabilities,
-    e.g. exec,power).
+    e.g. exec,power), power_command, power_syscall_fallback, qga_device,
+    qga_connect, qga_config, qga_block_rpcs, qga_allow_rpcs, qga_fsfreeze_hook.
+
+QEMU GUEST AGENT PROTOCOL
+    The agent also serves qemu-guest-agent's JSON protocol on
+    /dev/virtio-ports/org.qemu.guest_agent.0 when that port exists (qga_device;
+    none turns it off), so libvirt, Proxmox and OpenStack drive it unchanged.
+    The [general] keys path, block-rpcs, allow-rpcs and fsfreeze-hook of
+    /etc/qemu/qemu-ga.conf apply where the agent's own configuration is silent.
 
 SIGNALS
     SIGTERM, SIGINT  flush pending output to a connected host (at most 2 s),
@@ -78,6 +90,7 @@ FILES
     /etc/quantix-kvm/agent.conf          configuration
     /etc/quantix-kvm/fsfreeze-hook.d/    pre-freeze / post-thaw hooks
     /run/quantix-kvm-agent.frozen        freeze record (a restarted agent thaws)
+    /etc/qemu/qemu-ga.conf               qemu-ga's configuration (optional)
 ";
 
 /// What the command line asked for.
@@ -135,6 +148,8 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Action, String> {
             "--telemetry-interval-ms" => "telemetry_interval_ms",
             "--ping-interval-ms" => "ping_interval_ms",
             "--max-concurrent-exec" => "max_concurrent_exec",
+            "--block-rpcs" => "qga_block_rpcs",
+            "--allow-rpcs" => "qga_allow_rpcs",
             other => return Err(format!("unknown option {other} (see --help)")),
         };
         let v = value(&flag)?;

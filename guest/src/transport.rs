@@ -21,8 +21,6 @@ use mio::net::UnixStream;
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 
-use crate::config::PORT_NAME;
-
 /// First and largest retry delays while the port does not exist or cannot be opened: the
 /// port appears asynchronously after virtio_console loads, so the first retries are quick.
 pub const PORT_RETRY_MIN: Duration = Duration::from_millis(10);
@@ -34,8 +32,13 @@ pub const SOCKET_RETRY_MAX: Duration = Duration::from_secs(2);
 /// Where the host is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
-    /// A virtio-serial port; `explicit` when given by `--device` (then no discovery).
-    Device { path: PathBuf, explicit: bool },
+    /// A virtio-serial port; `explicit` when given by `--device` (then no discovery);
+    /// otherwise a missing `path` is looked up as the `/dev/vportNpM` named `name`.
+    Device {
+        path: PathBuf,
+        explicit: bool,
+        name: &'static str,
+    },
     /// A unix stream socket.
     Unix(PathBuf),
 }
@@ -118,7 +121,11 @@ impl Transport {
             return false;
         }
         let opened = match &self.endpoint {
-            Endpoint::Device { path, explicit } => open_port(path, *explicit).map(Conn::Port),
+            Endpoint::Device {
+                path,
+                explicit,
+                name,
+            } => open_port(path, *explicit, name).map(Conn::Port),
             // Non-blocking: a listener with a full backlog is a retry, never a stalled loop.
             Endpoint::Unix(path) => UnixStream::connect(path).map(Conn::Sock),
         };
@@ -241,8 +248,8 @@ fn first_retry(endpoint: &Endpoint) -> Duration {
 }
 
 /// Opens the port at `path`, or (unless `explicit`) the `/dev/vportNpM` whose sysfs name is
-/// [`PORT_NAME`] when no udev made the symlink.
-fn open_port(path: &Path, explicit: bool) -> io::Result<File> {
+/// `name` (e.g. [`crate::config::PORT_NAME`]) when no udev made the symlink.
+fn open_port(path: &Path, explicit: bool, name: &str) -> io::Result<File> {
     let open = |p: &Path| {
         OpenOptions::new()
             .read(true)
@@ -251,7 +258,7 @@ fn open_port(path: &Path, explicit: bool) -> io::Result<File> {
             .open(p)
     };
     match open(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound && !explicit => match find_vport() {
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !explicit => match find_vport(name) {
             Some(dev) => open(&dev),
             None => Err(e),
         },
@@ -259,12 +266,12 @@ fn open_port(path: &Path, explicit: bool) -> io::Result<File> {
     }
 }
 
-/// The `/dev/vportNpM` named [`PORT_NAME`] in /sys/class/virtio-ports.
-pub fn find_vport() -> Option<PathBuf> {
+/// The `/dev/vportNpM` named `port_name` in /sys/class/virtio-ports.
+pub fn find_vport(port_name: &str) -> Option<PathBuf> {
     let dir = std::fs::read_dir("/sys/class/virtio-ports").ok()?;
     for entry in dir.flatten() {
         let name = std::fs::read_to_string(entry.path().join("name")).unwrap_or_default();
-        if name.trim() == PORT_NAME {
+        if name.trim() == port_name {
             return Some(Path::new("/dev").join(entry.file_name()));
         }
     }

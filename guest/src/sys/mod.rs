@@ -15,8 +15,8 @@ pub use fs::{
     renameat, resolver, unlinkat, Beneath, Resolver, UntrustedSymlink,
 };
 pub use os::{
-    clock_ns, fifreeze, fithaw, fitrim, getifaddrs, rtc_set_time, set_realtime_ns, statvfs, uname,
-    FsSpace, IfAddr, IfAddress, RtcTime, Uname,
+    clock_ns, fifreeze, fithaw, fitrim, getifaddrs, local_utc_offset, rtc_set_time,
+    set_realtime_ns, statvfs, uname, FsSpace, IfAddr, IfAddress, RtcTime, Uname,
 };
 
 use std::ffi::{CStr, CString};

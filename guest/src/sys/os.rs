@@ -277,3 +277,26 @@ pub fn set_realtime_ns(unix_ns: i64) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// The local time zone now, as localtime_r(3) sees it (TZ, else /etc/localtime): the offset
+/// from UTC in seconds and the zone's abbreviation ("CET"; empty when unknown).
+pub fn local_utc_offset() -> (i64, String) {
+    // SAFETY: time(NULL) only returns the time.
+    let now = unsafe { libc::time(std::ptr::null_mut()) };
+    // SAFETY: tm is plain old data; all-zero bytes are a valid value.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: `now` and `tm` are valid for the call; localtime_r is the thread-safe variant.
+    if unsafe { libc::localtime_r(&now, &mut tm) }.is_null() {
+        return (0, String::new());
+    }
+    let zone = if tm.tm_zone.is_null() {
+        String::new()
+    } else {
+        // SAFETY: a non-null tm_zone points to a NUL-terminated string owned by libc that
+        // lives at least until the next time-zone call; it is copied at once.
+        unsafe { std::ffi::CStr::from_ptr(tm.tm_zone) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    (tm.tm_gmtoff, zone)
+}

@@ -1,0 +1,93 @@
+//! Base64 as qemu-ga uses it: standard alphabet, padded, no line breaks on output; input may
+//! carry `\n` (Proxmox's encoder wraps lines), any other byte outside the alphabet is an error.
+
+const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Encodes `data`.
+pub fn encode(data: &[u8]) -> String {
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn sextet(c: u8) -> Option<u32> {
+    Some(u32::from(match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => return None,
+    }))
+}
+
+/// Decodes `text`, skipping `\n`. `None` for a byte outside the alphabet, misplaced padding
+/// or a length that is not a whole number of groups.
+pub fn decode(text: &str) -> Option<Vec<u8>> {
+    let bytes: Vec<u8> = text.bytes().filter(|&b| b != b'\n').collect();
+    if !bytes.len().is_multiple_of(4) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
+    let groups = bytes.len() / 4;
+    for (g, quad) in bytes.chunks(4).enumerate() {
+        let pad = quad.iter().rev().take_while(|&&c| c == b'=').count();
+        if pad > 2 || (pad > 0 && g + 1 != groups) {
+            return None;
+        }
+        let mut n = 0u32;
+        for &c in &quad[..4 - pad] {
+            n = (n << 6) | sextet(c)?;
+        }
+        n <<= 6 * pad as u32;
+        let got = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&got[..3 - pad]);
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn round_trips_every_length_mod_three() {
+        for (raw, enc) in [
+            (&b""[..], ""),
+            (b"f", "Zg=="),
+            (b"fo", "Zm8="),
+            (b"foo", "Zm9v"),
+            (b"\xff\x00\xfe", "/wD+"),
+        ] {
+            assert_eq!(encode(raw), enc);
+            assert_eq!(decode(enc).as_deref(), Some(raw));
+        }
+    }
+
+    #[test]
+    fn decode_skips_the_newlines_of_wrapped_input() {
+        assert_eq!(decode("Zm9v\nYmFy\n").as_deref(), Some(&b"foobar"[..]));
+    }
+
+    #[test]
+    fn decode_refuses_bytes_outside_the_alphabet_and_bad_padding() {
+        for bad in ["Zm9v YmFy", "Zm9", "Z===", "Zg==Zm9v", "Zm9v\r\n", "Zm-v"] {
+            assert_eq!(decode(bad), None, "{bad:?}");
+        }
+    }
+}
