@@ -321,10 +321,11 @@ fn remove_tree(parent: BorrowedFd<'_>, name: &OsStr, dev: u64, what: &str) -> Op
     let mut skipped = 0usize;
     let mut stack: Vec<Level> = match open_level(parent, name, dev).map_err(io)? {
         Some(top) => vec![top],
+        // Swapped for another filesystem's directory since it was looked at.
         None => {
             return Err(OpError::new(
                 ErrorCode::FailedPrecondition,
-                format!("{what} is a mount point; not deleting another filesystem"),
+                format!("{what} changed while it was being opened; nothing was deleted"),
             ))
         }
     };
