@@ -9,6 +9,8 @@
 //! agent_socket_dir = "/var/run/quantix-kvm/vms"  # <dir>/<vm-id>.agent.sock
 //! image_dir = "/var/lib/quantix-kvm/images"
 //! agent_iso = "/usr/share/quantix-kvm/agent.iso"
+//! disk_roots = ["/srv/vm-disks"]    # besides image_dir and libvirt's pools: disks by path
+//! media_dirs = ["/var/lib/quantix-kvm/media"]  # ISOs, kernels, initrds (this is the default)
 //!
 //! [vm_sockets]                       # explicit bindings, as --vm-socket VMID=PATH
 //! web1 = "/run/qemu/web1.agent.sock"
@@ -101,6 +103,9 @@ pub struct NodeConfig {
     pub image_dir: Option<PathBuf>,
     pub agent_iso: Option<PathBuf>,
     #[serde(default)]
+    pub disk_roots: Vec<PathBuf>,
+    pub media_dirs: Option<Vec<PathBuf>>,
+    #[serde(default)]
     pub vm_sockets: BTreeMap<String, PathBuf>,
     #[serde(default)]
     pub timeouts: Timeouts,
@@ -114,6 +119,7 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:9090";
 pub const DEFAULT_LIBVIRT_URI: &str = "qemu:///system";
 pub const DEFAULT_SOCKET_DIR: &str = "/var/run/quantix-kvm/vms";
 pub const DEFAULT_IMAGE_DIR: &str = "/var/lib/quantix-kvm/images";
+pub const DEFAULT_MEDIA_DIR: &str = "/var/lib/quantix-kvm/media";
 
 impl NodeConfig {
     pub fn load(path: &std::path::Path) -> Result<NodeConfig, ConfigError> {

@@ -38,7 +38,7 @@ pub const DEFAULT_METRICS_INTERVAL_MS: u32 = 5000;
 pub const MIN_METRICS_INTERVAL_MS: u32 = 100;
 
 /// Where the VM side of the daemon finds its hypervisor and files.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct VmConfig {
     /// libvirt connection URI, e.g. `qemu:///system`, or for tests libvirt's test driver:
     /// `test:///<dir>/node.xml` (a private hypervisor per connection; `test:///default` is
@@ -50,6 +50,11 @@ pub struct VmConfig {
     pub image_dir: PathBuf,
     /// The agent ISO that MountAgentIso inserts.
     pub agent_iso: Option<PathBuf>,
+    /// Directories besides `image_dir` (and libvirt's storage pools) where a disk named by
+    /// its host path may live.
+    pub disk_roots: Vec<PathBuf>,
+    /// Directories that ISOs, kernels and initrds may come from.
+    pub media_dirs: Vec<PathBuf>,
 }
 
 /// Why a VM operation failed; [`to_status`] is the one mapping to gRPC codes.

@@ -52,6 +52,8 @@ async fn harness() -> Harness {
         socket_dir: dir.path().join("sock"),
         image_dir: dir.path().join("images"),
         agent_iso: Some(dir.path().join("agent.iso")),
+        disk_roots: Vec::new(),
+        media_dirs: vec![dir.path().to_path_buf()],
     };
     let agent = Arc::new(AgentApi::default());
     let vm = Arc::new(VmApi::new(config, agent.clone()).unwrap());

@@ -64,6 +64,8 @@ fn vm_config(dir: &Path) -> VmConfig {
         socket_dir: dir.join("sock"),
         image_dir: dir.join("images"),
         agent_iso: None,
+        disk_roots: vec![dir.to_path_buf()],
+        media_dirs: vec![dir.to_path_buf(), target_dir().join("vm")],
     }
 }
 

@@ -31,7 +31,7 @@ Settings come from --config (TOML) and are overridden by flags."
 )]
 struct Args {
     /// TOML configuration file (keys: listen, metrics_listen, libvirt_uri, agent_socket_dir,
-    /// image_dir, agent_iso, [vm_sockets], [timeouts], [limits], [tls]).
+    /// image_dir, agent_iso, disk_roots, media_dirs, [vm_sockets], [timeouts], [limits], [tls]).
     #[arg(long, env = "QX_NODE_CONFIG")]
     config: Option<PathBuf>,
     /// gRPC listen address [default: 127.0.0.1:9090].
@@ -52,6 +52,14 @@ struct Args {
     /// The agent ISO inserted by MountAgentIso.
     #[arg(long)]
     agent_iso: Option<PathBuf>,
+    /// A directory where disks named by host path may live, besides --image-dir and
+    /// libvirt's storage pools (repeatable).
+    #[arg(long = "disk-root", value_name = "DIR")]
+    disk_roots: Vec<PathBuf>,
+    /// A directory that ISOs, kernels and initrds may come from (repeatable)
+    /// [default: /var/lib/quantix-kvm/media].
+    #[arg(long = "media-dir", value_name = "DIR")]
+    media_dirs: Vec<PathBuf>,
     /// Binds a VM's agent socket explicitly (repeatable): --vm-socket web1=/run/web1.sock.
     #[arg(long = "vm-socket", value_name = "VMID=PATH")]
     vm_sockets: Vec<String>,
@@ -122,6 +130,10 @@ fn merge(args: &Args) -> Result<NodeConfig> {
         image_dir,
         agent_iso
     );
+    cfg.disk_roots.extend(args.disk_roots.iter().cloned());
+    if !args.media_dirs.is_empty() {
+        cfg.media_dirs = Some(args.media_dirs.clone());
+    }
     for s in &args.vm_sockets {
         let (id, path) = config::parse_vm_socket(s)?;
         cfg.vm_sockets.insert(id, path);
@@ -275,6 +287,11 @@ async fn main() -> Result<()> {
             .clone()
             .unwrap_or_else(|| PathBuf::from(config::DEFAULT_IMAGE_DIR)),
         agent_iso: cfg.agent_iso.clone(),
+        disk_roots: cfg.disk_roots.clone(),
+        media_dirs: cfg
+            .media_dirs
+            .clone()
+            .unwrap_or_else(|| vec![PathBuf::from(config::DEFAULT_MEDIA_DIR)]),
     };
     let vm = if uri == "none" {
         log::warn!("libvirt disabled (--libvirt-uri none): serving guest-agent RPCs only");
