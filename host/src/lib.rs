@@ -19,4 +19,5 @@ pub mod error;
 pub mod hypervisor;
 pub mod metrics;
 pub mod service;
+pub mod storage;
 pub mod vm_api;

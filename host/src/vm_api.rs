@@ -88,6 +88,7 @@ pub fn to_status(e: VmError) -> Status {
             HypervisorError::Unreachable(_) => Code::Unavailable,
             HypervisorError::Failed(_) => Code::Internal,
         },
+        VmError::Spec(SpecError::Denied(_)) => Code::PermissionDenied,
         VmError::Spec(_) | VmError::InvalidArgument(_) => Code::InvalidArgument,
         VmError::NotFound(_) => Code::NotFound,
         VmError::AlreadyExists(_) => Code::AlreadyExists,
@@ -412,10 +413,13 @@ impl VmApi {
         }
         .hyphenated()
         .to_string();
+        let (disk_roots, media_roots) = self.allowed_roots();
         let ctx = SpecContext {
             domain_type: self.hv.domain_type(),
             socket_dir: &self.config.socket_dir,
             image_dir: &self.config.image_dir,
+            disk_roots: &disk_roots,
+            media_roots: &media_roots,
         };
         let spec = DomainSpec::from_request(&uuid, &request, &ctx)?;
         let xml = spec.to_xml()?;
@@ -696,6 +700,7 @@ impl VmApi {
             }
             let id = uuid.clone();
             let delete_storage = request.delete_storage;
+            let image_dir = self.config.image_dir.clone();
             let deleted = self
                 .run(move |hv| {
                     let facts = DomainFacts::parse(&hv.xml(&id, true)?)
@@ -704,19 +709,11 @@ impl VmApi {
                         hv.destroy(&id)?;
                     }
                     hv.undefine(&id, facts.has_nvram)?;
-                    let mut deleted = Vec::new();
-                    if delete_storage {
-                        // The VM's storage: its writable, file-backed disks. CD-ROM media
-                        // and read-only images are shared and never deleted.
-                        for d in facts.disks.iter().filter(|d| !d.cdrom && !d.readonly) {
-                            if let Some(src) = &d.source {
-                                match std::fs::remove_file(src) {
-                                    Ok(()) => deleted.push(src.clone()),
-                                    Err(e) => log::warn!("cannot delete {src}: {e}"),
-                                }
-                            }
-                        }
-                    }
+                    let deleted = if delete_storage {
+                        delete_owned_volumes(&facts, &image_dir)
+                    } else {
+                        Vec::new()
+                    };
                     Ok(deleted)
                 })
                 .await?;
@@ -971,14 +968,10 @@ impl VmApi {
             let iso = if request.iso_path.is_empty() {
                 None
             } else {
-                let p = PathBuf::from(&request.iso_path);
-                if !p.is_absolute() || !p.is_file() {
-                    return Err(VmError::InvalidArgument(format!(
-                        "ISO {:?} is not an existing file (absolute path)",
-                        request.iso_path
-                    )));
-                }
-                Some(p)
+                let (_, media) = self.allowed_roots();
+                let iso = crate::storage::policy::resolve_inside("ISO", &request.iso_path, &media)
+                    .map_err(SpecError::from)?;
+                Some(iso)
             };
             self.change_media_inner(&uuid, &request.device, iso).await
         }
@@ -1059,6 +1052,15 @@ impl VmApi {
         }
         .await
         .map_err(to_status)
+    }
+
+    /// Where disks given by host path may lie (the image directory, the configured disk
+    /// roots) and where media, kernels and initrds may come from (the media directories; the
+    /// configured agent ISO is trusted as it is).
+    fn allowed_roots(&self) -> (Vec<PathBuf>, Vec<PathBuf>) {
+        let mut disks = vec![self.config.image_dir.clone()];
+        disks.extend(self.config.disk_roots.iter().cloned());
+        (disks, self.config.media_dirs.clone())
     }
 
     fn agent_iso(&self) -> VmResult<PathBuf> {
@@ -1264,6 +1266,35 @@ fn snapshot_pb(xml: &str, current: bool, quiesced: bool) -> VmResult<pb::Snapsho
         parent: f.parent,
         current,
     })
+}
+
+/// DeleteVM's storage half: the images qx-node created for this VM (recorded in its
+/// metadata), still attached to it, still inside the image directory. Anything else (a shared
+/// base image, a file attached by path, media) is never touched. Blocking.
+fn delete_owned_volumes(facts: &DomainFacts, image_dir: &Path) -> Vec<String> {
+    let mut deleted = Vec::new();
+    let roots = [image_dir.to_path_buf()];
+    for path in &facts.owned_volumes {
+        let attached = facts
+            .disks
+            .iter()
+            .any(|d| !d.cdrom && d.source.as_deref() == Some(path.as_str()));
+        let inside = Path::new(path)
+            .canonicalize()
+            .is_ok_and(|real| crate::storage::policy::inside_any(&real, &roots));
+        if !attached || !inside {
+            log::warn!(
+                "VM {}: not deleting {path}: no longer its own image",
+                facts.uuid
+            );
+            continue;
+        }
+        match std::fs::remove_file(path) {
+            Ok(()) => deleted.push(path.clone()),
+            Err(e) => log::warn!("cannot delete {path}: {e}"),
+        }
+    }
+    deleted
 }
 
 fn remove_files(paths: &[PathBuf]) {

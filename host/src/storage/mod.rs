@@ -1,0 +1,3 @@
+//! Storage: which host files requests may name ([`policy`]).
+
+pub mod policy;
