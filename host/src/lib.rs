@@ -17,6 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod hypervisor;
+pub mod listen;
 pub mod metrics;
 pub mod service;
 pub mod storage;

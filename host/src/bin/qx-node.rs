@@ -12,6 +12,7 @@ use qx_node::config::{self, NodeConfig};
 use qx_node::hypervisor::{
     DomainInfo, DomainRef, HostFacts, Hypervisor, HypervisorError, SnapshotRecord,
 };
+use qx_node::listen;
 use qx_node::pb::node_daemon_service_server::NodeDaemonServiceServer;
 use qx_node::service::NodeService;
 use qx_node::vm_api::{VmApi, VmConfig};
@@ -34,9 +35,17 @@ struct Args {
     /// image_dir, agent_iso, disk_roots, media_dirs, [vm_sockets], [timeouts], [limits], [tls]).
     #[arg(long, env = "QX_NODE_CONFIG")]
     config: Option<PathBuf>,
-    /// gRPC listen address [default: 127.0.0.1:9090].
+    /// gRPC listen address: unix:/PATH or IP:PORT [default:
+    /// unix:/run/quantix-kvm/qx-node.sock]. TCP needs TLS, beyond loopback mutual TLS.
     #[arg(long)]
     listen: Option<String>,
+    /// Group (name or id) of the unix socket; its members may connect.
+    #[arg(long)]
+    socket_group: Option<String>,
+    /// Listen on TCP without the TLS the address needs. Anyone who reaches the port drives
+    /// every VM as root: for throw-away test setups only.
+    #[arg(long)]
+    insecure_listen: bool,
     /// Prometheus metrics listen address (plain HTTP, GET /metrics); off when absent.
     #[arg(long)]
     metrics_listen: Option<String>,
@@ -124,6 +133,7 @@ fn merge(args: &Args) -> Result<NodeConfig> {
     }
     over!(
         listen,
+        socket_group,
         metrics_listen,
         libvirt_uri,
         agent_socket_dir,
@@ -328,19 +338,47 @@ async fn main() -> Result<()> {
         .listen
         .clone()
         .unwrap_or_else(|| config::DEFAULT_LISTEN.to_string());
-    let addr: std::net::SocketAddr = listen
-        .parse()
-        .with_context(|| format!("listen address {listen:?} is not IP:PORT"))?;
+    let endpoint = listen::Endpoint::parse(&listen).map_err(anyhow::Error::msg)?;
+    let protection = match (&cfg.tls.cert, &cfg.tls.key, &cfg.tls.client_ca) {
+        (Some(_), Some(_), Some(_)) => listen::Protection::MutualTls,
+        (Some(_), Some(_), None) => listen::Protection::Tls,
+        _ => listen::Protection::None,
+    };
+    match listen::check(&endpoint, protection, args.insecure_listen) {
+        Ok(None) => {}
+        Ok(Some(warning)) => log::warn!("{warning}"),
+        Err(why) => anyhow::bail!("{why}"),
+    }
     let mut server = tonic::transport::Server::builder();
-    if cfg.tls.cert.is_some() || cfg.tls.key.is_some() || cfg.tls.client_ca.is_some() {
+    let tcp = matches!(endpoint, listen::Endpoint::Tcp(_));
+    if tcp && (cfg.tls.cert.is_some() || cfg.tls.key.is_some() || cfg.tls.client_ca.is_some()) {
         server = tls::configure(server, &cfg.tls)?;
     }
-    log::info!("qx-node: gRPC on {addr}");
-    server
-        .add_service(NodeDaemonServiceServer::new(svc))
-        .serve_with_shutdown(addr, shutdown_signal())
-        .await
-        .with_context(|| format!("gRPC server on {addr}"))?;
+    log::info!("qx-node: gRPC on {endpoint}");
+    let router = server.add_service(NodeDaemonServiceServer::new(svc));
+    match &endpoint {
+        listen::Endpoint::Tcp(addr) => router.serve_with_shutdown(*addr, shutdown_signal()).await,
+        listen::Endpoint::Unix(path) => {
+            let group = cfg
+                .socket_group
+                .as_deref()
+                .map(listen::group_id)
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            let listener = listen::bind_unix(path, group)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            let served = router
+                .serve_with_incoming_shutdown(
+                    listen::checked_incoming(listener, group),
+                    shutdown_signal(),
+                )
+                .await;
+            let _ = std::fs::remove_file(path);
+            served
+        }
+    }
+    .with_context(|| format!("gRPC server on {endpoint}"))?;
     Ok(())
 }
 
