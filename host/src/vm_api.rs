@@ -165,6 +165,7 @@ pub struct VmApi {
     /// Serialises CreateVM, so "does this id or name exist" and "define" are one step.
     create_lock: tokio::sync::Mutex<()>,
     started: Instant,
+    metrics_polls: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn apply_agent_actions(agent: &AgentApi, actions: Vec<AgentAction>) {
@@ -229,7 +230,14 @@ impl VmApi {
             notes,
             create_lock: tokio::sync::Mutex::new(()),
             started: Instant::now(),
+            metrics_polls: Arc::default(),
         })
+    }
+
+    /// How many times StreamMetrics sampled libvirt (for tests and diagnostics).
+    pub fn metrics_polls(&self) -> u64 {
+        self.metrics_polls
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The event hub (for tests and diagnostics).
@@ -1184,6 +1192,7 @@ impl VmApi {
             ms => ms.max(MIN_METRICS_INTERVAL_MS),
         };
         let hv = self.hv.clone();
+        let polls = self.metrics_polls.clone();
         let (tx, out) = mpsc::channel(64);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(u64::from(interval_ms)));
@@ -1192,6 +1201,7 @@ impl VmApi {
                 tick.tick().await;
                 let hv = hv.clone();
                 let only = only.clone();
+                polls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let samples =
                     match tokio::task::spawn_blocking(move || sample_metrics(hv.as_ref(), only))
                         .await

@@ -12,11 +12,13 @@ use qx_node::service::NodeService;
 use qx_node::vm_api::{VmApi, VmConfig};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic::Code;
 
 struct Harness {
     client: NodeDaemonServiceClient<Channel>,
+    vm: Arc<VmApi>,
     dir: tempfile::TempDir,
 }
 
@@ -50,7 +52,10 @@ async fn harness() -> Harness {
     };
     let agent = Arc::new(AgentApi::default());
     let vm = Arc::new(VmApi::new(config, agent.clone()).unwrap());
-    let service = NodeService { vm, agent };
+    let service = NodeService {
+        vm: vm.clone(),
+        agent,
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(
@@ -61,7 +66,7 @@ async fn harness() -> Harness {
     let client = NodeDaemonServiceClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
-    Harness { client, dir }
+    Harness { client, vm, dir }
 }
 
 fn request(name: &str, disks: Vec<pb::DiskSpec>) -> pb::CreateVmRequest {
@@ -286,4 +291,44 @@ async fn oversized_requests_are_refused_naming_the_limit() {
     }
     let vms = h.client.list_v_ms(pb::ListVmsRequest {}).await.unwrap();
     assert!(vms.into_inner().vms.is_empty());
+}
+
+#[tokio::test]
+async fn metrics_subscribers_share_one_poller() {
+    let mut h = harness().await;
+    let mut r = request("metered", vec![]);
+    r.start = true;
+    let vm = h.client.create_vm(r).await.unwrap().into_inner();
+    const SUBSCRIBERS: usize = 8;
+    const SAMPLES: usize = 3;
+    let mut streams = Vec::new();
+    for i in 0..SUBSCRIBERS {
+        let req = pb::StreamMetricsRequest {
+            // Half for the VM, half for every VM; all at the same (floored) interval.
+            vm_id: if i % 2 == 0 {
+                vm.vm_id.clone()
+            } else {
+                String::new()
+            },
+            interval_ms: 100,
+        };
+        streams.push(h.client.stream_metrics(req).await.unwrap().into_inner());
+    }
+    for _ in 0..SAMPLES {
+        for s in &mut streams {
+            let m = tokio::time::timeout(std::time::Duration::from_secs(60), s.next())
+                .await
+                .expect("a sample within the hang guard")
+                .unwrap()
+                .unwrap();
+            assert_eq!(m.vm_id, vm.vm_id);
+        }
+    }
+    let polls = h.vm.metrics_polls();
+    // Every subscriber got SAMPLES samples; one poller per subscriber would have sampled
+    // libvirt SUBSCRIBERS * SAMPLES times.
+    assert!(
+        polls < (SUBSCRIBERS * SAMPLES / 2) as u64,
+        "{polls} libvirt polls for {SUBSCRIBERS} subscribers of {SAMPLES} samples"
+    );
 }
