@@ -22,3 +22,4 @@ pub mod metrics;
 pub mod service;
 pub mod storage;
 pub mod vm_api;
+pub mod vm_metrics;

@@ -18,8 +18,9 @@ use crate::hypervisor::libvirt::Libvirt;
 use crate::hypervisor::{Hypervisor, HypervisorError, PowerState};
 use crate::pb;
 use crate::service::RpcStream;
+use crate::vm_metrics::MetricsPoller;
 use anyhow::Context;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,9 +34,6 @@ pub const DEFAULT_STOP_TIMEOUT_S: u32 = 60;
 pub const STOP_POLL_MS: u64 = 100;
 /// The auto-thaw deadline asked of the agent when a snapshot quiesces.
 pub const QUIESCE_TIMEOUT_S: u32 = 60;
-/// Default and minimum StreamMetrics intervals.
-pub const DEFAULT_METRICS_INTERVAL_MS: u32 = 5000;
-pub const MIN_METRICS_INTERVAL_MS: u32 = 100;
 
 /// Where the VM side of the daemon finds its hypervisor and files.
 #[derive(Debug, Clone, Default)]
@@ -165,7 +163,8 @@ pub struct VmApi {
     /// Serialises CreateVM, so "does this id or name exist" and "define" are one step.
     create_lock: tokio::sync::Mutex<()>,
     started: Instant,
-    metrics_polls: Arc<std::sync::atomic::AtomicU64>,
+    /// StreamMetrics' one shared libvirt poller.
+    metrics: Arc<MetricsPoller>,
 }
 
 fn apply_agent_actions(agent: &AgentApi, actions: Vec<AgentAction>) {
@@ -224,20 +223,19 @@ impl VmApi {
         Ok(VmApi {
             config,
             agent,
-            hv,
             hub,
             watcher,
             notes,
             create_lock: tokio::sync::Mutex::new(()),
             started: Instant::now(),
-            metrics_polls: Arc::default(),
+            metrics: MetricsPoller::new(hv.clone()),
+            hv,
         })
     }
 
     /// How many times StreamMetrics sampled libvirt (for tests and diagnostics).
     pub fn metrics_polls(&self) -> u64 {
-        self.metrics_polls
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.metrics.polls()
     }
 
     /// The event hub (for tests and diagnostics).
@@ -1187,46 +1185,7 @@ impl VmApi {
         } else {
             Some(self.resolve(&request.vm_id).await.map_err(to_status)?)
         };
-        let interval_ms = match request.interval_ms {
-            0 => DEFAULT_METRICS_INTERVAL_MS,
-            ms => ms.max(MIN_METRICS_INTERVAL_MS),
-        };
-        let hv = self.hv.clone();
-        let polls = self.metrics_polls.clone();
-        let (tx, out) = mpsc::channel(64);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(u64::from(interval_ms)));
-            let mut prev: HashMap<String, (u64, Instant)> = HashMap::new();
-            loop {
-                tick.tick().await;
-                let hv = hv.clone();
-                let only = only.clone();
-                polls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let samples =
-                    match tokio::task::spawn_blocking(move || sample_metrics(hv.as_ref(), only))
-                        .await
-                    {
-                        Ok(s) => s,
-                        Err(_) => return,
-                    };
-                let now = Instant::now();
-                for (mut m, vcpus) in samples {
-                    if let Some((cpu, at)) = prev.get(&m.vm_id) {
-                        let wall_ns = now.duration_since(*at).as_nanos() as f64;
-                        let used = m.cpu_time_ns.saturating_sub(*cpu) as f64;
-                        if wall_ns > 0.0 && vcpus > 0 {
-                            m.cpu_usage_percent =
-                                (used / (wall_ns * f64::from(vcpus)) * 100.0) as f32;
-                        }
-                    }
-                    prev.insert(m.vm_id.clone(), (m.cpu_time_ns, now));
-                    if tx.send(Ok(m)).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(Box::pin(ReceiverStream::new(out)))
+        Ok(self.metrics.subscribe(only, request.interval_ms))
     }
 }
 
@@ -1469,54 +1428,6 @@ fn change_media_blocking(
         )));
     }
     Ok((drive.target, previous, now))
-}
-
-/// One metrics sample per running VM (or just `only`), with its vCPU count. Blocking.
-fn sample_metrics(hv: &dyn Hypervisor, only: Option<String>) -> Vec<(pb::VmMetrics, u32)> {
-    let ids: Vec<String> = match only {
-        Some(id) => vec![id],
-        None => hv
-            .list()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|d| d.state.is_active())
-            .map(|d| d.uuid)
-            .collect(),
-    };
-    let mut out = Vec::new();
-    for id in ids {
-        let Ok(info) = hv.info(&id) else { continue };
-        if !info.state.is_active() {
-            continue;
-        }
-        let facts = hv
-            .xml(&id, false)
-            .ok()
-            .and_then(|x| DomainFacts::parse(&x).ok())
-            .unwrap_or_default();
-        let mut m = pb::VmMetrics {
-            vm_id: id.clone(),
-            unix_ms: events::now_unix_ms(),
-            cpu_time_ns: info.cpu_time_ns,
-            cpu_usage_percent: 0.0,
-            memory_bytes: info.memory_kib.saturating_mul(1024),
-            ..Default::default()
-        };
-        for d in facts.disks.iter().filter(|d| d.source.is_some()) {
-            if let Ok((rd, wr)) = hv.block_stats(&id, &d.target) {
-                m.disk_read_bytes += rd;
-                m.disk_write_bytes += wr;
-            }
-        }
-        for dev in &facts.interfaces {
-            if let Ok((rx, tx)) = hv.interface_stats(&id, dev) {
-                m.net_rx_bytes += rx;
-                m.net_tx_bytes += tx;
-            }
-        }
-        out.push((m, info.vcpus));
-    }
-    out
 }
 
 /// The lifecycle watcher: diffs domain states every [`WATCH_INTERVAL_MS`] until the
