@@ -18,6 +18,7 @@ use crate::hypervisor::libvirt::Libvirt;
 use crate::hypervisor::{Hypervisor, HypervisorError, PowerState};
 use crate::pb;
 use crate::service::RpcStream;
+use crate::storage::api::StorageApi;
 use crate::vm_metrics::MetricsPoller;
 use anyhow::Context;
 use std::collections::BTreeMap;
@@ -165,6 +166,8 @@ pub struct VmApi {
     started: Instant,
     /// StreamMetrics' one shared libvirt poller.
     metrics: Arc<MetricsPoller>,
+    /// The storage RPCs, over the same libvirt connection.
+    storage: StorageApi,
 }
 
 fn apply_agent_actions(agent: &AgentApi, actions: Vec<AgentAction>) {
@@ -229,8 +232,14 @@ impl VmApi {
             create_lock: tokio::sync::Mutex::new(()),
             started: Instant::now(),
             metrics: MetricsPoller::new(hv.clone()),
+            storage: StorageApi::new(hv.clone()),
             hv,
         })
+    }
+
+    /// The storage pool and volume RPCs.
+    pub fn storage(&self) -> &StorageApi {
+        &self.storage
     }
 
     /// How many times StreamMetrics sampled libvirt (for tests and diagnostics).

@@ -318,6 +318,11 @@ impl DomainSpec {
             if !taken.insert(target.clone()) {
                 return Err(invalid(format!("disk {i}: duplicate target {target}")));
             }
+            if !d.pool.is_empty() || !d.volume.is_empty() {
+                return Err(invalid(format!(
+                    "disk {i}: pool and volume are not supported by this node yet"
+                )));
+            }
             let (path, create_gib) = if !d.path.is_empty() {
                 let roots = if d.cdrom {
                     ctx.media_roots
