@@ -171,7 +171,17 @@ impl StorageApi {
                     req.pool_id
                 )));
             }
-            let pool = conn.define_storage_pool_xml(&x, 0).map_err(classify)?;
+            let pool = conn.define_storage_pool_xml(&x, 0).map_err(|e| {
+                // libvirt built without this pool type's driver says so only in its text.
+                if e.message().contains("missing backend") {
+                    StorageError::Unsupported(format!(
+                        "this libvirt has no storage driver for this pool type: {}",
+                        e.message()
+                    ))
+                } else {
+                    classify(e)
+                }
+            })?;
             // A pool that cannot be built or started is not kept: the caller fixes the cause
             // (server unreachable, device missing, kernel support absent) and asks again.
             let started = (|| {
