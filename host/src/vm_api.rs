@@ -19,6 +19,7 @@ use crate::hypervisor::{Hypervisor, HypervisorError, PowerState};
 use crate::pb;
 use crate::service::RpcStream;
 use crate::storage::api::StorageApi;
+use crate::storage::{self, StorageError};
 use crate::vm_metrics::MetricsPoller;
 use anyhow::Context;
 use std::collections::BTreeMap;
@@ -63,6 +64,8 @@ pub enum VmError {
     Hypervisor(#[from] HypervisorError),
     #[error(transparent)]
     Spec(#[from] SpecError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
     #[error("{0}")]
     InvalidArgument(String),
     #[error("{0}")]
@@ -77,7 +80,11 @@ pub enum VmError {
 
 /// Maps a [`VmError`] to its gRPC status.
 pub fn to_status(e: VmError) -> Status {
+    if let VmError::Storage(s) = e {
+        return s.into_status();
+    }
     let code = match &e {
+        VmError::Storage(_) => Code::Internal,
         VmError::Hypervisor(h) => match h {
             HypervisorError::NoDomain(_) | HypervisorError::NoSnapshot(_) => Code::NotFound,
             HypervisorError::Exists(_) => Code::AlreadyExists,
@@ -418,7 +425,9 @@ impl VmApi {
         self.create_inner(request).await.map_err(to_status)
     }
 
-    async fn create_inner(&self, request: pb::CreateVmRequest) -> VmResult<pb::VmStatus> {
+    /// CreateVM: volume disks are resolved (and missing ones created in their pools) first;
+    /// if anything after fails, the volumes created for the VM are deleted again.
+    async fn create_inner(&self, mut request: pb::CreateVmRequest) -> VmResult<pb::VmStatus> {
         let uuid = if request.vm_id.is_empty() {
             uuid::Uuid::new_v4()
         } else {
@@ -428,15 +437,57 @@ impl VmApi {
         }
         .hyphenated()
         .to_string();
-        let (disk_roots, media_roots) = self.allowed_roots();
+        let (spec, id) = (request.spec.take(), uuid.clone());
+        let (spec, pool_roots, resolved, created) = self
+            .run(move |hv| {
+                let Some(conn) = hv.connection() else {
+                    return Ok((spec, Vec::new(), Vec::new(), Vec::new()));
+                };
+                let mut spec = spec;
+                let (resolved, created) = match spec.as_mut() {
+                    Some(s) => storage::disks::resolve(&conn, &id, s)?,
+                    None => Default::default(),
+                };
+                Ok((spec, storage::disks::pool_roots(&conn), resolved, created))
+            })
+            .await?;
+        request.spec = spec;
+        let result = self
+            .create_defined(uuid, request, pool_roots, resolved, created.clone())
+            .await;
+        if result.is_err() && !created.is_empty() {
+            let _ = self
+                .run(move |hv| {
+                    if let Some(conn) = hv.connection() {
+                        storage::disks::delete_created(&conn, &created);
+                    }
+                    Ok(())
+                })
+                .await;
+        }
+        result
+    }
+
+    async fn create_defined(
+        &self,
+        uuid: String,
+        request: pb::CreateVmRequest,
+        pool_roots: Vec<PathBuf>,
+        volume_paths: Vec<PathBuf>,
+        volumes: Vec<PathBuf>,
+    ) -> VmResult<pb::VmStatus> {
+        let (mut disk_roots, media_roots) = self.allowed_roots();
+        disk_roots.extend(pool_roots);
         let ctx = SpecContext {
             domain_type: self.hv.domain_type(),
             socket_dir: &self.config.socket_dir,
             image_dir: &self.config.image_dir,
             disk_roots: &disk_roots,
             media_roots: &media_roots,
+            volume_paths: &volume_paths,
         };
-        let spec = DomainSpec::from_request(&uuid, &request, &ctx)?;
+        let mut spec = DomainSpec::from_request(&uuid, &request, &ctx)?;
+        spec.volumes_created = volumes;
         let xml = spec.to_xml()?;
 
         let _create = self.create_lock.lock().await;
@@ -725,7 +776,7 @@ impl VmApi {
                     }
                     hv.undefine(&id, facts.has_nvram)?;
                     let deleted = if delete_storage {
-                        delete_owned_volumes(&facts, &image_dir)
+                        delete_owned_volumes(hv, &facts, &image_dir)
                     } else {
                         Vec::new()
                     };
@@ -1249,7 +1300,7 @@ fn snapshot_pb(xml: &str, current: bool, quiesced: bool) -> VmResult<pb::Snapsho
 /// DeleteVM's storage half: the images qx-node created for this VM (recorded in its
 /// metadata), still attached to it, still inside the image directory. Anything else (a shared
 /// base image, a file attached by path, media) is never touched. Blocking.
-fn delete_owned_volumes(facts: &DomainFacts, image_dir: &Path) -> Vec<String> {
+fn delete_owned_volumes(hv: &dyn Hypervisor, facts: &DomainFacts, image_dir: &Path) -> Vec<String> {
     let mut deleted = Vec::new();
     let roots = [image_dir.to_path_buf()];
     for path in &facts.owned_volumes {
@@ -1260,11 +1311,21 @@ fn delete_owned_volumes(facts: &DomainFacts, image_dir: &Path) -> Vec<String> {
         let inside = Path::new(path)
             .canonicalize()
             .is_ok_and(|real| crate::storage::policy::inside_any(&real, &roots));
-        if !attached || !inside {
+        if !attached {
             log::warn!(
                 "VM {}: not deleting {path}: no longer its own image",
                 facts.uuid
             );
+            continue;
+        }
+        if !inside {
+            // A storage-pool volume created for the VM: deleted through libvirt.
+            if let Some(conn) = hv.connection() {
+                deleted.extend(storage::disks::delete_created(
+                    &conn,
+                    &[PathBuf::from(path)],
+                ));
+            }
             continue;
         }
         match std::fs::remove_file(path) {

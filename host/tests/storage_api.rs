@@ -406,3 +406,103 @@ async fn transfers_need_a_header_and_say_what_the_driver_cannot_do() {
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
 }
+
+#[tokio::test]
+async fn vm_disks_from_volumes_and_delete_storage_removes_only_the_vms_own() {
+    let (mut c, _dir) = client().await;
+    c.init_storage_pool(dir_pool("vmvols16", "/qx16/vmvols"))
+        .await
+        .unwrap();
+    c.create_volume(pb::CreateVolumeRequest {
+        pool_id: "vmvols16".into(),
+        volume_id: "shared".into(),
+        size_bytes: GIB,
+        format: "raw".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let disk = |pool: &str, volume: &str, gib: u64| pb::DiskSpec {
+        pool: pool.into(),
+        volume: volume.into(),
+        size_gib: gib,
+        ..Default::default()
+    };
+    let create = |name: &str, disks: Vec<pb::DiskSpec>| pb::CreateVmRequest {
+        name: name.into(),
+        spec: Some(pb::VmSpec {
+            cpu_cores: 1,
+            memory_mib: 64,
+            disks,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    // An existing volume attached, and a new one created in the pool for the VM.
+    let vm = c
+        .create_vm(create(
+            "onvols",
+            vec![disk("vmvols16", "shared", 0), disk("vmvols16", "", 2)],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let own = format!("{}-disk1", vm.vm_id);
+    let v = c
+        .get_volume(vol("vmvols16", &own))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((v.capacity_bytes, v.format.as_str()), (2 * GIB, "qcow2"));
+    // In use: not deletable.
+    let err = c
+        .delete_volume(vol("vmvols16", "shared"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
+    // Errors: unknown pool, missing volume without a size, a volume with a path; nothing is
+    // left behind by a refused CreateVM.
+    let codes = [
+        c.create_vm(create("e1", vec![disk("nopool", "x", 1)]))
+            .await
+            .unwrap_err()
+            .code(),
+        c.create_vm(create("e2", vec![disk("vmvols16", "missing", 0)]))
+            .await
+            .unwrap_err()
+            .code(),
+        c.create_vm(create(
+            "e3",
+            vec![disk("vmvols16", "", 1), disk("vmvols16", "missing", 0)],
+        ))
+        .await
+        .unwrap_err()
+        .code(),
+    ];
+    assert_eq!(codes, [Code::NotFound, Code::NotFound, Code::NotFound]);
+    let names: Vec<String> = c
+        .list_volumes(pool_req("vmvols16"))
+        .await
+        .unwrap()
+        .into_inner()
+        .volumes
+        .into_iter()
+        .map(|v| v.volume_id)
+        .collect();
+    assert_eq!(names, [own.clone(), "shared".to_string()]);
+
+    let r = c
+        .delete_vm(pb::DeleteVmRequest {
+            vm_id: vm.vm_id.clone(),
+            delete_storage: true,
+            force: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.deleted_volumes, [format!("/qx16/vmvols/{own}")]);
+    c.get_volume(vol("vmvols16", "shared")).await.unwrap();
+    let err = c.get_volume(vol("vmvols16", &own)).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}

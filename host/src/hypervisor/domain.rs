@@ -99,6 +99,8 @@ pub struct DomainSpec {
     pub cmdline: String,
     pub labels: BTreeMap<String, String>,
     pub agent_socket: PathBuf,
+    /// Storage-pool volumes created for this VM (recorded as its own, like created images).
+    pub volumes_created: Vec<PathBuf>,
 }
 
 /// Where a spec's files go, and where the files it names may come from.
@@ -111,6 +113,9 @@ pub struct SpecContext<'a> {
     pub disk_roots: &'a [PathBuf],
     /// Directories kernels and initrds must lie in.
     pub media_roots: &'a [PathBuf],
+    /// Paths of storage volumes the request named by pool and volume, resolved by libvirt
+    /// (not by the caller): taken as they are.
+    pub volume_paths: &'a [PathBuf],
 }
 
 /// The agent socket of a VM: `<socket_dir>/<vm-id>.agent.sock`.
@@ -320,10 +325,16 @@ impl DomainSpec {
             }
             if !d.pool.is_empty() || !d.volume.is_empty() {
                 return Err(invalid(format!(
-                    "disk {i}: pool and volume are not supported by this node yet"
+                    "disk {i}: pool and volume must be resolved to a path first"
                 )));
             }
-            let (path, create_gib) = if !d.path.is_empty() {
+            let (path, create_gib) = if ctx
+                .volume_paths
+                .iter()
+                .any(|p| p.as_os_str() == d.path.as_str())
+            {
+                (Some(PathBuf::from(&d.path)), None)
+            } else if !d.path.is_empty() {
                 let roots = if d.cdrom {
                     ctx.media_roots
                 } else {
@@ -445,6 +456,7 @@ impl DomainSpec {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             agent_socket,
+            volumes_created: Vec::new(),
         })
     }
 
@@ -478,7 +490,13 @@ impl DomainSpec {
             metadata = metadata.child(Element::new("qx:label").attr("key", k).text(v.as_str()));
         }
         // The images qx-node creates for this VM: the only files DeleteVM may remove.
-        for d in self.disks.iter().filter(|d| d.create_gib.is_some()) {
+        let own = |d: &DiskDef| {
+            d.create_gib.is_some()
+                || d.path
+                    .as_ref()
+                    .is_some_and(|p| self.volumes_created.contains(p))
+        };
+        for d in self.disks.iter().filter(|d| own(d)) {
             if let Some(path) = &d.path {
                 metadata = metadata.child(
                     Element::new("qx:volume")
@@ -832,6 +850,7 @@ mod tests {
             image_dir: dir,
             disk_roots: roots,
             media_roots: roots,
+            volume_paths: &[],
         }
     }
 

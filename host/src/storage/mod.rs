@@ -2,6 +2,7 @@
 //! volumes ([`api`], their XML in [`xml`]). See docs/storage.md.
 
 pub mod api;
+pub mod disks;
 pub mod policy;
 pub mod xml;
 
