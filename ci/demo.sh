@@ -65,7 +65,7 @@ for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 addr=127.0.0.1:$port
-"$qxnode" --listen "$addr" --libvirt-uri none --vm-socket "demo=$sock" >"$work/qx-node.log" 2>&1 &
+"$qxnode" --listen "$addr" --insecure-listen --libvirt-uri none --vm-socket "demo=$sock" >"$work/qx-node.log" 2>&1 &
 node_pid=$!
 note "qx-node pid $node_pid, gRPC on $addr"
 

@@ -72,8 +72,8 @@ cp "$vm/vmlinux" "$work/vmlinux"
 # ---- the daemon -------------------------------------------------------------------------------
 port=$((20000 + RANDOM % 20000))
 addr=127.0.0.1:$port
-"$node_bin" --listen "$addr" --libvirt-uri qemu:///system --agent-socket-dir "$work/sock" \
-  --image-dir "$work/images" --agent-iso "$iso" >"$work/node.log" 2>&1 &
+"$node_bin" --listen "$addr" --insecure-listen --libvirt-uri qemu:///system \
+  --agent-socket-dir "$work/sock" --image-dir "$work/images" --media-dir "$work" --agent-iso "$iso" >"$work/node.log" 2>&1 &
 node_pid=$!
 qxctl() { "$qxctl_bin" --addr "http://$addr" "$@"; }
 i=0

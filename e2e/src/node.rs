@@ -83,6 +83,8 @@ impl Node {
         let child = cmd
             .arg("--listen")
             .arg(&listen)
+            // Plain loopback TCP: the harness's own throw-away daemon.
+            .arg("--insecure-listen")
             // The VMs are QEMU processes the harness owns, not libvirt domains.
             .args(["--libvirt-uri", "none"])
             .args(args)

@@ -3,12 +3,15 @@
 //! Every key is optional. Example (`/etc/quantix/qx-node.toml`):
 //!
 //! ```toml
-//! listen = "127.0.0.1:9090"          # gRPC
+//! listen = "unix:/run/quantix-kvm/qx-node.sock"  # gRPC: unix:/PATH or IP:PORT (TLS, see below)
+//! socket_group = "quantix"           # group of the unix socket (mode 0660)
 //! metrics_listen = "127.0.0.1:9091"  # Prometheus text at GET /metrics; absent: off
 //! libvirt_uri = "qemu:///system"     # "none": serve the agent RPCs without libvirt
 //! agent_socket_dir = "/var/run/quantix-kvm/vms"  # <dir>/<vm-id>.agent.sock
 //! image_dir = "/var/lib/quantix-kvm/images"
 //! agent_iso = "/usr/share/quantix-kvm/agent.iso"
+//! disk_roots = ["/srv/vm-disks"]    # besides image_dir and libvirt's pools: disks by path
+//! media_dirs = ["/var/lib/quantix-kvm/media"]  # ISOs, kernels, initrds (this is the default)
 //!
 //! [vm_sockets]                       # explicit bindings, as --vm-socket VMID=PATH
 //! web1 = "/run/qemu/web1.agent.sock"
@@ -28,7 +31,7 @@
 //! queue_capacity = 256               # commands waiting for the writer, per VM
 //! max_in_flight = 1024               # unfinished commands, per VM
 //!
-//! [tls]                              # all three: mutual TLS; cert+key: server TLS
+//! [tls]            # TCP needs cert+key; beyond loopback also client_ca (mutual TLS)
 //! cert = "/etc/quantix/node.crt"
 //! key = "/etc/quantix/node.key"
 //! client_ca = "/etc/quantix/ca.crt"
@@ -95,11 +98,15 @@ pub struct TlsFiles {
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     pub listen: Option<String>,
+    pub socket_group: Option<String>,
     pub metrics_listen: Option<String>,
     pub libvirt_uri: Option<String>,
     pub agent_socket_dir: Option<PathBuf>,
     pub image_dir: Option<PathBuf>,
     pub agent_iso: Option<PathBuf>,
+    #[serde(default)]
+    pub disk_roots: Vec<PathBuf>,
+    pub media_dirs: Option<Vec<PathBuf>>,
     #[serde(default)]
     pub vm_sockets: BTreeMap<String, PathBuf>,
     #[serde(default)]
@@ -110,10 +117,11 @@ pub struct NodeConfig {
     pub tls: TlsFiles,
 }
 
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:9090";
+pub const DEFAULT_LISTEN: &str = "unix:/run/quantix-kvm/qx-node.sock";
 pub const DEFAULT_LIBVIRT_URI: &str = "qemu:///system";
 pub const DEFAULT_SOCKET_DIR: &str = "/var/run/quantix-kvm/vms";
 pub const DEFAULT_IMAGE_DIR: &str = "/var/lib/quantix-kvm/images";
+pub const DEFAULT_MEDIA_DIR: &str = "/var/lib/quantix-kvm/media";
 
 impl NodeConfig {
     pub fn load(path: &std::path::Path) -> Result<NodeConfig, ConfigError> {

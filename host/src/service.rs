@@ -553,4 +553,137 @@ impl NodeDaemonService for NodeService {
             .await
             .map(Response::new)
     }
+
+    // --- storage: delegated to StorageApi (host/src/storage/api.rs) ---
+
+    async fn init_storage_pool(
+        &self,
+        request: Request<pb::InitStoragePoolRequest>,
+    ) -> Result<Response<pb::StoragePoolInfoResponse>, Status> {
+        let r = request.into_inner();
+        self.vm
+            .storage()
+            .init_storage_pool(r)
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_storage_pools(
+        &self,
+        _request: Request<pb::ListStoragePoolsRequest>,
+    ) -> Result<Response<pb::ListStoragePoolsResponse>, Status> {
+        self.vm
+            .storage()
+            .list_storage_pools()
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_storage_pool(
+        &self,
+        request: Request<pb::StoragePoolRequest>,
+    ) -> Result<Response<pb::StoragePoolInfoResponse>, Status> {
+        let r = request.into_inner();
+        self.vm
+            .storage()
+            .get_storage_pool(r, false)
+            .await
+            .map(Response::new)
+    }
+
+    async fn refresh_storage_pool(
+        &self,
+        request: Request<pb::StoragePoolRequest>,
+    ) -> Result<Response<pb::StoragePoolInfoResponse>, Status> {
+        let r = request.into_inner();
+        self.vm
+            .storage()
+            .get_storage_pool(r, true)
+            .await
+            .map(Response::new)
+    }
+
+    async fn delete_storage_pool(
+        &self,
+        request: Request<pb::DeleteStoragePoolRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let r = request.into_inner();
+        self.vm
+            .storage()
+            .delete_storage_pool(r)
+            .await
+            .map(Response::new)
+    }
+
+    async fn create_volume(
+        &self,
+        request: Request<pb::CreateVolumeRequest>,
+    ) -> Result<Response<pb::VolumeInfo>, Status> {
+        let r = request.into_inner();
+        self.vm.storage().create_volume(r).await.map(Response::new)
+    }
+
+    async fn list_volumes(
+        &self,
+        request: Request<pb::StoragePoolRequest>,
+    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        let r = request.into_inner();
+        self.vm.storage().list_volumes(r).await.map(Response::new)
+    }
+
+    async fn get_volume(
+        &self,
+        request: Request<pb::VolumeRequest>,
+    ) -> Result<Response<pb::VolumeInfo>, Status> {
+        let r = request.into_inner();
+        self.vm.storage().get_volume(r).await.map(Response::new)
+    }
+
+    async fn resize_volume(
+        &self,
+        request: Request<pb::ResizeVolumeRequest>,
+    ) -> Result<Response<pb::VolumeInfo>, Status> {
+        let r = request.into_inner();
+        self.vm.storage().resize_volume(r).await.map(Response::new)
+    }
+
+    type CloneVolumeStream = RpcStream<pb::VolumeProgress>;
+
+    async fn clone_volume(
+        &self,
+        request: Request<pb::CloneVolumeRequest>,
+    ) -> Result<Response<Self::CloneVolumeStream>, Status> {
+        let r = request.into_inner();
+        self.vm.storage().clone_volume(r).await.map(Response::new)
+    }
+
+    async fn delete_volume(
+        &self,
+        request: Request<pb::VolumeRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let r = request.into_inner();
+        self.vm.storage().delete_volume(r).await.map(Response::new)
+    }
+
+    async fn upload_volume(
+        &self,
+        request: Request<Streaming<pb::UploadVolumeRequest>>,
+    ) -> Result<Response<pb::VolumeTransferDone>, Status> {
+        let r = request.into_inner();
+        self.vm.storage().upload_volume(r).await.map(Response::new)
+    }
+
+    type DownloadVolumeStream = RpcStream<pb::VolumeChunk>;
+
+    async fn download_volume(
+        &self,
+        request: Request<pb::DownloadVolumeRequest>,
+    ) -> Result<Response<Self::DownloadVolumeStream>, Status> {
+        let r = request.into_inner();
+        self.vm
+            .storage()
+            .download_volume(r)
+            .await
+            .map(Response::new)
+    }
 }

@@ -18,8 +18,11 @@ use crate::hypervisor::libvirt::Libvirt;
 use crate::hypervisor::{Hypervisor, HypervisorError, PowerState};
 use crate::pb;
 use crate::service::RpcStream;
+use crate::storage::api::StorageApi;
+use crate::storage::{self, StorageError};
+use crate::vm_metrics::MetricsPoller;
 use anyhow::Context;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,12 +36,9 @@ pub const DEFAULT_STOP_TIMEOUT_S: u32 = 60;
 pub const STOP_POLL_MS: u64 = 100;
 /// The auto-thaw deadline asked of the agent when a snapshot quiesces.
 pub const QUIESCE_TIMEOUT_S: u32 = 60;
-/// Default and minimum StreamMetrics intervals.
-pub const DEFAULT_METRICS_INTERVAL_MS: u32 = 5000;
-pub const MIN_METRICS_INTERVAL_MS: u32 = 100;
 
 /// Where the VM side of the daemon finds its hypervisor and files.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct VmConfig {
     /// libvirt connection URI, e.g. `qemu:///system`, or for tests libvirt's test driver:
     /// `test:///<dir>/node.xml` (a private hypervisor per connection; `test:///default` is
@@ -50,6 +50,11 @@ pub struct VmConfig {
     pub image_dir: PathBuf,
     /// The agent ISO that MountAgentIso inserts.
     pub agent_iso: Option<PathBuf>,
+    /// Directories besides `image_dir` (and libvirt's storage pools) where a disk named by
+    /// its host path may live.
+    pub disk_roots: Vec<PathBuf>,
+    /// Directories that ISOs, kernels and initrds may come from.
+    pub media_dirs: Vec<PathBuf>,
 }
 
 /// Why a VM operation failed; [`to_status`] is the one mapping to gRPC codes.
@@ -59,6 +64,8 @@ pub enum VmError {
     Hypervisor(#[from] HypervisorError),
     #[error(transparent)]
     Spec(#[from] SpecError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
     #[error("{0}")]
     InvalidArgument(String),
     #[error("{0}")]
@@ -80,7 +87,11 @@ pub enum VmError {
 
 /// Maps a [`VmError`] to its gRPC status.
 pub fn to_status(e: VmError) -> Status {
+    if let VmError::Storage(s) = e {
+        return s.into_status();
+    }
     let code = match &e {
+        VmError::Storage(_) => Code::Internal,
         VmError::Hypervisor(h) => match h {
             HypervisorError::NoDomain(_) | HypervisorError::NoSnapshot(_) => Code::NotFound,
             HypervisorError::Exists(_) => Code::AlreadyExists,
@@ -90,6 +101,7 @@ pub fn to_status(e: VmError) -> Status {
             HypervisorError::Unreachable(_) => Code::Unavailable,
             HypervisorError::Failed(_) => Code::Internal,
         },
+        VmError::Spec(SpecError::Denied(_)) => Code::PermissionDenied,
         VmError::Spec(_) | VmError::InvalidArgument(_) => Code::InvalidArgument,
         VmError::NotFound(_) => Code::NotFound,
         VmError::AlreadyExists(_) => Code::AlreadyExists,
@@ -166,6 +178,10 @@ pub struct VmApi {
     /// Serialises CreateVM, so "does this id or name exist" and "define" are one step.
     create_lock: tokio::sync::Mutex<()>,
     started: Instant,
+    /// StreamMetrics' one shared libvirt poller.
+    metrics: Arc<MetricsPoller>,
+    /// The storage RPCs, over the same libvirt connection.
+    storage: StorageApi,
 }
 
 fn apply_agent_actions(agent: &AgentApi, actions: Vec<AgentAction>) {
@@ -224,13 +240,25 @@ impl VmApi {
         Ok(VmApi {
             config,
             agent,
-            hv,
             hub,
             watcher,
             notes,
             create_lock: tokio::sync::Mutex::new(()),
             started: Instant::now(),
+            metrics: MetricsPoller::new(hv.clone()),
+            storage: StorageApi::new(hv.clone()),
+            hv,
         })
+    }
+
+    /// The storage pool and volume RPCs.
+    pub fn storage(&self) -> &StorageApi {
+        &self.storage
+    }
+
+    /// How many times StreamMetrics sampled libvirt (for tests and diagnostics).
+    pub fn metrics_polls(&self) -> u64 {
+        self.metrics.polls()
     }
 
     /// The event hub (for tests and diagnostics).
@@ -404,7 +432,9 @@ impl VmApi {
         self.create_inner(request).await.map_err(to_status)
     }
 
-    async fn create_inner(&self, request: pb::CreateVmRequest) -> VmResult<pb::VmStatus> {
+    /// CreateVM: volume disks are resolved (and missing ones created in their pools) first;
+    /// if anything after fails, the volumes created for the VM are deleted again.
+    async fn create_inner(&self, mut request: pb::CreateVmRequest) -> VmResult<pb::VmStatus> {
         let uuid = if request.vm_id.is_empty() {
             uuid::Uuid::new_v4()
         } else {
@@ -414,12 +444,57 @@ impl VmApi {
         }
         .hyphenated()
         .to_string();
+        let (spec, id) = (request.spec.take(), uuid.clone());
+        let (spec, pool_roots, resolved, created) = self
+            .run(move |hv| {
+                let Some(conn) = hv.connection() else {
+                    return Ok((spec, Vec::new(), Vec::new(), Vec::new()));
+                };
+                let mut spec = spec;
+                let (resolved, created) = match spec.as_mut() {
+                    Some(s) => storage::disks::resolve(&conn, &id, s)?,
+                    None => Default::default(),
+                };
+                Ok((spec, storage::disks::pool_roots(&conn), resolved, created))
+            })
+            .await?;
+        request.spec = spec;
+        let result = self
+            .create_defined(uuid, request, pool_roots, resolved, created.clone())
+            .await;
+        if result.is_err() && !created.is_empty() {
+            let _ = self
+                .run(move |hv| {
+                    if let Some(conn) = hv.connection() {
+                        storage::disks::delete_created(&conn, &created);
+                    }
+                    Ok(())
+                })
+                .await;
+        }
+        result
+    }
+
+    async fn create_defined(
+        &self,
+        uuid: String,
+        request: pb::CreateVmRequest,
+        pool_roots: Vec<PathBuf>,
+        volume_paths: Vec<PathBuf>,
+        volumes: Vec<PathBuf>,
+    ) -> VmResult<pb::VmStatus> {
+        let (mut disk_roots, media_roots) = self.allowed_roots();
+        disk_roots.extend(pool_roots);
         let ctx = SpecContext {
             domain_type: self.hv.domain_type(),
             socket_dir: &self.config.socket_dir,
             image_dir: &self.config.image_dir,
+            disk_roots: &disk_roots,
+            media_roots: &media_roots,
+            volume_paths: &volume_paths,
         };
-        let spec = DomainSpec::from_request(&uuid, &request, &ctx)?;
+        let mut spec = DomainSpec::from_request(&uuid, &request, &ctx)?;
+        spec.volumes_created = volumes;
         let xml = spec.to_xml()?;
 
         let _create = self.create_lock.lock().await;
@@ -698,6 +773,7 @@ impl VmApi {
             }
             let id = uuid.clone();
             let delete_storage = request.delete_storage;
+            let image_dir = self.config.image_dir.clone();
             let deleted = self
                 .run(move |hv| {
                     let facts = DomainFacts::parse(&hv.xml(&id, true)?)
@@ -706,19 +782,11 @@ impl VmApi {
                         hv.destroy(&id)?;
                     }
                     hv.undefine(&id, facts.has_nvram)?;
-                    let mut deleted = Vec::new();
-                    if delete_storage {
-                        // The VM's storage: its writable, file-backed disks. CD-ROM media
-                        // and read-only images are shared and never deleted.
-                        for d in facts.disks.iter().filter(|d| !d.cdrom && !d.readonly) {
-                            if let Some(src) = &d.source {
-                                match std::fs::remove_file(src) {
-                                    Ok(()) => deleted.push(src.clone()),
-                                    Err(e) => log::warn!("cannot delete {src}: {e}"),
-                                }
-                            }
-                        }
-                    }
+                    let deleted = if delete_storage {
+                        delete_owned_volumes(hv, &facts, &image_dir)
+                    } else {
+                        Vec::new()
+                    };
                     Ok(deleted)
                 })
                 .await?;
@@ -973,14 +1041,10 @@ impl VmApi {
             let iso = if request.iso_path.is_empty() {
                 None
             } else {
-                let p = PathBuf::from(&request.iso_path);
-                if !p.is_absolute() || !p.is_file() {
-                    return Err(VmError::InvalidArgument(format!(
-                        "ISO {:?} is not an existing file (absolute path)",
-                        request.iso_path
-                    )));
-                }
-                Some(p)
+                let (_, media) = self.allowed_roots();
+                let iso = crate::storage::policy::resolve_inside("ISO", &request.iso_path, &media)
+                    .map_err(SpecError::from)?;
+                Some(iso)
             };
             self.change_media_inner(&uuid, &request.device, iso).await
         }
@@ -1061,6 +1125,15 @@ impl VmApi {
         }
         .await
         .map_err(to_status)
+    }
+
+    /// Where disks given by host path may lie (the image directory, the configured disk
+    /// roots) and where media, kernels and initrds may come from (the media directories; the
+    /// configured agent ISO is trusted as it is).
+    fn allowed_roots(&self) -> (Vec<PathBuf>, Vec<PathBuf>) {
+        let mut disks = vec![self.config.image_dir.clone()];
+        disks.extend(self.config.disk_roots.iter().cloned());
+        (disks, self.config.media_dirs.clone())
     }
 
     fn agent_iso(&self) -> VmResult<PathBuf> {
@@ -1179,44 +1252,7 @@ impl VmApi {
         } else {
             Some(self.resolve(&request.vm_id).await.map_err(to_status)?)
         };
-        let interval_ms = match request.interval_ms {
-            0 => DEFAULT_METRICS_INTERVAL_MS,
-            ms => ms.max(MIN_METRICS_INTERVAL_MS),
-        };
-        let hv = self.hv.clone();
-        let (tx, out) = mpsc::channel(64);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(u64::from(interval_ms)));
-            let mut prev: HashMap<String, (u64, Instant)> = HashMap::new();
-            loop {
-                tick.tick().await;
-                let hv = hv.clone();
-                let only = only.clone();
-                let samples =
-                    match tokio::task::spawn_blocking(move || sample_metrics(hv.as_ref(), only))
-                        .await
-                    {
-                        Ok(s) => s,
-                        Err(_) => return,
-                    };
-                let now = Instant::now();
-                for (mut m, vcpus) in samples {
-                    if let Some((cpu, at)) = prev.get(&m.vm_id) {
-                        let wall_ns = now.duration_since(*at).as_nanos() as f64;
-                        let used = m.cpu_time_ns.saturating_sub(*cpu) as f64;
-                        if wall_ns > 0.0 && vcpus > 0 {
-                            m.cpu_usage_percent =
-                                (used / (wall_ns * f64::from(vcpus)) * 100.0) as f32;
-                        }
-                    }
-                    prev.insert(m.vm_id.clone(), (m.cpu_time_ns, now));
-                    if tx.send(Ok(m)).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(Box::pin(ReceiverStream::new(out)))
+        Ok(self.metrics.subscribe(only, request.interval_ms))
     }
 }
 
@@ -1266,6 +1302,45 @@ fn snapshot_pb(xml: &str, current: bool, quiesced: bool) -> VmResult<pb::Snapsho
         parent: f.parent,
         current,
     })
+}
+
+/// DeleteVM's storage half: the images qx-node created for this VM (recorded in its
+/// metadata), still attached to it, still inside the image directory. Anything else (a shared
+/// base image, a file attached by path, media) is never touched. Blocking.
+fn delete_owned_volumes(hv: &dyn Hypervisor, facts: &DomainFacts, image_dir: &Path) -> Vec<String> {
+    let mut deleted = Vec::new();
+    let roots = [image_dir.to_path_buf()];
+    for path in &facts.owned_volumes {
+        let attached = facts
+            .disks
+            .iter()
+            .any(|d| !d.cdrom && d.source.as_deref() == Some(path.as_str()));
+        let inside = Path::new(path)
+            .canonicalize()
+            .is_ok_and(|real| crate::storage::policy::inside_any(&real, &roots));
+        if !attached {
+            log::warn!(
+                "VM {}: not deleting {path}: no longer its own image",
+                facts.uuid
+            );
+            continue;
+        }
+        if !inside {
+            // A storage-pool volume created for the VM: deleted through libvirt.
+            if let Some(conn) = hv.connection() {
+                deleted.extend(storage::disks::delete_created(
+                    &conn,
+                    &[PathBuf::from(path)],
+                ));
+            }
+            continue;
+        }
+        match std::fs::remove_file(path) {
+            Ok(()) => deleted.push(path.clone()),
+            Err(e) => log::warn!("cannot delete {path}: {e}"),
+        }
+    }
+    deleted
 }
 
 fn remove_files(paths: &[PathBuf]) {
@@ -1444,54 +1519,6 @@ fn change_media_blocking(
         )));
     }
     Ok((drive.target, previous, now))
-}
-
-/// One metrics sample per running VM (or just `only`), with its vCPU count. Blocking.
-fn sample_metrics(hv: &dyn Hypervisor, only: Option<String>) -> Vec<(pb::VmMetrics, u32)> {
-    let ids: Vec<String> = match only {
-        Some(id) => vec![id],
-        None => hv
-            .list()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|d| d.state.is_active())
-            .map(|d| d.uuid)
-            .collect(),
-    };
-    let mut out = Vec::new();
-    for id in ids {
-        let Ok(info) = hv.info(&id) else { continue };
-        if !info.state.is_active() {
-            continue;
-        }
-        let facts = hv
-            .xml(&id, false)
-            .ok()
-            .and_then(|x| DomainFacts::parse(&x).ok())
-            .unwrap_or_default();
-        let mut m = pb::VmMetrics {
-            vm_id: id.clone(),
-            unix_ms: events::now_unix_ms(),
-            cpu_time_ns: info.cpu_time_ns,
-            cpu_usage_percent: 0.0,
-            memory_bytes: info.memory_kib.saturating_mul(1024),
-            ..Default::default()
-        };
-        for d in facts.disks.iter().filter(|d| d.source.is_some()) {
-            if let Ok((rd, wr)) = hv.block_stats(&id, &d.target) {
-                m.disk_read_bytes += rd;
-                m.disk_write_bytes += wr;
-            }
-        }
-        for dev in &facts.interfaces {
-            if let Ok((rx, tx)) = hv.interface_stats(&id, dev) {
-                m.net_rx_bytes += rx;
-                m.net_tx_bytes += tx;
-            }
-        }
-        out.push((m, info.vcpus));
-    }
-    out
 }
 
 /// The lifecycle watcher: diffs domain states every [`WATCH_INTERVAL_MS`] until the

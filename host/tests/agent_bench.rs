@@ -131,6 +131,8 @@ fn start_node(dir: &Path, name: &str, vms: &[(String, std::path::PathBuf)]) -> (
     let child = Command::new(bin)
         .arg("--config")
         .arg(&cfg_path)
+        // Plain loopback TCP for the benchmark's own throw-away daemon.
+        .arg("--insecure-listen")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .spawn()

@@ -61,7 +61,13 @@ async fn qx_node_and_qxctl_drive_the_real_agent() {
     let maddr = format!("127.0.0.1:{mport}");
     let _node = Node(
         Command::new(env!("CARGO_BIN_EXE_qx-node"))
-            .args(["--listen", &addr, "--metrics-listen", &maddr])
+            .args([
+                "--listen",
+                &addr,
+                "--insecure-listen",
+                "--metrics-listen",
+                &maddr,
+            ])
             .args(["--libvirt-uri", "none"])
             .arg("--agent-socket-dir")
             .arg(dir.path().join("sockets"))

@@ -52,6 +52,8 @@ async fn harness() -> Harness {
         socket_dir: dir.path().join("sock"),
         image_dir: dir.path().join("images"),
         agent_iso: Some(dir.path().join("agent.iso")),
+        disk_roots: Vec::new(),
+        media_dirs: vec![dir.path().to_path_buf()],
     };
     let agent = Arc::new(AgentApi::default());
     let vm = Arc::new(VmApi::new(config, agent.clone()).unwrap());
@@ -391,7 +393,9 @@ async fn bad_specs_are_invalid_argument_and_leave_nothing_behind() {
     r.spec.as_mut().unwrap().memory_mib = 0;
     bad.push(r);
     let mut r = create_req("ok");
-    r.spec.as_mut().unwrap().disks[0].path = "/nonexistent/x.qcow2".into();
+    // Missing, inside the image directory (outside it the answer is PERMISSION_DENIED).
+    r.spec.as_mut().unwrap().disks[0].path =
+        h.images().join("missing.qcow2").to_string_lossy().into();
     bad.push(r);
     let mut r = create_req("ok");
     r.spec.as_mut().unwrap().disks[0].bus = "floppy".into();
@@ -599,6 +603,13 @@ async fn change_media_inserts_swaps_and_ejects_with_precise_errors() {
         iso_path: iso.to_string(),
     };
     let agent_iso = h.agent_iso().to_string_lossy().into_owned();
+    // Missing, inside the media directory (the harness's directory).
+    let missing = h
+        .dir
+        .path()
+        .join("missing.iso")
+        .to_string_lossy()
+        .into_owned();
     let c = &mut h.client;
     let r = c.change_media(change("", &a)).await.unwrap().into_inner();
     assert_eq!(
@@ -618,7 +629,7 @@ async fn change_media_inserts_swaps_and_ejects_with_precise_errors() {
     assert_eq!((r.inserted.as_str(), r.previous.as_str()), ("", b.as_str()));
 
     let codes = [
-        c.change_media(change("", "/nonexistent.iso"))
+        c.change_media(change("", &missing))
             .await
             .unwrap_err()
             .code(),

@@ -27,6 +27,8 @@ async fn vm_snapshot_media_and_events_commands_return_exit_codes() {
         socket_dir: dir.path().join("sock"),
         image_dir: dir.path().join("images"),
         agent_iso: None,
+        disk_roots: Vec::new(),
+        media_dirs: vec![dir.path().to_path_buf()],
     };
     let agent = Arc::new(AgentApi::default());
     let vm = Arc::new(VmApi::new(config, agent.clone()).unwrap());

@@ -12,6 +12,7 @@ use qx_node::config::{self, NodeConfig};
 use qx_node::hypervisor::{
     DomainInfo, DomainRef, HostFacts, Hypervisor, HypervisorError, SnapshotRecord,
 };
+use qx_node::listen;
 use qx_node::pb::node_daemon_service_server::NodeDaemonServiceServer;
 use qx_node::service::NodeService;
 use qx_node::vm_api::{VmApi, VmConfig};
@@ -31,12 +32,20 @@ Settings come from --config (TOML) and are overridden by flags."
 )]
 struct Args {
     /// TOML configuration file (keys: listen, metrics_listen, libvirt_uri, agent_socket_dir,
-    /// image_dir, agent_iso, [vm_sockets], [timeouts], [limits], [tls]).
+    /// image_dir, agent_iso, disk_roots, media_dirs, [vm_sockets], [timeouts], [limits], [tls]).
     #[arg(long, env = "QX_NODE_CONFIG")]
     config: Option<PathBuf>,
-    /// gRPC listen address [default: 127.0.0.1:9090].
+    /// gRPC listen address: unix:/PATH or IP:PORT [default:
+    /// unix:/run/quantix-kvm/qx-node.sock]. TCP needs TLS, beyond loopback mutual TLS.
     #[arg(long)]
     listen: Option<String>,
+    /// Group (name or id) of the unix socket; its members may connect.
+    #[arg(long)]
+    socket_group: Option<String>,
+    /// Listen on TCP without the TLS the address needs. Anyone who reaches the port drives
+    /// every VM as root: for throw-away test setups only.
+    #[arg(long)]
+    insecure_listen: bool,
     /// Prometheus metrics listen address (plain HTTP, GET /metrics); off when absent.
     #[arg(long)]
     metrics_listen: Option<String>,
@@ -52,6 +61,14 @@ struct Args {
     /// The agent ISO inserted by MountAgentIso.
     #[arg(long)]
     agent_iso: Option<PathBuf>,
+    /// A directory where disks named by host path may live, besides --image-dir and
+    /// libvirt's storage pools (repeatable).
+    #[arg(long = "disk-root", value_name = "DIR")]
+    disk_roots: Vec<PathBuf>,
+    /// A directory that ISOs, kernels and initrds may come from (repeatable)
+    /// [default: /var/lib/quantix-kvm/media].
+    #[arg(long = "media-dir", value_name = "DIR")]
+    media_dirs: Vec<PathBuf>,
     /// Binds a VM's agent socket explicitly (repeatable): --vm-socket web1=/run/web1.sock.
     #[arg(long = "vm-socket", value_name = "VMID=PATH")]
     vm_sockets: Vec<String>,
@@ -116,12 +133,17 @@ fn merge(args: &Args) -> Result<NodeConfig> {
     }
     over!(
         listen,
+        socket_group,
         metrics_listen,
         libvirt_uri,
         agent_socket_dir,
         image_dir,
         agent_iso
     );
+    cfg.disk_roots.extend(args.disk_roots.iter().cloned());
+    if !args.media_dirs.is_empty() {
+        cfg.media_dirs = Some(args.media_dirs.clone());
+    }
     for s in &args.vm_sockets {
         let (id, path) = config::parse_vm_socket(s)?;
         cfg.vm_sockets.insert(id, path);
@@ -275,6 +297,11 @@ async fn main() -> Result<()> {
             .clone()
             .unwrap_or_else(|| PathBuf::from(config::DEFAULT_IMAGE_DIR)),
         agent_iso: cfg.agent_iso.clone(),
+        disk_roots: cfg.disk_roots.clone(),
+        media_dirs: cfg
+            .media_dirs
+            .clone()
+            .unwrap_or_else(|| vec![PathBuf::from(config::DEFAULT_MEDIA_DIR)]),
     };
     let vm = if uri == "none" {
         log::warn!("libvirt disabled (--libvirt-uri none): serving guest-agent RPCs only");
@@ -311,19 +338,47 @@ async fn main() -> Result<()> {
         .listen
         .clone()
         .unwrap_or_else(|| config::DEFAULT_LISTEN.to_string());
-    let addr: std::net::SocketAddr = listen
-        .parse()
-        .with_context(|| format!("listen address {listen:?} is not IP:PORT"))?;
+    let endpoint = listen::Endpoint::parse(&listen).map_err(anyhow::Error::msg)?;
+    let protection = match (&cfg.tls.cert, &cfg.tls.key, &cfg.tls.client_ca) {
+        (Some(_), Some(_), Some(_)) => listen::Protection::MutualTls,
+        (Some(_), Some(_), None) => listen::Protection::Tls,
+        _ => listen::Protection::None,
+    };
+    match listen::check(&endpoint, protection, args.insecure_listen) {
+        Ok(None) => {}
+        Ok(Some(warning)) => log::warn!("{warning}"),
+        Err(why) => anyhow::bail!("{why}"),
+    }
     let mut server = tonic::transport::Server::builder();
-    if cfg.tls.cert.is_some() || cfg.tls.key.is_some() || cfg.tls.client_ca.is_some() {
+    let tcp = matches!(endpoint, listen::Endpoint::Tcp(_));
+    if tcp && (cfg.tls.cert.is_some() || cfg.tls.key.is_some() || cfg.tls.client_ca.is_some()) {
         server = tls::configure(server, &cfg.tls)?;
     }
-    log::info!("qx-node: gRPC on {addr}");
-    server
-        .add_service(NodeDaemonServiceServer::new(svc))
-        .serve_with_shutdown(addr, shutdown_signal())
-        .await
-        .with_context(|| format!("gRPC server on {addr}"))?;
+    log::info!("qx-node: gRPC on {endpoint}");
+    let router = server.add_service(NodeDaemonServiceServer::new(svc));
+    match &endpoint {
+        listen::Endpoint::Tcp(addr) => router.serve_with_shutdown(*addr, shutdown_signal()).await,
+        listen::Endpoint::Unix(path) => {
+            let group = cfg
+                .socket_group
+                .as_deref()
+                .map(listen::group_id)
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            let listener = listen::bind_unix(path, group)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            let served = router
+                .serve_with_incoming_shutdown(
+                    listen::checked_incoming(listener, group),
+                    shutdown_signal(),
+                )
+                .await;
+            let _ = std::fs::remove_file(path);
+            served
+        }
+    }
+    .with_context(|| format!("gRPC server on {endpoint}"))?;
     Ok(())
 }
 

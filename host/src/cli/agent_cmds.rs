@@ -214,6 +214,9 @@ fn endpoint_uri(addr: &str, tls: bool) -> String {
 /// Connects to the daemon, with TLS when --ca/--cert/--key are given.
 pub async fn connect(cli: &Cli) -> Result<Client> {
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    if let Some(path) = cli.addr.strip_prefix("unix:") {
+        return Ok(Client::new(super::uds::channel(path).await?));
+    }
     let tls_wanted = cli.ca.is_some() || cli.cert.is_some();
     let mut ep = Endpoint::from_shared(endpoint_uri(&cli.addr, tls_wanted))
         .with_context(|| format!("{} is not a valid address", cli.addr))?;

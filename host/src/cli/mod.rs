@@ -2,6 +2,7 @@
 
 pub mod agent_cmds;
 pub mod install_cmd;
+pub mod uds;
 pub mod vm_cmds;
 
 use clap::{Parser, Subcommand};
@@ -47,12 +48,13 @@ vm commands, the VM lifecycle.",
     after_help = EXIT_HELP
 )]
 pub struct Cli {
-    /// The daemon's gRPC address: a URI, or HOST:PORT (http, or https with --ca/--cert).
+    /// The daemon's gRPC address: unix:/PATH (its unix socket), a URI, or HOST:PORT (http,
+    /// or https with --ca/--cert).
     #[arg(
         long,
         global = true,
         env = "QXCTL_ADDR",
-        default_value = "http://127.0.0.1:9090"
+        default_value = "unix:/run/quantix-kvm/qx-node.sock"
     )]
     pub addr: String,
     /// Print machine-readable JSON instead of text.

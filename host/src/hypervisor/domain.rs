@@ -4,7 +4,8 @@
 
 use super::xml::{Element, XmlError};
 use crate::pb;
-use std::collections::BTreeMap;
+use crate::storage::policy::{self, PathError};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// The virtio-serial port name the Quantix agent opens in the guest.
@@ -19,14 +20,34 @@ pub const MAX_MEMORY_MIB: u64 = 16 * 1024 * 1024;
 pub const MAX_DISK_GIB: u64 = 64 * 1024;
 /// `sun_path` holds 108 bytes including the terminating NUL.
 pub const MAX_SOCKET_PATH_BYTES: usize = 107;
+/// Count and size caps of one request, checked before any per-item work.
+pub const MAX_DISKS: usize = 64;
+pub const MAX_NICS: usize = 32;
+pub const MAX_LABELS: usize = 64;
+pub const MAX_LABEL_KEY_BYTES: usize = 256;
+pub const MAX_LABEL_VALUE_BYTES: usize = 4096;
+pub const MAX_BOOT_ENTRIES: usize = 8;
+pub const MAX_CMDLINE_BYTES: usize = 4096;
 
 /// Why a spec was refused (all map to INVALID_ARGUMENT).
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
     #[error("{0}")]
     Invalid(String),
+    /// A host file outside every directory the node allows for that use (PERMISSION_DENIED).
+    #[error("{0}")]
+    Denied(String),
     #[error(transparent)]
     Xml(#[from] XmlError),
+}
+
+impl From<PathError> for SpecError {
+    fn from(e: PathError) -> Self {
+        match e {
+            PathError::Invalid(m) => SpecError::Invalid(m),
+            PathError::Denied(m) => SpecError::Denied(m),
+        }
+    }
 }
 
 fn invalid(msg: impl Into<String>) -> SpecError {
@@ -78,14 +99,23 @@ pub struct DomainSpec {
     pub cmdline: String,
     pub labels: BTreeMap<String, String>,
     pub agent_socket: PathBuf,
+    /// Storage-pool volumes created for this VM (recorded as its own, like created images).
+    pub volumes_created: Vec<PathBuf>,
 }
 
-/// Where a spec's files go.
+/// Where a spec's files go, and where the files it names may come from.
 #[derive(Debug, Clone)]
 pub struct SpecContext<'a> {
     pub domain_type: &'a str,
     pub socket_dir: &'a Path,
     pub image_dir: &'a Path,
+    /// Directories a disk given by host path must lie in (the image directory among them).
+    pub disk_roots: &'a [PathBuf],
+    /// Directories kernels and initrds must lie in.
+    pub media_roots: &'a [PathBuf],
+    /// Paths of storage volumes the request named by pool and volume, resolved by libvirt
+    /// (not by the caller): taken as they are.
+    pub volume_paths: &'a [PathBuf],
 }
 
 /// The agent socket of a VM: `<socket_dir>/<vm-id>.agent.sock`.
@@ -118,15 +148,47 @@ fn valid_mac(mac: &str) -> bool {
             .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
-fn existing_file(what: &str, path: &str) -> Result<PathBuf, SpecError> {
-    let p = PathBuf::from(path);
-    if !p.is_absolute() {
-        return Err(invalid(format!("{what} path must be absolute: {path:?}")));
+/// Refuses a request whose counts or sizes exceed the caps, naming the cap.
+fn check_caps(req: &pb::CreateVmRequest, spec: &pb::VmSpec) -> Result<(), SpecError> {
+    let count = |what: &str, n: usize, max: usize| {
+        if n > max {
+            Err(invalid(format!("{n} {what} requested; at most {max}")))
+        } else {
+            Ok(())
+        }
+    };
+    count("disks", spec.disks.len(), MAX_DISKS)?;
+    count("NICs", spec.nics.len(), MAX_NICS)?;
+    count("labels", req.labels.len(), MAX_LABELS)?;
+    count(
+        "boot_order entries",
+        spec.boot_order.len(),
+        MAX_BOOT_ENTRIES,
+    )?;
+    if spec.kernel_cmdline.len() > MAX_CMDLINE_BYTES {
+        return Err(invalid(format!(
+            "kernel_cmdline is {} bytes; at most {MAX_CMDLINE_BYTES}",
+            spec.kernel_cmdline.len()
+        )));
     }
-    if !p.is_file() {
-        return Err(invalid(format!("{what} does not exist: {path:?}")));
+    for (k, v) in &req.labels {
+        if k.is_empty() || k.len() > MAX_LABEL_KEY_BYTES || v.len() > MAX_LABEL_VALUE_BYTES {
+            return Err(invalid(format!(
+                "label {:?}: key 1 to at most {MAX_LABEL_KEY_BYTES} bytes, value at most {MAX_LABEL_VALUE_BYTES} bytes",
+                truncated(k)
+            )));
+        }
     }
-    Ok(p)
+    Ok(())
+}
+
+/// The start of a caller's string, for an error message.
+fn truncated(s: &str) -> &str {
+    let mut end = s.len().min(64);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 fn disk_prefix(bus: &str) -> &'static str {
@@ -172,6 +234,7 @@ impl DomainSpec {
             .spec
             .as_ref()
             .ok_or_else(|| invalid("spec is required"))?;
+        check_caps(req, spec)?;
         let one_if_zero = |v: u32| if v == 0 { 1 } else { v };
         let (sockets, cores, threads) = (
             one_if_zero(spec.cpu_sockets),
@@ -210,6 +273,9 @@ impl DomainSpec {
 
         let mut disks: Vec<DiskDef> = Vec::new();
         let mut next_index: BTreeMap<&'static str, usize> = BTreeMap::new();
+        // Every target named or assigned so far: assignment is one set lookup per try.
+        let named: BTreeSet<&str> = spec.disks.iter().map(|d| d.id.as_str()).collect();
+        let mut taken: BTreeSet<String> = BTreeSet::new();
         for (i, d) in spec.disks.iter().enumerate() {
             let bus = if d.bus.is_empty() {
                 if d.cdrom {
@@ -244,9 +310,7 @@ impl DomainSpec {
                 loop {
                     let t = target_name(prefix, *slot);
                     *slot += 1;
-                    let taken =
-                        disks.iter().any(|x| x.target == t) || spec.disks.iter().any(|x| x.id == t);
-                    if !taken {
+                    if !taken.contains(&t) && !named.contains(t.as_str()) {
                         break t;
                     }
                 }
@@ -256,11 +320,28 @@ impl DomainSpec {
                 }
                 d.id.clone()
             };
-            if disks.iter().any(|x| x.target == target) {
+            if !taken.insert(target.clone()) {
                 return Err(invalid(format!("disk {i}: duplicate target {target}")));
             }
-            let (path, create_gib) = if !d.path.is_empty() {
-                (Some(existing_file(&format!("disk {i}"), &d.path)?), None)
+            if !d.pool.is_empty() || !d.volume.is_empty() {
+                return Err(invalid(format!(
+                    "disk {i}: pool and volume must be resolved to a path first"
+                )));
+            }
+            let (path, create_gib) = if ctx
+                .volume_paths
+                .iter()
+                .any(|p| p.as_os_str() == d.path.as_str())
+            {
+                (Some(PathBuf::from(&d.path)), None)
+            } else if !d.path.is_empty() {
+                let roots = if d.cdrom {
+                    ctx.media_roots
+                } else {
+                    ctx.disk_roots
+                };
+                let what = format!("disk {i}");
+                (Some(policy::resolve_inside(&what, &d.path, roots)?), None)
             } else if d.cdrom {
                 (None, None)
             } else {
@@ -323,7 +404,11 @@ impl DomainSpec {
         let kernel = if spec.kernel_path.is_empty() {
             None
         } else {
-            Some(existing_file("kernel", &spec.kernel_path)?)
+            Some(policy::resolve_inside(
+                "kernel",
+                &spec.kernel_path,
+                ctx.media_roots,
+            )?)
         };
         let initrd = if spec.initrd_path.is_empty() {
             None
@@ -331,17 +416,14 @@ impl DomainSpec {
             if kernel.is_none() {
                 return Err(invalid("initrd_path needs kernel_path"));
             }
-            Some(existing_file("initrd", &spec.initrd_path)?)
+            Some(policy::resolve_inside(
+                "initrd",
+                &spec.initrd_path,
+                ctx.media_roots,
+            )?)
         };
         if kernel.is_none() && !spec.kernel_cmdline.is_empty() {
             return Err(invalid("kernel_cmdline needs kernel_path"));
-        }
-        for (k, v) in &req.labels {
-            if k.is_empty() || k.len() > 256 || v.len() > 4096 {
-                return Err(invalid(format!(
-                    "label {k:?}: key 1-256 bytes, value <= 4096"
-                )));
-            }
         }
         let agent_socket = agent_socket_path(ctx.socket_dir, uuid);
         if agent_socket.as_os_str().len() > MAX_SOCKET_PATH_BYTES {
@@ -374,6 +456,7 @@ impl DomainSpec {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             agent_socket,
+            volumes_created: Vec::new(),
         })
     }
 
@@ -405,6 +488,22 @@ impl DomainSpec {
         let mut metadata = Element::new("qx:vm").attr("xmlns:qx", METADATA_NS);
         for (k, v) in &self.labels {
             metadata = metadata.child(Element::new("qx:label").attr("key", k).text(v.as_str()));
+        }
+        // The images qx-node creates for this VM: the only files DeleteVM may remove.
+        let own = |d: &DiskDef| {
+            d.create_gib.is_some()
+                || d.path
+                    .as_ref()
+                    .is_some_and(|p| self.volumes_created.contains(p))
+        };
+        for d in self.disks.iter().filter(|d| own(d)) {
+            if let Some(path) = &d.path {
+                metadata = metadata.child(
+                    Element::new("qx:volume")
+                        .attr("target", d.target.as_str())
+                        .attr("path", path.to_string_lossy()),
+                );
+            }
         }
 
         let mut cpu = Element::new("cpu");
@@ -559,6 +658,8 @@ pub struct DomainFacts {
     pub uuid: String,
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    /// Images qx-node created for this VM (from its metadata): the only files it may delete.
+    pub owned_volumes: Vec<String>,
     pub disks: Vec<DiskFacts>,
     /// The bound unix socket of the `org.quantix.agent.0` channel.
     pub agent_socket: Option<PathBuf>,
@@ -586,6 +687,11 @@ impl DomainFacts {
                 for label in vm.find_all("label") {
                     if let Some(key) = label.get_attr("key") {
                         facts.labels.insert(key.to_string(), label.text.clone());
+                    }
+                }
+                for volume in vm.find_all("volume") {
+                    if let Some(path) = volume.get_attr("path") {
+                        facts.owned_volumes.push(path.to_string());
                     }
                 }
             }
@@ -737,10 +843,14 @@ mod tests {
     use super::*;
 
     fn ctx(dir: &Path) -> SpecContext<'_> {
+        let roots: &'static [PathBuf] = Box::leak(vec![dir.to_path_buf()].into_boxed_slice());
         SpecContext {
             domain_type: "qemu",
             socket_dir: dir,
             image_dir: dir,
+            disk_roots: roots,
+            media_roots: roots,
+            volume_paths: &[],
         }
     }
 

@@ -158,6 +158,10 @@ fn snapshot_record(snap: &DomainSnapshot) -> Result<SnapshotRecord, HypervisorEr
 }
 
 impl Hypervisor for Libvirt {
+    fn connection(&self) -> Option<Connect> {
+        Some(self.conn())
+    }
+
     fn uri(&self) -> &str {
         &self.uri
     }

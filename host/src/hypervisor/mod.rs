@@ -174,4 +174,8 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
     fn block_stats(&self, uuid: &str, target: &str) -> Result<(u64, u64), HypervisorError>;
     /// (received, transmitted) bytes of a host-side interface.
     fn interface_stats(&self, uuid: &str, dev: &str) -> Result<(u64, u64), HypervisorError>;
+    /// The libvirt connection, for the storage RPCs; `None` without libvirt.
+    fn connection(&self) -> Option<virt::connect::Connect> {
+        None
+    }
 }

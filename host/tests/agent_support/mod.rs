@@ -431,6 +431,7 @@ impl Daemon {
                 socket_dir: dir.path().join("sock"),
                 image_dir: dir.path().join("images"),
                 agent_iso: None,
+                ..Default::default()
             },
             agent.clone(),
         )
