@@ -165,7 +165,6 @@ impl AgentApi {
             ack_timeout: cfg.ack_timeout.min(timeout),
             timeout: Some(timeout),
             redelivery,
-            expects_ack: true,
         }
     }
 
@@ -174,7 +173,6 @@ impl AgentApi {
             ack_timeout: self.mgr.config().ack_timeout.min(timeout),
             timeout: Some(timeout),
             redelivery,
-            expects_ack: true,
         }
     }
 
@@ -184,8 +182,7 @@ impl AgentApi {
         let opts = CommandOptions {
             ack_timeout: timeout,
             timeout: Some(timeout),
-            redelivery: Redelivery::Idempotent,
-            expects_ack: false,
+            redelivery: Redelivery::SameSession,
         };
         let started = Instant::now();
         let cmd = link.start(Payload::Ping(ap::Ping { seq: 0 }), opts, 1)?;
@@ -262,7 +259,7 @@ impl AgentApi {
         let link = self.mgr.link(&request.vm_id)?;
         let cmd = link.start(
             Payload::ExecRequest(exec),
-            self.opts_for(timeout, Redelivery::SameSessionOnly),
+            self.opts_for(timeout, Redelivery::SameSession),
             1,
         )?;
         let (id, kind) = (cmd.id(), cmd.kind);
@@ -332,7 +329,7 @@ impl AgentApi {
             target_id: request.exec_id,
             signal: request.signal,
         });
-        call!(self, &request.vm_id, 0, Redelivery::Idempotent, req, Done)?;
+        call!(self, &request.vm_id, 0, Redelivery::SameSession, req, Done)?;
         Ok(pb::Empty {})
     }
 
@@ -349,7 +346,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             request.timeout_ms,
-            Redelivery::Idempotent,
+            Redelivery::SameSession,
             stat_req,
             FileStat
         )?;
@@ -390,14 +387,7 @@ impl AgentApi {
         let vm = header.vm_id.clone();
         let t = header.timeout_ms;
         let req = Payload::FileWriteOpen(open);
-        let opened = call!(
-            self,
-            &vm,
-            t,
-            Redelivery::SameSessionOnly,
-            req,
-            FileWriteOpened
-        )?;
+        let opened = call!(self, &vm, t, Redelivery::SameSession, req, FileWriteOpened)?;
         let handle = opened.handle;
         let result = self
             .write_body(&vm, t, handle, &header, &mut requests)
@@ -409,14 +399,7 @@ impl AgentApi {
                 commit: false,
                 expected_sha256: Vec::new(),
             });
-            let _ = call!(
-                self,
-                &vm,
-                t,
-                Redelivery::SameSessionOnly,
-                close,
-                FileWriteDone
-            );
+            let _ = call!(self, &vm, t, Redelivery::SameSession, close, FileWriteDone);
         }
         result
     }
@@ -465,7 +448,7 @@ impl AgentApi {
                     }
                 }
                 let link = self.mgr.link(vm)?;
-                let cmd = link.start(req, self.opts(t, Redelivery::SameSessionOnly), 1)?;
+                let cmd = link.start(req, self.opts(t, Redelivery::SameSession), 1)?;
                 in_flight.push_back((link, cmd));
                 offset += n as u64;
             }
@@ -489,14 +472,7 @@ impl AgentApi {
             commit: true,
             expected_sha256: digest.clone(),
         });
-        let done = call!(
-            self,
-            vm,
-            t,
-            Redelivery::SameSessionOnly,
-            close,
-            FileWriteDone
-        )?;
+        let done = call!(self, vm, t, Redelivery::SameSession, close, FileWriteDone)?;
         if done.sha256 != digest || done.bytes != offset {
             return Err(AgentError::Integrity {
                 vm_id: vm.to_string(),
@@ -519,7 +495,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             0,
-            Redelivery::Idempotent,
+            Redelivery::SameSession,
             req,
             FileList
         )?)
@@ -534,7 +510,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             0,
-            Redelivery::Idempotent,
+            Redelivery::SameSession,
             req,
             FileStat
         )?)
@@ -542,14 +518,7 @@ impl AgentApi {
 
     pub async fn mkdir_guest(&self, request: pb::GuestMkdirRequest) -> Result<pb::Empty, Status> {
         let req = Payload::MkdirRequest(request.request.unwrap_or_default());
-        call!(
-            self,
-            &request.vm_id,
-            0,
-            Redelivery::SameSessionOnly,
-            req,
-            Done
-        )?;
+        call!(self, &request.vm_id, 0, Redelivery::SameSession, req, Done)?;
         Ok(pb::Empty {})
     }
 
@@ -558,14 +527,7 @@ impl AgentApi {
         request: pb::GuestDeleteRequest,
     ) -> Result<pb::Empty, Status> {
         let req = Payload::DeleteRequest(request.request.unwrap_or_default());
-        call!(
-            self,
-            &request.vm_id,
-            0,
-            Redelivery::SameSessionOnly,
-            req,
-            Done
-        )?;
+        call!(self, &request.vm_id, 0, Redelivery::SameSession, req, Done)?;
         Ok(pb::Empty {})
     }
 
@@ -584,7 +546,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             t,
-            Redelivery::Idempotent,
+            Redelivery::SameSession,
             req,
             FileHash
         )?)
@@ -603,7 +565,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             0,
-            Redelivery::SameSessionOnly,
+            Redelivery::SameSession,
             req,
             PowerReply
         )?)
@@ -641,7 +603,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             0,
-            Redelivery::SameSessionOnly,
+            Redelivery::SameSession,
             req,
             FsFreezeReply
         )?)
@@ -659,7 +621,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             0,
-            Redelivery::SameSessionOnly,
+            Redelivery::SameSession,
             req,
             FsThawReply
         )?)
@@ -675,7 +637,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             t,
-            Redelivery::Idempotent,
+            Redelivery::SameSession,
             req,
             FsFreezeStatus
         )?)
@@ -694,7 +656,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             t,
-            Redelivery::SameSessionOnly,
+            Redelivery::SameSession,
             req,
             FsTrimReply
         )?)
@@ -716,7 +678,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             0,
-            Redelivery::Idempotent,
+            Redelivery::SameSession,
             req,
             TimeInfo
         )?;
@@ -744,7 +706,7 @@ impl AgentApi {
                 self,
                 &request.vm_id,
                 0,
-                Redelivery::SameSessionOnly,
+                Redelivery::SameSession,
                 req,
                 TimeSetReply
             )?;
@@ -761,7 +723,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             t,
-            Redelivery::Idempotent,
+            Redelivery::SameSession,
             req,
             TimeInfo
         )?)
@@ -777,7 +739,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             t,
-            Redelivery::Idempotent,
+            Redelivery::SameSession,
             req,
             UserList
         )?)
@@ -792,14 +754,7 @@ impl AgentApi {
             password: request.password,
             crypted: request.crypted,
         });
-        call!(
-            self,
-            &request.vm_id,
-            0,
-            Redelivery::SameSessionOnly,
-            req,
-            Done
-        )?;
+        call!(self, &request.vm_id, 0, Redelivery::SameSession, req, Done)?;
         Ok(pb::Empty {})
     }
 
@@ -812,7 +767,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             0,
-            Redelivery::Idempotent,
+            Redelivery::SameSession,
             req,
             SshKeys
         )?)
@@ -831,7 +786,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             0,
-            Redelivery::SameSessionOnly,
+            Redelivery::SameSession,
             req,
             SshKeys
         )?)
@@ -849,7 +804,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             0,
-            Redelivery::SameSessionOnly,
+            Redelivery::SameSession,
             req,
             SshKeys
         )?)
@@ -865,7 +820,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             t,
-            Redelivery::Idempotent,
+            Redelivery::SameSession,
             req,
             NetworkInfo
         )?)
@@ -881,7 +836,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             t,
-            Redelivery::Idempotent,
+            Redelivery::SameSession,
             req,
             DisksInfo
         )?)
@@ -898,7 +853,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             0,
-            Redelivery::Idempotent,
+            Redelivery::SameSession,
             req,
             AgentLogs
         )?)
