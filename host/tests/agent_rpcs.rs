@@ -536,3 +536,25 @@ async fn file_write_keeps_a_window_of_chunks_in_flight() {
     assert_eq!(std::fs::read(&path).unwrap(), data);
     assert_eq!(chunks_seen(&relay), 2 * WRITE_WINDOW_CHUNKS);
 }
+
+/// More concurrent execs than the agent's announced limit (8 by default): the host holds the
+/// extra ones in its queue and starts each as a slot frees, instead of passing on the agent's
+/// RESOURCE_EXHAUSTED (Busy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn execs_beyond_the_agents_limit_wait_for_a_slot() {
+    let (_dir, _relay, _agent, d) = setup(&[]).await;
+    let mut calls = Vec::new();
+    for i in 0..32 {
+        let mut c = d.client.clone();
+        let req = pb::ExecuteInGuestRequest {
+            vm_id: VM.into(),
+            exec: Some(exec(&["sh", "-c", &format!("sleep 0.2; echo {i}")])),
+            timeout_ms: 0,
+        };
+        calls.push(tokio::spawn(async move { c.execute_in_guest(req).await }));
+    }
+    for (i, c) in calls.into_iter().enumerate() {
+        let exit = c.await.unwrap().unwrap().into_inner();
+        assert_eq!(exit.stdout, format!("{i}\n").as_bytes());
+    }
+}
