@@ -704,3 +704,39 @@ async fn redelivery_caught_by_a_second_drop_is_neither_orphaned_nor_misreported(
     assert_eq!(got.unix_ns, 1012);
     drop(c1);
 }
+
+/// A valid header announcing 48 KiB, then only 1 KiB of the payload: without a frame deadline
+/// every later pong and telemetry frame is swallowed as that payload, and since bytes keep
+/// arriving the link never notices. The started frame is abandoned after the frame deadline,
+/// the decoder rescans from the byte after its magic, and the frames it held are read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_that_never_completes_is_abandoned_and_the_frames_after_it_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(dir.path(), "vm12-frame");
+    let _agent = RealAgent::start(&relay.guest_path, &[]);
+    let mut d = Daemon::start(fast_config(None), &[("vm12-frame", &relay.host_path)]).await;
+    d.wait_connected("vm12-frame", 0).await;
+    let announced: u32 = 48 * 1024;
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&qx_proto::MAGIC);
+    h[4..8].copy_from_slice(&announced.to_be_bytes());
+    h[8..12].copy_from_slice(&0x1012_1012u32.to_be_bytes());
+    let c = qx_proto::codec::crc32c(&h[..12]);
+    h[12..16].copy_from_slice(&c.to_be_bytes());
+    let mut started = h.to_vec();
+    started.extend(vec![0x5a; 1024]);
+    relay.inject_to_host(started);
+    for _ in 0..3 {
+        let pong = d
+            .client
+            .ping_agent(pb::AgentRequest {
+                vm_id: "vm12-frame".into(),
+                timeout_ms: 5000,
+            })
+            .await;
+        assert!(pong.is_ok(), "{pong:?}");
+    }
+    let s = d.stats("vm12-frame").await;
+    assert_eq!(s.connection_id, 1, "the connection itself was fine");
+    assert!(s.bad_frames >= 1, "the abandoned frame is counted: {s:?}");
+}
