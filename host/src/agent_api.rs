@@ -33,6 +33,8 @@ pub const READ_CHUNK_BYTES: u32 = 32 * 1024;
 /// buffer, so the VM's reader task never waits for a slow gRPC client.
 pub const READ_WINDOW_BYTES: u64 = 1024 * 1024;
 const READ_WINDOW_ITEMS: usize = (READ_WINDOW_BYTES / READ_CHUNK_BYTES as u64) as usize + 8;
+/// Times one read may resume after a lost connection, from the last byte it received.
+const READ_RESUMES: u32 = 16;
 /// Exec output items buffered per streaming exec before the caller counts as too slow.
 const EXEC_STREAM_ITEMS: usize = 1024;
 /// SyncTime sets the guest clock only when it is off by more than this (or `force`).
@@ -956,6 +958,8 @@ fn info_of(link: &Link) -> pb::GuestAgentInfo {
 
 /// Streams a file in windows of [`READ_WINDOW_BYTES`]: one FileReadRequest per window, each
 /// window's sha256 checked against the agent's, the whole stream's sha256 on the last message.
+/// A window cut by a lost connection is asked for again from the last byte received (up to
+/// [`READ_RESUMES`] times), so the caller sees one unbroken stream.
 async fn read_windows(
     link: &Arc<Link>,
     request: &pb::ReadGuestFileRequest,
@@ -971,6 +975,7 @@ async fn read_windows(
     let mut offset = request.offset.min(end);
     let mut whole = Sha256::new();
     let mut first = true;
+    let mut resumes = 0;
     while offset < end {
         let want = (end - offset).min(READ_WINDOW_BYTES);
         let mut cmd: Command = link.start(
@@ -986,8 +991,16 @@ async fn read_windows(
         )?;
         let mut window = Sha256::new();
         let mut got = 0u64;
+        let mut shrank = false;
         loop {
-            match cmd.next().await? {
+            let step = match cmd.next().await {
+                Err(AgentError::ConnectionLost { .. }) if resumes < READ_RESUMES => {
+                    resumes += 1;
+                    break;
+                }
+                other => other?,
+            };
+            match step {
                 Step::Item(Payload::FileChunk(c)) => {
                     if c.offset != offset + got {
                         return Err(AgentError::Integrity {
@@ -1026,15 +1039,16 @@ async fn read_windows(
                             ),
                         });
                     }
+                    shrank = got == 0;
                     break;
                 }
                 Step::Done(other) => return Err(unexpected(link, cmd.id(), cmd.kind, other)),
             }
         }
-        if got == 0 {
+        offset += got;
+        if shrank {
             break; // the file shrank under us
         }
-        offset += got;
     }
     let _ = tx
         .send(Ok(pb::GuestFileChunk {
