@@ -136,6 +136,43 @@ impl AgentApi {
         }
     }
 
+    /// `vm_id` went back to a snapshot: the guest's memory and its agent are those of the
+    /// snapshot's moment. Every command in flight fails "VM reverted", the connection is
+    /// closed and opened again (to `socket`, read back from the reverted definition, when
+    /// given), and the agent is met as new. With `thaw` (the snapshot was taken with the
+    /// filesystems frozen, so the restored guest is frozen) the agent is told to thaw once
+    /// it is back, in the background.
+    pub fn reset_after_revert(&self, vm_id: &str, socket: Option<PathBuf>, thaw: bool) {
+        if let Ok(link) = self.mgr.link(vm_id) {
+            link.reset_for_revert();
+        }
+        if let Some(path) = socket {
+            self.attach(vm_id, path);
+        }
+        let Ok(link) = self.mgr.link(vm_id) else {
+            return;
+        };
+        if !thaw {
+            return;
+        }
+        let opts = self.opts(0, Redelivery::SameSession);
+        let vm_id = vm_id.to_string();
+        tokio::spawn(async move {
+            // Token 0 thaws whatever the agent of the snapshot's moment had frozen.
+            let req = Payload::FsThawRequest(ap::FsThawRequest {
+                token: 0,
+                run_hooks: true,
+            });
+            let res = match link.start(req, opts, 1) {
+                Ok(cmd) => cmd.finish().await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = res {
+                log::warn!("vm {vm_id}: thaw after reverting to a quiesced snapshot failed: {e}");
+            }
+        });
+    }
+
     /// Closes `vm_id`'s agent connection and forgets its socket.
     pub fn detach(&self, vm_id: &str) {
         self.mgr.detach(vm_id)

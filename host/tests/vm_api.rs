@@ -891,16 +891,6 @@ async fn revert_resets_the_agent_link_and_fails_commands_in_flight() {
         timeout_ms: 10_000,
     };
     c.ping_agent(ping.clone()).await.unwrap();
-    let mut exec_client = c.clone();
-    let exec = pb::ExecuteInGuestRequest {
-        vm_id: vm.vm_id.clone(),
-        exec: Some(qx_proto::agent::ExecRequest {
-            argv: vec!["sleep".into(), "5".into()],
-            ..Default::default()
-        }),
-        timeout_ms: 0,
-    };
-    let running = tokio::spawn(async move { exec_client.execute_in_guest(exec).await });
     let stats = |c: &mut Client| {
         let mut c = c.clone();
         let vm_id = vm.vm_id.clone();
@@ -913,10 +903,28 @@ async fn revert_resets_the_agent_link_and_fails_commands_in_flight() {
                 .remove(0)
         }
     };
+    // Nothing else in flight (the link's own interface query is done), then the exec.
+    let acked = loop {
+        let s = stats(c).await;
+        if s.in_flight == 0 {
+            break s.commands.unwrap().acknowledged;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let mut exec_client = c.clone();
+    let exec = pb::ExecuteInGuestRequest {
+        vm_id: vm.vm_id.clone(),
+        exec: Some(qx_proto::agent::ExecRequest {
+            argv: vec!["sleep".into(), "5".into()],
+            ..Default::default()
+        }),
+        timeout_ms: 0,
+    };
+    let running = tokio::spawn(async move { exec_client.execute_in_guest(exec).await });
     loop {
         let s = stats(c).await;
         let n = s.commands.unwrap();
-        if (s.in_flight == 1 && n.acknowledged > n.completed) || running.is_finished() {
+        if (s.in_flight == 1 && n.acknowledged > acked) || running.is_finished() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;

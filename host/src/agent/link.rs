@@ -170,6 +170,8 @@ pub struct Link {
     writable: Notify,
     /// The table's next deadline may have moved.
     rearm: Notify,
+    /// Closes the current connection (the VM was reverted); the supervisor reconnects.
+    reset: Notify,
     events: broadcast::Sender<AgentEvent>,
     telemetry_tx: broadcast::Sender<pb::TelemetryUpdate>,
     /// Test hook: the running reader task, so a test can kill it alone.
@@ -236,6 +238,7 @@ impl Link {
             }),
             writable: Notify::new(),
             rearm: Notify::new(),
+            reset: Notify::new(),
             events,
             telemetry_tx,
             reader_task: Mutex::new(None),
@@ -388,9 +391,7 @@ impl Link {
     /// meets the reverted guest's agent as new.
     pub fn reset_for_revert(&self) {
         self.with_table(|inner, now| inner.table.handle_event(Event::Reverted, now));
-        self.status.send_modify(|s| {
-            s.reader_alive = false;
-        });
+        self.reset.notify_waiters();
     }
 
     // ---------------------------------------------------------------------------------------
@@ -607,6 +608,7 @@ impl Link {
         tokio::select! {
             _ = status.wait_for(|s| s.conn_id != conn_id || !s.reader_alive || !s.writer_alive) => {}
             _ = stop.changed() => {}
+            _ = self.reset.notified() => self.record_error(conn_id, "VM reverted to a snapshot".into()),
         }
         // Tear down: both halves drop with their tasks, closing the socket.
         abort_reader.abort();
