@@ -33,6 +33,8 @@ pub const READ_CHUNK_BYTES: u32 = 32 * 1024;
 /// buffer, so the VM's reader task never waits for a slow gRPC client.
 pub const READ_WINDOW_BYTES: u64 = 1024 * 1024;
 const READ_WINDOW_ITEMS: usize = (READ_WINDOW_BYTES / READ_CHUNK_BYTES as u64) as usize + 8;
+/// Times one read may resume after a lost connection, from the last byte it received.
+const READ_RESUMES: u32 = 16;
 /// Exec output items buffered per streaming exec before the caller counts as too slow.
 const EXEC_STREAM_ITEMS: usize = 1024;
 /// SyncTime sets the guest clock only when it is off by more than this (or `force`).
@@ -134,6 +136,43 @@ impl AgentApi {
         }
     }
 
+    /// `vm_id` went back to a snapshot: the guest's memory and its agent are those of the
+    /// snapshot's moment. Every command in flight fails "VM reverted", the connection is
+    /// closed and opened again (to `socket`, read back from the reverted definition, when
+    /// given), and the agent is met as new. With `thaw` (the snapshot was taken with the
+    /// filesystems frozen, so the restored guest is frozen) the agent is told to thaw once
+    /// it is back, in the background.
+    pub fn reset_after_revert(&self, vm_id: &str, socket: Option<PathBuf>, thaw: bool) {
+        if let Ok(link) = self.mgr.link(vm_id) {
+            link.reset_for_revert();
+        }
+        if let Some(path) = socket {
+            self.attach(vm_id, path);
+        }
+        let Ok(link) = self.mgr.link(vm_id) else {
+            return;
+        };
+        if !thaw {
+            return;
+        }
+        let opts = self.opts(0, Redelivery::SameSession);
+        let vm_id = vm_id.to_string();
+        tokio::spawn(async move {
+            // Token 0 thaws whatever the agent of the snapshot's moment had frozen.
+            let req = Payload::FsThawRequest(ap::FsThawRequest {
+                token: 0,
+                run_hooks: true,
+            });
+            let res = match link.start(req, opts, 1) {
+                Ok(cmd) => cmd.finish().await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = res {
+                log::warn!("vm {vm_id}: thaw after reverting to a quiesced snapshot failed: {e}");
+            }
+        });
+    }
+
     /// Closes `vm_id`'s agent connection and forgets its socket.
     pub fn detach(&self, vm_id: &str) {
         self.mgr.detach(vm_id)
@@ -165,7 +204,6 @@ impl AgentApi {
             ack_timeout: cfg.ack_timeout.min(timeout),
             timeout: Some(timeout),
             redelivery,
-            expects_ack: true,
         }
     }
 
@@ -174,7 +212,6 @@ impl AgentApi {
             ack_timeout: self.mgr.config().ack_timeout.min(timeout),
             timeout: Some(timeout),
             redelivery,
-            expects_ack: true,
         }
     }
 
@@ -184,8 +221,7 @@ impl AgentApi {
         let opts = CommandOptions {
             ack_timeout: timeout,
             timeout: Some(timeout),
-            redelivery: Redelivery::Idempotent,
-            expects_ack: false,
+            redelivery: Redelivery::SameSession,
         };
         let started = Instant::now();
         let cmd = link.start(Payload::Ping(ap::Ping { seq: 0 }), opts, 1)?;
@@ -262,7 +298,7 @@ impl AgentApi {
         let link = self.mgr.link(&request.vm_id)?;
         let cmd = link.start(
             Payload::ExecRequest(exec),
-            self.opts_for(timeout, Redelivery::SameSessionOnly),
+            self.opts_for(timeout, Redelivery::SameSession),
             1,
         )?;
         let (id, kind) = (cmd.id(), cmd.kind);
@@ -332,7 +368,7 @@ impl AgentApi {
             target_id: request.exec_id,
             signal: request.signal,
         });
-        call!(self, &request.vm_id, 0, Redelivery::Idempotent, req, Done)?;
+        call!(self, &request.vm_id, 0, Redelivery::SameSession, req, Done)?;
         Ok(pb::Empty {})
     }
 
@@ -349,7 +385,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             request.timeout_ms,
-            Redelivery::Idempotent,
+            Redelivery::SameSession,
             stat_req,
             FileStat
         )?;
@@ -390,14 +426,7 @@ impl AgentApi {
         let vm = header.vm_id.clone();
         let t = header.timeout_ms;
         let req = Payload::FileWriteOpen(open);
-        let opened = call!(
-            self,
-            &vm,
-            t,
-            Redelivery::SameSessionOnly,
-            req,
-            FileWriteOpened
-        )?;
+        let opened = call!(self, &vm, t, Redelivery::SameSession, req, FileWriteOpened)?;
         let handle = opened.handle;
         let result = self
             .write_body(&vm, t, handle, &header, &mut requests)
@@ -409,14 +438,7 @@ impl AgentApi {
                 commit: false,
                 expected_sha256: Vec::new(),
             });
-            let _ = call!(
-                self,
-                &vm,
-                t,
-                Redelivery::SameSessionOnly,
-                close,
-                FileWriteDone
-            );
+            let _ = call!(self, &vm, t, Redelivery::SameSession, close, FileWriteDone);
         }
         result
     }
@@ -465,7 +487,7 @@ impl AgentApi {
                     }
                 }
                 let link = self.mgr.link(vm)?;
-                let cmd = link.start(req, self.opts(t, Redelivery::SameSessionOnly), 1)?;
+                let cmd = link.start(req, self.opts(t, Redelivery::SameSession), 1)?;
                 in_flight.push_back((link, cmd));
                 offset += n as u64;
             }
@@ -489,14 +511,7 @@ impl AgentApi {
             commit: true,
             expected_sha256: digest.clone(),
         });
-        let done = call!(
-            self,
-            vm,
-            t,
-            Redelivery::SameSessionOnly,
-            close,
-            FileWriteDone
-        )?;
+        let done = call!(self, vm, t, Redelivery::SameSession, close, FileWriteDone)?;
         if done.sha256 != digest || done.bytes != offset {
             return Err(AgentError::Integrity {
                 vm_id: vm.to_string(),
@@ -519,7 +534,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             0,
-            Redelivery::Idempotent,
+            Redelivery::SameSession,
             req,
             FileList
         )?)
@@ -534,7 +549,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             0,
-            Redelivery::Idempotent,
+            Redelivery::SameSession,
             req,
             FileStat
         )?)
@@ -542,14 +557,7 @@ impl AgentApi {
 
     pub async fn mkdir_guest(&self, request: pb::GuestMkdirRequest) -> Result<pb::Empty, Status> {
         let req = Payload::MkdirRequest(request.request.unwrap_or_default());
-        call!(
-            self,
-            &request.vm_id,
-            0,
-            Redelivery::SameSessionOnly,
-            req,
-            Done
-        )?;
+        call!(self, &request.vm_id, 0, Redelivery::SameSession, req, Done)?;
         Ok(pb::Empty {})
     }
 
@@ -558,14 +566,7 @@ impl AgentApi {
         request: pb::GuestDeleteRequest,
     ) -> Result<pb::Empty, Status> {
         let req = Payload::DeleteRequest(request.request.unwrap_or_default());
-        call!(
-            self,
-            &request.vm_id,
-            0,
-            Redelivery::SameSessionOnly,
-            req,
-            Done
-        )?;
+        call!(self, &request.vm_id, 0, Redelivery::SameSession, req, Done)?;
         Ok(pb::Empty {})
     }
 
@@ -584,7 +585,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             t,
-            Redelivery::Idempotent,
+            Redelivery::SameSession,
             req,
             FileHash
         )?)
@@ -603,7 +604,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             0,
-            Redelivery::SameSessionOnly,
+            Redelivery::SameSession,
             req,
             PowerReply
         )?)
@@ -641,7 +642,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             0,
-            Redelivery::SameSessionOnly,
+            Redelivery::SameSession,
             req,
             FsFreezeReply
         )?)
@@ -659,7 +660,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             0,
-            Redelivery::SameSessionOnly,
+            Redelivery::SameSession,
             req,
             FsThawReply
         )?)
@@ -675,7 +676,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             t,
-            Redelivery::Idempotent,
+            Redelivery::SameSession,
             req,
             FsFreezeStatus
         )?)
@@ -694,7 +695,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             t,
-            Redelivery::SameSessionOnly,
+            Redelivery::SameSession,
             req,
             FsTrimReply
         )?)
@@ -716,7 +717,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             0,
-            Redelivery::Idempotent,
+            Redelivery::SameSession,
             req,
             TimeInfo
         )?;
@@ -745,7 +746,7 @@ impl AgentApi {
                 self,
                 &request.vm_id,
                 0,
-                Redelivery::SameSessionOnly,
+                Redelivery::SameSession,
                 req,
                 TimeSetReply
             )?;
@@ -762,7 +763,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             t,
-            Redelivery::Idempotent,
+            Redelivery::SameSession,
             req,
             TimeInfo
         )?)
@@ -778,7 +779,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             t,
-            Redelivery::Idempotent,
+            Redelivery::SameSession,
             req,
             UserList
         )?)
@@ -793,14 +794,7 @@ impl AgentApi {
             password: request.password,
             crypted: request.crypted,
         });
-        call!(
-            self,
-            &request.vm_id,
-            0,
-            Redelivery::SameSessionOnly,
-            req,
-            Done
-        )?;
+        call!(self, &request.vm_id, 0, Redelivery::SameSession, req, Done)?;
         Ok(pb::Empty {})
     }
 
@@ -813,7 +807,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             0,
-            Redelivery::Idempotent,
+            Redelivery::SameSession,
             req,
             SshKeys
         )?)
@@ -832,7 +826,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             0,
-            Redelivery::SameSessionOnly,
+            Redelivery::SameSession,
             req,
             SshKeys
         )?)
@@ -850,7 +844,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             0,
-            Redelivery::SameSessionOnly,
+            Redelivery::SameSession,
             req,
             SshKeys
         )?)
@@ -866,7 +860,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             t,
-            Redelivery::Idempotent,
+            Redelivery::SameSession,
             req,
             NetworkInfo
         )?)
@@ -882,7 +876,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             t,
-            Redelivery::Idempotent,
+            Redelivery::SameSession,
             req,
             DisksInfo
         )?)
@@ -899,7 +893,7 @@ impl AgentApi {
             self,
             &request.vm_id,
             0,
-            Redelivery::Idempotent,
+            Redelivery::SameSession,
             req,
             AgentLogs
         )?)
@@ -1002,6 +996,8 @@ fn info_of(link: &Link) -> pb::GuestAgentInfo {
 
 /// Streams a file in windows of [`READ_WINDOW_BYTES`]: one FileReadRequest per window, each
 /// window's sha256 checked against the agent's, the whole stream's sha256 on the last message.
+/// A window cut by a lost connection is asked for again from the last byte received (up to
+/// [`READ_RESUMES`] times), so the caller sees one unbroken stream.
 async fn read_windows(
     link: &Arc<Link>,
     request: &pb::ReadGuestFileRequest,
@@ -1017,6 +1013,7 @@ async fn read_windows(
     let mut offset = request.offset.min(end);
     let mut whole = Sha256::new();
     let mut first = true;
+    let mut resumes = 0;
     while offset < end {
         let want = (end - offset).min(READ_WINDOW_BYTES);
         let mut cmd: Command = link.start(
@@ -1032,8 +1029,16 @@ async fn read_windows(
         )?;
         let mut window = Sha256::new();
         let mut got = 0u64;
+        let mut shrank = false;
         loop {
-            match cmd.next().await? {
+            let step = match cmd.next().await {
+                Err(AgentError::ConnectionLost { .. }) if resumes < READ_RESUMES => {
+                    resumes += 1;
+                    break;
+                }
+                other => other?,
+            };
+            match step {
                 Step::Item(Payload::FileChunk(c)) => {
                     if c.offset != offset + got {
                         return Err(AgentError::Integrity {
@@ -1072,15 +1077,16 @@ async fn read_windows(
                             ),
                         });
                     }
+                    shrank = got == 0;
                     break;
                 }
                 Step::Done(other) => return Err(unexpected(link, cmd.id(), cmd.kind, other)),
             }
         }
-        if got == 0 {
+        offset += got;
+        if shrank {
             break; // the file shrank under us
         }
-        offset += got;
     }
     let _ = tx
         .send(Ok(pb::GuestFileChunk {

@@ -1,6 +1,6 @@
 //! Errors of the agent side of the daemon and their one mapping to gRPC status codes.
 //!
-//! Every failed agent command names the stage it reached (see [`crate::agent::Stage`]):
+//! Every failed agent command names the stage it reached (see [`crate::agent::table::Stage`]):
 //! "never written", "written but not acknowledged", "acknowledged but no reply", "connection
 //! lost", "agent restarted" or the agent's own error. [`to_status`] is the only place that
 //! turns these into `tonic::Status`.
@@ -44,7 +44,7 @@ pub enum AgentError {
         waited_ms: u64,
         connection_lost: bool,
     },
-    #[error("agent for vm {vm_id}: command {id} ({kind}) failed: connection lost after it was {stage}; it was not redelivered ({why})")]
+    #[error("agent for vm {vm_id}: command {id} ({kind}) failed: connection lost after it was {stage}; it was not redelivered ({why}), so whether it ran is unknown")]
     ConnectionLost {
         vm_id: String,
         id: u64,
@@ -77,6 +77,13 @@ pub enum AgentError {
         id: u64,
         kind: &'static str,
         got: &'static str,
+    },
+    #[error("agent for vm {vm_id}: command {id} ({kind}) failed: VM reverted to a snapshot after the command was {stage}; the guest's state is the snapshot's")]
+    Reverted {
+        vm_id: String,
+        id: u64,
+        kind: &'static str,
+        stage: &'static str,
     },
     #[error(
         "agent for vm {vm_id}: the socket was detached while command {id} ({kind}) was in flight"
@@ -119,7 +126,7 @@ pub fn to_status(err: &AgentError) -> Status {
             Code::DeadlineExceeded
         }
         AgentError::ConnectionLost { .. } | AgentError::Detached { .. } => Code::Unavailable,
-        AgentError::AgentRestarted { .. } => Code::Aborted,
+        AgentError::AgentRestarted { .. } | AgentError::Reverted { .. } => Code::Aborted,
         AgentError::Agent { code, .. } => agent_code(*code),
         AgentError::UnexpectedReply { .. } | AgentError::NoRuntime => Code::Internal,
         AgentError::SlowConsumer { .. } => Code::ResourceExhausted,

@@ -555,3 +555,188 @@ async fn agent_that_starts_late_is_met_on_the_first_connection() {
     );
     d.ping("vm").await.unwrap();
 }
+
+/// The agent played frame by frame by the test itself, listening where QEMU's socket would be:
+/// for drops at moments the real agent cannot be asked to choose.
+struct Scripted {
+    rd: tokio::net::unix::OwnedReadHalf,
+    wr: tokio::net::unix::OwnedWriteHalf,
+    dec: qx_proto::Decoder,
+}
+
+impl Scripted {
+    async fn accept(l: &tokio::net::UnixListener) -> Scripted {
+        let (s, _) = l.accept().await.unwrap();
+        let (rd, wr) = s.into_split();
+        Scripted {
+            rd,
+            wr,
+            dec: qx_proto::Decoder::new(qx_proto::DEFAULT_MAX_FRAME_BYTES),
+        }
+    }
+
+    /// The next frame from the host that `pred` accepts (the sync preamble and anything else
+    /// are skipped).
+    async fn until(
+        &mut self,
+        pred: impl Fn(&qx_proto::agent::Envelope) -> bool,
+    ) -> qx_proto::agent::Envelope {
+        use tokio::io::AsyncReadExt;
+        loop {
+            while let Some(p) = self.dec.decode().transpose() {
+                if let Ok(p) = p {
+                    let env = qx_proto::decode_envelope(p).unwrap();
+                    if pred(&env) {
+                        return env;
+                    }
+                }
+            }
+            let spare = self.dec.spare(64 * 1024);
+            let n = self.rd.read(spare).await.unwrap();
+            assert_ne!(n, 0, "the host closed the connection");
+            self.dec.commit(n);
+        }
+    }
+
+    async fn send(&mut self, corr: u64, payload: qx_proto::agent::envelope::Payload) {
+        use tokio::io::AsyncWriteExt;
+        self.wr.write_all(&frame(corr, payload)).await.unwrap();
+    }
+}
+
+fn frame(corr: u64, payload: qx_proto::agent::envelope::Payload) -> Vec<u8> {
+    let mut out = Vec::new();
+    qx_proto::encode_envelope(
+        &qx_proto::agent::Envelope {
+            id: 7,
+            correlation_id: corr,
+            payload: Some(payload),
+        },
+        65536,
+        &mut out,
+    )
+    .unwrap();
+    out
+}
+
+fn ready(session_id: u64) -> qx_proto::agent::envelope::Payload {
+    qx_proto::agent::envelope::Payload::AgentReady(qx_proto::agent::AgentReady {
+        protocol_version: 1,
+        agent_version: "scripted".into(),
+        session_id,
+        ..Default::default()
+    })
+}
+
+fn is_hello(e: &qx_proto::agent::Envelope) -> bool {
+    matches!(
+        e.payload,
+        Some(qx_proto::agent::envelope::Payload::HostHello(_))
+    )
+}
+
+fn is_time_request(e: &qx_proto::agent::Envelope) -> bool {
+    matches!(
+        e.payload,
+        Some(qx_proto::agent::envelope::Payload::TimeGetRequest(_))
+    )
+}
+
+/// A command written and acknowledged on one connection is queued for redelivery; the next
+/// connection announces the same agent session and drops before the host could write it
+/// again. The command must be neither lost nor reported "never written": the connection after
+/// that redelivers it with its id, and the caller gets the agent's real answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivery_caught_by_a_second_drop_is_neither_orphaned_nor_misreported() {
+    use qx_proto::agent::envelope::Payload;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm12.agent.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let mut d = Daemon::start(fast_config(None), &[("vm", &path)]).await;
+    const SESSION: u64 = 0x5e55_1012;
+
+    // Connection 1: the command is written and acknowledged, then the host's reader dies.
+    let mut c1 = Scripted::accept(&listener).await;
+    c1.until(is_hello).await;
+    c1.send(0, ready(SESSION)).await;
+    let mut client = d.client.clone();
+    let mut call = tokio::spawn(async move {
+        client
+            .get_guest_time(pb::AgentRequest {
+                vm_id: "vm".into(),
+                timeout_ms: 4000,
+            })
+            .await
+    });
+    let req = c1.until(is_time_request).await;
+    c1.send(req.id, Payload::Ack(qx_proto::agent::Ack {})).await;
+    until(&mut d, "vm", |s| s.commands.unwrap().acknowledged == 1).await;
+    d.agent
+        .manager()
+        .link("vm")
+        .unwrap()
+        .kill_reader_for_test()
+        .await;
+
+    // Connection 2: the same session announces itself, and the connection drops at once.
+    let (s2, _) = listener.accept().await.unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut s2 = s2;
+        s2.write_all(&frame(0, ready(SESSION))).await.unwrap();
+    }
+
+    // Connection 3: the command comes again, under its own id, and its answer is the result.
+    let mut c3 = Scripted::accept(&listener).await;
+    c3.until(is_hello).await;
+    c3.send(0, ready(SESSION)).await;
+    let again = tokio::select! {
+        again = c3.until(is_time_request) => again,
+        res = &mut call => panic!("the call ended before its command was redelivered: {:?}", res.unwrap()),
+    };
+    assert_eq!(again.id, req.id, "redelivered under another id");
+    let answer = qx_proto::agent::TimeInfo {
+        unix_ns: 1012,
+        ..Default::default()
+    };
+    c3.send(req.id, Payload::TimeInfo(answer)).await;
+    let got = call.await.unwrap().unwrap().into_inner();
+    assert_eq!(got.unix_ns, 1012);
+    drop(c1);
+}
+
+/// A valid header announcing 48 KiB, then only 1 KiB of the payload: without a frame deadline
+/// every later pong and telemetry frame is swallowed as that payload, and since bytes keep
+/// arriving the link never notices. The started frame is abandoned after the frame deadline,
+/// the decoder rescans from the byte after its magic, and the frames it held are read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_that_never_completes_is_abandoned_and_the_frames_after_it_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(dir.path(), "vm12-frame");
+    let _agent = RealAgent::start(&relay.guest_path, &[]);
+    let mut d = Daemon::start(fast_config(None), &[("vm12-frame", &relay.host_path)]).await;
+    d.wait_connected("vm12-frame", 0).await;
+    let announced: u32 = 48 * 1024;
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&qx_proto::MAGIC);
+    h[4..8].copy_from_slice(&announced.to_be_bytes());
+    h[8..12].copy_from_slice(&0x1012_1012u32.to_be_bytes());
+    let c = qx_proto::codec::crc32c(&h[..12]);
+    h[12..16].copy_from_slice(&c.to_be_bytes());
+    let mut started = h.to_vec();
+    started.extend(vec![0x5a; 1024]);
+    relay.inject_to_host(started);
+    for _ in 0..3 {
+        let pong = d
+            .client
+            .ping_agent(pb::AgentRequest {
+                vm_id: "vm12-frame".into(),
+                timeout_ms: 5000,
+            })
+            .await;
+        assert!(pong.is_ok(), "{pong:?}");
+    }
+    let s = d.stats("vm12-frame").await;
+    assert_eq!(s.connection_id, 1, "the connection itself was fine");
+    assert!(s.bad_frames >= 1, "the abandoned frame is counted: {s:?}");
+}

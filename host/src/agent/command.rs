@@ -1,76 +1,22 @@
-//! The lifecycle of one agent command, as the caller sees it.
+//! A command in flight, as its caller holds it.
 //!
-//! A command is created `Queued` (its whole frame is in the VM's bounded queue), becomes
-//! `Writing` when the writer task takes it, `Written` once every byte of its frame was flushed
-//! to the socket, `Acknowledged` when the agent's `Ack` arrives, and ends `Completed` with the
-//! terminal reply or failed with the stage it had reached. "Sent" never means "queued".
+//! The command's lifecycle lives in the VM's [`super::table::Table`]; the caller only waits
+//! for what the table tells it: stream items, then one terminal reply or a failure that names
+//! the stage the command reached. Deadlines are the table's too: the link wakes it when the
+//! earliest one passes.
 //!
-//! The caller holds a [`Command`]; dropping it (a cancelled gRPC call, a timeout) forgets the
-//! command: a frame still queued is skipped by the writer, a frame being written is finished
-//! by the writer (which owns it), so a cancelled caller never leaves half a frame behind.
+//! Dropping a [`Command`] (a cancelled gRPC call) forgets it: a frame still queued is never
+//! written, a frame being written is finished by the writer (which holds it), so a cancelled
+//! caller never leaves half a frame behind; a stream the agent runs is cancelled.
 
 use super::link::Link;
+pub use super::table::{CommandOptions, Redelivery, Stage};
 use crate::error::AgentError;
 use qx_proto::agent::envelope::Payload;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
 
-/// How far a command got.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Stage {
-    /// In the VM's queue; no byte of it is on the socket.
-    Queued,
-    /// The writer task took it and is writing its frame.
-    Writing,
-    /// Every byte of its frame was flushed to the socket.
-    Written,
-    /// The agent acknowledged it (parsed it and will run it).
-    Acknowledged,
-}
-
-impl Stage {
-    /// Past-tense description for error messages.
-    pub fn describe(self) -> &'static str {
-        match self {
-            Stage::Queued => "queued",
-            Stage::Writing => "being written",
-            Stage::Written => "written",
-            Stage::Acknowledged => "acknowledged",
-        }
-    }
-}
-
-/// Which commands may be written again, with the same id, on the next connection after a
-/// drop. Within one agent session every command is safe to redeliver once, because the agent
-/// answers a repeated id from its reply cache and never runs it twice. After an agent restart
-/// (new session id) nothing is redelivered: the in-flight commands fail "agent restarted".
-/// Streams (exec output, file windows) are not redelivered: their items may have been lost
-/// with the connection, so the caller gets "connection lost" and may retry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Redelivery {
-    /// Reads, pings, stat, list, info: harmless even if run twice.
-    Idempotent,
-    /// Exec, power, writes, freeze: safe only through the reply cache of the same session.
-    SameSessionOnly,
-    /// Streams: never redelivered.
-    Never,
-}
-
-/// Per-command options.
-#[derive(Debug, Clone, Copy)]
-pub struct CommandOptions {
-    /// From enqueue to the agent's Ack (or, for pings, the Pong).
-    pub ack_timeout: Duration,
-    /// From enqueue to the terminal reply; `None`: no limit once acknowledged.
-    pub timeout: Option<Duration>,
-    pub redelivery: Redelivery,
-    /// Whether the agent acks this request (pings are answered by a Pong only).
-    pub expects_ack: bool,
-}
-
-/// A command in flight. Await [`Command::next_item`] / [`Command::finish`].
+/// A command in flight. Await [`Command::next`] / [`Command::finish`].
 #[derive(Debug)]
 pub struct Command {
     pub(crate) link: Arc<Link>,
@@ -78,8 +24,6 @@ pub struct Command {
     pub(crate) kind: &'static str,
     pub(crate) items: mpsc::Receiver<Payload>,
     pub(crate) done: oneshot::Receiver<Result<Payload, AgentError>>,
-    pub(crate) started: Instant,
-    pub(crate) opts: CommandOptions,
     pub(crate) finished: bool,
 }
 
@@ -96,6 +40,11 @@ impl Command {
         self.id
     }
 
+    /// The request's payload name.
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+
     /// Next stream item, or the terminal reply, or the failure naming the stage reached.
     pub async fn next(&mut self) -> Result<Step, AgentError> {
         if self.finished {
@@ -104,58 +53,17 @@ impl Command {
                 self.id
             )));
         }
-        loop {
-            let stage = self.link.stage_of(self.id);
-            let deadline = match stage {
-                Some(s) if s < Stage::Acknowledged => Some(match self.opts.timeout {
-                    Some(t) => self.started + self.opts.ack_timeout.min(t),
-                    None => self.started + self.opts.ack_timeout,
-                }),
-                _ => self.opts.timeout.map(|t| self.started + t),
-            };
-            let sleep = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                biased;
-                item = self.items.recv() => {
-                    if let Some(p) = item {
-                        return Ok(Step::Item(p));
-                    }
-                    // The item sender lives as long as the pending entry; fall through to
-                    // the terminal reply.
-                    return self.terminal().await;
-                }
-                res = &mut self.done => {
-                    self.finished = true;
-                    return match res {
-                        Ok(Ok(p)) => Ok(Step::Done(p)),
-                        Ok(Err(e)) => Err(e),
-                        Err(_) => Err(self.link.vanished(self.id, self.kind)),
-                    };
-                }
-                _ = sleep => {
-                    // A stage that moved on while we slept gets a new deadline.
-                    let now_stage = self.link.stage_of(self.id);
-                    if now_stage != stage {
-                        continue;
-                    }
-                    self.finished = true;
-                    return Err(self.link.time_out(self.id, self.kind, self.started.elapsed()));
+        tokio::select! {
+            biased;
+            Some(p) = self.items.recv() => Ok(Step::Item(p)),
+            res = &mut self.done => {
+                self.finished = true;
+                match res {
+                    Ok(Ok(p)) => Ok(Step::Done(p)),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(self.link.vanished(self.id, self.kind)),
                 }
             }
-        }
-    }
-
-    async fn terminal(&mut self) -> Result<Step, AgentError> {
-        self.finished = true;
-        match (&mut self.done).await {
-            Ok(Ok(p)) => Ok(Step::Done(p)),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(self.link.vanished(self.id, self.kind)),
         }
     }
 

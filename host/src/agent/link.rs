@@ -10,19 +10,25 @@
 //! ids (stale replies) are ignored. A new session id means the agent restarted: every command
 //! it had in flight is lost and fails "agent restarted".
 //!
+//! Every command lives in the VM's [`Table`] (sans-io): this file is the shell around it. The
+//! writer asks the table what to write, the reader and the writer tell it what happened, a
+//! timer in the supervisor task wakes it at its next deadline, and its outputs are routed to
+//! the callers' channels. Nothing here changes a command's stage.
+//!
 //! Liveness is a shared [`LinkStatus`] in a `watch` channel. The reader and the writer each
 //! hold a [`TaskGuard`] that marks the task dead when it is dropped, however the task ends
 //! (error, EOF, panic, abort), so a dead reader with a living writer reads as disconnected at
 //! once, and the supervisor, which waits on the same channel, tears the connection down.
 
-use super::command::{Command, CommandOptions, Redelivery, Stage};
+use super::command::{Command, CommandOptions, Redelivery};
 use super::stats::LinkStats;
+use super::table::{self, Event, Output, Table, TableConfig, Transmit};
 use super::{AgentConfig, AgentEvent};
 use crate::error::AgentError;
 use crate::pb;
 use qx_proto::agent::envelope::Payload;
 use qx_proto::agent::{AgentReady, Envelope, HostHello, Ping, Pong, Telemetry};
-use qx_proto::{decode_envelope, encode_envelope, payload_name, Decoder, DEFAULT_MAX_FRAME_BYTES};
+use qx_proto::{decode_envelope, payload_name, Decoder, DEFAULT_MAX_FRAME_BYTES};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,7 +37,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, mpsc::error::TrySendError, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -40,8 +46,9 @@ use tokio::time::Instant;
 /// the guest's input is completed with zeros and rejected by its checksum.
 pub const SYNC_PREAMBLE_BYTES: usize = 65552;
 
-/// Room for pongs in the priority queue beyond the redeliveries it may hold.
-const PRIORITY_SLACK: usize = 64;
+/// Pongs waiting for the writer; an agent that pings faster than the writer answers loses
+/// pongs, never host memory.
+const PONG_QUEUE: usize = 64;
 
 /// Telemetry reports a slow StreamTelemetry subscriber may fall behind by before it skips.
 const TELEMETRY_SUBSCRIBER_BACKLOG: usize = 8;
@@ -52,9 +59,6 @@ static SYNC_PREAMBLE: [u8; SYNC_PREAMBLE_BYTES] = [0u8; SYNC_PREAMBLE_BYTES];
 /// Bytes asked of one socket read. Small, so an idle link's decoder buffer stays small; it
 /// grows only while a large frame is arriving.
 const READ_BYTES: usize = 8 * 1024;
-
-/// Largest payload this host sends in one frame (the agent's limit and the preamble's basis).
-pub const MAX_SENT_PAYLOAD_BYTES: u32 = 64 * 1024;
 
 /// Frames with a valid header but a damaged payload that one connection may deliver before it
 /// is reset. Each costs a checksum over up to a whole frame, and a stream of nested headers
@@ -124,30 +128,11 @@ impl Drop for TaskGuard {
     }
 }
 
-/// A whole frame waiting for the writer.
-#[derive(Debug, Clone)]
-pub(crate) struct Job {
-    /// The request id; 0 for untracked frames (pongs, keep-alive pings).
-    id: u64,
-    kind: &'static str,
-    frame: Arc<Vec<u8>>,
-}
-
-/// A command the agent has not finished.
+/// Where a caller waits for its command's items and end.
 #[derive(Debug)]
-struct Pending {
-    kind: &'static str,
-    stage: Stage,
-    opts: CommandOptions,
-    frame: Arc<Vec<u8>>,
-    /// The session the command was written to, once written.
-    session: Option<u64>,
-    redelivered: bool,
-    /// Written (or being written) on a connection that then dropped; waiting for the next.
-    awaiting_redelivery: bool,
-    connection_lost: bool,
+struct Waiter {
     items: mpsc::Sender<Payload>,
-    done: Option<oneshot::Sender<Result<Payload, AgentError>>>,
+    done: oneshot::Sender<Result<Payload, AgentError>>,
 }
 
 /// What the daemon last heard from the agent, with when.
@@ -161,11 +146,10 @@ pub struct AgentCache {
     pub network: Option<qx_proto::agent::NetworkInfo>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Inner {
-    pending: HashMap<u64, Pending>,
-    /// The agent session last seen on any connection of this link.
-    session: Option<u64>,
+    table: Table,
+    waiters: HashMap<u64, Waiter>,
     cache: AgentCache,
     stats: LinkStats,
     last_rx: Option<Instant>,
@@ -179,12 +163,15 @@ pub struct Link {
     pub(crate) vm_id: String,
     pub(crate) socket: PathBuf,
     cfg: Arc<AgentConfig>,
-    ids: Arc<AtomicU64>,
     host_session: u64,
-    queue_tx: mpsc::Sender<Job>,
-    queue_rx: tokio::sync::Mutex<mpsc::Receiver<Job>>,
     status: watch::Sender<LinkStatus>,
     inner: Mutex<Inner>,
+    /// The table may have a frame to write.
+    writable: Notify,
+    /// The table's next deadline may have moved.
+    rearm: Notify,
+    /// Closes the current connection (the VM was reverted); the supervisor reconnects.
+    reset: Notify,
     events: broadcast::Sender<AgentEvent>,
     telemetry_tx: broadcast::Sender<pb::TelemetryUpdate>,
     /// Test hook: the running reader task, so a test can kill it alone.
@@ -212,24 +199,22 @@ pub(crate) fn random_u64() -> u64 {
     h.finish()
 }
 
-fn encode(env: &Envelope) -> Result<Vec<u8>, AgentError> {
-    let mut out = Vec::new();
-    encode_envelope(env, MAX_SENT_PAYLOAD_BYTES, &mut out).map_err(|e| {
-        AgentError::InvalidArgument(format!("{} request cannot be sent: {e}", payload_name(env)))
-    })?;
-    Ok(out)
-}
+use table::encode;
 
 impl Link {
     pub(crate) fn new(
         vm_id: String,
         socket: PathBuf,
         cfg: Arc<AgentConfig>,
-        ids: Arc<AtomicU64>,
         host_session: u64,
         events: broadcast::Sender<AgentEvent>,
     ) -> Arc<Link> {
-        let (queue_tx, queue_rx) = mpsc::channel(cfg.queue_capacity.max(1));
+        let table = Table::new(TableConfig {
+            vm_id: vm_id.clone(),
+            socket: socket.display().to_string(),
+            queue_capacity: cfg.queue_capacity.max(1),
+            max_in_flight: cfg.max_in_flight.max(1),
+        });
         let (status, _) = watch::channel(LinkStatus {
             conn_id: 0,
             phase: Phase::Disconnected,
@@ -241,12 +226,19 @@ impl Link {
             vm_id,
             socket,
             cfg,
-            ids,
             host_session,
-            queue_tx,
-            queue_rx: tokio::sync::Mutex::new(queue_rx),
             status,
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                table,
+                waiters: HashMap::new(),
+                cache: AgentCache::default(),
+                stats: LinkStats::default(),
+                last_rx: None,
+                ready_on_conn: 0,
+            }),
+            writable: Notify::new(),
+            rearm: Notify::new(),
+            reset: Notify::new(),
             events,
             telemetry_tx,
             reader_task: Mutex::new(None),
@@ -260,10 +252,77 @@ impl Link {
     }
 
     fn next_id(&self) -> u64 {
+        self.lock().table.next_id()
+    }
+
+    /// Runs `f` on the table (and the state beside it) at the current time, then hands the
+    /// table's outputs to the callers and wakes the writer and the timer.
+    fn with_table<R>(&self, f: impl FnOnce(&mut Inner, std::time::Instant) -> R) -> R {
+        let now = Instant::now().into_std();
+        let mut inner = self.lock();
+        let r = f(&mut inner, now);
+        let mut restarts = Vec::new();
         loop {
-            let id = self.ids.fetch_add(1, Ordering::Relaxed);
-            if id != 0 {
-                return id;
+            let mut slow = Vec::new();
+            while let Some(out) = inner.table.poll() {
+                match out {
+                    Output::Item { id, payload } => {
+                        if let Some(w) = inner.waiters.get(&id) {
+                            // The reader never waits for a caller that reads too slowly.
+                            if let Err(TrySendError::Full(_)) = w.items.try_send(payload) {
+                                slow.push(id);
+                            }
+                        }
+                    }
+                    Output::Done { id, result } => {
+                        if let Some(w) = inner.waiters.remove(&id) {
+                            let _ = w.done.send(result);
+                        }
+                    }
+                    Output::AgentRestarted {
+                        old_session,
+                        new_session,
+                        failed,
+                    } => {
+                        inner.stats.agent_restarts += 1;
+                        restarts.push((old_session, new_session, failed));
+                    }
+                }
+            }
+            if slow.is_empty() {
+                break;
+            }
+            for id in slow {
+                inner.table.handle_event(Event::TooSlow { id }, now);
+            }
+        }
+        drop(inner);
+        self.writable.notify_one();
+        self.rearm.notify_one();
+        for (old, new, failed) in restarts {
+            self.emit(
+                pb::EventKind::AgentRestarted,
+                format!("agent session {old:#x} -> {new:#x}; {failed} in-flight commands failed"),
+            );
+        }
+        r
+    }
+
+    /// Wakes the table at its deadlines; runs until its caller drops it.
+    async fn run_timer(&self) {
+        loop {
+            let next = self.lock().table.poll_timeout();
+            let rearmed = self.rearm.notified();
+            match next {
+                Some(at) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(Instant::from_std(at)) => {
+                            self.with_table(|i, now| i.table.handle_timeout(now));
+                        }
+                        _ = rearmed => {}
+                    }
+                }
+                None => rearmed.await,
             }
         }
     }
@@ -280,137 +339,35 @@ impl Link {
     // Caller side
     // ---------------------------------------------------------------------------------------
 
-    /// Queues `payload` as a new command. Fails at once with `QueueFull` when the bounded
-    /// queue or the in-flight table is full.
+    /// Queues `payload` as a new command. Fails at once with `QueueFull` when the queue or the
+    /// table is full; beyond the agent's announced limits a command waits in the queue.
     pub fn start(
         self: &Arc<Self>,
         payload: Payload,
         opts: CommandOptions,
         item_capacity: usize,
     ) -> Result<Command, AgentError> {
-        let id = self.next_id();
-        let mut env = Envelope {
-            id,
-            correlation_id: 0,
-            payload: Some(payload),
-        };
-        if let Some(Payload::Ping(p)) = &mut env.payload {
-            // A tracked ping's seq is its request id, so its Pong finds it.
-            p.seq = id;
-        }
-        let kind = payload_name(&env);
-        let frame = Arc::new(encode(&env)?);
         let (items_tx, items_rx) = mpsc::channel(item_capacity.max(1));
         let (done_tx, done_rx) = oneshot::channel();
-        {
-            let mut inner = self.lock();
-            if inner.pending.len() >= self.cfg.max_in_flight {
-                return Err(AgentError::QueueFull {
-                    vm_id: self.vm_id.clone(),
-                    capacity: self.cfg.max_in_flight,
-                });
-            }
-            inner.pending.insert(
+        let (id, kind) = self.with_table(|inner, now| {
+            let (id, kind) = inner.table.submit(payload, opts, now)?;
+            inner.waiters.insert(
                 id,
-                Pending {
-                    kind,
-                    stage: Stage::Queued,
-                    opts,
-                    frame: frame.clone(),
-                    session: None,
-                    redelivered: false,
-                    awaiting_redelivery: false,
-                    connection_lost: false,
+                Waiter {
                     items: items_tx,
-                    done: Some(done_tx),
+                    done: done_tx,
                 },
             );
-            match self.queue_tx.try_send(Job { id, kind, frame }) {
-                Ok(()) => inner.stats.commands.queued += 1,
-                Err(_) => {
-                    inner.pending.remove(&id);
-                    return Err(AgentError::QueueFull {
-                        vm_id: self.vm_id.clone(),
-                        capacity: self.cfg.queue_capacity,
-                    });
-                }
-            }
-        }
+            Ok::<_, AgentError>((id, kind))
+        })?;
         Ok(Command {
             link: self.clone(),
             id,
             kind,
             items: items_rx,
             done: done_rx,
-            started: Instant::now(),
-            opts,
             finished: false,
         })
-    }
-
-    pub(crate) fn stage_of(&self, id: u64) -> Option<Stage> {
-        self.lock().pending.get(&id).map(|p| p.stage)
-    }
-
-    /// The caller's deadline passed: forget the command and name the stage it reached.
-    pub(crate) fn time_out(&self, id: u64, kind: &'static str, waited: Duration) -> AgentError {
-        let mut inner = self.lock();
-        let waited_ms = waited.as_millis() as u64;
-        let Some(p) = inner.pending.remove(&id) else {
-            return self.vanished(id, kind);
-        };
-        let vm_id = self.vm_id.clone();
-        match p.stage {
-            Stage::Queued => {
-                inner.stats.commands.failed_not_written += 1;
-                let why = self.not_connected_reason(&inner);
-                AgentError::NotWritten {
-                    vm_id,
-                    id,
-                    kind,
-                    waited_ms,
-                    why,
-                }
-            }
-            Stage::Writing | Stage::Written => {
-                inner.stats.commands.failed_not_acknowledged += 1;
-                AgentError::NotAcknowledged {
-                    vm_id,
-                    id,
-                    kind,
-                    waited_ms,
-                    connection_lost: p.connection_lost,
-                }
-            }
-            Stage::Acknowledged => {
-                inner.stats.commands.failed_ack_timeout += 1;
-                AgentError::AckTimeout {
-                    vm_id,
-                    id,
-                    kind,
-                    waited_ms,
-                    connection_lost: p.connection_lost,
-                }
-            }
-        }
-    }
-
-    fn not_connected_reason(&self, inner: &Inner) -> String {
-        let st = *self.status.borrow();
-        let last = if inner.stats.last_error.is_empty() {
-            String::new()
-        } else {
-            format!("; last error: {}", inner.stats.last_error)
-        };
-        match st.phase {
-            Phase::Open => format!("the writer did not reach it (queue busy){last}"),
-            Phase::Handshaking => {
-                format!("the agent has not answered HostHello on connection {} (is the agent running in the guest?){last}", st.conn_id)
-            }
-            Phase::Connecting | Phase::Disconnected => {
-                format!("not connected to {}{last}", self.socket.display())
-            }
-        }
     }
 
     /// The command's reply channel closed without a reply (link torn down).
@@ -422,40 +379,19 @@ impl Link {
         }
     }
 
-    /// The caller went away: forget the command. A queued frame is skipped by the writer; a
-    /// frame being written is finished by the writer. A stream the agent is running is
-    /// cancelled.
+    /// The caller went away: forget the command (the table cancels a stream the agent runs).
     pub(crate) fn abandon(&self, id: u64) {
-        let mut inner = self.lock();
-        let Some(p) = inner.pending.remove(&id) else {
-            return;
-        };
-        match p.stage {
-            Stage::Queued => inner.stats.commands.failed_not_written += 1,
-            Stage::Writing | Stage::Written => inner.stats.commands.failed_not_acknowledged += 1,
-            Stage::Acknowledged => inner.stats.commands.failed_ack_timeout += 1,
-        }
-        drop(inner);
-        if p.stage >= Stage::Written && p.opts.redelivery == Redelivery::Never {
-            self.send_untracked(Payload::Cancel(qx_proto::agent::Cancel { target_id: id }));
-        }
+        self.with_table(|inner, now| {
+            inner.waiters.remove(&id);
+            inner.table.handle_event(Event::Abandoned { id }, now);
+        });
     }
 
-    /// Queues a frame nobody waits for (cancel, kill). Best effort: a full queue drops it.
-    pub(crate) fn send_untracked(&self, payload: Payload) {
-        let env = Envelope {
-            id: self.next_id(),
-            correlation_id: 0,
-            payload: Some(payload),
-        };
-        let kind = payload_name(&env);
-        if let Ok(frame) = encode(&env) {
-            let _ = self.queue_tx.try_send(Job {
-                id: 0,
-                kind,
-                frame: Arc::new(frame),
-            });
-        }
+    /// Fails every command in flight "VM reverted" and closes the connection; the next one
+    /// meets the reverted guest's agent as new.
+    pub fn reset_for_revert(&self) {
+        self.with_table(|inner, now| inner.table.handle_event(Event::Reverted, now));
+        self.reset.notify_waiters();
     }
 
     // ---------------------------------------------------------------------------------------
@@ -500,7 +436,7 @@ impl Link {
     }
 
     pub fn session(&self) -> Option<u64> {
-        self.lock().session
+        self.lock().table.session()
     }
 
     pub fn last_rx_elapsed(&self) -> Option<Duration> {
@@ -520,14 +456,16 @@ impl Link {
         let state = self.state_name();
         let connected = self.is_connected();
         let inner = self.lock();
-        let mut out = inner.stats.to_pb();
+        let mut out = inner
+            .stats
+            .to_pb(inner.table.counts(), inner.table.last_error());
         out.vm_id = self.vm_id.clone();
         out.socket_path = self.socket.display().to_string();
         out.connection_id = st.conn_id;
         out.state = state.to_string();
         out.connected = connected;
-        out.agent_session_id = inner.session.unwrap_or(0);
-        out.in_flight = inner.pending.len() as u32;
+        out.agent_session_id = inner.table.session().unwrap_or(0);
+        out.in_flight = inner.table.len() as u32;
         out
     }
 
@@ -554,12 +492,21 @@ impl Link {
     /// old connection is closed before the new one opens.
     pub(crate) async fn supervise(
         self: Arc<Self>,
-        mut stop: watch::Receiver<bool>,
+        stop: watch::Receiver<bool>,
         previous: Option<JoinHandle<()>>,
     ) {
         if let Some(prev) = previous {
             let _ = prev.await;
         }
+        tokio::select! {
+            _ = self.run_timer() => {}
+            _ = self.connect_loop(stop) => {}
+        }
+        self.status.send_modify(|s| s.phase = Phase::Disconnected);
+        self.with_table(|inner, now| inner.table.handle_event(Event::Detached, now));
+    }
+
+    async fn connect_loop(self: &Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut backoff = self.cfg.backoff_initial;
         let mut conn_id = 0u64;
         loop {
@@ -573,11 +520,10 @@ impl Link {
             };
             match connected {
                 Err(e) => {
-                    let mut inner = self.lock();
-                    inner.stats.last_error = format!("connect {}: {e}", self.socket.display());
-                    drop(inner);
-                    self.status.send_modify(|s| s.phase = Phase::Disconnected);
                     log::debug!("vm {}: connect failed: {e}", self.vm_id);
+                    let e = format!("connect {}: {e}", self.socket.display());
+                    self.lock().table.set_last_error(e);
+                    self.status.send_modify(|s| s.phase = Phase::Disconnected);
                 }
                 Ok(stream) => {
                     conn_id += 1;
@@ -598,19 +544,6 @@ impl Link {
                 _ = stop.changed() => break,
             }
         }
-        self.status.send_modify(|s| s.phase = Phase::Disconnected);
-        let mut inner = self.lock();
-        let pending: Vec<(u64, Pending)> = inner.pending.drain().collect();
-        drop(inner);
-        for (id, mut p) in pending {
-            if let Some(done) = p.done.take() {
-                let _ = done.send(Err(AgentError::Detached {
-                    vm_id: self.vm_id.clone(),
-                    id,
-                    kind: p.kind,
-                }));
-            }
-        }
     }
 
     /// Runs one connection to its end. Returns whether the agent said AgentReady on it.
@@ -628,6 +561,11 @@ impl Link {
             inner.stats.connection_id = conn_id;
             inner.last_rx = None;
         }
+        self.with_table(|inner, now| {
+            inner
+                .table
+                .handle_event(Event::Connected { conn: conn_id }, now)
+        });
         let (rd, wr) = stream.into_split();
         self.status.send_replace(LinkStatus {
             conn_id,
@@ -635,9 +573,8 @@ impl Link {
             reader_alive: true,
             writer_alive: true,
         });
-        // Pongs and redeliveries jump the queue. Bounded: an agent that pings faster than the
-        // writer can answer loses pongs, never host memory.
-        let (prio_tx, prio_rx) = mpsc::channel::<Job>(self.cfg.max_in_flight + PRIORITY_SLACK);
+        // Pongs jump the queue.
+        let (prio_tx, prio_rx) = mpsc::channel::<Transmit>(PONG_QUEUE);
         let (ready_tx, ready_rx) = watch::channel(false);
         let reader_guard = TaskGuard {
             link: self.clone(),
@@ -671,6 +608,7 @@ impl Link {
         tokio::select! {
             _ = status.wait_for(|s| s.conn_id != conn_id || !s.reader_alive || !s.writer_alive) => {}
             _ = stop.changed() => {}
+            _ = self.reset.notified() => self.record_error(conn_id, "VM reverted to a snapshot".into()),
         }
         // Tear down: both halves drop with their tasks, closing the socket.
         abort_reader.abort();
@@ -696,47 +634,17 @@ impl Link {
 
     fn record_error(&self, conn_id: u64, e: String) {
         log::info!("vm {}: connection {conn_id} ended: {e}", self.vm_id);
-        self.lock().stats.last_error = e;
+        self.lock().table.set_last_error(e);
     }
 
-    /// A connection ended: commands written on it wait for redelivery on the next connection
-    /// (same agent session only) or fail "connection lost".
+    /// A connection ended: the table decides what becomes of the commands written on it.
     fn after_drop(&self, conn_id: u64) -> bool {
-        let mut inner = self.lock();
-        let was_ready = inner.ready_on_conn == conn_id;
-        let mut failed = Vec::new();
-        for (id, p) in inner.pending.iter_mut() {
-            if p.stage == Stage::Queued {
-                continue;
-            }
-            p.connection_lost = true;
-            let why = if p.opts.redelivery == Redelivery::Never {
-                Some("streams are not redelivered")
-            } else if p.redelivered {
-                Some("it was already redelivered once")
-            } else {
-                None
-            };
-            match why {
-                Some(why) => failed.push((*id, p.stage, why)),
-                None => p.awaiting_redelivery = true,
-            }
-        }
-        for (id, stage, why) in failed {
-            if let Some(mut p) = inner.pending.remove(&id) {
-                inner.stats.commands.failed_connection_lost += 1;
-                if let Some(done) = p.done.take() {
-                    let _ = done.send(Err(AgentError::ConnectionLost {
-                        vm_id: self.vm_id.clone(),
-                        id,
-                        kind: p.kind,
-                        stage: stage.describe(),
-                        why,
-                    }));
-                }
-            }
-        }
-        drop(inner);
+        let was_ready = self.with_table(|inner, now| {
+            inner
+                .table
+                .handle_event(Event::Disconnected { conn: conn_id }, now);
+            inner.ready_on_conn == conn_id
+        });
         if was_ready {
             self.emit(
                 pb::EventKind::AgentDisconnected,
@@ -756,7 +664,7 @@ impl Link {
         self: &Arc<Self>,
         conn_id: u64,
         mut wr: OwnedWriteHalf,
-        mut prio: mpsc::Receiver<Job>,
+        mut prio: mpsc::Receiver<Transmit>,
         mut ready: watch::Receiver<bool>,
     ) -> Result<(), String> {
         self.write_whole(&mut wr, &SYNC_PREAMBLE, "sync_preamble")
@@ -775,7 +683,6 @@ impl Link {
         self.write_whole(&mut wr, &hello, "host_hello").await?;
         self.count_tx("host_hello", hello.len());
 
-        let mut queue = self.queue_rx.lock().await;
         let mut handshaken = *ready.borrow();
         let mut ping = tokio::time::interval(self.cfg.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -802,10 +709,10 @@ impl Link {
                     // connection: the agent announces itself when it opens the port, and
                     // reconnecting would only push more preambles into the guest's queue.
                     overdue = true;
-                    self.lock().stats.last_error = format!(
+                    self.lock().table.set_last_error(format!(
                         "no AgentReady within {} ms of HostHello; waiting for the agent",
                         self.cfg.handshake_timeout.as_millis()
-                    );
+                    ));
                     continue;
                 }
                 _ = ping.tick(), if handshaken => {
@@ -814,38 +721,30 @@ impl Link {
                         correlation_id: 0,
                         payload: Some(Payload::Ping(Ping { seq: random_u64() >> 1 })),
                     };
-                    Job { id: 0, kind: "ping", frame: Arc::new(encode(&env).map_err(|e| e.to_string())?) }
+                    Transmit { id: 0, kind: "ping", frame: Arc::new(encode(&env).map_err(|e| e.to_string())?) }
                 }
-                j = queue.recv(), if handshaken => match j {
-                    Some(j) => j,
-                    None => return Ok(()),
-                },
-            };
-            if job.id != 0 {
-                // Skip frames whose caller gave up before they were written.
-                let mut inner = self.lock();
-                let session = inner.session;
-                match inner.pending.get_mut(&job.id) {
-                    Some(p) => {
-                        p.stage = Stage::Writing;
-                        p.session = session;
+                _ = self.writable.notified(), if handshaken => {
+                    let now = Instant::now().into_std();
+                    match self.lock().table.poll_transmit(conn_id, now) {
+                        Some(t) => t,
+                        None => continue,
                     }
-                    None => continue,
                 }
-            }
+            };
             self.write_whole(&mut wr, &job.frame, job.kind).await?;
             self.count_tx(job.kind, job.frame.len());
             if job.id != 0 {
-                let mut inner = self.lock();
-                // The reply may already have completed the command: it was written anyway.
-                inner.stats.commands.written += 1;
-                if let Some(p) = inner.pending.get_mut(&job.id) {
-                    if p.stage == Stage::Writing {
-                        p.stage = Stage::Written;
-                    }
-                }
+                // Wakes this loop again: the table may hold more.
+                self.with_table(|inner, now| {
+                    inner.table.handle_event(
+                        Event::Flushed {
+                            conn: conn_id,
+                            id: job.id,
+                        },
+                        now,
+                    )
+                });
             }
-            let _ = conn_id;
         }
     }
 
@@ -886,27 +785,46 @@ impl Link {
         self: &Arc<Self>,
         conn_id: u64,
         mut rd: OwnedReadHalf,
-        prio: mpsc::Sender<Job>,
+        prio: mpsc::Sender<Transmit>,
         ready: watch::Sender<bool>,
     ) -> Result<(), String> {
         // A fresh decoder per connection: nothing of the last connection's bytes survives.
         let mut dec = Decoder::new(DEFAULT_MAX_FRAME_BYTES);
         let mut seen = dec.stats();
+        // Liveness counts whole frames: bytes that never make a frame keep nothing alive.
+        let mut last_frame = Instant::now();
         loop {
-            let spare = dec.spare(READ_BYTES);
-            // Silence ends a connection only once the agent has spoken on it; before that,
-            // the link waits for the agent to start.
-            let limit = if *ready.borrow() {
+            // No whole frame within the idle window (the liveness window before the first
+            // AgentReady) ends the connection.
+            let idle = if *ready.borrow() {
                 self.cfg.idle_reconnect
             } else {
-                Duration::from_secs(365 * 24 * 3600)
+                self.cfg.liveness_window
             };
-            let n = match tokio::time::timeout(limit, rd.read(spare)).await {
+            let idle_at = last_frame + idle;
+            // A started frame must arrive whole within the frame deadline (the bound the
+            // writer holds itself to), or it is abandoned and the bytes after its magic are
+            // read again.
+            let frame_at = dec
+                .partial_deadline(Instant::now().into_std(), self.cfg.write_deadline)
+                .map(Instant::from_std);
+            let wake = frame_at.map_or(idle_at, |f| f.min(idle_at));
+            let spare = dec.spare(READ_BYTES);
+            let n = match tokio::time::timeout_at(wake, rd.read(spare)).await {
                 Err(_) => {
-                    return Err(format!(
-                        "nothing heard for {} ms",
-                        self.cfg.idle_reconnect.as_millis()
-                    ))
+                    let now = Instant::now();
+                    if dec.handle_timeout(now.into_std()) {
+                        log::debug!(
+                            "vm {}: a started frame did not arrive whole within {} ms; abandoned",
+                            self.vm_id,
+                            self.cfg.write_deadline.as_millis()
+                        );
+                        0
+                    } else if now >= idle_at {
+                        return Err(format!("no whole frame heard for {} ms", idle.as_millis()));
+                    } else {
+                        continue;
+                    }
                 }
                 Ok(Err(e)) => return Err(format!("read failed: {e}")),
                 Ok(Ok(0)) => return Err("socket closed (EOF)".to_string()),
@@ -930,6 +848,7 @@ impl Link {
                         continue;
                     }
                 };
+                last_frame = Instant::now();
                 match env {
                     Ok((env, len)) => self.on_frame(conn_id, env, len, &prio, &ready),
                     Err(e) => {
@@ -943,7 +862,8 @@ impl Link {
             inner.stats.garbage_bytes += now.garbage_bytes - seen.garbage_bytes;
             inner.stats.bad_frames += (now.bad_headers - seen.bad_headers)
                 + (now.oversized - seen.oversized)
-                + (now.bad_payloads - seen.bad_payloads);
+                + (now.bad_payloads - seen.bad_payloads)
+                + (now.abandoned - seen.abandoned);
             seen = now;
             drop(inner);
             if flood {
@@ -959,7 +879,7 @@ impl Link {
         conn_id: u64,
         env: Envelope,
         payload_len: usize,
-        prio: &mpsc::Sender<Job>,
+        prio: &mpsc::Sender<Transmit>,
         ready: &watch::Sender<bool>,
     ) {
         let kind = payload_name(&env);
@@ -974,7 +894,7 @@ impl Link {
         }
         let corr = env.correlation_id;
         match env.payload {
-            Some(Payload::AgentReady(r)) => self.on_ready(conn_id, r, now, prio, ready),
+            Some(Payload::AgentReady(r)) => self.on_ready(conn_id, r, now, ready),
             Some(Payload::Ping(p)) => {
                 let pong = Envelope {
                     id: self.next_id(),
@@ -982,7 +902,7 @@ impl Link {
                     payload: Some(Payload::Pong(Pong { seq: p.seq })),
                 };
                 if let Ok(frame) = encode(&pong) {
-                    let _ = prio.try_send(Job {
+                    let _ = prio.try_send(Transmit {
                         id: 0,
                         kind: "pong",
                         frame: Arc::new(frame),
@@ -992,14 +912,12 @@ impl Link {
             Some(Payload::Pong(p)) => {
                 // Tracked pings use their request id as seq; keep-alive pongs match nothing.
                 let id = if corr != 0 { corr } else { p.seq };
-                let tracked = self
-                    .lock()
-                    .pending
-                    .get(&id)
-                    .is_some_and(|p| p.kind == "ping");
-                if tracked {
-                    self.complete(id, Ok(Payload::Pong(p)));
-                }
+                self.with_table(|inner, now| {
+                    if inner.table.kind(id) == Some("ping") {
+                        let payload = Payload::Pong(p);
+                        inner.table.handle_event(Event::Reply { id, payload }, now);
+                    }
+                });
             }
             Some(Payload::Telemetry(t)) if corr == 0 => {
                 let mut inner = self.lock();
@@ -1013,85 +931,43 @@ impl Link {
                 });
             }
             Some(Payload::Ack(_)) => {
-                let mut inner = self.lock();
-                if let Some(p) = inner.pending.get_mut(&corr) {
-                    if p.stage < Stage::Acknowledged {
-                        p.stage = Stage::Acknowledged;
-                        inner.stats.commands.acknowledged += 1;
-                    }
-                }
+                self.with_table(|inner, now| {
+                    inner.table.handle_event(Event::Ack { id: corr }, now)
+                });
             }
             Some(Payload::Error(e)) if corr != 0 => {
-                let Some(kind) = self.lock().pending.get(&corr).map(|p| p.kind) else {
-                    return;
-                };
-                let err = AgentError::Agent {
-                    vm_id: self.vm_id.clone(),
+                let refused = Event::Refused {
                     id: corr,
-                    kind,
                     code: qx_proto::agent::ErrorCode::try_from(e.code)
                         .unwrap_or(qx_proto::agent::ErrorCode::Unspecified),
                     message: e.message,
                 };
-                self.complete(corr, Err(err));
+                self.with_table(|inner, now| inner.table.handle_event(refused, now));
             }
             Some(Payload::Error(e)) => {
                 // The agent can repeat this at will: debug only, never a flood at info.
                 log::debug!("vm {}: agent protocol complaint: {}", self.vm_id, e.message);
             }
-            Some(item @ (Payload::ExecOutput(_) | Payload::FileChunk(_))) if corr != 0 => {
-                self.on_item(corr, item);
+            Some(payload @ (Payload::ExecOutput(_) | Payload::FileChunk(_))) if corr != 0 => {
+                let item = Event::Item { id: corr, payload };
+                self.with_table(|inner, now| inner.table.handle_event(item, now));
             }
-            Some(reply) if corr != 0 => {
-                // Telemetry asked for with a TelemetryRequest also updates the cache.
-                if let Payload::Telemetry(t) = &reply {
-                    let mut inner = self.lock();
-                    inner.cache.telemetry = Some(t.clone());
-                    inner.cache.telemetry_at = Some(now);
-                }
-                self.complete(corr, Ok(reply));
+            Some(payload) if corr != 0 => {
+                let at = now;
+                self.with_table(|inner, now| {
+                    // Telemetry asked for with a TelemetryRequest also updates the cache.
+                    if let Payload::Telemetry(t) = &payload {
+                        if inner.table.stage(corr).is_some() {
+                            inner.cache.telemetry = Some(t.clone());
+                            inner.cache.telemetry_at = Some(at);
+                        }
+                    }
+                    inner
+                        .table
+                        .handle_event(Event::Reply { id: corr, payload }, now);
+                });
             }
             _ => log::debug!("vm {}: ignored {kind} frame", self.vm_id),
-        }
-    }
-
-    fn on_item(&self, corr: u64, item: Payload) {
-        let mut inner = self.lock();
-        let Some(p) = inner.pending.get_mut(&corr) else {
-            return; // stale: a command that ended or belongs to an old session
-        };
-        if p.stage < Stage::Acknowledged {
-            p.stage = Stage::Acknowledged;
-        }
-        if p.items.try_send(item).is_err() {
-            // The caller reads too slowly; the reader never waits for it.
-            let kind = p.kind;
-            if let Some(mut p) = inner.pending.remove(&corr) {
-                inner.stats.commands.failed_agent_error += 1;
-                if let Some(done) = p.done.take() {
-                    let _ = done.send(Err(AgentError::SlowConsumer {
-                        vm_id: self.vm_id.clone(),
-                        id: corr,
-                        kind,
-                    }));
-                }
-            }
-            drop(inner);
-            self.send_untracked(Payload::Cancel(qx_proto::agent::Cancel { target_id: corr }));
-        }
-    }
-
-    fn complete(&self, id: u64, result: Result<Payload, AgentError>) {
-        let mut inner = self.lock();
-        let Some(mut p) = inner.pending.remove(&id) else {
-            return;
-        };
-        match &result {
-            Ok(_) => inner.stats.commands.completed += 1,
-            Err(_) => inner.stats.commands.failed_agent_error += 1,
-        }
-        if let Some(done) = p.done.take() {
-            let _ = done.send(result);
         }
     }
 
@@ -1099,78 +975,32 @@ impl Link {
         self: &Arc<Self>,
         conn_id: u64,
         r: AgentReady,
-        now: SystemTime,
-        prio: &mpsc::Sender<Job>,
+        at: SystemTime,
         ready: &watch::Sender<bool>,
     ) {
-        let mut inner = self.lock();
-        let old = inner.session;
         let new = r.session_id;
-        let first_on_conn = inner.ready_on_conn != conn_id;
-        inner.ready_on_conn = conn_id;
-        inner.cache.ready = Some(r.clone());
-        inner.cache.ready_at = Some(now);
-        let restarted = old.is_some_and(|s| s != new);
-        let mut failed = Vec::new();
-        let mut redeliver = Vec::new();
-        for (id, p) in inner.pending.iter_mut() {
-            if p.stage == Stage::Queued {
-                continue;
-            }
-            let same_session = p.session.is_none_or(|s| s == new);
-            if !same_session {
-                failed.push((*id, p.stage, p.session.unwrap_or(0)));
-            } else if p.awaiting_redelivery {
-                p.awaiting_redelivery = false;
-                p.redelivered = true;
-                p.stage = Stage::Queued;
-                redeliver.push(Job {
-                    id: *id,
-                    kind: p.kind,
-                    frame: p.frame.clone(),
-                });
-            }
-        }
-        for (id, stage, old_session) in &failed {
-            if let Some(mut p) = inner.pending.remove(id) {
-                inner.stats.commands.failed_connection_lost += 1;
-                if let Some(done) = p.done.take() {
-                    let _ = done.send(Err(AgentError::AgentRestarted {
-                        vm_id: self.vm_id.clone(),
-                        id: *id,
-                        kind: p.kind,
-                        stage: stage.describe(),
-                        old_session: *old_session,
-                        new_session: new,
-                    }));
-                }
-            }
-        }
-        inner.stats.commands.redelivered += redeliver.len() as u64;
-        if restarted {
-            inner.stats.agent_restarts += 1;
-        }
-        inner.session = Some(new);
-        drop(inner);
-        for job in redeliver {
-            let _ = prio.try_send(job);
-        }
+        let max_exec = r.limits.map(|l| l.max_concurrent_exec).unwrap_or(0);
+        let first_on_conn = self.with_table(|inner, now| {
+            let first_on_conn = inner.ready_on_conn != conn_id;
+            inner.ready_on_conn = conn_id;
+            inner.cache.ready = Some(r.clone());
+            inner.cache.ready_at = Some(at);
+            inner.table.handle_event(
+                Event::Ready {
+                    conn: conn_id,
+                    session: new,
+                    max_concurrent_exec: max_exec,
+                },
+                now,
+            );
+            first_on_conn
+        });
         self.status.send_modify(|s| {
             if s.conn_id == conn_id {
                 s.phase = Phase::Open;
             }
         });
         let _ = ready.send(true);
-        if restarted {
-            self.emit(
-                pb::EventKind::AgentRestarted,
-                format!(
-                    "agent session {:#x} -> {new:#x}; {} in-flight commands failed",
-                    old.unwrap_or(0),
-                    failed.len()
-                ),
-            );
-        }
         if r.capabilities.iter().any(|c| c == "network") {
             self.refresh_network();
         }
@@ -1194,8 +1024,7 @@ impl Link {
             let opts = CommandOptions {
                 ack_timeout: me.cfg.ack_timeout,
                 timeout: Some(me.cfg.default_timeout),
-                redelivery: Redelivery::Idempotent,
-                expects_ack: true,
+                redelivery: Redelivery::SameSession,
             };
             let req = Payload::NetworkRequest(qx_proto::agent::NetworkRequest {});
             let Ok(cmd) = me.start(req, opts, 1) else {
@@ -1225,7 +1054,6 @@ mod tests {
             "vm".into(),
             PathBuf::from("/nonexistent"),
             Arc::new(AgentConfig::default()),
-            Arc::new(AtomicU64::new(1)),
             1,
             events,
         )
@@ -1265,9 +1093,10 @@ mod tests {
         let opts = CommandOptions {
             ack_timeout: Duration::from_secs(5),
             timeout: Some(Duration::from_secs(30)),
-            redelivery: Redelivery::Idempotent,
-            expects_ack: true,
+            redelivery: Redelivery::SameSession,
         };
+        let timer = link.clone();
+        tokio::spawn(async move { timer.run_timer().await });
         let started = Instant::now();
         let cmd = link.start(Payload::Ping(Ping { seq: 0 }), opts, 1).unwrap();
         let err = cmd.finish().await.unwrap_err();
@@ -1295,15 +1124,13 @@ mod tests {
             "vm".into(),
             PathBuf::from("/nonexistent"),
             Arc::new(cfg),
-            Arc::new(AtomicU64::new(1)),
             1,
             events,
         );
         let opts = CommandOptions {
             ack_timeout: Duration::from_secs(1),
             timeout: None,
-            redelivery: Redelivery::Idempotent,
-            expects_ack: true,
+            redelivery: Redelivery::SameSession,
         };
         let ping = || Payload::Ping(Ping { seq: 1 });
         let _a = link.start(ping(), opts, 1).unwrap();

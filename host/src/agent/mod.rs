@@ -6,18 +6,19 @@
 //!   found as `<socket_dir>/<vm-id>.agent.sock`, a name that belongs to that VM alone. No
 //!   directory is ever scanned and no other VM's socket is ever opened.
 //! - [`link::Link`]: one VM's supervisor, reader and writer tasks (one connection at a time).
-//! - [`command`]: the lifecycle of one command (queued, written, acknowledged, completed).
+//! - [`table`]: every command's lifecycle (queued, written, acknowledged, completed or failed
+//!   at a named stage), sans-io; [`command`] is what a caller holds while it waits.
 
 pub mod command;
 pub mod link;
 pub mod stats;
+pub mod table;
 
 use crate::error::AgentError;
 use crate::pb;
 use link::Link;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::{broadcast, watch};
@@ -34,12 +35,14 @@ pub struct AgentConfig {
     /// A link is "connected" only if something was heard within this window; cached agent
     /// data older than it is marked stale.
     pub liveness_window: Duration,
-    /// Nothing at all heard for this long: tear the connection down and reconnect.
+    /// No whole frame heard for this long: tear the connection down and reconnect. Before the
+    /// first AgentReady on a connection the liveness window applies instead.
     pub idle_reconnect: Duration,
     /// After this long without AgentReady the link reports "waiting for the agent" (it keeps
     /// the connection: the agent announces itself when it starts).
     pub handshake_timeout: Duration,
-    /// One frame must be flushed within this, or the connection is torn down.
+    /// One frame must be flushed within this, or the connection is torn down; a frame the
+    /// agent started must arrive whole within it, or the reader abandons it and rescans.
     pub write_deadline: Duration,
     /// A command must be acknowledged this long after it was queued.
     pub ack_timeout: Duration,
@@ -94,9 +97,6 @@ pub struct AgentManager {
     cfg: Arc<AgentConfig>,
     bindings: Mutex<HashMap<String, Binding>>,
     events: broadcast::Sender<AgentEvent>,
-    /// Request ids, shared by all links: they start at a random point so that a restarted
-    /// daemon never reuses an id the agent's reply cache still holds.
-    ids: Arc<AtomicU64>,
     host_session: u64,
 }
 
@@ -126,13 +126,10 @@ pub fn socket_in_dir(dir: &Path, vm_id: &str) -> PathBuf {
 impl AgentManager {
     pub fn new(cfg: AgentConfig) -> AgentManager {
         let (events, _) = broadcast::channel(1024);
-        // Top bit clear (ids stay positive in languages without u64), never 0.
-        let start = (link::random_u64() >> 1) | 1;
         AgentManager {
             cfg: Arc::new(cfg),
             bindings: Mutex::new(HashMap::new()),
             events,
-            ids: Arc::new(AtomicU64::new(start)),
             host_session: link::random_u64() | 1,
         }
     }
@@ -168,7 +165,6 @@ impl AgentManager {
             vm_id.to_string(),
             socket,
             self.cfg.clone(),
-            self.ids.clone(),
             self.host_session,
             self.events.clone(),
         );

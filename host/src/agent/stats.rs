@@ -1,5 +1,6 @@
 //! Per-VM link counters: frames and bytes by payload kind, commands by stage.
 
+use super::table::StageCounts;
 use crate::pb;
 use std::collections::BTreeMap;
 
@@ -14,10 +15,8 @@ pub struct LinkStats {
     /// payload kind -> (frames, bytes)
     pub rx: BTreeMap<&'static str, (u64, u64)>,
     pub tx: BTreeMap<&'static str, (u64, u64)>,
-    pub commands: pb::CommandStageCounts,
     pub garbage_bytes: u64,
     pub bad_frames: u64,
-    pub last_error: String,
 }
 
 impl LinkStats {
@@ -34,7 +33,7 @@ impl LinkStats {
     }
 
     /// The counters as a message; identity and state fields are filled by the link.
-    pub fn to_pb(&self) -> pb::AgentConnectionStats {
+    pub fn to_pb(&self, c: StageCounts, last_error: &str) -> pb::AgentConnectionStats {
         let counts = |m: &BTreeMap<&'static str, (u64, u64)>| {
             m.iter()
                 .map(|(k, (frames, bytes))| pb::FrameCount {
@@ -51,10 +50,21 @@ impl LinkStats {
             agent_restarts: self.agent_restarts,
             rx: counts(&self.rx),
             tx: counts(&self.tx),
-            commands: Some(self.commands),
+            commands: Some(pb::CommandStageCounts {
+                queued: c.queued,
+                written: c.written,
+                acknowledged: c.acknowledged,
+                completed: c.completed,
+                failed_not_written: c.failed_not_written,
+                failed_not_acknowledged: c.failed_not_acknowledged,
+                failed_ack_timeout: c.failed_ack_timeout,
+                failed_connection_lost: c.failed_connection_lost,
+                failed_agent_error: c.failed_agent_error,
+                redelivered: c.redelivered,
+            }),
             garbage_bytes: self.garbage_bytes,
             bad_frames: self.bad_frames,
-            last_error: self.last_error.clone(),
+            last_error: last_error.to_string(),
             ..Default::default()
         }
     }
