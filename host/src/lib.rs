@@ -3,12 +3,18 @@
 //! Layers: [`service`] (the generated gRPC surface, delegation only) over [`vm_api`] (libvirt)
 //! and [`agent_api`] (guest-agent RPCs) over [`agent`] (one link per VM: connection, reader,
 //! writer, command lifecycle). [`error`] maps agent errors to gRPC status codes in one place;
-//! [`metrics`] renders the Prometheus text endpoint; [`config`] is the daemon's configuration.
+//! [`metrics`] renders the Prometheus text endpoint;
+//! [`rpc_layer`] is the tower layer at the gRPC edge (request spans, RPC metrics); [`config`] is the daemon's configuration; [`logging`] sets up its
+//! `tracing` output.
 
 /// Messages and the `NodeDaemonService` of `node.proto` (package `quantix.node.v1`).
 #[allow(missing_debug_implementations, clippy::all)]
 pub mod pb {
     tonic::include_proto!("quantix.node.v1");
+
+    /// The encoded `FileDescriptorSet` of node.proto and agent.proto (server reflection).
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/node_descriptor.bin"));
 }
 
 pub mod agent;
@@ -17,6 +23,8 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod hypervisor;
+pub mod logging;
 pub mod metrics;
+pub mod rpc_layer;
 pub mod service;
 pub mod vm_api;

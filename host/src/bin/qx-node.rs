@@ -12,7 +12,9 @@ use qx_node::config::{self, NodeConfig};
 use qx_node::hypervisor::{
     DomainInfo, DomainRef, HostFacts, Hypervisor, HypervisorError, SnapshotRecord,
 };
+use qx_node::logging::LogFormat;
 use qx_node::pb::node_daemon_service_server::NodeDaemonServiceServer;
+use qx_node::rpc_layer::{MethodTable, RpcLayer, RpcMetrics};
 use qx_node::service::NodeService;
 use qx_node::vm_api::{VmApi, VmConfig};
 use std::path::PathBuf;
@@ -79,31 +81,9 @@ struct Args {
     /// CA (PEM) that client certificates must chain to: mutual TLS.
     #[arg(long)]
     tls_client_ca: Option<PathBuf>,
-}
-
-/// A minimal stderr logger: `RUST_LOG` = error|warn|info|debug|trace (default info).
-#[derive(Debug)]
-struct StderrLogger;
-
-impl log::Log for StderrLogger {
-    fn enabled(&self, m: &log::Metadata) -> bool {
-        m.level() <= log::max_level()
-    }
-    fn log(&self, r: &log::Record) {
-        if self.enabled(r.metadata()) && r.target().starts_with("qx") {
-            eprintln!("{} {}: {}", r.level(), r.target(), r.args());
-        }
-    }
-    fn flush(&self) {}
-}
-
-fn init_logging() {
-    let level = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| v.parse::<log::LevelFilter>().ok())
-        .unwrap_or(log::LevelFilter::Info);
-    let _ = log::set_logger(&StderrLogger);
-    log::set_max_level(level);
+    /// Log line format; filter with RUST_LOG (e.g. "info,qx_node::agent=debug").
+    #[arg(long, value_enum, env = "QX_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
 }
 
 fn merge(args: &Args) -> Result<NodeConfig> {
@@ -250,8 +230,8 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    init_logging();
     let args = Args::parse();
+    qx_node::logging::init(args.log_format)?;
     let cfg = merge(&args)?;
     let agent = Arc::new(AgentApi::new(cfg.agent_config()));
     for (vm, path) in &cfg.vm_sockets {
@@ -300,6 +280,8 @@ async fn main() -> Result<()> {
         vm: Arc::new(vm),
         agent: agent.clone(),
     };
+    let rpc_metrics = Arc::new(RpcMetrics::default());
+    let rpc_layer = RpcLayer::new(MethodTable::served()?, rpc_metrics.clone());
     if let Some(addr) = &cfg.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -320,6 +302,7 @@ async fn main() -> Result<()> {
     }
     log::info!("qx-node: gRPC on {addr}");
     server
+        .layer(rpc_layer)
         .add_service(NodeDaemonServiceServer::new(svc))
         .serve_with_shutdown(addr, shutdown_signal())
         .await
