@@ -20,6 +20,7 @@ APT_PACKAGES=(
   qemu-guest-agent                  # the incumbent, for the side-by-side benchmark
   ca-certificates curl
   binutils                          # readelf: VM image and static-agent checks
+  python3-venv                      # ci/grpc-standard-test.sh: grpcio from PyPI in a venv
 )
 
 missing=()

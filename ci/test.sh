@@ -31,6 +31,12 @@ bash iso-build/test.sh --agent target/x86_64-unknown-linux-musl/release/quantix-
 step "tests"
 cargo test --workspace --locked --exclude qx-e2e
 
+# --- operator experience (issue 18) ---
+step "standard gRPC services: reflection and health, driven by Python's grpcio"
+cargo build --locked -p qx-node --bins
+bash ci/grpc-standard-test.sh
+# --- end operator experience ---
+
 step "whole-VM tests: the agent in QEMU (TCG), through qx-node"
 bash ci/vm/build-image.sh
 cargo build --locked -p qx-node --bins

@@ -22,6 +22,7 @@ pub mod agent_api;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod health;
 pub mod hypervisor;
 pub mod logging;
 pub mod metrics;

@@ -280,6 +280,10 @@ async fn main() -> Result<()> {
         vm: Arc::new(vm),
         agent: agent.clone(),
     };
+    let (health, health_svc) = qx_node::health::health();
+    qx_node::health::check_once(&svc.vm, &health).await;
+    tokio::spawn(qx_node::health::watch(svc.vm.clone(), health));
+    let (reflection_v1, reflection_v1alpha) = qx_node::health::reflection()?;
     let rpc_metrics = Arc::new(RpcMetrics::default());
     let rpc_layer = RpcLayer::new(MethodTable::served()?, rpc_metrics.clone());
     if let Some(addr) = &cfg.metrics_listen {
@@ -303,6 +307,9 @@ async fn main() -> Result<()> {
     log::info!("qx-node: gRPC on {addr}");
     server
         .layer(rpc_layer)
+        .add_service(health_svc)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(NodeDaemonServiceServer::new(svc))
         .serve_with_shutdown(addr, shutdown_signal())
         .await
