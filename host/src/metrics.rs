@@ -191,3 +191,83 @@ pub async fn serve(listener: TcpListener, agent: Arc<AgentApi>) -> std::io::Resu
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::agent::AgentConfig;
+    use std::net::SocketAddr;
+    use std::time::Duration;
+    use tokio::net::TcpStream;
+
+    /// Connections the server takes at once (MAX_CONNECTIONS).
+    const CAP: usize = 64;
+
+    async fn start() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let agent = Arc::new(AgentApi::new(AgentConfig::default()));
+        tokio::spawn(serve(listener, agent));
+        addr
+    }
+
+    /// Sends a whole GET and reads until the server closes; `None` if it never does (an
+    /// hour of paused time, which passes at once when nothing else can run).
+    async fn get(addr: SocketAddr, path: &str) -> Option<String> {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: qx\r\n\r\n");
+        c.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(3600), c.read_to_end(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        Some(String::from_utf8_lossy(&buf).into_owned())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn metrics_are_served_and_other_paths_are_not_found() {
+        let addr = start().await;
+        let ok = get(addr, "/metrics").await.unwrap();
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        assert!(ok.contains("# TYPE qx_agent_connected gauge"), "{ok}");
+        let nf = get(addr, "/").await.unwrap();
+        assert!(nf.starts_with("HTTP/1.1 404 Not Found\r\n"), "{nf}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_finishes_its_request_is_let_go() {
+        let addr = start().await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: qx\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(3600), c.read_to_end(&mut buf)).await;
+        assert!(
+            closed.is_ok(),
+            "an hour on, the server still holds a connection whose request never ended"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connections_past_the_cap_are_refused_not_served() {
+        let addr = start().await;
+        let mut idle = Vec::new();
+        for _ in 0..CAP {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+            idle.push(c);
+        }
+        // Let the server take every idle connection before the next one arrives.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let over = get(addr, "/metrics").await.unwrap_or_default();
+        assert!(
+            over.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "connection {} of {CAP} allowed got: {over:?}",
+            CAP + 1
+        );
+        drop(idle);
+    }
+}
