@@ -4,6 +4,7 @@
 #   1. libvirt reachable (test:///default): reflection lists and describes the services,
 #      health says SERVING.
 #   2. libvirt unreachable (a socket that does not exist): health says NOT_SERVING.
+#   3. The Prometheus endpoint counts those calls per method and status code.
 # Every qx-node it starts is stopped on exit (by pid).
 #
 # Usage: bash ci/grpc-standard-test.sh   (after `cargo build -p qx-node --bins`)
@@ -28,11 +29,17 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Starts qx-node with the given libvirt URI on a free port; sets $addr.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Starts qx-node with the given libvirt URI on free ports; sets $addr and $metrics.
 start() {
-  local uri=$1 log=$work/qx-node.$#.$RANDOM.log
-  addr=127.0.0.1:$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  "$qxnode" --listen "$addr" --libvirt-uri "$uri" --agent-socket-dir "$work" >"$log" 2>&1 &
+  local uri=$1 log=$work/qx-node.$RANDOM.log
+  addr=127.0.0.1:$(free_port)
+  metrics=127.0.0.1:$(free_port)
+  "$qxnode" --listen "$addr" --metrics-listen "$metrics" --libvirt-uri "$uri" \
+    --agent-socket-dir "$work" >"$log" 2>&1 &
   pids+=($!)
   for _ in $(seq 300); do
     if grep -q "gRPC on" "$log"; then return 0; fi
@@ -48,5 +55,21 @@ start test:///default
 
 start "qemu+unix:///system?socket=$work/no-libvirtd.sock"
 "$venv/bin/python" ci/grpc_standard_check.py "$addr" NOT_SERVING
+
+# The check above made two Health/Check calls answered OK and one NOT_FOUND.
+scrape=$(curl -fsS "http://$metrics/metrics")
+health='grpc_service="grpc.health.v1.Health",grpc_method="Check"'
+for want in \
+  "grpc_server_handled_total{$health,grpc_code=\"Ok\"} 2" \
+  "grpc_server_handled_total{$health,grpc_code=\"NotFound\"} 1" \
+  "grpc_server_handling_seconds_count{$health} 3" \
+  "grpc_server_started_total{$health} 3"; do
+  grep -qxF "$want" <<<"$scrape" || {
+    echo "grpc-standard: the metrics endpoint lacks: $want" >&2
+    grep '^grpc_server' <<<"$scrape" >&2
+    exit 1
+  }
+done
+echo "grpc-standard: RPC metrics: per-method counts by status code and latency histograms"
 
 echo "grpc-standard: ok"

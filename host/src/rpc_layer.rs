@@ -533,8 +533,7 @@ mod tests {
     #[test]
     fn histogram_and_codes_render_cumulatively() {
         let m = RpcMetrics::default();
-        let key: MethodKey =
-            ("quantix.node.v1.NodeDaemonService".into(), "StartVM".into());
+        let key: MethodKey = ("quantix.node.v1.NodeDaemonService".into(), "StartVM".into());
         m.started(&key);
         m.started(&key);
         m.handled(&key, Code::Ok, Duration::from_millis(3));

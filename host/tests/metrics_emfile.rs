@@ -20,7 +20,7 @@ async fn an_accept_that_fails_with_emfile_does_not_end_the_server() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let agent = Arc::new(AgentApi::new(AgentConfig::default()));
-    tokio::spawn(qx_node::metrics::serve(listener, agent));
+    tokio::spawn(qx_node::metrics::serve(listener, agent, Arc::default()));
 
     // Lower the soft limit a little above what is open, then use up every descriptor.
     let soft = open_fds() + 16;

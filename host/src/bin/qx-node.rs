@@ -291,7 +291,11 @@ async fn main() -> Result<()> {
             .await
             .with_context(|| format!("cannot listen for metrics on {addr}"))?;
         log::info!("qx-node: metrics on http://{addr}/metrics");
-        tokio::spawn(qx_node::metrics::serve(listener, agent.clone()));
+        tokio::spawn(qx_node::metrics::serve(
+            listener,
+            agent.clone(),
+            rpc_metrics.clone(),
+        ));
     }
     let listen = cfg
         .listen
