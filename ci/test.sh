@@ -35,6 +35,8 @@ cargo test --workspace --locked --exclude qx-e2e
 step "standard gRPC services: reflection and health, driven by Python's grpcio"
 cargo build --locked -p qx-node --bins
 bash ci/grpc-standard-test.sh
+step "man pages and shell completions: qx-node, qxctl, quantix-kvm-agent"
+bash ci/build-docs.sh
 # --- end operator experience ---
 
 step "whole-VM tests: the agent in QEMU (TCG), through qx-node"

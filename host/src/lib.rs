@@ -4,8 +4,10 @@
 //! and [`agent_api`] (guest-agent RPCs) over [`agent`] (one link per VM: connection, reader,
 //! writer, command lifecycle). [`error`] maps agent errors to gRPC status codes in one place;
 //! [`metrics`] renders the Prometheus text endpoint;
-//! [`rpc_layer`] is the tower layer at the gRPC edge (request spans, RPC metrics); [`config`] is the daemon's configuration; [`logging`] sets up its
-//! `tracing` output.
+//! [`rpc_layer`] is the tower layer at the gRPC edge (request spans, RPC metrics);
+//! [`health`] the standard health and reflection services; [`config`] is the daemon's
+//! configuration; [`logging`] sets up its `tracing` output; [`manpages`] writes man pages
+//! and completions from the clap definitions.
 
 /// Messages and the `NodeDaemonService` of `node.proto` (package `quantix.node.v1`).
 #[allow(missing_debug_implementations, clippy::all)]
@@ -25,6 +27,7 @@ pub mod error;
 pub mod health;
 pub mod hypervisor;
 pub mod logging;
+pub mod manpages;
 pub mod metrics;
 pub mod rpc_layer;
 pub mod service;

@@ -6,7 +6,7 @@
 //! serves every guest-agent RPC; the VM RPCs then answer UNAVAILABLE.
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use qx_node::agent_api::AgentApi;
 use qx_node::config::{self, NodeConfig};
 use qx_node::hypervisor::{
@@ -230,6 +230,11 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    if qx_node::manpages::generate_if_asked(Args::command(), "8")
+        .context("cannot write man pages and completions")?
+    {
+        return Ok(());
+    }
     let args = Args::parse();
     qx_node::logging::init(args.log_format)?;
     let cfg = merge(&args)?;
