@@ -7,7 +7,7 @@
 //! [`rpc_layer`] is the tower layer at the gRPC edge (request spans, RPC metrics);
 //! [`health`] the standard health and reflection services; [`config`] is the daemon's
 //! configuration; [`logging`] sets up its `tracing` output; [`manpages`] writes man pages
-//! and completions from the clap definitions.
+//! and completions from the clap definitions; [`systemd`] the readiness notification.
 
 /// Messages and the `NodeDaemonService` of `node.proto` (package `quantix.node.v1`).
 #[allow(missing_debug_implementations, clippy::all)]
@@ -31,4 +31,5 @@ pub mod manpages;
 pub mod metrics;
 pub mod rpc_layer;
 pub mod service;
+pub mod systemd;
 pub mod vm_api;

@@ -314,6 +314,10 @@ async fn main() -> Result<()> {
         server = tls::configure(server, &cfg.tls)?;
     }
     log::info!("qx-node: gRPC on {addr}");
+    // Type=notify: everything is set up; the listener binds as the server starts.
+    if let Err(e) = qx_node::systemd::notify_ready() {
+        log::warn!("cannot notify systemd of readiness: {e}");
+    }
     server
         .layer(rpc_layer)
         .add_service(health_svc)
