@@ -21,6 +21,7 @@ APT_PACKAGES=(
   ca-certificates curl
   binutils                          # readelf: VM image and static-agent checks
   python3-venv                      # ci/grpc-standard-test.sh: grpcio from PyPI in a venv
+  rpm                               # rpmbuild: ci/package.sh's agent RPM
 )
 
 missing=()
