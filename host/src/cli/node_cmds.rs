@@ -44,7 +44,7 @@ pub async fn run_node(
             println!("hostname     {}", info.hostname);
             println!("qx-node      {} (up {} s)", info.version, health.uptime_s);
             println!(
-                "hypervisor   {} (libvirt {}), {}",
+                "hypervisor   {} (version {}), {}",
                 info.hypervisor_uri,
                 info.hypervisor_version,
                 if health.hypervisor_reachable {
