@@ -55,6 +55,11 @@ for _ in $(seq 300); do
   sleep 0.1
 done
 note "qx-node pid $node_pid: gRPC on $addr, metrics on http://$metrics/metrics, libvirt $uri"
+# The log line comes just before the listener binds: wait until the node answers.
+for _ in $(seq 100); do
+  "$qxctl_bin" --addr "http://$addr" node info >/dev/null 2>&1 && break
+  sleep 0.1
+done
 
 qxctl() {
   printf '\033[2m$ qxctl %s\033[0m\n' "$*"

@@ -34,6 +34,8 @@ def reflect(channel, **req):
 def main():
     addr, expected = sys.argv[1], sys.argv[2]
     channel = grpc.insecure_channel(addr)
+    # qx-node logs "gRPC on" just before its listener binds: wait for the connection.
+    grpc.channel_ready_future(channel).result(timeout=30)
 
     # Reflection: the services, then the file that defines ours, and its methods.
     services = {s.name for s in reflect(channel, list_services="").list_services_response.service}
