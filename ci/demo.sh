@@ -1,18 +1,34 @@
 #!/usr/bin/env bash
-# The demo: sets up what it needs, builds everything, boots a small VM with the agent under
-# QEMU, starts qx-node, and shows qxctl at work: agent info, live telemetry, an exec with
-# streamed output, a file copy with a progress bar, then a clean shutdown through the agent.
-# Everything it starts is stopped on exit (by pid). Works on a fresh Debian 12 machine.
+# The demo: sets up what it needs, builds everything, starts libvirtd as the tests do
+# (ci/libvirt.sh) and qx-node on qemu:///system, then shows with qxctl: node info, a VM
+# created and started through qx-node, its agent found through the domain's channel (info,
+# live telemetry), an exec with streamed output, a file copy with a progress bar, a
+# quiesced snapshot, and an agent shutdown ending in VM_STOPPED, with the event stream
+# that recorded all of it. Everything it starts is stopped on exit, and the domain and its
+# images are removed. Works on a fresh Debian 12 machine, as root.
 #
-# Usage: bash ci/demo.sh [--no-setup]
+# --no-libvirt: the same agent tour without libvirt: a bare QEMU, and qx-node with
+# --libvirt-uri none and the agent socket bound by --vm-socket.
+#
+# Usage: bash ci/demo.sh [--no-setup] [--no-libvirt]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
+setup=1
+libvirt=1
+for arg in "$@"; do
+  case $arg in
+    --no-setup) setup=0 ;;
+    --no-libvirt) libvirt=0 ;;
+    *) echo "usage: bash ci/demo.sh [--no-setup] [--no-libvirt]" >&2; exit 2 ;;
+  esac
+done
+
 bold() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 note() { printf '   %s\n' "$*"; }
 
-if [ "${1:-}" != "--no-setup" ]; then
+if [ $setup -eq 1 ]; then
   bold "set-up (apt packages, Rust musl target)"
   bash ci/setup.sh
 fi
@@ -22,6 +38,14 @@ bash ci/vm/build-image.sh
 cargo build --locked -q -p qx-node --bins
 qxnode=$root/target/debug/qx-node
 qxctl_bin=$root/target/debug/qxctl
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+if [ $libvirt -eq 1 ]; then
+  exec bash ci/demo-libvirt.sh "$qxnode" "$qxctl_bin"
+fi
 
 work=$(mktemp -d /tmp/qx-demo.XXXXXX)
 qemu_pid=""
@@ -63,8 +87,7 @@ qemu_pid=$!
 note "qemu pid $qemu_pid, agent channel $sock"
 for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-addr=127.0.0.1:$port
+addr=127.0.0.1:$(free_port)
 "$qxnode" --listen "$addr" --insecure-listen --libvirt-uri none --vm-socket "demo=$sock" >"$work/qx-node.log" 2>&1 &
 node_pid=$!
 note "qx-node pid $node_pid, gRPC on $addr"

@@ -20,6 +20,8 @@ APT_PACKAGES=(
   qemu-guest-agent                  # the incumbent, for the side-by-side benchmark
   ca-certificates curl
   binutils                          # readelf: VM image and static-agent checks
+  python3-venv                      # ci/grpc-standard-test.sh: grpcio from PyPI in a venv
+  rpm                               # rpmbuild: ci/package.sh's agent RPM
 )
 
 # Every command that the build, the tests, the demo and the benchmark run, and the package that

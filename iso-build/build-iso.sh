@@ -92,6 +92,8 @@ install -m 0755 "$agent_arm" "$stage/quantix-kvm-agent.aarch64"
 install -m 0755 iso-build/install.sh "$stage/install.sh"
 install -m 0755 iso-build/uninstall.sh "$stage/uninstall.sh"
 install -m 0644 "$files/agent.conf" "$stage/agent.conf"
+mkdir -p "$stage/man"   # not at the root: install.sh takes quantix-kvm-agent.* for agents
+install -m 0644 guest/quantix-kvm-agent.8 "$stage/man/quantix-kvm-agent.8"
 mkdir -p "$stage/service/systemd" "$stage/service/openrc" "$stage/service/sysvinit" \
   "$stage/service/busybox" "$stage/udev"
 install -m 0644 "$files/service/systemd/quantix-kvm-agent.service" "$stage/service/systemd/"

@@ -90,6 +90,7 @@ SHA256SUMS
 VERSION
 agent.conf
 install.sh
+man/quantix-kvm-agent.8
 quantix-kvm-agent.aarch64
 quantix-kvm-agent.x86_64
 service/busybox/inittab

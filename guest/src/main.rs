@@ -204,3 +204,26 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::HELP;
+
+    /// The hand-kept man page (`quantix-kvm-agent.8`, shipped in the packages and on the
+    /// ISO) names every section and option of `--help`, so the two cannot drift apart.
+    #[test]
+    fn man_page_names_every_section_and_option_of_help() {
+        let page = include_str!("../quantix-kvm-agent.8").replace("\\-", "-");
+        for line in HELP.lines() {
+            let heading = !line.is_empty() && !line.starts_with(' ');
+            if heading {
+                assert!(page.contains(&format!(".SH {line}\n")), "section {line}");
+            }
+            let opt = line.trim_start();
+            if line.starts_with("    -") && opt.starts_with('-') {
+                assert!(page.contains(&format!(".B {opt}\n")), "option {opt}");
+            }
+        }
+        assert!(page.contains(".TH QUANTIX-KVM-AGENT 8 "));
+    }
+}

@@ -3,12 +3,20 @@
 //! Layers: [`service`] (the generated gRPC surface, delegation only) over [`vm_api`] (libvirt)
 //! and [`agent_api`] (guest-agent RPCs) over [`agent`] (one link per VM: connection, reader,
 //! writer, command lifecycle). [`error`] maps agent errors to gRPC status codes in one place;
-//! [`metrics`] renders the Prometheus text endpoint; [`config`] is the daemon's configuration.
+//! [`metrics`] renders the Prometheus text endpoint;
+//! [`rpc_layer`] is the tower layer at the gRPC edge (request spans, RPC metrics);
+//! [`health`] the standard health and reflection services; [`config`] is the daemon's
+//! configuration; [`logging`] sets up its `tracing` output; [`manpages`] writes man pages
+//! and completions from the clap definitions; [`systemd`] the readiness notification.
 
 /// Messages and the `NodeDaemonService` of `node.proto` (package `quantix.node.v1`).
 #[allow(missing_debug_implementations, clippy::all)]
 pub mod pb {
     tonic::include_proto!("quantix.node.v1");
+
+    /// The encoded `FileDescriptorSet` of node.proto and agent.proto (server reflection).
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/node_descriptor.bin"));
 }
 
 pub mod agent;
@@ -16,10 +24,15 @@ pub mod agent_api;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod health;
 pub mod hypervisor;
 pub mod listen;
+pub mod logging;
+pub mod manpages;
 pub mod metrics;
+pub mod rpc_layer;
 pub mod service;
 pub mod storage;
+pub mod systemd;
 pub mod vm_api;
 pub mod vm_metrics;

@@ -1,14 +1,22 @@
 //! The Prometheus text endpoint: `GET /metrics` on its own plain-HTTP port, with the same
-//! connection and command figures as GetAgentConnectionStats.
+//! connection and command figures as GetAgentConnectionStats, and the gRPC server's RPC
+//! figures ([`crate::rpc_layer`]). HTTP is hyper's; the endpoint bounds what a client can
+//! hold: the request head in size and time, the connection in time, the connections in
+//! number.
 
 use crate::agent_api::AgentApi;
 use crate::pb;
+use crate::rpc_layer::RpcMetrics;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::fmt::Write as _;
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
-/// Largest request head read before answering.
+/// Largest request head read (hyper's smallest allowed buffer).
 const MAX_REQUEST_BYTES: usize = 8192;
 
 /// Reads one figure of a VM's stats.
@@ -151,43 +159,181 @@ pub fn render(stats: &[pb::AgentConnectionStats]) -> String {
     out
 }
 
-/// Serves `GET /metrics` until the listener fails.
-pub async fn serve(listener: TcpListener, agent: Arc<AgentApi>) -> std::io::Result<()> {
+/// Connections served at once; past that, new ones wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Time a client has to send its whole request head.
+pub const HEADER_READ_TIMEOUT_MS: u64 = 5_000;
+/// Time a connection may live in all, writing the response included (a client that never
+/// reads it is let go).
+pub const CONNECTION_DEADLINE_MS: u64 = 30_000;
+/// Pause after a failed accept() (EMFILE, ENFILE, ENOMEM: it may succeed later).
+pub const ACCEPT_BACKOFF_MS: u64 = 100;
+/// At most one warning about failed accepts in this interval.
+const ACCEPT_WARN_INTERVAL_MS: u64 = 10_000;
+
+/// The endpoint's answer to one request.
+async fn respond(
+    req: &http::Request<hyper::body::Incoming>,
+    agent: &AgentApi,
+    rpc: &RpcMetrics,
+) -> http::Response<Full<Bytes>> {
+    let (status, body) = match (req.method(), req.uri().path()) {
+        (&http::Method::GET, "/metrics") => {
+            let stats = agent
+                .get_agent_connection_stats(pb::AgentStatsRequest::default())
+                .await
+                .map(|r| r.connections)
+                .unwrap_or_default();
+            let mut body = render(&stats);
+            rpc.render(&mut body);
+            (http::StatusCode::OK, body)
+        }
+        (_, "/metrics") => (
+            http::StatusCode::METHOD_NOT_ALLOWED,
+            "only GET /metrics is served here\n".to_string(),
+        ),
+        _ => (
+            http::StatusCode::NOT_FOUND,
+            "only GET /metrics is served here\n".to_string(),
+        ),
+    };
+    let mut resp = http::Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
+}
+
+/// Serves `GET /metrics` (HTTP/1.1, one request a connection) for as long as its task runs:
+/// the link figures of every VM, then the gRPC server's RPC figures. At most
+/// [`MAX_CONNECTIONS`] at once. A failed accept() is logged and retried after
+/// [`ACCEPT_BACKOFF_MS`]; it never ends the server.
+pub async fn serve(listener: TcpListener, agent: Arc<AgentApi>, rpc: Arc<RpcMetrics>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut last_warning: Option<tokio::time::Instant> = None;
     loop {
-        let (mut sock, _) = listener.accept().await?;
-        let agent = agent.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; MAX_REQUEST_BYTES];
-            let mut n = 0;
-            while n < buf.len() {
-                match sock.read(&mut buf[n..]).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(k) => n += k,
+        // A free slot first: past the cap, connections wait in the kernel's backlog.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let sock = match listener.accept().await {
+            Ok((sock, _)) => sock,
+            Err(e) => {
+                let now = tokio::time::Instant::now();
+                if last_warning
+                    .is_none_or(|t| now - t >= Duration::from_millis(ACCEPT_WARN_INTERVAL_MS))
+                {
+                    log::warn!("metrics: accept failed, retrying: {e}");
+                    last_warning = Some(now);
                 }
-                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
+                tokio::time::sleep(Duration::from_millis(ACCEPT_BACKOFF_MS)).await;
+                continue;
             }
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let (status, body) = if head.starts_with("GET /metrics ") {
-                let stats = agent
-                    .get_agent_connection_stats(pb::AgentStatsRequest::default())
-                    .await
-                    .map(|r| r.connections)
-                    .unwrap_or_default();
-                ("200 OK", render(&stats))
-            } else {
-                (
-                    "404 Not Found",
-                    "only GET /metrics is served here\n".to_string(),
-                )
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
-            let _ = sock.shutdown().await;
+        };
+        let (agent, rpc) = (agent.clone(), rpc.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let svc = hyper::service::service_fn(move |req| {
+                let (agent, rpc) = (agent.clone(), rpc.clone());
+                async move { Ok::<_, std::convert::Infallible>(respond(&req, &agent, &rpc).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_millis(HEADER_READ_TIMEOUT_MS))
+                .max_buf_size(MAX_REQUEST_BYTES)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(sock), svc);
+            let deadline = Duration::from_millis(CONNECTION_DEADLINE_MS);
+            match tokio::time::timeout(deadline, conn).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => log::debug!("metrics: connection ended: {e}"),
+                Err(_) => log::debug!("metrics: connection past its deadline, closed"),
+            }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::agent::AgentConfig;
+    use std::net::SocketAddr;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    const CAP: usize = MAX_CONNECTIONS;
+
+    async fn start() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let agent = Arc::new(AgentApi::new(AgentConfig::default()));
+        tokio::spawn(serve(listener, agent, Arc::default()));
+        addr
+    }
+
+    /// Sends a whole GET and reads until the server closes; `None` if it never does (an
+    /// hour of paused time, which passes at once when nothing else can run).
+    async fn get(addr: SocketAddr, path: &str) -> Option<String> {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: qx\r\n\r\n");
+        c.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(3600), c.read_to_end(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        Some(String::from_utf8_lossy(&buf).into_owned())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn metrics_are_served_and_other_paths_are_not_found() {
+        let addr = start().await;
+        let ok = get(addr, "/metrics").await.unwrap();
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        assert!(ok.contains("# TYPE qx_agent_connected gauge"), "{ok}");
+        let nf = get(addr, "/").await.unwrap();
+        assert!(nf.starts_with("HTTP/1.1 404 Not Found\r\n"), "{nf}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_finishes_its_request_is_let_go() {
+        let addr = start().await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: qx\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(3600), c.read_to_end(&mut buf)).await;
+        assert!(
+            closed.is_ok(),
+            "an hour on, the server still holds a connection whose request never ended"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connections_past_the_cap_wait_for_a_free_slot() {
+        let addr = start().await;
+        let t0 = tokio::time::Instant::now();
+        let mut idle = Vec::new();
+        for _ in 0..CAP {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+            idle.push(c);
+        }
+        // Time is paused: it moves only when every task waits, so the answer to one more
+        // connection comes at once unless that connection waits for a slot, which the
+        // stalled ones free when their header timeout ends.
+        let over = get(addr, "/metrics").await.unwrap_or_default();
+        assert!(over.starts_with("HTTP/1.1 200 OK\r\n"), "{over:?}");
+        assert!(
+            t0.elapsed() >= Duration::from_millis(HEADER_READ_TIMEOUT_MS),
+            "connection {} was served while {CAP} others held every slot",
+            CAP + 1
+        );
+        drop(idle);
     }
 }

@@ -6,14 +6,16 @@
 //! serves every guest-agent RPC; the VM RPCs then answer UNAVAILABLE.
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use qx_node::agent_api::AgentApi;
 use qx_node::config::{self, NodeConfig};
 use qx_node::hypervisor::{
     DomainInfo, DomainRef, HostFacts, Hypervisor, HypervisorError, SnapshotRecord,
 };
 use qx_node::listen;
+use qx_node::logging::LogFormat;
 use qx_node::pb::node_daemon_service_server::NodeDaemonServiceServer;
+use qx_node::rpc_layer::{MethodTable, RpcLayer, RpcMetrics};
 use qx_node::service::NodeService;
 use qx_node::vm_api::{VmApi, VmConfig};
 use std::path::PathBuf;
@@ -96,31 +98,9 @@ struct Args {
     /// CA (PEM) that client certificates must chain to: mutual TLS.
     #[arg(long)]
     tls_client_ca: Option<PathBuf>,
-}
-
-/// A minimal stderr logger: `RUST_LOG` = error|warn|info|debug|trace (default info).
-#[derive(Debug)]
-struct StderrLogger;
-
-impl log::Log for StderrLogger {
-    fn enabled(&self, m: &log::Metadata) -> bool {
-        m.level() <= log::max_level()
-    }
-    fn log(&self, r: &log::Record) {
-        if self.enabled(r.metadata()) && r.target().starts_with("qx") {
-            eprintln!("{} {}: {}", r.level(), r.target(), r.args());
-        }
-    }
-    fn flush(&self) {}
-}
-
-fn init_logging() {
-    let level = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| v.parse::<log::LevelFilter>().ok())
-        .unwrap_or(log::LevelFilter::Info);
-    let _ = log::set_logger(&StderrLogger);
-    log::set_max_level(level);
+    /// Log line format; filter with RUST_LOG (e.g. "info,qx_node::agent=debug").
+    #[arg(long, value_enum, env = "QX_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
 }
 
 fn merge(args: &Args) -> Result<NodeConfig> {
@@ -270,10 +250,23 @@ async fn shutdown_signal() {
     log::info!("qx-node: shutting down");
 }
 
+/// Type=notify: everything is set up and the listener is bound (for TCP it binds as the
+/// server starts).
+fn notify_ready() {
+    if let Err(e) = qx_node::systemd::notify_ready() {
+        log::warn!("cannot notify systemd of readiness: {e}");
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
-    init_logging();
+    if qx_node::manpages::generate_if_asked(Args::command(), "8")
+        .context("cannot write man pages and completions")?
+    {
+        return Ok(());
+    }
     let args = Args::parse();
+    qx_node::logging::init(args.log_format)?;
     let cfg = merge(&args)?;
     let agent = Arc::new(AgentApi::new(cfg.agent_config()));
     for (vm, path) in &cfg.vm_sockets {
@@ -327,12 +320,22 @@ async fn main() -> Result<()> {
         vm: Arc::new(vm),
         agent: agent.clone(),
     };
+    let (health, health_svc) = qx_node::health::health();
+    qx_node::health::check_once(&svc.vm, &health).await;
+    tokio::spawn(qx_node::health::watch(svc.vm.clone(), health));
+    let (reflection_v1, reflection_v1alpha) = qx_node::health::reflection()?;
+    let rpc_metrics = Arc::new(RpcMetrics::default());
+    let rpc_layer = RpcLayer::new(MethodTable::served()?, rpc_metrics.clone());
     if let Some(addr) = &cfg.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen for metrics on {addr}"))?;
         log::info!("qx-node: metrics on http://{addr}/metrics");
-        tokio::spawn(qx_node::metrics::serve(listener, agent.clone()));
+        tokio::spawn(qx_node::metrics::serve(
+            listener,
+            agent.clone(),
+            rpc_metrics.clone(),
+        ));
     }
     let listen = cfg
         .listen
@@ -355,9 +358,17 @@ async fn main() -> Result<()> {
         server = tls::configure(server, &cfg.tls)?;
     }
     log::info!("qx-node: gRPC on {endpoint}");
-    let router = server.add_service(NodeDaemonServiceServer::new(svc));
+    let router = server
+        .layer(rpc_layer)
+        .add_service(health_svc)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(NodeDaemonServiceServer::new(svc));
     match &endpoint {
-        listen::Endpoint::Tcp(addr) => router.serve_with_shutdown(*addr, shutdown_signal()).await,
+        listen::Endpoint::Tcp(addr) => {
+            notify_ready();
+            router.serve_with_shutdown(*addr, shutdown_signal()).await
+        }
         listen::Endpoint::Unix(path) => {
             let group = cfg
                 .socket_group
@@ -368,6 +379,7 @@ async fn main() -> Result<()> {
             let listener = listen::bind_unix(path, group)
                 .await
                 .map_err(anyhow::Error::msg)?;
+            notify_ready();
             let served = router
                 .serve_with_incoming_shutdown(
                     listen::checked_incoming(listener, group),

@@ -1,11 +1,19 @@
 //! qxctl: the command-line client of the Quantix node daemon. See `qxctl --help`.
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use qx_node::cli::{agent_cmds, Cli};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     restore_sigpipe();
+    match qx_node::manpages::generate_if_asked(Cli::command(), "1") {
+        Ok(false) => {}
+        Ok(true) => return,
+        Err(e) => {
+            eprintln!("qxctl: cannot write man pages and completions: {e}");
+            std::process::exit(1);
+        }
+    }
     let cli = Cli::parse();
     let code = agent_cmds::run(cli).await;
     std::process::exit(code);

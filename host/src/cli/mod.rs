@@ -3,6 +3,7 @@
 pub mod agent_cmds;
 pub mod install_cmd;
 pub mod uds;
+pub mod node_cmds;
 pub mod vm_cmds;
 
 use clap::{Parser, Subcommand};
@@ -108,4 +109,7 @@ pub enum Command {
     Media(vm_cmds::MediaCommand),
     /// The node's event stream (VM and agent changes).
     Events(vm_cmds::EventsArgs),
+    /// The node: host, hypervisor and daemon health.
+    #[command(subcommand)]
+    Node(node_cmds::NodeCommand),
 }
