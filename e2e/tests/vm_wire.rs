@@ -455,3 +455,70 @@ fn a_freeze_and_a_trim_of_a_slow_disk_leave_pings_answered() {
         "{trimmed:?}"
     );
 }
+
+#[test]
+fn an_aborted_upload_a_freeze_and_a_daemon_restart_leave_the_guest_thawed() {
+    use qx_proto::agent::{FileWriteChunk, FileWriteOpen, FreezeState, FsFreezeStatusRequest};
+    let tmp = tempfile::tempdir().unwrap();
+    let vm = vm_with_data_disk("wire-upload-freeze", tmp.path(), None);
+    let (mut conn, _) = AgentConn::open(&vm.agent_socket(), BOOT_TIMEOUT).unwrap();
+    let terminal = |r: qx_e2e::wire::Reply| r.terminal.and_then(|e| e.payload);
+    let opened = conn
+        .request(
+            Payload::FileWriteOpen(FileWriteOpen {
+                path: "/data/upload.bin".into(),
+                overwrite: true,
+                ..Default::default()
+            }),
+            REPLY_TIMEOUT,
+        )
+        .unwrap();
+    let Some(Payload::FileWriteOpened(o)) = terminal(opened) else {
+        panic!("upload not opened");
+    };
+    let chunk = conn
+        .request(
+            Payload::FileWriteChunk(FileWriteChunk {
+                handle: o.handle,
+                offset: 0,
+                data: vec![7; 64 * 1024],
+            }),
+            REPLY_TIMEOUT,
+        )
+        .unwrap();
+    assert!(matches!(terminal(chunk), Some(Payload::Done(_))));
+    // A quiesced snapshot's freeze, with a short deadline; then the daemon goes away before
+    // it thaws, and a new one (a new host session) connects.
+    let frozen = conn.request(freeze_data(5_000), REPLY_TIMEOUT).unwrap();
+    assert!(matches!(terminal(frozen), Some(Payload::FsFreezeReply(_))));
+    drop(conn);
+    let (mut conn, _) = AgentConn::open(&vm.agent_socket(), BOOT_TIMEOUT).unwrap();
+    // The new session aborted the upload; its temporary file, on the frozen filesystem, must
+    // not block the agent.
+    conn.ping(1, REPLY_TIMEOUT).unwrap();
+    let start = Instant::now();
+    loop {
+        let status = conn
+            .request(
+                Payload::FsFreezeStatusRequest(FsFreezeStatusRequest {}),
+                REPLY_TIMEOUT,
+            )
+            .unwrap();
+        match terminal(status) {
+            Some(Payload::FsFreezeStatus(s)) if s.state == FreezeState::Thawed as i32 => break,
+            Some(Payload::FsFreezeStatus(_)) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(start.elapsed() < BOOT_TIMEOUT, "never thawed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // After the thaw, the temporary file goes.
+    let start = Instant::now();
+    while exec_stdout(&mut conn, "ls -A /data | grep -v lost+found; echo end") != "end\n" {
+        assert!(
+            start.elapsed() < BOOT_TIMEOUT,
+            "the aborted upload's file stayed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
