@@ -49,6 +49,9 @@ pub struct VmSpec {
     pub ports: Vec<String>,
     /// Raw images attached as virtio-blk (vda, vdb, ...).
     pub disks: Vec<PathBuf>,
+    /// A bandwidth limit on every disk, in bytes per second (QEMU's I/O throttling), to make
+    /// a slow disk.
+    pub disk_bps: Option<u64>,
     /// A restricted user-mode NIC (no route out) so the guest has an eth0.
     pub nic: bool,
     /// Extra kernel command-line words (see ci/vm/init.sh for the qx.* ones).
@@ -66,6 +69,7 @@ impl VmSpec {
             memory_mib: 256,
             ports: vec![AGENT_PORT.to_string()],
             disks: Vec::new(),
+            disk_bps: None,
             nic: false,
             cmdline: Vec::new(),
             bench_image: false,
@@ -139,8 +143,12 @@ impl Vm {
                 ));
         }
         for (i, disk) in spec.disks.iter().enumerate() {
+            let throttle = spec
+                .disk_bps
+                .map(|bps| format!(",throttling.bps-total={bps}"))
+                .unwrap_or_default();
             cmd.arg("-drive").arg(format!(
-                "file={},format=raw,if=virtio,index={i},cache=unsafe",
+                "file={},format=raw,if=virtio,index={i},cache=unsafe{throttle}",
                 disk.display()
             ));
         }

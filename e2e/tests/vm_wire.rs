@@ -2,12 +2,16 @@
 //! handshake, ping, and what a misbehaving host does to the stream.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
+mod common;
+
+use std::time::{Duration, Instant};
 
 use qx_e2e::{AgentConn, Vm, VmSpec};
 use qx_proto::agent::envelope::Payload;
 use qx_proto::agent::Envelope;
-use qx_proto::agent::{ExecRequest, FileReadRequest, Ping};
+use qx_proto::agent::{
+    ExecRequest, FileReadRequest, FsFreezeRequest, FsThawRequest, FsTrimRequest, LogsRequest, Ping,
+};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -271,5 +275,250 @@ fn a_host_that_hangs_up_mid_transfer_sees_only_whole_frames_from_the_next_agent_
             ),
             "round {round}: the host skipped bytes after the AgentReady of its new connection"
         );
+    }
+}
+
+/// A VM with a fresh ext4 disk mounted on /data, its disk throttled to `disk_bps` if given.
+fn vm_with_data_disk(name: &str, dir: &std::path::Path, disk_bps: Option<u64>) -> Vm {
+    let mut spec = VmSpec::new(name);
+    spec.disks.push(common::ext4_image(dir, 64, &[]));
+    spec.disk_bps = disk_bps;
+    spec.cmdline.push("qx.disk=vda:/data".into());
+    spec.memory_mib = spec.memory_mib.max(256);
+    Vm::start(spec).unwrap()
+}
+
+fn freeze_data(auto_thaw_ms: u32) -> Payload {
+    Payload::FsFreezeRequest(FsFreezeRequest {
+        mountpoints: vec!["/data".into()],
+        auto_thaw_ms,
+        run_hooks: false,
+    })
+}
+
+#[test]
+fn sigterm_of_a_frozen_agent_leaves_the_guest_thawed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vm = vm_with_data_disk("wire-sigterm-frozen", tmp.path(), None);
+    let (mut conn, ready) = AgentConn::open(&vm.agent_socket(), BOOT_TIMEOUT).unwrap();
+    // A frozen agent runs no exec: the SIGTERM is set up first. It comes once the freeze is
+    // recorded (the state file is written before the first FIFREEZE), as from a service
+    // manager stopping the agent.
+    assert_eq!(
+        exec_stdout(
+            &mut conn,
+            "(while [ ! -e /run/quantix-kvm-agent.frozen ]; do sleep 0.1; done; sleep 0.5; \
+             kill -TERM $(pidof quantix-kvm-agent)) </dev/null >/dev/null 2>&1 & echo armed"
+        ),
+        "armed\n"
+    );
+    let reply = conn.request(freeze_data(300_000), REPLY_TIMEOUT).unwrap();
+    assert!(
+        matches!(
+            reply.terminal.as_ref().and_then(|e| e.payload.as_ref()),
+            Some(Payload::FsFreezeReply(_))
+        ),
+        "{reply:?}"
+    );
+    // The agent exits; the image's init starts another, which announces a new session.
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    loop {
+        match conn.recv_deadline(deadline).unwrap() {
+            Some(Envelope {
+                payload: Some(Payload::AgentReady(r)),
+                ..
+            }) if r.session_id != ready.session_id => break,
+            Some(_) => {}
+            None => panic!("no agent came back after the SIGTERM"),
+        }
+    }
+    // The agent that exited thawed: the next one found nothing to recover. (Without a
+    // service manager that restarts it, nothing else would have thawed the guest.)
+    let reply = conn
+        .request(
+            Payload::LogsRequest(LogsRequest { max_lines: 0 }),
+            REPLY_TIMEOUT,
+        )
+        .unwrap();
+    let Some(Payload::AgentLogs(logs)) = reply.terminal.and_then(|e| e.payload) else {
+        panic!("no logs");
+    };
+    let recovered: Vec<_> = logs
+        .lines
+        .iter()
+        .filter(|l| l.message.contains("left frozen"))
+        .collect();
+    assert!(
+        recovered.is_empty(),
+        "the exiting agent left the guest frozen: {recovered:?}"
+    );
+    assert_eq!(
+        exec_stdout(&mut conn, "echo x > /data/after && echo written"),
+        "written\n"
+    );
+}
+
+/// Sends `payload` as request `id`, then pings `pings` times while it runs; every ping must be
+/// answered (within [`REPLY_TIMEOUT`] each) before or after the request's terminal reply,
+/// which is returned.
+fn pinged_while_running(conn: &mut AgentConn, payload: Payload, pings: u64) -> Envelope {
+    let id = conn.fresh_id();
+    conn.send(&Envelope {
+        id,
+        correlation_id: 0,
+        payload: Some(payload),
+    })
+    .unwrap();
+    let mut terminal = None;
+    for seq in 1..=pings {
+        let ping_id = conn.fresh_id();
+        conn.send(&Envelope {
+            id: ping_id,
+            correlation_id: 0,
+            payload: Some(Payload::Ping(Ping { seq })),
+        })
+        .unwrap();
+        let deadline = Instant::now() + REPLY_TIMEOUT;
+        loop {
+            let env = conn
+                .recv_deadline(deadline)
+                .unwrap()
+                .unwrap_or_else(|| panic!("ping {seq} not answered while the request ran"));
+            match &env.payload {
+                Some(Payload::Pong(p)) if p.seq == seq => break,
+                Some(Payload::Ack(_)) => {}
+                Some(_) if env.correlation_id == id => terminal = Some(env),
+                _ => {}
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while terminal.is_none() {
+        let env = conn
+            .recv_deadline(deadline)
+            .unwrap()
+            .expect("the request never ended");
+        if env.correlation_id == id && !matches!(env.payload, Some(Payload::Ack(_))) {
+            terminal = Some(env);
+        }
+    }
+    terminal.unwrap()
+}
+
+#[test]
+fn a_freeze_and_a_trim_of_a_slow_disk_leave_pings_answered() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 256 KiB/s: flushing the 16 MiB written below takes about a minute.
+    let vm = vm_with_data_disk("wire-slow-disk", tmp.path(), Some(256 * 1024));
+    let (mut conn, _) = AgentConn::open(&vm.agent_socket(), BOOT_TIMEOUT).unwrap();
+    assert_eq!(
+        exec_stdout(
+            &mut conn,
+            "dd if=/dev/urandom of=/data/dirty bs=1M count=16 2>/dev/null && echo dirty"
+        ),
+        "dirty\n"
+    );
+    // FIFREEZE writes all of it out first.
+    let frozen = pinged_while_running(&mut conn, freeze_data(600_000), 6);
+    let Some(Payload::FsFreezeReply(f)) = frozen.payload else {
+        panic!("{frozen:?}");
+    };
+    let thawed = conn
+        .request(
+            Payload::FsThawRequest(FsThawRequest {
+                token: f.token,
+                run_hooks: false,
+            }),
+            REPLY_TIMEOUT,
+        )
+        .unwrap();
+    assert!(matches!(
+        thawed.terminal.and_then(|e| e.payload),
+        Some(Payload::FsThawReply(_))
+    ));
+    // FITRIM of a freed 16 MiB on the same slow disk.
+    assert_eq!(
+        exec_stdout(&mut conn, "rm /data/dirty && sync && echo freed"),
+        "freed\n"
+    );
+    let trimmed = pinged_while_running(
+        &mut conn,
+        Payload::FsTrimRequest(FsTrimRequest {
+            mountpoints: vec!["/data".into()],
+            minimum_bytes: 0,
+        }),
+        3,
+    );
+    assert!(
+        matches!(trimmed.payload, Some(Payload::FsTrimReply(_))),
+        "{trimmed:?}"
+    );
+}
+
+#[test]
+fn an_aborted_upload_a_freeze_and_a_daemon_restart_leave_the_guest_thawed() {
+    use qx_proto::agent::{FileWriteChunk, FileWriteOpen, FreezeState, FsFreezeStatusRequest};
+    let tmp = tempfile::tempdir().unwrap();
+    let vm = vm_with_data_disk("wire-upload-freeze", tmp.path(), None);
+    let (mut conn, _) = AgentConn::open(&vm.agent_socket(), BOOT_TIMEOUT).unwrap();
+    let terminal = |r: qx_e2e::wire::Reply| r.terminal.and_then(|e| e.payload);
+    let opened = conn
+        .request(
+            Payload::FileWriteOpen(FileWriteOpen {
+                path: "/data/upload.bin".into(),
+                overwrite: true,
+                ..Default::default()
+            }),
+            REPLY_TIMEOUT,
+        )
+        .unwrap();
+    let Some(Payload::FileWriteOpened(o)) = terminal(opened) else {
+        panic!("upload not opened");
+    };
+    let chunk = conn
+        .request(
+            Payload::FileWriteChunk(FileWriteChunk {
+                handle: o.handle,
+                offset: 0,
+                data: vec![7; 64 * 1024],
+            }),
+            REPLY_TIMEOUT,
+        )
+        .unwrap();
+    assert!(matches!(terminal(chunk), Some(Payload::Done(_))));
+    // A quiesced snapshot's freeze, with a short deadline; then the daemon goes away before
+    // it thaws, and a new one (a new host session) connects.
+    let frozen = conn.request(freeze_data(5_000), REPLY_TIMEOUT).unwrap();
+    assert!(matches!(terminal(frozen), Some(Payload::FsFreezeReply(_))));
+    drop(conn);
+    let (mut conn, _) = AgentConn::open(&vm.agent_socket(), BOOT_TIMEOUT).unwrap();
+    // The new session aborted the upload; its temporary file, on the frozen filesystem, must
+    // not block the agent.
+    conn.ping(1, REPLY_TIMEOUT).unwrap();
+    let start = Instant::now();
+    loop {
+        let status = conn
+            .request(
+                Payload::FsFreezeStatusRequest(FsFreezeStatusRequest {}),
+                REPLY_TIMEOUT,
+            )
+            .unwrap();
+        match terminal(status) {
+            Some(Payload::FsFreezeStatus(s)) if s.state == FreezeState::Thawed as i32 => break,
+            Some(Payload::FsFreezeStatus(_)) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(start.elapsed() < BOOT_TIMEOUT, "never thawed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // After the thaw, the temporary file goes.
+    let start = Instant::now();
+    while exec_stdout(&mut conn, "ls -A /data | grep -v lost+found; echo end") != "end\n" {
+        assert!(
+            start.elapsed() < BOOT_TIMEOUT,
+            "the aborted upload's file stayed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
     }
 }

@@ -15,7 +15,7 @@
 //! | `telemetry_interval_ms` | `10000` | telemetry push period; 0 disables |
 //! | `ping_interval_ms` | `5000` | ping a silent host this often; 0 disables liveness |
 //! | `stale_after_pings` | `3` | silent intervals before the link counts as stale |
-//! | `outbox_bytes` | `262144` | reply-lane capacity of the outbox |
+//! | `outbox_bytes` | `262144` | reply-lane capacity of the outbox (raised to fit `max_concurrent_exec` collected exec replies) |
 //! | `max_concurrent_exec` | `8` | running children; more get `Error{BUSY}` |
 //! | `exec_timeout_ms` | `300000` | exec timeout when the request gives none |
 //! | `exec_kill_grace_ms` | `2000` | SIGTERM to SIGKILL grace on timeout |

@@ -1252,6 +1252,45 @@ mod tests {
         assert!(done(&first).is_some());
     }
 
+    #[test]
+    fn a_reply_larger_than_its_reservation_becomes_one_internal_error() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        s.receive(&frame(7, Payload::TimeGetRequest(TimeGetRequest {})), t0);
+        let req = s.next_request(t0).unwrap();
+        // A TimeGet reserves a small reply; this one is far larger.
+        s.reply(req.id, exec_exit(20_000)).unwrap();
+        let out = sent(&mut s);
+        assert_eq!(kinds(&out), vec![("ack", 7), ("error", 7)]);
+        match &out[1].payload {
+            Some(Payload::Error(e)) => assert_eq!(e.code, ErrorCode::Internal as i32),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_request_that_only_finished_requests_could_make_room_for_gets_busy_at_once() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        // The smallest outbox admits one largest reply at a time.
+        s.receive(&frame(1, Payload::LogsRequest(Default::default())), t0);
+        assert!(s.next_request(t0).is_some());
+        s.receive(&frame(2, Payload::LogsRequest(Default::default())), t0);
+        s.receive(&frame(3, Payload::Ping(Ping { seq: 3 })), t0);
+        assert_eq!(s.next_request(t0), None);
+        assert!(!s.is_holding(), "the ping behind it waits");
+        let out = sent(&mut s);
+        assert_eq!(
+            kinds(&out),
+            vec![("ack", 1), ("ack", 2), ("error", 2), ("pong", 3)]
+        );
+        // The refusal is request 2's one terminal reply: a redelivery gets it again.
+        s.receive(&frame(2, Payload::LogsRequest(Default::default())), t0);
+        assert_eq!(s.next_request(t0), None);
+        let again = sent(&mut s);
+        assert_eq!(again[1], out[2]);
+    }
+
     /// The invariant of admission control, over random interleavings.
     mod admission {
         use super::*;
