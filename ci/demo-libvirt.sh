@@ -69,8 +69,8 @@ qxctl() {
 bold "the node"
 qxctl node info
 
-# The event stream, from now on, shown at the end.
-"$qxctl_bin" --addr "http://$addr" events >"$work/events.log" 2>&1 &
+# The event stream of this VM (others may share the host), from now on, shown at the end.
+"$qxctl_bin" --addr "http://$addr" events --vm "$vm_id" >"$work/events.log" 2>&1 &
 events_pid=$!
 
 bold "a VM through qx-node: a real ext4 filesystem on a qcow2 disk, direct kernel boot"
@@ -131,7 +131,7 @@ until grep -q "vm_stopped" "$work/events.log"; do
 done
 note "libvirt's view: $(virsh -q -c "$uri" domstate "$vm_id")"
 
-bold "the event stream of all of the above (qxctl events)"
+bold "the event stream of all of the above (qxctl events --vm VM)"
 kill "$events_pid" 2>/dev/null || true
 wait "$events_pid" 2>/dev/null || true
 events_pid=""

@@ -189,12 +189,27 @@ mod tests {
                     .with_ansi(false)
                     .event_format(Journald::default()),
             );
-        let _ = tracing_log::LogTracer::init();
+        // The bridge qx-node installs globally, called directly (no global logger in tests).
+        let bridge = tracing_log::LogTracer::new();
+        let log_line = |level: log::Level, target: &str, msg: &str| {
+            log::Log::log(
+                &bridge,
+                &log::Record::builder()
+                    .level(level)
+                    .target(target)
+                    .args(format_args!("{msg}"))
+                    .build(),
+            );
+        };
         tracing::subscriber::with_default(sub, || {
             let span = tracing::info_span!("rpc", method = "GetAgentInfo", vm = "web1");
             let _g = span.enter();
-            log::info!(target: "qx_node::agent", "agent connected");
-            log::debug!(target: "quiet", "dropped by the per-target filter");
+            log_line(log::Level::Info, "qx_node::agent", "agent connected");
+            log_line(
+                log::Level::Debug,
+                "quiet",
+                "dropped by the per-target filter",
+            );
             tracing::error!("it failed");
         });
         let out = buf.text();
