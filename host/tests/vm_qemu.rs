@@ -660,6 +660,27 @@ async fn storage_pools_on_a_directory_and_a_loop_device_with_volumes_streams_and
     assert_eq!((back.len(), sum.clone()), (data.len(), sha256(&data)));
     let (tail, _) = download(&mut c, &dpool, "up", 5 * MIB, MIB).await;
     assert_eq!(tail, data[5 * MIB as usize..6 * MIB as usize]);
+    // The same through qxctl's commands: upload a file, download it back, both verified.
+    {
+        use qx_node::cli::storage_cmds::{run_volume, VolumeCommand};
+        let (src, dst) = (dir.path().join("src.bin"), dir.path().join("dst.bin"));
+        std::fs::write(&src, &data).unwrap();
+        let up = VolumeCommand::Upload {
+            pool: dpool.clone(),
+            volume: "up".into(),
+            file: src,
+            offset: 0,
+        };
+        assert_eq!(run_volume(up, &mut c, true).await.unwrap(), 0);
+        let down = VolumeCommand::Download {
+            pool: dpool.clone(),
+            volume: "up".into(),
+            file: dst.clone(),
+            offset: 0,
+        };
+        assert_eq!(run_volume(down, &mut c, true).await.unwrap(), 0);
+        assert_eq!(std::fs::read(&dst).unwrap(), data);
+    }
 
     // A full clone with progress, then its bytes.
     let mut progress = c

@@ -2,6 +2,7 @@
 
 pub mod agent_cmds;
 pub mod install_cmd;
+pub mod storage_cmds;
 pub mod uds;
 pub mod vm_cmds;
 
@@ -108,4 +109,10 @@ pub enum Command {
     Media(vm_cmds::MediaCommand),
     /// The node's event stream (VM and agent changes).
     Events(vm_cmds::EventsArgs),
+    /// Storage pools: list, info, create, delete, refresh.
+    #[command(subcommand)]
+    Pool(storage_cmds::PoolCommand),
+    /// Storage volumes: list, info, create, resize, clone, delete, upload, download.
+    #[command(subcommand)]
+    Volume(storage_cmds::VolumeCommand),
 }
