@@ -506,3 +506,86 @@ async fn vm_disks_from_volumes_and_delete_storage_removes_only_the_vms_own() {
     let err = c.get_volume(vol("vmvols16", &own)).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 }
+
+#[tokio::test]
+async fn qxctl_pool_and_volume_commands_return_exit_codes() {
+    use qx_node::cli::exit;
+    use qx_node::cli::storage_cmds::{
+        run_pool, run_volume, PoolCommand, PoolCreateArgs, VolumeCommand,
+    };
+    let (mut c, _dir) = client().await;
+    let create = PoolCreateArgs {
+        pool: "cli16".into(),
+        kind: "dir".into(),
+        target: Some("/qx16/cli".into()),
+        source_host: None,
+        source_path: None,
+        source_device: None,
+        source_name: None,
+        auth_user: None,
+        auth_secret: None,
+        build: false,
+        autostart: false,
+    };
+    assert_eq!(
+        run_pool(PoolCommand::Create(create), &mut c, true)
+            .await
+            .unwrap(),
+        exit::OK
+    );
+    assert_eq!(
+        run_pool(PoolCommand::List, &mut c, false).await.unwrap(),
+        exit::OK
+    );
+    let info = PoolCommand::Info {
+        pool: "cli16".into(),
+    };
+    assert_eq!(run_pool(info, &mut c, false).await.unwrap(), exit::OK);
+    let refresh = PoolCommand::Refresh {
+        pool: "cli16".into(),
+    };
+    assert_eq!(run_pool(refresh, &mut c, true).await.unwrap(), exit::OK);
+    let vc = VolumeCommand::Create {
+        pool: "cli16".into(),
+        volume: "v".into(),
+        size: Some("1G".into()),
+        format: "qcow2".into(),
+        backing: None,
+    };
+    assert_eq!(run_volume(vc, &mut c, false).await.unwrap(), exit::OK);
+    let clone = VolumeCommand::Clone {
+        pool: "cli16".into(),
+        volume: "v".into(),
+        new_volume: "w".into(),
+    };
+    assert_eq!(run_volume(clone, &mut c, true).await.unwrap(), exit::OK);
+    let list = VolumeCommand::List {
+        pool: "cli16".into(),
+    };
+    assert_eq!(run_volume(list, &mut c, false).await.unwrap(), exit::OK);
+    let info = VolumeCommand::Info {
+        pool: "cli16".into(),
+        volume: "w".into(),
+    };
+    assert_eq!(run_volume(info, &mut c, true).await.unwrap(), exit::OK);
+    // Failures come back as gRPC statuses, which qxctl maps to its exit codes.
+    let missing = VolumeCommand::Info {
+        pool: "cli16".into(),
+        volume: "nope".into(),
+    };
+    let err = run_volume(missing, &mut c, false).await.unwrap_err();
+    let status = err.downcast_ref::<tonic::Status>().unwrap();
+    assert_eq!(qx_node::cli::agent_cmds::code_for(status), exit::NOT_FOUND);
+    for v in ["w", "v"] {
+        let del = VolumeCommand::Delete {
+            pool: "cli16".into(),
+            volume: v.into(),
+        };
+        assert_eq!(run_volume(del, &mut c, false).await.unwrap(), exit::OK);
+    }
+    let del = PoolCommand::Delete {
+        pool: "cli16".into(),
+        delete_data: false,
+    };
+    assert_eq!(run_pool(del, &mut c, false).await.unwrap(), exit::OK);
+}

@@ -660,6 +660,27 @@ async fn storage_pools_on_a_directory_and_a_loop_device_with_volumes_streams_and
     assert_eq!((back.len(), sum.clone()), (data.len(), sha256(&data)));
     let (tail, _) = download(&mut c, &dpool, "up", 5 * MIB, MIB).await;
     assert_eq!(tail, data[5 * MIB as usize..6 * MIB as usize]);
+    // The same through qxctl's commands: upload a file, download it back, both verified.
+    {
+        use qx_node::cli::storage_cmds::{run_volume, VolumeCommand};
+        let (src, dst) = (dir.path().join("src.bin"), dir.path().join("dst.bin"));
+        std::fs::write(&src, &data).unwrap();
+        let up = VolumeCommand::Upload {
+            pool: dpool.clone(),
+            volume: "up".into(),
+            file: src,
+            offset: 0,
+        };
+        assert_eq!(run_volume(up, &mut c, true).await.unwrap(), 0);
+        let down = VolumeCommand::Download {
+            pool: dpool.clone(),
+            volume: "up".into(),
+            file: dst.clone(),
+            offset: 0,
+        };
+        assert_eq!(run_volume(down, &mut c, true).await.unwrap(), 0);
+        assert_eq!(std::fs::read(&dst).unwrap(), data);
+    }
 
     // A full clone with progress, then its bytes.
     let mut progress = c
@@ -841,4 +862,129 @@ async fn storage_pools_on_a_directory_and_a_loop_device_with_volumes_streams_and
             .into_inner();
         assert!(list.pools.iter().all(|p| p.pool_id != name), "{name} kept");
     }
+}
+
+/// The size the guest reports for its block device `name`, through the agent.
+async fn guest_disk_size(c: &mut NodeDaemonServiceClient<Channel>, vm: &str, name: &str) -> u64 {
+    let disks = c
+        .get_guest_disks(pb::AgentRequest {
+            vm_id: vm.into(),
+            timeout_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    disks
+        .devices
+        .iter()
+        .find(|d| d.name == name)
+        .unwrap_or_else(|| panic!("no {name} in {disks:?}"))
+        .size_bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, libvirt, QEMU and target/vm (ci/vm/build-image.sh); run by ci/test.sh"]
+async fn vm_disk_from_a_pool_volume_grows_live_and_the_guest_sees_it() {
+    let _libvirtd = LIBVIRTD.read().await;
+    libvirt_sh(&[]);
+    let image = target_dir().join("vm");
+    let (kernel, initrd) = (image.join("vmlinux"), image.join("initramfs.cpio.gz"));
+    assert!(
+        kernel.exists() && initrd.exists(),
+        "run `bash ci/vm/build-image.sh`"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Arc::new(AgentApi::default());
+    let vm_api = Arc::new(VmApi::new(vm_config(dir.path()), agent.clone()).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(NodeDaemonServiceServer::new(NodeService {
+                vm: vm_api,
+                agent,
+            }))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut c = NodeDaemonServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let pool = format!("qx16-vm-{}", std::process::id());
+    let _pools = PoolGuard(vec![pool.clone()]);
+    c.init_storage_pool(pb::InitStoragePoolRequest {
+        pool_id: pool.clone(),
+        r#type: pb::StoragePoolType::Dir as i32,
+        target_path: dir.path().join("vmpool").to_string_lossy().into(),
+        build: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // The VM's disk is a volume the daemon creates in the pool for it.
+    let vm_id = uuid::Uuid::new_v4().to_string();
+    let _guard = DomainGuard(vm_id.clone());
+    c.create_vm(pb::CreateVmRequest {
+        vm_id: vm_id.clone(),
+        name: format!("qx16-vol-{}", &vm_id[..8]),
+        start: true,
+        spec: Some(pb::VmSpec {
+            cpu_cores: 1,
+            memory_mib: 192,
+            disks: vec![pb::DiskSpec {
+                pool: pool.clone(),
+                volume: "root".into(),
+                size_gib: 1,
+                ..Default::default()
+            }],
+            kernel_path: kernel.to_string_lossy().into(),
+            initrd_path: initrd.to_string_lossy().into(),
+            kernel_cmdline: "console=ttyS0 qx.hostname=qx16".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    wait_agent(&mut c, &vm_id).await;
+    assert_eq!(guest_disk_size(&mut c, &vm_id, "vda").await, 1 << 30);
+
+    // Grown while the VM runs: QEMU resizes the open image and the guest sees the new size.
+    let grown = c
+        .resize_volume(pb::ResizeVolumeRequest {
+            pool_id: pool.clone(),
+            volume_id: "root".into(),
+            size_bytes: 2 << 30,
+            allow_shrink: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(grown.capacity_bytes, 2 << 30);
+    let deadline = Instant::now() + AGENT_WAIT;
+    while guest_disk_size(&mut c, &vm_id, "vda").await != 2 << 30 {
+        assert!(Instant::now() < deadline, "the guest never saw vda grow");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // In use: the volume cannot be deleted; DeleteVM{delete_storage} deletes it with the VM.
+    let err = c
+        .delete_volume(pb::VolumeRequest {
+            pool_id: pool.clone(),
+            volume_id: "root".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    let r = c
+        .delete_vm(pb::DeleteVmRequest {
+            vm_id: vm_id.clone(),
+            delete_storage: true,
+            force: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.deleted_volumes.len(), 1, "{r:?}");
+    assert!(r.deleted_volumes[0].ends_with("/vmpool/root"), "{r:?}");
 }

@@ -445,6 +445,8 @@ async fn dispatch(cli: Cli, client: &mut Client) -> Result<i32> {
         Command::Media(cmd) => return super::vm_cmds::run_media(cmd, client, json).await,
         Command::Events(args) => return super::vm_cmds::run_events(args, client, json).await,
         Command::Node(cmd) => return super::node_cmds::run_node(cmd, client, json).await,
+        Command::Pool(cmd) => return super::storage_cmds::run_pool(cmd, client, json).await,
+        Command::Volume(cmd) => return super::storage_cmds::run_volume(cmd, client, json).await,
     }
     Ok(exit::OK)
 }

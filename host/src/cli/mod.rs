@@ -2,8 +2,9 @@
 
 pub mod agent_cmds;
 pub mod install_cmd;
-pub mod uds;
 pub mod node_cmds;
+pub mod storage_cmds;
+pub mod uds;
 pub mod vm_cmds;
 
 use clap::{Parser, Subcommand};
@@ -112,4 +113,10 @@ pub enum Command {
     /// The node: host, hypervisor and daemon health.
     #[command(subcommand)]
     Node(node_cmds::NodeCommand),
+    /// Storage pools: list, info, create, delete, refresh.
+    #[command(subcommand)]
+    Pool(storage_cmds::PoolCommand),
+    /// Storage volumes: list, info, create, resize, clone, delete, upload, download.
+    #[command(subcommand)]
+    Volume(storage_cmds::VolumeCommand),
 }

@@ -25,6 +25,8 @@ pub const CHUNK_BYTES: usize = 64 * 1024;
 pub const PROGRESS_MS: u64 = 500;
 /// `VIR_STORAGE_VOL_RESIZE_SHRINK`.
 const RESIZE_SHRINK: u32 = 4;
+/// `VIR_DOMAIN_BLOCK_RESIZE_BYTES`.
+const BLOCK_RESIZE_BYTES: u32 = 1;
 /// `VIR_STORAGE_VOL_GET_PHYSICAL`: `allocation` holds the bytes a download yields.
 const GET_PHYSICAL: u32 = 1;
 
@@ -126,6 +128,28 @@ fn users_of(conn: &Connect, path: &str) -> SResult<Vec<String>> {
         }
     }
     Ok(users)
+}
+
+/// A running domain with `path` as a disk, and that disk's target.
+fn running_user_of(conn: &Connect, path: &str) -> SResult<Option<(virt::domain::Domain, String)>> {
+    for dom in conn.list_all_domains(0).map_err(classify)? {
+        if !dom.is_active().unwrap_or(false) {
+            continue;
+        }
+        let Ok(x) = dom.xml_desc(0) else { continue };
+        let Ok(facts) = DomainFacts::parse(&x) else {
+            continue;
+        };
+        if let Some(d) = facts
+            .disks
+            .iter()
+            .find(|d| d.source.as_deref() == Some(path))
+        {
+            let target = d.target.clone();
+            return Ok(Some((dom, target)));
+        }
+    }
+    Ok(None)
 }
 
 fn ids(pool_id: &str, volume_id: &str) -> SResult<()> {
@@ -332,8 +356,18 @@ impl StorageApi {
                 )));
             }
             if req.size_bytes != now {
-                let flags = if shrink { RESIZE_SHRINK } else { 0 };
-                vol.resize(req.size_bytes, flags).map_err(classify)?;
+                let path = vol.path().map_err(classify)?;
+                match running_user_of(conn, &path)? {
+                    // QEMU holds the image open: it resizes it, and the guest sees the new
+                    // size at once.
+                    Some((dom, target)) => dom
+                        .block_resize(&target, req.size_bytes, BLOCK_RESIZE_BYTES)
+                        .map_err(classify)?,
+                    None => {
+                        let flags = if shrink { RESIZE_SHRINK } else { 0 };
+                        vol.resize(req.size_bytes, flags).map_err(classify)?;
+                    }
+                }
             }
             volume_info(&req.pool_id, &vol)
         })
