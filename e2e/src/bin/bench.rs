@@ -5,7 +5,9 @@
 //! chardev sockets (ours: qx_proto frames; qemu-ga: its JSON lines) and measures, in the same
 //! run: ping round trip, exec of /bin/true until its exit status is known, 16 MiB file read
 //! throughput, agent RSS idle and after the transfer, binary size, and time from launch to
-//! the first answer. It prints a Markdown table (ratios included) on stdout; `ci/bench.sh`
+//! the first answer. Our agent also serves qemu-ga's protocol on a fourth port, so the same
+//! JSON client measures ping, exec + exec-status and the file read on both agents on the same
+//! protocol. It prints a Markdown table (ratios included) on stdout; `ci/bench.sh`
 //! writes it into docs/benchmarks.md. Not a test: no pass/fail, only numbers.
 
 use std::io::{BufRead, BufReader, Write};

@@ -5,7 +5,7 @@ const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx
 
 /// Encodes `data`.
 pub fn encode(data: &[u8]) -> String {
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    let mut out = Vec::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
         let b = [
             chunk[0],
@@ -13,15 +13,23 @@ pub fn encode(data: &[u8]) -> String {
             chunk.get(2).copied().unwrap_or(0),
         ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+        out.extend_from_slice(&[
+            ALPHABET[(n >> 18) as usize & 63],
+            ALPHABET[(n >> 12) as usize & 63],
+            if chunk.len() > 1 {
+                ALPHABET[(n >> 6) as usize & 63]
             } else {
-                out.push('=');
-            }
-        }
+                b'='
+            },
+            if chunk.len() > 2 {
+                ALPHABET[n as usize & 63]
+            } else {
+                b'='
+            },
+        ]);
     }
-    out
+    // Only bytes of ALPHABET and '=' were written.
+    String::from_utf8(out).unwrap_or_default()
 }
 
 fn sextet(c: u8) -> Option<u32> {

@@ -31,6 +31,11 @@ pub const EXEC_CAPTURE_BYTES: u64 = 16 * 1024 * 1024;
 pub const QGA_AUTO_THAW_MS: u32 = u32::MAX;
 /// The RTC's time in seconds since the epoch (the RTC keeps UTC, as QEMU's does by default).
 const RTC_SINCE_EPOCH: &str = "/sys/class/rtc/rtc0/since_epoch";
+/// CPU and memory hotplug in sysfs.
+const CPU_DIR: &str = "/sys/devices/system/cpu";
+const MEMORY_DIR: &str = "/sys/devices/system/memory";
+/// The largest procfs file read.
+const MAX_PROC_BYTES: u64 = 1024 * 1024;
 /// The fsfreeze hook's time limit.
 const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -50,10 +55,14 @@ pub const COMMANDS: &[&str] = &[
     "guest-fsfreeze-status",
     "guest-fsfreeze-thaw",
     "guest-fstrim",
+    "guest-get-cpustats",
+    "guest-get-diskstats",
     "guest-get-disks",
     "guest-get-fsinfo",
     "guest-get-host-name",
     "guest-get-load",
+    "guest-get-memory-block-info",
+    "guest-get-memory-blocks",
     "guest-get-osinfo",
     "guest-get-time",
     "guest-get-timezone",
@@ -63,6 +72,7 @@ pub const COMMANDS: &[&str] = &[
     "guest-network-get-interfaces",
     "guest-ping",
     "guest-set-time",
+    "guest-set-vcpus",
     "guest-set-user-password",
     "guest-shutdown",
     "guest-ssh-add-authorized-keys",
@@ -264,9 +274,27 @@ impl Agent {
                     ("load15m", next()),
                 ]))
             }
-            "guest-get-vcpus" => a
+            "guest-set-vcpus" => {
+                a.only(&["vcpus"])?;
+                qga_set_vcpus(Path::new(CPU_DIR), a.get("vcpus"))
+            }
+            "guest-get-memory-blocks" => a
                 .only(&[])
-                .map(|()| qga_vcpus(Path::new("/sys/devices/system/cpu"))),
+                .map(|()| qga_memory_blocks(Path::new(MEMORY_DIR))),
+            "guest-get-memory-block-info" => {
+                a.only(&[])?;
+                let size = read_trim(&Path::new(MEMORY_DIR).join("block_size_bytes"));
+                let size = i64::from_str_radix(&size, 16)
+                    .map_err(|_| QgaError::generic("cannot read the memory block size"))?;
+                Ok(obj([("size", Value::Int(size))]))
+            }
+            "guest-get-cpustats" => a
+                .only(&[])
+                .and_then(|()| proc_text("/proc/stat").map(|t| qga_cpustats(&t))),
+            "guest-get-diskstats" => a
+                .only(&[])
+                .and_then(|()| proc_text("/proc/diskstats").map(|t| qga_diskstats(&t))),
+            "guest-get-vcpus" => a.only(&[]).map(|()| qga_vcpus(Path::new(CPU_DIR))),
             "guest-ssh-get-authorized-keys" => {
                 a.only(&["username"])?;
                 let keys = ops::users::ssh_keys_list(
@@ -1073,29 +1101,177 @@ fn qga_users() -> QgaResult<Value> {
 
 /// `cpuN` entries of a /sys/devices/system/cpu-like directory, by N.
 pub fn qga_vcpus(dir: &Path) -> Value {
-    let mut cpus: Vec<(i64, bool, bool)> = std::fs::read_dir(dir)
+    Value::Array(
+        numbered(dir, "cpu")
+            .into_iter()
+            .map(|(n, p)| {
+                let online_file = p.join("online");
+                let can = online_file.exists();
+                obj([
+                    ("logical-id", Value::Int(n)),
+                    (
+                        "online",
+                        Value::from(!can || read_trim(&online_file) == "1"),
+                    ),
+                    ("can-offline", Value::from(can)),
+                ])
+            })
+            .collect(),
+    )
+}
+
+fn proc_text(path: &str) -> QgaResult<String> {
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_PROC_BYTES).read_to_string(&mut text))
+        .map_err(|e| QgaError::generic(format!("{path}: {e}")))?;
+    Ok(text)
+}
+
+/// Numbered entries (`cpu3`, `memory12`) of a sysfs directory, by number.
+fn numbered(dir: &Path, prefix: &str) -> Vec<(i64, PathBuf)> {
+    let mut v: Vec<(i64, PathBuf)> = std::fs::read_dir(dir)
         .map(|rd| {
             rd.flatten()
                 .filter_map(|e| {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    let n: i64 = name.strip_prefix("cpu")?.parse().ok()?;
-                    let online_file = e.path().join("online");
-                    let can_offline = online_file.exists();
-                    let online = !can_offline || read_trim(&online_file) == "1";
-                    Some((n, online, can_offline))
+                    let n = e.file_name().to_str()?.strip_prefix(prefix)?.parse().ok()?;
+                    Some((n, e.path()))
                 })
                 .collect()
         })
         .unwrap_or_default();
-    cpus.sort_unstable();
+    v.sort();
+    v
+}
+
+/// `guest-set-vcpus`: the count of leading requests carried out; an error only when the first
+/// one fails, as qemu-ga.
+fn qga_set_vcpus(dir: &Path, vcpus: Option<&Value>) -> QgaResult<Value> {
+    let Some(Value::Array(list)) = vcpus else {
+        return Err(QgaError::generic("Parameter 'vcpus' is missing"));
+    };
+    let mut done = 0;
+    for v in list {
+        let (Some(Value::Int(id)), Some(Value::Bool(online))) =
+            (v.get("logical-id"), v.get("online"))
+        else {
+            return Err(QgaError::generic("Invalid parameter type for 'vcpus'"));
+        };
+        let file = dir.join(format!("cpu{id}")).join("online");
+        let result = if !dir.join(format!("cpu{id}")).exists() {
+            Err(format!("CPU {id} does not exist"))
+        } else if !file.exists() {
+            if *online {
+                Ok(())
+            } else {
+                Err(format!("CPU {id} cannot be offlined"))
+            }
+        } else {
+            std::fs::write(&file, if *online { "1" } else { "0" })
+                .map_err(|e| format!("CPU {id}: {e}"))
+        };
+        match result {
+            Ok(()) => done += 1,
+            Err(e) if done == 0 => return Err(QgaError::generic(e)),
+            Err(_) => break,
+        }
+    }
+    Ok(Value::Int(done))
+}
+
+fn qga_memory_blocks(dir: &Path) -> Value {
     Value::Array(
-        cpus.into_iter()
-            .map(|(n, online, can)| {
+        numbered(dir, "memory")
+            .into_iter()
+            .map(|(n, p)| {
                 obj([
-                    ("logical-id", Value::Int(n)),
-                    ("online", Value::from(online)),
-                    ("can-offline", Value::from(can)),
+                    ("phys-index", Value::Int(n)),
+                    (
+                        "online",
+                        Value::from(read_trim(&p.join("state")) == "online"),
+                    ),
+                    (
+                        "can-offline",
+                        Value::from(read_trim(&p.join("removable")) == "1"),
+                    ),
                 ])
+            })
+            .collect(),
+    )
+}
+
+/// Fields of whitespace-separated numbers as JSON integers under `names`.
+fn counters(names: &[&str], fields: &[&str]) -> Vec<(String, Value)> {
+    names
+        .iter()
+        .zip(fields)
+        .filter_map(|(n, f)| Some((n.to_string(), Value::Int(f.parse().ok()?))))
+        .collect()
+}
+
+/// `/proc/stat`'s per-CPU lines.
+pub fn qga_cpustats(text: &str) -> Value {
+    const NAMES: &[&str] = &[
+        "user",
+        "nice",
+        "system",
+        "idle",
+        "iowait",
+        "irq",
+        "softirq",
+        "steal",
+        "guest",
+        "guestnice",
+    ];
+    Value::Array(
+        text.lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                let cpu: i64 = f.next()?.strip_prefix("cpu")?.parse().ok()?;
+                let fields: Vec<&str> = f.collect();
+                let mut m = vec![
+                    ("type".to_string(), Value::from("linux")),
+                    ("cpu".to_string(), Value::Int(cpu)),
+                ];
+                m.extend(counters(NAMES, &fields));
+                Some(Value::Object(m))
+            })
+            .collect(),
+    )
+}
+
+/// `/proc/diskstats`.
+pub fn qga_diskstats(text: &str) -> Value {
+    const NAMES: &[&str] = &[
+        "read-ios",
+        "read-merges",
+        "read-sectors",
+        "read-ticks",
+        "write-ios",
+        "write-merges",
+        "write-sectors",
+        "write-ticks",
+        "ios-pgr",
+        "total-ticks",
+        "weight-ticks",
+        "discard-ios",
+        "discard-merges",
+        "discard-sectors",
+        "discard-ticks",
+        "flush-ios",
+        "flush-ticks",
+    ];
+    Value::Array(
+        text.lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let (major, minor) = (f.first()?.parse().ok()?, f.get(1)?.parse().ok()?);
+                Some(obj([
+                    ("name", Value::from(*f.get(2)?)),
+                    ("major", Value::Int(major)),
+                    ("minor", Value::Int(minor)),
+                    ("stats", Value::Object(counters(NAMES, &f[3..]))),
+                ]))
             })
             .collect(),
     )
@@ -1155,6 +1331,39 @@ mod tests {
             qga_disks(b).to_text(),
             r#"[{"name": "/dev/dm-0", "partition": false, "dependencies": ["/dev/vda1"]}, {"name": "/dev/vda", "partition": false}, {"name": "/dev/vda1", "partition": true, "dependencies": ["/dev/vda"]}]"#
         );
+    }
+
+    #[test]
+    fn cpu_and_disk_stats_name_procfs_columns() {
+        let cpu = qga_cpustats("cpu  9 9 9 9 9 9 9 9 9 9\ncpu0 1 2 3 4 5 6 7 8 9 10\nintr 5\n");
+        assert_eq!(
+            cpu.to_text(),
+            r#"[{"type": "linux", "cpu": 0, "user": 1, "nice": 2, "system": 3, "idle": 4, "iowait": 5, "irq": 6, "softirq": 7, "steal": 8, "guest": 9, "guestnice": 10}]"#
+        );
+        let disk = qga_diskstats(" 253 0 vda 10 1 200 5 3 0 24 7 0 12 12\n");
+        assert_eq!(disk.get("x"), None);
+        let Value::Array(d) = disk else { panic!() };
+        assert_eq!(d[0].get("name"), Some(&Value::from("vda")));
+        assert_eq!(
+            d[0].get("stats").and_then(|s| s.get("write-sectors")),
+            Some(&Value::Int(24))
+        );
+        assert_eq!(d[0].get("stats").and_then(|s| s.get("flush-ios")), None);
+    }
+
+    #[test]
+    fn set_vcpus_counts_the_prefix_it_carried_out() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("cpu0")).unwrap();
+        std::fs::create_dir(dir.path().join("cpu1")).unwrap();
+        std::fs::write(dir.path().join("cpu1/online"), "1").unwrap();
+        let req = |v: &str| crate::qga::json::parse(v.as_bytes()).unwrap();
+        let two =
+            req(r#"[{"logical-id": 1, "online": false}, {"logical-id": 0, "online": false}]"#);
+        assert_eq!(qga_set_vcpus(dir.path(), Some(&two)), Ok(Value::Int(1)));
+        assert_eq!(read_trim(&dir.path().join("cpu1/online")), "0");
+        let bad = req(r#"[{"logical-id": 7, "online": true}]"#);
+        assert!(qga_set_vcpus(dir.path(), Some(&bad)).is_err());
     }
 
     #[test]

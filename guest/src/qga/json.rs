@@ -7,8 +7,6 @@
 //! Output is ASCII only: [`Value::write`] escapes every non-ASCII and control character.
 //! docs/qemu-ga.md has the state table and the limits.
 
-use std::fmt::Write as _;
-
 use thiserror::Error;
 
 /// Largest request, in bytes, the splitter buffers.
@@ -460,67 +458,78 @@ impl Value {
     }
 
     /// Appends the ASCII JSON text of the value to `out`.
-    pub fn write(&self, out: &mut String) {
+    pub fn write_bytes(&self, out: &mut Vec<u8>) {
         match self {
-            Value::Null => out.push_str("null"),
-            Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-            Value::Int(i) => {
-                let _ = write!(out, "{i}");
-            }
-            Value::Number(text) => out.push_str(text),
+            Value::Null => out.extend_from_slice(b"null"),
+            Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+            Value::Int(i) => out.extend_from_slice(i.to_string().as_bytes()),
+            Value::Number(text) => out.extend_from_slice(text.as_bytes()),
             Value::Str(s) => write_str(s, out),
             Value::Array(items) => {
-                out.push('[');
+                out.push(b'[');
                 for (i, v) in items.iter().enumerate() {
                     if i > 0 {
-                        out.push_str(", ");
+                        out.extend_from_slice(b", ");
                     }
-                    v.write(out);
+                    v.write_bytes(out);
                 }
-                out.push(']');
+                out.push(b']');
             }
             Value::Object(members) => {
-                out.push('{');
+                out.push(b'{');
                 for (i, (k, v)) in members.iter().enumerate() {
                     if i > 0 {
-                        out.push_str(", ");
+                        out.extend_from_slice(b", ");
                     }
                     write_str(k, out);
-                    out.push_str(": ");
-                    v.write(out);
+                    out.extend_from_slice(b": ");
+                    v.write_bytes(out);
                 }
-                out.push('}');
+                out.push(b'}');
             }
         }
     }
 
     /// The value as ASCII JSON text.
     pub fn to_text(&self) -> String {
-        let mut s = String::new();
-        self.write(&mut s);
-        s
+        let mut out = Vec::new();
+        self.write_bytes(&mut out);
+        // write_bytes writes ASCII only.
+        String::from_utf8_lossy(&out).into_owned()
     }
 }
 
-fn write_str(s: &str, out: &mut String) {
-    out.push('"');
-    for c in s.chars() {
+/// Writes `s` as a JSON string: printable ASCII runs are copied whole (a file read's base64
+/// is one run), everything else is escaped.
+fn write_str(s: &str, out: &mut Vec<u8>) {
+    out.push(b'"');
+    let mut run = 0;
+    for (at, c) in s.char_indices() {
+        if matches!(c, ' '..='~') && c != '"' && c != '\\' {
+            continue;
+        }
+        out.extend_from_slice(&s.as_bytes()[run..at]);
+        run = at + c.len_utf8();
         match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            ' '..='~' => out.push(c),
+            '"' => out.extend_from_slice(b"\\\""),
+            '\\' => out.extend_from_slice(b"\\\\"),
+            '\n' => out.extend_from_slice(b"\\n"),
+            '\r' => out.extend_from_slice(b"\\r"),
+            '\t' => out.extend_from_slice(b"\\t"),
             _ => {
                 let mut units = [0u16; 2];
                 for u in c.encode_utf16(&mut units) {
-                    let _ = write!(out, "\\u{u:04X}");
+                    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                    out.extend_from_slice(b"\\u");
+                    for shift in [12, 8, 4, 0] {
+                        out.push(HEX[usize::from((*u >> shift) & 0xF)]);
+                    }
                 }
             }
         }
     }
-    out.push('"');
+    out.extend_from_slice(&s.as_bytes()[run..]);
+    out.push(b'"');
 }
 
 /// Builds an object from `(name, value)` pairs.

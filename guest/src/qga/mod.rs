@@ -204,10 +204,10 @@ impl QgaPort {
 
     /// Queues a reply line (0xFF-prefixed when `delimited`); an oversized one becomes an error.
     fn push_reply(&mut self, id: Option<&Value>, result: QgaResult<Value>, delimited: bool) {
-        let mut line = if delimited { vec![0xFF] } else { Vec::new() };
-        line.extend(request::reply_line(id, &result));
+        let prefix: &[u8] = if delimited { &[0xFF] } else { &[] };
+        let line = request::reply_line(prefix, id, result);
         if let Err(e) = self.outbox.push(&line) {
-            let err = request::reply_line(id, &Err(QgaError::generic(e.to_string())));
+            let err = request::reply_line(b"", id, Err(QgaError::generic(e.to_string())));
             if let Err(e) = self.outbox.push(&err) {
                 log::error!("qemu-ga reply dropped: {e}");
             }

@@ -184,11 +184,13 @@ impl Args {
     }
 }
 
-/// The reply line (with its `\n`) for a result.
-pub fn reply_line(id: Option<&Value>, result: &QgaResult<Value>) -> Vec<u8> {
+/// The reply line (with its `\n`) for a result, after `prefix` (the 0xFF of
+/// `guest-sync-delimited`, or nothing). The result is consumed: a file read's base64 is
+/// written once, not copied.
+pub fn reply_line(prefix: &[u8], id: Option<&Value>, result: QgaResult<Value>) -> Vec<u8> {
     let mut members = Vec::with_capacity(2);
     match result {
-        Ok(v) => members.push(("return".to_string(), v.clone())),
+        Ok(v) => members.push(("return".to_string(), v)),
         Err(e) => {
             let class = match e.class {
                 ErrorClass::GenericError => "GenericError",
@@ -206,9 +208,10 @@ pub fn reply_line(id: Option<&Value>, result: &QgaResult<Value>) -> Vec<u8> {
     if let Some(id) = id {
         members.push(("id".to_string(), id.clone()));
     }
-    let mut text = Value::Object(members).to_text();
-    text.push('\n');
-    text.into_bytes()
+    let mut line = prefix.to_vec();
+    Value::Object(members).write_bytes(&mut line);
+    line.push(b'\n');
+    line
 }
 
 #[cfg(test)]
@@ -269,11 +272,11 @@ mod tests {
     #[test]
     fn reply_lines_echo_the_id_and_end_with_a_newline() {
         assert_eq!(
-            reply_line(Some(&Value::Int(-1)), &Ok(Value::Int(5))),
-            b"{\"return\": 5, \"id\": -1}\n"
+            reply_line(&[0xFF], Some(&Value::Int(-1)), Ok(Value::Int(5))),
+            b"\xff{\"return\": 5, \"id\": -1}\n"
         );
         assert_eq!(
-            reply_line(None, &Err(QgaError::not_found("guest-foo"))),
+            reply_line(b"", None, Err(QgaError::not_found("guest-foo"))),
             b"{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"The command guest-foo has not been found\"}}\n"
         );
     }
