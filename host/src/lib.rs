@@ -19,4 +19,5 @@ pub mod error;
 pub mod hypervisor;
 pub mod metrics;
 pub mod service;
+pub mod text;
 pub mod vm_api;

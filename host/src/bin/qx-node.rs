@@ -14,6 +14,7 @@ use qx_node::hypervisor::{
 };
 use qx_node::pb::node_daemon_service_server::NodeDaemonServiceServer;
 use qx_node::service::NodeService;
+use qx_node::text::escape_line;
 use qx_node::vm_api::{VmApi, VmConfig};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -91,7 +92,10 @@ impl log::Log for StderrLogger {
     }
     fn log(&self, r: &log::Record) {
         if self.enabled(r.metadata()) && r.target().starts_with("qx") {
-            eprintln!("{} {}: {}", r.level(), r.target(), r.args());
+            // One record, one line: guest text inside it cannot add lines or reach the
+            // terminal reading the log as controls.
+            let msg = r.args().to_string();
+            eprintln!("{} {}: {}", r.level(), r.target(), escape_line(&msg));
         }
     }
     fn flush(&self) {}
