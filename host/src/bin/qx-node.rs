@@ -257,7 +257,9 @@ async fn main() -> Result<()> {
     init_logging();
     let args = Args::parse();
     let cfg = merge(&args)?;
-    let agent = Arc::new(AgentApi::new(cfg.agent_config()));
+    let agent_cfg = cfg.agent_config();
+    config::validate_agent_config(&agent_cfg)?;
+    let agent = Arc::new(AgentApi::new(agent_cfg));
     for (vm, path) in &cfg.vm_sockets {
         agent
             .manager()
