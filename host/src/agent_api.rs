@@ -685,7 +685,19 @@ impl AgentApi {
         let rtt_get = before.elapsed();
         // The guest read its clock about half a round trip after we sent the request.
         let host_at_read = host_before + (rtt_get.as_nanos() / 2) as i64;
-        let offset_ns = guest.unix_ns - host_at_read;
+        // The guest's number is untrusted: a reading so far off that the offset does not fit
+        // in i64 nanoseconds (±292 years) is refused, not wrapped.
+        let offset_ns = guest
+            .unix_ns
+            .checked_sub(host_at_read)
+            .filter(|o| *o != i64::MIN)
+            .ok_or_else(|| AgentError::Integrity {
+                vm_id: request.vm_id.clone(),
+                what: format!(
+                    "guest clock reading {} ns is out of range of the host's clock",
+                    guest.unix_ns
+                ),
+            })?;
         let mut resp = pb::SyncTimeResponse {
             offset_seconds: offset_ns as f64 / 1e9,
             time_source: "host".into(),
@@ -937,10 +949,12 @@ fn info_of(link: &Link) -> pb::GuestAgentInfo {
             info.hostname = t.hostname.clone();
         }
         let mem = t.memory.unwrap_or_default();
-        let (disk_total, disk_used) = t
-            .filesystems
-            .iter()
-            .fold((0, 0), |(a, b), f| (a + f.total_bytes, b + f.used_bytes));
+        let (disk_total, disk_used) = t.filesystems.iter().fold((0u64, 0u64), |(a, b), f| {
+            (
+                a.saturating_add(f.total_bytes),
+                b.saturating_add(f.used_bytes),
+            )
+        });
         info.resource_usage = Some(pb::GuestResourceUsage {
             cpu_usage_percent: t.cpu.map(|c| c.usage_percent).unwrap_or(0.0),
             memory_total_bytes: mem.total_bytes,
@@ -989,6 +1003,18 @@ async fn read_windows(
         loop {
             match cmd.next().await? {
                 Step::Item(Payload::FileChunk(c)) => {
+                    // Sizes are the guest's word: more than was asked for is an error, so a
+                    // read is bounded by the window and the file size whatever it sends.
+                    let len = c.data.len() as u64;
+                    if len > u64::from(READ_CHUNK_BYTES) || got.saturating_add(len) > want {
+                        return Err(AgentError::Integrity {
+                            vm_id: link.vm_id.clone(),
+                            what: format!(
+                                "a {len}-byte file chunk at offset {} goes past the {want}-byte window at {offset} (chunks of at most {READ_CHUNK_BYTES} bytes were asked for)",
+                                c.offset
+                            ),
+                        });
+                    }
                     if c.offset != offset + got {
                         return Err(AgentError::Integrity {
                             vm_id: link.vm_id.clone(),
@@ -1017,7 +1043,9 @@ async fn read_windows(
                 Step::Item(_) => {}
                 Step::Done(Payload::FileReadDone(d)) => {
                     let digest = window.finalize().to_vec();
-                    if d.bytes != got || (!d.sha256.is_empty() && d.sha256 != digest) {
+                    // The digest was asked for (skip_sha256 is false): a missing one is an
+                    // error, not a pass.
+                    if d.bytes != got || d.sha256 != digest {
                         return Err(AgentError::Integrity {
                             vm_id: link.vm_id.clone(),
                             what: format!(
