@@ -203,7 +203,10 @@ impl AgentApi {
         Ok(pb::PingAgentResponse {
             rtt_us: rtt.as_micros() as u64,
             session_id: link.session().unwrap_or(0),
-            agent_version: cache.ready.map(|r| r.agent_version).unwrap_or_default(),
+            agent_version: cache
+                .ready
+                .map(|r| r.agent_version.clone())
+                .unwrap_or_default(),
         })
     }
 
@@ -871,37 +874,30 @@ impl AgentApi {
         )?)
     }
 
-    /// The cached telemetry (if any) first, then every pushed report as it arrives.
+    /// The latest pushed report (if any) first, then each newer one. A subscriber that reads
+    /// slowly skips to the newest report: nothing queues up for it beyond one message.
     pub async fn stream_telemetry(
         &self,
         request: pb::AgentRequest,
     ) -> Result<RpcStream<pb::TelemetryUpdate>, Status> {
         let link = self.mgr.link(&request.vm_id)?;
         let mut live = link.subscribe_telemetry();
-        let cache = link.cache();
-        let first = cache.telemetry.map(|t| pb::TelemetryUpdate {
-            vm_id: request.vm_id.clone(),
-            telemetry: Some(t),
-            received_unix_ms: unix_ms(cache.telemetry_at),
-        });
-        let (tx, rx) = mpsc::channel::<Result<pb::TelemetryUpdate, Status>>(16);
+        let (tx, rx) = mpsc::channel::<Result<pb::TelemetryUpdate, Status>>(1);
         tokio::spawn(async move {
-            if let Some(first) = first {
-                if tx.send(Ok(first)).await.is_err() {
-                    return;
-                }
-            }
             loop {
+                let latest = live.borrow_and_update().clone();
+                if let Some((t, at)) = latest {
+                    let u = pb::TelemetryUpdate {
+                        vm_id: request.vm_id.clone(),
+                        telemetry: Some(ap::Telemetry::clone(&t)),
+                        received_unix_ms: unix_ms(Some(at)),
+                    };
+                    if tx.send(Ok(u)).await.is_err() {
+                        return;
+                    }
+                }
                 tokio::select! {
-                    r = live.recv() => match r {
-                        Ok(u) => {
-                            if tx.send(Ok(u)).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    },
+                    r = live.changed() => if r.is_err() { return },
                     _ = tx.closed() => return,
                 }
             }
@@ -929,22 +925,22 @@ fn info_of(link: &Link) -> pb::GuestAgentInfo {
         telemetry_unix_ms: unix_ms(cache.telemetry_at),
         ..Default::default()
     };
-    if let Some(r) = cache.ready {
-        info.version = r.agent_version;
-        info.os_name = r.os_name;
-        info.os_version = r.os_version;
-        info.os_pretty_name = r.os_pretty_name;
-        info.kernel_version = r.kernel_version;
-        info.kernel_release = r.kernel_release;
-        info.arch = r.arch;
-        info.hostname = r.hostname;
-        info.ip_addresses = r.ip_addresses;
-        info.capabilities = r.capabilities;
+    if let Some(r) = &cache.ready {
+        info.version = r.agent_version.clone();
+        info.os_name = r.os_name.clone();
+        info.os_version = r.os_version.clone();
+        info.os_pretty_name = r.os_pretty_name.clone();
+        info.kernel_version = r.kernel_version.clone();
+        info.kernel_release = r.kernel_release.clone();
+        info.arch = r.arch.clone();
+        info.hostname = r.hostname.clone();
+        info.ip_addresses = r.ip_addresses.clone();
+        info.capabilities = r.capabilities.clone();
     }
-    if let Some(n) = cache.network {
-        info.interfaces = n.interfaces;
+    if let Some(n) = &cache.network {
+        info.interfaces = n.interfaces.clone();
     }
-    if let Some(t) = cache.telemetry {
+    if let Some(t) = &cache.telemetry {
         if !t.hostname.is_empty() {
             info.hostname = t.hostname.clone();
         }

@@ -257,6 +257,7 @@ async fn a_giant_repeated_field_is_a_protocol_error_and_never_cached() {
         "the daemon took in {bytes} telemetry bytes in {frames} frames: the giant frame was accepted"
     );
     assert!(stats.reconnects >= 1, "the link was reset: {stats:?}");
+    assert_eq!(stats.protocol_errors, 1, "{stats:?}");
     assert!(
         stats.last_error.contains("filesystems"),
         "{}",

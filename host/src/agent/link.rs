@@ -21,14 +21,16 @@
 //! once, and the supervisor, which waits on the same channel, tears the connection down.
 
 use super::command::{Command, CommandOptions, Redelivery};
+use super::limits;
 use super::stats::LinkStats;
 use super::table::{self, Event, Output, Table, TableConfig, Transmit};
 use super::{AgentConfig, AgentEvent};
 use crate::error::AgentError;
 use crate::pb;
+use crate::text::{sanitize, Esc};
 use qx_proto::agent::envelope::Payload;
 use qx_proto::agent::{AgentReady, Envelope, HostHello, Ping, Pong, Telemetry};
-use qx_proto::{decode_envelope, payload_name, Decoder, DEFAULT_MAX_FRAME_BYTES};
+use qx_proto::{decode_envelope, payload_name, Decoder};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,12 +48,24 @@ use tokio::time::Instant;
 /// the guest's input is completed with zeros and rejected by its checksum.
 pub const SYNC_PREAMBLE_BYTES: usize = 65552;
 
+/// The largest frame payload the host accepts: the agent never sends more than 64 KiB, and the
+/// margin only absorbs a field added later. A larger header is refused before any allocation.
+pub const MAX_RX_FRAME_BYTES: u32 = 64 * 1024 + 4 * 1024;
+
+/// Protocol errors of one VM are logged at most this often; the rest are only counted.
+const PROTOCOL_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// A VM's AGENT_RESTARTED events: a burst of this many, then one per interval; the restarts in
+/// between are counted in the next event (a flapping guest cannot flood the event ring).
+const RESTART_EVENT_BURST: u32 = 4;
+const RESTART_EVENT_INTERVAL: Duration = Duration::from_secs(15);
+
+/// Guest text copied into an event detail: escaped, and at most this many characters.
+const EVENT_GUEST_TEXT_CHARS: usize = 64;
+
 /// Pongs waiting for the writer; an agent that pings faster than the writer answers loses
 /// pongs, never host memory.
 const PONG_QUEUE: usize = 64;
-
-/// Telemetry reports a slow StreamTelemetry subscriber may fall behind by before it skips.
-const TELEMETRY_SUBSCRIBER_BACKLOG: usize = 8;
 
 /// The preamble itself, shared by every connection.
 static SYNC_PREAMBLE: [u8; SYNC_PREAMBLE_BYTES] = [0u8; SYNC_PREAMBLE_BYTES];
@@ -135,15 +149,16 @@ struct Waiter {
     done: oneshot::Sender<Result<Payload, AgentError>>,
 }
 
-/// What the daemon last heard from the agent, with when.
+/// What the daemon last heard from the agent, with when. Each message was checked against
+/// the field limits; they are shared, so a copy of the cache costs three reference counts.
 #[derive(Debug, Default, Clone)]
 pub struct AgentCache {
-    pub ready: Option<AgentReady>,
+    pub ready: Option<Arc<AgentReady>>,
     pub ready_at: Option<SystemTime>,
-    pub telemetry: Option<Telemetry>,
+    pub telemetry: Option<Arc<Telemetry>>,
     pub telemetry_at: Option<SystemTime>,
     /// Interfaces, asked for after every AgentReady of an agent that serves "network".
-    pub network: Option<qx_proto::agent::NetworkInfo>,
+    pub network: Option<Arc<qx_proto::agent::NetworkInfo>>,
 }
 
 #[derive(Debug)]
@@ -155,6 +170,37 @@ struct Inner {
     last_rx: Option<Instant>,
     /// The connection's session id is known (AgentReady seen on it).
     ready_on_conn: u64,
+    /// The connection that ended in a protocol error, if the last one did.
+    protocol_error_on: u64,
+    last_protocol_log: Option<Instant>,
+    /// Restart events that may still be emitted now, refilled one per interval.
+    restart_tokens: u32,
+    restart_refill_at: Option<Instant>,
+    /// Restarts not reported yet (coalesced into the next event).
+    restarts_unreported: u64,
+}
+
+impl Inner {
+    /// Whether an AGENT_RESTARTED event may be emitted now, and if so how many restarts
+    /// before it went unreported; otherwise the restart is counted for the next event.
+    fn restart_event_allowed(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        let refill_at = *self.restart_refill_at.get_or_insert(now);
+        if now >= refill_at {
+            let periods = (now.duration_since(refill_at).as_secs()
+                / RESTART_EVENT_INTERVAL.as_secs())
+            .saturating_add(1);
+            let tokens = u64::from(self.restart_tokens).saturating_add(periods);
+            self.restart_tokens = tokens.min(u64::from(RESTART_EVENT_BURST)) as u32;
+            self.restart_refill_at = Some(now + RESTART_EVENT_INTERVAL);
+        }
+        if self.restart_tokens == 0 {
+            self.restarts_unreported += 1;
+            return None;
+        }
+        self.restart_tokens -= 1;
+        Some(std::mem::take(&mut self.restarts_unreported))
+    }
 }
 
 /// One VM's link to its agent.
@@ -171,7 +217,9 @@ pub struct Link {
     /// The table's next deadline may have moved.
     rearm: Notify,
     events: broadcast::Sender<AgentEvent>,
-    telemetry_tx: broadcast::Sender<pb::TelemetryUpdate>,
+    /// The latest pushed telemetry report and when it came: a subscriber that reads slowly
+    /// skips to the newest, it never holds a backlog.
+    telemetry_tx: watch::Sender<Option<(Arc<Telemetry>, SystemTime)>>,
     /// Test hook: the running reader task, so a test can kill it alone.
     reader_task: Mutex<Option<JoinHandle<()>>>,
 }
@@ -219,7 +267,7 @@ impl Link {
             reader_alive: false,
             writer_alive: false,
         });
-        let (telemetry_tx, _) = broadcast::channel(TELEMETRY_SUBSCRIBER_BACKLOG);
+        let (telemetry_tx, _) = watch::channel(None);
         Arc::new(Link {
             vm_id,
             socket,
@@ -233,6 +281,11 @@ impl Link {
                 stats: LinkStats::default(),
                 last_rx: None,
                 ready_on_conn: 0,
+                protocol_error_on: 0,
+                last_protocol_log: None,
+                restart_tokens: RESTART_EVENT_BURST,
+                restart_refill_at: None,
+                restarts_unreported: 0,
             }),
             writable: Notify::new(),
             rearm: Notify::new(),
@@ -282,7 +335,9 @@ impl Link {
                         failed,
                     } => {
                         inner.stats.agent_restarts += 1;
-                        restarts.push((old_session, new_session, failed));
+                        if let Some(coalesced) = inner.restart_event_allowed() {
+                            restarts.push((old_session, new_session, failed, coalesced));
+                        }
                     }
                 }
             }
@@ -296,10 +351,17 @@ impl Link {
         drop(inner);
         self.writable.notify_one();
         self.rearm.notify_one();
-        for (old, new, failed) in restarts {
+        for (old, new, failed, coalesced) in restarts {
+            let more = if coalesced > 0 {
+                format!(" ({coalesced} earlier restarts not reported separately)")
+            } else {
+                String::new()
+            };
             self.emit(
                 pb::EventKind::AgentRestarted,
-                format!("agent session {old:#x} -> {new:#x}; {failed} in-flight commands failed"),
+                format!(
+                    "agent session {old:#x} -> {new:#x}; {failed} in-flight commands failed{more}"
+                ),
             );
         }
         r
@@ -446,7 +508,7 @@ impl Link {
         self.cfg.liveness_window
     }
 
-    pub fn subscribe_telemetry(&self) -> broadcast::Receiver<pb::TelemetryUpdate> {
+    pub fn subscribe_telemetry(&self) -> watch::Receiver<Option<(Arc<Telemetry>, SystemTime)>> {
         self.telemetry_tx.subscribe()
     }
 
@@ -528,7 +590,10 @@ impl Link {
                     conn_id += 1;
                     let opened = Instant::now();
                     let ready = self.run_connection(conn_id, stream, &mut stop).await;
-                    if ready && opened.elapsed() >= self.cfg.backoff_initial {
+                    // A connection that ended in a protocol error keeps the backoff growing:
+                    // a guest cannot buy a fast reconnect by misbehaving after AgentReady.
+                    let misbehaved = self.lock().protocol_error_on == conn_id;
+                    if ready && !misbehaved && opened.elapsed() >= self.cfg.backoff_initial {
                         backoff = self.cfg.backoff_initial;
                     }
                 }
@@ -630,9 +695,38 @@ impl Link {
         self.after_drop(conn_id)
     }
 
+    /// The agent sent something over its limits: counted, logged at most once per
+    /// [`PROTOCOL_ERROR_LOG_INTERVAL`], and the connection ends (the caller returns the text).
+    fn protocol_error(&self, conn_id: u64, what: String) -> String {
+        let e = format!("protocol error: {what}; resetting the connection");
+        let mut inner = self.lock();
+        inner.stats.protocol_errors += 1;
+        inner.protocol_error_on = conn_id;
+        let now = Instant::now();
+        let log_now = inner
+            .last_protocol_log
+            .is_none_or(|t| now.duration_since(t) >= PROTOCOL_ERROR_LOG_INTERVAL);
+        if log_now {
+            inner.last_protocol_log = Some(now);
+            let total = inner.stats.protocol_errors;
+            drop(inner);
+            log::warn!(
+                "vm {}: connection {conn_id}: {e} ({total} protocol errors so far)",
+                self.vm_id
+            );
+        }
+        e
+    }
+
     fn record_error(&self, conn_id: u64, e: String) {
-        log::info!("vm {}: connection {conn_id} ended: {e}", self.vm_id);
-        self.lock().table.set_last_error(e);
+        let mut inner = self.lock();
+        // A protocol error was logged (rate limited) where it was found.
+        if inner.protocol_error_on == conn_id {
+            log::debug!("vm {}: connection {conn_id} ended: {e}", self.vm_id);
+        } else {
+            log::info!("vm {}: connection {conn_id} ended: {e}", self.vm_id);
+        }
+        inner.table.set_last_error(e);
     }
 
     /// A connection ended: the table decides what becomes of the commands written on it.
@@ -674,7 +768,7 @@ impl Link {
                 protocol_version: qx_proto::PROTOCOL_VERSION,
                 host_version: env!("CARGO_PKG_VERSION").to_string(),
                 host_session_id: self.host_session,
-                max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+                max_frame_bytes: MAX_RX_FRAME_BYTES,
             })),
         };
         let hello = Arc::new(encode(&hello).map_err(|e| e.to_string())?);
@@ -787,7 +881,7 @@ impl Link {
         ready: watch::Sender<bool>,
     ) -> Result<(), String> {
         // A fresh decoder per connection: nothing of the last connection's bytes survives.
-        let mut dec = Decoder::new(DEFAULT_MAX_FRAME_BYTES);
+        let mut dec = Decoder::new(MAX_RX_FRAME_BYTES);
         let mut seen = dec.stats();
         loop {
             let spare = dec.spare(READ_BYTES);
@@ -828,7 +922,13 @@ impl Link {
                     }
                 };
                 match env {
-                    Ok((env, len)) => self.on_frame(conn_id, env, len, &prio, &ready),
+                    Ok((env, len)) => {
+                        // Checked before anything is cached or handed to a caller.
+                        if let Err(v) = limits::check(&env) {
+                            return Err(self.protocol_error(conn_id, v.to_string()));
+                        }
+                        self.on_frame(conn_id, env, len, &prio, &ready)
+                    }
                     Err(e) => {
                         log::debug!("vm {}: undecodable envelope: {e}", self.vm_id);
                         self.lock().stats.bad_frames += 1;
@@ -898,14 +998,11 @@ impl Link {
             }
             Some(Payload::Telemetry(t)) if corr == 0 => {
                 let mut inner = self.lock();
+                let t = Arc::new(t);
                 inner.cache.telemetry = Some(t.clone());
                 inner.cache.telemetry_at = Some(now);
                 drop(inner);
-                let _ = self.telemetry_tx.send(pb::TelemetryUpdate {
-                    vm_id: self.vm_id.clone(),
-                    telemetry: Some(t),
-                    received_unix_ms: unix_ms(now),
-                });
+                self.telemetry_tx.send_replace(Some((t, now)));
             }
             Some(Payload::Ack(_)) => {
                 self.with_table(|inner, now| {
@@ -923,7 +1020,11 @@ impl Link {
             }
             Some(Payload::Error(e)) => {
                 // The agent can repeat this at will: debug only, never a flood at info.
-                log::debug!("vm {}: agent protocol complaint: {}", self.vm_id, e.message);
+                log::debug!(
+                    "vm {}: agent protocol complaint: {}",
+                    self.vm_id,
+                    Esc(&e.message)
+                );
             }
             Some(payload @ (Payload::ExecOutput(_) | Payload::FileChunk(_))) if corr != 0 => {
                 let item = Event::Item { id: corr, payload };
@@ -935,7 +1036,7 @@ impl Link {
                     // Telemetry asked for with a TelemetryRequest also updates the cache.
                     if let Payload::Telemetry(t) = &payload {
                         if inner.table.stage(corr).is_some() {
-                            inner.cache.telemetry = Some(t.clone());
+                            inner.cache.telemetry = Some(Arc::new(t.clone()));
                             inner.cache.telemetry_at = Some(at);
                         }
                     }
@@ -960,7 +1061,7 @@ impl Link {
         let first_on_conn = self.with_table(|inner, now| {
             let first_on_conn = inner.ready_on_conn != conn_id;
             inner.ready_on_conn = conn_id;
-            inner.cache.ready = Some(r.clone());
+            inner.cache.ready = Some(Arc::new(r.clone()));
             inner.cache.ready_at = Some(at);
             inner.table.handle_event(
                 Event::Ready {
@@ -986,7 +1087,7 @@ impl Link {
                 pb::EventKind::AgentConnected,
                 format!(
                     "connection {conn_id}, agent {} session {new:#x}",
-                    r.agent_version
+                    sanitize(&r.agent_version, EVENT_GUEST_TEXT_CHARS)
                 ),
             );
         }
@@ -1008,7 +1109,7 @@ impl Link {
                 return;
             };
             if let Ok(Payload::NetworkInfo(n)) = cmd.finish().await {
-                me.lock().cache.network = Some(n);
+                me.lock().cache.network = Some(Arc::new(n));
             }
         });
     }

@@ -10,6 +10,7 @@
 //!   at a named stage), sans-io; [`command`] is what a caller holds while it waits.
 
 pub mod command;
+pub mod limits;
 pub mod link;
 pub mod stats;
 pub mod table;

@@ -17,6 +17,8 @@ pub struct LinkStats {
     pub tx: BTreeMap<&'static str, (u64, u64)>,
     pub garbage_bytes: u64,
     pub bad_frames: u64,
+    /// Messages over the field limits (`super::limits`); each ended its connection.
+    pub protocol_errors: u64,
 }
 
 impl LinkStats {
@@ -64,6 +66,7 @@ impl LinkStats {
             }),
             garbage_bytes: self.garbage_bytes,
             bad_frames: self.bad_frames,
+            protocol_errors: self.protocol_errors,
             last_error: last_error.to_string(),
             ..Default::default()
         }
