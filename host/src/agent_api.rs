@@ -33,6 +33,8 @@ pub const READ_CHUNK_BYTES: u32 = 32 * 1024;
 /// buffer, so the VM's reader task never waits for a slow gRPC client.
 pub const READ_WINDOW_BYTES: u64 = 1024 * 1024;
 const READ_WINDOW_ITEMS: usize = (READ_WINDOW_BYTES / READ_CHUNK_BYTES as u64) as usize + 8;
+/// Times one read may resume after a lost connection, from the last byte it received.
+const READ_RESUMES: u32 = 16;
 /// Exec output items buffered per streaming exec before the caller counts as too slow.
 const EXEC_STREAM_ITEMS: usize = 1024;
 /// SyncTime sets the guest clock only when it is off by more than this (or `force`).
@@ -132,6 +134,43 @@ impl AgentApi {
         if let Err(e) = self.mgr.attach(vm_id, socket) {
             log::error!("vm {vm_id}: cannot bind agent socket: {e}");
         }
+    }
+
+    /// `vm_id` went back to a snapshot: the guest's memory and its agent are those of the
+    /// snapshot's moment. Every command in flight fails "VM reverted", the connection is
+    /// closed and opened again (to `socket`, read back from the reverted definition, when
+    /// given), and the agent is met as new. With `thaw` (the snapshot was taken with the
+    /// filesystems frozen, so the restored guest is frozen) the agent is told to thaw once
+    /// it is back, in the background.
+    pub fn reset_after_revert(&self, vm_id: &str, socket: Option<PathBuf>, thaw: bool) {
+        if let Ok(link) = self.mgr.link(vm_id) {
+            link.reset_for_revert();
+        }
+        if let Some(path) = socket {
+            self.attach(vm_id, path);
+        }
+        let Ok(link) = self.mgr.link(vm_id) else {
+            return;
+        };
+        if !thaw {
+            return;
+        }
+        let opts = self.opts(0, Redelivery::SameSession);
+        let vm_id = vm_id.to_string();
+        tokio::spawn(async move {
+            // Token 0 thaws whatever the agent of the snapshot's moment had frozen.
+            let req = Payload::FsThawRequest(ap::FsThawRequest {
+                token: 0,
+                run_hooks: true,
+            });
+            let res = match link.start(req, opts, 1) {
+                Ok(cmd) => cmd.finish().await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = res {
+                log::warn!("vm {vm_id}: thaw after reverting to a quiesced snapshot failed: {e}");
+            }
+        });
     }
 
     /// Closes `vm_id`'s agent connection and forgets its socket.
@@ -966,6 +1005,8 @@ fn info_of(link: &Link) -> pb::GuestAgentInfo {
 
 /// Streams a file in windows of [`READ_WINDOW_BYTES`]: one FileReadRequest per window, each
 /// window's sha256 checked against the agent's, the whole stream's sha256 on the last message.
+/// A window cut by a lost connection is asked for again from the last byte received (up to
+/// [`READ_RESUMES`] times), so the caller sees one unbroken stream.
 async fn read_windows(
     link: &Arc<Link>,
     request: &pb::ReadGuestFileRequest,
@@ -981,6 +1022,7 @@ async fn read_windows(
     let mut offset = request.offset.min(end);
     let mut whole = Sha256::new();
     let mut first = true;
+    let mut resumes = 0;
     while offset < end {
         let want = (end - offset).min(READ_WINDOW_BYTES);
         let mut cmd: Command = link.start(
@@ -996,8 +1038,16 @@ async fn read_windows(
         )?;
         let mut window = Sha256::new();
         let mut got = 0u64;
+        let mut shrank = false;
         loop {
-            match cmd.next().await? {
+            let step = match cmd.next().await {
+                Err(AgentError::ConnectionLost { .. }) if resumes < READ_RESUMES => {
+                    resumes += 1;
+                    break;
+                }
+                other => other?,
+            };
+            match step {
                 Step::Item(Payload::FileChunk(c)) => {
                     // Sizes are the guest's word: more than was asked for is an error, so a
                     // read is bounded by the window and the file size whatever it sends.
@@ -1050,15 +1100,16 @@ async fn read_windows(
                             ),
                         });
                     }
+                    shrank = got == 0;
                     break;
                 }
                 Step::Done(other) => return Err(unexpected(link, cmd.id(), cmd.kind, other)),
             }
         }
-        if got == 0 {
+        offset += got;
+        if shrank {
             break; // the file shrank under us
         }
-        offset += got;
     }
     let _ = tx
         .send(Ok(pb::GuestFileChunk {

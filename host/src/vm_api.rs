@@ -907,22 +907,21 @@ impl VmApi {
                 request.snapshot_id.clone(),
                 request.start_after_revert,
             );
-            let socket = self
+            let notes = self.notes.clone();
+            let (socket, quiesced) = self
                 .run(move |hv| {
                     hv.snapshot_revert(&id, &name, start)?;
+                    let quiesced = notes.load(&id).get(&name).copied().unwrap_or(false);
                     Ok(if hv.state(&id)?.is_active() {
-                        events::agent_socket(hv, &id)
+                        (events::agent_socket(hv, &id), quiesced)
                     } else {
-                        None
+                        (None, false)
                     })
                 })
                 .await?;
             self.refresh().await;
-            // The guest's memory went back in time: restart its agent connection so the
-            // session is re-established from scratch.
-            if let Some(path) = socket {
-                self.agent.attach(&uuid, path);
-            }
+            // The guest's memory went back in time: its agent link starts again from scratch.
+            self.agent.reset_after_revert(&uuid, socket, quiesced);
             self.status(&uuid).await
         }
         .await

@@ -558,3 +558,132 @@ async fn execs_beyond_the_agents_limit_wait_for_a_slot() {
         assert_eq!(exit.stdout, format!("{i}\n").as_bytes());
     }
 }
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect()
+}
+
+/// The connection drops in the middle of an 8 MiB WriteGuestFile: the chunks in flight go out
+/// again on the next connection in their order, the agent takes each offset once, and the
+/// call succeeds with the whole file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_write_survives_a_reconnect_mid_transfer() {
+    let (dir, relay, _agent, mut d) = setup(&[]).await;
+    let path = dir.path().join("vm12-cut-write.bin");
+    let data = pattern(8 << 20);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(write_header(&path, &data)).await.unwrap();
+    let mut client = d.client.clone();
+    let write = tokio::spawn(async move {
+        client
+            .write_guest_file(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    let send = |piece: &[u8]| pb::WriteGuestFileRequest {
+        part: Some(pb::write_guest_file_request::Part::Data(piece.to_vec())),
+    };
+    // The first 2 MiB go through (the open and 42 whole chunks answered).
+    for piece in data[..2 << 20].chunks(1 << 20) {
+        tx.send(send(piece)).await.unwrap();
+    }
+    loop {
+        let c = d.stats(VM).await.commands.unwrap();
+        if c.completed >= 43 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // Then the relay stops reading what the host writes, the rest is fed, and once chunks
+    // written and not yet answered pile up the connection is cut: those chunks are lost.
+    relay.pause_host_reads(true);
+    let feed = {
+        let data = data.clone();
+        tokio::spawn(async move {
+            for piece in data[2 << 20..].chunks(1 << 20) {
+                if tx.send(send(piece)).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    loop {
+        let c = d.stats(VM).await.commands.unwrap();
+        if c.written >= c.completed + 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    relay.cut_host();
+    relay.pause_host_reads(false);
+    feed.await.unwrap();
+    let done = write.await.unwrap().unwrap().into_inner();
+    assert!(done.committed);
+    assert_eq!(done.bytes, data.len() as u64);
+    assert!(std::fs::read(&path).unwrap() == data, "the file differs");
+    assert!(d.stats(VM).await.connection_id >= 2);
+}
+
+/// The connection drops in the middle of an 8 MiB ReadGuestFile, while a window's answers are
+/// on their way: the read resumes from the last byte received, and the stream ends with every
+/// byte and the whole file's sha256.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_read_resumes_after_a_reconnect_mid_transfer() {
+    let (dir, relay, _agent, mut d) = setup(&[]).await;
+    let relay = std::sync::Arc::new(relay);
+    let path = dir.path().join("vm12-cut-read.bin");
+    let data = pattern(8 << 20);
+    std::fs::write(&path, &data).unwrap();
+    let mut s = d
+        .client
+        .read_guest_file(pb::ReadGuestFileRequest {
+            vm_id: VM.into(),
+            path: path.display().to_string(),
+            offset: 0,
+            length: 0,
+            timeout_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let requests = |relay: &Relay| {
+        let (_, kinds) = relay.to_guest_stats();
+        kinds.iter().filter(|k| **k == "file_read_request").count()
+    };
+    let mut back = Vec::new();
+    let mut sha = Vec::new();
+    let mut cutter = None;
+    while let Some(c) = s.message().await.unwrap() {
+        assert_eq!(
+            c.offset,
+            back.len() as u64,
+            "a gap or a repeat in the stream"
+        );
+        back.extend(c.data);
+        if c.eof {
+            sha = c.sha256;
+        }
+        if cutter.is_none() && back.len() >= 3 << 20 {
+            // Hold the agent's answers; once a window is asked for and not yet answered, cut
+            // the connection under it, then let the held answers go (to a connection that
+            // never asked for them).
+            relay.pause_guest_reads(true);
+            let (relay, agent) = (relay.clone(), d.agent.clone());
+            cutter = Some(tokio::spawn(async move {
+                let link = agent.manager().link(VM).unwrap();
+                while link.stats().in_flight == 0 {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                link.kill_reader_for_test().await;
+                relay.pause_guest_reads(false);
+                requests(&relay)
+            }));
+        }
+    }
+    let asked = cutter.unwrap().await.unwrap();
+    assert!(asked >= 4);
+    assert!(back == data, "the bytes differ");
+    assert_eq!(sha, Sha256::digest(&data).to_vec());
+    assert!(d.stats(VM).await.connection_id >= 2);
+}

@@ -3,6 +3,8 @@
 //! `test:///<tmp>/node.xml`, a private empty hypervisor, so parallel tests never meet.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod agent_support;
+
 use qx_node::agent_api::AgentApi;
 use qx_node::pb;
 use qx_node::pb::node_daemon_service_client::NodeDaemonServiceClient;
@@ -860,4 +862,84 @@ async fn stopping_a_paused_vm_skips_agent_and_acpi_and_forces() {
     assert_eq!(attempted, [false, false, true], "{:?}", stop.steps);
     assert_eq!(stop.stopped_by, pb::StopStep::Force as i32);
     assert_eq!(state(stop.status.as_ref().unwrap()), pb::VmState::Stopped);
+}
+
+/// Reverting a running VM to a snapshot resets its agent link: the guest went back in time,
+/// so a command in flight fails "VM reverted" at once, and the link meets the agent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revert_resets_the_agent_link_and_fails_commands_in_flight() {
+    use agent_support::{RealAgent, Relay};
+    let mut h = harness().await;
+    let vm = create(&mut h, "vm12-revert").await;
+    // QEMU's chardev, played by a relay at the socket the domain names, with the real agent.
+    std::fs::create_dir_all(h.sockets()).unwrap();
+    let relay = Relay::start(&h.sockets(), &vm.vm_id);
+    let _agent = RealAgent::start(&relay.guest_path, &[]);
+    let c = &mut h.client;
+    c.start_vm(id(&vm.vm_id)).await.unwrap();
+    c.create_snapshot(pb::CreateSnapshotRequest {
+        vm_id: vm.vm_id.clone(),
+        name: "before".into(),
+        description: String::new(),
+        quiesce: false,
+        include_memory: false,
+    })
+    .await
+    .unwrap();
+    let ping = pb::AgentRequest {
+        vm_id: vm.vm_id.clone(),
+        timeout_ms: 10_000,
+    };
+    c.ping_agent(ping.clone()).await.unwrap();
+    let stats = |c: &mut Client| {
+        let mut c = c.clone();
+        let vm_id = vm.vm_id.clone();
+        async move {
+            c.get_agent_connection_stats(pb::AgentStatsRequest { vm_id })
+                .await
+                .unwrap()
+                .into_inner()
+                .connections
+                .remove(0)
+        }
+    };
+    // Nothing else in flight (the link's own interface query is done), then the exec.
+    let acked = loop {
+        let s = stats(c).await;
+        if s.in_flight == 0 {
+            break s.commands.unwrap().acknowledged;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let mut exec_client = c.clone();
+    let exec = pb::ExecuteInGuestRequest {
+        vm_id: vm.vm_id.clone(),
+        exec: Some(qx_proto::agent::ExecRequest {
+            argv: vec!["sleep".into(), "5".into()],
+            ..Default::default()
+        }),
+        timeout_ms: 0,
+    };
+    let running = tokio::spawn(async move { exec_client.execute_in_guest(exec).await });
+    loop {
+        let s = stats(c).await;
+        let n = s.commands.unwrap();
+        if (s.in_flight == 1 && n.acknowledged > acked) || running.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let before = stats(c).await.connection_id;
+    c.revert_snapshot(pb::SnapshotRequest {
+        vm_id: vm.vm_id.clone(),
+        snapshot_id: "before".into(),
+        start_after_revert: false,
+    })
+    .await
+    .unwrap();
+    let err = running.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    assert!(err.message().contains("VM reverted"), "{}", err.message());
+    c.ping_agent(ping).await.unwrap();
+    assert!(stats(c).await.connection_id > before);
 }

@@ -19,6 +19,7 @@
 //!
 //! docs/protocol.md is the normative description, with test vectors.
 
+use std::time::{Duration, Instant};
 use thiserror::Error;
 
 /// "QTX" followed by the protocol version.
@@ -127,6 +128,8 @@ pub struct DecoderStats {
     pub bad_headers: u64,
     pub oversized: u64,
     pub bad_payloads: u64,
+    /// Started frames whose rest did not arrive within the frame deadline.
+    pub abandoned: u64,
 }
 
 /// Incremental frame decoder with a bounded buffer.
@@ -143,6 +146,10 @@ pub struct Decoder {
     max_frame_bytes: u32,
     /// Garbage skipped but not yet reported.
     pending_garbage: usize,
+    /// Stream position of `buf[start]`: every byte consumed so far, frames and garbage.
+    consumed: u64,
+    /// A started frame waiting for its rest: its stream position, and when it is abandoned.
+    partial: Option<(u64, Instant)>,
     stats: DecoderStats,
 }
 
@@ -160,6 +167,8 @@ impl Decoder {
             end: 0,
             max_frame_bytes,
             pending_garbage: 0,
+            consumed: 0,
+            partial: None,
             stats: DecoderStats::default(),
         }
     }
@@ -194,6 +203,7 @@ impl Decoder {
         self.start = 0;
         self.end = 0;
         self.pending_garbage = 0;
+        self.partial = None;
     }
 
     /// Returns writable space (at most `want` bytes, at least one byte when `room() > 0`) at
@@ -252,6 +262,7 @@ impl Decoder {
         };
         if skip > 0 {
             self.start += skip;
+            self.consumed += skip as u64;
             self.pending_garbage += skip;
             self.stats.garbage_bytes += skip as u64;
         }
@@ -293,6 +304,7 @@ impl Decoder {
         }
         let payload_start = self.start + HEADER_BYTES;
         self.start += total;
+        self.consumed += total as u64;
         if self.start == self.end {
             // Everything is consumed: the next read starts at the front again. The
             // payload returned below stays intact until `spare` is next called, which the
@@ -309,8 +321,44 @@ impl Decoder {
     /// the search for the next frame starts. The skipped magic byte counts as garbage.
     fn step_over_magic(&mut self) {
         self.start += 1;
+        self.consumed += 1;
         self.pending_garbage += 1;
         self.stats.garbage_bytes += 1;
+    }
+
+    /// Call after [`Decoder::decode`] returned `Ok(None)`: the time at which the frame begun
+    /// in the buffer, if any, is abandoned unless its rest arrives first. A frame seen waiting
+    /// for the first time gets `now + frame_deadline`; it keeps that deadline while it waits.
+    /// Time is an input: the caller reads the clock and arms its own timer.
+    pub fn partial_deadline(&mut self, now: Instant, frame_deadline: Duration) -> Option<Instant> {
+        if self.buffered() == 0 {
+            self.partial = None;
+            return None;
+        }
+        match self.partial {
+            Some((pos, at)) if pos == self.consumed => Some(at),
+            _ => {
+                let at = now + frame_deadline;
+                self.partial = Some((self.consumed, at));
+                Some(at)
+            }
+        }
+    }
+
+    /// Abandons the started frame whose deadline is at or before `now`: the search for the
+    /// next frame restarts at the byte after its magic, so the frames its announced length
+    /// swallowed are found. Returns whether a frame was abandoned; call [`Decoder::decode`]
+    /// again after it.
+    pub fn handle_timeout(&mut self, now: Instant) -> bool {
+        match self.partial {
+            Some((pos, at)) if pos == self.consumed && at <= now && self.buffered() > 0 => {
+                self.partial = None;
+                self.stats.abandoned += 1;
+                self.step_over_magic();
+                true
+            }
+            _ => false,
+        }
     }
 
     fn flush_garbage(&mut self) -> Result<(), FrameError> {
@@ -593,5 +641,54 @@ mod tests {
             encode_frame(&[0u8; 5000], MIN_MAX_FRAME_BYTES, &mut Vec::new()),
             Err(EncodeError::TooLarge { len: 5000, .. })
         ));
+    }
+
+    #[test]
+    fn started_frame_past_its_deadline_is_abandoned_and_the_frames_it_swallowed_are_read() {
+        let t0 = Instant::now();
+        let limit = Duration::from_secs(2);
+        let mut d = Decoder::new(DEFAULT_MAX_FRAME_BYTES);
+        // A valid header announcing 48 KiB, 1 KiB of it, then two whole frames.
+        let big = frame(&vec![7u8; 48 * 1024]);
+        d.push(&big[..HEADER_BYTES + 1024]);
+        d.push(&frame(b"pong"));
+        d.push(&frame(b"telemetry"));
+        assert_eq!(d.decode(), Ok(None));
+        assert_eq!(d.partial_deadline(t0, limit), Some(t0 + limit));
+        // Still waiting later: the deadline does not move.
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!(d.partial_deadline(later, limit), Some(t0 + limit));
+        assert!(!d.handle_timeout(later));
+        assert!(d.handle_timeout(t0 + limit));
+        assert_eq!(d.stats().abandoned, 1);
+        let mut got = Vec::new();
+        loop {
+            match d.decode() {
+                Ok(Some(p)) => got.push(p.to_vec()),
+                Ok(None) => break,
+                Err(_) => continue,
+            }
+        }
+        assert_eq!(got, vec![b"pong".to_vec(), b"telemetry".to_vec()]);
+        assert_eq!(d.partial_deadline(t0 + limit, limit), None);
+    }
+
+    #[test]
+    fn frame_completing_before_its_deadline_is_kept_and_the_next_gets_a_new_deadline() {
+        let t0 = Instant::now();
+        let limit = Duration::from_secs(2);
+        let mut d = Decoder::new(DEFAULT_MAX_FRAME_BYTES);
+        let f = frame(b"slow frame");
+        d.push(&f[..10]);
+        assert_eq!(d.decode(), Ok(None));
+        assert_eq!(d.partial_deadline(t0, limit), Some(t0 + limit));
+        d.push(&f[10..]);
+        d.push(&f[..10]);
+        assert_eq!(d.decode(), Ok(Some(&b"slow frame"[..])));
+        assert_eq!(d.decode(), Ok(None));
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(d.partial_deadline(t1, limit), Some(t1 + limit));
+        assert!(!d.handle_timeout(t0 + limit));
+        assert_eq!(d.stats().abandoned, 0);
     }
 }

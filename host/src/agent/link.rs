@@ -216,6 +216,8 @@ pub struct Link {
     writable: Notify,
     /// The table's next deadline may have moved.
     rearm: Notify,
+    /// Closes the current connection (the VM was reverted); the supervisor reconnects.
+    reset: Notify,
     events: broadcast::Sender<AgentEvent>,
     /// The latest pushed telemetry report and when it came: a subscriber that reads slowly
     /// skips to the newest, it never holds a backlog.
@@ -289,6 +291,7 @@ impl Link {
             }),
             writable: Notify::new(),
             rearm: Notify::new(),
+            reset: Notify::new(),
             events,
             telemetry_tx,
             reader_task: Mutex::new(None),
@@ -450,9 +453,7 @@ impl Link {
     /// meets the reverted guest's agent as new.
     pub fn reset_for_revert(&self) {
         self.with_table(|inner, now| inner.table.handle_event(Event::Reverted, now));
-        self.status.send_modify(|s| {
-            s.reader_alive = false;
-        });
+        self.reset.notify_waiters();
     }
 
     // ---------------------------------------------------------------------------------------
@@ -672,6 +673,7 @@ impl Link {
         tokio::select! {
             _ = status.wait_for(|s| s.conn_id != conn_id || !s.reader_alive || !s.writer_alive) => {}
             _ = stop.changed() => {}
+            _ = self.reset.notified() => self.record_error(conn_id, "VM reverted to a snapshot".into()),
         }
         // Tear down: both halves drop with their tasks, closing the socket.
         abort_reader.abort();
@@ -883,21 +885,40 @@ impl Link {
         // A fresh decoder per connection: nothing of the last connection's bytes survives.
         let mut dec = Decoder::new(MAX_RX_FRAME_BYTES);
         let mut seen = dec.stats();
+        // Liveness counts whole frames: bytes that never make a frame keep nothing alive.
+        let mut last_frame = Instant::now();
         loop {
-            let spare = dec.spare(READ_BYTES);
-            // Silence ends a connection only once the agent has spoken on it; before that,
-            // the link waits for the agent to start.
-            let limit = if *ready.borrow() {
+            // No whole frame within the idle window (the liveness window before the first
+            // AgentReady) ends the connection.
+            let idle = if *ready.borrow() {
                 self.cfg.idle_reconnect
             } else {
-                Duration::from_secs(365 * 24 * 3600)
+                self.cfg.liveness_window
             };
-            let n = match tokio::time::timeout(limit, rd.read(spare)).await {
+            let idle_at = last_frame + idle;
+            // A started frame must arrive whole within the frame deadline (the bound the
+            // writer holds itself to), or it is abandoned and the bytes after its magic are
+            // read again.
+            let frame_at = dec
+                .partial_deadline(Instant::now().into_std(), self.cfg.write_deadline)
+                .map(Instant::from_std);
+            let wake = frame_at.map_or(idle_at, |f| f.min(idle_at));
+            let spare = dec.spare(READ_BYTES);
+            let n = match tokio::time::timeout_at(wake, rd.read(spare)).await {
                 Err(_) => {
-                    return Err(format!(
-                        "nothing heard for {} ms",
-                        self.cfg.idle_reconnect.as_millis()
-                    ))
+                    let now = Instant::now();
+                    if dec.handle_timeout(now.into_std()) {
+                        log::debug!(
+                            "vm {}: a started frame did not arrive whole within {} ms; abandoned",
+                            self.vm_id,
+                            self.cfg.write_deadline.as_millis()
+                        );
+                        0
+                    } else if now >= idle_at {
+                        return Err(format!("no whole frame heard for {} ms", idle.as_millis()));
+                    } else {
+                        continue;
+                    }
                 }
                 Ok(Err(e)) => return Err(format!("read failed: {e}")),
                 Ok(Ok(0)) => return Err("socket closed (EOF)".to_string()),
@@ -921,6 +942,7 @@ impl Link {
                         continue;
                     }
                 };
+                last_frame = Instant::now();
                 match env {
                     Ok((env, len)) => {
                         // Checked before anything is cached or handed to a caller.
@@ -940,7 +962,8 @@ impl Link {
             inner.stats.garbage_bytes += now.garbage_bytes - seen.garbage_bytes;
             inner.stats.bad_frames += (now.bad_headers - seen.bad_headers)
                 + (now.oversized - seen.oversized)
-                + (now.bad_payloads - seen.bad_payloads);
+                + (now.bad_payloads - seen.bad_payloads)
+                + (now.abandoned - seen.abandoned);
             seen = now;
             drop(inner);
             if flood {

@@ -36,12 +36,14 @@ pub struct AgentConfig {
     /// A link is "connected" only if something was heard within this window; cached agent
     /// data older than it is marked stale.
     pub liveness_window: Duration,
-    /// Nothing at all heard for this long: tear the connection down and reconnect.
+    /// No whole frame heard for this long: tear the connection down and reconnect. Before the
+    /// first AgentReady on a connection the liveness window applies instead.
     pub idle_reconnect: Duration,
     /// After this long without AgentReady the link reports "waiting for the agent" (it keeps
     /// the connection: the agent announces itself when it starts).
     pub handshake_timeout: Duration,
-    /// One frame must be flushed within this, or the connection is torn down.
+    /// One frame must be flushed within this, or the connection is torn down; a frame the
+    /// agent started must arrive whole within it, or the reader abandons it and rescans.
     pub write_deadline: Duration,
     /// A command must be acknowledged this long after it was queued.
     pub ack_timeout: Duration,

@@ -87,6 +87,8 @@ pub struct Relay {
     to_host_tx: mpsc::UnboundedSender<Vec<u8>>,
     /// Closed: the relay stops reading what the host writes.
     host_gate: Arc<Gate>,
+    /// Notified: the relay drops the host's connection with whatever it had not read yet.
+    host_cut: Arc<Notify>,
     /// Closed: the relay holds what the agent writes.
     guest_gate: Arc<Gate>,
     pub host_connections: Arc<AtomicU64>,
@@ -123,6 +125,7 @@ impl Relay {
         let (guest_w_tx, guest_w_rx) = watch::channel::<Option<Writer>>(None);
         let log = Arc::new(Mutex::new(Vec::new()));
         let host_gate = Arc::new(Gate::default());
+        let host_cut = Arc::new(Notify::new());
         let guest_gate = Arc::new(Gate::default());
         let host_connections = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
@@ -143,6 +146,7 @@ impl Relay {
         // Host side: one client at a time; its bytes go to the guest.
         {
             let gate = host_gate.clone();
+            let cut = host_cut.clone();
             let count = host_connections.clone();
             let to_guest = to_guest_tx.clone();
             tasks.push(tokio::spawn(async move {
@@ -153,8 +157,14 @@ impl Relay {
                     host_w_tx.send_replace(Some(Arc::new(tokio::sync::Mutex::new(wr))));
                     let mut buf = vec![0u8; 65536];
                     loop {
-                        gate.passable().await;
-                        match rd.read(&mut buf).await {
+                        let n = tokio::select! {
+                            _ = cut.notified() => break,
+                            n = async {
+                                gate.passable().await;
+                                rd.read(&mut buf).await
+                            } => n,
+                        };
+                        match n {
                             Ok(0) | Err(_) => break,
                             Ok(n) => {
                                 let _ = to_guest.send(buf[..n].to_vec());
@@ -196,6 +206,7 @@ impl Relay {
             to_guest_log: log,
             to_host_tx,
             host_gate,
+            host_cut,
             guest_gate,
             host_connections,
             tasks,
@@ -205,6 +216,12 @@ impl Relay {
     /// Stops (or resumes) reading what the host writes: the host's writes back up.
     pub fn pause_host_reads(&self, paused: bool) {
         self.host_gate.set_closed(paused);
+    }
+
+    /// Drops the host's connection as QEMU would lose it: bytes the host wrote that the relay
+    /// had not read yet are gone.
+    pub fn cut_host(&self) {
+        self.host_cut.notify_one();
     }
 
     /// Stops (or resumes) passing on what the agent writes: its answers wait (in the relay,
