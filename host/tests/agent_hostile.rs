@@ -449,6 +449,72 @@ async fn a_read_cannot_stream_past_the_window_or_skip_its_digest() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_stream_is_buffered_by_bytes_not_by_items() {
+    let dir = tempfile::tempdir().unwrap();
+    let (l, path) = listen(dir.path(), "e13");
+    let mut d = Daemon::start(fast_config(None), &[("e13", &path)]).await;
+    let mut c = Conn::accept(&l).await;
+    c.handshake(ready(1, "e")).await;
+    wait_hostname(&mut d, "e13", "e").await;
+    // The client starts a streamed exec and reads nothing until the agent is done.
+    let mut stream = d
+        .client
+        .stream_exec_in_guest(pb::ExecuteInGuestRequest {
+            vm_id: "e13".into(),
+            exec: Some(qx_proto::agent::ExecRequest {
+                argv: vec!["yes".into()],
+                stream: true,
+                ..Default::default()
+            }),
+            timeout_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let req = loop {
+        let req = c.request().await;
+        if let Some(Payload::ExecRequest(_)) = req.payload {
+            break req;
+        }
+    };
+    c.send(req.id, Payload::Ack(Ack {})).await;
+    // 200 items of 60 KiB (12 MiB), then the exit, then a marker.
+    const ITEM: usize = 60 * 1024;
+    for i in 0..200u64 {
+        let o = qx_proto::agent::ExecOutput {
+            stream: 1,
+            data: vec![b'y'; ITEM],
+            offset: i * ITEM as u64,
+        };
+        c.send(req.id, Payload::ExecOutput(o)).await;
+    }
+    c.send(req.id, Payload::ExecExit(Default::default())).await;
+    c.send(0, telemetry("flooded", Vec::new())).await;
+    wait_hostname(&mut d, "e13", "flooded").await;
+    let mut bytes = 0usize;
+    let mut end = None;
+    loop {
+        match stream.message().await {
+            Ok(Some(ev)) => match ev.event {
+                Some(pb::exec_event::Event::Output(o)) => bytes += o.data.len(),
+                Some(pb::exec_event::Event::Exit(_)) => end = Some(Ok(())),
+                _ => {}
+            },
+            Ok(None) => break,
+            Err(e) => {
+                end = Some(Err(e));
+                break;
+            }
+        }
+    }
+    // What the daemon held for this caller: at most 1 MiB in the command's buffer, plus what
+    // the gRPC layer had taken on before the caller fell behind.
+    assert!(bytes <= 4 << 20, "{bytes} bytes were buffered for one exec");
+    let err = end.expect("the stream ended without a word").unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+}
+
 // -------------------------------------------------------------------------------------------
 // The operator's terminal, through the real binaries
 // -------------------------------------------------------------------------------------------
