@@ -35,7 +35,8 @@ pub const READ_WINDOW_BYTES: u64 = 1024 * 1024;
 const READ_WINDOW_ITEMS: usize = (READ_WINDOW_BYTES / READ_CHUNK_BYTES as u64) as usize + 8;
 /// Times one read may resume after a lost connection, from the last byte it received.
 const READ_RESUMES: u32 = 16;
-/// Exec output items buffered per streaming exec before the caller counts as too slow.
+/// Exec output items buffered per streaming exec before the caller counts as too slow; the
+/// bytes they may hold are bounded apart ([`crate::agent::command::ITEM_BUFFER_BYTES`]).
 const EXEC_STREAM_ITEMS: usize = 1024;
 /// SyncTime sets the guest clock only when it is off by more than this (or `force`).
 pub const TIME_SYNC_THRESHOLD_NS: i64 = 100_000_000;
@@ -322,7 +323,9 @@ impl AgentApi {
             self.opts_for(timeout, Redelivery::Never),
             EXEC_STREAM_ITEMS,
         )?;
-        let (tx, rx) = mpsc::channel::<Result<pb::ExecEvent, Status>>(16);
+        // Two events queued for the gRPC stream: what waits for a slow client is the command's
+        // item buffer, bounded in bytes.
+        let (tx, rx) = mpsc::channel::<Result<pb::ExecEvent, Status>>(2);
         let started = pb::ExecEvent {
             event: Some(pb::exec_event::Event::StartedId(cmd.id())),
         };

@@ -508,8 +508,9 @@ async fn an_exec_stream_is_buffered_by_bytes_not_by_items() {
             }
         }
     }
-    // What the daemon held for this caller: at most 1 MiB in the command's buffer, plus what
-    // the gRPC layer had taken on before the caller fell behind.
+    // What reached the caller: at most 1 MiB from the command's buffer, plus what the gRPC
+    // layer had taken on before the caller fell behind (a few queued events and the HTTP/2
+    // flow-control window).
     assert!(bytes <= 4 << 20, "{bytes} bytes were buffered for one exec");
     let err = end.expect("the stream ended without a word").unwrap_err();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");

@@ -20,7 +20,7 @@
 //! (error, EOF, panic, abort), so a dead reader with a living writer reads as disconnected at
 //! once, and the supervisor, which waits on the same channel, tears the connection down.
 
-use super::command::{Command, CommandOptions, Redelivery};
+use super::command::{item_bytes, Command, CommandOptions, Redelivery, ITEM_BUFFER_BYTES};
 use super::limits;
 use super::stats::LinkStats;
 use super::table::{self, Event, Output, Table, TableConfig, Transmit};
@@ -33,7 +33,7 @@ use qx_proto::agent::{AgentReady, Envelope, HostHello, Ping, Pong, Telemetry};
 use qx_proto::{decode_envelope, payload_name, Decoder};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -146,6 +146,8 @@ impl Drop for TaskGuard {
 #[derive(Debug)]
 struct Waiter {
     items: mpsc::Sender<Payload>,
+    /// Item bytes in `items` not yet taken by the caller.
+    queued: Arc<AtomicUsize>,
     done: oneshot::Sender<Result<Payload, AgentError>>,
 }
 
@@ -321,8 +323,15 @@ impl Link {
                 match out {
                     Output::Item { id, payload } => {
                         if let Some(w) = inner.waiters.get(&id) {
-                            // The reader never waits for a caller that reads too slowly.
-                            if let Err(TrySendError::Full(_)) = w.items.try_send(payload) {
+                            // The reader never waits for a caller that reads too slowly, and
+                            // a caller holds at most ITEM_BUFFER_BYTES of items.
+                            let n = item_bytes(&payload);
+                            let held = w.queued.fetch_add(n, Ordering::Relaxed);
+                            if held.saturating_add(n) > ITEM_BUFFER_BYTES {
+                                w.queued.fetch_sub(n, Ordering::Relaxed);
+                                slow.push(id);
+                            } else if let Err(TrySendError::Full(_)) = w.items.try_send(payload) {
+                                w.queued.fetch_sub(n, Ordering::Relaxed);
                                 slow.push(id);
                             }
                         }
@@ -410,6 +419,7 @@ impl Link {
         item_capacity: usize,
     ) -> Result<Command, AgentError> {
         let (items_tx, items_rx) = mpsc::channel(item_capacity.max(1));
+        let queued = Arc::new(AtomicUsize::new(0));
         let (done_tx, done_rx) = oneshot::channel();
         let (id, kind) = self.with_table(|inner, now| {
             let (id, kind) = inner.table.submit(payload, opts, now)?;
@@ -417,6 +427,7 @@ impl Link {
                 id,
                 Waiter {
                     items: items_tx,
+                    queued: queued.clone(),
                     done: done_tx,
                 },
             );
@@ -427,6 +438,7 @@ impl Link {
             id,
             kind,
             items: items_rx,
+            queued,
             done: done_rx,
             finished: false,
         })
