@@ -6,8 +6,9 @@
 
 use crate::agent::command::{Command, CommandOptions, Redelivery, Step};
 use crate::agent::link::Link;
-pub use crate::agent::AgentEvent;
+use crate::agent::stats::LinkSnapshot;
 use crate::agent::{AgentConfig, AgentManager};
+pub use crate::agent::{AgentEvent, AgentEventKind};
 use crate::error::AgentError;
 use crate::pb;
 use crate::service::RpcStream;
@@ -264,7 +265,7 @@ impl AgentApi {
             vec![self.mgr.link(&request.vm_id)?]
         };
         Ok(pb::AgentConnectionStatsResponse {
-            connections: links.iter().map(|l| l.stats()).collect(),
+            connections: links.iter().map(|l| stats_pb(&l.stats())).collect(),
         })
     }
 
@@ -911,6 +912,7 @@ impl AgentApi {
             telemetry: Some(t),
             received_unix_ms: unix_ms(cache.telemetry_at),
         });
+        let vm_id = request.vm_id.clone();
         let (tx, rx) = mpsc::channel::<Result<pb::TelemetryUpdate, Status>>(16);
         tokio::spawn(async move {
             if let Some(first) = first {
@@ -921,7 +923,12 @@ impl AgentApi {
             loop {
                 tokio::select! {
                     r = live.recv() => match r {
-                        Ok(u) => {
+                        Ok(r) => {
+                            let u = pb::TelemetryUpdate {
+                                vm_id: vm_id.clone(),
+                                telemetry: Some(r.telemetry),
+                                received_unix_ms: r.received_unix_ms,
+                            };
                             if tx.send(Ok(u)).await.is_err() {
                                 return;
                             }
@@ -934,6 +941,67 @@ impl AgentApi {
             }
         });
         Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+}
+
+impl From<AgentEventKind> for pb::EventKind {
+    fn from(kind: AgentEventKind) -> pb::EventKind {
+        match kind {
+            AgentEventKind::Connected => pb::EventKind::AgentConnected,
+            AgentEventKind::Disconnected => pb::EventKind::AgentDisconnected,
+            AgentEventKind::Restarted => pb::EventKind::AgentRestarted,
+        }
+    }
+}
+
+impl PartialEq<pb::EventKind> for AgentEventKind {
+    fn eq(&self, other: &pb::EventKind) -> bool {
+        pb::EventKind::from(*self) == *other
+    }
+}
+
+/// A link's counters as the gRPC message.
+fn stats_pb(s: &LinkSnapshot) -> pb::AgentConnectionStats {
+    let counts = |m: &std::collections::BTreeMap<&'static str, (u64, u64)>| {
+        m.iter()
+            .map(|(k, (frames, bytes))| pb::FrameCount {
+                kind: (*k).to_string(),
+                frames: *frames,
+                bytes: *bytes,
+            })
+            .collect()
+    };
+    let c = &s.counters;
+    let n = s.commands;
+    pb::AgentConnectionStats {
+        vm_id: s.vm_id.clone(),
+        socket_path: s.socket_path.clone(),
+        connection_id: s.connection_id,
+        state: s.state.to_string(),
+        connected: s.connected,
+        agent_session_id: s.agent_session_id,
+        last_rx_unix_ms: c.last_rx_unix_ms,
+        last_tx_unix_ms: c.last_tx_unix_ms,
+        reconnects: c.reconnects,
+        agent_restarts: c.agent_restarts,
+        rx: counts(&c.rx),
+        tx: counts(&c.tx),
+        commands: Some(pb::CommandStageCounts {
+            queued: n.queued,
+            written: n.written,
+            acknowledged: n.acknowledged,
+            completed: n.completed,
+            failed_not_written: n.failed_not_written,
+            failed_not_acknowledged: n.failed_not_acknowledged,
+            failed_ack_timeout: n.failed_ack_timeout,
+            failed_connection_lost: n.failed_connection_lost,
+            failed_agent_error: n.failed_agent_error,
+            redelivered: n.redelivered,
+        }),
+        garbage_bytes: c.garbage_bytes,
+        bad_frames: c.bad_frames,
+        in_flight: s.in_flight as u32,
+        last_error: s.last_error.clone(),
     }
 }
 

@@ -21,11 +21,11 @@
 //! once, and the supervisor, which waits on the same channel, tears the connection down.
 
 use super::command::{Command, CommandOptions, Redelivery};
-use super::stats::LinkStats;
+use super::stats::{LinkSnapshot, LinkStats};
 use super::table::{self, Event, Output, Table, TableConfig, Transmit};
+use super::AgentEventKind;
 use super::{AgentConfig, AgentEvent};
 use crate::error::AgentError;
-use crate::pb;
 use qx_proto::agent::envelope::Payload;
 use qx_proto::agent::{AgentReady, Envelope, HostHello, Ping, Pong, Telemetry};
 use qx_proto::{decode_envelope, payload_name, Decoder, DEFAULT_MAX_FRAME_BYTES};
@@ -135,6 +135,13 @@ struct Waiter {
     done: oneshot::Sender<Result<Payload, AgentError>>,
 }
 
+/// One telemetry report the agent pushed, with when it arrived.
+#[derive(Debug, Clone)]
+pub struct TelemetryReport {
+    pub telemetry: Telemetry,
+    pub received_unix_ms: i64,
+}
+
 /// What the daemon last heard from the agent, with when.
 #[derive(Debug, Default, Clone)]
 pub struct AgentCache {
@@ -173,7 +180,7 @@ pub struct Link {
     /// Closes the current connection (the VM was reverted); the supervisor reconnects.
     reset: Notify,
     events: broadcast::Sender<AgentEvent>,
-    telemetry_tx: broadcast::Sender<pb::TelemetryUpdate>,
+    telemetry_tx: broadcast::Sender<TelemetryReport>,
     /// Test hook: the running reader task, so a test can kill it alone.
     reader_task: Mutex<Option<JoinHandle<()>>>,
 }
@@ -301,7 +308,7 @@ impl Link {
         self.rearm.notify_one();
         for (old, new, failed) in restarts {
             self.emit(
-                pb::EventKind::AgentRestarted,
+                AgentEventKind::Restarted,
                 format!("agent session {old:#x} -> {new:#x}; {failed} in-flight commands failed"),
             );
         }
@@ -327,7 +334,7 @@ impl Link {
         }
     }
 
-    fn emit(&self, kind: pb::EventKind, detail: String) {
+    fn emit(&self, kind: AgentEventKind, detail: String) {
         let _ = self.events.send(AgentEvent {
             vm_id: self.vm_id.clone(),
             kind,
@@ -447,26 +454,27 @@ impl Link {
         self.cfg.liveness_window
     }
 
-    pub fn subscribe_telemetry(&self) -> broadcast::Receiver<pb::TelemetryUpdate> {
+    pub fn subscribe_telemetry(&self) -> broadcast::Receiver<TelemetryReport> {
         self.telemetry_tx.subscribe()
     }
 
-    pub fn stats(&self) -> pb::AgentConnectionStats {
+    pub fn stats(&self) -> LinkSnapshot {
         let st = self.status();
         let state = self.state_name();
         let connected = self.is_connected();
         let inner = self.lock();
-        let mut out = inner
-            .stats
-            .to_pb(inner.table.counts(), inner.table.last_error());
-        out.vm_id = self.vm_id.clone();
-        out.socket_path = self.socket.display().to_string();
-        out.connection_id = st.conn_id;
-        out.state = state.to_string();
-        out.connected = connected;
-        out.agent_session_id = inner.table.session().unwrap_or(0);
-        out.in_flight = inner.table.len() as u32;
-        out
+        LinkSnapshot {
+            vm_id: self.vm_id.clone(),
+            socket_path: self.socket.display().to_string(),
+            connection_id: st.conn_id,
+            state,
+            connected,
+            agent_session_id: inner.table.session().unwrap_or(0),
+            in_flight: inner.table.len(),
+            counters: inner.stats.clone(),
+            commands: inner.table.counts(),
+            last_error: inner.table.last_error().to_string(),
+        }
     }
 
     /// Test hook: aborts the current reader task alone and waits until it has ended.
@@ -647,7 +655,7 @@ impl Link {
         });
         if was_ready {
             self.emit(
-                pb::EventKind::AgentDisconnected,
+                AgentEventKind::Disconnected,
                 format!("connection {conn_id} closed"),
             );
         }
@@ -924,9 +932,8 @@ impl Link {
                 inner.cache.telemetry = Some(t.clone());
                 inner.cache.telemetry_at = Some(now);
                 drop(inner);
-                let _ = self.telemetry_tx.send(pb::TelemetryUpdate {
-                    vm_id: self.vm_id.clone(),
-                    telemetry: Some(t),
+                let _ = self.telemetry_tx.send(TelemetryReport {
+                    telemetry: t,
                     received_unix_ms: unix_ms(now),
                 });
             }
@@ -1006,7 +1013,7 @@ impl Link {
         }
         if first_on_conn {
             self.emit(
-                pb::EventKind::AgentConnected,
+                AgentEventKind::Connected,
                 format!(
                     "connection {conn_id}, agent {} session {new:#x}",
                     r.agent_version
@@ -1109,7 +1116,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let stats = link.stats();
-        assert_eq!(stats.commands.unwrap().failed_not_written, 1);
+        assert_eq!(stats.commands.failed_not_written, 1);
         assert_eq!(stats.in_flight, 0);
     }
 
