@@ -13,7 +13,7 @@ use crate::error::AgentError;
 use crate::pb;
 use crate::service::RpcStream;
 use qx_proto::agent::envelope::Payload;
-use qx_proto::agent::{self as ap, Envelope};
+use qx_proto::agent::{self as ap};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,7 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
 /// Largest data chunk of one FileWriteChunk (each is acknowledged and answered).
-pub const WRITE_CHUNK_BYTES: usize = 48 * 1024;
+pub const WRITE_CHUNK_BYTES: usize = qx_proto::MAX_FILE_CHUNK_BYTES as usize;
 /// FileWriteChunks in flight at once: the next chunks cross the port while the agent writes
 /// the previous one, instead of every chunk waiting for the last one's answer.
 pub const WRITE_WINDOW_CHUNKS: usize = 4;
@@ -87,11 +87,7 @@ fn unexpected(link: &Link, id: u64, kind: &'static str, got: Payload) -> AgentEr
         vm_id: link.vm_id.clone(),
         id,
         kind,
-        got: qx_proto::payload_name(&Envelope {
-            id: 0,
-            correlation_id: 0,
-            payload: Some(got),
-        }),
+        got: qx_proto::payload_name(&got),
     }
 }
 

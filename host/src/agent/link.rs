@@ -28,7 +28,9 @@ use super::{AgentConfig, AgentEvent};
 use crate::error::AgentError;
 use qx_proto::agent::envelope::Payload;
 use qx_proto::agent::{AgentReady, Envelope, HostHello, Ping, Pong, Telemetry};
-use qx_proto::{decode_envelope, payload_name, Decoder, DEFAULT_MAX_FRAME_BYTES};
+use qx_proto::{
+    decode_envelope, envelope_payload_name as payload_name, Decoder, DEFAULT_MAX_FRAME_BYTES,
+};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,10 +43,7 @@ use tokio::sync::{broadcast, mpsc, mpsc::error::TrySendError, oneshot, watch, No
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-/// Zero bytes written before `HostHello` on every connection: one maximal sent frame
-/// (16-byte header + 64 KiB payload) plus 16, so any partial frame a previous host left in
-/// the guest's input is completed with zeros and rejected by its checksum.
-pub const SYNC_PREAMBLE_BYTES: usize = 65552;
+pub use qx_proto::SYNC_PREAMBLE_BYTES;
 
 /// Pongs waiting for the writer; an agent that pings faster than the writer answers loses
 /// pongs, never host memory.
