@@ -6,13 +6,14 @@
 
 use crate::agent::command::{Command, CommandOptions, Redelivery, Step};
 use crate::agent::link::Link;
-pub use crate::agent::AgentEvent;
+use crate::agent::stats::LinkSnapshot;
 use crate::agent::{AgentConfig, AgentManager};
+pub use crate::agent::{AgentEvent, AgentEventKind};
 use crate::error::AgentError;
 use crate::pb;
 use crate::service::RpcStream;
 use qx_proto::agent::envelope::Payload;
-use qx_proto::agent::{self as ap, Envelope};
+use qx_proto::agent::{self as ap};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,7 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
 /// Largest data chunk of one FileWriteChunk (each is acknowledged and answered).
-pub const WRITE_CHUNK_BYTES: usize = 48 * 1024;
+pub const WRITE_CHUNK_BYTES: usize = qx_proto::MAX_FILE_CHUNK_BYTES as usize;
 /// FileWriteChunks in flight at once: the next chunks cross the port while the agent writes
 /// the previous one, instead of every chunk waiting for the last one's answer.
 pub const WRITE_WINDOW_CHUNKS: usize = 4;
@@ -87,11 +88,7 @@ fn unexpected(link: &Link, id: u64, kind: &'static str, got: Payload) -> AgentEr
         vm_id: link.vm_id.clone(),
         id,
         kind,
-        got: qx_proto::payload_name(&Envelope {
-            id: 0,
-            correlation_id: 0,
-            payload: Some(got),
-        }),
+        got: qx_proto::payload_name(&got),
     }
 }
 
@@ -268,7 +265,7 @@ impl AgentApi {
             vec![self.mgr.link(&request.vm_id)?]
         };
         Ok(pb::AgentConnectionStatsResponse {
-            connections: links.iter().map(|l| l.stats()).collect(),
+            connections: links.iter().map(|l| stats_pb(&l.stats())).collect(),
         })
     }
 
@@ -924,15 +921,17 @@ impl AgentApi {
     ) -> Result<RpcStream<pb::TelemetryUpdate>, Status> {
         let link = self.mgr.link(&request.vm_id)?;
         let mut live = link.subscribe_telemetry();
+        let vm_id = request.vm_id.clone();
+        // One message queued: a subscriber that reads slowly skips to the newest report.
         let (tx, rx) = mpsc::channel::<Result<pb::TelemetryUpdate, Status>>(1);
         tokio::spawn(async move {
             loop {
                 let latest = live.borrow_and_update().clone();
-                if let Some((t, at)) = latest {
+                if let Some(r) = latest {
                     let u = pb::TelemetryUpdate {
-                        vm_id: request.vm_id.clone(),
-                        telemetry: Some(ap::Telemetry::clone(&t)),
-                        received_unix_ms: unix_ms(Some(at)),
+                        vm_id: vm_id.clone(),
+                        telemetry: Some(ap::Telemetry::clone(&r.telemetry)),
+                        received_unix_ms: r.received_unix_ms,
                     };
                     if tx.send(Ok(u)).await.is_err() {
                         return;
@@ -945,6 +944,68 @@ impl AgentApi {
             }
         });
         Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+}
+
+impl From<AgentEventKind> for pb::EventKind {
+    fn from(kind: AgentEventKind) -> pb::EventKind {
+        match kind {
+            AgentEventKind::Connected => pb::EventKind::AgentConnected,
+            AgentEventKind::Disconnected => pb::EventKind::AgentDisconnected,
+            AgentEventKind::Restarted => pb::EventKind::AgentRestarted,
+        }
+    }
+}
+
+impl PartialEq<pb::EventKind> for AgentEventKind {
+    fn eq(&self, other: &pb::EventKind) -> bool {
+        pb::EventKind::from(*self) == *other
+    }
+}
+
+/// A link's counters as the gRPC message.
+fn stats_pb(s: &LinkSnapshot) -> pb::AgentConnectionStats {
+    let counts = |m: &std::collections::BTreeMap<&'static str, (u64, u64)>| {
+        m.iter()
+            .map(|(k, (frames, bytes))| pb::FrameCount {
+                kind: (*k).to_string(),
+                frames: *frames,
+                bytes: *bytes,
+            })
+            .collect()
+    };
+    let c = &s.counters;
+    let n = s.commands;
+    pb::AgentConnectionStats {
+        vm_id: s.vm_id.clone(),
+        socket_path: s.socket_path.clone(),
+        connection_id: s.connection_id,
+        state: s.state.to_string(),
+        connected: s.connected,
+        agent_session_id: s.agent_session_id,
+        last_rx_unix_ms: c.last_rx_unix_ms,
+        last_tx_unix_ms: c.last_tx_unix_ms,
+        reconnects: c.reconnects,
+        agent_restarts: c.agent_restarts,
+        rx: counts(&c.rx),
+        tx: counts(&c.tx),
+        commands: Some(pb::CommandStageCounts {
+            queued: n.queued,
+            written: n.written,
+            acknowledged: n.acknowledged,
+            completed: n.completed,
+            failed_not_written: n.failed_not_written,
+            failed_not_acknowledged: n.failed_not_acknowledged,
+            failed_ack_timeout: n.failed_ack_timeout,
+            failed_connection_lost: n.failed_connection_lost,
+            failed_agent_error: n.failed_agent_error,
+            redelivered: n.redelivered,
+        }),
+        garbage_bytes: c.garbage_bytes,
+        bad_frames: c.bad_frames,
+        protocol_errors: c.protocol_errors,
+        in_flight: s.in_flight as u32,
+        last_error: s.last_error.clone(),
     }
 }
 

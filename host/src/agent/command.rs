@@ -95,11 +95,7 @@ impl Command {
                 vm_id: self.link.vm_id.clone(),
                 id: self.id,
                 kind: self.kind,
-                got: qx_proto::payload_name(&qx_proto::agent::Envelope {
-                    id: 0,
-                    correlation_id: 0,
-                    payload: Some(p),
-                }),
+                got: qx_proto::payload_name(&p),
             }),
         }
     }

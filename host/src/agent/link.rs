@@ -22,15 +22,15 @@
 
 use super::command::{item_bytes, Command, CommandOptions, Redelivery, ITEM_BUFFER_BYTES};
 use super::limits;
-use super::stats::LinkStats;
+use super::stats::{LinkSnapshot, LinkStats};
 use super::table::{self, Event, Output, Table, TableConfig, Transmit};
+use super::AgentEventKind;
 use super::{AgentConfig, AgentEvent};
 use crate::error::AgentError;
-use crate::pb;
 use crate::text::{sanitize, Esc};
 use qx_proto::agent::envelope::Payload;
 use qx_proto::agent::{AgentReady, Envelope, HostHello, Ping, Pong, Telemetry};
-use qx_proto::{decode_envelope, payload_name, Decoder};
+use qx_proto::{decode_envelope, envelope_payload_name as payload_name, Decoder};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -43,10 +43,7 @@ use tokio::sync::{broadcast, mpsc, mpsc::error::TrySendError, oneshot, watch, No
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-/// Zero bytes written before `HostHello` on every connection: one maximal sent frame
-/// (16-byte header + 64 KiB payload) plus 16, so any partial frame a previous host left in
-/// the guest's input is completed with zeros and rejected by its checksum.
-pub const SYNC_PREAMBLE_BYTES: usize = 65552;
+pub use qx_proto::SYNC_PREAMBLE_BYTES;
 
 /// The largest frame payload the host accepts: the agent never sends more than 64 KiB, and the
 /// margin only absorbs a field added later. A larger header is refused before any allocation.
@@ -151,6 +148,13 @@ struct Waiter {
     done: oneshot::Sender<Result<Payload, AgentError>>,
 }
 
+/// One telemetry report the agent pushed, with when it arrived.
+#[derive(Debug, Clone)]
+pub struct TelemetryReport {
+    pub telemetry: Arc<Telemetry>,
+    pub received_unix_ms: i64,
+}
+
 /// What the daemon last heard from the agent, with when. Each message was checked against
 /// the field limits; they are shared, so a copy of the cache costs three reference counts.
 #[derive(Debug, Default, Clone)]
@@ -221,9 +225,9 @@ pub struct Link {
     /// Closes the current connection (the VM was reverted); the supervisor reconnects.
     reset: Notify,
     events: broadcast::Sender<AgentEvent>,
-    /// The latest pushed telemetry report and when it came: a subscriber that reads slowly
-    /// skips to the newest, it never holds a backlog.
-    telemetry_tx: watch::Sender<Option<(Arc<Telemetry>, SystemTime)>>,
+    /// The latest pushed telemetry report: a subscriber that reads slowly skips to the
+    /// newest, it never holds a backlog.
+    telemetry_tx: watch::Sender<Option<TelemetryReport>>,
     /// Test hook: the running reader task, so a test can kill it alone.
     reader_task: Mutex<Option<JoinHandle<()>>>,
 }
@@ -370,7 +374,7 @@ impl Link {
                 String::new()
             };
             self.emit(
-                pb::EventKind::AgentRestarted,
+                AgentEventKind::Restarted,
                 format!(
                     "agent session {old:#x} -> {new:#x}; {failed} in-flight commands failed{more}"
                 ),
@@ -398,7 +402,7 @@ impl Link {
         }
     }
 
-    fn emit(&self, kind: pb::EventKind, detail: String) {
+    fn emit(&self, kind: AgentEventKind, detail: String) {
         let _ = self.events.send(AgentEvent {
             vm_id: self.vm_id.clone(),
             kind,
@@ -521,26 +525,27 @@ impl Link {
         self.cfg.liveness_window
     }
 
-    pub fn subscribe_telemetry(&self) -> watch::Receiver<Option<(Arc<Telemetry>, SystemTime)>> {
+    pub fn subscribe_telemetry(&self) -> watch::Receiver<Option<TelemetryReport>> {
         self.telemetry_tx.subscribe()
     }
 
-    pub fn stats(&self) -> pb::AgentConnectionStats {
+    pub fn stats(&self) -> LinkSnapshot {
         let st = self.status();
         let state = self.state_name();
         let connected = self.is_connected();
         let inner = self.lock();
-        let mut out = inner
-            .stats
-            .to_pb(inner.table.counts(), inner.table.last_error());
-        out.vm_id = self.vm_id.clone();
-        out.socket_path = self.socket.display().to_string();
-        out.connection_id = st.conn_id;
-        out.state = state.to_string();
-        out.connected = connected;
-        out.agent_session_id = inner.table.session().unwrap_or(0);
-        out.in_flight = inner.table.len() as u32;
-        out
+        LinkSnapshot {
+            vm_id: self.vm_id.clone(),
+            socket_path: self.socket.display().to_string(),
+            connection_id: st.conn_id,
+            state,
+            connected,
+            agent_session_id: inner.table.session().unwrap_or(0),
+            in_flight: inner.table.len(),
+            counters: inner.stats.clone(),
+            commands: inner.table.counts(),
+            last_error: inner.table.last_error().to_string(),
+        }
     }
 
     /// Test hook: aborts the current reader task alone and waits until it has ended.
@@ -753,7 +758,7 @@ impl Link {
         });
         if was_ready {
             self.emit(
-                pb::EventKind::AgentDisconnected,
+                AgentEventKind::Disconnected,
                 format!("connection {conn_id} closed"),
             );
         }
@@ -1032,12 +1037,15 @@ impl Link {
                 });
             }
             Some(Payload::Telemetry(t)) if corr == 0 => {
-                let mut inner = self.lock();
                 let t = Arc::new(t);
+                let mut inner = self.lock();
                 inner.cache.telemetry = Some(t.clone());
                 inner.cache.telemetry_at = Some(now);
                 drop(inner);
-                self.telemetry_tx.send_replace(Some((t, now)));
+                self.telemetry_tx.send_replace(Some(TelemetryReport {
+                    telemetry: t,
+                    received_unix_ms: unix_ms(now),
+                }));
             }
             Some(Payload::Ack(_)) => {
                 self.with_table(|inner, now| {
@@ -1119,7 +1127,7 @@ impl Link {
         }
         if first_on_conn {
             self.emit(
-                pb::EventKind::AgentConnected,
+                AgentEventKind::Connected,
                 format!(
                     "connection {conn_id}, agent {} session {new:#x}",
                     sanitize(&r.agent_version, EVENT_GUEST_TEXT_CHARS)
@@ -1222,7 +1230,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let stats = link.stats();
-        assert_eq!(stats.commands.unwrap().failed_not_written, 1);
+        assert_eq!(stats.commands.failed_not_written, 1);
         assert_eq!(stats.in_flight, 0);
     }
 
