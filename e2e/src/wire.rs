@@ -14,11 +14,14 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use qx_proto::agent::{envelope::Payload, AgentReady, Envelope, HostHello, Ping};
-use qx_proto::{decode_envelope, encode_envelope, payload_name, Decoder, DEFAULT_MAX_FRAME_BYTES};
+use qx_proto::{
+    decode_envelope, encode_envelope, envelope_payload_name as payload_name, Decoder,
+    DEFAULT_MAX_FRAME_BYTES,
+};
 use thiserror::Error;
 
 /// Zero bytes sent before the hello on every connect (one maximum sent frame plus a header).
-pub const SYNC_PREAMBLE_BYTES: usize = 65552;
+pub use qx_proto::SYNC_PREAMBLE_BYTES;
 const READ_SLICE_MS: u64 = 50;
 
 /// Request ids: seeded from the clock so two runs against one long-lived agent differ too.

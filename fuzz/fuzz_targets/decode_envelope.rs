@@ -9,7 +9,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(env) = decode_envelope(data) else {
         return;
     };
-    let _ = qx_proto::payload_name(&env);
+    let _ = qx_proto::envelope_payload_name(&env);
     let mut frame = Vec::new();
     if encode_envelope(&env, DEFAULT_MAX_FRAME_BYTES, &mut frame).is_err() {
         // Only possible for an envelope above the frame limit, which cannot come from a

@@ -959,9 +959,5 @@ fn describe_exit(f: &Finished) -> String {
 }
 
 fn payload_label(p: &Payload) -> &'static str {
-    qx_proto::payload_name(&qx_proto::agent::Envelope {
-        id: 0,
-        correlation_id: 0,
-        payload: Some(p.clone()),
-    })
+    qx_proto::payload_name(p)
 }

@@ -202,11 +202,6 @@ impl Jobs {
         self.slots.iter().all(Option::is_none)
     }
 
-    /// Whether request `id` runs as a child here.
-    pub fn has(&self, id: u64) -> bool {
-        id != 0 && self.slots.iter().flatten().any(|j| j.id == id)
-    }
-
     /// Starts a child. `Error{BUSY}` beyond the exec limit.
     pub fn spawn(
         &mut self,

@@ -56,7 +56,7 @@ use thiserror::Error;
 pub const MAX_WRITE_BYTES: usize = 32 * 1024;
 /// The largest payload the agent ever sends, so the host's 65552-byte sync preamble covers
 /// any partial frame.
-pub const SEND_MAX_FRAME_BYTES: u32 = 64 * 1024;
+pub const SEND_MAX_FRAME_BYTES: u32 = qx_proto::MAX_SENT_PAYLOAD_BYTES;
 /// Header plus largest payload.
 pub const MAX_FRAME_TOTAL_BYTES: usize = qx_proto::HEADER_BYTES + SEND_MAX_FRAME_BYTES as usize;
 /// Reply-lane bytes kept for the session's own frames: a redelivered request's ack and its

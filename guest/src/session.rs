@@ -43,6 +43,7 @@ use prost::Message;
 use qx_proto::agent::envelope::Payload;
 use qx_proto::agent::{Ack, AgentReady, Envelope, Error as WireError, ErrorCode, Ping, Pong};
 use qx_proto::{decode_envelope, Decoder, DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION};
+use qx_proto::{envelope_payload_name as payload_name_env, payload_name};
 
 use crate::outbox::{Outbox, OutboxError, MAX_FRAME_TOTAL_BYTES};
 
@@ -788,11 +789,6 @@ impl Session {
         let env = self.envelope(0, Payload::Telemetry(t));
         let _ = self.outbox.push_telemetry(&env);
     }
-
-    /// Whether request `id` was acked and has no terminal reply yet.
-    pub fn is_running(&self, id: u64) -> bool {
-        self.running.contains_key(&id)
-    }
 }
 
 /// An envelope put back together to wait for room.
@@ -814,18 +810,6 @@ fn wire_error(code: ErrorCode, message: &str) -> Payload {
         code: code as i32,
         message: message[..end].to_string(),
     })
-}
-
-fn payload_name(p: &Payload) -> &'static str {
-    payload_name_env(&Envelope {
-        id: 0,
-        correlation_id: 0,
-        payload: Some(p.clone()),
-    })
-}
-
-fn payload_name_env(env: &Envelope) -> &'static str {
-    qx_proto::payload_name(env)
 }
 
 /// A random non-zero session id. It only has to differ between agent processes: it comes
@@ -884,7 +868,7 @@ mod tests {
 
     fn kinds(envs: &[Envelope]) -> Vec<(&'static str, u64)> {
         envs.iter()
-            .map(|e| (qx_proto::payload_name(e), e.correlation_id))
+            .map(|e| (qx_proto::envelope_payload_name(e), e.correlation_id))
             .collect()
     }
 

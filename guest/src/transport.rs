@@ -58,17 +58,6 @@ impl Conn {
     }
 }
 
-/// What a read pass found out about the host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReadOutcome {
-    /// Drained to `WouldBlock`: a host is attached.
-    Present,
-    /// EOF (port: no host; socket: closed) or a socket error.
-    Gone,
-    /// Stopped early because the consumer had no room; nothing learned.
-    Paused,
-}
-
 /// The transport and its reconnect schedule.
 #[derive(Debug)]
 pub struct Transport {

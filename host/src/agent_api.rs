@@ -6,13 +6,14 @@
 
 use crate::agent::command::{Command, CommandOptions, Redelivery, Step};
 use crate::agent::link::Link;
-pub use crate::agent::AgentEvent;
+use crate::agent::stats::LinkSnapshot;
 use crate::agent::{AgentConfig, AgentManager};
+pub use crate::agent::{AgentEvent, AgentEventKind};
 use crate::error::AgentError;
 use crate::pb;
 use crate::service::RpcStream;
 use qx_proto::agent::envelope::Payload;
-use qx_proto::agent::{self as ap, Envelope};
+use qx_proto::agent::{self as ap};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,7 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
 /// Largest data chunk of one FileWriteChunk (each is acknowledged and answered).
-pub const WRITE_CHUNK_BYTES: usize = 48 * 1024;
+pub const WRITE_CHUNK_BYTES: usize = qx_proto::MAX_FILE_CHUNK_BYTES as usize;
 /// FileWriteChunks in flight at once: the next chunks cross the port while the agent writes
 /// the previous one, instead of every chunk waiting for the last one's answer.
 pub const WRITE_WINDOW_CHUNKS: usize = 4;
@@ -35,7 +36,8 @@ pub const READ_WINDOW_BYTES: u64 = 1024 * 1024;
 const READ_WINDOW_ITEMS: usize = (READ_WINDOW_BYTES / READ_CHUNK_BYTES as u64) as usize + 8;
 /// Times one read may resume after a lost connection, from the last byte it received.
 const READ_RESUMES: u32 = 16;
-/// Exec output items buffered per streaming exec before the caller counts as too slow.
+/// Exec output items buffered per streaming exec before the caller counts as too slow; the
+/// bytes they may hold are bounded apart ([`crate::agent::command::ITEM_BUFFER_BYTES`]).
 const EXEC_STREAM_ITEMS: usize = 1024;
 /// SyncTime sets the guest clock only when it is off by more than this (or `force`).
 pub const TIME_SYNC_THRESHOLD_NS: i64 = 100_000_000;
@@ -86,11 +88,7 @@ fn unexpected(link: &Link, id: u64, kind: &'static str, got: Payload) -> AgentEr
         vm_id: link.vm_id.clone(),
         id,
         kind,
-        got: qx_proto::payload_name(&Envelope {
-            id: 0,
-            correlation_id: 0,
-            payload: Some(got),
-        }),
+        got: qx_proto::payload_name(&got),
     }
 }
 
@@ -242,7 +240,10 @@ impl AgentApi {
         Ok(pb::PingAgentResponse {
             rtt_us: rtt.as_micros() as u64,
             session_id: link.session().unwrap_or(0),
-            agent_version: cache.ready.map(|r| r.agent_version).unwrap_or_default(),
+            agent_version: cache
+                .ready
+                .map(|r| r.agent_version.clone())
+                .unwrap_or_default(),
         })
     }
 
@@ -264,7 +265,7 @@ impl AgentApi {
             vec![self.mgr.link(&request.vm_id)?]
         };
         Ok(pb::AgentConnectionStatsResponse {
-            connections: links.iter().map(|l| l.stats()).collect(),
+            connections: links.iter().map(|l| stats_pb(&l.stats())).collect(),
         })
     }
 
@@ -319,7 +320,9 @@ impl AgentApi {
             self.opts_for(timeout, Redelivery::Never),
             EXEC_STREAM_ITEMS,
         )?;
-        let (tx, rx) = mpsc::channel::<Result<pb::ExecEvent, Status>>(16);
+        // Two events queued for the gRPC stream: what waits for a slow client is the command's
+        // item buffer, bounded in bytes.
+        let (tx, rx) = mpsc::channel::<Result<pb::ExecEvent, Status>>(2);
         let started = pb::ExecEvent {
             event: Some(pb::exec_event::Event::StartedId(cmd.id())),
         };
@@ -724,7 +727,19 @@ impl AgentApi {
         let rtt_get = before.elapsed();
         // The guest read its clock about half a round trip after we sent the request.
         let host_at_read = host_before + (rtt_get.as_nanos() / 2) as i64;
-        let offset_ns = guest.unix_ns - host_at_read;
+        // The guest's number is untrusted: a reading so far off that the offset does not fit
+        // in i64 nanoseconds (±292 years) is refused, not wrapped.
+        let offset_ns = guest
+            .unix_ns
+            .checked_sub(host_at_read)
+            .filter(|o| *o != i64::MIN)
+            .ok_or_else(|| AgentError::Integrity {
+                vm_id: request.vm_id.clone(),
+                what: format!(
+                    "guest clock reading {} ns is out of range of the host's clock",
+                    guest.unix_ns
+                ),
+            })?;
         let mut resp = pb::SyncTimeResponse {
             offset_seconds: offset_ns as f64 / 1e9,
             time_source: "host".into(),
@@ -899,42 +914,99 @@ impl AgentApi {
         )?)
     }
 
-    /// The cached telemetry (if any) first, then every pushed report as it arrives.
+    /// The latest pushed report (if any) first, then each newer one. A subscriber that reads
+    /// slowly skips to the newest report: nothing queues up for it beyond one message.
     pub async fn stream_telemetry(
         &self,
         request: pb::AgentRequest,
     ) -> Result<RpcStream<pb::TelemetryUpdate>, Status> {
         let link = self.mgr.link(&request.vm_id)?;
         let mut live = link.subscribe_telemetry();
-        let cache = link.cache();
-        let first = cache.telemetry.map(|t| pb::TelemetryUpdate {
-            vm_id: request.vm_id.clone(),
-            telemetry: Some(t),
-            received_unix_ms: unix_ms(cache.telemetry_at),
-        });
-        let (tx, rx) = mpsc::channel::<Result<pb::TelemetryUpdate, Status>>(16);
+        let vm_id = request.vm_id.clone();
+        // One message queued: a subscriber that reads slowly skips to the newest report.
+        let (tx, rx) = mpsc::channel::<Result<pb::TelemetryUpdate, Status>>(1);
         tokio::spawn(async move {
-            if let Some(first) = first {
-                if tx.send(Ok(first)).await.is_err() {
-                    return;
-                }
-            }
             loop {
+                let latest = live.borrow_and_update().clone();
+                if let Some(r) = latest {
+                    let u = pb::TelemetryUpdate {
+                        vm_id: vm_id.clone(),
+                        telemetry: Some(ap::Telemetry::clone(&r.telemetry)),
+                        received_unix_ms: r.received_unix_ms,
+                    };
+                    if tx.send(Ok(u)).await.is_err() {
+                        return;
+                    }
+                }
                 tokio::select! {
-                    r = live.recv() => match r {
-                        Ok(u) => {
-                            if tx.send(Ok(u)).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    },
+                    r = live.changed() => if r.is_err() { return },
                     _ = tx.closed() => return,
                 }
             }
         });
         Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+}
+
+impl From<AgentEventKind> for pb::EventKind {
+    fn from(kind: AgentEventKind) -> pb::EventKind {
+        match kind {
+            AgentEventKind::Connected => pb::EventKind::AgentConnected,
+            AgentEventKind::Disconnected => pb::EventKind::AgentDisconnected,
+            AgentEventKind::Restarted => pb::EventKind::AgentRestarted,
+        }
+    }
+}
+
+impl PartialEq<pb::EventKind> for AgentEventKind {
+    fn eq(&self, other: &pb::EventKind) -> bool {
+        pb::EventKind::from(*self) == *other
+    }
+}
+
+/// A link's counters as the gRPC message.
+fn stats_pb(s: &LinkSnapshot) -> pb::AgentConnectionStats {
+    let counts = |m: &std::collections::BTreeMap<&'static str, (u64, u64)>| {
+        m.iter()
+            .map(|(k, (frames, bytes))| pb::FrameCount {
+                kind: (*k).to_string(),
+                frames: *frames,
+                bytes: *bytes,
+            })
+            .collect()
+    };
+    let c = &s.counters;
+    let n = s.commands;
+    pb::AgentConnectionStats {
+        vm_id: s.vm_id.clone(),
+        socket_path: s.socket_path.clone(),
+        connection_id: s.connection_id,
+        state: s.state.to_string(),
+        connected: s.connected,
+        agent_session_id: s.agent_session_id,
+        last_rx_unix_ms: c.last_rx_unix_ms,
+        last_tx_unix_ms: c.last_tx_unix_ms,
+        reconnects: c.reconnects,
+        agent_restarts: c.agent_restarts,
+        rx: counts(&c.rx),
+        tx: counts(&c.tx),
+        commands: Some(pb::CommandStageCounts {
+            queued: n.queued,
+            written: n.written,
+            acknowledged: n.acknowledged,
+            completed: n.completed,
+            failed_not_written: n.failed_not_written,
+            failed_not_acknowledged: n.failed_not_acknowledged,
+            failed_ack_timeout: n.failed_ack_timeout,
+            failed_connection_lost: n.failed_connection_lost,
+            failed_agent_error: n.failed_agent_error,
+            redelivered: n.redelivered,
+        }),
+        garbage_bytes: c.garbage_bytes,
+        bad_frames: c.bad_frames,
+        protocol_errors: c.protocol_errors,
+        in_flight: s.in_flight as u32,
+        last_error: s.last_error.clone(),
     }
 }
 
@@ -957,30 +1029,32 @@ fn info_of(link: &Link) -> pb::GuestAgentInfo {
         telemetry_unix_ms: unix_ms(cache.telemetry_at),
         ..Default::default()
     };
-    if let Some(r) = cache.ready {
-        info.version = r.agent_version;
-        info.os_name = r.os_name;
-        info.os_version = r.os_version;
-        info.os_pretty_name = r.os_pretty_name;
-        info.kernel_version = r.kernel_version;
-        info.kernel_release = r.kernel_release;
-        info.arch = r.arch;
-        info.hostname = r.hostname;
-        info.ip_addresses = r.ip_addresses;
-        info.capabilities = r.capabilities;
+    if let Some(r) = &cache.ready {
+        info.version = r.agent_version.clone();
+        info.os_name = r.os_name.clone();
+        info.os_version = r.os_version.clone();
+        info.os_pretty_name = r.os_pretty_name.clone();
+        info.kernel_version = r.kernel_version.clone();
+        info.kernel_release = r.kernel_release.clone();
+        info.arch = r.arch.clone();
+        info.hostname = r.hostname.clone();
+        info.ip_addresses = r.ip_addresses.clone();
+        info.capabilities = r.capabilities.clone();
     }
-    if let Some(n) = cache.network {
-        info.interfaces = n.interfaces;
+    if let Some(n) = &cache.network {
+        info.interfaces = n.interfaces.clone();
     }
-    if let Some(t) = cache.telemetry {
+    if let Some(t) = &cache.telemetry {
         if !t.hostname.is_empty() {
             info.hostname = t.hostname.clone();
         }
         let mem = t.memory.unwrap_or_default();
-        let (disk_total, disk_used) = t
-            .filesystems
-            .iter()
-            .fold((0, 0), |(a, b), f| (a + f.total_bytes, b + f.used_bytes));
+        let (disk_total, disk_used) = t.filesystems.iter().fold((0u64, 0u64), |(a, b), f| {
+            (
+                a.saturating_add(f.total_bytes),
+                b.saturating_add(f.used_bytes),
+            )
+        });
         info.resource_usage = Some(pb::GuestResourceUsage {
             cpu_usage_percent: t.cpu.map(|c| c.usage_percent).unwrap_or(0.0),
             memory_total_bytes: mem.total_bytes,
@@ -1040,6 +1114,18 @@ async fn read_windows(
             };
             match step {
                 Step::Item(Payload::FileChunk(c)) => {
+                    // Sizes are the guest's word: more than was asked for is an error, so a
+                    // read is bounded by the window and the file size whatever it sends.
+                    let len = c.data.len() as u64;
+                    if len > u64::from(READ_CHUNK_BYTES) || got.saturating_add(len) > want {
+                        return Err(AgentError::Integrity {
+                            vm_id: link.vm_id.clone(),
+                            what: format!(
+                                "a {len}-byte file chunk at offset {} goes past the {want}-byte window at {offset} (chunks of at most {READ_CHUNK_BYTES} bytes were asked for)",
+                                c.offset
+                            ),
+                        });
+                    }
                     if c.offset != offset + got {
                         return Err(AgentError::Integrity {
                             vm_id: link.vm_id.clone(),
@@ -1068,7 +1154,9 @@ async fn read_windows(
                 Step::Item(_) => {}
                 Step::Done(Payload::FileReadDone(d)) => {
                     let digest = window.finalize().to_vec();
-                    if d.bytes != got || (!d.sha256.is_empty() && d.sha256 != digest) {
+                    // The digest was asked for (skip_sha256 is false): a missing one is an
+                    // error, not a pass.
+                    if d.bytes != got || d.sha256 != digest {
                         return Err(AgentError::Integrity {
                             vm_id: link.vm_id.clone(),
                             what: format!(

@@ -61,6 +61,8 @@ pub enum ConfigError {
     },
     #[error("--vm-socket {0:?}: expected VMID=PATH")]
     VmSocket(String),
+    #[error("invalid settings:\n  {}", .0.join("\n  "))]
+    Invalid(Vec<String>),
 }
 
 /// Timeouts in milliseconds; absent keys keep the defaults of [`AgentConfig`].
@@ -165,6 +167,96 @@ impl NodeConfig {
     }
 }
 
+/// Checks the agent link settings as the daemon starts: one sentence per bad key, instead of
+/// a panic (a zero interval) or a spin (a zero backoff) later. Keys are named as in the
+/// `[timeouts]` and `[limits]` tables; the flags of the same names set the same keys.
+pub fn validate_agent_config(a: &AgentConfig) -> Result<(), ConfigError> {
+    let mut bad = Vec::new();
+    let ms = |d: Duration| d.as_millis();
+    let positive = [
+        (
+            "ping_interval_ms",
+            a.ping_interval,
+            "the link would ping without pause",
+        ),
+        (
+            "liveness_window_ms",
+            a.liveness_window,
+            "no agent would ever count as connected",
+        ),
+        (
+            "idle_reconnect_ms",
+            a.idle_reconnect,
+            "every connection would end at once",
+        ),
+        (
+            "handshake_timeout_ms",
+            a.handshake_timeout,
+            "no agent could ever be waited for",
+        ),
+        (
+            "write_deadline_ms",
+            a.write_deadline,
+            "no frame could ever be written",
+        ),
+        (
+            "ack_timeout_ms",
+            a.ack_timeout,
+            "every command would fail before it is written",
+        ),
+        (
+            "default_timeout_ms",
+            a.default_timeout,
+            "every command would time out at once",
+        ),
+        (
+            "backoff_initial_ms",
+            a.backoff_initial,
+            "reconnects would spin",
+        ),
+        ("backoff_max_ms", a.backoff_max, "reconnects would spin"),
+    ];
+    for (key, v, why) in positive {
+        if v.is_zero() {
+            bad.push(format!(
+                "timeouts.{key} is 0; it must be at least 1 ({why})."
+            ));
+        }
+    }
+    if !a.ping_interval.is_zero() && a.liveness_window <= a.ping_interval {
+        bad.push(format!(
+            "timeouts.liveness_window_ms ({}) must be longer than ping_interval_ms ({}), or an idle link reads stale between two pings.",
+            ms(a.liveness_window),
+            ms(a.ping_interval)
+        ));
+    }
+    if !a.idle_reconnect.is_zero() && a.idle_reconnect < a.liveness_window {
+        bad.push(format!(
+            "timeouts.idle_reconnect_ms ({}) must not be shorter than liveness_window_ms ({}), or a link is torn down before it could read stale.",
+            ms(a.idle_reconnect),
+            ms(a.liveness_window)
+        ));
+    }
+    if !a.backoff_max.is_zero() && a.backoff_max < a.backoff_initial {
+        bad.push(format!(
+            "timeouts.backoff_max_ms ({}) must not be shorter than backoff_initial_ms ({}).",
+            ms(a.backoff_max),
+            ms(a.backoff_initial)
+        ));
+    }
+    if a.queue_capacity == 0 {
+        bad.push("limits.queue_capacity is 0; it must be at least 1.".to_string());
+    }
+    if a.max_in_flight == 0 {
+        bad.push("limits.max_in_flight is 0; it must be at least 1.".to_string());
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(bad))
+    }
+}
+
 /// Parses `VMID=PATH`.
 pub fn parse_vm_socket(arg: &str) -> Result<(String, PathBuf), ConfigError> {
     match arg.split_once('=') {
@@ -190,6 +282,22 @@ mod tests {
         assert_eq!(a.ack_timeout, Duration::from_millis(250));
         assert_eq!(a.queue_capacity, 3);
         assert_eq!(cfg.vm_sockets["a"], PathBuf::from("/x"));
+    }
+
+    #[test]
+    fn defaults_are_valid_and_bad_keys_each_get_a_sentence() {
+        assert!(validate_agent_config(&AgentConfig::default()).is_ok());
+        let cfg = NodeConfig::parse(
+            "[timeouts]\nping_interval_ms = 0\nbackoff_initial_ms = 0\nliveness_window_ms = 1000\nidle_reconnect_ms = 500\nbackoff_max_ms = 50\n",
+        )
+        .unwrap();
+        let Err(ConfigError::Invalid(bad)) = validate_agent_config(&cfg.agent_config()) else {
+            panic!("accepted");
+        };
+        assert_eq!(bad.len(), 3, "{bad:?}");
+        assert!(bad[0].starts_with("timeouts.ping_interval_ms is 0"));
+        assert!(bad[1].starts_with("timeouts.backoff_initial_ms is 0"));
+        assert!(bad[2].starts_with("timeouts.idle_reconnect_ms (500)"));
     }
 
     #[test]

@@ -34,5 +34,6 @@ pub mod rpc_layer;
 pub mod service;
 pub mod storage;
 pub mod systemd;
+pub mod text;
 pub mod vm_api;
 pub mod vm_metrics;

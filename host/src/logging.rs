@@ -8,6 +8,8 @@
 //! - Under systemd (`JOURNAL_STREAM` names stderr) the text format drops the timestamp and
 //!   the colours, which the journal adds and cannot show, and prefixes each line with its
 //!   syslog priority (`<3>` error ... `<7>` trace) so that `journalctl -p` filters work.
+//! - Text lines escape control characters, DEL and bidi overrides in every field
+//!   ([`escaped_fields`]): guest text cannot forge log lines.
 //!
 //! Levels: error = an operation failed and nobody was told otherwise; warn = a degraded but
 //! working state (libvirt off, agent reconnecting); info = lifecycle (listening, VM started,
@@ -81,13 +83,40 @@ pub fn init(format: LogFormat) -> Result<(), LoggingError> {
             .with(layer.json().with_current_span(true).with_span_list(true))
             .try_init(),
         LogFormat::Text if stderr_is_journal() => registry
-            .with(layer.with_ansi(false).event_format(Journald::default()))
+            .with(
+                layer
+                    .fmt_fields(escaped_fields())
+                    .with_ansi(false)
+                    .event_format(Journald::default()),
+            )
             .try_init(),
         LogFormat::Text => registry
-            .with(layer.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())))
+            .with(
+                layer
+                    .fmt_fields(escaped_fields())
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
             .try_init(),
     }
     .map_err(LoggingError::Install)
+}
+
+/// Text-format fields with every control character, DEL and bidi override escaped
+/// ([`crate::text::escape_line`]): one event is one line, and guest text inside a message
+/// can neither add lines nor reach the terminal reading the log as controls. (The JSON
+/// format escapes control characters itself.)
+pub fn escaped_fields() -> impl for<'w> FormatFields<'w> + 'static {
+    use tracing_subscriber::field::MakeExt;
+    format::debug_fn(|w, field, value| {
+        let text = format!("{value:?}");
+        let text = crate::text::escape_line(&text);
+        if field.name() == "message" {
+            write!(w, "{text}")
+        } else {
+            write!(w, "{}={text}", field.name())
+        }
+    })
+    .delimited(" ")
 }
 
 /// The syslog priority journald reads from a `<N>` line prefix.

@@ -1550,7 +1550,7 @@ async fn forward_agent_events(
     loop {
         match rx.recv().await {
             Ok(ev) => {
-                hub.emit(&ev.vm_id, ev.kind, ev.detail);
+                hub.emit(&ev.vm_id, ev.kind.into(), ev.detail);
             }
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                 log::warn!("missed {n} agent events");

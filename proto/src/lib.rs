@@ -20,7 +20,23 @@ pub mod agent {
 /// The protocol version carried in the magic and in the hellos.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// Largest payload either side sends in one frame (a receiver accepts up to
+/// [`DEFAULT_MAX_FRAME_BYTES`]): the agent's outbox limit and the basis of the sync preamble.
+pub const MAX_SENT_PAYLOAD_BYTES: u32 = 64 * 1024;
+
+/// Zero bytes a host writes before `HostHello` on every connection: one maximal sent frame
+/// (header and payload) plus one header, so any partial frame a previous host left in the
+/// guest's input is completed with zeros and fails its checksum (65552 bytes).
+pub const SYNC_PREAMBLE_BYTES: usize =
+    codec::HEADER_BYTES + MAX_SENT_PAYLOAD_BYTES as usize + codec::HEADER_BYTES;
+
+/// Largest file data one `FileChunk` or `FileWriteChunk` carries, so that its frame stays
+/// under [`MAX_SENT_PAYLOAD_BYTES`].
+pub const MAX_FILE_CHUNK_BYTES: u32 = 48 * 1024;
+
 pub use codec::{
     Decoder, DecoderStats, EncodeError, FrameError, DEFAULT_MAX_FRAME_BYTES, HEADER_BYTES, MAGIC,
 };
-pub use envelope::{decode_envelope, encode_envelope, encoded_frame_len, payload_name};
+pub use envelope::{
+    decode_envelope, encode_envelope, encoded_frame_len, envelope_payload_name, payload_name,
+};

@@ -37,7 +37,7 @@ use super::{OpError, OpResult};
 use crate::sys;
 
 /// Largest data chunk a FileChunk carries, so the frame stays well under 64 KiB.
-pub const MAX_CHUNK_BYTES: u32 = 48 * 1024;
+pub const MAX_CHUNK_BYTES: u32 = qx_proto::MAX_FILE_CHUNK_BYTES;
 /// Chunk size when neither the request nor the caller names one.
 pub const DEFAULT_CHUNK_BYTES: u32 = 32 * 1024;
 /// Entries per list page when the request says 0, and the most it may ask for.

@@ -13,8 +13,23 @@ use super::link::Link;
 pub use super::table::{CommandOptions, Redelivery, Stage};
 use crate::error::AgentError;
 use qx_proto::agent::envelope::Payload;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
+
+/// Bytes of stream items (exec output, file data) one command may hold waiting for its
+/// caller; past it the caller counts as too slow and the command is cancelled. A file read
+/// window ([`crate::agent_api::READ_WINDOW_BYTES`]) fits it whole.
+pub const ITEM_BUFFER_BYTES: usize = 1024 * 1024;
+
+/// The bytes an item counts for against [`ITEM_BUFFER_BYTES`].
+pub(crate) fn item_bytes(p: &Payload) -> usize {
+    match p {
+        Payload::ExecOutput(o) => o.data.len(),
+        Payload::FileChunk(c) => c.data.len(),
+        _ => 0,
+    }
+}
 
 /// A command in flight. Await [`Command::next`] / [`Command::finish`].
 #[derive(Debug)]
@@ -23,6 +38,8 @@ pub struct Command {
     pub(crate) id: u64,
     pub(crate) kind: &'static str,
     pub(crate) items: mpsc::Receiver<Payload>,
+    /// Item bytes queued in `items`, shared with the link that queues them.
+    pub(crate) queued: Arc<AtomicUsize>,
     pub(crate) done: oneshot::Receiver<Result<Payload, AgentError>>,
     pub(crate) finished: bool,
 }
@@ -55,7 +72,10 @@ impl Command {
         }
         tokio::select! {
             biased;
-            Some(p) = self.items.recv() => Ok(Step::Item(p)),
+            Some(p) = self.items.recv() => {
+                self.queued.fetch_sub(item_bytes(&p), Ordering::Relaxed);
+                Ok(Step::Item(p))
+            }
             res = &mut self.done => {
                 self.finished = true;
                 match res {
@@ -75,11 +95,7 @@ impl Command {
                 vm_id: self.link.vm_id.clone(),
                 id: self.id,
                 kind: self.kind,
-                got: qx_proto::payload_name(&qx_proto::agent::Envelope {
-                    id: 0,
-                    correlation_id: 0,
-                    payload: Some(p),
-                }),
+                got: qx_proto::payload_name(&p),
             }),
         }
     }

@@ -20,18 +20,20 @@
 //! (error, EOF, panic, abort), so a dead reader with a living writer reads as disconnected at
 //! once, and the supervisor, which waits on the same channel, tears the connection down.
 
-use super::command::{Command, CommandOptions, Redelivery};
-use super::stats::LinkStats;
+use super::command::{item_bytes, Command, CommandOptions, Redelivery, ITEM_BUFFER_BYTES};
+use super::limits;
+use super::stats::{LinkSnapshot, LinkStats};
 use super::table::{self, Event, Output, Table, TableConfig, Transmit};
+use super::AgentEventKind;
 use super::{AgentConfig, AgentEvent};
 use crate::error::AgentError;
-use crate::pb;
+use crate::text::{sanitize, Esc};
 use qx_proto::agent::envelope::Payload;
 use qx_proto::agent::{AgentReady, Envelope, HostHello, Ping, Pong, Telemetry};
-use qx_proto::{decode_envelope, payload_name, Decoder, DEFAULT_MAX_FRAME_BYTES};
+use qx_proto::{decode_envelope, envelope_payload_name as payload_name, Decoder};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -41,17 +43,26 @@ use tokio::sync::{broadcast, mpsc, mpsc::error::TrySendError, oneshot, watch, No
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-/// Zero bytes written before `HostHello` on every connection: one maximal sent frame
-/// (16-byte header + 64 KiB payload) plus 16, so any partial frame a previous host left in
-/// the guest's input is completed with zeros and rejected by its checksum.
-pub const SYNC_PREAMBLE_BYTES: usize = 65552;
+pub use qx_proto::SYNC_PREAMBLE_BYTES;
+
+/// The largest frame payload the host accepts: the agent never sends more than 64 KiB, and the
+/// margin only absorbs a field added later. A larger header is refused before any allocation.
+pub const MAX_RX_FRAME_BYTES: u32 = 64 * 1024 + 4 * 1024;
+
+/// Protocol errors of one VM are logged at most this often; the rest are only counted.
+const PROTOCOL_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// A VM's AGENT_RESTARTED events: a burst of this many, then one per interval; the restarts in
+/// between are counted in the next event (a flapping guest cannot flood the event ring).
+const RESTART_EVENT_BURST: u32 = 4;
+const RESTART_EVENT_INTERVAL: Duration = Duration::from_secs(15);
+
+/// Guest text copied into an event detail: escaped, and at most this many characters.
+const EVENT_GUEST_TEXT_CHARS: usize = 64;
 
 /// Pongs waiting for the writer; an agent that pings faster than the writer answers loses
 /// pongs, never host memory.
 const PONG_QUEUE: usize = 64;
-
-/// Telemetry reports a slow StreamTelemetry subscriber may fall behind by before it skips.
-const TELEMETRY_SUBSCRIBER_BACKLOG: usize = 8;
 
 /// The preamble itself, shared by every connection.
 static SYNC_PREAMBLE: [u8; SYNC_PREAMBLE_BYTES] = [0u8; SYNC_PREAMBLE_BYTES];
@@ -132,18 +143,28 @@ impl Drop for TaskGuard {
 #[derive(Debug)]
 struct Waiter {
     items: mpsc::Sender<Payload>,
+    /// Item bytes in `items` not yet taken by the caller.
+    queued: Arc<AtomicUsize>,
     done: oneshot::Sender<Result<Payload, AgentError>>,
 }
 
-/// What the daemon last heard from the agent, with when.
+/// One telemetry report the agent pushed, with when it arrived.
+#[derive(Debug, Clone)]
+pub struct TelemetryReport {
+    pub telemetry: Arc<Telemetry>,
+    pub received_unix_ms: i64,
+}
+
+/// What the daemon last heard from the agent, with when. Each message was checked against
+/// the field limits; they are shared, so a copy of the cache costs three reference counts.
 #[derive(Debug, Default, Clone)]
 pub struct AgentCache {
-    pub ready: Option<AgentReady>,
+    pub ready: Option<Arc<AgentReady>>,
     pub ready_at: Option<SystemTime>,
-    pub telemetry: Option<Telemetry>,
+    pub telemetry: Option<Arc<Telemetry>>,
     pub telemetry_at: Option<SystemTime>,
     /// Interfaces, asked for after every AgentReady of an agent that serves "network".
-    pub network: Option<qx_proto::agent::NetworkInfo>,
+    pub network: Option<Arc<qx_proto::agent::NetworkInfo>>,
 }
 
 #[derive(Debug)]
@@ -155,6 +176,37 @@ struct Inner {
     last_rx: Option<Instant>,
     /// The connection's session id is known (AgentReady seen on it).
     ready_on_conn: u64,
+    /// The connection that ended in a protocol error, if the last one did.
+    protocol_error_on: u64,
+    last_protocol_log: Option<Instant>,
+    /// Restart events that may still be emitted now, refilled one per interval.
+    restart_tokens: u32,
+    restart_refill_at: Option<Instant>,
+    /// Restarts not reported yet (coalesced into the next event).
+    restarts_unreported: u64,
+}
+
+impl Inner {
+    /// Whether an AGENT_RESTARTED event may be emitted now, and if so how many restarts
+    /// before it went unreported; otherwise the restart is counted for the next event.
+    fn restart_event_allowed(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        let refill_at = *self.restart_refill_at.get_or_insert(now);
+        if now >= refill_at {
+            let periods = (now.duration_since(refill_at).as_secs()
+                / RESTART_EVENT_INTERVAL.as_secs())
+            .saturating_add(1);
+            let tokens = u64::from(self.restart_tokens).saturating_add(periods);
+            self.restart_tokens = tokens.min(u64::from(RESTART_EVENT_BURST)) as u32;
+            self.restart_refill_at = Some(now + RESTART_EVENT_INTERVAL);
+        }
+        if self.restart_tokens == 0 {
+            self.restarts_unreported += 1;
+            return None;
+        }
+        self.restart_tokens -= 1;
+        Some(std::mem::take(&mut self.restarts_unreported))
+    }
 }
 
 /// One VM's link to its agent.
@@ -173,7 +225,9 @@ pub struct Link {
     /// Closes the current connection (the VM was reverted); the supervisor reconnects.
     reset: Notify,
     events: broadcast::Sender<AgentEvent>,
-    telemetry_tx: broadcast::Sender<pb::TelemetryUpdate>,
+    /// The latest pushed telemetry report: a subscriber that reads slowly skips to the
+    /// newest, it never holds a backlog.
+    telemetry_tx: watch::Sender<Option<TelemetryReport>>,
     /// Test hook: the running reader task, so a test can kill it alone.
     reader_task: Mutex<Option<JoinHandle<()>>>,
 }
@@ -221,7 +275,7 @@ impl Link {
             reader_alive: false,
             writer_alive: false,
         });
-        let (telemetry_tx, _) = broadcast::channel(TELEMETRY_SUBSCRIBER_BACKLOG);
+        let (telemetry_tx, _) = watch::channel(None);
         Arc::new(Link {
             vm_id,
             socket,
@@ -235,6 +289,11 @@ impl Link {
                 stats: LinkStats::default(),
                 last_rx: None,
                 ready_on_conn: 0,
+                protocol_error_on: 0,
+                last_protocol_log: None,
+                restart_tokens: RESTART_EVENT_BURST,
+                restart_refill_at: None,
+                restarts_unreported: 0,
             }),
             writable: Notify::new(),
             rearm: Notify::new(),
@@ -268,8 +327,15 @@ impl Link {
                 match out {
                     Output::Item { id, payload } => {
                         if let Some(w) = inner.waiters.get(&id) {
-                            // The reader never waits for a caller that reads too slowly.
-                            if let Err(TrySendError::Full(_)) = w.items.try_send(payload) {
+                            // The reader never waits for a caller that reads too slowly, and
+                            // a caller holds at most ITEM_BUFFER_BYTES of items.
+                            let n = item_bytes(&payload);
+                            let held = w.queued.fetch_add(n, Ordering::Relaxed);
+                            if held.saturating_add(n) > ITEM_BUFFER_BYTES {
+                                w.queued.fetch_sub(n, Ordering::Relaxed);
+                                slow.push(id);
+                            } else if let Err(TrySendError::Full(_)) = w.items.try_send(payload) {
+                                w.queued.fetch_sub(n, Ordering::Relaxed);
                                 slow.push(id);
                             }
                         }
@@ -285,7 +351,9 @@ impl Link {
                         failed,
                     } => {
                         inner.stats.agent_restarts += 1;
-                        restarts.push((old_session, new_session, failed));
+                        if let Some(coalesced) = inner.restart_event_allowed() {
+                            restarts.push((old_session, new_session, failed, coalesced));
+                        }
                     }
                 }
             }
@@ -299,10 +367,17 @@ impl Link {
         drop(inner);
         self.writable.notify_one();
         self.rearm.notify_one();
-        for (old, new, failed) in restarts {
+        for (old, new, failed, coalesced) in restarts {
+            let more = if coalesced > 0 {
+                format!(" ({coalesced} earlier restarts not reported separately)")
+            } else {
+                String::new()
+            };
             self.emit(
-                pb::EventKind::AgentRestarted,
-                format!("agent session {old:#x} -> {new:#x}; {failed} in-flight commands failed"),
+                AgentEventKind::Restarted,
+                format!(
+                    "agent session {old:#x} -> {new:#x}; {failed} in-flight commands failed{more}"
+                ),
             );
         }
         r
@@ -327,7 +402,7 @@ impl Link {
         }
     }
 
-    fn emit(&self, kind: pb::EventKind, detail: String) {
+    fn emit(&self, kind: AgentEventKind, detail: String) {
         let _ = self.events.send(AgentEvent {
             vm_id: self.vm_id.clone(),
             kind,
@@ -348,6 +423,7 @@ impl Link {
         item_capacity: usize,
     ) -> Result<Command, AgentError> {
         let (items_tx, items_rx) = mpsc::channel(item_capacity.max(1));
+        let queued = Arc::new(AtomicUsize::new(0));
         let (done_tx, done_rx) = oneshot::channel();
         let (id, kind) = self.with_table(|inner, now| {
             let (id, kind) = inner.table.submit(payload, opts, now)?;
@@ -355,6 +431,7 @@ impl Link {
                 id,
                 Waiter {
                     items: items_tx,
+                    queued: queued.clone(),
                     done: done_tx,
                 },
             );
@@ -365,6 +442,7 @@ impl Link {
             id,
             kind,
             items: items_rx,
+            queued,
             done: done_rx,
             finished: false,
         })
@@ -447,26 +525,27 @@ impl Link {
         self.cfg.liveness_window
     }
 
-    pub fn subscribe_telemetry(&self) -> broadcast::Receiver<pb::TelemetryUpdate> {
+    pub fn subscribe_telemetry(&self) -> watch::Receiver<Option<TelemetryReport>> {
         self.telemetry_tx.subscribe()
     }
 
-    pub fn stats(&self) -> pb::AgentConnectionStats {
+    pub fn stats(&self) -> LinkSnapshot {
         let st = self.status();
         let state = self.state_name();
         let connected = self.is_connected();
         let inner = self.lock();
-        let mut out = inner
-            .stats
-            .to_pb(inner.table.counts(), inner.table.last_error());
-        out.vm_id = self.vm_id.clone();
-        out.socket_path = self.socket.display().to_string();
-        out.connection_id = st.conn_id;
-        out.state = state.to_string();
-        out.connected = connected;
-        out.agent_session_id = inner.table.session().unwrap_or(0);
-        out.in_flight = inner.table.len() as u32;
-        out
+        LinkSnapshot {
+            vm_id: self.vm_id.clone(),
+            socket_path: self.socket.display().to_string(),
+            connection_id: st.conn_id,
+            state,
+            connected,
+            agent_session_id: inner.table.session().unwrap_or(0),
+            in_flight: inner.table.len(),
+            counters: inner.stats.clone(),
+            commands: inner.table.counts(),
+            last_error: inner.table.last_error().to_string(),
+        }
     }
 
     /// Test hook: aborts the current reader task alone and waits until it has ended.
@@ -529,7 +608,10 @@ impl Link {
                     conn_id += 1;
                     let opened = Instant::now();
                     let ready = self.run_connection(conn_id, stream, &mut stop).await;
-                    if ready && opened.elapsed() >= self.cfg.backoff_initial {
+                    // A connection that ended in a protocol error keeps the backoff growing:
+                    // a guest cannot buy a fast reconnect by misbehaving after AgentReady.
+                    let misbehaved = self.lock().protocol_error_on == conn_id;
+                    if ready && !misbehaved && opened.elapsed() >= self.cfg.backoff_initial {
                         backoff = self.cfg.backoff_initial;
                     }
                 }
@@ -632,9 +714,38 @@ impl Link {
         self.after_drop(conn_id)
     }
 
+    /// The agent sent something over its limits: counted, logged at most once per
+    /// [`PROTOCOL_ERROR_LOG_INTERVAL`], and the connection ends (the caller returns the text).
+    fn protocol_error(&self, conn_id: u64, what: String) -> String {
+        let e = format!("protocol error: {what}; resetting the connection");
+        let mut inner = self.lock();
+        inner.stats.protocol_errors += 1;
+        inner.protocol_error_on = conn_id;
+        let now = Instant::now();
+        let log_now = inner
+            .last_protocol_log
+            .is_none_or(|t| now.duration_since(t) >= PROTOCOL_ERROR_LOG_INTERVAL);
+        if log_now {
+            inner.last_protocol_log = Some(now);
+            let total = inner.stats.protocol_errors;
+            drop(inner);
+            log::warn!(
+                "vm {}: connection {conn_id}: {e} ({total} protocol errors so far)",
+                self.vm_id
+            );
+        }
+        e
+    }
+
     fn record_error(&self, conn_id: u64, e: String) {
-        log::info!("vm {}: connection {conn_id} ended: {e}", self.vm_id);
-        self.lock().table.set_last_error(e);
+        let mut inner = self.lock();
+        // A protocol error was logged (rate limited) where it was found.
+        if inner.protocol_error_on == conn_id {
+            log::debug!("vm {}: connection {conn_id} ended: {e}", self.vm_id);
+        } else {
+            log::info!("vm {}: connection {conn_id} ended: {e}", self.vm_id);
+        }
+        inner.table.set_last_error(e);
     }
 
     /// A connection ended: the table decides what becomes of the commands written on it.
@@ -647,7 +758,7 @@ impl Link {
         });
         if was_ready {
             self.emit(
-                pb::EventKind::AgentDisconnected,
+                AgentEventKind::Disconnected,
                 format!("connection {conn_id} closed"),
             );
         }
@@ -676,7 +787,7 @@ impl Link {
                 protocol_version: qx_proto::PROTOCOL_VERSION,
                 host_version: env!("CARGO_PKG_VERSION").to_string(),
                 host_session_id: self.host_session,
-                max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+                max_frame_bytes: MAX_RX_FRAME_BYTES,
             })),
         };
         let hello = Arc::new(encode(&hello).map_err(|e| e.to_string())?);
@@ -789,7 +900,7 @@ impl Link {
         ready: watch::Sender<bool>,
     ) -> Result<(), String> {
         // A fresh decoder per connection: nothing of the last connection's bytes survives.
-        let mut dec = Decoder::new(DEFAULT_MAX_FRAME_BYTES);
+        let mut dec = Decoder::new(MAX_RX_FRAME_BYTES);
         let mut seen = dec.stats();
         // Liveness counts whole frames: bytes that never make a frame keep nothing alive.
         let mut last_frame = Instant::now();
@@ -850,7 +961,13 @@ impl Link {
                 };
                 last_frame = Instant::now();
                 match env {
-                    Ok((env, len)) => self.on_frame(conn_id, env, len, &prio, &ready),
+                    Ok((env, len)) => {
+                        // Checked before anything is cached or handed to a caller.
+                        if let Err(v) = limits::check(&env) {
+                            return Err(self.protocol_error(conn_id, v.to_string()));
+                        }
+                        self.on_frame(conn_id, env, len, &prio, &ready)
+                    }
                     Err(e) => {
                         log::debug!("vm {}: undecodable envelope: {e}", self.vm_id);
                         self.lock().stats.bad_frames += 1;
@@ -920,15 +1037,15 @@ impl Link {
                 });
             }
             Some(Payload::Telemetry(t)) if corr == 0 => {
+                let t = Arc::new(t);
                 let mut inner = self.lock();
                 inner.cache.telemetry = Some(t.clone());
                 inner.cache.telemetry_at = Some(now);
                 drop(inner);
-                let _ = self.telemetry_tx.send(pb::TelemetryUpdate {
-                    vm_id: self.vm_id.clone(),
-                    telemetry: Some(t),
+                self.telemetry_tx.send_replace(Some(TelemetryReport {
+                    telemetry: t,
                     received_unix_ms: unix_ms(now),
-                });
+                }));
             }
             Some(Payload::Ack(_)) => {
                 self.with_table(|inner, now| {
@@ -946,7 +1063,11 @@ impl Link {
             }
             Some(Payload::Error(e)) => {
                 // The agent can repeat this at will: debug only, never a flood at info.
-                log::debug!("vm {}: agent protocol complaint: {}", self.vm_id, e.message);
+                log::debug!(
+                    "vm {}: agent protocol complaint: {}",
+                    self.vm_id,
+                    Esc(&e.message)
+                );
             }
             Some(payload @ (Payload::ExecOutput(_) | Payload::FileChunk(_))) if corr != 0 => {
                 let item = Event::Item { id: corr, payload };
@@ -958,7 +1079,7 @@ impl Link {
                     // Telemetry asked for with a TelemetryRequest also updates the cache.
                     if let Payload::Telemetry(t) = &payload {
                         if inner.table.stage(corr).is_some() {
-                            inner.cache.telemetry = Some(t.clone());
+                            inner.cache.telemetry = Some(Arc::new(t.clone()));
                             inner.cache.telemetry_at = Some(at);
                         }
                     }
@@ -983,7 +1104,7 @@ impl Link {
         let first_on_conn = self.with_table(|inner, now| {
             let first_on_conn = inner.ready_on_conn != conn_id;
             inner.ready_on_conn = conn_id;
-            inner.cache.ready = Some(r.clone());
+            inner.cache.ready = Some(Arc::new(r.clone()));
             inner.cache.ready_at = Some(at);
             inner.table.handle_event(
                 Event::Ready {
@@ -1006,10 +1127,10 @@ impl Link {
         }
         if first_on_conn {
             self.emit(
-                pb::EventKind::AgentConnected,
+                AgentEventKind::Connected,
                 format!(
                     "connection {conn_id}, agent {} session {new:#x}",
-                    r.agent_version
+                    sanitize(&r.agent_version, EVENT_GUEST_TEXT_CHARS)
                 ),
             );
         }
@@ -1031,7 +1152,7 @@ impl Link {
                 return;
             };
             if let Ok(Payload::NetworkInfo(n)) = cmd.finish().await {
-                me.lock().cache.network = Some(n);
+                me.lock().cache.network = Some(Arc::new(n));
             }
         });
     }
@@ -1109,7 +1230,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let stats = link.stats();
-        assert_eq!(stats.commands.unwrap().failed_not_written, 1);
+        assert_eq!(stats.commands.failed_not_written, 1);
         assert_eq!(stats.in_flight, 0);
     }
 

@@ -10,12 +10,12 @@
 //!   at a named stage), sans-io; [`command`] is what a caller holds while it waits.
 
 pub mod command;
+pub mod limits;
 pub mod link;
 pub mod stats;
 pub mod table;
 
 use crate::error::AgentError;
-use crate::pb;
 use link::Link;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -75,12 +75,22 @@ impl Default for AgentConfig {
     }
 }
 
+/// What changed on an agent connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentEventKind {
+    /// AgentReady on a new connection.
+    Connected,
+    /// A connection on which the agent had said AgentReady ended.
+    Disconnected,
+    /// The agent's session id changed: it restarted.
+    Restarted,
+}
+
 /// An agent connection change, for `StreamEvents`.
 #[derive(Debug, Clone)]
 pub struct AgentEvent {
     pub vm_id: String,
-    /// AGENT_CONNECTED, AGENT_DISCONNECTED or AGENT_RESTARTED.
-    pub kind: pb::EventKind,
+    pub kind: AgentEventKind,
     pub detail: String,
 }
 

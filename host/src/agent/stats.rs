@@ -1,7 +1,6 @@
 //! Per-VM link counters: frames and bytes by payload kind, commands by stage.
 
 use super::table::StageCounts;
-use crate::pb;
 use std::collections::BTreeMap;
 
 /// Counters of one VM's link, across its connections.
@@ -17,6 +16,8 @@ pub struct LinkStats {
     pub tx: BTreeMap<&'static str, (u64, u64)>,
     pub garbage_bytes: u64,
     pub bad_frames: u64,
+    /// Messages over the field limits (`super::limits`); each ended its connection.
+    pub protocol_errors: u64,
 }
 
 impl LinkStats {
@@ -31,41 +32,20 @@ impl LinkStats {
         e.0 += 1;
         e.1 += bytes as u64;
     }
+}
 
-    /// The counters as a message; identity and state fields are filled by the link.
-    pub fn to_pb(&self, c: StageCounts, last_error: &str) -> pb::AgentConnectionStats {
-        let counts = |m: &BTreeMap<&'static str, (u64, u64)>| {
-            m.iter()
-                .map(|(k, (frames, bytes))| pb::FrameCount {
-                    kind: (*k).to_string(),
-                    frames: *frames,
-                    bytes: *bytes,
-                })
-                .collect()
-        };
-        pb::AgentConnectionStats {
-            last_rx_unix_ms: self.last_rx_unix_ms,
-            last_tx_unix_ms: self.last_tx_unix_ms,
-            reconnects: self.reconnects,
-            agent_restarts: self.agent_restarts,
-            rx: counts(&self.rx),
-            tx: counts(&self.tx),
-            commands: Some(pb::CommandStageCounts {
-                queued: c.queued,
-                written: c.written,
-                acknowledged: c.acknowledged,
-                completed: c.completed,
-                failed_not_written: c.failed_not_written,
-                failed_not_acknowledged: c.failed_not_acknowledged,
-                failed_ack_timeout: c.failed_ack_timeout,
-                failed_connection_lost: c.failed_connection_lost,
-                failed_agent_error: c.failed_agent_error,
-                redelivered: c.redelivered,
-            }),
-            garbage_bytes: self.garbage_bytes,
-            bad_frames: self.bad_frames,
-            last_error: last_error.to_string(),
-            ..Default::default()
-        }
-    }
+/// One VM's link as [`super::link::Link::stats`] sees it at one moment.
+#[derive(Debug, Clone)]
+pub struct LinkSnapshot {
+    pub vm_id: String,
+    pub socket_path: String,
+    pub connection_id: u64,
+    /// "connecting", "handshaking", "connected", "stale", "disconnected".
+    pub state: &'static str,
+    pub connected: bool,
+    pub agent_session_id: u64,
+    pub in_flight: usize,
+    pub counters: LinkStats,
+    pub commands: StageCounts,
+    pub last_error: String,
 }

@@ -24,15 +24,14 @@
 use crate::error::AgentError;
 use qx_proto::agent::envelope::Payload;
 use qx_proto::agent::{Cancel, Envelope, ErrorCode};
-use qx_proto::{encode_envelope, payload_name};
+use qx_proto::{encode_envelope, envelope_payload_name as payload_name};
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Largest payload this host sends in one frame (the agent's limit and the preamble's basis).
-pub const MAX_SENT_PAYLOAD_BYTES: u32 = 64 * 1024;
+pub use qx_proto::MAX_SENT_PAYLOAD_BYTES;
 
 /// Which commands are written again, with the same id, on the next connection after a drop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

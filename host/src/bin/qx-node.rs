@@ -268,7 +268,9 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     qx_node::logging::init(args.log_format)?;
     let cfg = merge(&args)?;
-    let agent = Arc::new(AgentApi::new(cfg.agent_config()));
+    let agent_cfg = cfg.agent_config();
+    config::validate_agent_config(&agent_cfg)?;
+    let agent = Arc::new(AgentApi::new(agent_cfg));
     for (vm, path) in &cfg.vm_sockets {
         agent
             .manager()

@@ -4,6 +4,7 @@ use super::vm_cmds::utc_time;
 use super::{exit, install_cmd, Cli, Command};
 use crate::pb;
 use crate::pb::node_daemon_service_client::NodeDaemonServiceClient;
+use crate::text::{escape, escape_join, escape_layout, Esc};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use qx_proto::agent::{ExecRequest, FileWriteOpen};
@@ -164,7 +165,9 @@ fn print<T: Serialize + std::fmt::Debug>(json: bool, v: &T, text: impl FnOnce(&T
             Err(e) => eprintln!("qxctl: cannot encode JSON: {e}"),
         }
     } else {
-        println!("{}", text(v));
+        // Guest fields are escaped where they are formatted; this catches any that were not
+        // (every control but the layout's own line breaks).
+        println!("{}", escape_layout(&text(v)));
     }
 }
 
@@ -191,7 +194,8 @@ pub async fn run(cli: Cli) -> i32 {
     match res {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("qxctl: {e:#}");
+            // Errors carry the agent's own messages: guest text.
+            eprintln!("qxctl: {}", escape(&format!("{e:#}")));
             match e.downcast_ref::<tonic::Status>() {
                 Some(s) if !is_exec => code_for(s),
                 _ => fail,
@@ -251,7 +255,8 @@ fn power_request(a: PowerArgs) -> pb::GuestPowerRequest {
 fn power_text(r: &qx_proto::agent::PowerReply) -> String {
     format!(
         "accepted: the guest will run {} (at {} ms since the epoch)",
-        r.method, r.at_unix_ms
+        Esc(&r.method),
+        r.at_unix_ms
     )
 }
 
@@ -270,7 +275,10 @@ async fn dispatch(cli: Cli, client: &mut Client) -> Result<i32> {
             print(json, &r, |r| {
                 format!(
                     "{}: agent {} session {:#x}: rtt {} us",
-                    a.vm, r.agent_version, r.session_id, r.rtt_us
+                    a.vm,
+                    Esc(&r.agent_version),
+                    r.session_id,
+                    r.rtt_us
                 )
             });
         }
@@ -284,9 +292,11 @@ async fn dispatch(cli: Cli, client: &mut Client) -> Result<i32> {
                 .into_inner();
             print(json, &r, |r| {
                 let os = if !r.os_pretty_name.is_empty() {
-                    r.os_pretty_name.clone()
+                    escape(&r.os_pretty_name).into_owned()
                 } else if !r.os_name.is_empty() {
-                    format!("{} {}", r.os_name, r.os_version).trim().to_string()
+                    format!("{} {}", Esc(&r.os_name), Esc(&r.os_version))
+                        .trim()
+                        .to_string()
                 } else {
                     "unknown (the guest has no /etc/os-release)".to_string()
                 };
@@ -294,7 +304,7 @@ async fn dispatch(cli: Cli, client: &mut Client) -> Result<i32> {
                     if v.is_empty() {
                         "none".to_string()
                     } else {
-                        v.join(" ")
+                        escape_join(v, " ")
                     }
                 };
                 format!(
@@ -303,11 +313,11 @@ async fn dispatch(cli: Cli, client: &mut Client) -> Result<i32> {
                      capabilities: {}\nlast seen:    {}",
                     r.connected,
                     if r.stale { " (data is stale)" } else { "" },
-                    r.version,
+                    Esc(&r.version),
                     r.session_id,
-                    r.kernel_release,
-                    r.arch,
-                    r.hostname,
+                    Esc(&r.kernel_release),
+                    Esc(&r.arch),
+                    Esc(&r.hostname),
                     or_none(&r.ip_addresses),
                     or_none(&r.capabilities),
                     seen(r.last_seen_unix_ms)
@@ -328,7 +338,12 @@ async fn dispatch(cli: Cli, client: &mut Client) -> Result<i32> {
                     s.push_str(&format!("({} older lines dropped)\n", r.dropped));
                 }
                 for l in &r.lines {
-                    s.push_str(&format!("{} {:?} {}\n", l.unix_ms, l.level(), l.message));
+                    s.push_str(&format!(
+                        "{} {:?} {}\n",
+                        l.unix_ms,
+                        l.level(),
+                        Esc(&l.message)
+                    ));
                 }
                 s.trim_end().to_string()
             });
@@ -360,7 +375,7 @@ async fn dispatch(cli: Cli, client: &mut Client) -> Result<i32> {
                         k.failed_not_written, k.failed_not_acknowledged, k.failed_ack_timeout,
                         k.failed_connection_lost, k.failed_agent_error, k.redelivered, c.in_flight,
                         c.garbage_bytes, c.bad_frames,
-                        if c.last_error.is_empty() { String::new() } else { format!("\n  last error: {}", c.last_error) }
+                        if c.last_error.is_empty() { String::new() } else { format!("\n  last error: {}", Esc(&c.last_error)) }
                     ));
                     for (dir, list) in [("rx", &c.rx), ("tx", &c.tx)] {
                         for f in list {
@@ -429,7 +444,7 @@ async fn dispatch(cli: Cli, client: &mut Client) -> Result<i32> {
                         "{} {}: cpu {:.1}% load {:.2} mem {}/{} MiB procs {} up {} s",
                         // HH:MM:SS of the UTC time the daemon received it.
                         &utc_time(u.received_unix_ms.div_euclid(1000))[11..19],
-                        tm.hostname,
+                        Esc(&tm.hostname),
                         tm.cpu.map(|c| c.usage_percent).unwrap_or(0.0),
                         tm.load.map(|l| l.one).unwrap_or(0.0),
                         (mem.total_bytes - mem.available_bytes.min(mem.total_bytes)) >> 20,
@@ -470,7 +485,7 @@ async fn fs(cmd: FsCommand, client: &mut Client, json: bool) -> Result<()> {
             print(json, &r, |r| {
                 format!(
                     "frozen: {} (token {}; auto-thaw at {} unix ms)",
-                    r.frozen.join(" "),
+                    escape_join(&r.frozen, " "),
                     r.token,
                     r.auto_thaw_unix_ms
                 )
@@ -485,7 +500,9 @@ async fn fs(cmd: FsCommand, client: &mut Client, json: bool) -> Result<()> {
                 })
                 .await?
                 .into_inner();
-            print(json, &r, |r| format!("thawed: {}", r.thawed.join(" ")));
+            print(json, &r, |r| {
+                format!("thawed: {}", escape_join(&r.thawed, " "))
+            });
         }
         FsCommand::Status(a) => {
             let r = client
@@ -499,7 +516,7 @@ async fn fs(cmd: FsCommand, client: &mut Client, json: bool) -> Result<()> {
                 format!(
                     "{:?} {} (token {}, auto-thaw in {} ms)",
                     r.state(),
-                    r.frozen.join(" "),
+                    escape_join(&r.frozen, " "),
                     r.token,
                     r.auto_thaw_in_ms
                 )
@@ -519,9 +536,9 @@ async fn fs(cmd: FsCommand, client: &mut Client, json: bool) -> Result<()> {
                     .iter()
                     .map(|t| {
                         if t.error.is_empty() {
-                            format!("{}: {} bytes trimmed", t.mountpoint, t.trimmed_bytes)
+                            format!("{}: {} bytes trimmed", Esc(&t.mountpoint), t.trimmed_bytes)
                         } else {
-                            format!("{}: {}", t.mountpoint, t.error)
+                            format!("{}: {}", Esc(&t.mountpoint), Esc(&t.error))
                         }
                     })
                     .collect::<Vec<_>>()

@@ -7,6 +7,7 @@
 use super::exit;
 use crate::pb;
 use crate::pb::node_daemon_service_client::NodeDaemonServiceClient;
+use crate::text::{escape, Esc};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use tokio_stream::StreamExt;
@@ -190,7 +191,7 @@ pub struct EventsArgs {
 
 /// Prints a failed call and maps its code to qxctl's exit code.
 fn fail(status: &Status) -> i32 {
-    eprintln!("qxctl: {} ({:?})", status.message(), status.code());
+    eprintln!("qxctl: {} ({:?})", Esc(status.message()), status.code());
     match status.code() {
         Code::NotFound => exit::NOT_FOUND,
         Code::Unavailable | Code::DeadlineExceeded => exit::UNAVAILABLE,
@@ -240,7 +241,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
             if let Some(w) = widths.get_mut(i) {
-                *w = (*w).max(cell.chars().count());
+                *w = (*w).max(escape(cell).chars().count());
             }
         }
     }
@@ -248,6 +249,8 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         let mut s = String::new();
         for (i, cell) in cells.iter().enumerate() {
             let w = widths.get(i).copied().unwrap_or(0);
+            // Escaped before padding, so the columns line up with what is shown.
+            let cell = escape(cell);
             s.push(' ');
             s.push_str(&format!("{cell:<w$}"));
             s.push_str("  ");
@@ -307,7 +310,7 @@ fn print_status(s: &pb::VmStatus) {
         lines.push(("Label", format!("{k}={v}")));
     }
     for (k, v) in lines {
-        println!("{:<14}{v}", format!("{k}:"));
+        println!("{:<14}{}", format!("{k}:"), Esc(&v));
     }
 }
 
@@ -742,7 +745,7 @@ pub async fn run_events(args: EventsArgs, client: &mut Client, json: bool) -> an
                         e.unix_ms,
                         e.vm_id,
                         event_name(e.kind),
-                        e.detail
+                        Esc(&e.detail)
                     );
                 }
             }

@@ -13,7 +13,7 @@
 
 use super::{Hypervisor, PowerState};
 use crate::pb;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -21,6 +21,9 @@ use tokio::sync::broadcast;
 
 /// How many events the ring keeps for resuming clients.
 pub const EVENT_RING_CAPACITY: usize = 4096;
+/// Events of one VM the full ring keeps before that VM's own oldest ones go first: a guest that
+/// makes its VM flap evicts its own events, not another VM's.
+pub const EVENT_RING_PER_VM: usize = 256;
 /// Interval of the lifecycle poll.
 pub const WATCH_INTERVAL_MS: u64 = 500;
 
@@ -35,6 +38,36 @@ pub fn now_unix_ms() -> i64 {
 struct Ring {
     next_seq: u64,
     events: VecDeque<pb::NodeEvent>,
+    /// Events in the ring per VM id.
+    per_vm: HashMap<String, usize>,
+}
+
+impl Ring {
+    /// Drops one event to make room: the oldest of `vm` if it holds more than its share, else
+    /// the oldest of the VM holding the most if that is over its share, else the oldest.
+    fn evict(&mut self, vm: &str) {
+        let held = |id: &str| self.per_vm.get(id).copied().unwrap_or(0);
+        let victim = if held(vm) > EVENT_RING_PER_VM {
+            Some(vm.to_string())
+        } else {
+            self.per_vm
+                .iter()
+                .max_by_key(|(_, n)| **n)
+                .filter(|(_, n)| **n > EVENT_RING_PER_VM)
+                .map(|(id, _)| id.clone())
+        };
+        let at = victim
+            .and_then(|v| self.events.iter().position(|e| e.vm_id == v))
+            .unwrap_or(0);
+        if let Some(e) = self.events.remove(at) {
+            if let Some(n) = self.per_vm.get_mut(&e.vm_id) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_vm.remove(&e.vm_id);
+                }
+            }
+        }
+    }
 }
 
 /// Sequenced events: a ring for replay and a broadcast for live subscribers.
@@ -56,6 +89,7 @@ impl EventHub {
             ring: Mutex::new(Ring {
                 next_seq: 1,
                 events: VecDeque::new(),
+                per_vm: HashMap::new(),
             }),
             tx: broadcast::channel(1024).0,
         }
@@ -80,8 +114,9 @@ impl EventHub {
             detail: detail.into(),
         };
         ring.events.push_back(event.clone());
+        *ring.per_vm.entry(vm_id.to_string()).or_default() += 1;
         while ring.events.len() > EVENT_RING_CAPACITY {
-            ring.events.pop_front();
+            ring.evict(vm_id);
         }
         // Sent under the lock so broadcast order is sequence order. No receiver: fine.
         let _ = self.tx.send(event);
@@ -241,6 +276,21 @@ mod tests {
         let all = hub.since(0);
         assert_eq!(all.len(), EVENT_RING_CAPACITY);
         assert_eq!(all[0].seq, 11);
+    }
+
+    #[test]
+    fn a_full_ring_evicts_the_loudest_vms_events_first() {
+        let hub = EventHub::new();
+        hub.emit("quiet", pb::EventKind::VmStarted, "");
+        for _ in 0..EVENT_RING_CAPACITY * 2 {
+            hub.emit("loud", pb::EventKind::AgentRestarted, "");
+        }
+        hub.emit("quiet2", pb::EventKind::VmStopped, "");
+        let all = hub.since(0);
+        assert_eq!(all.len(), EVENT_RING_CAPACITY);
+        assert_eq!(all[0].vm_id, "quiet");
+        assert_eq!(all[0].seq, 1);
+        assert_eq!(all.last().unwrap().vm_id, "quiet2");
     }
 
     /// A listing-only hypervisor: the watcher's layer has the real libvirt tests above it.

@@ -245,7 +245,9 @@ impl Relay {
             at += dec.push(&log[at..]);
             loop {
                 match dec.decode() {
-                    Ok(Some(p)) => kinds.push(qx_proto::payload_name(&decode_envelope(p).unwrap())),
+                    Ok(Some(p)) => kinds.push(qx_proto::envelope_payload_name(
+                        &decode_envelope(p).unwrap(),
+                    )),
                     Ok(None) => break,
                     Err(_) => continue,
                 }
