@@ -77,8 +77,8 @@ QEMU GUEST AGENT PROTOCOL
     /etc/qemu/qemu-ga.conf apply where the agent's own configuration is silent.
 
 SIGNALS
-    SIGTERM, SIGINT  flush pending output to a connected host (at most 2 s),
-                     then exit 0.
+    SIGTERM, SIGINT  thaw filesystems the agent froze, flush pending output to
+                     a connected host (at most 2 s), then exit 0.
     SIGHUP           reload the configuration (transport changes need a
                      restart).
 

@@ -251,6 +251,39 @@ mod tests {
     }
 
     #[test]
+    fn guest_text_in_a_log_line_cannot_add_lines_or_reach_the_terminal() {
+        let buf = Buf::default();
+        let sub = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(buf.clone())
+                .fmt_fields(escaped_fields())
+                .with_ansi(false)
+                .event_format(Journald::default()),
+        );
+        let bridge = tracing_log::LogTracer::new();
+        let hostile = "web1\n<3>ERROR forged: node on fire\x1b]52;c;SGVsbG8=\x07\u{202e}";
+        tracing::subscriber::with_default(sub, || {
+            log::Log::log(
+                &bridge,
+                &log::Record::builder()
+                    .level(log::Level::Warn)
+                    .target("qx_node::agent")
+                    .args(format_args!("agent hostname {hostile}"))
+                    .build(),
+            );
+            tracing::warn!(hostname = hostile, "telemetry");
+        });
+        let out = buf.text();
+        assert_eq!(out.lines().count(), 2, "one line an event: {out}");
+        assert!(
+            !out.chars()
+                .any(|c| (c.is_control() && c != '\n') || c == '\u{202e}'),
+            "no raw controls: {out:?}"
+        );
+        assert!(out.contains("forged"), "the text is kept, escaped: {out}");
+    }
+
+    #[test]
     fn json_lines_carry_level_fields_and_spans() {
         let buf = Buf::default();
         let sub = tracing_subscriber::registry().with(
