@@ -40,12 +40,16 @@ COMMANDS=(
   busybox:busybox-static
   cpio:cpio
   mkfs.ext4:e2fsprogs
+  debugfs:e2fsprogs
   losetup:util-linux
   xorriso:xorriso
   openssl:openssl
   python3:python3
   curl:curl
   readelf:binutils
+  rpmbuild:rpm
+  man:man-db
+  xz:xz-utils
 )
 # The QEMU packages share one version; apt resolves them together, at the version of the
 # configured archive, so that none of them is dropped to satisfy another.
@@ -57,6 +61,7 @@ missing_commands() {
   local entry
   for entry in "${COMMANDS[@]}"; do have "${entry%%:*}" || echo "$entry"; done
   pkg-config --exists libvirt 2>/dev/null || echo "pkg-config libvirt:libvirt-dev"
+  python3 -c 'import ensurepip, venv' 2>/dev/null || echo "python3 -m venv:python3-venv"
 }
 
 missing=()
