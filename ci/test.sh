@@ -31,7 +31,6 @@ bash iso-build/test.sh --agent target/x86_64-unknown-linux-musl/release/quantix-
 step "tests"
 cargo test --workspace --locked --exclude qx-e2e
 
-# --- operator experience (issue 18) ---
 step "standard gRPC services: reflection and health, driven by Python's grpcio"
 cargo build --locked -p qx-node --bins
 bash ci/grpc-standard-test.sh
@@ -39,7 +38,6 @@ step "man pages and shell completions: qx-node, qxctl, quantix-kvm-agent"
 bash ci/build-docs.sh
 step "packages: qx-node .deb, agent .deb and .rpm; the .debs installed with dpkg --root"
 bash ci/package-test.sh --bin-dir target/debug --agent target/x86_64-unknown-linux-musl/release/quantix-kvm-agent
-# --- end operator experience ---
 
 step "whole-VM tests: the agent in QEMU (TCG), through qx-node"
 bash ci/vm/build-image.sh
