@@ -43,7 +43,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-addr=127.0.0.1:$(free_port)
+addr=unix:$work/qx-node.sock   # the daemon's default kind of listener: a unix socket
 metrics=127.0.0.1:$(free_port)
 mkdir -p "$work/images" "$work/sock"
 "$qxnode" --listen "$addr" --metrics-listen "$metrics" --libvirt-uri "$uri" \
@@ -57,20 +57,20 @@ done
 note "qx-node pid $node_pid: gRPC on $addr, metrics on http://$metrics/metrics, libvirt $uri"
 # The log line comes just before the listener binds: wait until the node answers.
 for _ in $(seq 100); do
-  "$qxctl_bin" --addr "http://$addr" node info >/dev/null 2>&1 && break
+  "$qxctl_bin" --addr "$addr" node info >/dev/null 2>&1 && break
   sleep 0.1
 done
 
 qxctl() {
   printf '\033[2m$ qxctl %s\033[0m\n' "$*"
-  "$qxctl_bin" --addr "http://$addr" "$@"
+  "$qxctl_bin" --addr "$addr" "$@"
 }
 
 bold "the node"
 qxctl node info
 
 # The event stream of this VM (others may share the host), from now on, shown at the end.
-"$qxctl_bin" --addr "http://$addr" events --vm "$vm_id" >"$work/events.log" 2>&1 &
+"$qxctl_bin" --addr "$addr" events --vm "$vm_id" >"$work/events.log" 2>&1 &
 events_pid=$!
 
 bold "a VM through qx-node: a real ext4 filesystem on a qcow2 disk, direct kernel boot"
@@ -87,7 +87,7 @@ note "libvirt's view: $(virsh -q -c "$uri" domstate "$vm_id")," \
 
 bold "waiting for the agent to say hello through the domain's channel"
 t0=$SECONDS
-until "$qxctl_bin" --addr "http://$addr" agent ping "$vm_id" >/dev/null 2>&1; do
+until "$qxctl_bin" --addr "$addr" agent ping "$vm_id" >/dev/null 2>&1; do
   if [ $((SECONDS - t0)) -gt 180 ]; then
     echo "the agent did not answer within 180 s" >&2
     exit 1
@@ -102,7 +102,7 @@ qxctl agent info "$vm_id"
 
 bold "live telemetry (a few seconds of qxctl watch)"
 printf '\033[2m$ qxctl watch %s   (stopped after 6 s)\033[0m\n' "$vm_id"
-timeout -s INT 6 "$qxctl_bin" --addr "http://$addr" watch "$vm_id" || true
+timeout -s INT 6 "$qxctl_bin" --addr "$addr" watch "$vm_id" || true
 
 bold "exec with streamed output"
 qxctl exec "$vm_id" -- /bin/sh -c \

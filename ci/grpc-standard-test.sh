@@ -38,7 +38,8 @@ start() {
   local uri=$1 log=$work/qx-node.$RANDOM.log
   addr=127.0.0.1:$(free_port)
   metrics=127.0.0.1:$(free_port)
-  "$qxnode" --listen "$addr" --metrics-listen "$metrics" --libvirt-uri "$uri" \
+  # Plain TCP on loopback, for the Python client: a test set-up, hence --insecure-listen.
+  "$qxnode" --listen "$addr" --insecure-listen --metrics-listen "$metrics" --libvirt-uri "$uri" \
     --agent-socket-dir "$work" >"$log" 2>&1 &
   pids+=($!)
   for _ in $(seq 300); do
