@@ -272,7 +272,13 @@ async fn mutual_tls_admits_only_clients_with_a_certificate() {
     let p = |n: &str| dir.path().join(n).display().to_string();
     let _node = Node(
         Command::new(env!("CARGO_BIN_EXE_qx-node"))
-            .args(["--listen", &addr, "--insecure-listen", "--libvirt-uri", "none"])
+            .args([
+                "--listen",
+                &addr,
+                "--insecure-listen",
+                "--libvirt-uri",
+                "none",
+            ])
             .args([
                 "--agent-socket-dir",
                 &p("sockets"),

@@ -570,7 +570,13 @@ async fn qxctl_text_output_escapes_guest_controls_and_json_stays_exact() {
     let addr = format!("127.0.0.1:{port}");
     let _node = Node(
         Command::new(env!("CARGO_BIN_EXE_qx-node"))
-            .args(["--listen", &addr, "--insecure-listen", "--libvirt-uri", "none"])
+            .args([
+                "--listen",
+                &addr,
+                "--insecure-listen",
+                "--libvirt-uri",
+                "none",
+            ])
             .arg("--agent-socket-dir")
             .arg(dir.path().join("sockets"))
             .arg("--image-dir")
@@ -629,7 +635,11 @@ fn bad_timeouts_are_refused_at_start_up_with_a_sentence_per_key() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_qx-node"))
         .arg("--config")
         .arg(&cfg)
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--insecure-listen"])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--insecure-listen",
+        ])
         .args(["--libvirt-uri", "none"])
         .arg("--image-dir")
         .arg(dir.path().join("images"))
