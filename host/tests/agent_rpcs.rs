@@ -672,7 +672,10 @@ async fn file_read_resumes_after_a_reconnect_mid_transfer() {
             let (relay, agent) = (relay.clone(), d.agent.clone());
             cutter = Some(tokio::spawn(async move {
                 let link = agent.manager().link(VM).unwrap();
-                while link.stats().in_flight == 0 {
+                // The fourth window's request has reached the agent (three whole windows
+                // were read): its answer is held, so the cut lands with it outstanding.
+                // (`in_flight` alone also counts a request not yet written.)
+                while link.stats().in_flight == 0 || requests(&relay) < 4 {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
                 link.kill_reader_for_test().await;
