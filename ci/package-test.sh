@@ -62,7 +62,7 @@ for b in usr/sbin/qx-node usr/bin/qxctl usr/sbin/quantix-kvm-agent; do
 done
 # The configuration the package ships is one qx-node accepts.
 cfg_check=$("$r/usr/sbin/qx-node" --config "$r/etc/quantix/qx-node.toml" --listen 127.0.0.1:bad 2>&1 || true)
-grep -q 'is not IP:PORT' <<<"$cfg_check" || fail "the packaged qx-node.toml is refused: $cfg_check"
+grep -q 'is neither unix:/PATH nor IP:PORT' <<<"$cfg_check" || fail "the packaged qx-node.toml is refused: $cfg_check"
 
 rpmfiles=$(rpm -qlp "$out"/pkgs/quantix-kvm-agent-"$version"-1.x86_64.rpm 2>/dev/null)
 for f in /usr/sbin/quantix-kvm-agent /usr/lib/systemd/system/quantix-kvm-agent.service \
