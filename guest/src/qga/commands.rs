@@ -227,7 +227,7 @@ impl Agent {
                     return ops::timeops::set(&TimeSetRequest {
                         unix_ns: secs.saturating_mul(1_000_000_000),
                         write_rtc: false,
-                        force: false,
+                        force: true,
                     })
                     .map(|_| empty())
                     .map_err(op_err);
@@ -239,7 +239,7 @@ impl Agent {
                 ops::timeops::set(&TimeSetRequest {
                     unix_ns: ns,
                     write_rtc: true,
-                    force: false,
+                    force: true,
                 })
                 .map(|_| empty())
                 .map_err(op_err)
