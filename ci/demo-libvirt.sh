@@ -47,7 +47,7 @@ addr=unix:$work/qx-node.sock   # the daemon's default kind of listener: a unix s
 metrics=127.0.0.1:$(free_port)
 mkdir -p "$work/images" "$work/sock"
 "$qxnode" --listen "$addr" --metrics-listen "$metrics" --libvirt-uri "$uri" \
-  --agent-socket-dir "$work/sock" --image-dir "$work/images" >"$work/qx-node.log" 2>&1 &
+  --agent-socket-dir "$work/sock" --image-dir "$work/images" --media-dir "$PWD/target/vm" >"$work/qx-node.log" 2>&1 &
 node_pid=$!
 for _ in $(seq 300); do
   grep -q "gRPC on" "$work/qx-node.log" && break
@@ -147,6 +147,10 @@ if virsh -q -c "$uri" dominfo "$vm_id" >/dev/null 2>&1; then
   echo "the domain is still defined" >&2
   exit 1
 fi
+# The data disk was made here and attached by path, so `--storage` leaves it alone: qx-node
+# deletes only the images it created for the VM (docs/security.md). The demo removes its own.
+[ -e "$work/images/$name-data.qcow2" ] || { echo "qx-node deleted an image it did not create" >&2; exit 1; }
+rm -f "$work/images/$name-data.qcow2"
 left=$(find "$work/images" -type f | wc -l)
 [ "$left" -eq 0 ] || { echo "images left behind: $(ls "$work/images")" >&2; exit 1; }
 note "no domain, no image left"
