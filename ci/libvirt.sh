@@ -3,7 +3,7 @@
 # `qemu:///system` works, and waits until libvirtd answers. Idempotent: daemons already running
 # are left alone, and concurrent callers (tests run in parallel) take a lock so that only one
 # of them starts each daemon. QEMU runs as root: with /dev/kvm 0600, running it as libvirt-qemu makes
-# libvirt re-probe QEMU on nearly every call (see /work/shared/VIRTIO-SERIAL.md).
+# libvirt re-probe QEMU on nearly every call (docs/protocol.md, "The port's measured behaviour").
 #
 # Usage: bash ci/libvirt.sh          start (or check) the daemons
 #        bash ci/libvirt.sh stop     stop the daemons this script started (by their pid files)

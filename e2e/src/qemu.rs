@@ -2,7 +2,7 @@
 //!
 //! The VM boots the uncompressed kernel through its PVH entry with TCG (KVM only where the CPU
 //! really has vmx/svm and the host is not the nested PVM hypervisor, see
-//! /work/shared/VIRTIO-SERIAL.md). Each virtio-serial port is a chardev socket in server mode
+//! docs/protocol.md, "The port's measured behaviour"). Each virtio-serial port is a chardev socket in server mode
 //! (`server=on,wait=off`) in the VM's own temporary directory, so two VMs never share a path.
 //! Dropping the [`Vm`] kills QEMU and reaps it; when the dropping thread is panicking (a failed
 //! test) the serial console is printed and kept under `target/vm/logs/`.

@@ -1,4 +1,4 @@
-//! The link's failure modes, each of which broke a system like this one (shared/seeds):
+//! The link's failure modes, each of which broke a system like this one (docs/architecture.md, "Why it cannot wedge"):
 //! agent restart, host restart, garbage on the wire, a stalled writer, a dead reader, two VMs
 //! whose sockets must not be confused, a full queue, a cancelled caller, "sent" that only
 //! meant "queued", and telemetry/AgentReady that never reached the cache.
