@@ -637,7 +637,8 @@ fn remote(spec: &str) -> Option<(&str, &str)> {
     ok.then_some((vm, path))
 }
 
-fn progress(total: u64, label: &str) -> Option<indicatif::ProgressBar> {
+/// A byte progress bar on stderr when it is a terminal (copies, volume transfers).
+pub(crate) fn progress(total: u64, label: &str) -> Option<indicatif::ProgressBar> {
     if !std::io::stderr().is_terminal() {
         return None;
     }

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
@@ -232,21 +232,6 @@ fn volume_text(v: &pb::VolumeInfo) -> String {
     s
 }
 
-fn bar(total: u64, label: &str) -> Option<indicatif::ProgressBar> {
-    if !std::io::stderr().is_terminal() {
-        return None;
-    }
-    let bar = indicatif::ProgressBar::new(total);
-    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
-    ) {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar.set_message(label.to_string());
-    Some(bar)
-}
-
 fn show<T: Serialize>(json: bool, v: &T, text: impl FnOnce(&T) -> String) -> Result<i32> {
     if json {
         print_json(v)?;
@@ -432,7 +417,8 @@ pub async fn run_volume(cmd: VolumeCommand, client: &mut Client, json: bool) -> 
             while let Some(p) = s.next().await {
                 let p = p?;
                 let b = progress.get_or_insert_with(|| {
-                    bar(p.total_bytes, "clone").unwrap_or_else(indicatif::ProgressBar::hidden)
+                    super::agent_cmds::progress(p.total_bytes, "clone")
+                        .unwrap_or_else(indicatif::ProgressBar::hidden)
                 });
                 b.set_position(p.done_bytes);
                 if let (true, Some(v)) = (p.done, p.volume) {
@@ -479,7 +465,7 @@ async fn upload(
     f.seek(SeekFrom::Start(offset))?;
     let size = len - offset;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let progress = bar(size, "upload");
+    let progress = super::agent_cmds::progress(size, "upload");
     let reader_bar = progress.clone();
     // The file is read on a blocking thread; the bounded channel paces it to the network.
     let reader = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
@@ -571,7 +557,8 @@ async fn download(
     while let Some(chunk) = s.next().await {
         let chunk = chunk?;
         if chunk.total_bytes > 0 && progress.is_none() {
-            progress = bar(chunk.total_bytes.saturating_sub(offset), "download");
+            progress =
+                super::agent_cmds::progress(chunk.total_bytes.saturating_sub(offset), "download");
         }
         f.write_all(&chunk.data)?;
         hash.update(&chunk.data);
