@@ -1450,6 +1450,48 @@ mod tests {
         assert_eq!(e.code, ErrorCode::InvalidArgument);
     }
 
+    /// Every page of `path`'s listing, `page_size` entries each, calling `between` after
+    /// the first page.
+    fn list_all(pol: &PathPolicy, path: &str, page_size: u32, between: impl Fn()) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut token = String::new();
+        loop {
+            let req = FileListRequest {
+                path: path.into(),
+                page_size,
+                page_token: token.clone(),
+            };
+            let page = list(pol, &req).unwrap();
+            names.extend(page.entries.into_iter().map(|e| e.name));
+            if page.next_page_token.is_empty() {
+                return names;
+            }
+            if token.is_empty() {
+                between();
+            }
+            token = page.next_page_token;
+        }
+    }
+
+    #[test]
+    fn a_listing_reads_its_directory_once() {
+        let t = TempDir::new("list-once");
+        let pol = PathPolicy::allow_all();
+        let mut expected: Vec<String> = (0..25).map(|i| format!("f{i:02}")).collect();
+        for name in &expected {
+            std::fs::write(t.join(name), b"").unwrap();
+        }
+        // A file made after the first page is not in this listing: the later pages come
+        // from the names read for the first one, not from a new read of the directory.
+        let names = list_all(&pol, &t.s(""), 10, || {
+            std::fs::write(t.join("zz-new"), b"").unwrap();
+        });
+        assert_eq!(names, expected);
+        // A new listing reads the directory again.
+        expected.push("zz-new".into());
+        assert_eq!(list_all(&pol, &t.s(""), 10, || {}), expected);
+    }
+
     #[test]
     fn list_page_stays_under_the_frame_budget_with_long_names() {
         let t = TempDir::new("list-big");
