@@ -233,8 +233,12 @@ impl Agent {
                 self.offload(id, move || lock(&writers).close(&r), Payload::FileWriteDone);
             }
             Payload::FileListRequest(r) => {
-                let policy = self.policy.clone();
-                self.offload(id, move || files::list(&policy, &r), Payload::FileList);
+                let (listings, policy) = (self.listings.clone(), self.policy.clone());
+                self.offload(
+                    id,
+                    move || files::list(&policy, &mut lock(&listings), &r, Instant::now()),
+                    Payload::FileList,
+                );
             }
             Payload::FileStatRequest(r) => {
                 let policy = self.policy.clone();

@@ -24,7 +24,7 @@ use thiserror::Error;
 use crate::config::Config;
 use crate::exec::{ChildFd, Jobs, OutputSink};
 use crate::logring;
-use crate::ops::files::FileWriters;
+use crate::ops::files::{FileWriters, Listings};
 use crate::ops::fsfreeze::Freezer;
 use crate::ops::policy::PathPolicy;
 use crate::ops::telemetry::Collector;
@@ -35,10 +35,11 @@ use crate::sys;
 use crate::transport::{Endpoint, Transport};
 use crate::worker::Worker;
 
-/// The open uploads, locked by the worker. A job that panicked cannot leave them half
-/// changed in a way a later job must not see (each call is whole), so poisoning is ignored.
-pub(crate) fn lock(writers: &Mutex<FileWriters>) -> MutexGuard<'_, FileWriters> {
-    writers.lock().unwrap_or_else(PoisonError::into_inner)
+/// State the worker's jobs share (open uploads, kept listings), locked by the worker alone. A
+/// job that panicked cannot leave it half changed in a way a later job must not see (each
+/// call is whole), so poisoning is ignored.
+pub(crate) fn lock<T>(state: &Mutex<T>) -> MutexGuard<'_, T> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The transport's token.
@@ -201,6 +202,8 @@ pub struct Agent {
     pub(crate) policy: PathPolicy,
     /// Open uploads; only the worker locks them (see [`lock`]).
     pub(crate) writers: Arc<Mutex<FileWriters>>,
+    /// Directory listings kept between pages; only the worker locks them.
+    pub(crate) listings: Arc<Mutex<Listings>>,
     pub(crate) worker: Worker,
     /// A freeze was sent to the worker and has not come back.
     pub(crate) freezing: bool,
@@ -336,6 +339,7 @@ impl Agent {
             jobs: Jobs::new(cfg.max_concurrent_exec),
             policy: PathPolicy::new(cfg.file_allow.clone(), cfg.file_deny.clone()),
             writers: Arc::new(Mutex::new(FileWriters::new(cfg.max_open_files))),
+            listings: Arc::default(),
             worker: Worker::start(poll.registry(), WORKER).map_err(LoopError::Worker)?,
             freezing: false,
             freezer,

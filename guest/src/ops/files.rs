@@ -22,6 +22,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use qx_proto::agent::{
@@ -145,10 +146,102 @@ fn decode_token(token: &str) -> OpResult<Vec<u8>> {
         .collect()
 }
 
+/// Directories being listed page by page, kept between pages: a listing reads and sorts its
+/// directory once, for its first page, and later pages are taken from those names (the
+/// listing is a snapshot, as `ls` prints one). A listing is found by its directory (device
+/// and inode), and a page by its token (the last name returned), so a listing replaced by a
+/// newer one of the same directory still pages on correctly. Bounded: at most
+/// [`MAX_LISTINGS`] listings and [`LISTINGS_BUDGET_BYTES`] of names, the least recently used
+/// dropped first, and a listing not paged for [`LISTING_IDLE`] is dropped. A page whose
+/// listing was dropped reads the directory again.
+#[derive(Debug, Default)]
+pub struct Listings {
+    open: Vec<Listing>,
+}
+
+#[derive(Debug)]
+struct Listing {
+    dir: (u64, u64),
+    names: Vec<Vec<u8>>,
+    bytes: usize,
+    used: Instant,
+}
+
+/// Listings kept between pages.
+pub const MAX_LISTINGS: usize = 4;
+/// Names (with their bookkeeping) kept between pages, over every listing.
+pub const LISTINGS_BUDGET_BYTES: usize = 4 << 20;
+/// A listing not paged for this long is dropped.
+pub const LISTING_IDLE: Duration = Duration::from_secs(60);
+
+/// What one kept name costs: its bytes and its vector.
+fn name_cost(name: &[u8]) -> usize {
+    name.len() + std::mem::size_of::<Vec<u8>>()
+}
+
+impl Listings {
+    fn expire(&mut self, now: Instant) {
+        self.open
+            .retain(|l| now.saturating_duration_since(l.used) < LISTING_IDLE);
+    }
+
+    /// Whether names of directory `dir` are kept; marks them used.
+    fn touch(&mut self, dir: (u64, u64), now: Instant) -> bool {
+        self.expire(now);
+        match self.open.iter_mut().find(|l| l.dir == dir) {
+            Some(l) => {
+                l.used = now;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The kept names of directory `dir` (none if there are none).
+    fn names_of(&self, dir: (u64, u64)) -> &[Vec<u8>] {
+        self.open
+            .iter()
+            .find(|l| l.dir == dir)
+            .map_or(&[], |l| &l.names)
+    }
+
+    /// Keeps `names` (sorted) for the next pages of `dir`'s listing, unless they alone
+    /// exceed the budget (returns whether they are kept).
+    fn keep(&mut self, dir: (u64, u64), names: Vec<Vec<u8>>, now: Instant) -> bool {
+        self.expire(now);
+        self.open.retain(|l| l.dir != dir);
+        let bytes: usize = names.iter().map(|n| name_cost(n)).sum();
+        if bytes > LISTINGS_BUDGET_BYTES {
+            return false;
+        }
+        while self.open.len() >= MAX_LISTINGS
+            || self.open.iter().map(|l| l.bytes).sum::<usize>() + bytes > LISTINGS_BUDGET_BYTES
+        {
+            let Some(oldest) = (0..self.open.len()).min_by_key(|&i| self.open[i].used) else {
+                break;
+            };
+            self.open.swap_remove(oldest);
+        }
+        self.open.push(Listing {
+            dir,
+            names,
+            bytes,
+            used: now,
+        });
+        true
+    }
+}
+
 /// One page of a directory's entries, sorted by name (bytewise), symlinks not followed.
 /// The page token is the last name returned, so pages stay stable while the directory
-/// changes. Entries under a denied prefix are left out.
-pub fn list(policy: &PathPolicy, req: &FileListRequest) -> OpResult<FileList> {
+/// changes. Entries under a denied prefix are left out. Later pages come from the names
+/// read for the first (see [`Listings`]).
+pub fn list(
+    policy: &PathPolicy,
+    listings: &mut Listings,
+    req: &FileListRequest,
+    now: Instant,
+) -> OpResult<FileList> {
     let dir = policy.open(&req.path, libc::O_PATH | libc::O_DIRECTORY, false)?;
     let after = if req.page_token.is_empty() {
         None
@@ -159,26 +252,30 @@ pub fn list(policy: &PathPolicy, req: &FileListRequest) -> OpResult<FileList> {
         0 => DEFAULT_PAGE_SIZE,
         n => n.min(MAX_PAGE_SIZE),
     } as usize;
-    let entries = sys::read_dir_names(dir.fd.as_fd()).map_err(|e| OpError::io(&req.path, &e))?;
-    let mut names: Vec<Vec<u8>> = Vec::new();
-    for entry in entries {
-        let name = entry.into_vec();
-        if after
-            .as_ref()
-            .is_some_and(|a| name.as_slice() <= a.as_slice())
-        {
-            continue;
-        }
-        names.push(name);
-    }
-    names.sort_unstable();
+    let meta = File::from(dir.fd.try_clone().map_err(|e| OpError::io(&req.path, &e))?)
+        .metadata()
+        .map_err(|e| OpError::io(&req.path, &e))?;
+    let id = (meta.dev(), meta.ino());
+    let mut fresh = Vec::new();
+    let names: &[Vec<u8>] = if after.is_some() && listings.touch(id, now) {
+        listings.names_of(id)
+    } else {
+        let read = sys::read_dir_names(dir.fd.as_fd()).map_err(|e| OpError::io(&req.path, &e))?;
+        fresh = read.into_iter().map(OsString::into_vec).collect();
+        fresh.sort_unstable();
+        &fresh
+    };
+    let start = after.as_ref().map_or(0, |a| {
+        names.partition_point(|n| n.as_slice() <= a.as_slice())
+    });
+    let names = &names[start..];
     let base = req.path.trim_end_matches('/');
     let denied = policy.resolved_deny();
     let mut out = FileList::default();
     let mut size = 0usize;
     let mut last: Option<&[u8]> = None;
     let mut more = false;
-    for name in &names {
+    for name in names {
         if out.entries.len() >= page_size {
             more = true;
             break;
@@ -212,6 +309,10 @@ pub fn list(policy: &PathPolicy, req: &FileListRequest) -> OpResult<FileList> {
     }
     if more {
         out.next_page_token = last.map(hex).unwrap_or_default();
+        if after.is_none() {
+            // A listing over more than one page: its names are kept for the next pages.
+            listings.keep(id, fresh, now);
+        }
     }
     Ok(out)
 }
@@ -1410,11 +1511,13 @@ mod tests {
         loop {
             let page = list(
                 &pol,
+                &mut Listings::default(),
                 &FileListRequest {
                     path: t.s("allowed"),
                     page_size: 10,
                     page_token: token.clone(),
                 },
+                Instant::now(),
             )
             .unwrap();
             pages += 1;
@@ -1440,11 +1543,13 @@ mod tests {
         assert_eq!(pages, 3);
         let e = list(
             &pol,
+            &mut Listings::default(),
             &FileListRequest {
                 path: t.s("allowed"),
                 page_size: 0,
                 page_token: "zz".into(),
             },
+            Instant::now(),
         )
         .unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidArgument);
@@ -1453,6 +1558,7 @@ mod tests {
     /// Every page of `path`'s listing, `page_size` entries each, calling `between` after
     /// the first page.
     fn list_all(pol: &PathPolicy, path: &str, page_size: u32, between: impl Fn()) -> Vec<String> {
+        let mut listings = Listings::default();
         let mut names = Vec::new();
         let mut token = String::new();
         loop {
@@ -1461,7 +1567,7 @@ mod tests {
                 page_size,
                 page_token: token.clone(),
             };
-            let page = list(pol, &req).unwrap();
+            let page = list(pol, &mut listings, &req, Instant::now()).unwrap();
             names.extend(page.entries.into_iter().map(|e| e.name));
             if page.next_page_token.is_empty() {
                 return names;
@@ -1493,6 +1599,38 @@ mod tests {
     }
 
     #[test]
+    fn kept_listings_stay_within_their_budget_and_idle_time() {
+        let t0 = Instant::now();
+        let names = |n: usize, len: usize| -> Vec<Vec<u8>> { vec![vec![b'x'; len]; n] };
+        let mut l = Listings::default();
+        // At most MAX_LISTINGS: the least recently used goes first.
+        for d in 0..MAX_LISTINGS as u64 {
+            assert!(l.keep((1, d), names(10, 8), t0 + Duration::from_secs(d)));
+        }
+        assert!(l.touch((1, 0), t0 + Duration::from_secs(10)));
+        assert!(l.keep((1, 99), names(10, 8), t0 + Duration::from_secs(11)));
+        assert!(
+            l.touch((1, 0), t0 + Duration::from_secs(12)),
+            "used recently, kept"
+        );
+        assert!(
+            !l.touch((1, 1), t0 + Duration::from_secs(12)),
+            "least recently used"
+        );
+        // Names beyond the budget are not kept, and make room by dropping others.
+        let per = name_cost(&[b'x'; 100]);
+        assert!(!l.keep((2, 0), names(LISTINGS_BUDGET_BYTES / per + 1, 100), t0));
+        assert!(l.keep((2, 1), names(LISTINGS_BUDGET_BYTES / per, 100), t0));
+        let kept: usize = l.open.iter().map(|x| x.bytes).sum();
+        assert!(kept <= LISTINGS_BUDGET_BYTES);
+        assert_eq!(l.names_of((2, 1)).len(), LISTINGS_BUDGET_BYTES / per);
+        // A listing not paged for LISTING_IDLE is gone.
+        let later = t0 + LISTING_IDLE + Duration::from_secs(1);
+        assert!(!l.touch((2, 1), later));
+        assert!(l.open.is_empty());
+    }
+
+    #[test]
     fn list_page_stays_under_the_frame_budget_with_long_names() {
         let t = TempDir::new("list-big");
         let pol = PathPolicy::allow_all();
@@ -1501,11 +1639,13 @@ mod tests {
         }
         let page = list(
             &pol,
+            &mut Listings::default(),
             &FileListRequest {
                 path: t.s(""),
                 page_size: 1000,
                 page_token: String::new(),
             },
+            Instant::now(),
         )
         .unwrap();
         assert!(page.encoded_len() <= LIST_PAGE_BUDGET_BYTES);
