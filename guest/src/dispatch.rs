@@ -149,8 +149,12 @@ impl Agent {
         }
         match req.payload {
             Payload::TelemetryRequest(_) => {
-                let t = self.collector.sample();
-                self.reply(id, Payload::Telemetry(t));
+                let collector = self.collector.clone();
+                self.offload(
+                    id,
+                    move || Ok(lock(&collector).sample()),
+                    Payload::Telemetry,
+                );
             }
             Payload::SetTelemetryInterval(s) => {
                 self.set_telemetry_interval(s.interval_ms, now);

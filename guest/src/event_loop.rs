@@ -5,7 +5,9 @@
 //! file transfers, flush), then sleep in `poll` until the earliest deadline or an event.
 //! Readiness is edge-triggered: after an event the loop reads or writes until `WouldBlock`,
 //! and a source it could not drain (no room in the outbox) stays marked ready. Nothing blocks
-//! and nothing sleeps outside `poll`.
+//! and nothing sleeps outside `poll`: the calls that can wait on a filesystem (file
+//! operations, listings, freeze and trim, telemetry's statvfs) runs on the one worker thread
+//! ([`crate::worker`]), which reports back through its own token.
 //!
 //! Interest follows state: the transport is watched for writable only while the outbox holds
 //! bytes, or while no host is attached (the host's arrival on a virtio-serial port shows as
@@ -209,7 +211,10 @@ pub struct Agent {
     pub(crate) freezing: bool,
     pub(crate) freezer: Freezer,
     pub(crate) users: UserDb,
-    pub(crate) collector: Collector,
+    /// Telemetry's CPU baseline; only the worker locks it.
+    pub(crate) collector: Arc<Mutex<Collector>>,
+    /// A pushed telemetry sample is being taken by the worker.
+    sampling: bool,
     pub(crate) transfers: Vec<Transfer>,
     /// Reads and hashes whose open is on the worker; they count against `max_open_reads`.
     pub(crate) opening_reads: usize,
@@ -344,7 +349,8 @@ impl Agent {
             freezing: false,
             freezer,
             users: UserDb::system(),
-            collector: Collector::new(),
+            collector: Arc::default(),
+            sampling: false,
             transfers: Vec::new(),
             opening_reads: 0,
             next_telemetry,
@@ -657,8 +663,19 @@ impl Agent {
     fn timers(&mut self, now: Instant) {
         if let Some(at) = self.next_telemetry {
             if now >= at {
-                let sample = self.collector.sample();
-                self.session.push_telemetry(sample);
+                // Sampled by the worker: statvfs of a filesystem whose device hangs would
+                // block. One sample at a time, however long the worker is busy.
+                if !self.sampling {
+                    self.sampling = true;
+                    let collector = self.collector.clone();
+                    self.worker.submit(move || {
+                        let sample = lock(&collector).sample();
+                        Box::new(move |agent: &mut Agent, _now: Instant| {
+                            agent.sampling = false;
+                            agent.session.push_telemetry(sample);
+                        })
+                    });
+                }
                 let interval = Duration::from_millis(u64::from(self.cfg.telemetry_interval_ms));
                 self.next_telemetry = (!interval.is_zero()).then(|| now + interval);
             }
