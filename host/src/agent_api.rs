@@ -440,6 +440,7 @@ impl AgentApi {
                 handle,
                 commit: false,
                 expected_sha256: Vec::new(),
+                expected_crc32c: None,
             });
             let _ = call!(self, &vm, t, Redelivery::SameSession, close, FileWriteDone);
         }
@@ -513,6 +514,7 @@ impl AgentApi {
             handle,
             commit: true,
             expected_sha256: digest.clone(),
+            expected_crc32c: None,
         });
         let done = call!(self, vm, t, Redelivery::SameSession, close, FileWriteDone)?;
         if done.sha256 != digest || done.bytes != offset {

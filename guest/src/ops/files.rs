@@ -603,6 +603,7 @@ impl FileReader {
                 .sha
                 .as_ref()
                 .map_or_else(Vec::new, |s| s.clone().finish().to_vec()),
+            crc32c: 0,
         }
     }
 }
@@ -853,6 +854,7 @@ impl FileWriters {
                 bytes: w.next_offset,
                 sha256: digest.to_vec(),
                 committed: false,
+                crc32c: 0,
             });
         }
         let result = commit(&w, &digest, &req.expected_sha256);
@@ -864,6 +866,7 @@ impl FileWriters {
             bytes: w.next_offset,
             sha256: digest.to_vec(),
             committed: true,
+            crc32c: 0,
         })
     }
 
@@ -1010,6 +1013,7 @@ mod tests {
                 handle: o.handle,
                 commit: true,
                 expected_sha256: vec![],
+                expected_crc32c: None,
             })
         });
         assert_eq!(std::fs::read(&victim).unwrap(), b"root's data\n");
@@ -1157,6 +1161,27 @@ mod tests {
     }
 
     #[test]
+    fn read_reports_the_crc32c_of_what_was_sent_with_or_without_sha256() {
+        let t = TempDir::new("read-crc");
+        let pol = policy_for(&t);
+        let content: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(t.join("allowed/f"), &content).unwrap();
+        for skip_sha256 in [true, false] {
+            let req = FileReadRequest {
+                path: t.s("allowed/f"),
+                offset: 1000,
+                length: 50_000,
+                chunk_bytes: 4096,
+                skip_sha256,
+            };
+            let mut r = FileReader::open(&pol, &req, 0).unwrap();
+            let (data, _) = read_all(&mut r);
+            assert_eq!(data, content[1000..51_000]);
+            assert_eq!(r.done().crc32c, qx_proto::crc32c(&content[1000..51_000]));
+        }
+    }
+
+    #[test]
     fn read_streams_the_range_in_capped_chunks_with_the_sha_of_what_was_sent() {
         let t = TempDir::new("read");
         let pol = policy_for(&t);
@@ -1289,6 +1314,7 @@ mod tests {
             group: String::new(),
             create_parents: false,
             overwrite: false,
+            skip_sha256: false,
         }
     }
 
@@ -1332,6 +1358,7 @@ mod tests {
                 handle: h,
                 commit: true,
                 expected_sha256: Sha256::digest(b"hello world").to_vec(),
+                expected_crc32c: None,
             })
             .unwrap();
         assert!(done.committed);
@@ -1362,12 +1389,62 @@ mod tests {
             handle: h,
             commit: true,
             expected_sha256: vec![],
+            expected_crc32c: None,
         })
         .unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), b"v2");
         let m = std::fs::metadata(&target).unwrap();
         assert_eq!(m.mode() & 0o7777, DEFAULT_FILE_MODE);
         assert_eq!((m.uid(), m.gid()), (1234, 4321));
+    }
+
+    #[test]
+    fn write_without_sha256_commits_only_on_the_expected_crc32c() {
+        let t = TempDir::new("write-crc");
+        let pol = policy_for(&t);
+        let mut w = FileWriters::new(4);
+        let target = t.join("allowed/f");
+        let mut req = open_req(t.s("allowed/f"));
+        req.skip_sha256 = true;
+        req.overwrite = true;
+        let write = |w: &mut FileWriters| {
+            let h = w.open(&pol, &req).unwrap().handle;
+            for (i, part) in [&b"hello "[..], b"world"].iter().enumerate() {
+                let chunk = FileWriteChunk {
+                    handle: h,
+                    offset: 6 * i as u64,
+                    data: part.to_vec(),
+                };
+                w.write(&chunk).unwrap();
+            }
+            h
+        };
+        let crc = qx_proto::crc32c(b"hello world");
+        let close = |handle, expected_crc32c, expected_sha256: Vec<u8>| FileWriteClose {
+            handle,
+            commit: true,
+            expected_sha256,
+            expected_crc32c,
+        };
+        // A wrong CRC: nothing is written.
+        let h = write(&mut w);
+        let e = w.close(&close(h, Some(crc ^ 1), vec![])).unwrap_err();
+        assert_eq!(e.code, ErrorCode::FailedPrecondition, "{e:?}");
+        assert!(!target.exists());
+        assert!(temp_files(&t.join("allowed")).is_empty());
+        // A sha256 cannot be checked when none was computed.
+        let h = write(&mut w);
+        let sha = Sha256::digest(b"hello world").to_vec();
+        let e = w.close(&close(h, Some(crc), sha)).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument, "{e:?}");
+        assert!(!target.exists());
+        // The right one commits, and the reply carries the CRC and no sha256.
+        let h = write(&mut w);
+        let done = w.close(&close(h, Some(crc), vec![])).unwrap();
+        assert!(done.committed);
+        assert_eq!((done.bytes, done.crc32c), (11, crc));
+        assert!(done.sha256.is_empty());
+        assert_eq!(std::fs::read(&target).unwrap(), b"hello world");
     }
 
     #[test]
@@ -1396,6 +1473,7 @@ mod tests {
                 handle: h,
                 commit: true,
                 expected_sha256: Sha256::digest(b"other").to_vec(),
+                expected_crc32c: None,
             })
             .unwrap_err();
         assert_eq!(e.code, ErrorCode::FailedPrecondition);
@@ -1441,6 +1519,7 @@ mod tests {
                 handle: a,
                 commit: false,
                 expected_sha256: vec![],
+                expected_crc32c: None,
             })
             .unwrap();
         assert!(!done.committed);
@@ -1469,6 +1548,7 @@ mod tests {
             handle: h,
             commit: true,
             expected_sha256: vec![],
+            expected_crc32c: None,
         })
         .unwrap();
         assert_eq!(std::fs::read(t.join(&name)).unwrap(), b"x");
@@ -1486,6 +1566,7 @@ mod tests {
                 handle: h,
                 commit: true,
                 expected_sha256: vec![],
+                expected_crc32c: None,
             })
             .unwrap_err();
         assert_eq!(e.code, ErrorCode::AlreadyExists);
