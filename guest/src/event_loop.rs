@@ -103,11 +103,12 @@ pub enum LoopError {
 }
 
 /// The capabilities this build serves (docs/protocol.md, "Capabilities").
-pub const CAPABILITIES: [&str; 15] = [
+pub const CAPABILITIES: [&str; 16] = [
     "ping",
     "exec",
     "file-read",
     "file-write",
+    "file-crc32c",
     "file-ops",
     "fsfreeze",
     "fstrim",

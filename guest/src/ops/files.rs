@@ -524,6 +524,8 @@ pub struct FileReader {
     sent: u64,
     /// `None` when the request set `skip_sha256`.
     sha: Option<Sha256>,
+    /// CRC32C of the bytes sent, always: the host's end-to-end check.
+    crc: u32,
     finished: bool,
 }
 
@@ -554,6 +556,7 @@ impl FileReader {
             file_size: meta.size(),
             sent: 0,
             sha: (!req.skip_sha256).then(Sha256::new),
+            crc: 0,
             finished: false,
         })
     }
@@ -581,6 +584,7 @@ impl FileReader {
         if let Some(sha) = self.sha.as_mut() {
             sha.update(&data);
         }
+        self.crc = qx_proto::crc32c_append(self.crc, &data);
         let chunk = FileChunk {
             offset: self.offset,
             data,
@@ -594,7 +598,7 @@ impl FileReader {
     }
 
     /// The terminal reply: bytes sent, the file's size at open, sha256 of the bytes sent
-    /// (empty when the request set `skip_sha256`).
+    /// (empty when the request set `skip_sha256`) and their CRC32C.
     pub fn done(&self) -> FileReadDone {
         FileReadDone {
             bytes: self.sent,
@@ -603,7 +607,7 @@ impl FileReader {
                 .sha
                 .as_ref()
                 .map_or_else(Vec::new, |s| s.clone().finish().to_vec()),
-            crc32c: 0,
+            crc32c: self.crc,
         }
     }
 }
@@ -668,7 +672,10 @@ struct Writer {
     temp: OsString,
     file: File,
     next_offset: u64,
-    sha: Sha256,
+    /// `None` when the open set `skip_sha256`.
+    sha: Option<Sha256>,
+    /// CRC32C of the content written.
+    crc: u32,
     mode: u32,
     owner: Option<u32>,
     group: Option<u32>,
@@ -804,7 +811,8 @@ impl FileWriters {
                 temp,
                 file,
                 next_offset: 0,
-                sha: Sha256::new(),
+                sha: (!req.skip_sha256).then(Sha256::new),
+                crc: 0,
                 mode: match req.mode & 0o7777 {
                     0 => DEFAULT_FILE_MODE,
                     m => m,
@@ -835,7 +843,10 @@ impl FileWriters {
         w.file
             .write_all(&req.data)
             .map_err(|e| OpError::io(&w.requested, &e))?;
-        w.sha.update(&req.data);
+        if let Some(sha) = w.sha.as_mut() {
+            sha.update(&req.data);
+        }
+        w.crc = qx_proto::crc32c_append(w.crc, &req.data);
         w.next_offset += req.data.len() as u64;
         Ok(())
     }
@@ -847,26 +858,27 @@ impl FileWriters {
             .open
             .remove(&req.handle)
             .ok_or_else(|| unknown_handle(req.handle))?;
-        let digest = w.sha.clone().finish();
+        let digest = w.sha.as_ref().map(|s| s.clone().finish());
+        let sha256 = digest.map_or_else(Vec::new, |d| d.to_vec());
         if !req.commit {
             w.remove_temp();
             return Ok(FileWriteDone {
                 bytes: w.next_offset,
-                sha256: digest.to_vec(),
+                sha256,
                 committed: false,
-                crc32c: 0,
+                crc32c: w.crc,
             });
         }
-        let result = commit(&w, &digest, &req.expected_sha256);
+        let result = check_content(&w, digest.as_ref(), req).and_then(|()| commit(&w));
         if result.is_err() {
             w.remove_temp();
         }
         result?;
         Ok(FileWriteDone {
             bytes: w.next_offset,
-            sha256: digest.to_vec(),
+            sha256,
             committed: true,
-            crc32c: 0,
+            crc32c: w.crc,
         })
     }
 
@@ -903,8 +915,10 @@ fn unknown_handle(handle: u64) -> OpError {
     )
 }
 
-fn commit(w: &Writer, digest: &[u8; 32], expected: &[u8]) -> OpResult<()> {
+/// Checks the content written against the close's expected sha256 and CRC32C, when given.
+fn check_content(w: &Writer, digest: Option<&[u8; 32]>, req: &FileWriteClose) -> OpResult<()> {
     let what = w.requested.as_str();
+    let expected = req.expected_sha256.as_slice();
     if !expected.is_empty() {
         if expected.len() != 32 {
             return Err(OpError::new(
@@ -912,6 +926,14 @@ fn commit(w: &Writer, digest: &[u8; 32], expected: &[u8]) -> OpResult<()> {
                 format!("expected_sha256 has {} bytes, not 32", expected.len()),
             ));
         }
+        let Some(digest) = digest else {
+            return Err(OpError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "{what}: expected_sha256 given for a write opened with skip_sha256; nothing was written"
+                ),
+            ));
+        };
         if expected != digest {
             return Err(OpError::new(
                 ErrorCode::FailedPrecondition,
@@ -923,6 +945,20 @@ fn commit(w: &Writer, digest: &[u8; 32], expected: &[u8]) -> OpResult<()> {
             ));
         }
     }
+    match req.expected_crc32c {
+        Some(crc) if crc != w.crc => Err(OpError::new(
+            ErrorCode::FailedPrecondition,
+            format!(
+                "{what}: content crc32c {:08x} does not match the expected {crc:08x}; nothing was written",
+                w.crc
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn commit(w: &Writer) -> OpResult<()> {
+    let what = w.requested.as_str();
     w.file.sync_all().map_err(|e| OpError::io(what, &e))?;
     if w.owner.is_some() || w.group.is_some() {
         std::os::unix::fs::fchown(&w.file, w.owner, w.group).map_err(|e| OpError::io(what, &e))?;
