@@ -589,3 +589,81 @@ async fn qxctl_pool_and_volume_commands_return_exit_codes() {
     };
     assert_eq!(run_pool(del, &mut c, false).await.unwrap(), exit::OK);
 }
+
+#[tokio::test]
+async fn qxctl_vm_create_attaches_a_pool_volume_and_creates_one_with_disk_size() {
+    use clap::Parser;
+    use qx_node::cli::exit;
+    use qx_node::cli::vm_cmds::{run_vm, VmCommand};
+    #[derive(Debug, Parser)]
+    struct T {
+        #[command(subcommand)]
+        vm: VmCommand,
+    }
+    let (mut c, _dir) = client().await;
+    c.init_storage_pool(dir_pool("clivm16", "/qx16/clivm"))
+        .await
+        .unwrap();
+    c.create_volume(pb::CreateVolumeRequest {
+        pool_id: "clivm16".into(),
+        volume_id: "root".into(),
+        size_bytes: GIB,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let vm_create = |args: &[&str]| {
+        let mut all = vec!["t", "create"];
+        all.extend_from_slice(args);
+        T::try_parse_from(all).unwrap().vm
+    };
+    let id = "6b0e2a39-3f51-4c1b-9d7e-16a0000c0001";
+    let create = vm_create(&[
+        "onvol",
+        "--id",
+        id,
+        "--pool",
+        "clivm16",
+        "--volume",
+        "root",
+        "--volume",
+        "data",
+        "--disk-size",
+        "2G",
+    ]);
+    assert_eq!(run_vm(create, &mut c, true).await.unwrap(), exit::OK);
+    // root attached as it was; data created for the VM, 2 GiB.
+    let data = c
+        .get_volume(vol("clivm16", "data"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (data.capacity_bytes, data.format.as_str()),
+        (2 * GIB, "qcow2")
+    );
+    let root = c
+        .get_volume(vol("clivm16", "root"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(root.capacity_bytes, GIB);
+    // A missing volume without --disk-size: NOT_FOUND, which qxctl turns into its exit code.
+    let missing = vm_create(&["other", "--pool", "clivm16", "--volume", "nope"]);
+    assert_eq!(
+        run_vm(missing, &mut c, false).await.unwrap(),
+        exit::NOT_FOUND
+    );
+    // Deleted with its storage: only the volume created for it goes.
+    let r = c
+        .delete_vm(pb::DeleteVmRequest {
+            vm_id: id.into(),
+            delete_storage: true,
+            force: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.deleted_volumes, ["/qx16/clivm/data"]);
+    c.get_volume(vol("clivm16", "root")).await.unwrap();
+}
