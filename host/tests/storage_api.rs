@@ -667,3 +667,97 @@ async fn qxctl_vm_create_attaches_a_pool_volume_and_creates_one_with_disk_size()
     assert_eq!(r.deleted_volumes, ["/qx16/clivm/data"]);
     c.get_volume(vol("clivm16", "root")).await.unwrap();
 }
+
+#[tokio::test]
+async fn volume_snapshots_refuse_what_would_change_under_the_overlay() {
+    let (mut c, _dir) = client().await;
+    c.init_storage_pool(dir_pool("snap16", "/qx16/snap"))
+        .await
+        .unwrap();
+    let create = |name: &str, format: &str, backing: &str| pb::CreateVolumeRequest {
+        pool_id: "snap16".into(),
+        volume_id: name.into(),
+        size_bytes: GIB,
+        format: format.into(),
+        backing_volume: backing.into(),
+    };
+    for (name, format, backing) in [
+        ("base", "raw", ""),
+        ("clone", "qcow2", "base"),
+        ("rawdisk", "raw", ""),
+        ("live", "qcow2", ""),
+        ("taken", "qcow2", ""),
+    ] {
+        c.create_volume(create(name, format, backing))
+            .await
+            .unwrap();
+    }
+    let vm = |name: &str, volume: &str, start: bool| pb::CreateVmRequest {
+        name: name.into(),
+        start,
+        spec: Some(pb::VmSpec {
+            cpu_cores: 1,
+            memory_mib: 64,
+            disks: vec![pb::DiskSpec {
+                pool: "snap16".into(),
+                volume: volume.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    c.create_vm(vm("stopped", "rawdisk", false)).await.unwrap();
+    c.create_vm(vm("running", "live", true)).await.unwrap();
+    let snap = |volume: &str, snapshot: &str| pb::SnapshotVolumeRequest {
+        pool_id: "snap16".into(),
+        volume_id: volume.into(),
+        snapshot_id: snapshot.into(),
+    };
+    let cases = [
+        (snap("base", "../x"), Code::InvalidArgument, "snapshot_id"),
+        (snap("", "s"), Code::InvalidArgument, "volume_id"),
+        (snap("nope", "s"), Code::NotFound, "no volume"),
+        (snap("live", "taken"), Code::AlreadyExists, "exists"),
+        (
+            snap("base", "s"),
+            Code::FailedPrecondition,
+            "backs volume \"clone\"",
+        ),
+        (
+            snap("rawdisk", "s"),
+            Code::FailedPrecondition,
+            "raw disk of stopped",
+        ),
+        (
+            snap("live", "s"),
+            Code::FailedPrecondition,
+            "running VM running",
+        ),
+    ];
+    for (req, code, text) in cases {
+        let err = c.snapshot_volume(req.clone()).await.unwrap_err();
+        assert_eq!(err.code(), code, "{req:?}: {err:?}");
+        assert!(err.message().contains(text), "{req:?}: {err:?}");
+    }
+    let err = c
+        .snapshot_volume(pb::SnapshotVolumeRequest {
+            pool_id: "nopool".into(),
+            volume_id: "v".into(),
+            snapshot_id: "s".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    // Nothing changed: every volume is still there, no snapshot was left behind.
+    let names: Vec<String> = c
+        .list_volumes(pool_req("snap16"))
+        .await
+        .unwrap()
+        .into_inner()
+        .volumes
+        .into_iter()
+        .map(|v| v.volume_id)
+        .collect();
+    assert_eq!(names, ["base", "clone", "live", "rawdisk", "taken"]);
+}

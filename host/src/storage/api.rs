@@ -404,6 +404,24 @@ impl StorageApi {
         .await
     }
 
+    /// SnapshotVolume: an external overlay. The volume's file becomes the snapshot (linked
+    /// under the snapshot's name, then unlinked under its own, so an existing file is never
+    /// replaced), and a qcow2 overlay on it is created at the volume's path. Nothing is
+    /// copied; the volume keeps its path, so a stopped VM that has it as a disk boots on the
+    /// overlay.
+    pub async fn snapshot_volume(
+        &self,
+        req: pb::SnapshotVolumeRequest,
+    ) -> Result<pb::SnapshotVolumeResponse, Status> {
+        ids(&req.pool_id, &req.volume_id).map_err(StorageError::into_status)?;
+        if req.volume_id.is_empty() {
+            return Err(Status::invalid_argument("volume_id is required"));
+        }
+        xml::check_name("snapshot_id", &req.snapshot_id).map_err(StorageError::into_status)?;
+        self.run(move |conn| snapshot_volume_blocking(conn, &req))
+            .await
+    }
+
     pub async fn clone_volume(
         &self,
         req: pb::CloneVolumeRequest,
@@ -734,4 +752,101 @@ fn create_volume_blocking(
     )?;
     let vol = StorageVol::create_xml(&pool, &x, 0).map_err(classify)?;
     volume_info(&req.pool_id, &vol)
+}
+
+fn snapshot_volume_blocking(
+    conn: &Connect,
+    req: &pb::SnapshotVolumeRequest,
+) -> SResult<pb::SnapshotVolumeResponse> {
+    let pool = lookup_pool(conn, &req.pool_id)?;
+    let kind = PoolFacts::parse(&pool.xml_desc(0).map_err(classify)?)?.kind;
+    if !matches!(kind.as_str(), "dir" | "fs" | "netfs") {
+        return Err(StorageError::Unsupported(format!(
+            "volume snapshots of {kind} pools are not supported (dir, fs and netfs are)"
+        )));
+    }
+    let vol = lookup_volume(conn, &req.pool_id, &req.volume_id)?;
+    if pool.lookup_storage_vol_by_name(&req.snapshot_id).is_ok() {
+        return Err(StorageError::Exists(format!(
+            "volume {:?} exists in pool {:?}",
+            req.snapshot_id, req.pool_id
+        )));
+    }
+    let path = vol.path().map_err(classify)?;
+    let facts = VolumeFacts::parse(&vol.xml_desc(0).map_err(classify)?)?;
+    let capacity = vol.info().map_err(classify)?.capacity;
+    // QEMU keeps writing to the file it opened: a running VM's disk would go on changing
+    // under the overlay. A raw disk would become qcow2 under a domain that reads it as raw.
+    if let Some((dom, _)) = running_user_of(conn, &path)? {
+        return Err(StorageError::WrongState(format!(
+            "volume {:?} is a disk of the running VM {}: stop it, or snapshot the VM",
+            req.volume_id,
+            dom.name().unwrap_or_default()
+        )));
+    }
+    let users = users_of(conn, &path)?;
+    if facts.format != "qcow2" && !users.is_empty() {
+        return Err(StorageError::WrongState(format!(
+            "volume {:?} is a {} disk of {}: its snapshot would turn it into qcow2",
+            req.volume_id,
+            facts.format,
+            users.join(", ")
+        )));
+    }
+    // An overlay on this volume reads it by path: it would read the new overlay instead.
+    for other in pool.list_all_volumes(0).map_err(classify)? {
+        let Ok(x) = other.xml_desc(0) else { continue };
+        if VolumeFacts::parse(&x).is_ok_and(|f| f.backing_path == path) {
+            return Err(StorageError::WrongState(format!(
+                "volume {:?} backs volume {:?}: snapshot that one instead",
+                req.volume_id,
+                other.name().unwrap_or_default()
+            )));
+        }
+    }
+    let file = std::path::Path::new(&path);
+    let snap = file
+        .parent()
+        .map(|d| d.join(&req.snapshot_id))
+        .ok_or_else(|| StorageError::Failed(format!("volume path {path:?} has no directory")))?;
+    let snap_str = snap.to_string_lossy().into_owned();
+    std::fs::hard_link(file, &snap).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => {
+            StorageError::Exists(format!("{snap_str} exists in the pool's directory"))
+        }
+        _ => StorageError::Failed(format!("cannot link {path} to {snap_str}: {e}")),
+    })?;
+    if let Err(e) = std::fs::remove_file(file) {
+        let _ = std::fs::remove_file(&snap);
+        return Err(StorageError::Failed(format!("cannot unlink {path}: {e}")));
+    }
+    let overlay = (|| {
+        pool.refresh(0).map_err(classify)?;
+        let x = xml::volume_xml(
+            &req.volume_id,
+            capacity,
+            "qcow2",
+            Some((&snap_str, &facts.format)),
+        )?;
+        StorageVol::create_xml(&pool, &x, 0).map_err(classify)
+    })();
+    let overlay = match overlay {
+        Ok(v) => v,
+        Err(e) => {
+            // Put the volume back as it was.
+            let restored = std::fs::rename(&snap, file);
+            let _ = pool.refresh(0);
+            return Err(match restored {
+                Ok(()) => e,
+                Err(r) => StorageError::Failed(format!(
+                    "{e}; and the volume's data could not be moved back from {snap_str}: {r}"
+                )),
+            });
+        }
+    };
+    let snapshot = lookup_volume(conn, &req.pool_id, &req.snapshot_id)?;
+    Ok(pb::SnapshotVolumeResponse {
+        volume: Some(volume_info(&req.pool_id, &overlay)?),
+        snapshot: Some(volume_info(&req.pool_id, &snapshot)?),
+    })
 }
