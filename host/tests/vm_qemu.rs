@@ -1010,7 +1010,7 @@ async fn guest_sh(c: &mut NodeDaemonServiceClient<Channel>, vm: &str, script: &s
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root, libvirt, QEMU and target/vm (ci/vm/build-image.sh); run by ci/test.sh"]
-async fn vm_runs_on_a_thin_clone_of_an_uploaded_volume_then_on_its_snapshot_overlay() {
+async fn vm_boots_from_a_thin_clone_of_an_uploaded_root_volume_then_from_its_snapshot_overlay() {
     const MIB: u64 = 1 << 20;
     let _libvirtd = LIBVIRTD.read().await;
     libvirt_sh(&[]);
@@ -1048,10 +1048,16 @@ async fn vm_runs_on_a_thin_clone_of_an_uploaded_volume_then_on_its_snapshot_over
     .await
     .unwrap();
 
-    // The base volume: an ext4 filesystem made on the host with a file in it, uploaded raw.
+    // The base volume: a root filesystem, the test image's own tree (busybox, /init, the
+    // agent) in ext4 with a /qx-root file, made on the host and uploaded raw. The guest's
+    // /init switches to it (qx.root=vda) and runs the agent from it.
     let tree = dir.path().join("tree");
     std::fs::create_dir(&tree).unwrap();
-    std::fs::write(tree.join("marker"), "from the base volume\n").unwrap();
+    run(Command::new("sh").current_dir(&tree).arg("-c").arg(format!(
+        "gzip -dc '{}' | cpio -idm --quiet",
+        initrd.display()
+    )));
+    std::fs::write(tree.join("qx-root"), "from the base volume\n").unwrap();
     let img = dir.path().join("base.img");
     run(Command::new("mkfs.ext4")
         .args(["-q", "-F", "-d"])
@@ -1095,7 +1101,7 @@ async fn vm_runs_on_a_thin_clone_of_an_uploaded_volume_then_on_its_snapshot_over
             }],
             kernel_path: kernel.to_string_lossy().into(),
             initrd_path: initrd.to_string_lossy().into(),
-            kernel_cmdline: "console=ttyS0 qx.hostname=qx16c qx.disk=vda:/mnt/data".into(),
+            kernel_cmdline: "console=ttyS0 qx.hostname=qx16c qx.root=vda".into(),
             ..Default::default()
         }),
         ..Default::default()
@@ -1110,14 +1116,16 @@ async fn vm_runs_on_a_thin_clone_of_an_uploaded_volume_then_on_its_snapshot_over
     );
     assert!(xml.contains("type='qcow2'"), "{xml}");
     wait_agent(&mut c, &vm_id).await;
-    // The guest reads the base volume's file through the clone and writes into the clone.
+    // The guest runs from the clone: its root is vda, where the base volume's file is; it
+    // writes into the clone.
+    let root_of = "grep ' / ' /proc/mounts | cut -d' ' -f1,3";
     let out = guest_sh(
         &mut c,
         &vm_id,
-        "cat /mnt/data/marker && echo from the guest > /mnt/data/written && sync",
+        &format!("{root_of} && cat /qx-root && echo from the guest > /written && sync"),
     )
     .await;
-    assert_eq!(out, "from the base volume\n");
+    assert_eq!(out, "/dev/vda ext4\nfrom the base volume\n");
     assert_eq!(guest_disk_size(&mut c, &vm_id, "vda").await, 32 * MIB);
 
     // A thin clone grown while it runs: the guest sees it.
@@ -1176,10 +1184,10 @@ async fn vm_runs_on_a_thin_clone_of_an_uploaded_volume_then_on_its_snapshot_over
     let out = guest_sh(
         &mut c,
         &vm_id,
-        "cat /mnt/data/marker /mnt/data/written && echo after > /mnt/data/after && sync",
+        &format!("{root_of} && cat /qx-root /written && echo after > /after && sync"),
     )
     .await;
-    assert_eq!(out, "from the base volume\nfrom the guest\n");
+    assert_eq!(out, "/dev/vda ext4\nfrom the base volume\nfrom the guest\n");
     assert_eq!(guest_disk_size(&mut c, &vm_id, "vda").await, 64 * MIB);
     c.force_stop_vm(pb::VmIdRequest {
         vm_id: vm_id.clone(),
