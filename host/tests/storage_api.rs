@@ -761,3 +761,49 @@ async fn volume_snapshots_refuse_what_would_change_under_the_overlay() {
         .collect();
     assert_eq!(names, ["base", "clone", "live", "rawdisk", "taken"]);
 }
+
+#[tokio::test]
+async fn a_volume_under_a_thin_clone_or_snapshot_is_attached_only_readonly() {
+    let (mut c, _dir) = client().await;
+    c.init_storage_pool(dir_pool("under16", "/qx16/under"))
+        .await
+        .unwrap();
+    for (name, backing) in [("base", ""), ("clone", "base")] {
+        c.create_volume(pb::CreateVolumeRequest {
+            pool_id: "under16".into(),
+            volume_id: name.into(),
+            size_bytes: GIB,
+            backing_volume: backing.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let create = |name: &str, volume: &str, readonly: bool| pb::CreateVmRequest {
+        name: name.into(),
+        spec: Some(pb::VmSpec {
+            cpu_cores: 1,
+            memory_mib: 64,
+            disks: vec![pb::DiskSpec {
+                pool: "under16".into(),
+                volume: volume.into(),
+                readonly,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    // Writing into the volume under the clone would change what the clone reads.
+    let err = c
+        .create_vm(create("writer", "base", false))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("backs volume \"clone\""), "{err:?}");
+    // Read-only it may be shared; the clone itself is an ordinary writable disk.
+    c.create_vm(create("reader", "base", true)).await.unwrap();
+    c.create_vm(create("onclone", "clone", false))
+        .await
+        .unwrap();
+}
