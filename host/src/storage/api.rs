@@ -152,6 +152,18 @@ fn running_user_of(conn: &Connect, path: &str) -> SResult<Option<(virt::domain::
     Ok(None)
 }
 
+/// The name of a volume of `pool` whose backing store is `path` (a thin clone or a volume
+/// snapshot's overlay on it), if there is one.
+pub(super) fn overlay_on(pool: &StoragePool, path: &str) -> SResult<Option<String>> {
+    for other in pool.list_all_volumes(0).map_err(classify)? {
+        let Ok(x) = other.xml_desc(0) else { continue };
+        if VolumeFacts::parse(&x).is_ok_and(|f| f.backing_path == path) {
+            return Ok(Some(other.name().unwrap_or_default()));
+        }
+    }
+    Ok(None)
+}
+
 fn ids(pool_id: &str, volume_id: &str) -> SResult<()> {
     xml::check_name("pool_id", pool_id)?;
     if !volume_id.is_empty() {
@@ -388,15 +400,11 @@ impl StorageApi {
                     users.join(", ")
                 )));
             }
-            for other in pool.list_all_volumes(0).map_err(classify)? {
-                let Ok(x) = other.xml_desc(0) else { continue };
-                if VolumeFacts::parse(&x).is_ok_and(|f| f.backing_path == path) {
-                    return Err(StorageError::WrongState(format!(
-                        "volume {:?} backs volume {:?}: delete that first",
-                        req.volume_id,
-                        other.name().unwrap_or_default()
-                    )));
-                }
+            if let Some(other) = overlay_on(&pool, &path)? {
+                return Err(StorageError::WrongState(format!(
+                    "volume {:?} backs volume {other:?}: delete that first",
+                    req.volume_id
+                )));
             }
             vol.delete(0).map_err(classify)?;
             Ok(pb::Empty {})
@@ -794,15 +802,11 @@ fn snapshot_volume_blocking(
         )));
     }
     // An overlay on this volume reads it by path: it would read the new overlay instead.
-    for other in pool.list_all_volumes(0).map_err(classify)? {
-        let Ok(x) = other.xml_desc(0) else { continue };
-        if VolumeFacts::parse(&x).is_ok_and(|f| f.backing_path == path) {
-            return Err(StorageError::WrongState(format!(
-                "volume {:?} backs volume {:?}: snapshot that one instead",
-                req.volume_id,
-                other.name().unwrap_or_default()
-            )));
-        }
+    if let Some(other) = overlay_on(&pool, &path)? {
+        return Err(StorageError::WrongState(format!(
+            "volume {:?} backs volume {other:?}: snapshot that one instead",
+            req.volume_id
+        )));
     }
     let file = std::path::Path::new(&path);
     let snap = file

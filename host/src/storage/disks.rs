@@ -85,8 +85,19 @@ fn resolve_each(
                     .xml_desc(0)
                     .map_err(|e| StorageError::Failed(e.to_string()))?;
                 d.format = VolumeFacts::parse(&x)?.format;
-                vol.path()
-                    .map_err(|e| StorageError::Failed(e.to_string()))?
+                let path = vol
+                    .path()
+                    .map_err(|e| StorageError::Failed(e.to_string()))?;
+                // The overlays on it read it: a guest writing into it would change their data.
+                if !d.readonly {
+                    if let Some(other) = super::api::overlay_on(&pool, &path)? {
+                        return Err(StorageError::WrongState(format!(
+                            "disk {i}: volume {name:?} backs volume {other:?}: attach it \
+                             readonly, or a thin clone of it"
+                        )));
+                    }
+                }
+                path
             }
             Err(_) if d.size_gib > 0 => {
                 let format = xml::volume_format(&d.format)?;
