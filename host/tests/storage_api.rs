@@ -576,6 +576,14 @@ async fn qxctl_pool_and_volume_commands_return_exit_codes() {
     let err = run_volume(missing, &mut c, false).await.unwrap_err();
     let status = err.downcast_ref::<tonic::Status>().unwrap();
     assert_eq!(qx_node::cli::agent_cmds::code_for(status), exit::NOT_FOUND);
+    let snapshot = VolumeCommand::Snapshot {
+        pool: "cli16".into(),
+        volume: "nope".into(),
+        snapshot: "s".into(),
+    };
+    let err = run_volume(snapshot, &mut c, false).await.unwrap_err();
+    let status = err.downcast_ref::<tonic::Status>().unwrap();
+    assert_eq!(qx_node::cli::agent_cmds::code_for(status), exit::NOT_FOUND);
     for v in ["w", "v"] {
         let del = VolumeCommand::Delete {
             pool: "cli16".into(),

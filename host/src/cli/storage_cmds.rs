@@ -114,8 +114,11 @@ pub enum VolumeCommand {
     /// running VM (snapshot the VM instead), a raw disk of any VM, or the backing volume of
     /// another volume. Volumes of dir, fs and netfs pools.
     Snapshot {
+        /// The storage pool.
         pool: String,
+        /// The volume to snapshot; it stays the writable volume, now on top of SNAPSHOT.
         volume: String,
+        /// The name of the new volume that keeps VOLUME's data as of now.
         snapshot: String,
     },
     /// Full copy of a volume in its pool, with progress.

@@ -20,6 +20,26 @@ type Client = NodeDaemonServiceClient<Channel>;
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
     /// Define a VM (and optionally start it).
+    #[command(
+        long_about = "Define a VM (and optionally start it).\n\n\
+    Disks are attached in this order, the first one as vda: the --volume disks, the volume that \
+    --disk-size creates without --volume, the --disk images, then the CD-ROMs.\n\n\
+    A disk from a storage pool (see `qxctl volume`) is named by --pool and --volume. An existing \
+    volume is attached as it is, in the format its pool reports; the VM does not own it, and \
+    `qxctl vm delete --storage` leaves it alone. A volume that does not exist yet is created in the \
+    pool when --disk-size is given (qcow2); it belongs to the VM, and `qxctl vm delete --storage` \
+    deletes it with the VM. If defining the VM fails, the volumes created for it are deleted again. \
+    Volumes of dir, fs and netfs pools can be disks; a volume under a thin clone or a volume \
+    snapshot is refused, since the guest's writes would change the overlay's data.",
+        after_long_help = "EXAMPLES:\n    \
+    qxctl volume create images web1 --backing base\n    \
+    qxctl vm create web1 --pool images --volume web1 --start\n        \
+    A thin clone of volume base as the VM's first disk.\n\n    \
+    qxctl vm create web2 --pool images --volume web2-root --disk-size 20G\n        \
+    Volume web2-root, created with 20 GiB for the VM if it does not exist.\n\n    \
+    qxctl vm create web3 --pool images --disk-size 10\n        \
+    A new 10 GiB volume <vm-id>-disk0 in pool images, deleted with the VM."
+    )]
     Create(Box<CreateArgs>),
     /// Start a stopped VM.
     Start(VmRef),
@@ -67,24 +87,6 @@ pub struct VmRef {
 
 /// `qxctl vm create`
 #[derive(Debug, Args)]
-#[command(
-    long_about = "Define a VM (and optionally start it).\n\n\
-Disks are attached in this order, the first one as vda: the --volume disks, the volume that \
---disk-size creates without --volume, the --disk images, then the CD-ROMs.\n\n\
-A disk from a storage pool (see `qxctl volume`) is named by --pool and --volume. An existing \
-volume is attached as it is, in the format its pool reports; the VM does not own it, and \
-`qxctl vm delete --storage` leaves it alone. A volume that does not exist yet is created in the \
-pool when --disk-size is given (qcow2); it belongs to the VM, and `qxctl vm delete --storage` \
-deletes it with the VM. If defining the VM fails, the volumes created for it are deleted again. \
-Volumes of dir, fs and netfs pools can be disks.",
-    after_long_help = "EXAMPLES:\n    \
-qxctl vm create web1 --pool images --volume web1 --start\n        \
-boot from volume web1 of pool images (e.g. a thin clone: qxctl volume create images web1 --backing base)\n    \
-qxctl vm create web2 --pool images --volume web2-root --disk-size 20G\n        \
-volume web2-root, created with 20 GiB if it does not exist\n    \
-qxctl vm create web3 --pool images --disk-size 10\n        \
-a new 10 GiB volume named <vm-id>-disk0 in pool images"
-)]
 pub struct CreateArgs {
     /// Domain name.
     pub name: String,
@@ -94,8 +96,10 @@ pub struct CreateArgs {
     /// Cores per socket.
     #[arg(long, default_value_t = 1)]
     pub cpus: u32,
+    /// CPU sockets.
     #[arg(long, default_value_t = 1)]
     pub sockets: u32,
+    /// Threads per core.
     #[arg(long, default_value_t = 1)]
     pub threads: u32,
     /// Memory in MiB.
@@ -128,8 +132,10 @@ pub struct CreateArgs {
     /// A NIC on this host bridge (repeatable).
     #[arg(long)]
     pub bridge: Vec<String>,
+    /// A VNC console.
     #[arg(long)]
     pub vnc: bool,
+    /// A SPICE console.
     #[arg(long)]
     pub spice: bool,
     /// Boot with UEFI instead of BIOS.
@@ -141,8 +147,10 @@ pub struct CreateArgs {
     /// Direct kernel boot: kernel image.
     #[arg(long)]
     pub kernel: Option<String>,
+    /// Direct kernel boot: initrd image.
     #[arg(long)]
     pub initrd: Option<String>,
+    /// Direct kernel boot: kernel command line.
     #[arg(long)]
     pub cmdline: Option<String>,
     /// A label KEY=VALUE (repeatable).
