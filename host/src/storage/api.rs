@@ -837,8 +837,9 @@ fn snapshot_volume_blocking(
     let overlay = match overlay {
         Ok(v) => v,
         Err(e) => {
-            // Put the volume back as it was.
-            let restored = std::fs::rename(&snap, file);
+            // Put the volume back as it was; never over a file made under its name meanwhile.
+            let restored =
+                std::fs::hard_link(&snap, file).and_then(|()| std::fs::remove_file(&snap));
             let _ = pool.refresh(0);
             return Err(match restored {
                 Ok(()) => e,
