@@ -1195,6 +1195,35 @@ async fn vm_boots_from_a_thin_clone_of_an_uploaded_root_volume_then_from_its_sna
     .await
     .unwrap();
 
+    // qxctl takes the next one: base <- web-s1 <- web-s2 <- web.
+    let cmd = qx_node::cli::storage_cmds::VolumeCommand::Snapshot {
+        pool: pool.clone(),
+        volume: "web".into(),
+        snapshot: "web-s2".into(),
+    };
+    let code = qx_node::cli::storage_cmds::run_volume(cmd, &mut c, true)
+        .await
+        .unwrap();
+    assert_eq!(code, qx_node::cli::exit::OK);
+    let s2 = c
+        .get_volume(pb::VolumeRequest {
+            pool_id: pool.clone(),
+            volume_id: "web-s2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s2.backing_path, s1.path);
+    let head = c
+        .get_volume(pb::VolumeRequest {
+            pool_id: pool.clone(),
+            volume_id: "web".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((head.path, head.backing_path), (web.path.clone(), s2.path));
+
     // The base volume never changed: every write went to the overlays.
     let (now, sum) = download(&mut c, &pool, "base", 0, 0).await;
     assert_eq!((now.len(), sum), (bytes.len(), sha256(&bytes)));
@@ -1216,7 +1245,7 @@ async fn vm_boots_from_a_thin_clone_of_an_uploaded_root_volume_then_from_its_sna
     };
     let err = c.delete_volume(del("web-s1")).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
-    for v in ["web", "web-s1", "base"] {
+    for v in ["web", "web-s2", "web-s1", "base"] {
         c.delete_volume(del(v)).await.unwrap();
     }
 }
