@@ -815,3 +815,50 @@ async fn a_volume_under_a_thin_clone_or_snapshot_is_attached_only_readonly() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn delete_vm_keeps_its_own_volume_while_a_thin_clone_is_on_it() {
+    let (mut c, _dir) = client().await;
+    c.init_storage_pool(dir_pool("keep16", "/qx16/keep"))
+        .await
+        .unwrap();
+    let vm = c
+        .create_vm(pb::CreateVmRequest {
+            name: "template".into(),
+            spec: Some(pb::VmSpec {
+                cpu_cores: 1,
+                memory_mib: 64,
+                disks: vec![pb::DiskSpec {
+                    pool: "keep16".into(),
+                    size_gib: 1,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let own = format!("{}-disk0", vm.vm_id);
+    // A thin clone of the VM's own disk (a template): it reads that volume.
+    c.create_volume(pb::CreateVolumeRequest {
+        pool_id: "keep16".into(),
+        volume_id: "from-template".into(),
+        backing_volume: own.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let r = c
+        .delete_vm(pb::DeleteVmRequest {
+            vm_id: vm.vm_id.clone(),
+            delete_storage: true,
+            force: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.deleted_volumes.is_empty(), "{r:?}");
+    c.get_volume(vol("keep16", &own)).await.unwrap();
+}
