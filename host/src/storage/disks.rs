@@ -131,11 +131,21 @@ fn resolve_each(
     Ok(())
 }
 
-/// Deletes volumes by path through libvirt; returns those deleted.
+/// Deletes volumes by path through libvirt; returns those deleted. A volume that backs
+/// another (a thin clone made from it, say a template's) is kept, with a warning: DeleteVolume
+/// would refuse it too.
 pub fn delete_created(conn: &Connect, paths: &[PathBuf]) -> Vec<String> {
     let mut deleted = Vec::new();
     for p in paths {
         let p = p.to_string_lossy();
+        let pools = conn.list_all_storage_pools(ACTIVE).unwrap_or_default();
+        if let Some(other) = pools
+            .iter()
+            .find_map(|pool| super::api::overlay_on(pool, &p).ok().flatten())
+        {
+            log::warn!("not deleting volume {p}: volume {other:?} is on it");
+            continue;
+        }
         match conn
             .lookup_storage_vol_by_path(&p)
             .and_then(|v| v.delete(0))
