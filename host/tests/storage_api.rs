@@ -862,3 +862,76 @@ async fn delete_vm_keeps_its_own_volume_while_a_thin_clone_is_on_it() {
     assert!(r.deleted_volumes.is_empty(), "{r:?}");
     c.get_volume(vol("keep16", &own)).await.unwrap();
 }
+
+#[tokio::test]
+async fn uploads_and_shrinks_refuse_a_running_vms_disk_and_a_volume_under_another() {
+    let (mut c, _dir) = client().await;
+    c.init_storage_pool(dir_pool("guard16", "/qx16/guard"))
+        .await
+        .unwrap();
+    for (name, backing) in [("base", ""), ("clone", "base"), ("live", "")] {
+        c.create_volume(pb::CreateVolumeRequest {
+            pool_id: "guard16".into(),
+            volume_id: name.into(),
+            size_bytes: GIB,
+            backing_volume: backing.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    c.create_vm(pb::CreateVmRequest {
+        name: "runner".into(),
+        start: true,
+        spec: Some(pb::VmSpec {
+            cpu_cores: 1,
+            memory_mib: 64,
+            disks: vec![pb::DiskSpec {
+                pool: "guard16".into(),
+                volume: "live".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // Bytes written under a running guest, or under a clone that reads them, corrupt its
+    // data: refused before any byte is taken.
+    for (volume, text) in [
+        ("live", "disk of the running VM runner"),
+        ("base", "backs volume \"clone\""),
+    ] {
+        let msgs = vec![
+            pb::UploadVolumeRequest {
+                part: Some(pb::upload_volume_request::Part::Header(
+                    pb::UploadVolumeHeader {
+                        pool_id: "guard16".into(),
+                        volume_id: volume.into(),
+                        offset: 0,
+                        size: 3,
+                    },
+                )),
+            },
+            pb::UploadVolumeRequest {
+                part: Some(pb::upload_volume_request::Part::Data(vec![1, 2, 3])),
+            },
+        ];
+        let err = c.upload_volume(tokio_stream::iter(msgs)).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{volume}: {err:?}");
+        assert!(err.message().contains(text), "{volume}: {err:?}");
+    }
+    // Shrinking the volume under a clone cuts the clone's data too, allow_shrink or not.
+    let err = c
+        .resize_volume(pb::ResizeVolumeRequest {
+            pool_id: "guard16".into(),
+            volume_id: "base".into(),
+            size_bytes: GIB / 2,
+            allow_shrink: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("backs volume \"clone\""), "{err:?}");
+}
