@@ -152,6 +152,31 @@ fn running_user_of(conn: &Connect, path: &str) -> SResult<Option<(virt::domain::
     Ok(None)
 }
 
+/// Refuses writes into `vol` from outside a guest (uploads) while a running VM has it as a
+/// disk or another volume reads it as its backing store: either would see its data change
+/// under it.
+fn writable_under_nobody(
+    conn: &Connect,
+    pool_id: &str,
+    volume_id: &str,
+    vol: &StorageVol,
+) -> SResult<()> {
+    let path = vol.path().map_err(classify)?;
+    if let Some((dom, _)) = running_user_of(conn, &path)? {
+        return Err(StorageError::WrongState(format!(
+            "volume {volume_id:?} is a disk of the running VM {}: stop it first",
+            dom.name().unwrap_or_default()
+        )));
+    }
+    if let Some(other) = overlay_on(&lookup_pool(conn, pool_id)?, &path)? {
+        return Err(StorageError::WrongState(format!(
+            "volume {volume_id:?} backs volume {other:?}: writing into it would change that \
+             volume's data"
+        )));
+    }
+    Ok(())
+}
+
 /// The name of a volume of `pool` whose backing store is `path` (a thin clone or a volume
 /// snapshot's overlay on it), if there is one.
 pub(super) fn overlay_on(pool: &StoragePool, path: &str) -> SResult<Option<String>> {
@@ -367,6 +392,16 @@ impl StorageApi {
                     req.volume_id, req.size_bytes
                 )));
             }
+            if shrink {
+                let pool = lookup_pool(conn, &req.pool_id)?;
+                if let Some(other) = overlay_on(&pool, &vol.path().map_err(classify)?)? {
+                    return Err(StorageError::WrongState(format!(
+                        "volume {:?} backs volume {other:?}: shrinking it would cut that \
+                         volume's data too",
+                        req.volume_id
+                    )));
+                }
+            }
             if req.size_bytes != now {
                 let path = vol.path().map_err(classify)?;
                 match running_user_of(conn, &path)? {
@@ -545,6 +580,7 @@ impl StorageApi {
                 .connection()
                 .ok_or_else(|| StorageError::Unavailable("no libvirt connection".into()))?;
             let vol = lookup_volume(&conn, &h.pool_id, &h.volume_id)?;
+            writable_under_nobody(&conn, &h.pool_id, &h.volume_id, &vol)?;
             let stream = virt::stream::Stream::new(&conn, 0).map_err(classify)?;
             vol.upload(&stream, h.offset, h.size, 0).map_err(classify)?;
             let mut hash = Sha256::new();
