@@ -935,3 +935,51 @@ async fn uploads_and_shrinks_refuse_a_running_vms_disk_and_a_volume_under_anothe
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("backs volume \"clone\""), "{err:?}");
 }
+
+#[tokio::test]
+async fn a_thin_clone_is_refused_on_a_volume_a_vm_writes() {
+    let (mut c, _dir) = client().await;
+    c.init_storage_pool(dir_pool("onvm16", "/qx16/onvm"))
+        .await
+        .unwrap();
+    for name in ["rw", "ro"] {
+        c.create_volume(pb::CreateVolumeRequest {
+            pool_id: "onvm16".into(),
+            volume_id: name.into(),
+            size_bytes: GIB,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let disk = |volume: &str, readonly: bool| pb::DiskSpec {
+        pool: "onvm16".into(),
+        volume: volume.into(),
+        readonly,
+        ..Default::default()
+    };
+    // Stopped: it writes into rw once started, which the clone would read.
+    c.create_vm(pb::CreateVmRequest {
+        name: "writer".into(),
+        spec: Some(pb::VmSpec {
+            cpu_cores: 1,
+            memory_mib: 64,
+            disks: vec![disk("rw", false), disk("ro", true)],
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let clone = |name: &str, backing: &str| pb::CreateVolumeRequest {
+        pool_id: "onvm16".into(),
+        volume_id: name.into(),
+        backing_volume: backing.into(),
+        ..Default::default()
+    };
+    let err = c.create_volume(clone("c1", "rw")).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("writable disk of writer"), "{err:?}");
+    // A read-only disk stays as it is: a clone of it is fine.
+    c.create_volume(clone("c2", "ro")).await.unwrap();
+}
