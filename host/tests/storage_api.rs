@@ -828,9 +828,11 @@ async fn delete_vm_keeps_its_own_volume_while_a_thin_clone_is_on_it() {
             spec: Some(pb::VmSpec {
                 cpu_cores: 1,
                 memory_mib: 64,
+                // Read-only: a thin clone may be made on it (not on a disk a VM writes).
                 disks: vec![pb::DiskSpec {
                     pool: "keep16".into(),
                     size_gib: 1,
+                    readonly: true,
                     ..Default::default()
                 }],
                 ..Default::default()

@@ -113,17 +113,25 @@ fn volume_info(pool_id: &str, vol: &StorageVol) -> SResult<pb::VolumeInfo> {
 
 /// The domains (by name) whose disks use `path`.
 fn users_of(conn: &Connect, path: &str) -> SResult<Vec<String>> {
+    domains_with(conn, |d| d.source.as_deref() == Some(path))
+}
+
+/// The domains (by name) that have `path` as a writable disk.
+fn writers_of(conn: &Connect, path: &str) -> SResult<Vec<String>> {
+    domains_with(conn, |d| !d.readonly && d.source.as_deref() == Some(path))
+}
+
+fn domains_with(
+    conn: &Connect,
+    disk: impl Fn(&crate::hypervisor::domain::DiskFacts) -> bool,
+) -> SResult<Vec<String>> {
     let mut users = Vec::new();
     for dom in conn.list_all_domains(0).map_err(classify)? {
         let Ok(x) = dom.xml_desc(0) else { continue };
         let Ok(facts) = DomainFacts::parse(&x) else {
             continue;
         };
-        if facts
-            .disks
-            .iter()
-            .any(|d| d.source.as_deref() == Some(path))
-        {
+        if facts.disks.iter().any(&disk) {
             users.push(facts.name);
         }
     }
@@ -776,7 +784,18 @@ fn create_volume_blocking(
         let b = lookup_volume(conn, &req.pool_id, &req.backing_volume)?;
         let facts = VolumeFacts::parse(&b.xml_desc(0).map_err(classify)?)?;
         let cap = b.info().map_err(classify)?.capacity;
-        Some((b.path().map_err(classify)?, facts.format, cap))
+        let path = b.path().map_err(classify)?;
+        // A VM that writes into it would change what the clone reads.
+        let writers = writers_of(conn, &path)?;
+        if !writers.is_empty() {
+            return Err(StorageError::WrongState(format!(
+                "volume {:?} is a writable disk of {}: a thin clone needs a volume nobody \
+                 writes (clone a snapshot of it, or detach it)",
+                req.backing_volume,
+                writers.join(", ")
+            )));
+        }
+        Some((path, facts.format, cap))
     };
     let size = match (&backing, req.size_bytes) {
         (Some((_, _, cap)), 0) => *cap,
