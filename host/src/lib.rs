@@ -28,6 +28,8 @@ pub mod config;
 pub mod error;
 pub mod health;
 pub mod hypervisor;
+#[cfg(test)]
+mod layers;
 pub mod listen;
 pub mod logging;
 pub mod manpages;
