@@ -452,6 +452,14 @@ impl AgentApi {
             .ok_or_else(|| AgentError::InvalidArgument("header.open is missing".into()))?;
         let vm = header.vm_id.clone();
         let t = header.timeout_ms;
+        // Held until the transfer is closed: beyond the agent's open-file limit a transfer
+        // waits here, within the call's timeout, instead of being refused Busy by the agent.
+        let timeout = ms(t).unwrap_or(self.mgr.config().default_timeout);
+        let _slot = self
+            .mgr
+            .link(&vm)?
+            .write_slot(Instant::now() + timeout)
+            .await?;
         let req = Payload::FileWriteOpen(open);
         let opened = call!(self, &vm, t, Redelivery::SameSession, req, FileWriteOpened)?;
         let handle = opened.handle;

@@ -27,6 +27,14 @@ pub enum AgentError {
         waited_ms: u64,
         why: String,
     },
+    #[error("agent for vm {vm_id}: {kind} never written within {waited_ms} ms: all {limit} {what} the agent announced stayed busy")]
+    NotAdmitted {
+        vm_id: String,
+        kind: &'static str,
+        waited_ms: u64,
+        limit: u32,
+        what: &'static str,
+    },
     #[error("agent for vm {vm_id}: command {id} ({kind}) written but not acknowledged within {waited_ms} ms{}", lost_suffix(*.connection_lost))]
     NotAcknowledged {
         vm_id: String,

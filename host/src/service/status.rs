@@ -22,7 +22,7 @@ pub fn to_status(err: &AgentError) -> Status {
         AgentError::UnknownVm { .. } => Code::NotFound,
         AgentError::InvalidVmId { .. } | AgentError::InvalidArgument(_) => Code::InvalidArgument,
         AgentError::QueueFull { .. } => Code::ResourceExhausted,
-        AgentError::NotWritten { .. } => Code::Unavailable,
+        AgentError::NotWritten { .. } | AgentError::NotAdmitted { .. } => Code::Unavailable,
         AgentError::NotAcknowledged { .. } | AgentError::AckTimeout { .. } => {
             Code::DeadlineExceeded
         }
