@@ -574,10 +574,6 @@ impl Link {
         *self.status.borrow()
     }
 
-    pub fn subscribe_status(&self) -> watch::Receiver<LinkStatus> {
-        self.status.subscribe()
-    }
-
     pub fn cache(&self) -> AgentCache {
         self.lock().cache.clone()
     }
