@@ -575,7 +575,7 @@ async fn qxctl_pool_and_volume_commands_return_exit_codes() {
     };
     let err = run_volume(missing, &mut c, false).await.unwrap_err();
     let status = err.downcast_ref::<tonic::Status>().unwrap();
-    assert_eq!(qx_node::cli::dispatch::code_for(status), exit::NOT_FOUND);
+    assert_eq!(qx_node::cli::agent_cmds::code_for(status), exit::NOT_FOUND);
     for v in ["w", "v"] {
         let del = VolumeCommand::Delete {
             pool: "cli16".into(),

@@ -1,5 +1,6 @@
 //! `qxctl agent|exec|cp|fs|time|watch`: the guest-agent commands.
 
+pub use super::dispatch::code_for;
 use super::dispatch::Client;
 use super::vm_cmds::utc_time;
 use super::{exit, install_cmd};
