@@ -1275,6 +1275,54 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn write_transfers_beyond_the_announced_limit_wait_for_a_slot_until_their_deadline() {
+        let link = link();
+        // No limit announced: nothing waits.
+        let free = link.write_slot(Instant::now()).await.unwrap();
+        drop(free);
+        link.set_write_limit(1);
+        let first = link.write_slot(Instant::now()).await.unwrap();
+        // The slot stays taken past the second transfer's deadline: it is not admitted.
+        let started = Instant::now();
+        let err = link
+            .write_slot(started + Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        match err {
+            AgentError::NotAdmitted {
+                waited_ms, limit, ..
+            } => assert_eq!((waited_ms, limit), (2000, 1)),
+            other => panic!("{other:?}"),
+        }
+        // A waiter gets the slot as soon as the transfer holding it ends.
+        let waiter = {
+            let link = link.clone();
+            tokio::spawn(async move {
+                link.write_slot(Instant::now() + Duration::from_secs(60))
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!waiter.is_finished());
+        drop(first);
+        let second = waiter.await.unwrap().unwrap();
+        // A new limit (a new agent session) wakes the waiters onto the new slots.
+        let waiter = {
+            let link = link.clone();
+            tokio::spawn(async move {
+                link.write_slot(Instant::now() + Duration::from_secs(60))
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!waiter.is_finished());
+        link.set_write_limit(2);
+        waiter.await.unwrap().unwrap();
+        drop(second);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn unwritten_command_fails_at_its_ack_deadline_naming_the_stage() {
         let link = link();
         let opts = CommandOptions {
