@@ -79,6 +79,16 @@ fn agent_and_vm_operations_know_nothing_of_the_grpc_layer_or_tonic() {
     assert!(found.is_empty(), "{found:#?}");
 }
 
+/// The hypervisor, storage and metrics modules sit below the VM layer and beside the agent.
+#[test]
+fn the_hypervisor_and_storage_know_nothing_of_the_vm_and_agent_layers() {
+    let found = offenders(
+        &["hypervisor", "storage", "vm_metrics.rs"],
+        &["crate::vm_api", "crate::agent_api", "crate::agent::"],
+    );
+    assert!(found.is_empty(), "{found:#?}");
+}
+
 /// Nothing below the gRPC layer imports it.
 #[test]
 fn nothing_below_the_grpc_layer_imports_it() {
