@@ -13,8 +13,6 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_stream::{Stream, StreamExt};
 
-/// The default listen address: a unix socket.
-pub const DEFAULT_SOCKET: &str = "/run/quantix-kvm/qx-node.sock";
 /// Mode of the unix socket: owner and group may connect.
 pub const SOCKET_MODE: u32 = 0o660;
 

@@ -567,6 +567,48 @@ async fn execs_beyond_the_agents_limit_wait_for_a_slot() {
     }
 }
 
+/// More concurrent WriteGuestFile calls than the agent's announced `max_open_files` (2 here):
+/// the host holds the extra transfers until an open one closes, instead of passing on the
+/// agent's RESOURCE_EXHAUSTED (Busy). Every header goes out before any data, so the first two
+/// transfers stay open while the others ask for theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_writes_beyond_the_agents_open_file_limit_wait_for_a_slot() {
+    let (dir, _relay, _agent, d) = setup(&["--set", "max_open_files=2"]).await;
+    let mut feeds = Vec::new();
+    let mut calls = Vec::new();
+    let mut expected = Vec::new();
+    for i in 0..6u8 {
+        let path = dir.path().join(format!("slot-{i}.bin"));
+        let data: Vec<u8> = (0..200_000u32).map(|n| (n as u8) ^ i).collect();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(write_header(&path, &data)).await.unwrap();
+        let mut client = d.client.clone();
+        calls.push(tokio::spawn(async move {
+            client
+                .write_guest_file(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        }));
+        feeds.push((tx, data.clone()));
+        expected.push((path, data));
+    }
+    // Let every open reach the daemon (and, without admission, the agent) first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (tx, data) in feeds {
+        tokio::spawn(async move {
+            let _ = tx
+                .send(pb::WriteGuestFileRequest {
+                    part: Some(pb::write_guest_file_request::Part::Data(data)),
+                })
+                .await;
+        });
+    }
+    for (c, (path, data)) in calls.into_iter().zip(expected) {
+        let done = c.await.unwrap().unwrap().into_inner();
+        assert!(done.committed);
+        assert_eq!(std::fs::read(&path).unwrap(), data);
+    }
+}
+
 /// Transfers are checked end to end with CRC32C, which costs the agent next to nothing:
 /// qx-node asks it for no SHA-256 (its largest per-byte cost in a VM) and hashes the data
 /// itself for the caller. The results still carry the whole file's sha256.

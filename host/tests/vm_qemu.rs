@@ -13,7 +13,7 @@ use qx_node::agent_api::AgentApi;
 use qx_node::pb;
 use qx_node::pb::node_daemon_service_client::NodeDaemonServiceClient;
 use qx_node::pb::node_daemon_service_server::NodeDaemonServiceServer;
-use qx_node::service::NodeService;
+use qx_node::service::{status, NodeService};
 use qx_node::vm_api::{VmApi, VmConfig};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -443,6 +443,7 @@ async fn create_and_start_that_qemu_refuses_leaves_no_domain_and_no_image() {
             ..Default::default()
         })
         .await
+        .map_err(status::vm)
         .unwrap_err();
     // Refused by QEMU at start, i.e. after the image was created and the domain defined.
     assert!(err.message().contains("qemu"), "{err:?}");
@@ -479,7 +480,11 @@ async fn the_daemon_rides_out_a_libvirtd_restart() {
         assert!(Instant::now() < deadline, "libvirtd did not stop");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let err = vm_api.list_v_ms(pb::ListVmsRequest {}).await.unwrap_err();
+    let err = vm_api
+        .list_v_ms(pb::ListVmsRequest {})
+        .await
+        .map_err(status::vm)
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
 
     // Back again: the same daemon reconnects by itself (the lifecycle watcher reopens the

@@ -7,7 +7,7 @@ use super::StorageError;
 use crate::hypervisor::domain::DomainFacts;
 use crate::hypervisor::Hypervisor;
 use crate::pb;
-use crate::service::RpcStream;
+use crate::stream::BoxStream;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +18,9 @@ use tonic::{Status, Streaming};
 use virt::connect::Connect;
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
+
+/// The storage RPCs still answer in `tonic::Status` themselves.
+type RpcStream<T> = BoxStream<T, Status>;
 
 /// Bytes per DownloadVolume message.
 pub const CHUNK_BYTES: usize = 64 * 1024;
