@@ -11,6 +11,8 @@ use crate::agent_api::{AgentApi, WriteError};
 use crate::error::AgentError;
 use crate::pb;
 use crate::pb::node_daemon_service_server::NodeDaemonService;
+use crate::storage::api::UploadError;
+use crate::storage::StorageError;
 use crate::stream::BoxStream;
 use crate::vm_api::{VmApi, VmError};
 use std::sync::Arc;
@@ -26,6 +28,10 @@ fn vm_reply<T>(r: Result<T, VmError>) -> Result<Response<T>, Status> {
 
 fn agent_reply<T>(r: Result<T, AgentError>) -> Result<Response<T>, Status> {
     r.map(Response::new).map_err(status::agent)
+}
+
+fn storage_reply<T>(r: Result<T, StorageError>) -> Result<Response<T>, Status> {
+    r.map(Response::new).map_err(status::storage)
 }
 
 /// A stream of typed results as a gRPC stream: the call's error and each item's through `map`.
@@ -459,22 +465,14 @@ impl NodeDaemonService for NodeService {
         request: Request<pb::InitStoragePoolRequest>,
     ) -> Result<Response<pb::StoragePoolInfoResponse>, Status> {
         let r = request.into_inner();
-        self.vm
-            .storage()
-            .init_storage_pool(r)
-            .await
-            .map(Response::new)
+        storage_reply(self.vm.storage().init_storage_pool(r).await)
     }
 
     async fn list_storage_pools(
         &self,
         _request: Request<pb::ListStoragePoolsRequest>,
     ) -> Result<Response<pb::ListStoragePoolsResponse>, Status> {
-        self.vm
-            .storage()
-            .list_storage_pools()
-            .await
-            .map(Response::new)
+        storage_reply(self.vm.storage().list_storage_pools().await)
     }
 
     async fn get_storage_pool(
@@ -482,11 +480,7 @@ impl NodeDaemonService for NodeService {
         request: Request<pb::StoragePoolRequest>,
     ) -> Result<Response<pb::StoragePoolInfoResponse>, Status> {
         let r = request.into_inner();
-        self.vm
-            .storage()
-            .get_storage_pool(r, false)
-            .await
-            .map(Response::new)
+        storage_reply(self.vm.storage().get_storage_pool(r, false).await)
     }
 
     async fn refresh_storage_pool(
@@ -494,11 +488,7 @@ impl NodeDaemonService for NodeService {
         request: Request<pb::StoragePoolRequest>,
     ) -> Result<Response<pb::StoragePoolInfoResponse>, Status> {
         let r = request.into_inner();
-        self.vm
-            .storage()
-            .get_storage_pool(r, true)
-            .await
-            .map(Response::new)
+        storage_reply(self.vm.storage().get_storage_pool(r, true).await)
     }
 
     async fn delete_storage_pool(
@@ -506,11 +496,7 @@ impl NodeDaemonService for NodeService {
         request: Request<pb::DeleteStoragePoolRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
         let r = request.into_inner();
-        self.vm
-            .storage()
-            .delete_storage_pool(r)
-            .await
-            .map(Response::new)
+        storage_reply(self.vm.storage().delete_storage_pool(r).await)
     }
 
     async fn create_volume(
@@ -518,7 +504,7 @@ impl NodeDaemonService for NodeService {
         request: Request<pb::CreateVolumeRequest>,
     ) -> Result<Response<pb::VolumeInfo>, Status> {
         let r = request.into_inner();
-        self.vm.storage().create_volume(r).await.map(Response::new)
+        storage_reply(self.vm.storage().create_volume(r).await)
     }
 
     async fn list_volumes(
@@ -526,7 +512,7 @@ impl NodeDaemonService for NodeService {
         request: Request<pb::StoragePoolRequest>,
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
         let r = request.into_inner();
-        self.vm.storage().list_volumes(r).await.map(Response::new)
+        storage_reply(self.vm.storage().list_volumes(r).await)
     }
 
     async fn get_volume(
@@ -534,7 +520,7 @@ impl NodeDaemonService for NodeService {
         request: Request<pb::VolumeRequest>,
     ) -> Result<Response<pb::VolumeInfo>, Status> {
         let r = request.into_inner();
-        self.vm.storage().get_volume(r).await.map(Response::new)
+        storage_reply(self.vm.storage().get_volume(r).await)
     }
 
     async fn resize_volume(
@@ -542,7 +528,7 @@ impl NodeDaemonService for NodeService {
         request: Request<pb::ResizeVolumeRequest>,
     ) -> Result<Response<pb::VolumeInfo>, Status> {
         let r = request.into_inner();
-        self.vm.storage().resize_volume(r).await.map(Response::new)
+        storage_reply(self.vm.storage().resize_volume(r).await)
     }
 
     async fn snapshot_volume(
@@ -550,11 +536,7 @@ impl NodeDaemonService for NodeService {
         request: Request<pb::SnapshotVolumeRequest>,
     ) -> Result<Response<pb::SnapshotVolumeResponse>, Status> {
         let r = request.into_inner();
-        self.vm
-            .storage()
-            .snapshot_volume(r)
-            .await
-            .map(Response::new)
+        storage_reply(self.vm.storage().snapshot_volume(r).await)
     }
 
     type CloneVolumeStream = RpcStream<pb::VolumeProgress>;
@@ -564,7 +546,7 @@ impl NodeDaemonService for NodeService {
         request: Request<pb::CloneVolumeRequest>,
     ) -> Result<Response<Self::CloneVolumeStream>, Status> {
         let r = request.into_inner();
-        self.vm.storage().clone_volume(r).await.map(Response::new)
+        stream_reply(self.vm.storage().clone_volume(r).await, status::storage)
     }
 
     async fn delete_volume(
@@ -572,7 +554,7 @@ impl NodeDaemonService for NodeService {
         request: Request<pb::VolumeRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
         let r = request.into_inner();
-        self.vm.storage().delete_volume(r).await.map(Response::new)
+        storage_reply(self.vm.storage().delete_volume(r).await)
     }
 
     async fn upload_volume(
@@ -580,7 +562,15 @@ impl NodeDaemonService for NodeService {
         request: Request<Streaming<pb::UploadVolumeRequest>>,
     ) -> Result<Response<pb::VolumeTransferDone>, Status> {
         let r = request.into_inner();
-        self.vm.storage().upload_volume(r).await.map(Response::new)
+        self.vm
+            .storage()
+            .upload_volume(r)
+            .await
+            .map(Response::new)
+            .map_err(|e| match e {
+                UploadError::Storage(e) => status::storage(e),
+                UploadError::Caller(s) => s,
+            })
     }
 
     type DownloadVolumeStream = RpcStream<pb::VolumeChunk>;
@@ -590,10 +580,6 @@ impl NodeDaemonService for NodeService {
         request: Request<pb::DownloadVolumeRequest>,
     ) -> Result<Response<Self::DownloadVolumeStream>, Status> {
         let r = request.into_inner();
-        self.vm
-            .storage()
-            .download_volume(r)
-            .await
-            .map(Response::new)
+        stream_reply(self.vm.storage().download_volume(r).await, status::storage)
     }
 }

@@ -7,9 +7,25 @@
 use crate::error::AgentError;
 use crate::hypervisor::domain::SpecError;
 use crate::hypervisor::HypervisorError;
+use crate::storage::StorageError;
 use crate::vm_api::VmError;
 use qx_proto::agent::ErrorCode;
 use tonic::{Code, Status};
+
+/// A storage error's status.
+pub fn storage(e: StorageError) -> Status {
+    let code = match &e {
+        StorageError::NotFound(_) => Code::NotFound,
+        StorageError::Exists(_) => Code::AlreadyExists,
+        StorageError::Invalid(_) => Code::InvalidArgument,
+        StorageError::WrongState(_) | StorageError::StartFailed(_) => Code::FailedPrecondition,
+        StorageError::Aborted(_) => Code::Aborted,
+        StorageError::Unsupported(_) => Code::Unimplemented,
+        StorageError::Unavailable(_) => Code::Unavailable,
+        StorageError::Failed(_) => Code::Internal,
+    };
+    Status::new(code, e.to_string())
+}
 
 /// An agent error's status.
 pub fn agent(err: AgentError) -> Status {
@@ -54,7 +70,7 @@ fn agent_code(code: ErrorCode) -> Code {
 /// The one mapping from VM errors to gRPC status codes.
 pub fn vm(e: VmError) -> Status {
     if let VmError::Storage(s) = e {
-        return s.into_status();
+        return storage(s);
     }
     let code = match &e {
         VmError::Storage(_) => Code::Internal,

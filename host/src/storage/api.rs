@@ -14,13 +14,26 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
-use tonic::{Status, Streaming};
 use virt::connect::Connect;
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 
-/// The storage RPCs still answer in `tonic::Status` themselves.
-type RpcStream<T> = BoxStream<T, Status>;
+/// What the streaming storage operations return; the gRPC layer maps the errors.
+type RpcStream<T> = BoxStream<T, StorageError>;
+
+/// Why an upload failed: the storage's error, or the caller's stream's own, passed back as
+/// it came.
+#[derive(Debug)]
+pub enum UploadError<E> {
+    Storage(StorageError),
+    Caller(E),
+}
+
+impl<E> From<StorageError> for UploadError<E> {
+    fn from(e: StorageError) -> Self {
+        UploadError::Storage(e)
+    }
+}
 
 /// Bytes per DownloadVolume message.
 pub const CHUNK_BYTES: usize = 64 * 1024;
@@ -214,7 +227,7 @@ impl StorageApi {
     }
 
     /// Runs `f` with the libvirt connection on a blocking thread.
-    async fn run<T, F>(&self, f: F) -> Result<T, Status>
+    async fn run<T, F>(&self, f: F) -> SResult<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connect) -> SResult<T> + Send + 'static,
@@ -227,15 +240,14 @@ impl StorageApi {
             f(&conn)
         })
         .await
-        .map_err(|e| Status::internal(format!("storage task failed: {e}")))?
-        .map_err(StorageError::into_status)
+        .map_err(|e| StorageError::Failed(format!("storage task failed: {e}")))?
     }
 
     pub async fn init_storage_pool(
         &self,
         req: pb::InitStoragePoolRequest,
-    ) -> Result<pb::StoragePoolInfoResponse, Status> {
-        let x = xml::pool_xml(&req).map_err(StorageError::into_status)?;
+    ) -> SResult<pb::StoragePoolInfoResponse> {
+        let x = xml::pool_xml(&req)?;
         self.run(move |conn| {
             if conn.lookup_storage_pool_by_name(&req.pool_id).is_ok() {
                 return Err(StorageError::Exists(format!(
@@ -278,7 +290,7 @@ impl StorageApi {
         .await
     }
 
-    pub async fn list_storage_pools(&self) -> Result<pb::ListStoragePoolsResponse, Status> {
+    pub async fn list_storage_pools(&self) -> SResult<pb::ListStoragePoolsResponse> {
         self.run(|conn| {
             let mut pools = conn
                 .list_all_storage_pools(0)
@@ -296,8 +308,8 @@ impl StorageApi {
         &self,
         req: pb::StoragePoolRequest,
         refresh: bool,
-    ) -> Result<pb::StoragePoolInfoResponse, Status> {
-        ids(&req.pool_id, "").map_err(StorageError::into_status)?;
+    ) -> SResult<pb::StoragePoolInfoResponse> {
+        ids(&req.pool_id, "")?;
         self.run(move |conn| {
             let pool = lookup_pool(conn, &req.pool_id)?;
             if refresh {
@@ -311,8 +323,8 @@ impl StorageApi {
     pub async fn delete_storage_pool(
         &self,
         req: pb::DeleteStoragePoolRequest,
-    ) -> Result<pb::Empty, Status> {
-        ids(&req.pool_id, "").map_err(StorageError::into_status)?;
+    ) -> SResult<pb::Empty> {
+        ids(&req.pool_id, "")?;
         self.run(move |conn| {
             let pool = lookup_pool(conn, &req.pool_id)?;
             if pool.is_active().map_err(classify)? {
@@ -335,21 +347,17 @@ impl StorageApi {
         .await
     }
 
-    pub async fn create_volume(
-        &self,
-        req: pb::CreateVolumeRequest,
-    ) -> Result<pb::VolumeInfo, Status> {
-        ids(&req.pool_id, &req.volume_id).map_err(StorageError::into_status)?;
+    pub async fn create_volume(&self, req: pb::CreateVolumeRequest) -> SResult<pb::VolumeInfo> {
+        ids(&req.pool_id, &req.volume_id)?;
         if req.volume_id.is_empty() {
-            return Err(Status::invalid_argument("volume_id is required"));
+            return Err(StorageError::Invalid("volume_id is required".into()));
         }
-        let format = xml::volume_format(&req.format).map_err(StorageError::into_status)?;
+        let format = xml::volume_format(&req.format)?;
         if !req.backing_volume.is_empty() {
-            xml::check_name("backing_volume", &req.backing_volume)
-                .map_err(StorageError::into_status)?;
+            xml::check_name("backing_volume", &req.backing_volume)?;
             if format != "qcow2" {
-                return Err(Status::invalid_argument(
-                    "a volume on a backing volume (thin clone) must be qcow2",
+                return Err(StorageError::Invalid(
+                    "a volume on a backing volume (thin clone) must be qcow2".into(),
                 ));
             }
         }
@@ -360,8 +368,8 @@ impl StorageApi {
     pub async fn list_volumes(
         &self,
         req: pb::StoragePoolRequest,
-    ) -> Result<pb::ListVolumesResponse, Status> {
-        ids(&req.pool_id, "").map_err(StorageError::into_status)?;
+    ) -> SResult<pb::ListVolumesResponse> {
+        ids(&req.pool_id, "")?;
         self.run(move |conn| {
             let pool = lookup_pool(conn, &req.pool_id)?;
             let mut volumes = pool
@@ -376,8 +384,8 @@ impl StorageApi {
         .await
     }
 
-    pub async fn get_volume(&self, req: pb::VolumeRequest) -> Result<pb::VolumeInfo, Status> {
-        ids(&req.pool_id, &req.volume_id).map_err(StorageError::into_status)?;
+    pub async fn get_volume(&self, req: pb::VolumeRequest) -> SResult<pb::VolumeInfo> {
+        ids(&req.pool_id, &req.volume_id)?;
         self.run(move |conn| {
             let vol = lookup_volume(conn, &req.pool_id, &req.volume_id)?;
             volume_info(&req.pool_id, &vol)
@@ -385,13 +393,12 @@ impl StorageApi {
         .await
     }
 
-    pub async fn resize_volume(
-        &self,
-        req: pb::ResizeVolumeRequest,
-    ) -> Result<pb::VolumeInfo, Status> {
-        ids(&req.pool_id, &req.volume_id).map_err(StorageError::into_status)?;
+    pub async fn resize_volume(&self, req: pb::ResizeVolumeRequest) -> SResult<pb::VolumeInfo> {
+        ids(&req.pool_id, &req.volume_id)?;
         if req.size_bytes == 0 {
-            return Err(Status::invalid_argument("size_bytes must be more than 0"));
+            return Err(StorageError::Invalid(
+                "size_bytes must be more than 0".into(),
+            ));
         }
         self.run(move |conn| {
             let vol = lookup_volume(conn, &req.pool_id, &req.volume_id)?;
@@ -432,8 +439,8 @@ impl StorageApi {
         .await
     }
 
-    pub async fn delete_volume(&self, req: pb::VolumeRequest) -> Result<pb::Empty, Status> {
-        ids(&req.pool_id, &req.volume_id).map_err(StorageError::into_status)?;
+    pub async fn delete_volume(&self, req: pb::VolumeRequest) -> SResult<pb::Empty> {
+        ids(&req.pool_id, &req.volume_id)?;
         self.run(move |conn| {
             let pool = lookup_pool(conn, &req.pool_id)?;
             let vol = lookup_volume(conn, &req.pool_id, &req.volume_id)?;
@@ -466,12 +473,12 @@ impl StorageApi {
     pub async fn snapshot_volume(
         &self,
         req: pb::SnapshotVolumeRequest,
-    ) -> Result<pb::SnapshotVolumeResponse, Status> {
-        ids(&req.pool_id, &req.volume_id).map_err(StorageError::into_status)?;
+    ) -> SResult<pb::SnapshotVolumeResponse> {
+        ids(&req.pool_id, &req.volume_id)?;
         if req.volume_id.is_empty() {
-            return Err(Status::invalid_argument("volume_id is required"));
+            return Err(StorageError::Invalid("volume_id is required".into()));
         }
-        xml::check_name("snapshot_id", &req.snapshot_id).map_err(StorageError::into_status)?;
+        xml::check_name("snapshot_id", &req.snapshot_id)?;
         self.run(move |conn| snapshot_volume_blocking(conn, &req))
             .await
     }
@@ -479,9 +486,9 @@ impl StorageApi {
     pub async fn clone_volume(
         &self,
         req: pb::CloneVolumeRequest,
-    ) -> Result<RpcStream<pb::VolumeProgress>, Status> {
-        ids(&req.pool_id, &req.volume_id).map_err(StorageError::into_status)?;
-        xml::check_name("new_volume_id", &req.new_volume_id).map_err(StorageError::into_status)?;
+    ) -> SResult<RpcStream<pb::VolumeProgress>> {
+        ids(&req.pool_id, &req.volume_id)?;
+        xml::check_name("new_volume_id", &req.new_volume_id)?;
         let (r, total) = (req.clone(), 0u64);
         let total = self
             .run(move |conn| {
@@ -527,8 +534,8 @@ impl StorageApi {
                                 done: true,
                                 volume: Some(info),
                             }),
-                            Ok(Err(e)) => Err(e.into_status()),
-                            Err(e) => Err(Status::internal(format!("clone task failed: {e}"))),
+                            Ok(Err(e)) => Err(e),
+                            Err(e) => Err(StorageError::Failed(format!("clone task failed: {e}"))),
                         };
                         let _ = tx.send(msg).await;
                         return;
@@ -562,24 +569,27 @@ impl StorageApi {
         Ok(Box::pin(ReceiverStream::new(out)))
     }
 
-    pub async fn upload_volume(
+    pub async fn upload_volume<S, E>(
         &self,
-        mut input: Streaming<pb::UploadVolumeRequest>,
-    ) -> Result<pb::VolumeTransferDone, Status> {
+        mut input: S,
+    ) -> Result<pb::VolumeTransferDone, UploadError<E>>
+    where
+        S: tokio_stream::Stream<Item = Result<pb::UploadVolumeRequest, E>> + Unpin + Send,
+    {
         let header = match input.next().await {
             Some(Ok(pb::UploadVolumeRequest {
                 part: Some(pb::upload_volume_request::Part::Header(h)),
             })) => h,
-            Some(Err(s)) => return Err(s),
+            Some(Err(s)) => return Err(UploadError::Caller(s)),
             _ => {
-                return Err(Status::invalid_argument(
-                    "the first message must be the header",
-                ))
+                return Err(
+                    StorageError::Invalid("the first message must be the header".into()).into(),
+                )
             }
         };
-        ids(&header.pool_id, &header.volume_id).map_err(StorageError::into_status)?;
+        ids(&header.pool_id, &header.volume_id)?;
         if header.size == 0 || header.volume_id.is_empty() {
-            return Err(Status::invalid_argument("volume_id and size are required"));
+            return Err(StorageError::Invalid("volume_id and size are required".into()).into());
         }
         // Chunks go to the blocking writer through a small bounded queue: a slow volume
         // slows the client down instead of filling memory.
@@ -648,11 +658,13 @@ impl StorageApi {
                     }
                 }
                 Ok(_) => {
-                    failed = Some(Status::invalid_argument("only data may follow the header"));
+                    failed = Some(UploadError::Storage(StorageError::Invalid(
+                        "only data may follow the header".into(),
+                    )));
                     break;
                 }
                 Err(s) => {
-                    failed = Some(s);
+                    failed = Some(UploadError::Caller(s));
                     break;
                 }
             }
@@ -660,8 +672,8 @@ impl StorageApi {
         drop(tx);
         let result = writer
             .await
-            .map_err(|e| Status::internal(format!("upload task failed: {e}")))?
-            .map_err(StorageError::into_status);
+            .map_err(|e| StorageError::Failed(format!("upload task failed: {e}")))?
+            .map_err(UploadError::Storage);
         match failed {
             Some(s) if result.is_ok() => Err(s),
             _ => result,
@@ -671,8 +683,8 @@ impl StorageApi {
     pub async fn download_volume(
         &self,
         req: pb::DownloadVolumeRequest,
-    ) -> Result<RpcStream<pb::VolumeChunk>, Status> {
-        ids(&req.pool_id, &req.volume_id).map_err(StorageError::into_status)?;
+    ) -> SResult<RpcStream<pb::VolumeChunk>> {
+        ids(&req.pool_id, &req.volume_id)?;
         let (tx, out) = mpsc::channel(8);
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
         let hv = self.hv.clone();
@@ -694,7 +706,7 @@ impl StorageApi {
                     v
                 }
                 Err(e) => {
-                    let _ = ready_tx.send(Err(e.into_status()));
+                    let _ = ready_tx.send(Err(e));
                     return;
                 }
             };
@@ -730,12 +742,12 @@ impl StorageApi {
                             eof: true,
                             sha256: hash.finalize().to_vec(),
                         });
-                        let _ = tx.blocking_send(msg.map_err(StorageError::into_status));
+                        let _ = tx.blocking_send(msg);
                         return;
                     }
                     Err(e) => {
                         let _ = stream.abort();
-                        let _ = tx.blocking_send(Err(classify(e).into_status()));
+                        let _ = tx.blocking_send(Err(classify(e)));
                         return;
                     }
                 }
@@ -743,7 +755,7 @@ impl StorageApi {
         });
         ready
             .await
-            .map_err(|_| Status::internal("download task failed"))??;
+            .map_err(|_| StorageError::Failed("download task failed".into()))??;
         Ok(Box::pin(ReceiverStream::new(out)))
     }
 }

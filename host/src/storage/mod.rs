@@ -6,9 +6,8 @@ pub mod disks;
 pub mod policy;
 pub mod xml;
 
-use tonic::{Code, Status};
-
-/// Why a storage operation failed; [`StorageError::into_status`] maps it to a gRPC code.
+/// Why a storage operation failed; the gRPC layer maps it to a status code
+/// (`service::status::storage`).
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("{0}")]
@@ -33,20 +32,4 @@ pub enum StorageError {
     Unavailable(String),
     #[error("{0}")]
     Failed(String),
-}
-
-impl StorageError {
-    pub fn into_status(self) -> Status {
-        let code = match &self {
-            StorageError::NotFound(_) => Code::NotFound,
-            StorageError::Exists(_) => Code::AlreadyExists,
-            StorageError::Invalid(_) => Code::InvalidArgument,
-            StorageError::WrongState(_) | StorageError::StartFailed(_) => Code::FailedPrecondition,
-            StorageError::Aborted(_) => Code::Aborted,
-            StorageError::Unsupported(_) => Code::Unimplemented,
-            StorageError::Unavailable(_) => Code::Unavailable,
-            StorageError::Failed(_) => Code::Internal,
-        };
-        Status::new(code, self.to_string())
-    }
 }
