@@ -141,22 +141,7 @@ async fn tcg_vm_agent_found_through_its_channel_quiesced_snapshot_iso_swap_grace
     std::fs::write(&iso_a, vec![b'A'; 4096]).unwrap();
     std::fs::write(&iso_b, vec![b'B'; 4096]).unwrap();
 
-    let agent = Arc::new(AgentApi::default());
-    let config = vm_config(dir.path());
-    let vm_api = Arc::new(VmApi::new(config, agent.clone()).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(NodeDaemonServiceServer::new(NodeService {
-                vm: vm_api,
-                agent,
-            }))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    let mut c = NodeDaemonServiceClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let mut c = serve(dir.path()).await;
     let mut events = c
         .stream_events(pb::StreamEventsRequest::default())
         .await
@@ -587,6 +572,26 @@ async fn download(
     panic!("download of {vol} ended without eof");
 }
 
+/// A daemon over `qemu:///system` (the VM and agent layers as [`vm_config`] sets them up),
+/// serving the product's gRPC server on loopback; its client.
+async fn serve(dir: &Path) -> NodeDaemonServiceClient<tonic::transport::Channel> {
+    let agent = Arc::new(AgentApi::default());
+    let vm_api = Arc::new(VmApi::new(vm_config(dir), agent.clone()).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        qx_node::listen::grpc_server()
+            .add_service(NodeDaemonServiceServer::new(NodeService {
+                vm: vm_api,
+                agent,
+            }))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    NodeDaemonServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+}
+
 fn sha256(data: &[u8]) -> Vec<u8> {
     use sha2::Digest;
     sha2::Sha256::digest(data).to_vec()
@@ -598,21 +603,7 @@ async fn storage_pools_on_a_directory_and_a_loop_device_with_volumes_streams_and
     let _libvirtd = LIBVIRTD.read().await;
     libvirt_sh(&[]);
     let dir = tempfile::tempdir().unwrap();
-    let agent = Arc::new(AgentApi::default());
-    let vm_api = Arc::new(VmApi::new(vm_config(dir.path()), agent.clone()).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(NodeDaemonServiceServer::new(NodeService {
-                vm: vm_api,
-                agent,
-            }))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    let mut c = NodeDaemonServiceClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let mut c = serve(dir.path()).await;
     let tag = std::process::id();
     let (dpool, fpool) = (format!("qx16-dir-{tag}"), format!("qx16-fs-{tag}"));
     let _pools = PoolGuard(vec![dpool.clone(), fpool.clone()]);
@@ -899,21 +890,7 @@ async fn vm_disk_from_a_pool_volume_grows_live_and_the_guest_sees_it() {
         "run `bash ci/vm/build-image.sh`"
     );
     let dir = tempfile::tempdir().unwrap();
-    let agent = Arc::new(AgentApi::default());
-    let vm_api = Arc::new(VmApi::new(vm_config(dir.path()), agent.clone()).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(NodeDaemonServiceServer::new(NodeService {
-                vm: vm_api,
-                agent,
-            }))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    let mut c = NodeDaemonServiceClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let mut c = serve(dir.path()).await;
     let pool = format!("qx16-vm-{}", std::process::id());
     let _pools = PoolGuard(vec![pool.clone()]);
     c.init_storage_pool(pb::InitStoragePoolRequest {
@@ -1026,21 +1003,7 @@ async fn vm_boots_from_a_thin_clone_of_an_uploaded_root_volume_then_from_its_sna
         "run `bash ci/vm/build-image.sh`"
     );
     let dir = tempfile::tempdir().unwrap();
-    let agent = Arc::new(AgentApi::default());
-    let vm_api = Arc::new(VmApi::new(vm_config(dir.path()), agent.clone()).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(NodeDaemonServiceServer::new(NodeService {
-                vm: vm_api,
-                agent,
-            }))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    let mut c = NodeDaemonServiceClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let mut c = serve(dir.path()).await;
     let pool = format!("qx16-clone-{}", std::process::id());
     let _pools = PoolGuard(vec![pool.clone()]);
     c.init_storage_pool(pb::InitStoragePoolRequest {
