@@ -1,6 +1,6 @@
 //! The agent's libc calls, and its only `unsafe` code: every block names its invariants, and
 //! raw fds become `OwnedFd` at once. Here: signalfd, pidfd, signals, spawning children, sync,
-//! reboot; in [`os`], the calls of the operations, and in [`fs`], the descriptor-relative
+//! reboot, the worker thread; in [`os`], the calls of the operations, and in [`fs`], the descriptor-relative
 //! filesystem calls (both re-exported here).
 #![allow(unsafe_code)]
 
@@ -340,6 +340,50 @@ pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     unsafe {
         let flags = cvt(libc::fcntl(fd, libc::F_GETFL))?;
         cvt(libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK))?;
+    }
+    Ok(())
+}
+
+/// A thread's body, as [`spawn_thread`] takes it.
+pub type ThreadBody = Box<dyn FnOnce() + Send>;
+
+/// Starts `body` on a new detached thread named `name` (at most 15 bytes, as the kernel keeps
+/// it) with a stack of `stack_bytes`: `pthread_create` itself. std's `thread::Builder` would
+/// add its thread registry, a per-thread signal stack, and a `snprintf` for the name (musl's
+/// `pthread_setname_np`), about 20 KB of the agent for the one thread it starts. The thread
+/// inherits the caller's signal mask, as with std. A panic in `body` aborts the process.
+pub fn spawn_thread(name: &'static CStr, stack_bytes: usize, body: ThreadBody) -> io::Result<()> {
+    extern "C" fn start(arg: *mut libc::c_void) -> *mut libc::c_void {
+        // SAFETY: `arg` is the pointer `spawn_thread` made with `Box::into_raw` and gave to
+        // this thread only; it is taken back exactly once, here.
+        let (name, body) = *unsafe { Box::from_raw(arg.cast::<(&'static CStr, ThreadBody)>()) };
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes, which
+        // `name` is (longer names are cut by the kernel, never read past their NUL).
+        unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+        body();
+        std::ptr::null_mut()
+    }
+    let arg = Box::into_raw(Box::new((name, body)));
+    // SAFETY: the attributes are initialised before use and destroyed by their guard on every
+    // path; `thread` is written by pthread_create; `arg` goes to the new thread, or back into
+    // a Box here when no thread started.
+    unsafe {
+        let mut attr: libc::pthread_attr_t = std::mem::zeroed();
+        cvt_nz(libc::pthread_attr_init(&mut attr))?;
+        let attr = Guard(&mut attr, |a| {
+            libc::pthread_attr_destroy(a);
+        });
+        cvt_nz(libc::pthread_attr_setstacksize(attr.0, stack_bytes))?;
+        cvt_nz(libc::pthread_attr_setdetachstate(
+            attr.0,
+            libc::PTHREAD_CREATE_DETACHED,
+        ))?;
+        let mut thread: libc::pthread_t = std::mem::zeroed();
+        let ret = libc::pthread_create(&mut thread, attr.0, start, arg.cast());
+        if ret != 0 {
+            drop(Box::from_raw(arg));
+            return Err(io::Error::from_raw_os_error(ret));
+        }
     }
     Ok(())
 }
