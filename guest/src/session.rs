@@ -42,7 +42,7 @@ use log::{debug, info, warn};
 use prost::Message;
 use qx_proto::agent::envelope::Payload;
 use qx_proto::agent::{Ack, AgentReady, Envelope, Error as WireError, ErrorCode, Ping, Pong};
-use qx_proto::{decode_envelope, Decoder, DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION};
+use qx_proto::{decode_host_envelope, Decoder, DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION};
 use qx_proto::{envelope_payload_name as payload_name_env, payload_name};
 
 use crate::outbox::{Outbox, OutboxError, MAX_FRAME_TOTAL_BYTES};
@@ -519,7 +519,7 @@ impl Session {
                         }
                         continue;
                     }
-                    Ok(Some(payload)) => match decode_envelope(payload) {
+                    Ok(Some(payload)) => match decode_host_envelope(payload) {
                         Ok(env) => env,
                         Err(e) => {
                             self.stats.bad_envelopes += 1;
@@ -831,7 +831,7 @@ mod tests {
     use qx_proto::agent::{
         AgentLogs, ExecExit, ExecRequest, FileChunk, HostHello, LogLine, TimeGetRequest,
     };
-    use qx_proto::encode_envelope;
+    use qx_proto::{decode_envelope, encode_envelope};
     use std::collections::HashMap;
 
     fn session(now: Instant) -> Session {
