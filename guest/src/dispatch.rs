@@ -487,6 +487,7 @@ impl Agent {
             gid,
             groups,
             login_env,
+            merge_stderr: false,
         };
         Ok((spec, r.stream))
     }

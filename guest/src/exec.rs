@@ -105,6 +105,8 @@ pub struct Spec {
     /// The environment a child with a `uid` starts from instead of the agent's (`su -`'s:
     /// HOME, USER, LOGNAME, SHELL, PATH); `env` is set over it.
     pub login_env: Vec<(String, String)>,
+    /// stderr on stdout's pipe (qemu-ga's `capture-output: "merged"`): one stream, stdout.
+    pub merge_stderr: bool,
     /// Per-stream caps (stdout, stderr).
     pub caps: [u64; 2],
 }
@@ -242,7 +244,7 @@ impl Jobs {
         let spawned = start(&spec).map_err(|e| OpError::io(program, &e))?;
         let pid = spawned.pid;
         let stdout = Some(File::from(spawned.stdout));
-        let stderr = Some(File::from(spawned.stderr));
+        let stderr = spawned.stderr.map(File::from);
         let stdin = spawned.stdin.map(File::from);
         let pidfd = sys::pidfd_open(pid).ok();
         let mut job = Job {
@@ -435,6 +437,7 @@ fn start(spec: &Spec) -> io::Result<sys::Spawned> {
         &envp,
         cwd.as_deref(),
         !spec.stdin.is_empty(),
+        spec.merge_stderr,
         user.as_ref(),
     )
 }

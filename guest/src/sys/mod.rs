@@ -100,13 +100,13 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// A child started by [`spawn`]: its pid (also its process group) and the agent's ends of its
-/// pipes.
+/// pipes (no stderr pipe when stderr was merged into stdout).
 #[derive(Debug)]
 pub struct Spawned {
     pub pid: u32,
     pub stdin: Option<OwnedFd>,
     pub stdout: OwnedFd,
-    pub stderr: OwnedFd,
+    pub stderr: Option<OwnedFd>,
 }
 
 /// Who a child becomes before exec, as a login does: with a `uid`, the supplementary
@@ -121,8 +121,8 @@ pub struct Identity {
 /// Starts the program at `path` (a path, not searched for) with `argv` and the whole
 /// environment `envp`. The child gets its own process group, an empty signal mask (the
 /// agent's blocked signals would otherwise stay blocked in it), SIGPIPE at its default,
-/// stdout and stderr on fresh pipes, stdin on a pipe when `stdin_pipe` else on /dev/null, and
-/// `cwd` as working directory. A program that cannot be executed is an error here, not an
+/// stdout and stderr on fresh pipes (with `merge_stderr`, stderr on stdout's pipe), stdin on
+/// a pipe when `stdin_pipe` else on /dev/null, and `cwd` as working directory. A program that cannot be executed is an error here, not an
 /// exit status.
 ///
 /// Without `user` this is `posix_spawn`, which in musl and glibc is vfork-like: the agent's
@@ -134,10 +134,15 @@ pub fn spawn(
     envp: &[CString],
     cwd: Option<&CStr>,
     stdin_pipe: bool,
+    merge_stderr: bool,
     user: Option<&Identity>,
 ) -> io::Result<Spawned> {
     let (out_r, out_w) = pipe()?;
-    let (err_r, err_w) = pipe()?;
+    let (err_r, err_w) = match merge_stderr {
+        true => (None, None),
+        false => pipe().map(|(r, w)| (Some(r), Some(w)))?,
+    };
+    let err_fd = err_w.as_ref().unwrap_or(&out_w).as_raw_fd();
     let stdin = if stdin_pipe { Some(pipe()?) } else { None };
     let argv: Vec<*mut libc::c_char> = argv
         .iter()
@@ -163,7 +168,7 @@ pub fn spawn(
             argv: &argv,
             envp: &envp,
             cwd,
-            fds: [stdin_fd, out_w.as_raw_fd(), err_w.as_raw_fd()],
+            fds: [stdin_fd, out_w.as_raw_fd(), err_fd],
             user,
         };
         let pid = fork_exec(&child)?;
@@ -211,11 +216,7 @@ pub fn spawn(
             out_w.as_raw_fd(),
             1,
         ))?;
-        cvt_nz(libc::posix_spawn_file_actions_adddup2(
-            actions.0,
-            err_w.as_raw_fd(),
-            2,
-        ))?;
+        cvt_nz(libc::posix_spawn_file_actions_adddup2(actions.0, err_fd, 2))?;
         if let Some(cwd) = cwd {
             cvt_nz(libc::posix_spawn_file_actions_addchdir_np(
                 actions.0,
