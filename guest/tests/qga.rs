@@ -143,7 +143,10 @@ fn read_lines_after_last_ff(conn: &mut UnixStream, n: usize) -> Vec<Value> {
                 .collect();
         }
         let mut buf = [0u8; 65536];
-        let k = conn.read(&mut buf).expect("agent went quiet");
+        let k = match conn.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => r.expect("agent went quiet"),
+        };
         assert!(k > 0, "agent closed the connection");
         got.extend_from_slice(&buf[..k]);
     }
@@ -154,7 +157,10 @@ fn read_line(conn: &mut UnixStream) -> Value {
     let mut got = Vec::new();
     let mut b = [0u8; 1];
     while !got.ends_with(b"\n") {
-        let k = conn.read(&mut b).expect("agent went quiet");
+        let k = match conn.read(&mut b) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => r.expect("agent went quiet"),
+        };
         assert!(k > 0, "agent closed the connection");
         got.push(b[0]);
     }
