@@ -456,9 +456,10 @@ pub type ThreadBody = Box<dyn FnOnce() + Send>;
 
 /// Starts `body` on a new detached thread named `name` (at most 15 bytes, as the kernel keeps
 /// it) with a stack of `stack_bytes`: `pthread_create` itself. std's `thread::Builder` would
-/// add its thread registry, a per-thread signal stack, and a `snprintf` for the name (musl's
-/// `pthread_setname_np`), about 20 KB of the agent for the one thread it starts. The thread
-/// inherits the caller's signal mask, as with std. A panic in `body` aborts the process.
+/// add its spawning machinery, a signal stack set up in the thread, and a `snprintf` for the
+/// name (musl's `pthread_setname_np`), about 24 KB of the agent for the one thread it starts.
+/// The thread inherits the caller's signal mask, as with std. A panic in `body` aborts the
+/// process.
 pub fn spawn_thread(name: &'static CStr, stack_bytes: usize, body: ThreadBody) -> io::Result<()> {
     extern "C" fn start(arg: *mut libc::c_void) -> *mut libc::c_void {
         // SAFETY: `arg` is the pointer `spawn_thread` made with `Box::into_raw` and gave to
