@@ -149,8 +149,12 @@ impl Agent {
         }
         match req.payload {
             Payload::TelemetryRequest(_) => {
-                let t = self.collector.sample();
-                self.reply(id, Payload::Telemetry(t));
+                let collector = self.collector.clone();
+                self.offload(
+                    id,
+                    move || Ok(lock(&collector).sample()),
+                    Payload::Telemetry,
+                );
             }
             Payload::SetTelemetryInterval(s) => {
                 self.set_telemetry_interval(s.interval_ms, now);
@@ -233,8 +237,12 @@ impl Agent {
                 self.offload(id, move || lock(&writers).close(&r), Payload::FileWriteDone);
             }
             Payload::FileListRequest(r) => {
-                let policy = self.policy.clone();
-                self.offload(id, move || files::list(&policy, &r), Payload::FileList);
+                let (listings, policy) = (self.listings.clone(), self.policy.clone());
+                self.offload(
+                    id,
+                    move || files::list(&policy, &mut lock(&listings), &r, Instant::now()),
+                    Payload::FileList,
+                );
             }
             Payload::FileStatRequest(r) => {
                 let policy = self.policy.clone();

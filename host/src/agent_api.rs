@@ -428,11 +428,18 @@ impl AgentApi {
             .ok_or_else(|| AgentError::InvalidArgument("header.open is missing".into()))?;
         let vm = header.vm_id.clone();
         let t = header.timeout_ms;
+        // An agent that keeps a CRC32C is checked by it and hashes nothing: SHA-256 is its
+        // largest per-byte cost in a VM, and the host hashes the data for the caller anyway.
+        let crc = agent_keeps_crc32c(&*self.mgr.link(&vm)?);
+        let open = ap::FileWriteOpen {
+            skip_sha256: crc,
+            ..open
+        };
         let req = Payload::FileWriteOpen(open);
         let opened = call!(self, &vm, t, Redelivery::SameSession, req, FileWriteOpened)?;
         let handle = opened.handle;
         let result = self
-            .write_body(&vm, t, handle, &header, &mut requests)
+            .write_body(&vm, t, handle, crc, &header, &mut requests)
             .await;
         if result.is_err() {
             // Best effort: drop the temporary file in the guest.
@@ -440,6 +447,7 @@ impl AgentApi {
                 handle,
                 commit: false,
                 expected_sha256: Vec::new(),
+                expected_crc32c: None,
             });
             let _ = call!(self, &vm, t, Redelivery::SameSession, close, FileWriteDone);
         }
@@ -451,10 +459,12 @@ impl AgentApi {
         vm: &str,
         t: u32,
         handle: u64,
+        crc_check: bool,
         header: &pb::WriteGuestFileHeader,
         requests: &mut Streaming<pb::WriteGuestFileRequest>,
     ) -> Result<ap::FileWriteDone, Status> {
         let mut hasher = Sha256::new();
+        let mut crc = 0u32;
         let mut offset = 0u64;
         let mut buf: Vec<u8> = Vec::new();
         // Chunks already queued on the link, oldest first. The agent takes them in order (each
@@ -479,6 +489,7 @@ impl AgentApi {
                 let n = buf.len().min(WRITE_CHUNK_BYTES);
                 let data: Vec<u8> = buf.drain(..n).collect();
                 hasher.update(&data);
+                crc = qx_proto::crc32c_append(crc, &data);
                 let req = Payload::FileWriteChunk(ap::FileWriteChunk {
                     handle,
                     offset,
@@ -509,22 +520,38 @@ impl AgentApi {
             }
             .into());
         }
+        // The agent commits only content that matches: by CRC32C when it keeps one, else by
+        // sha256.
         let close = Payload::FileWriteClose(ap::FileWriteClose {
             handle,
             commit: true,
-            expected_sha256: digest.clone(),
+            expected_sha256: if crc_check {
+                Vec::new()
+            } else {
+                digest.clone()
+            },
+            expected_crc32c: crc_check.then_some(crc),
         });
-        let done = call!(self, vm, t, Redelivery::SameSession, close, FileWriteDone)?;
-        if done.sha256 != digest || done.bytes != offset {
+        let mut done = call!(self, vm, t, Redelivery::SameSession, close, FileWriteDone)?;
+        let matches = if crc_check {
+            done.crc32c == crc
+        } else {
+            done.sha256 == digest
+        };
+        if !matches || done.bytes != offset {
+            let check = if crc_check { "crc32c" } else { "sha256" };
             return Err(AgentError::Integrity {
                 vm_id: vm.to_string(),
                 what: format!(
-                    "the guest stored {} bytes with a different sha256 than the {offset} bytes sent",
+                    "the guest stored {} bytes with a different {check} than the {offset} bytes sent",
                     done.bytes
                 ),
             }
             .into());
         }
+        // The content's sha256, for the caller: the host's own, equal to the agent's when it
+        // hashed.
+        done.sha256 = digest;
         Ok(done)
     }
 
@@ -1068,8 +1095,17 @@ fn info_of(link: &Link) -> pb::GuestAgentInfo {
     info
 }
 
+/// Whether `link`'s agent keeps a CRC32C of the file bytes it reads and writes (capability
+/// `file-crc32c`): transfers are then checked by it, and the agent hashes nothing.
+fn agent_keeps_crc32c(link: &Link) -> bool {
+    link.cache()
+        .ready
+        .is_some_and(|r| r.capabilities.iter().any(|c| c == "file-crc32c"))
+}
+
 /// Streams a file in windows of [`READ_WINDOW_BYTES`]: one FileReadRequest per window, each
-/// window's sha256 checked against the agent's, the whole stream's sha256 on the last message.
+/// window checked against the agent's CRC32C (its sha256, from an agent that keeps no CRC),
+/// the whole stream's sha256, computed here, on the last message.
 /// A window cut by a lost connection is asked for again from the last byte received (up to
 /// [`READ_RESUMES`] times), so the caller sees one unbroken stream.
 async fn read_windows(
@@ -1085,6 +1121,7 @@ async fn read_windows(
         request.offset.saturating_add(request.length).min(file_size)
     };
     let mut offset = request.offset.min(end);
+    let crc_check = agent_keeps_crc32c(link);
     let mut whole = Sha256::new();
     let mut first = true;
     let mut resumes = 0;
@@ -1096,12 +1133,13 @@ async fn read_windows(
                 offset,
                 length: want,
                 chunk_bytes: READ_CHUNK_BYTES,
-                skip_sha256: false,
+                skip_sha256: crc_check,
             }),
             opts,
             READ_WINDOW_ITEMS,
         )?;
-        let mut window = Sha256::new();
+        let mut window = (!crc_check).then(Sha256::new);
+        let mut window_crc = 0u32;
         let mut got = 0u64;
         let mut shrank = false;
         loop {
@@ -1137,7 +1175,10 @@ async fn read_windows(
                         });
                     }
                     got += c.data.len() as u64;
-                    window.update(&c.data);
+                    match window.as_mut() {
+                        Some(sha) => sha.update(&c.data),
+                        None => window_crc = qx_proto::crc32c_append(window_crc, &c.data),
+                    }
                     whole.update(&c.data);
                     let msg = pb::GuestFileChunk {
                         offset: c.offset,
@@ -1153,14 +1194,16 @@ async fn read_windows(
                 }
                 Step::Item(_) => {}
                 Step::Done(Payload::FileReadDone(d)) => {
-                    let digest = window.finalize().to_vec();
-                    // The digest was asked for (skip_sha256 is false): a missing one is an
-                    // error, not a pass.
-                    if d.bytes != got || d.sha256 != digest {
+                    // A digest that was asked for and is missing is an error, not a pass.
+                    let (matches, check) = match window.take() {
+                        Some(sha) => (d.sha256 == sha.finalize().to_vec(), "sha256"),
+                        None => (d.crc32c == window_crc, "crc32c"),
+                    };
+                    if d.bytes != got || !matches {
                         return Err(AgentError::Integrity {
                             vm_id: link.vm_id.clone(),
                             what: format!(
-                                "file window at {offset}: the agent reports {} bytes and a sha256 that do not match the {got} bytes received",
+                                "file window at {offset}: the agent reports {} bytes and a {check} that do not match the {got} bytes received",
                                 d.bytes
                             ),
                         });

@@ -647,6 +647,18 @@ impl NodeDaemonService for NodeService {
         self.vm.storage().resize_volume(r).await.map(Response::new)
     }
 
+    async fn snapshot_volume(
+        &self,
+        request: Request<pb::SnapshotVolumeRequest>,
+    ) -> Result<Response<pb::SnapshotVolumeResponse>, Status> {
+        let r = request.into_inner();
+        self.vm
+            .storage()
+            .snapshot_volume(r)
+            .await
+            .map(Response::new)
+    }
+
     type CloneVolumeStream = RpcStream<pb::VolumeProgress>;
 
     async fn clone_volume(

@@ -36,6 +36,11 @@ pub fn crc32c(data: &[u8]) -> u32 {
     crc32c::crc32c(data)
 }
 
+/// Extends `crc` (the CRC32C of earlier bytes; 0 for none) over `data`.
+pub fn crc32c_append(crc: u32, data: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc, data)
+}
+
 /// Builds the 16-byte header for `payload`.
 pub fn frame_header(payload: &[u8]) -> Result<[u8; HEADER_BYTES], EncodeError> {
     let len = u32::try_from(payload.len()).map_err(|_| EncodeError::TooLarge {

@@ -315,6 +315,7 @@ fn write_ours(conn: &mut AgentConn, path: &str, data: &[u8], window: usize) -> R
             handle,
             commit: true,
             expected_sha256: sha2::Sha256::digest(data).to_vec(),
+            expected_crc32c: None,
         }),
         TIMEOUT,
     )?;

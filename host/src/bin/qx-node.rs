@@ -354,7 +354,7 @@ async fn main() -> Result<()> {
         Ok(Some(warning)) => log::warn!("{warning}"),
         Err(why) => anyhow::bail!("{why}"),
     }
-    let mut server = tonic::transport::Server::builder();
+    let mut server = listen::grpc_server();
     let tcp = matches!(endpoint, listen::Endpoint::Tcp(_));
     if tcp && (cfg.tls.cert.is_some() || cfg.tls.key.is_some() || cfg.tls.client_ca.is_some()) {
         server = tls::configure(server, &cfg.tls)?;
