@@ -763,6 +763,31 @@ fn exec_as_a_user_gets_their_login_environment_and_groups() {
     assert_eq!(exec_exit(&envs).stdout, b"HOME=/tmp\n");
 }
 
+#[test]
+fn exec_as_a_user_enters_its_working_directory_as_that_user() {
+    use std::os::unix::fs::PermissionsExt;
+    if !unsafe_free_euid_is_root() {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    let mut host = agent.accept();
+    host.hello();
+    let mut req = exec(&["pwd"]);
+    req.user = "nobody".into();
+    req.cwd = "/tmp".into();
+    let (_, envs) = host.request(Payload::ExecRequest(req));
+    assert_eq!(exec_exit(&envs).stdout, b"/tmp\n");
+    // A directory only root may enter: the spawn fails (root could have entered it).
+    let closed = agent.dir_path.join("root-only");
+    std::fs::create_dir(&closed).unwrap();
+    std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut req = exec(&["pwd"]);
+    req.user = "nobody".into();
+    req.cwd = closed.display().to_string();
+    let (_, envs) = host.request(Payload::ExecRequest(req));
+    assert_eq!(error_code(&envs), ErrorCode::PermissionDenied);
+}
+
 /// Checks a child's /proc/PID/status: no signal blocked (the agent blocks SIGTERM, SIGINT,
 /// SIGHUP and SIGCHLD for its signalfd) and SIGPIPE not ignored (Rust's runtime ignores it in
 /// the agent). Other ignored signals are not the agent's doing: a glibc posix_spawn, as the
