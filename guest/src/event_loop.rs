@@ -134,12 +134,12 @@ pub struct ConfigSource {
 /// piece on the filesystem worker.
 #[derive(Debug)]
 pub(crate) enum Transfer {
-    /// `reader` is `None` while the worker reads a chunk; `pending` holds a chunk that came
-    /// back when the outbox was short of room.
+    /// `reader` is `None` while the worker reads a chunk; `pending` holds a chunk (with the
+    /// CRC32C of its data) that came back when the outbox was short of room.
     Read {
         id: u64,
         reader: Option<crate::ops::files::FileReader>,
-        pending: Option<qx_proto::agent::FileChunk>,
+        pending: Option<(qx_proto::agent::FileChunk, u32)>,
     },
     /// `hasher` is `None` while the worker hashes a step.
     Hash {

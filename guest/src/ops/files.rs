@@ -560,8 +560,9 @@ impl FileReader {
         })
     }
 
-    /// The next chunk, or `None` when the range (or the file) is complete.
-    pub fn next_chunk(&mut self) -> OpResult<Option<FileChunk>> {
+    /// The next chunk with the CRC32C of its data, or `None` when the range (or the file) is
+    /// complete.
+    pub fn next_chunk(&mut self) -> OpResult<Option<(FileChunk, u32)>> {
         if self.finished {
             return Ok(None);
         }
@@ -583,7 +584,10 @@ impl FileReader {
         if let Some(sha) = self.sha.as_mut() {
             sha.update(&data);
         }
-        self.crc = qx_proto::crc32c_append(self.crc, &data);
+        // One pass over the data: the chunk's CRC goes into the read's and, by the outbox,
+        // into the frame's checksum.
+        let crc = qx_proto::crc32c(&data);
+        self.crc = qx_proto::crc32c_combine(self.crc, crc, n);
         let chunk = FileChunk {
             offset: self.offset,
             data,
@@ -593,7 +597,7 @@ impl FileReader {
         if let Some(r) = self.remaining.as_mut() {
             *r -= n as u64;
         }
-        Ok(Some(chunk))
+        Ok(Some((chunk, crc)))
     }
 
     /// The terminal reply: bytes sent, the file's size at open, sha256 of the bytes sent
@@ -826,8 +830,9 @@ impl FileWriters {
         Ok(FileWriteOpened { handle })
     }
 
-    /// Appends one chunk; its offset must be the next expected one.
-    pub fn write(&mut self, req: &FileWriteChunk) -> OpResult<()> {
+    /// Appends one chunk; its offset must be the next expected one. `data_crc`: the CRC32C of
+    /// its data when already known (from the frame's checksum).
+    pub fn write(&mut self, req: &FileWriteChunk, data_crc: Option<u32>) -> OpResult<()> {
         let (_, w) = self
             .open
             .iter_mut()
@@ -848,7 +853,8 @@ impl FileWriters {
         if let Some(sha) = w.sha.as_mut() {
             sha.update(&req.data);
         }
-        w.crc = qx_proto::crc32c_append(w.crc, &req.data);
+        let crc = data_crc.unwrap_or_else(|| qx_proto::crc32c(&req.data));
+        w.crc = qx_proto::crc32c_combine(w.crc, crc, req.data.len());
         w.next_offset += req.data.len() as u64;
         Ok(())
     }
@@ -1044,11 +1050,14 @@ mod tests {
         let mut req = open_req(link.display().to_string());
         req.overwrite = true;
         let result = w.open(&pol, &req).and_then(|o| {
-            w.write(&FileWriteChunk {
-                handle: o.handle,
-                offset: 0,
-                data: b"pwned\n".to_vec(),
-            })?;
+            w.write(
+                &FileWriteChunk {
+                    handle: o.handle,
+                    offset: 0,
+                    data: b"pwned\n".to_vec(),
+                },
+                None,
+            )?;
             w.close(&FileWriteClose {
                 handle: o.handle,
                 commit: true,
@@ -1166,7 +1175,8 @@ mod tests {
     fn read_all(r: &mut FileReader) -> (Vec<u8>, Vec<FileChunk>) {
         let mut data = Vec::new();
         let mut chunks = Vec::new();
-        while let Some(c) = r.next_chunk().unwrap() {
+        while let Some((c, crc)) = r.next_chunk().unwrap() {
+            assert_eq!(crc, qx_proto::crc32c(&c.data));
             assert_eq!(
                 c.offset,
                 chunks
@@ -1378,17 +1388,23 @@ mod tests {
         req.group = "4321".into();
         let h = w.open(&pol, &req).unwrap().handle;
         let target = t.join("allowed/new/dir/file");
-        w.write(&FileWriteChunk {
-            handle: h,
-            offset: 0,
-            data: b"hello ".to_vec(),
-        })
+        w.write(
+            &FileWriteChunk {
+                handle: h,
+                offset: 0,
+                data: b"hello ".to_vec(),
+            },
+            None,
+        )
         .unwrap();
-        w.write(&FileWriteChunk {
-            handle: h,
-            offset: 6,
-            data: b"world".to_vec(),
-        })
+        w.write(
+            &FileWriteChunk {
+                handle: h,
+                offset: 6,
+                data: b"world".to_vec(),
+            },
+            None,
+        )
         .unwrap();
         // Nothing visible before the commit.
         assert!(!target.exists());
@@ -1419,11 +1435,14 @@ mod tests {
         req.overwrite = true;
         req.mode = 0;
         let h = w.open(&pol, &req).unwrap().handle;
-        w.write(&FileWriteChunk {
-            handle: h,
-            offset: 0,
-            data: b"v2".to_vec(),
-        })
+        w.write(
+            &FileWriteChunk {
+                handle: h,
+                offset: 0,
+                data: b"v2".to_vec(),
+            },
+            None,
+        )
         .unwrap();
         w.close(&FileWriteClose {
             handle: h,
@@ -1455,7 +1474,7 @@ mod tests {
                     offset: 6 * i as u64,
                     data: part.to_vec(),
                 };
-                w.write(&chunk).unwrap();
+                w.write(&chunk, None).unwrap();
             }
             h
         };
@@ -1493,18 +1512,24 @@ mod tests {
         let pol = policy_for(&t);
         let mut w = FileWriters::new(4);
         let h = w.open(&pol, &open_req(t.s("allowed/f"))).unwrap().handle;
-        w.write(&FileWriteChunk {
-            handle: h,
-            offset: 0,
-            data: vec![1; 10],
-        })
+        w.write(
+            &FileWriteChunk {
+                handle: h,
+                offset: 0,
+                data: vec![1; 10],
+            },
+            None,
+        )
         .unwrap();
         let e = w
-            .write(&FileWriteChunk {
-                handle: h,
-                offset: 20,
-                data: vec![2; 10],
-            })
+            .write(
+                &FileWriteChunk {
+                    handle: h,
+                    offset: 20,
+                    data: vec![2; 10],
+                },
+                None,
+            )
             .unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidArgument);
         assert!(e.message.contains("next expected offset is 10"), "{e}");
@@ -1520,11 +1545,14 @@ mod tests {
         assert!(!t.join("allowed/f").exists());
         assert!(temp_files(&t.join("allowed")).is_empty());
         let e = w
-            .write(&FileWriteChunk {
-                handle: h,
-                offset: 10,
-                data: vec![],
-            })
+            .write(
+                &FileWriteChunk {
+                    handle: h,
+                    offset: 10,
+                    data: vec![],
+                },
+                None,
+            )
             .unwrap_err();
         assert_eq!(e.code, ErrorCode::NotFound);
         assert_eq!(
@@ -1578,11 +1606,14 @@ mod tests {
         let mut w = FileWriters::new(1);
         let name = "n".repeat(255);
         let h = w.open(&pol, &open_req(t.s(&name))).unwrap().handle;
-        w.write(&FileWriteChunk {
-            handle: h,
-            offset: 0,
-            data: b"x".to_vec(),
-        })
+        w.write(
+            &FileWriteChunk {
+                handle: h,
+                offset: 0,
+                data: b"x".to_vec(),
+            },
+            None,
+        )
         .unwrap();
         w.close(&FileWriteClose {
             handle: h,
