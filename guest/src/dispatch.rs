@@ -495,6 +495,7 @@ impl Agent {
             gid,
             groups,
             login_env,
+            merge_stderr: false,
         };
         Ok((spec, r.stream))
     }

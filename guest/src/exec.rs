@@ -12,9 +12,9 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
@@ -105,6 +105,8 @@ pub struct Spec {
     /// The environment a child with a `uid` starts from instead of the agent's (`su -`'s:
     /// HOME, USER, LOGNAME, SHELL, PATH); `env` is set over it.
     pub login_env: Vec<(String, String)>,
+    /// stderr on stdout's pipe (qemu-ga's `capture-output: "merged"`): one stream, stdout.
+    pub merge_stderr: bool,
     /// Per-stream caps (stdout, stderr).
     pub caps: [u64; 2],
 }
@@ -242,7 +244,7 @@ impl Jobs {
         let spawned = start(&spec).map_err(|e| OpError::io(program, &e))?;
         let pid = spawned.pid;
         let stdout = Some(File::from(spawned.stdout));
-        let stderr = Some(File::from(spawned.stderr));
+        let stderr = spawned.stderr.map(File::from);
         let stdin = spawned.stdin.map(File::from);
         let pidfd = sys::pidfd_open(pid).ok();
         let mut job = Job {
@@ -395,7 +397,7 @@ impl Jobs {
     }
 }
 
-/// Starts the child of `spec`: through [`sys::spawn`] (posix_spawn, no fork of the agent)
+/// Starts the child of `spec` through [`sys::spawn`]: posix_spawn (no fork of the agent)
 /// unless it must run as another user or group, which only a fork can set up.
 fn start(spec: &Spec) -> io::Result<sys::Spawned> {
     let (program, args) = if spec.shell {
@@ -406,9 +408,6 @@ fn start(spec: &Spec) -> io::Result<sys::Spawned> {
     } else {
         (spec.argv[0].clone(), spec.argv[1..].to_vec())
     };
-    if spec.uid.is_some() || spec.gid.is_some() {
-        return start_as_other_user(spec, &program, &args);
-    }
     let env = child_env(spec);
     let path = find_program(
         &program,
@@ -427,55 +426,20 @@ fn start(spec: &Spec) -> io::Result<sys::Spawned> {
         .as_ref()
         .map(|c| cstring(c.as_os_str().as_bytes()))
         .transpose()?;
+    let user = (spec.uid.is_some() || spec.gid.is_some()).then(|| sys::Identity {
+        uid: spec.uid,
+        gid: spec.gid,
+        groups: spec.groups.clone(),
+    });
     sys::spawn(
         &cstring(path.as_os_str().as_bytes())?,
         &argv,
         &envp,
         cwd.as_deref(),
         !spec.stdin.is_empty(),
+        spec.merge_stderr,
+        user.as_ref(),
     )
-}
-
-/// The fork path (std's `Command` with a `pre_exec` hook), for children with a uid or gid.
-fn start_as_other_user(spec: &Spec, program: &str, args: &[String]) -> io::Result<sys::Spawned> {
-    let mut cmd = Command::new(program);
-    cmd.args(args);
-    cmd.env_clear();
-    cmd.envs(child_env(spec));
-    if let Some(cwd) = &spec.cwd {
-        cmd.current_dir(cwd);
-    }
-    match (spec.uid, spec.gid) {
-        (Some(uid), Some(gid)) => {
-            sys::switch_user_in_child(&mut cmd, uid, gid, spec.groups.clone())
-        }
-        (Some(uid), None) => {
-            cmd.uid(uid);
-        }
-        (None, Some(gid)) => {
-            cmd.gid(gid);
-        }
-        (None, None) => {}
-    }
-    sys::unblock_signals_in_child(&mut cmd);
-    let mut child = cmd
-        .process_group(0)
-        .stdin(if spec.stdin.is_empty() {
-            Stdio::null()
-        } else {
-            Stdio::piped()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    // Dropping the `Child` neither waits for nor kills it: the job reaps it by pid.
-    let missing = || io::Error::other("std kept a pipe of the child");
-    Ok(sys::Spawned {
-        pid: child.id(),
-        stdin: child.stdin.take().map(OwnedFd::from),
-        stdout: child.stdout.take().map(OwnedFd::from).ok_or_else(missing)?,
-        stderr: child.stderr.take().map(OwnedFd::from).ok_or_else(missing)?,
-    })
 }
 
 /// The child's whole environment: the agent's own, or for a child running as a user that

@@ -44,7 +44,7 @@ use qx_proto::agent::envelope::Payload;
 use qx_proto::agent::{
     Ack, AgentReady, Envelope, Error as WireError, ErrorCode, FileChunk, Ping, Pong,
 };
-use qx_proto::{decode_envelope, Decoder, DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION};
+use qx_proto::{decode_host_envelope, Decoder, DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION};
 use qx_proto::{envelope_payload_name as payload_name_env, payload_name};
 
 use crate::outbox::{Outbox, OutboxError, MAX_FRAME_TOTAL_BYTES};
@@ -526,7 +526,7 @@ impl Session {
                         }
                         continue;
                     }
-                    Ok(Some((payload, crc))) => match decode_envelope(payload) {
+                    Ok(Some((payload, crc))) => match decode_host_envelope(payload) {
                         Ok(env) => {
                             data_crc = match &env.payload {
                                 Some(Payload::FileWriteChunk(c)) => {
@@ -863,7 +863,7 @@ mod tests {
     use qx_proto::agent::{
         AgentLogs, ExecExit, ExecRequest, FileChunk, HostHello, LogLine, TimeGetRequest,
     };
-    use qx_proto::encode_envelope;
+    use qx_proto::{decode_envelope, encode_envelope};
     use std::collections::HashMap;
 
     fn session(now: Instant) -> Session {

@@ -71,28 +71,26 @@ impl Worker {
         let waker = Waker::new(registry, token)?;
         let queues = Arc::new(Queues::default());
         let theirs = queues.clone();
-        std::thread::Builder::new()
-            .name("qx-fs-worker".into())
-            .stack_size(WORKER_STACK_BYTES)
-            .spawn(move || loop {
-                let job = {
-                    let mut jobs = locked(&theirs.jobs);
-                    loop {
-                        if let Some(job) = jobs.pop_front() {
-                            break job;
-                        }
-                        jobs = theirs
-                            .wake_worker
-                            .wait(jobs)
-                            .unwrap_or_else(PoisonError::into_inner);
+        let body = Box::new(move || loop {
+            let job = {
+                let mut jobs = locked(&theirs.jobs);
+                loop {
+                    if let Some(job) = jobs.pop_front() {
+                        break job;
                     }
-                };
-                let finish = job();
-                locked(&theirs.done).push(finish);
-                if let Err(e) = waker.wake() {
-                    log::error!("cannot wake the loop: {e}");
+                    jobs = theirs
+                        .wake_worker
+                        .wait(jobs)
+                        .unwrap_or_else(PoisonError::into_inner);
                 }
-            })?;
+            };
+            let finish = job();
+            locked(&theirs.done).push(finish);
+            if let Err(e) = waker.wake() {
+                log::error!("cannot wake the loop: {e}");
+            }
+        });
+        crate::sys::spawn_thread(c"qx-fs-worker", WORKER_STACK_BYTES, body)?;
         Ok(Worker {
             queues,
             in_flight: 0,

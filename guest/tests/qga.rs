@@ -143,7 +143,10 @@ fn read_lines_after_last_ff(conn: &mut UnixStream, n: usize) -> Vec<Value> {
                 .collect();
         }
         let mut buf = [0u8; 65536];
-        let k = conn.read(&mut buf).expect("agent went quiet");
+        let k = match conn.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => r.expect("agent went quiet"),
+        };
         assert!(k > 0, "agent closed the connection");
         got.extend_from_slice(&buf[..k]);
     }
@@ -154,7 +157,10 @@ fn read_line(conn: &mut UnixStream) -> Value {
     let mut got = Vec::new();
     let mut b = [0u8; 1];
     while !got.ends_with(b"\n") {
-        let k = conn.read(&mut b).expect("agent went quiet");
+        let k = match conn.read(&mut b) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => r.expect("agent went quiet"),
+        };
         assert!(k > 0, "agent closed the connection");
         got.push(b[0]);
     }
@@ -601,4 +607,169 @@ fn freeze_list_allows_only_the_frozen_list_and_thaw_counts() {
         agent.proxmox("guest-fsfreeze-status", json!({})),
         json!({"return": "thawed"})
     );
+}
+
+impl Agent {
+    /// Runs `guest-exec` with `args` and polls `guest-exec-status` until the child exited.
+    fn exec_to_exit(&mut self, args: Value) -> Value {
+        let pid = self.proxmox("guest-exec", args)["return"]["pid"]
+            .as_i64()
+            .unwrap();
+        let start = Instant::now();
+        loop {
+            let s = self.proxmox("guest-exec-status", json!({"pid": pid}));
+            if s["return"]["exited"] == true {
+                return s["return"].clone();
+            }
+            assert!(start.elapsed() < PATIENCE, "never exited: {s}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[test]
+fn exec_capture_modes_merge_or_pick_the_streams() {
+    let mut agent = Agent::start(&[]);
+    let script = "echo one; echo two >&2; echo three";
+    let run = |agent: &mut Agent, mode: Value| {
+        agent
+            .exec_to_exit(json!({"path": "/bin/sh", "arg": ["-c", script], "capture-output": mode}))
+    };
+    // Merged: one pipe for both streams, in the order written.
+    let merged = run(&mut agent, json!("merged"));
+    assert_eq!(
+        b64_decode(merged["out-data"].as_str().unwrap()),
+        b"one\ntwo\nthree\n"
+    );
+    assert!(merged.get("err-data").is_none(), "{merged}");
+    let out = run(&mut agent, json!("stdout"));
+    assert_eq!(
+        b64_decode(out["out-data"].as_str().unwrap()),
+        b"one\nthree\n"
+    );
+    assert!(out.get("err-data").is_none(), "{out}");
+    let err = run(&mut agent, json!("stderr"));
+    assert!(err.get("out-data").is_none(), "{err}");
+    assert_eq!(b64_decode(err["err-data"].as_str().unwrap()), b"two\n");
+    let none = run(&mut agent, json!("none"));
+    assert_eq!(none, json!({"exited": true, "exitcode": 0}));
+    let bad = agent.proxmox(
+        "guest-exec",
+        json!({"path": "/bin/true", "capture-output": "both"}),
+    );
+    assert_eq!(error_class(&bad), "GenericError");
+}
+
+#[test]
+fn routes_match_the_kernels_route_tables() {
+    let mut agent = Agent::start(&[]);
+    let routes = agent.proxmox("guest-network-get-route", json!({}))["return"]
+        .as_array()
+        .unwrap()
+        .clone();
+    // IPv4: one per line of /proc/net/route after its header, in order, addresses in memory
+    // order of the kernel's hex.
+    let text = std::fs::read_to_string("/proc/net/route").unwrap();
+    let v4: Vec<&Value> = routes.iter().filter(|r| r["version"] == 4).collect();
+    let lines: Vec<Vec<&str>> = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(v4.len(), lines.len(), "{routes:?}");
+    let ip = |hex: &str| {
+        let b = u32::from_str_radix(hex, 16).unwrap().to_le_bytes();
+        format!("{}.{}.{}.{}", b[0], b[1], b[2], b[3])
+    };
+    for (r, f) in v4.iter().zip(&lines) {
+        assert_eq!(r["iface"], f[0]);
+        assert_eq!(r["destination"], ip(f[1]));
+        assert_eq!(r["gateway"], ip(f[2]));
+        assert_eq!(r["mask"], ip(f[7]));
+        assert_eq!(r["metric"], f[6].parse::<i64>().unwrap());
+        assert_eq!(r["flags"], i64::from_str_radix(f[3], 16).unwrap());
+    }
+    // IPv6: one per line of /proc/net/ipv6_route, when the guest has IPv6.
+    let v6 = std::fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default();
+    assert_eq!(
+        routes.iter().filter(|r| r["version"] == 6).count(),
+        v6.lines().count()
+    );
+    if let Some(r) = routes.iter().find(|r| r["version"] == 6) {
+        assert!(r["destination"].as_str().unwrap().contains(':'), "{r}");
+        assert!(r["desprefixlen"].as_str().unwrap().parse::<u8>().unwrap() <= 128);
+    }
+}
+
+#[test]
+fn set_memory_blocks_answers_block_by_block() {
+    let mut agent = Agent::start(&[]);
+    // A block already in the state asked for is a success that writes nothing; an unknown one
+    // is not-found (or, without memory hotplug, operation-not-supported), with ENOENT (2).
+    let online = agent.proxmox("guest-get-memory-blocks", json!({}))["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["online"] == true)
+        .map(|b| b["phys-index"].as_i64().unwrap());
+    let mut blocks = vec![json!({"phys-index": 99_999_999, "online": true})];
+    if let Some(n) = online {
+        blocks.push(json!({"phys-index": n, "online": true}));
+    }
+    let reply = agent.proxmox("guest-set-memory-blocks", json!({"mem-blks": blocks}));
+    let got = reply["return"].as_array().unwrap();
+    assert_eq!(got.len(), blocks.len(), "{reply}");
+    let hotplug = std::path::Path::new("/sys/devices/system/memory").exists();
+    assert_eq!(
+        got[0],
+        json!({"phys-index": 99_999_999,
+               "response": if hotplug { "not-found" } else { "operation-not-supported" },
+               "error-code": 2})
+    );
+    if let Some(n) = online {
+        assert_eq!(got[1], json!({"phys-index": n, "response": "success"}));
+    }
+    let bad = agent.proxmox(
+        "guest-set-memory-blocks",
+        json!({"mem-blks": [{"online": true}]}),
+    );
+    assert_eq!(error_class(&bad), "GenericError");
+}
+
+#[test]
+fn suspend_is_refused_when_the_kernel_does_not_offer_the_mode() {
+    let mut agent = Agent::start(&[]);
+    let info = agent.proxmox("guest-info", json!({}));
+    let cmds = info["return"]["supported_commands"].as_array().unwrap();
+    for name in [
+        "guest-suspend-ram",
+        "guest-suspend-disk",
+        "guest-suspend-hybrid",
+    ] {
+        assert!(
+            cmds.iter()
+                .any(|c| c["name"] == name && c["success-response"] == false),
+            "{name}: {info}"
+        );
+    }
+    // Only modes this machine cannot enter are tried: a success would suspend it.
+    let state = std::fs::read_to_string("/sys/power/state").unwrap_or_default();
+    let offered = |w: &str| state.split_whitespace().any(|s| s == w);
+    for (name, needs) in [("guest-suspend-ram", "mem"), ("guest-suspend-disk", "disk")] {
+        if offered(needs) {
+            eprintln!("skipped {name}: this machine offers {needs}");
+            continue;
+        }
+        let reply = agent.proxmox(name, json!({}));
+        assert_eq!(error_class(&reply), "GenericError", "{name}");
+        assert!(
+            reply["error"]["desc"]
+                .as_str()
+                .unwrap()
+                .contains("not supported"),
+            "{reply}"
+        );
+    }
+    let bad = agent.proxmox("guest-suspend-ram", json!({"mode": "now"}));
+    assert_eq!(error_class(&bad), "GenericError");
 }

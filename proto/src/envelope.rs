@@ -56,6 +56,68 @@ pub fn decode_envelope(payload: &[u8]) -> Result<Envelope, prost::DecodeError> {
     Envelope::decode(payload)
 }
 
+/// Decodes a frame payload the agent received from a host: as [`decode_envelope`], except
+/// that a payload only the agent sends (its replies, telemetry, `AgentReady`: the list is in
+/// `build.rs`) is recognised by its tag and comes back empty, its bytes skipped unread. The
+/// agent only ever refuses those, and so links none of their decoders (about 30 KB of it).
+pub fn decode_host_envelope(mut buf: &[u8]) -> Result<Envelope, prost::DecodeError> {
+    use prost::encoding::{decode_key, uint64, DecodeContext};
+    let mut env = Envelope::default();
+    let ctx = DecodeContext::default();
+    while !buf.is_empty() {
+        let (tag, wire_type) = decode_key(&mut buf)?;
+        match tag {
+            1 => uint64::merge(wire_type, &mut env.id, &mut buf, ctx.clone())?,
+            2 => uint64::merge(wire_type, &mut env.correlation_id, &mut buf, ctx.clone())?,
+            _ => merge_host_payload(&mut env.payload, tag, wire_type, &mut buf, ctx.clone())?,
+        }
+    }
+    Ok(env)
+}
+
+/// Defines `merge_host_payload` (one payload field into `payload`, or an unknown field
+/// skipped) and `HOST_SENT_TAGS`, `AGENT_SENT_TAGS` from `host_payloads.rs`.
+macro_rules! host_payloads {
+    (decoded: [$($dt:literal => $dv:ident,)*], skipped: [$($st:literal => $sv:ident,)*],) => {
+        /// Payload tags the agent decodes.
+        #[cfg(test)]
+        const HOST_SENT_TAGS: &[u32] = &[$($dt),*];
+        /// Payload tags the agent recognises without decoding.
+        #[cfg(test)]
+        const AGENT_SENT_TAGS: &[u32] = &[$($st),*];
+
+        fn merge_host_payload(
+            payload: &mut Option<Payload>,
+            tag: u32,
+            wire_type: prost::encoding::WireType,
+            buf: &mut &[u8],
+            ctx: prost::encoding::DecodeContext,
+        ) -> Result<(), prost::DecodeError> {
+            use prost::encoding::{check_wire_type, message, skip_field, WireType};
+            match tag {
+                $($dt => {
+                    // A repeated field merges into the message already there, as prost does.
+                    let mut m = match payload.take() {
+                        Some(Payload::$dv(m)) => m,
+                        _ => Default::default(),
+                    };
+                    message::merge(wire_type, &mut m, buf, ctx)?;
+                    *payload = Some(Payload::$dv(m));
+                })*
+                $($st => {
+                    check_wire_type(WireType::LengthDelimited, wire_type)?;
+                    skip_field(wire_type, tag, buf, ctx)?;
+                    *payload = Some(Payload::$sv(Default::default()));
+                })*
+                _ => skip_field(wire_type, tag, buf, ctx)?,
+            }
+            Ok(())
+        }
+    };
+}
+
+include!(concat!(env!("OUT_DIR"), "/host_payloads.rs"));
+
 /// The envelope's payload field name in `agent.proto` ("none" when absent).
 pub fn envelope_payload_name(env: &Envelope) -> &'static str {
     env.payload.as_ref().map_or("none", payload_name)
@@ -169,6 +231,118 @@ mod tests {
             hex(&out),
             "51 54 58 01 00 00 00 06 20 85 8f 4c fa 98 9d 0c 08 02 10 07 3a 00"
         );
+    }
+
+    /// Envelope id 7 whose payload field `tag` holds `contents`.
+    fn raw(tag: u32, contents: &[u8]) -> Vec<u8> {
+        let mut b = vec![0x08, 0x07];
+        prost::encoding::encode_key(tag, prost::encoding::WireType::LengthDelimited, &mut b);
+        prost::encoding::encode_varint(contents.len() as u64, &mut b);
+        b.extend_from_slice(contents);
+        b
+    }
+
+    #[test]
+    fn every_payload_is_either_decoded_or_recognised_for_the_agent() {
+        let mut all: Vec<u32> = HOST_SENT_TAGS
+            .iter()
+            .chain(AGENT_SENT_TAGS)
+            .copied()
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), HOST_SENT_TAGS.len() + AGENT_SENT_TAGS.len());
+        for &tag in &all {
+            let full = decode_envelope(&raw(tag, &[])).unwrap();
+            assert!(full.payload.is_some(), "tag {tag}");
+            assert_eq!(
+                decode_host_envelope(&raw(tag, &[])).unwrap(),
+                full,
+                "tag {tag}"
+            );
+        }
+        // Host requests: everything the agent serves is decoded.
+        for name in [
+            "host_hello",
+            "ping",
+            "exec_request",
+            "file_write_chunk",
+            "logs_request",
+        ] {
+            let tag = all
+                .iter()
+                .copied()
+                .find(|&t| envelope_payload_name(&decode_envelope(&raw(t, &[])).unwrap()) == name)
+                .unwrap();
+            assert!(HOST_SENT_TAGS.contains(&tag), "{name}");
+        }
+    }
+
+    #[test]
+    fn host_envelopes_decode_as_the_full_decoder_does() {
+        use crate::agent::{ExecRequest, FileWriteChunk};
+        let envs = [
+            Envelope {
+                id: 9,
+                correlation_id: 3,
+                payload: Some(Payload::ExecRequest(ExecRequest {
+                    argv: vec!["sh".into(), "-c".into(), "true".into()],
+                    env: vec!["A=b".into()],
+                    stdin: b"in".to_vec(),
+                    ..Default::default()
+                })),
+            },
+            Envelope {
+                id: 10,
+                correlation_id: 0,
+                payload: Some(Payload::FileWriteChunk(FileWriteChunk {
+                    data: vec![1, 2, 3],
+                    ..Default::default()
+                })),
+            },
+            Envelope {
+                id: 11,
+                correlation_id: 0,
+                payload: None,
+            },
+        ];
+        for env in envs {
+            let bytes = env.encode_to_vec();
+            assert_eq!(decode_host_envelope(&bytes).unwrap(), env);
+            // A field repeated merges into the first, as prost's decoder does.
+            let twice = [bytes.clone(), bytes].concat();
+            assert_eq!(
+                decode_host_envelope(&twice).unwrap(),
+                decode_envelope(&twice).unwrap()
+            );
+        }
+        // Unknown fields are skipped by both.
+        let mut odd = raw(5, &[0x08, 0x01]);
+        odd.extend_from_slice(&[0xf8, 0x3f, 0x05]);
+        assert_eq!(
+            decode_host_envelope(&odd).unwrap(),
+            decode_envelope(&odd).unwrap()
+        );
+        // Truncated input fails in both.
+        let cut = &raw(5, &[0x08, 0x01])[..5];
+        assert!(decode_envelope(cut).is_err());
+        assert!(decode_host_envelope(cut).is_err());
+    }
+
+    #[test]
+    fn payloads_only_the_agent_sends_are_skipped_unread() {
+        let tag = AGENT_SENT_TAGS[0];
+        // Contents that do not decode as any message: the agent never looks at them.
+        let junk = raw(tag, &[0xff, 0xff, 0xff]);
+        assert!(decode_envelope(&junk).is_err());
+        let env = decode_host_envelope(&junk).unwrap();
+        assert_eq!(env, decode_envelope(&raw(tag, &[])).unwrap());
+        assert_eq!(env.id, 7);
+        // The wire type is still checked.
+        let mut varint = vec![0x08, 0x07];
+        prost::encoding::encode_key(tag, prost::encoding::WireType::Varint, &mut varint);
+        varint.push(1);
+        assert!(decode_host_envelope(&varint).is_err());
     }
 
     #[test]

@@ -39,6 +39,6 @@ pub use codec::{
     EncodeError, FrameError, DEFAULT_MAX_FRAME_BYTES, HEADER_BYTES, MAGIC,
 };
 pub use envelope::{
-    decode_envelope, encode_envelope, encode_envelope_with_tail, encoded_frame_len,
-    envelope_payload_name, payload_name,
+    decode_envelope, decode_host_envelope, encode_envelope, encode_envelope_with_tail,
+    encoded_frame_len, envelope_payload_name, payload_name,
 };

@@ -10,8 +10,8 @@ use qx_proto::agent::{
 };
 use qx_proto::codec::{crc32c, encode_frame, Decoder, DecoderStats, MIN_MAX_FRAME_BYTES};
 use qx_proto::{
-    decode_envelope, encode_envelope, encoded_frame_len, DEFAULT_MAX_FRAME_BYTES, HEADER_BYTES,
-    MAGIC,
+    decode_envelope, decode_host_envelope, encode_envelope, encoded_frame_len,
+    envelope_payload_name, DEFAULT_MAX_FRAME_BYTES, HEADER_BYTES, MAGIC,
 };
 use std::collections::HashSet;
 
@@ -638,5 +638,45 @@ proptest! {
             got.payloads.iter().map(|p| decode_envelope(p).unwrap()).collect();
         prop_assert_eq!(decoded, envs);
         prop_assert_eq!(got.stats.garbage_bytes, 0);
+    }
+
+    /// The agent's decoder takes whatever the full decoder takes (an envelope, one with bytes
+    /// after it, bytes alone), with the same ids and payload kind; it gives back the envelope
+    /// itself unless its payload is one only the agent sends, which comes back empty.
+    #[test]
+    fn the_agents_decoder_agrees_with_the_full_one(
+        env in envelope(),
+        junk in vec(any::<u8>(), 0..64),
+    ) {
+        let bytes = prost::Message::encode_to_vec(&env);
+        for input in [bytes.clone(), [bytes.as_slice(), &junk].concat(), junk.clone()] {
+            let host = decode_host_envelope(&input);
+            if let Ok(full) = decode_envelope(&input) {
+                let h = host.unwrap();
+                prop_assert_eq!((h.id, h.correlation_id), (full.id, full.correlation_id));
+                prop_assert_eq!(envelope_payload_name(&h), envelope_payload_name(&full));
+            }
+        }
+        let h = decode_host_envelope(&bytes).unwrap();
+        let empty = match (&env.payload, &h.payload) {
+            (Some(Payload::AgentReady(_)), Some(Payload::AgentReady(m))) => {
+                *m == AgentReady::default()
+            }
+            (Some(Payload::ExecExit(_)), Some(Payload::ExecExit(m))) => {
+                *m == ExecExit::default()
+            }
+            (Some(Payload::ExecOutput(_)), Some(Payload::ExecOutput(m))) => {
+                *m == ExecOutput::default()
+            }
+            (Some(Payload::FileChunk(_)), Some(Payload::FileChunk(m))) => {
+                *m == FileChunk::default()
+            }
+            _ => {
+                prop_assert_eq!(&h, &env);
+                true
+            }
+        };
+        prop_assert!(empty, "{h:?}");
+        prop_assert_eq!((h.id, h.correlation_id), (env.id, env.correlation_id));
     }
 }

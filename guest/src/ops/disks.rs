@@ -3,7 +3,6 @@
 //! Network filesystems are never statvfs'ed: a dead server would block the call, and with it
 //! the agent's loop. Block devices of size 0 (unattached loop devices) are left out.
 
-use std::collections::HashSet;
 use std::path::Path;
 
 use qx_proto::agent::{BlockDevice, DisksInfo, FilesystemUsage};
@@ -101,13 +100,16 @@ fn is_memory_fs(fstype: &str) -> bool {
     matches!(fstype, "tmpfs" | "ramfs")
 }
 
-/// The first mount of each filesystem among those `keep` accepts.
+/// The first mount of each filesystem among those `keep` accepts. (A mount table is short:
+/// a list is searched, no hash set is built.)
 fn unique_mounts(mounts: Vec<Mount>, keep: impl Fn(&Mount) -> bool) -> Vec<Mount> {
-    let mut seen = HashSet::new();
-    mounts
-        .into_iter()
-        .filter(|m| keep(m) && seen.insert(m.dev))
-        .collect()
+    let mut picked: Vec<Mount> = Vec::new();
+    for m in mounts {
+        if keep(&m) && !picked.iter().any(|p| p.dev == m.dev) {
+            picked.push(m);
+        }
+    }
+    picked
 }
 
 fn usage(m: &Mount) -> Option<FilesystemUsage> {

@@ -131,12 +131,16 @@ fn now_unix_ms() -> i64 {
 /// The filesystems a default freeze or trim visits: local disk filesystems, writable, one
 /// mount per filesystem, in mount order.
 pub fn default_targets(mounts: &[Mount]) -> Vec<Mount> {
-    let mut seen = std::collections::HashSet::new();
-    mounts
-        .iter()
-        .filter(|m| disks::is_local_disk_fs(&m.fstype) && !m.read_only && seen.insert(m.dev))
-        .cloned()
-        .collect()
+    let mut picked: Vec<Mount> = Vec::new();
+    for m in mounts {
+        if disks::is_local_disk_fs(&m.fstype)
+            && !m.read_only
+            && !picked.iter().any(|p| p.dev == m.dev)
+        {
+            picked.push(m.clone());
+        }
+    }
+    picked
 }
 
 /// The mounts named by `wanted` (trailing slashes ignored), one per filesystem, in mount

@@ -1,7 +1,6 @@
 //! Network interfaces: getifaddrs(3) for flags and addresses, /sys/class/net for MAC, MTU and
 //! counters, /proc/net/dev for telemetry counters.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use qx_proto::agent::{IpAddress, NetCounters, NetInterface, NetworkInfo};
@@ -42,14 +41,19 @@ fn format_mac(mac: &[u8]) -> String {
 /// Every interface (sorted by name) with its MAC, MTU, flags, addresses and counters.
 pub fn interfaces() -> OpResult<NetworkInfo> {
     let addrs = sys::getifaddrs().map_err(|e| OpError::io("getifaddrs", &e))?;
-    let mut by_name: BTreeMap<String, NetInterface> = BTreeMap::new();
+    let mut by_name: Vec<NetInterface> = Vec::new();
     for a in addrs {
-        let iface = by_name
-            .entry(a.name.clone())
-            .or_insert_with(|| NetInterface {
-                name: a.name.clone(),
-                ..Default::default()
-            });
+        let at = match by_name.iter().position(|i| i.name == a.name) {
+            Some(at) => at,
+            None => {
+                by_name.push(NetInterface {
+                    name: a.name.clone(),
+                    ..Default::default()
+                });
+                by_name.len() - 1
+            }
+        };
+        let iface = &mut by_name[at];
         let flags = a.flags as libc::c_int;
         iface.up |= flags & libc::IFF_UP != 0;
         iface.running |= flags & libc::IFF_RUNNING != 0;
@@ -69,7 +73,8 @@ pub fn interfaces() -> OpResult<NetworkInfo> {
             IfAddress::Other => {}
         }
     }
-    for iface in by_name.values_mut() {
+    by_name.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+    for iface in &mut by_name {
         let dir = Path::new("/sys/class/net").join(&iface.name);
         iface.mtu = sys_u64(&dir.join("mtu")) as u32;
         if iface.mac.is_empty() {
@@ -80,7 +85,7 @@ pub fn interfaces() -> OpResult<NetworkInfo> {
         iface.counters = Some(sys_counters(&iface.name));
     }
     Ok(NetworkInfo {
-        interfaces: by_name.into_values().collect(),
+        interfaces: by_name,
     })
 }
 

@@ -73,12 +73,33 @@ pub fn parse_meminfo(text: &str) -> MemoryStats {
 
 /// /proc/loadavg text.
 pub fn parse_loadavg(text: &str) -> LoadAverage {
-    let mut f = text.split_whitespace().map(|v| v.parse().unwrap_or(0.0));
+    let mut f = text
+        .split_whitespace()
+        .map(|v| decimal(v).unwrap_or(0.0) as f32);
     LoadAverage {
         one: f.next().unwrap_or(0.0),
         five: f.next().unwrap_or(0.0),
         fifteen: f.next().unwrap_or(0.0),
     }
+}
+
+/// A decimal as the kernel prints one in /proc ("12.34", "7"): digits, optionally a point and
+/// more digits (the first nine count); no sign, no exponent. (std's float parser, for these
+/// two files, would weigh about 15 KB of the agent.)
+fn decimal(v: &str) -> Option<f64> {
+    let (int, frac) = v.split_once('.').unwrap_or((v, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if int.is_empty() || !digits(int) || !digits(frac) {
+        return None;
+    }
+    let frac = &frac[..frac.len().min(9)];
+    let scale = 10u64.pow(frac.len() as u32);
+    let frac = if frac.is_empty() {
+        0
+    } else {
+        frac.parse::<u64>().ok()?
+    };
+    Some(int.parse::<u64>().ok()? as f64 + frac as f64 / scale as f64)
 }
 
 fn read(path: &str) -> String {
@@ -132,7 +153,7 @@ impl Collector {
         let uptime_s = read("/proc/uptime")
             .split_whitespace()
             .next()
-            .and_then(|v| v.parse::<f64>().ok())
+            .and_then(decimal)
             .unwrap_or(0.0) as u64;
         Telemetry {
             unix_ms: SystemTime::now()
@@ -181,6 +202,18 @@ mod tests {
         assert_eq!(m.available_bytes, 1536 * 1024);
         let l = parse_loadavg("0.50 1.25 2.00 1/123 4567\n");
         assert_eq!((l.one, l.five, l.fifteen), (0.5, 1.25, 2.0));
+        let l = parse_loadavg("12.07 x 1e3\n");
+        assert_eq!((l.one, l.five, l.fifteen), (12.07, 0.0, 0.0));
+    }
+
+    #[test]
+    fn decimals_are_read_as_the_kernel_prints_them() {
+        assert!((decimal("350735.47").unwrap() - 350735.47).abs() < 1e-9);
+        assert_eq!(decimal("7"), Some(7.0));
+        assert_eq!(decimal("0.1234567891234"), Some(0.123456789));
+        for bad in ["", ".5", "-1.0", "+1", "1.-2", "1e3", "1.2.3", "nan"] {
+            assert_eq!(decimal(bad), None, "{bad}");
+        }
     }
 
     #[test]

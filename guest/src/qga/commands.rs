@@ -5,6 +5,7 @@
 //! qemu-ga's schema says. Nothing here freezes, spawns or touches a file by itself.
 
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,8 @@ const RTC_SINCE_EPOCH: &str = "/sys/class/rtc/rtc0/since_epoch";
 /// CPU and memory hotplug in sysfs.
 const CPU_DIR: &str = "/sys/devices/system/cpu";
 const MEMORY_DIR: &str = "/sys/devices/system/memory";
+/// The kernel's sleep states (`state`) and hibernation modes (`disk`).
+const POWER_DIR: &str = "/sys/power";
 /// The largest procfs file read.
 const MAX_PROC_BYTES: u64 = 1024 * 1024;
 /// The fsfreeze hook's time limit.
@@ -70,7 +73,9 @@ pub const COMMANDS: &[&str] = &[
     "guest-get-vcpus",
     "guest-info",
     "guest-network-get-interfaces",
+    "guest-network-get-route",
     "guest-ping",
+    "guest-set-memory-blocks",
     "guest-set-time",
     "guest-set-vcpus",
     "guest-set-user-password",
@@ -78,8 +83,19 @@ pub const COMMANDS: &[&str] = &[
     "guest-ssh-add-authorized-keys",
     "guest-ssh-get-authorized-keys",
     "guest-ssh-remove-authorized-keys",
+    "guest-suspend-disk",
+    "guest-suspend-hybrid",
+    "guest-suspend-ram",
     "guest-sync",
     "guest-sync-delimited",
+];
+
+/// Commands that answer nothing when they succeed.
+const NO_SUCCESS_RESPONSE: &[&str] = &[
+    "guest-shutdown",
+    "guest-suspend-disk",
+    "guest-suspend-hybrid",
+    "guest-suspend-ram",
 ];
 
 /// What runs while filesystems are frozen; the list wins over `--allow-rpcs`.
@@ -96,7 +112,7 @@ pub const FROZEN_ALLOWED: &[&str] = &[
 #[derive(Debug)]
 pub(super) enum Outcome {
     Reply(QgaResult<Value>),
-    /// Success that qemu-ga does not answer (`guest-shutdown`).
+    /// Success that qemu-ga does not answer (`guest-shutdown`, `guest-suspend-*`).
     NoReply,
     /// A child runs; the reply follows when it ends.
     Pending,
@@ -146,6 +162,12 @@ impl Agent {
                 Ok(()) => Outcome::NoReply,
                 Err(e) => Outcome::Reply(Err(e)),
             },
+            "guest-suspend-disk" | "guest-suspend-ram" | "guest-suspend-hybrid" => {
+                match self.qga_suspend(name, &req.args) {
+                    Ok(()) => Outcome::NoReply,
+                    Err(e) => Outcome::Reply(Err(e)),
+                }
+            }
             "guest-set-user-password" => match self.qga_set_password(&req, now) {
                 Ok(()) => Outcome::Pending,
                 Err(e) => Outcome::Reply(Err(e)),
@@ -182,7 +204,10 @@ impl Agent {
                         obj([
                             ("name", Value::from(*c)),
                             ("enabled", Value::from(policy.enabled(c))),
-                            ("success-response", Value::from(*c != "guest-shutdown")),
+                            (
+                                "success-response",
+                                Value::from(!NO_SUCCESS_RESPONSE.contains(c)),
+                            ),
                         ])
                     })
                     .collect();
@@ -245,6 +270,12 @@ impl Agent {
                 .map_err(op_err)
             }
             "guest-network-get-interfaces" => a.only(&[]).and_then(|()| qga_interfaces()),
+            "guest-network-get-route" => {
+                a.only(&[])?;
+                // A guest without IPv6 has no ipv6_route: no IPv6 routes, not an error.
+                let v6 = proc_text("/proc/net/ipv6_route").unwrap_or_default();
+                Ok(qga_routes(&proc_text("/proc/net/route")?, &v6))
+            }
             "guest-get-host-name" => {
                 a.only(&[])?;
                 Ok(obj([("host-name", Value::from(ops::sysinfo::hostname()))]))
@@ -281,6 +312,10 @@ impl Agent {
             "guest-get-memory-blocks" => a
                 .only(&[])
                 .map(|()| qga_memory_blocks(Path::new(MEMORY_DIR))),
+            "guest-set-memory-blocks" => {
+                a.only(&["mem-blks"])?;
+                qga_set_memory_blocks(Path::new(MEMORY_DIR), a.get("mem-blks"))
+            }
             "guest-get-memory-block-info" => {
                 a.only(&[])?;
                 let size = read_trim(&Path::new(MEMORY_DIR).join("block_size_bytes"));
@@ -394,6 +429,24 @@ impl Agent {
             action,
             method,
             at: now,
+        });
+        Ok(())
+    }
+
+    /// `guest-suspend-MODE`: the kernel's own suspend through /sys/power, written on the
+    /// filesystem worker because the write returns only after the guest has resumed. No reply
+    /// once the mode is known to be offered; a write that fails after that is logged.
+    fn qga_suspend(&mut self, name: &str, a: &Args) -> QgaResult<()> {
+        a.only(&[])?;
+        let writes = suspend_writes(Path::new(POWER_DIR), name)?;
+        log::info!("qemu-ga: {name}");
+        self.worker.submit(move || {
+            let res = writes.iter().try_for_each(|(f, v)| std::fs::write(f, v));
+            Box::new(move |_: &mut Agent, _: Instant| {
+                if let Err(e) = res {
+                    log::warn!("qemu-ga: suspend failed: {e}");
+                }
+            })
         });
         Ok(())
     }
@@ -543,16 +596,21 @@ impl Agent {
                 .ok_or_else(|| QgaError::generic("Invalid base64 data in 'input-data'"))?,
             None => Vec::new(),
         };
-        let capture =
+        // Which streams are captured ([stdout, stderr]) and whether stderr joins stdout; a
+        // stream not captured is read and dropped (qemu-ga sends it to /dev/null).
+        let (capture, merge_stderr) =
             match a.get("capture-output") {
-                None => false,
-                Some(Value::Bool(b)) => *b,
+                None => ([false; 2], false),
+                Some(Value::Bool(b)) => ([*b; 2], false),
                 Some(Value::Str(s)) => match s.as_str() {
-                    "none" => false,
-                    "stdout" | "stderr" | "separated" => true,
+                    "none" => ([false; 2], false),
+                    "stdout" => ([true, false], false),
+                    "stderr" => ([false, true], false),
+                    "separated" => ([true; 2], false),
+                    "merged" => ([true, false], true),
                     _ => {
                         return Err(QgaError::generic(format!(
-                            "capture-output '{s}' is not supported by this agent"
+                            "Parameter 'capture-output' does not accept value '{s}'"
                         )))
                     }
                 },
@@ -560,7 +618,7 @@ impl Agent {
                     "Invalid parameter type for 'capture-output', expected: GuestExecCaptureOutput",
                 )),
             };
-        let cap = if capture { EXEC_CAPTURE_BYTES } else { 0 };
+        let cap = |on: bool| if on { EXEC_CAPTURE_BYTES } else { 0 };
         let spec = Spec {
             argv,
             env,
@@ -569,7 +627,8 @@ impl Agent {
             // qemu-ga sets no time limit on guest-exec.
             timeout: Duration::ZERO,
             kill_grace: Duration::from_millis(u64::from(self.cfg.exec_kill_grace_ms)),
-            caps: [cap, cap],
+            merge_stderr,
+            caps: capture.map(cap),
             ..Default::default()
         };
         let job = self.qga_mut()?.job_id();
@@ -614,17 +673,18 @@ impl Agent {
         let Some(exit) = q.execs[at].exit.as_ref() else {
             return Ok(obj([("exited", Value::from(false))]));
         };
-        let capture = q.execs[at].capture;
-        let data = |b: &[u8]| (capture && !b.is_empty()).then(|| Value::from(base64::encode(b)));
-        let flag = |t: bool| (capture && t).then(|| Value::from(true));
+        let [out, err] = q.execs[at].capture;
+        let data =
+            |on: bool, b: &[u8]| (on && !b.is_empty()).then(|| Value::from(base64::encode(b)));
+        let flag = |on: bool, t: bool| (on && t).then(|| Value::from(true));
         let v = sparse(vec![
             ("exited", Some(Value::from(true))),
             ("exitcode", exit.exited.then(|| int(exit.exit_code))),
             ("signal", (!exit.exited).then(|| int(exit.signal))),
-            ("out-data", data(&exit.stdout)),
-            ("err-data", data(&exit.stderr)),
-            ("out-truncated", flag(exit.stdout_truncated)),
-            ("err-truncated", flag(exit.stderr_truncated)),
+            ("out-data", data(out, &exit.stdout)),
+            ("err-data", data(err, &exit.stderr)),
+            ("out-truncated", flag(out, exit.stdout_truncated)),
+            ("err-truncated", flag(err, exit.stderr_truncated)),
         ]);
         q.execs.remove(at);
         Ok(v)
@@ -1200,6 +1260,167 @@ fn qga_memory_blocks(dir: &Path) -> Value {
     )
 }
 
+/// `guest-set-memory-blocks`: each block onlined or offlined through sysfs, answered block by
+/// block as qemu-ga does (`success`, `not-found`, `operation-not-supported`,
+/// `operation-failed`, the last three with the errno as `error-code`).
+fn qga_set_memory_blocks(dir: &Path, blocks: Option<&Value>) -> QgaResult<Value> {
+    let Some(Value::Array(list)) = blocks else {
+        return Err(QgaError::generic("Parameter 'mem-blks' is missing"));
+    };
+    let mut out = Vec::new();
+    for b in list {
+        let (Some(Value::Int(n)), Some(Value::Bool(online))) =
+            (b.get("phys-index"), b.get("online"))
+        else {
+            return Err(QgaError::generic("Invalid parameter type for 'mem-blks'"));
+        };
+        let (response, errno) = set_memory_block(dir, *n, *online);
+        out.push(sparse(vec![
+            ("phys-index", Some(Value::Int(*n))),
+            ("response", Some(Value::from(response))),
+            ("error-code", errno.map(|e| Value::Int(e.into()))),
+        ]));
+    }
+    Ok(Value::Array(out))
+}
+
+fn set_memory_block(dir: &Path, n: i64, online: bool) -> (&'static str, Option<i32>) {
+    let failed = |e: std::io::Error, missing: &'static str| {
+        let errno = e.raw_os_error().unwrap_or(libc::EIO);
+        let response = match e.kind() {
+            std::io::ErrorKind::NotFound => missing,
+            _ => "operation-failed",
+        };
+        (response, Some(errno))
+    };
+    // No memory directory: no memory hotplug in this guest.
+    if let Err(e) = dir.metadata() {
+        return failed(e, "operation-not-supported");
+    }
+    let block = dir.join(format!("memory{n}"));
+    if let Err(e) = block.metadata() {
+        return failed(e, "not-found");
+    }
+    let state = match std::fs::read_to_string(block.join("state")) {
+        Ok(s) => s,
+        // An old kernel without `state`: every block is online for good.
+        Err(e) if online && e.kind() == std::io::ErrorKind::NotFound => return ("success", None),
+        Err(e) => return failed(e, "operation-not-supported"),
+    };
+    if state.starts_with("online") == online {
+        return ("success", None);
+    }
+    match std::fs::write(
+        block.join("state"),
+        if online { "online" } else { "offline" },
+    ) {
+        Ok(()) => ("success", None),
+        Err(e) => failed(e, "operation-failed"),
+    }
+}
+
+/// What `guest-suspend-MODE` (`command`) writes, in order, under `dir` (/sys/power): `mem` or
+/// `disk` to `state`; for `hybrid`, `suspend` to `disk` first (hibernate, then stay suspended
+/// to RAM: systemd's hybrid-sleep). An error when the kernel does not offer the mode.
+fn suspend_writes(dir: &Path, command: &str) -> QgaResult<Vec<(PathBuf, &'static str)>> {
+    let offers = |file: &str, word: &str| {
+        read_trim(&dir.join(file))
+            .split_whitespace()
+            .any(|w| w.trim_matches(['[', ']']) == word)
+    };
+    let state = dir.join("state");
+    match command {
+        "guest-suspend-ram" if offers("state", "mem") => Ok(vec![(state, "mem")]),
+        "guest-suspend-disk" if offers("state", "disk") => Ok(vec![(state, "disk")]),
+        "guest-suspend-hybrid" if offers("state", "disk") && offers("disk", "suspend") => {
+            Ok(vec![(dir.join("disk"), "suspend"), (state, "disk")])
+        }
+        _ => Err(QgaError::generic(
+            "the requested suspend mode is not supported by the guest",
+        )),
+    }
+}
+
+/// How a column of a route table becomes a member.
+#[derive(Clone, Copy)]
+enum Column {
+    Text,
+    Dec,
+    Hex,
+    /// A hexadecimal number, as decimal text (qemu-ga's prefix lengths).
+    HexText,
+    /// An IPv4 address as the kernel prints a `__be32`: hexadecimal, in memory order.
+    Ip4,
+    /// An IPv6 address: 32 hexadecimal digits.
+    Ip6,
+}
+
+/// /proc/net/route's columns (after its header line) and qemu-ga's names for them.
+const ROUTE_V4: &[(&str, Column)] = &[
+    ("iface", Column::Text),
+    ("destination", Column::Ip4),
+    ("gateway", Column::Ip4),
+    ("flags", Column::Hex),
+    ("refcnt", Column::Dec),
+    ("use", Column::Dec),
+    ("metric", Column::Dec),
+    ("mask", Column::Ip4),
+    ("mtu", Column::Dec),
+    ("window", Column::Dec),
+    ("irtt", Column::Dec),
+];
+
+/// /proc/net/ipv6_route's columns (no header line).
+const ROUTE_V6: &[(&str, Column)] = &[
+    ("destination", Column::Ip6),
+    ("desprefixlen", Column::HexText),
+    ("source", Column::Ip6),
+    ("srcprefixlen", Column::HexText),
+    ("nexthop", Column::Ip6),
+    ("metric", Column::Hex),
+    ("refcnt", Column::Hex),
+    ("use", Column::Hex),
+    ("flags", Column::Hex),
+    ("iface", Column::Text),
+];
+
+/// `guest-network-get-route`: the routes of /proc/net/route (`v4`) and /proc/net/ipv6_route
+/// (`v6`) with qemu-ga's members; a line that does not parse is left out.
+pub fn qga_routes(v4: &str, v6: &str) -> Value {
+    let v4 = v4.lines().skip(1).map(|l| route(l, ROUTE_V4, 4));
+    let v6 = v6.lines().map(|l| route(l, ROUTE_V6, 6));
+    Value::Array(v4.chain(v6).flatten().collect())
+}
+
+fn route(line: &str, columns: &[(&str, Column)], version: i64) -> Option<Value> {
+    let mut fields = line.split_whitespace();
+    let mut members = Vec::new();
+    for &(name, column) in columns {
+        let f = fields.next()?;
+        let hex = || i64::from_str_radix(f, 16).ok();
+        let v = match column {
+            Column::Text => Value::from(f),
+            Column::Dec => Value::Int(f.parse().ok()?),
+            Column::Hex => Value::Int(hex()?),
+            Column::HexText => Value::from(hex()?.to_string()),
+            Column::Ip4 => {
+                let a = u32::from_str_radix(f, 16).ok()?;
+                Value::from(Ipv4Addr::from(a.to_ne_bytes()).to_string())
+            }
+            Column::Ip6 => {
+                let mut segments = [0u16; 8];
+                for (i, seg) in segments.iter_mut().enumerate() {
+                    *seg = u16::from_str_radix(f.get(i * 4..i * 4 + 4)?, 16).ok()?;
+                }
+                Value::from(Ipv6Addr::from(segments).to_string())
+            }
+        };
+        members.push((name.to_string(), v));
+    }
+    members.push(("version".to_string(), Value::Int(version)));
+    Some(Value::Object(members))
+}
+
 /// Fields of whitespace-separated numbers as JSON integers under `names`.
 fn counters(names: &[&str], fields: &[&str]) -> Vec<(String, Value)> {
     names
@@ -1364,6 +1585,110 @@ mod tests {
         assert_eq!(read_trim(&dir.path().join("cpu1/online")), "0");
         let bad = req(r#"[{"logical-id": 7, "online": true}]"#);
         assert!(qga_set_vcpus(dir.path(), Some(&bad)).is_err());
+    }
+
+    #[test]
+    fn routes_read_both_tables_with_qemu_ga_members() {
+        let v4 =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                  eth0\t00000000\t0102000A\t0003\t0\t0\t100\t00000000\t0\t0\t0\n\
+                  eth0\t0002000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t1500\t0\t0\n\
+                  bad line\n";
+        let v6 = "fe800000000000000000000000000000 40 00000000000000000000000000000000 00 \
+                  00000000000000000000000000000000 00000100 00000001 00000002 00000001     eth0\n";
+        let r = qga_routes(v4, v6);
+        let Value::Array(routes) = &r else { panic!() };
+        assert_eq!(routes.len(), 3, "{}", r.to_text());
+        let (a, b) = (v4_addresses(&routes[0]), v4_addresses(&routes[1]));
+        assert_eq!(a, ("0.0.0.0".into(), "10.0.2.1".into(), "0.0.0.0".into()));
+        assert_eq!(
+            b,
+            ("10.0.2.0".into(), "0.0.0.0".into(), "255.255.255.0".into())
+        );
+        assert_eq!(routes[0].get("metric"), Some(&Value::Int(100)));
+        assert_eq!(routes[0].get("flags"), Some(&Value::Int(3)));
+        assert_eq!(routes[1].get("mtu"), Some(&Value::Int(1500)));
+        assert_eq!(
+            routes[2].to_text(),
+            r#"{"destination": "fe80::", "desprefixlen": "64", "source": "::", "srcprefixlen": "0", "nexthop": "::", "metric": 256, "refcnt": 1, "use": 2, "flags": 1, "iface": "eth0", "version": 6}"#
+        );
+    }
+
+    /// (destination, gateway, mask) of an IPv4 route, on a little-endian machine.
+    fn v4_addresses(r: &Value) -> (String, String, String) {
+        let s = |k: &str| match r.get(k) {
+            Some(Value::Str(s)) => s.clone(),
+            other => panic!("{k}: {other:?}"),
+        };
+        let (d, g, m) = (s("destination"), s("gateway"), s("mask"));
+        if cfg!(target_endian = "little") {
+            (d, g, m)
+        } else {
+            let flip = |a: String| {
+                let mut o: Vec<&str> = a.split('.').collect();
+                o.reverse();
+                o.join(".")
+            };
+            (flip(d), flip(g), flip(m))
+        }
+    }
+
+    #[test]
+    fn memory_blocks_are_set_through_their_state_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = dir.path().join("memory");
+        let req = |v: &str| crate::qga::json::parse(v.as_bytes()).unwrap();
+        let one = req(r#"[{"phys-index": 3, "online": false}]"#);
+        assert_eq!(
+            qga_set_memory_blocks(&mem, Some(&one)).unwrap().to_text(),
+            r#"[{"phys-index": 3, "response": "operation-not-supported", "error-code": 2}]"#
+        );
+        std::fs::create_dir_all(mem.join("memory3")).unwrap();
+        std::fs::write(mem.join("memory3/state"), "online\n").unwrap();
+        std::fs::create_dir_all(mem.join("memory4")).unwrap();
+        let three = req(
+            r#"[{"phys-index": 3, "online": false}, {"phys-index": 4, "online": true},
+                {"phys-index": 5, "online": true}]"#,
+        );
+        assert_eq!(
+            qga_set_memory_blocks(&mem, Some(&three)).unwrap().to_text(),
+            r#"[{"phys-index": 3, "response": "success"}, {"phys-index": 4, "response": "success"}, {"phys-index": 5, "response": "not-found", "error-code": 2}]"#
+        );
+        assert_eq!(read_trim(&mem.join("memory3/state")), "offline");
+        let off = req(r#"[{"phys-index": 4, "online": false}]"#);
+        assert_eq!(
+            qga_set_memory_blocks(&mem, Some(&off)).unwrap().to_text(),
+            r#"[{"phys-index": 4, "response": "operation-not-supported", "error-code": 2}]"#
+        );
+        assert!(qga_set_memory_blocks(&mem, None).is_err());
+    }
+
+    #[test]
+    fn suspend_writes_only_modes_the_kernel_offers() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert!(suspend_writes(d, "guest-suspend-ram").is_err());
+        std::fs::write(d.join("state"), "freeze mem disk\n").unwrap();
+        std::fs::write(d.join("disk"), "[platform] shutdown reboot\n").unwrap();
+        assert_eq!(
+            suspend_writes(d, "guest-suspend-ram").unwrap(),
+            vec![(d.join("state"), "mem")]
+        );
+        assert_eq!(
+            suspend_writes(d, "guest-suspend-disk").unwrap(),
+            vec![(d.join("state"), "disk")]
+        );
+        assert!(suspend_writes(d, "guest-suspend-hybrid").is_err());
+        std::fs::write(d.join("disk"), "[platform] shutdown reboot suspend\n").unwrap();
+        assert_eq!(
+            suspend_writes(d, "guest-suspend-hybrid").unwrap(),
+            vec![(d.join("disk"), "suspend"), (d.join("state"), "disk")]
+        );
+        std::fs::write(d.join("state"), "freeze\n").unwrap();
+        for mode in ["ram", "disk", "hybrid", "standby"] {
+            let mode = format!("guest-suspend-{mode}");
+            assert!(suspend_writes(d, &mode).is_err(), "{mode}");
+        }
     }
 
     #[test]

@@ -69,7 +69,8 @@ enum Waiting {
 struct ExecRecord {
     pid: u32,
     job: u64,
-    capture: bool,
+    /// Whether stdout and stderr are captured.
+    capture: [bool; 2],
     exit: Option<ExecExit>,
 }
 

@@ -1,6 +1,6 @@
 //! The agent's libc calls, and its only `unsafe` code: every block names its invariants, and
 //! raw fds become `OwnedFd` at once. Here: signalfd, pidfd, signals, spawning children, sync,
-//! reboot; in [`os`], the calls of the operations, and in [`fs`], the descriptor-relative
+//! reboot, the worker thread; in [`os`], the calls of the operations, and in [`fs`], the descriptor-relative
 //! filesystem calls (both re-exported here).
 #![allow(unsafe_code)]
 
@@ -53,8 +53,8 @@ pub fn random_u64() -> io::Result<u64> {
 }
 
 /// Blocks [`HANDLED_SIGNALS`] for this (single-threaded) process and returns a non-blocking
-/// signalfd that reports them. Children must get an empty mask back at spawn: [`spawn`] and
-/// [`unblock_signals_in_child`] see to it.
+/// signalfd that reports them. Children must get an empty mask back at spawn: [`spawn`] sees
+/// to it.
 pub fn signalfd() -> io::Result<OwnedFd> {
     // SAFETY: `set` is a plain C struct that sigemptyset initialises before any other use;
     // sigaddset only writes inside it; every pointer passed lives for the whole call.
@@ -79,46 +79,6 @@ pub fn signalfd() -> io::Result<OwnedFd> {
     }
 }
 
-/// Makes `cmd`'s child start with an empty signal mask: the agent blocks the signals its
-/// signalfd reads, and a blocked mask survives exec (std does not reset it), which would make
-/// children deaf to SIGTERM. Only for children that need what [`spawn`] cannot do (another
-/// uid or gid): any `pre_exec` makes std fork the whole agent.
-pub fn unblock_signals_in_child(cmd: &mut std::process::Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: the closure runs in the forked child before exec and only calls sigemptyset and
-    // sigprocmask, which are async-signal-safe, on a sigset_t on its own stack.
-    unsafe {
-        cmd.pre_exec(|| {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            cvt(libc::sigprocmask(
-                libc::SIG_SETMASK,
-                &set,
-                std::ptr::null_mut(),
-            ))?;
-            Ok(())
-        });
-    }
-}
-
-/// Makes `cmd`'s (forked) child drop to `uid`, `gid` and the supplementary `groups` before
-/// exec, as a login does: setgroups, setresgid, setresuid, in that order. std's own
-/// `uid`/`gid` would leave the child no supplementary groups at all.
-pub fn switch_user_in_child(cmd: &mut std::process::Command, uid: u32, gid: u32, groups: Vec<u32>) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: the closure runs in the forked child before exec and only makes the
-    // async-signal-safe calls setgroups, setresgid and setresuid on plain integers and on
-    // `groups`, allocated before the fork and owned by the closure.
-    unsafe {
-        cmd.pre_exec(move || {
-            cvt(libc::setgroups(groups.len() as _, groups.as_ptr()))?;
-            cvt(libc::setresgid(gid, gid, gid))?;
-            cvt(libc::setresuid(uid, uid, uid))?;
-            Ok(())
-        });
-    }
-}
-
 /// posix_spawn's functions return an error number instead of setting errno.
 fn cvt_nz(ret: libc::c_int) -> io::Result<()> {
     if ret == 0 {
@@ -140,31 +100,49 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// A child started by [`spawn`]: its pid (also its process group) and the agent's ends of its
-/// pipes.
+/// pipes (no stderr pipe when stderr was merged into stdout).
 #[derive(Debug)]
 pub struct Spawned {
     pub pid: u32,
     pub stdin: Option<OwnedFd>,
     pub stdout: OwnedFd,
-    pub stderr: OwnedFd,
+    pub stderr: Option<OwnedFd>,
+}
+
+/// Who a child becomes before exec, as a login does: with a `uid`, the supplementary
+/// `groups` (none left when empty), then the `gid`, then the `uid`.
+#[derive(Debug, Clone, Default)]
+pub struct Identity {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub groups: Vec<u32>,
 }
 
 /// Starts the program at `path` (a path, not searched for) with `argv` and the whole
-/// environment `envp` through `posix_spawn`, which in musl and glibc is vfork-like: the agent's
-/// page tables are not copied and nothing runs in the child before exec. The child gets its
-/// own process group, an empty signal mask (the agent's blocked signals would otherwise stay
-/// blocked in it), SIGPIPE at its default, stdout and stderr on fresh pipes, stdin on a pipe
-/// when `stdin_pipe` else on /dev/null, and `cwd` as working directory. A program that cannot
-/// be executed is an error here, not an exit status.
+/// environment `envp`. The child gets its own process group, an empty signal mask (the
+/// agent's blocked signals would otherwise stay blocked in it), SIGPIPE at its default,
+/// stdout and stderr on fresh pipes (with `merge_stderr`, stderr on stdout's pipe), stdin on
+/// a pipe when `stdin_pipe` else on /dev/null, and `cwd` as working directory. A program that cannot be executed is an error here, not an
+/// exit status.
+///
+/// Without `user` this is `posix_spawn`, which in musl and glibc is vfork-like: the agent's
+/// page tables are not copied and nothing runs in the child before exec. posix_spawn cannot
+/// change users, so a child with a `user` is forked (`fork_exec`).
 pub fn spawn(
     path: &CStr,
     argv: &[CString],
     envp: &[CString],
     cwd: Option<&CStr>,
     stdin_pipe: bool,
+    merge_stderr: bool,
+    user: Option<&Identity>,
 ) -> io::Result<Spawned> {
     let (out_r, out_w) = pipe()?;
-    let (err_r, err_w) = pipe()?;
+    let (err_r, err_w) = match merge_stderr {
+        true => (None, None),
+        false => pipe().map(|(r, w)| (Some(r), Some(w)))?,
+    };
+    let err_fd = err_w.as_ref().unwrap_or(&out_w).as_raw_fd();
     let stdin = if stdin_pipe { Some(pipe()?) } else { None };
     let argv: Vec<*mut libc::c_char> = argv
         .iter()
@@ -176,6 +154,31 @@ pub fn spawn(
         .map(|e| e.as_ptr().cast_mut())
         .chain(std::iter::once(std::ptr::null_mut()))
         .collect();
+    if let Some(user) = user {
+        let devnull;
+        let stdin_fd = match &stdin {
+            Some((r, _)) => r.as_raw_fd(),
+            None => {
+                devnull = std::fs::File::open("/dev/null")?;
+                devnull.as_raw_fd()
+            }
+        };
+        let child = ChildSetup {
+            path,
+            argv: &argv,
+            envp: &envp,
+            cwd,
+            fds: [stdin_fd, out_w.as_raw_fd(), err_fd],
+            user,
+        };
+        let pid = fork_exec(&child)?;
+        return Ok(Spawned {
+            pid,
+            stdin: stdin.map(|(_, w)| w),
+            stdout: out_r,
+            stderr: err_r,
+        });
+    }
     let mut pid: libc::pid_t = 0;
     // SAFETY: the file actions and attributes are initialised before use and destroyed on
     // every path by their guards; every fd they name stays open until posix_spawn returns;
@@ -213,11 +216,7 @@ pub fn spawn(
             out_w.as_raw_fd(),
             1,
         ))?;
-        cvt_nz(libc::posix_spawn_file_actions_adddup2(
-            actions.0,
-            err_w.as_raw_fd(),
-            2,
-        ))?;
+        cvt_nz(libc::posix_spawn_file_actions_adddup2(actions.0, err_fd, 2))?;
         if let Some(cwd) = cwd {
             cvt_nz(libc::posix_spawn_file_actions_addchdir_np(
                 actions.0,
@@ -256,6 +255,114 @@ pub fn spawn(
         stdin: stdin.map(|(_, w)| w),
         stdout: out_r,
         stderr: err_r,
+    })
+}
+
+/// What a forked child sets up before exec; everything is prepared before the fork, so that
+/// the child only makes system calls.
+struct ChildSetup<'a> {
+    path: &'a CStr,
+    /// NUL-terminated pointer arrays.
+    argv: &'a [*mut libc::c_char],
+    envp: &'a [*mut libc::c_char],
+    cwd: Option<&'a CStr>,
+    /// The child's fds 0, 1 and 2 (none of them is 0, 1 or 2: see [`pipe`]).
+    fds: [RawFd; 3],
+    user: &'a Identity,
+}
+
+/// Forks, sets the child up as [`spawn`] says, switches to `user` and then changes to `cwd`
+/// (with the user's permissions), and executes it; returns the pid once the child has
+/// executed its program. A step that fails in the child sends its errno back through a
+/// close-on-exec pipe and the child exits: the error is returned here, the child reaped.
+fn fork_exec(child: &ChildSetup) -> io::Result<u32> {
+    let (report_r, report_w) = pipe()?;
+    let groups = &child.user.groups;
+    // SAFETY: `set` is initialised by sigemptyset before use.
+    let empty = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        cvt(libc::sigemptyset(&mut set))?;
+        set
+    };
+    // SAFETY: the child runs only async-signal-safe system calls (dup2, setgroups, setresgid,
+    // setresuid, chdir, setpgid, signal, sigprocmask, execve, write, _exit) on memory prepared
+    // before the fork and still mapped in it (its copy of the parent's); it never returns.
+    let pid = cvt(unsafe { libc::fork() })?;
+    if pid == 0 {
+        // SAFETY: see above; this is the child.
+        unsafe {
+            let fail = |fd: RawFd| -> ! {
+                let errno = *libc::__errno_location();
+                libc::write(fd, (&raw const errno).cast(), 4);
+                libc::_exit(127)
+            };
+            let report = report_w.as_raw_fd();
+            for (to, from) in child.fds.into_iter().enumerate() {
+                if libc::dup2(from, to as libc::c_int) < 0 {
+                    fail(report);
+                }
+            }
+            let user = child.user;
+            if user.uid.is_some() && libc::setgroups(groups.len(), groups.as_ptr()) < 0 {
+                fail(report);
+            }
+            if let Some(gid) = user.gid {
+                if libc::setresgid(gid, gid, gid) < 0 {
+                    fail(report);
+                }
+            }
+            if let Some(uid) = user.uid {
+                if libc::setresuid(uid, uid, uid) < 0 {
+                    fail(report);
+                }
+            }
+            if let Some(cwd) = child.cwd {
+                if libc::chdir(cwd.as_ptr()) < 0 {
+                    fail(report);
+                }
+            }
+            if libc::setpgid(0, 0) < 0
+                || libc::signal(libc::SIGPIPE, libc::SIG_DFL) == libc::SIG_ERR
+                || libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) < 0
+            {
+                fail(report);
+            }
+            libc::execve(
+                child.path.as_ptr(),
+                child.argv.as_ptr().cast(),
+                child.envp.as_ptr().cast(),
+            );
+            fail(report)
+        }
+    }
+    drop(report_w);
+    let mut errno = [0u8; 4];
+    let mut got = 0;
+    while got < errno.len() {
+        // SAFETY: reads at most the rest of `errno` into it.
+        let n = unsafe {
+            libc::read(
+                report_r.as_raw_fd(),
+                errno[got..].as_mut_ptr().cast(),
+                errno.len() - got,
+            )
+        };
+        match n {
+            0 => break,
+            n if n > 0 => got += n as usize,
+            _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
+            _ => break,
+        }
+    }
+    if got == 0 {
+        // The pipe closed on exec: the child runs its program.
+        return Ok(pid as u32);
+    }
+    let _ = wait_child(pid as u32, true);
+    Err(if got == errno.len() {
+        io::Error::from_raw_os_error(i32::from_ne_bytes(errno))
+    } else {
+        io::Error::other("the child failed before exec")
     })
 }
 
@@ -340,6 +447,51 @@ pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     unsafe {
         let flags = cvt(libc::fcntl(fd, libc::F_GETFL))?;
         cvt(libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK))?;
+    }
+    Ok(())
+}
+
+/// A thread's body, as [`spawn_thread`] takes it.
+pub type ThreadBody = Box<dyn FnOnce() + Send>;
+
+/// Starts `body` on a new detached thread named `name` (at most 15 bytes, as the kernel keeps
+/// it) with a stack of `stack_bytes`: `pthread_create` itself. std's `thread::Builder` would
+/// add its spawning machinery, a signal stack set up in the thread, and a `snprintf` for the
+/// name (musl's `pthread_setname_np`), about 24 KB of the agent for the one thread it starts.
+/// The thread inherits the caller's signal mask, as with std. A panic in `body` aborts the
+/// process.
+pub fn spawn_thread(name: &'static CStr, stack_bytes: usize, body: ThreadBody) -> io::Result<()> {
+    extern "C" fn start(arg: *mut libc::c_void) -> *mut libc::c_void {
+        // SAFETY: `arg` is the pointer `spawn_thread` made with `Box::into_raw` and gave to
+        // this thread only; it is taken back exactly once, here.
+        let (name, body) = *unsafe { Box::from_raw(arg.cast::<(&'static CStr, ThreadBody)>()) };
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes, which
+        // `name` is (longer names are cut by the kernel, never read past their NUL).
+        unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+        body();
+        std::ptr::null_mut()
+    }
+    let arg = Box::into_raw(Box::new((name, body)));
+    // SAFETY: the attributes are initialised before use and destroyed by their guard on every
+    // path; `thread` is written by pthread_create; `arg` goes to the new thread, or back into
+    // a Box here when no thread started.
+    unsafe {
+        let mut attr: libc::pthread_attr_t = std::mem::zeroed();
+        cvt_nz(libc::pthread_attr_init(&mut attr))?;
+        let attr = Guard(&mut attr, |a| {
+            libc::pthread_attr_destroy(a);
+        });
+        cvt_nz(libc::pthread_attr_setstacksize(attr.0, stack_bytes))?;
+        cvt_nz(libc::pthread_attr_setdetachstate(
+            attr.0,
+            libc::PTHREAD_CREATE_DETACHED,
+        ))?;
+        let mut thread: libc::pthread_t = std::mem::zeroed();
+        let ret = libc::pthread_create(&mut thread, attr.0, start, arg.cast());
+        if ret != 0 {
+            drop(Box::from_raw(arg));
+            return Err(io::Error::from_raw_os_error(ret));
+        }
     }
     Ok(())
 }
