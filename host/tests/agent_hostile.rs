@@ -670,3 +670,153 @@ fn bad_timeouts_are_refused_at_start_up_with_a_sentence_per_key() {
         assert!(err.contains(key), "{key} not named in: {err}");
     }
 }
+
+// -------------------------------------------------------------------------------------------
+// Reconnect backoff and log lines a guest can cause
+// -------------------------------------------------------------------------------------------
+
+/// Every log line at info or above that names a VM (`vm <id>: ...`), in order: the daemon's
+/// log lines as an operator's journal would hold them.
+static LOG_LINES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+struct CaptureLog;
+
+impl log::Log for CaptureLog {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Info
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            let line = format!("{} {}", r.level(), r.args());
+            if line.contains(" vm ") {
+                LOG_LINES.lock().unwrap().push(line);
+            }
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn capture_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        log::set_logger(&CaptureLog).unwrap();
+        log::set_max_level(log::LevelFilter::Info);
+    });
+}
+
+/// The captured lines about `vm` from index `from` on.
+fn log_lines_about(vm: &str, from: usize) -> Vec<String> {
+    let tag = format!("vm {vm}:");
+    LOG_LINES.lock().unwrap()[from..]
+        .iter()
+        .filter(|l| l.contains(&tag))
+        .cloned()
+        .collect()
+}
+
+/// A telemetry report with more filesystems than any list may hold: a field-limit violation.
+fn over_field_limits() -> Vec<u8> {
+    let fs = (0..2_000).map(|_| FilesystemUsage::default()).collect();
+    frame(&Envelope {
+        id: 1 << 41,
+        correlation_id: 0,
+        payload: Some(telemetry("over-limits", fs)),
+    })
+}
+
+/// More frames with a valid header and a damaged payload than one connection may deliver.
+fn damaged_payload_flood() -> Vec<u8> {
+    let mut flood = Vec::new();
+    for i in 0..(qx_node::agent::link::MAX_BAD_PAYLOADS_PER_CONNECTION + 4) {
+        let mut f = frame(&Envelope {
+            id: (1 << 42) + i,
+            correlation_id: 0,
+            payload: Some(telemetry("damaged", Vec::new())),
+        });
+        let last = f.len() - 1;
+        f[last] ^= 0xff;
+        flood.extend(f);
+    }
+    flood
+}
+
+/// `rounds` connections on each of which the agent says AgentReady, stays connected longer
+/// than `backoff_initial` (so that an honest end would reset the backoff), then sends
+/// `attack` and waits for the daemon to hang up. Returns the listener's next connection.
+async fn misbehave_on_every_connection(
+    d: &mut Daemon,
+    l: &UnixListener,
+    vm: &str,
+    rounds: usize,
+    attack: &[u8],
+) -> Conn {
+    for n in 0..rounds {
+        let mut c = Conn::accept(l).await;
+        c.handshake(ready(7, &format!("round-{n}"))).await;
+        wait_hostname(d, vm, &format!("round-{n}")).await;
+        tokio::time::sleep(fast_config(None).backoff_initial * 3).await;
+        c.send_raw(attack).await;
+        // The daemon hangs up: the reader sees EOF and drops its channel.
+        while c.from_host.recv().await.is_some() {}
+    }
+    Conn::accept(l).await
+}
+
+/// The link's backoff, read from the daemon itself.
+fn backoff(d: &Daemon, vm: &str) -> Duration {
+    d.agent
+        .manager()
+        .link(vm)
+        .unwrap()
+        .stats()
+        .reconnect_backoff
+}
+
+/// What a misbehaving guest gets, whatever the kind of misbehaviour: every connection ending
+/// in a protocol error doubles the backoff up to its cap, however long the connection lasted,
+/// the errors are counted, and one line is logged for all of them within the log interval.
+/// The same connection pattern ending honestly (the socket closed) resets the backoff.
+async fn protocol_errors_keep_the_backoff_growing_and_log_once(vm: &str, attack: &[u8]) {
+    capture_logs();
+    let cfg = fast_config(None);
+    let dir = tempfile::tempdir().unwrap();
+    let (l, path) = listen(dir.path(), vm);
+    let mut d = Daemon::start(cfg.clone(), &[(vm, &path)]).await;
+    let logged_before = LOG_LINES.lock().unwrap().len();
+
+    // Backoff 20 ms doubling to its 200 ms cap: 20, 40, 80, 160, 200, 200.
+    let rounds = 6;
+    let mut c = misbehave_on_every_connection(&mut d, &l, vm, rounds, attack).await;
+    let stats = d.stats(vm).await;
+    assert_eq!(
+        backoff(&d, vm),
+        cfg.backoff_max,
+        "after {rounds} connections ending in protocol errors the backoff is not at its cap: {stats:?}"
+    );
+    assert_eq!(stats.protocol_errors, rounds as u64, "{stats:?}");
+    let lines = log_lines_about(vm, logged_before);
+    assert_eq!(
+        lines.len(),
+        1,
+        "{rounds} protocol errors within the log interval logged more than one line: {lines:#?}"
+    );
+    assert!(lines[0].contains("protocol error"), "{lines:?}");
+
+    // Control: the same connection, ended by the socket closing, resets the backoff.
+    c.handshake(ready(7, "honest")).await;
+    wait_hostname(&mut d, vm, "honest").await;
+    tokio::time::sleep(cfg.backoff_initial * 3).await;
+    drop(c);
+    let _next = Conn::accept(&l).await;
+    assert_eq!(backoff(&d, vm), cfg.backoff_initial);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn field_limit_violations_never_reset_the_reconnect_backoff_and_are_logged_once() {
+    protocol_errors_keep_the_backoff_growing_and_log_once("b13f", &over_field_limits()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_payload_floods_never_reset_the_reconnect_backoff_and_are_logged_once() {
+    protocol_errors_keep_the_backoff_growing_and_log_once("b13d", &damaged_payload_flood()).await;
+}

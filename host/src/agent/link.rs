@@ -184,6 +184,8 @@ struct Inner {
     restart_refill_at: Option<Instant>,
     /// Restarts not reported yet (coalesced into the next event).
     restarts_unreported: u64,
+    /// The supervisor's last wait before reconnecting, before jitter.
+    reconnect_backoff: Duration,
 }
 
 impl Inner {
@@ -294,6 +296,7 @@ impl Link {
                 restart_tokens: RESTART_EVENT_BURST,
                 restart_refill_at: None,
                 restarts_unreported: 0,
+                reconnect_backoff: Duration::ZERO,
             }),
             writable: Notify::new(),
             rearm: Notify::new(),
@@ -545,6 +548,7 @@ impl Link {
             counters: inner.stats.clone(),
             commands: inner.table.counts(),
             last_error: inner.table.last_error().to_string(),
+            reconnect_backoff: inner.reconnect_backoff,
         }
     }
 
@@ -620,6 +624,7 @@ impl Link {
                 break;
             }
             let delay = jittered(backoff);
+            self.lock().reconnect_backoff = backoff;
             backoff = (backoff * 2).min(self.cfg.backoff_max);
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}

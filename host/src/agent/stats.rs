@@ -48,4 +48,8 @@ pub struct LinkSnapshot {
     pub counters: LinkStats,
     pub commands: StageCounts,
     pub last_error: String,
+    /// The supervisor's last wait before reconnecting, before jitter (zero before the
+    /// first): it doubles after every connection that failed, ended early or ended in a
+    /// protocol error, up to `backoff_max`.
+    pub reconnect_backoff: std::time::Duration,
 }
