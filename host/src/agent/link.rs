@@ -989,8 +989,13 @@ impl Link {
             seen = now;
             drop(inner);
             if flood {
-                return Err(format!(
-                    "more than {MAX_BAD_PAYLOADS_PER_CONNECTION} frames with valid headers but damaged payloads on one connection; resetting it"
+                // A protocol error like any other: an honest agent sends at most one such
+                // frame per connection, so the backoff keeps growing and the log is limited.
+                return Err(self.protocol_error(
+                    conn_id,
+                    format!(
+                        "more than {MAX_BAD_PAYLOADS_PER_CONNECTION} frames with valid headers but damaged payloads on one connection"
+                    ),
                 ));
             }
         }

@@ -16,7 +16,8 @@ pub struct LinkStats {
     pub tx: BTreeMap<&'static str, (u64, u64)>,
     pub garbage_bytes: u64,
     pub bad_frames: u64,
-    /// Messages over the field limits (`super::limits`); each ended its connection.
+    /// Connections the agent ended in a protocol error: a message over the field limits
+    /// (`super::limits`), or more damaged payloads than an honest agent sends.
     pub protocol_errors: u64,
 }
 
