@@ -820,3 +820,125 @@ async fn field_limit_violations_never_reset_the_reconnect_backoff_and_are_logged
 async fn damaged_payload_floods_never_reset_the_reconnect_backoff_and_are_logged_once() {
     protocol_errors_keep_the_backoff_growing_and_log_once("b13d", &damaged_payload_flood()).await;
 }
+
+// -------------------------------------------------------------------------------------------
+// The metrics endpoint
+// -------------------------------------------------------------------------------------------
+
+/// `GET /metrics` from the endpoint the daemon serves over `d`'s agent links.
+async fn scrape(d: &Daemon) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(qx_node::metrics::serve(
+        listener,
+        d.agent.clone(),
+        Arc::default(),
+    ));
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: qx\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = Vec::new();
+    s.read_to_end(&mut body).await.unwrap();
+    server.abort();
+    let text = String::from_utf8(body).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    text
+}
+
+/// The value of the series `name{labels}` in a scrape.
+fn series(text: &str, name_and_labels: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
+        .map(|v| v.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_errors_and_byte_accounting_are_on_metrics_with_a_fixed_set_of_series_per_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (good_l, good_path) = listen(dir.path(), "m13good");
+    let (bad_l, bad_path) = listen(dir.path(), "m13bad");
+    let mut d = Daemon::start(
+        fast_config(None),
+        &[("m13good", &good_path), ("m13bad", &bad_path)],
+    )
+    .await;
+    let mut good = Conn::accept(&good_l).await;
+    good.handshake(ready(1, "good")).await;
+    wait_hostname(&mut d, "m13good", "good").await;
+
+    // Garbage, then unasked-for frames of many kinds (answers to nothing), then a marker.
+    let mut bad = Conn::accept(&bad_l).await;
+    bad.handshake(ready(2, "bad")).await;
+    bad.send_raw(&[0x5a; 5000]).await;
+    for (i, p) in [
+        Payload::Ack(Ack {}),
+        Payload::ExecOutput(Default::default()),
+        Payload::FileChunk(Default::default()),
+        Payload::TimeInfo(TimeInfo::default()),
+        Payload::NetworkInfo(Default::default()),
+        Payload::ExecExit(Default::default()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        bad.send(77 + i as u64, p).await;
+    }
+    bad.send(0, telemetry("after-garbage", Vec::new())).await;
+    wait_hostname(&mut d, "m13bad", "after-garbage").await;
+    // Then a message over the field limits: a protocol error, and the link resets.
+    bad.send_raw(&over_field_limits()).await;
+    while bad.from_host.recv().await.is_some() {}
+
+    let stats = d.stats("m13bad").await;
+    let text = scrape(&d).await;
+    assert_eq!(stats.protocol_errors, 1, "{stats:?}");
+    assert_eq!(
+        series(&text, "qx_agent_protocol_errors_total{vm=\"m13bad\"}"),
+        Some(1),
+        "{text}"
+    );
+    assert_eq!(
+        series(&text, "qx_agent_protocol_errors_total{vm=\"m13good\"}"),
+        Some(0)
+    );
+    assert!(stats.garbage_bytes >= 5000, "{stats:?}");
+    assert_eq!(
+        series(&text, "qx_agent_garbage_bytes_total{vm=\"m13bad\"}"),
+        Some(stats.garbage_bytes)
+    );
+    // The rx bytes on /metrics are the daemon's own per-VM accounting: the sum over kinds
+    // in GetAgentConnectionStats (the stats were read before the scrape, and the VM's agent
+    // has sent nothing since: the daemon hung up on it).
+    let rx_bytes: u64 = stats.rx.iter().map(|f| f.bytes).sum();
+    assert!(stats.rx.len() >= 6, "{stats:?}");
+    assert_eq!(
+        series(&text, "qx_agent_rx_bytes_total{vm=\"m13bad\"}"),
+        Some(rx_bytes)
+    );
+
+    // Bounded cardinality: the hostile VM has exactly the series of the honest one, and
+    // nothing per VM is labelled by what the agent chose to send.
+    // Each VM's series, named without their value and with the VM's own label taken out
+    // (`state` is left out: its value is the link's state, which differs).
+    let of = |vm: &str| {
+        let tag = format!("vm=\"{vm}\"");
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.contains(&tag) && !l.contains("state="))
+            .map(|l| l.split(' ').next().unwrap().replace(&tag, ""))
+            .collect::<Vec<_>>()
+    };
+    let (good_series, bad_series) = (of("m13good"), of("m13bad"));
+    assert!(!bad_series.is_empty());
+    assert_eq!(bad_series, good_series);
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.contains("vm=\"m13bad\"") && l.contains("kind=")),
+        "{text}"
+    );
+    assert!(
+        text.contains("qx_node_agent_rx_frames_total{kind=\"exec_output\"} 1"),
+        "{text}"
+    );
+}

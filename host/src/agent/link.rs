@@ -948,6 +948,7 @@ impl Link {
             };
             dec.commit(n);
             let mut flood = false;
+            let mut violation = None;
             loop {
                 let env = match dec.decode() {
                     Ok(None) => break,
@@ -969,7 +970,9 @@ impl Link {
                     Ok((env, len)) => {
                         // Checked before anything is cached or handed to a caller.
                         if let Err(v) = limits::check(&env) {
-                            return Err(self.protocol_error(conn_id, v.to_string()));
+                            // Ends the connection once this read's garbage is counted.
+                            violation = Some(v.to_string());
+                            break;
                         }
                         self.on_frame(conn_id, env, len, &prio, &ready)
                     }
@@ -988,6 +991,9 @@ impl Link {
                 + (now.abandoned - seen.abandoned);
             seen = now;
             drop(inner);
+            if let Some(v) = violation {
+                return Err(self.protocol_error(conn_id, v));
+            }
             if flood {
                 // A protocol error like any other: an honest agent sends at most one such
                 // frame per connection, so the backoff keeps growing and the log is limited.
