@@ -325,7 +325,8 @@ fn start_sims(dir: &Path, agents: usize, hostile_every: usize) -> Sims {
         let ready = BufReader::new(out)
             .lines()
             .map_while(Result::ok)
-            .any(|l| l == "sim-ready");
+            // libtest prints the test's name first on the same line.
+            .any(|l| l.ends_with("sim-ready"));
         assert!(ready, "an agent process ended before binding its sockets");
     }
     sims
@@ -519,7 +520,7 @@ async fn load(
                     .await
                     .is_ok()
                 };
-                let us = t.elapsed().as_nanos() as u64;
+                let us = t.elapsed().as_micros() as u64;
                 if !ok {
                     failed.fetch_add(1, Ordering::Relaxed);
                 } else if do_exec {

@@ -36,7 +36,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, mpsc, mpsc::error::TrySendError, oneshot, watch, Notify};
@@ -900,7 +900,7 @@ impl Link {
     async fn read_loop(
         self: &Arc<Self>,
         conn_id: u64,
-        mut rd: OwnedReadHalf,
+        rd: OwnedReadHalf,
         prio: mpsc::Sender<Transmit>,
         ready: watch::Sender<bool>,
     ) -> Result<(), String> {
@@ -925,8 +925,11 @@ impl Link {
                 .partial_deadline(Instant::now().into_std(), self.cfg.write_deadline)
                 .map(Instant::from_std);
             let wake = frame_at.map_or(idle_at, |f| f.min(idle_at));
-            let spare = dec.spare(READ_BYTES);
-            let n = match tokio::time::timeout_at(wake, rd.read(spare)).await {
+            // Waits for bytes without holding a buffer: the decoder's is allocated for a read
+            // and freed here once it is empty again (also after a read that found nothing:
+            // readiness can be stale), so an idle link holds none.
+            dec.release_if_empty();
+            let n = match tokio::time::timeout_at(wake, rd.readable()).await {
                 Err(_) => {
                     let now = Instant::now();
                     if dec.handle_timeout(now.into_std()) {
@@ -943,8 +946,12 @@ impl Link {
                     }
                 }
                 Ok(Err(e)) => return Err(format!("read failed: {e}")),
-                Ok(Ok(0)) => return Err("socket closed (EOF)".to_string()),
-                Ok(Ok(n)) => n,
+                Ok(Ok(())) => match rd.try_read(dec.spare(READ_BYTES)) {
+                    Ok(0) => return Err("socket closed (EOF)".to_string()),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(format!("read failed: {e}")),
+                },
             };
             dec.commit(n);
             let mut flood = false;
