@@ -291,6 +291,18 @@ async fn a_flapping_session_id_cannot_evict_another_vms_events() {
         }));
     }
     bad.send_raw(&storm).await;
+    // The storm is cut short: a protocol error, the link resets, and the agent is met again.
+    let stats = until_stats(&mut d, "bad13", |s| {
+        s.protocol_errors >= 1 || rx_frames(s, "agent_ready").0 >= 20_001
+    })
+    .await;
+    assert_eq!(
+        stats.protocol_errors, 1,
+        "the storm was read whole: {stats:?}"
+    );
+    drop(bad);
+    let mut bad = Conn::accept(&bad_l).await;
+    bad.handshake(ready(2, "bad")).await;
     bad.send(0, telemetry("flapped", Vec::new())).await;
     wait_hostname(&mut d, "bad13", "flapped").await;
 
@@ -321,7 +333,87 @@ async fn a_flapping_session_id_cannot_evict_another_vms_events() {
         ]
     );
     let stats = d.stats("bad13").await;
-    assert_eq!(rx_frames(&stats, "agent_ready").0, 20_001);
+    let readies = rx_frames(&stats, "agent_ready").0;
+    assert!(
+        readies <= qx_node::agent::link::MAX_AGENT_READY_PER_WINDOW + 2,
+        "{readies} AgentReady frames taken in"
+    );
+}
+
+/// Polls `vm`'s stats until `done` holds.
+async fn until_stats(
+    d: &mut Daemon,
+    vm: &str,
+    done: impl Fn(&pb::AgentConnectionStats) -> bool,
+) -> pb::AgentConnectionStats {
+    for _ in 0..2400 {
+        let s = d.stats(vm).await;
+        if done(&s) {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{vm}: the condition never held: {:?}", d.stats(vm).await);
+}
+
+/// A guest that writes input the daemon can only scan and throw away (garbage, or headers it
+/// must reject), as fast as it can: the daemon takes at most its budget of it per connection,
+/// then resets the connection for a protocol error (the backoff bounds the next one).
+async fn wasted_input_is_cut_off(
+    vm: &str,
+    attack: Vec<u8>,
+    within_budget: fn(&pb::AgentConnectionStats) -> bool,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let (l, path) = listen(dir.path(), vm);
+    let mut d = Daemon::start(fast_config(None), &[(vm, &path)]).await;
+    let mut c = Conn::accept(&l).await;
+    c.handshake(ready(5, "w")).await;
+    wait_hostname(&mut d, vm, "w").await;
+    // 8 MiB, in one write the daemon reads at its own pace.
+    let mut all = Vec::new();
+    while all.len() < 8 << 20 {
+        all.extend_from_slice(&attack);
+    }
+    let writer = tokio::spawn(async move {
+        c.send_raw(&all).await;
+        c
+    });
+    let stats = until_stats(&mut d, vm, |s| {
+        s.protocol_errors >= 1 || s.garbage_bytes >= 4 << 20 || s.bad_frames >= 10_000
+    })
+    .await;
+    assert_eq!(
+        stats.protocol_errors, 1,
+        "the daemon kept scanning: {stats:?}"
+    );
+    assert!(within_budget(&stats), "{stats:?}");
+    writer.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_at_full_rate_is_cut_off_at_its_budget() {
+    wasted_input_is_cut_off("w13g", vec![0x5a; 64 * 1024], |s| {
+        s.garbage_bytes <= qx_node::agent::link::MAX_GARBAGE_BYTES_PER_WINDOW + 64 * 1024
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_headers_at_full_rate_are_cut_off_at_their_budget() {
+    // A valid header claiming 1 MiB (over the host's limit), then filler.
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&qx_proto::MAGIC);
+    h[4..8].copy_from_slice(&(1u32 << 20).to_be_bytes());
+    h[8..12].copy_from_slice(&0xdead_beefu32.to_be_bytes());
+    let c = qx_proto::codec::crc32c(&h[..12]);
+    h[12..16].copy_from_slice(&c.to_be_bytes());
+    let mut one = h.to_vec();
+    one.extend([0x5a; 48]);
+    wasted_input_is_cut_off("w13o", one, |s| {
+        s.bad_frames <= qx_node::agent::link::MAX_BAD_FRAMES_PER_WINDOW + 8 * 1024 / 64
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

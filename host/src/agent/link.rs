@@ -77,6 +77,17 @@ const READ_BYTES: usize = 8 * 1024;
 /// at most one such frame per connection (a write cut short by its own death).
 pub const MAX_BAD_PAYLOADS_PER_CONNECTION: u64 = 16;
 
+/// What one connection may cost the daemon in input that is never useful, per
+/// [`WASTE_WINDOW`]: garbage bytes scanned, frames rejected (bad headers, oversized, damaged
+/// or undecodable), AgentReady frames. An honest agent stays far below (at most a frame of
+/// leftovers after a reconnect, one AgentReady per connection and per restart); past any of
+/// them the connection ends in a protocol error, and the backoff bounds the next one, so a
+/// guest cannot make the daemon scan its input at full rate.
+const WASTE_WINDOW: Duration = Duration::from_secs(10);
+pub const MAX_GARBAGE_BYTES_PER_WINDOW: u64 = 1 << 20;
+pub const MAX_BAD_FRAMES_PER_WINDOW: u64 = 64;
+pub const MAX_AGENT_READY_PER_WINDOW: u64 = 32;
+
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
