@@ -920,6 +920,9 @@ impl Link {
         let mut seen = dec.stats();
         // Liveness counts whole frames: bytes that never make a frame keep nothing alive.
         let mut last_frame = Instant::now();
+        // Unproductive input in the current window: garbage bytes, bad frames, AgentReadys.
+        let mut window_at = Instant::now();
+        let (mut garbage, mut bad, mut readies) = (0u64, 0u64, 0u64);
         loop {
             // No whole frame within the idle window (the liveness window before the first
             // AgentReady) ends the connection.
@@ -986,6 +989,16 @@ impl Link {
                 last_frame = Instant::now();
                 match env {
                     Ok((env, len)) => {
+                        if matches!(env.payload, Some(Payload::AgentReady(_))) {
+                            readies += 1;
+                            if readies > MAX_AGENT_READY_PER_WINDOW {
+                                violation = Some(format!(
+                                    "more than {MAX_AGENT_READY_PER_WINDOW} AgentReady frames within {} s",
+                                    WASTE_WINDOW.as_secs()
+                                ));
+                                break;
+                            }
+                        }
                         // Checked before anything is cached or handed to a caller.
                         if let Err(v) = limits::check(&env) {
                             // Ends the connection once this read's garbage is counted.
@@ -997,18 +1010,39 @@ impl Link {
                     Err(e) => {
                         log::debug!("vm {}: undecodable envelope: {e}", self.vm_id);
                         self.lock().stats.bad_frames += 1;
+                        bad += 1;
                     }
                 }
             }
             let now = dec.stats();
-            let mut inner = self.lock();
-            inner.stats.garbage_bytes += now.garbage_bytes - seen.garbage_bytes;
-            inner.stats.bad_frames += (now.bad_headers - seen.bad_headers)
+            let new_garbage = now.garbage_bytes - seen.garbage_bytes;
+            let new_bad = (now.bad_headers - seen.bad_headers)
                 + (now.oversized - seen.oversized)
                 + (now.bad_payloads - seen.bad_payloads)
                 + (now.abandoned - seen.abandoned);
+            let mut inner = self.lock();
+            inner.stats.garbage_bytes += new_garbage;
+            inner.stats.bad_frames += new_bad;
             seen = now;
             drop(inner);
+            garbage += new_garbage;
+            bad += new_bad;
+            if violation.is_none() && garbage > MAX_GARBAGE_BYTES_PER_WINDOW {
+                violation = Some(format!(
+                    "more than {MAX_GARBAGE_BYTES_PER_WINDOW} bytes of garbage within {} s",
+                    WASTE_WINDOW.as_secs()
+                ));
+            }
+            if violation.is_none() && bad > MAX_BAD_FRAMES_PER_WINDOW {
+                violation = Some(format!(
+                    "more than {MAX_BAD_FRAMES_PER_WINDOW} rejected frames within {} s",
+                    WASTE_WINDOW.as_secs()
+                ));
+            }
+            if window_at.elapsed() >= WASTE_WINDOW {
+                window_at = Instant::now();
+                (garbage, bad, readies) = (0, 0, 0);
+            }
             if let Some(v) = violation {
                 return Err(self.protocol_error(conn_id, v));
             }
