@@ -42,6 +42,7 @@ COMMANDS=(
   mkfs.ext4:e2fsprogs
   debugfs:e2fsprogs
   losetup:util-linux
+  setpriv:util-linux
   xorriso:xorriso
   openssl:openssl
   python3:python3

@@ -18,6 +18,8 @@
 #   qx.agent_args=A,B     extra agent arguments, comma-separated
 #   qx.hostname=NAME      the guest's hostname (default qx-guest)
 #   qx.disk=DEV:DIR       mount DEV (e.g. vda) as ext4 on DIR once it appears
+#   qx.root=DEV           switch the root to the ext4 disk DEV, which holds this image's tree
+#                         plus a /qx-root file, and run its /init (and agent) from there
 #   qx.qga=1|once         also run qemu-ga on org.qemu.guest_agent.0, respawned or once
 #                         (bench image only)
 #   qx.ip=ADDR/PREFIX     give eth0 this address and bring it up

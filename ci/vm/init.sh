@@ -7,13 +7,15 @@
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
+# After a switch from the initramfs (qx.root=) these are mounted already: they moved along.
+mounted() { grep -q " $1 " /proc/mounts 2>/dev/null; }
+mounted /proc || mount -t proc proc /proc
+mounted /sys || mount -t sysfs sysfs /sys
+mounted /dev || mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm /run /tmp /var/run /var/log
-mount -t devpts devpts /dev/pts
-mount -t tmpfs tmpfs /run
-mount -t tmpfs tmpfs /tmp
+mounted /dev/pts || mount -t devpts devpts /dev/pts
+mounted /run || mount -t tmpfs tmpfs /run
+mounted /tmp || mount -t tmpfs tmpfs /tmp
 
 say() { echo "qx-init: $*" >/dev/console; }
 
@@ -21,6 +23,7 @@ QX_AGENT=1
 QX_AGENT_ARGS=
 QX_HOSTNAME=qx-guest
 QX_DISK=
+QX_ROOT=
 QX_QGA=0
 QX_IP=
 for word in $(cat /proc/cmdline); do
@@ -29,6 +32,7 @@ for word in $(cat /proc/cmdline); do
     qx.agent_args=*) QX_AGENT_ARGS=$(echo "${word#qx.agent_args=}" | tr ',' ' ') ;;
     qx.hostname=*) QX_HOSTNAME=${word#qx.hostname=} ;;
     qx.disk=*) QX_DISK=${word#qx.disk=} ;;
+    qx.root=*) QX_ROOT=${word#qx.root=} ;;
     qx.qga=*) QX_QGA=${word#qx.qga=} ;;
     qx.ip=*) QX_IP=${word#qx.ip=} ;;
   esac
@@ -37,9 +41,26 @@ done
 hostname "$QX_HOSTNAME"
 echo "$QX_HOSTNAME" >/etc/hostname
 
-for m in $(cat /etc/modules.order); do
-  insmod "/lib/modules/$m.ko" 2>/dev/null || say "insmod $m failed"
-done
+# /qx-root marks a root filesystem switched to from the initramfs, which loaded the modules.
+if [ ! -e /qx-root ]; then
+  for m in $(cat /etc/modules.order); do
+    insmod "/lib/modules/$m.ko" 2>/dev/null || say "insmod $m failed"
+  done
+fi
+
+# qx.root=DEV: the root filesystem is the ext4 disk DEV, e.g. a storage volume that holds this
+# image's own tree plus a /qx-root file: mount it and switch to its /init, which then runs the
+# agent from the disk. Without such a tree there, stay in the initramfs.
+if [ -n "$QX_ROOT" ] && [ ! -e /qx-root ]; then
+  i=0
+  while [ ! -b "/dev/$QX_ROOT" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
+  mkdir -p /newroot
+  if mount -t ext4 "/dev/$QX_ROOT" /newroot && [ -e /newroot/qx-root ] && [ -x /newroot/init ]; then
+    for m in /proc /sys /dev /run /tmp; do mount --move "$m" "/newroot$m"; done
+    exec switch_root /newroot /init
+  fi
+  say "qx.root=$QX_ROOT: no /qx-root and /init on /dev/$QX_ROOT; staying in the initramfs"
+fi
 ip link set lo up 2>/dev/null
 if [ -n "$QX_IP" ]; then
   i=0

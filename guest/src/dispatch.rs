@@ -149,8 +149,12 @@ impl Agent {
         }
         match req.payload {
             Payload::TelemetryRequest(_) => {
-                let t = self.collector.sample();
-                self.reply(id, Payload::Telemetry(t));
+                let collector = self.collector.clone();
+                self.offload(
+                    id,
+                    move || Ok(lock(&collector).sample()),
+                    Payload::Telemetry,
+                );
             }
             Payload::SetTelemetryInterval(s) => {
                 self.set_telemetry_interval(s.interval_ms, now);
@@ -225,16 +229,20 @@ impl Agent {
                 );
             }
             Payload::FileWriteChunk(r) => {
-                let writers = self.writers.clone();
-                self.offload(id, move || lock(&writers).write(&r), |()| done());
+                let (writers, crc) = (self.writers.clone(), req.data_crc);
+                self.offload(id, move || lock(&writers).write(&r, crc), |()| done());
             }
             Payload::FileWriteClose(r) => {
                 let writers = self.writers.clone();
                 self.offload(id, move || lock(&writers).close(&r), Payload::FileWriteDone);
             }
             Payload::FileListRequest(r) => {
-                let policy = self.policy.clone();
-                self.offload(id, move || files::list(&policy, &r), Payload::FileList);
+                let (listings, policy) = (self.listings.clone(), self.policy.clone());
+                self.offload(
+                    id,
+                    move || files::list(&policy, &mut lock(&listings), &r, Instant::now()),
+                    Payload::FileList,
+                );
             }
             Payload::FileStatRequest(r) => {
                 let policy = self.policy.clone();
@@ -778,15 +786,15 @@ impl Agent {
                 pending,
             } => {
                 // A chunk that came back when the outbox was short of room goes first.
-                if let Some(chunk) = pending {
+                if let Some((chunk, crc)) = pending {
                     if self.session.outbox().room() < WORK_ROOM_BYTES {
                         return Some(Transfer::Read {
                             id,
                             reader: Some(reader),
-                            pending: Some(chunk),
+                            pending: Some((chunk, crc)),
                         });
                     }
-                    let _ = self.session.stream(id, Payload::FileChunk(chunk));
+                    let _ = self.session.stream_chunk(id, chunk, crc);
                 }
                 if self.session.outbox().room() < WORK_ROOM_BYTES {
                     return Some(Transfer::Read {
@@ -874,18 +882,18 @@ impl Agent {
         &mut self,
         id: u64,
         reader: files::FileReader,
-        res: OpResult<Option<FileChunk>>,
+        res: OpResult<Option<(FileChunk, u32)>>,
     ) {
         if self.transfer_mut(id).is_none() {
             return;
         }
         match res {
-            Ok(Some(chunk)) => {
+            Ok(Some((chunk, crc))) => {
                 let pending = if self.session.outbox().room() >= WORK_ROOM_BYTES {
-                    let _ = self.session.stream(id, Payload::FileChunk(chunk));
+                    let _ = self.session.stream_chunk(id, chunk, crc);
                     None
                 } else {
-                    Some(chunk)
+                    Some((chunk, crc))
                 };
                 if let Some(t) = self.transfer_mut(id) {
                     *t = Transfer::Read {

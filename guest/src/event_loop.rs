@@ -5,7 +5,9 @@
 //! file transfers, flush), then sleep in `poll` until the earliest deadline or an event.
 //! Readiness is edge-triggered: after an event the loop reads or writes until `WouldBlock`,
 //! and a source it could not drain (no room in the outbox) stays marked ready. Nothing blocks
-//! and nothing sleeps outside `poll`.
+//! and nothing sleeps outside `poll`: the calls that can wait on a filesystem (file
+//! operations, listings, freeze and trim, telemetry's statvfs) runs on the one worker thread
+//! ([`crate::worker`]), which reports back through its own token.
 //!
 //! Interest follows state: the transport is watched for writable only while the outbox holds
 //! bytes, or while no host is attached (the host's arrival on a virtio-serial port shows as
@@ -24,7 +26,7 @@ use thiserror::Error;
 use crate::config::Config;
 use crate::exec::{ChildFd, Jobs, OutputSink};
 use crate::logring;
-use crate::ops::files::FileWriters;
+use crate::ops::files::{FileWriters, Listings};
 use crate::ops::fsfreeze::Freezer;
 use crate::ops::policy::PathPolicy;
 use crate::ops::telemetry::Collector;
@@ -35,10 +37,11 @@ use crate::sys;
 use crate::transport::{Endpoint, Transport};
 use crate::worker::Worker;
 
-/// The open uploads, locked by the worker. A job that panicked cannot leave them half
-/// changed in a way a later job must not see (each call is whole), so poisoning is ignored.
-pub(crate) fn lock(writers: &Mutex<FileWriters>) -> MutexGuard<'_, FileWriters> {
-    writers.lock().unwrap_or_else(PoisonError::into_inner)
+/// State the worker's jobs share (open uploads, kept listings), locked by the worker alone. A
+/// job that panicked cannot leave it half changed in a way a later job must not see (each
+/// call is whole), so poisoning is ignored.
+pub(crate) fn lock<T>(state: &Mutex<T>) -> MutexGuard<'_, T> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The transport's token.
@@ -100,11 +103,12 @@ pub enum LoopError {
 }
 
 /// The capabilities this build serves (docs/protocol.md, "Capabilities").
-pub const CAPABILITIES: [&str; 15] = [
+pub const CAPABILITIES: [&str; 16] = [
     "ping",
     "exec",
     "file-read",
     "file-write",
+    "file-crc32c",
     "file-ops",
     "fsfreeze",
     "fstrim",
@@ -130,12 +134,12 @@ pub struct ConfigSource {
 /// piece on the filesystem worker.
 #[derive(Debug)]
 pub(crate) enum Transfer {
-    /// `reader` is `None` while the worker reads a chunk; `pending` holds a chunk that came
-    /// back when the outbox was short of room.
+    /// `reader` is `None` while the worker reads a chunk; `pending` holds a chunk (with the
+    /// CRC32C of its data) that came back when the outbox was short of room.
     Read {
         id: u64,
         reader: Option<crate::ops::files::FileReader>,
-        pending: Option<qx_proto::agent::FileChunk>,
+        pending: Option<(qx_proto::agent::FileChunk, u32)>,
     },
     /// `hasher` is `None` while the worker hashes a step.
     Hash {
@@ -201,12 +205,17 @@ pub struct Agent {
     pub(crate) policy: PathPolicy,
     /// Open uploads; only the worker locks them (see [`lock`]).
     pub(crate) writers: Arc<Mutex<FileWriters>>,
+    /// Directory listings kept between pages; only the worker locks them.
+    pub(crate) listings: Arc<Mutex<Listings>>,
     pub(crate) worker: Worker,
     /// A freeze was sent to the worker and has not come back.
     pub(crate) freezing: bool,
     pub(crate) freezer: Freezer,
     pub(crate) users: UserDb,
-    pub(crate) collector: Collector,
+    /// Telemetry's CPU baseline; only the worker locks it.
+    pub(crate) collector: Arc<Mutex<Collector>>,
+    /// A pushed telemetry sample is being taken by the worker.
+    sampling: bool,
     pub(crate) transfers: Vec<Transfer>,
     /// Reads and hashes whose open is on the worker; they count against `max_open_reads`.
     pub(crate) opening_reads: usize,
@@ -336,11 +345,13 @@ impl Agent {
             jobs: Jobs::new(cfg.max_concurrent_exec),
             policy: PathPolicy::new(cfg.file_allow.clone(), cfg.file_deny.clone()),
             writers: Arc::new(Mutex::new(FileWriters::new(cfg.max_open_files))),
+            listings: Arc::default(),
             worker: Worker::start(poll.registry(), WORKER).map_err(LoopError::Worker)?,
             freezing: false,
             freezer,
             users: UserDb::system(),
-            collector: Collector::new(),
+            collector: Arc::default(),
+            sampling: false,
             transfers: Vec::new(),
             opening_reads: 0,
             next_telemetry,
@@ -653,8 +664,19 @@ impl Agent {
     fn timers(&mut self, now: Instant) {
         if let Some(at) = self.next_telemetry {
             if now >= at {
-                let sample = self.collector.sample();
-                self.session.push_telemetry(sample);
+                // Sampled by the worker: statvfs of a filesystem whose device hangs would
+                // block. One sample at a time, however long the worker is busy.
+                if !self.sampling {
+                    self.sampling = true;
+                    let collector = self.collector.clone();
+                    self.worker.submit(move || {
+                        let sample = lock(&collector).sample();
+                        Box::new(move |agent: &mut Agent, _now: Instant| {
+                            agent.sampling = false;
+                            agent.session.push_telemetry(sample);
+                        })
+                    });
+                }
                 let interval = Duration::from_millis(u64::from(self.cfg.telemetry_interval_ms));
                 self.next_telemetry = (!interval.is_zero()).then(|| now + interval);
             }

@@ -209,10 +209,16 @@ impl Outbox {
         self.stats
     }
 
-    /// Encodes `env` into `scratch` and checks that `room` bytes hold it.
-    fn encode_within(&mut self, env: &Envelope, room: usize) -> Result<usize, OutboxError> {
+    /// Encodes `env` into `scratch` and checks that `room` bytes hold it. `tail`: the
+    /// length and CRC32C of data encoded last (see [`qx_proto::encode_envelope_with_tail`]).
+    fn encode_within(
+        &mut self,
+        env: &Envelope,
+        room: usize,
+        tail: Option<(usize, u32)>,
+    ) -> Result<usize, OutboxError> {
         self.scratch.clear();
-        qx_proto::encode_envelope(env, SEND_MAX_FRAME_BYTES, &mut self.scratch)?;
+        qx_proto::encode_envelope_with_tail(env, SEND_MAX_FRAME_BYTES, tail, &mut self.scratch)?;
         let need = self.scratch.len();
         if need > room {
             self.stats.refused += 1;
@@ -230,16 +236,20 @@ impl Outbox {
     }
 
     /// Queues an ack or a stream item on the reply lane, whole, or refuses it when it does
-    /// not fit [`Outbox::room`].
-    pub fn push_reply(&mut self, env: &Envelope) -> Result<(), OutboxError> {
-        let need = self.encode_within(env, self.room())?;
+    /// not fit [`Outbox::room`]. `tail`: the length and CRC32C of data encoded last.
+    pub fn push_reply(
+        &mut self,
+        env: &Envelope,
+        tail: Option<(usize, u32)>,
+    ) -> Result<(), OutboxError> {
+        let need = self.encode_within(env, self.room(), tail)?;
         self.enqueue_scratch(need);
         Ok(())
     }
 
     /// Queues one of the session's own frames, which may use the session reserve.
     pub fn push_session(&mut self, env: &Envelope) -> Result<(), OutboxError> {
-        let need = self.encode_within(env, self.session_room())?;
+        let need = self.encode_within(env, self.session_room(), None)?;
         self.enqueue_scratch(need);
         Ok(())
     }
@@ -475,8 +485,8 @@ mod tests {
                 data: vec![0x51; 40_000],
             }),
         );
-        ob.push_reply(&big).unwrap();
-        ob.push_reply(&ack(9)).unwrap();
+        ob.push_reply(&big, None).unwrap();
+        ob.push_reply(&ack(9), None).unwrap();
         let mut sink = TestSink::new(7);
         sink.block_every = 3;
         // Some progress, then the host stalls.
@@ -515,7 +525,7 @@ mod tests {
                 data: vec![1; 60_000],
             }),
         );
-        ob.push_reply(&big).unwrap();
+        ob.push_reply(&big, None).unwrap();
         let mut rec = Recorder(Vec::new());
         ob.flush(&mut rec).unwrap();
         assert!(rec.0.iter().all(|&n| n <= MAX_WRITE_BYTES));
@@ -533,7 +543,7 @@ mod tests {
         let mut refused = 0;
         for i in 1..=100_000u64 {
             ob.push_telemetry(&telemetry(i)).unwrap();
-            if ob.push_reply(&ack(i)).is_err() {
+            if ob.push_reply(&ack(i), None).is_err() {
                 refused += 1;
             }
             ob.flush(&mut sink).unwrap();
@@ -566,9 +576,9 @@ mod tests {
         sink.block_every = 2;
         ob.flush(&mut sink).unwrap(); // the telemetry frame has started
         assert!(ob.mid_frame());
-        ob.push_reply(&ack(1)).unwrap();
+        ob.push_reply(&ack(1), None).unwrap();
         ob.push_telemetry(&telemetry(2)).unwrap();
-        ob.push_reply(&ack(2)).unwrap();
+        ob.push_reply(&ack(2), None).unwrap();
         sink.block_every = 0;
         ob.flush(&mut sink).unwrap();
         let (frames, garbage) = decode_all(&sink.data);
@@ -586,14 +596,14 @@ mod tests {
                 data: vec![9; 3000],
             }),
         );
-        ob.push_reply(&reply).unwrap();
+        ob.push_reply(&reply, None).unwrap();
         let mut first_host = TestSink::new(1000);
         first_host.block_every = 2;
         ob.flush(&mut first_host).unwrap();
         assert!(ob.mid_frame());
         // Another reply was queued meanwhile.
         let later = ack(5);
-        ob.push_reply(&later).unwrap();
+        ob.push_reply(&later, None).unwrap();
         // The host goes away; a new host connects and the agent queues its hello ahead.
         let hello = env(1, Payload::Ping(Ping { seq: 77 }));
         ob.push_urgent(&hello).unwrap();
@@ -620,7 +630,7 @@ mod tests {
     fn frame_taken_up_but_not_started_yields_to_the_hello() {
         let mut ob = Outbox::new(0);
         let reply = ack(3);
-        ob.push_reply(&reply).unwrap();
+        ob.push_reply(&reply, None).unwrap();
         // The host is gone: the write of the next frame takes nothing.
         let mut gone = TestSink::new(1000);
         gone.stalled = true;
@@ -648,7 +658,7 @@ mod tests {
         };
         let mut ob = Outbox::new(0);
         let first = chunk(40_000);
-        ob.push_reply(&first).unwrap();
+        ob.push_reply(&first, None).unwrap();
         // The host stops reading: the first frame is taken up for writing, nothing of it is
         // written, and the lane fills up behind it.
         let mut sink = TestSink::new(1000);
@@ -657,7 +667,7 @@ mod tests {
         let mut queued = vec![first];
         loop {
             let next = chunk(10_000);
-            if ob.push_reply(&next).is_err() {
+            if ob.push_reply(&next, None).is_err() {
                 break;
             }
             queued.push(next);
@@ -670,7 +680,7 @@ mod tests {
         assert!(ob.room() <= Outbox::new(0).room());
         // Nothing more is taken than the lane holds, and everything comes out whole.
         let before = ob.stats().frames_queued;
-        while ob.push_reply(&chunk(10_000)).is_ok() {
+        while ob.push_reply(&chunk(10_000), None).is_ok() {
             assert!(
                 ob.stats().frames_queued - before < 100,
                 "the lane takes frames without limit"
@@ -701,7 +711,7 @@ mod tests {
         let need = qx_proto::encoded_frame_len(&reply);
         assert!(ob.reserve(need));
         // Stream items and session frames take every other byte.
-        while ob.push_reply(&ack(1)).is_ok() {}
+        while ob.push_reply(&ack(1), None).is_ok() {}
         while ob.push_session(&ack(2)).is_ok() {}
         assert_eq!(ob.room(), 0);
         assert!(!ob.reserve(1));
@@ -735,7 +745,7 @@ mod tests {
         let mut ob = Outbox::new(0);
         let first = env(1, Payload::Ping(Ping { seq: 1 }));
         let second = env(2, Payload::Ping(Ping { seq: 2 }));
-        ob.push_reply(&ack(3)).unwrap();
+        ob.push_reply(&ack(3), None).unwrap();
         ob.push_urgent(&first).unwrap();
         ob.push_urgent(&second).unwrap();
         let mut sink = TestSink::new(1000);
@@ -756,7 +766,7 @@ mod tests {
             }),
         );
         assert!(matches!(
-            ob.push_reply(&huge),
+            ob.push_reply(&huge, None),
             Err(OutboxError::TooLarge(_))
         ));
         assert!(ob.is_empty());

@@ -41,7 +41,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use log::{debug, info, warn};
 use prost::Message;
 use qx_proto::agent::envelope::Payload;
-use qx_proto::agent::{Ack, AgentReady, Envelope, Error as WireError, ErrorCode, Ping, Pong};
+use qx_proto::agent::{
+    Ack, AgentReady, Envelope, Error as WireError, ErrorCode, FileChunk, Ping, Pong,
+};
 use qx_proto::{decode_envelope, Decoder, DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION};
 use qx_proto::{envelope_payload_name as payload_name_env, payload_name};
 
@@ -115,6 +117,9 @@ pub enum LinkEvent {
 pub struct Request {
     pub id: u64,
     pub payload: Payload,
+    /// The CRC32C of a FileWriteChunk's data, read back from the frame's checksum (the data
+    /// is the frame's tail), so the data is not read again for it; `None`: not known.
+    pub data_crc: Option<u32>,
 }
 
 /// Session counters.
@@ -508,9 +513,11 @@ impl Session {
     /// the next answer waits for outbox room ([`Session::is_holding`]).
     pub fn next_request(&mut self, now: Instant) -> Option<Request> {
         loop {
+            // Known only for an envelope decoded now, not for a held one.
+            let mut data_crc = None;
             let env = match self.held.take() {
                 Some(env) => env,
-                None => match self.decoder.decode() {
+                None => match self.decoder.decode_with_crc() {
                     Ok(None) => return None,
                     Err(e) => {
                         self.stats.bad_frames += 1;
@@ -519,8 +526,16 @@ impl Session {
                         }
                         continue;
                     }
-                    Ok(Some(payload)) => match decode_envelope(payload) {
-                        Ok(env) => env,
+                    Ok(Some((payload, crc))) => match decode_envelope(payload) {
+                        Ok(env) => {
+                            data_crc = match &env.payload {
+                                Some(Payload::FileWriteChunk(c)) => {
+                                    Some(qx_proto::tail_crc32c(payload, crc, c.data.len()))
+                                }
+                                _ => None,
+                            };
+                            env
+                        }
                         Err(e) => {
                             self.stats.bad_envelopes += 1;
                             if self.noisy.allow(now) {
@@ -533,7 +548,7 @@ impl Session {
             };
             match self.on_envelope(env, now) {
                 Step::Handled => {}
-                Step::Run(req) => return Some(req),
+                Step::Run(req) => return Some(Request { data_crc, ..req }),
                 Step::Wait(env) => {
                     self.held = Some(env);
                     return None;
@@ -664,7 +679,7 @@ impl Session {
             return self.refuse(key, ack, busy, env_again(id, payload));
         }
         // Both checked against room() above: neither can be refused.
-        if self.outbox.push_reply(&ack).is_err() || !self.outbox.reserve(bound) {
+        if self.outbox.push_reply(&ack, None).is_err() || !self.outbox.reserve(bound) {
             warn!("request {id}: admission failed after its room was checked");
             return Step::Wait(env_again(id, payload));
         }
@@ -677,7 +692,11 @@ impl Session {
                 reserved: bound,
             },
         );
-        Step::Run(Request { id, payload })
+        Step::Run(Request {
+            id,
+            payload,
+            data_crc: None,
+        })
     }
 
     /// Acks request `key` and answers it with the terminal `err` without running it. The
@@ -754,7 +773,20 @@ impl Session {
     /// [`Outbox::room`] first; a refused item is the caller's to retry.
     pub fn stream(&mut self, id: u64, payload: Payload) -> Result<(), OutboxError> {
         let env = self.envelope(id, payload);
-        self.outbox.push_reply(&env)
+        self.outbox.push_reply(&env, None)
+    }
+
+    /// Queues a FileChunk of request `id` whose data has CRC32C `data_crc`: the frame's
+    /// checksum is built from it, and the data is not read again.
+    pub fn stream_chunk(
+        &mut self,
+        id: u64,
+        chunk: FileChunk,
+        data_crc: u32,
+    ) -> Result<(), OutboxError> {
+        let tail = Some((chunk.data.len(), data_crc));
+        let env = self.envelope(id, Payload::FileChunk(chunk));
+        self.outbox.push_reply(&env, tail)
     }
 
     /// Queues the terminal reply of request `id` in the room reserved for it when it was

@@ -1,8 +1,11 @@
 //! Guest-agent RPCs: every call goes through the agent connection manager.
 //!
-//! Each RPC builds one agent request (or, for files and exec streams, a short sequence of
-//! them), hands it to the VM's link and turns the typed reply into the RPC's reply. Errors
-//! become `tonic::Status` in [`crate::error::to_status`] only.
+//! Each operation builds one agent request (or, for files and exec streams, a short sequence
+//! of them), hands it to the VM's link and returns the typed reply or an [`AgentError`].
+//! The VM layer calls the typed operations ([`AgentApi::power`], [`AgentApi::freeze`],
+//! [`AgentApi::thaw`], [`AgentApi::sync_time`]); the RPC-shaped ones take node.proto's
+//! request messages. Nothing here knows about gRPC: errors become `tonic::Status` at the gRPC
+//! edge ([`crate::service::status`]).
 
 use crate::agent::command::{Command, CommandOptions, Redelivery, Step};
 use crate::agent::link::Link;
@@ -11,7 +14,7 @@ use crate::agent::{AgentConfig, AgentManager};
 pub use crate::agent::{AgentEvent, AgentEventKind};
 use crate::error::AgentError;
 use crate::pb;
-use crate::service::RpcStream;
+use crate::stream::BoxStream;
 use qx_proto::agent::envelope::Payload;
 use qx_proto::agent::{self as ap};
 use sha2::{Digest, Sha256};
@@ -21,7 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Status, Streaming};
+use tokio_stream::{Stream, StreamExt};
 
 /// Largest data chunk of one FileWriteChunk (each is acknowledged and answered).
 pub const WRITE_CHUNK_BYTES: usize = qx_proto::MAX_FILE_CHUNK_BYTES as usize;
@@ -103,6 +106,20 @@ macro_rules! call {
             other => Err(unexpected(&link, id, kind, other)),
         }
     }};
+}
+
+/// Why a WriteGuestFile failed: the agent side, or the caller's own request stream (whose
+/// error, of the caller's type, is handed back as it came).
+#[derive(Debug)]
+pub enum WriteError<E> {
+    Agent(AgentError),
+    Caller(E),
+}
+
+impl<E> From<AgentError> for WriteError<E> {
+    fn from(e: AgentError) -> Self {
+        WriteError::Agent(e)
+    }
 }
 
 /// Waits for the answer to one queued FileWriteChunk.
@@ -233,7 +250,7 @@ impl AgentApi {
     pub async fn ping_agent(
         &self,
         request: pb::AgentRequest,
-    ) -> Result<pb::PingAgentResponse, Status> {
+    ) -> Result<pb::PingAgentResponse, AgentError> {
         let link = self.mgr.link(&request.vm_id)?;
         let rtt = self.ping(&link, request.timeout_ms).await?;
         let cache = link.cache();
@@ -250,7 +267,7 @@ impl AgentApi {
     pub async fn get_agent_info(
         &self,
         request: pb::AgentRequest,
-    ) -> Result<pb::GuestAgentInfo, Status> {
+    ) -> Result<pb::GuestAgentInfo, AgentError> {
         let link = self.mgr.link(&request.vm_id)?;
         Ok(info_of(&link))
     }
@@ -258,7 +275,7 @@ impl AgentApi {
     pub async fn get_agent_connection_stats(
         &self,
         request: pb::AgentStatsRequest,
-    ) -> Result<pb::AgentConnectionStatsResponse, Status> {
+    ) -> Result<pb::AgentConnectionStatsResponse, AgentError> {
         let links = if request.vm_id.is_empty() {
             self.mgr.links()
         } else {
@@ -294,7 +311,7 @@ impl AgentApi {
     pub async fn execute_in_guest(
         &self,
         request: pb::ExecuteInGuestRequest,
-    ) -> Result<ap::ExecExit, Status> {
+    ) -> Result<ap::ExecExit, AgentError> {
         let (exec, timeout) = Self::exec_of(&request, false)?;
         let link = self.mgr.link(&request.vm_id)?;
         let cmd = link.start(
@@ -305,14 +322,14 @@ impl AgentApi {
         let (id, kind) = (cmd.id(), cmd.kind);
         match cmd.finish().await? {
             Payload::ExecExit(x) => Ok(x),
-            other => Err(unexpected(&link, id, kind, other).into()),
+            other => Err(unexpected(&link, id, kind, other)),
         }
     }
 
     pub async fn stream_exec_in_guest(
         &self,
         request: pb::ExecuteInGuestRequest,
-    ) -> Result<RpcStream<pb::ExecEvent>, Status> {
+    ) -> Result<BoxStream<pb::ExecEvent, AgentError>, AgentError> {
         let (exec, timeout) = Self::exec_of(&request, true)?;
         let link = self.mgr.link(&request.vm_id)?;
         let mut cmd = link.start(
@@ -322,7 +339,7 @@ impl AgentApi {
         )?;
         // Two events queued for the gRPC stream: what waits for a slow client is the command's
         // item buffer, bounded in bytes.
-        let (tx, rx) = mpsc::channel::<Result<pb::ExecEvent, Status>>(2);
+        let (tx, rx) = mpsc::channel::<Result<pb::ExecEvent, AgentError>>(2);
         let started = pb::ExecEvent {
             event: Some(pb::exec_event::Event::StartedId(cmd.id())),
         };
@@ -347,11 +364,11 @@ impl AgentApi {
                     Ok(Step::Item(_)) => continue,
                     Ok(Step::Done(other)) => {
                         let e = unexpected(&cmd.link, cmd.id(), cmd.kind, other);
-                        let _ = tx.send(Err(e.into())).await;
+                        let _ = tx.send(Err(e)).await;
                         return;
                     }
                     Err(e) => {
-                        let _ = tx.send(Err(e.into())).await;
+                        let _ = tx.send(Err(e)).await;
                         return;
                     }
                 };
@@ -366,7 +383,7 @@ impl AgentApi {
     pub async fn kill_guest_exec(
         &self,
         request: pb::KillGuestExecRequest,
-    ) -> Result<pb::Empty, Status> {
+    ) -> Result<pb::Empty, AgentError> {
         let req = Payload::ExecKill(ap::ExecKill {
             target_id: request.exec_id,
             signal: request.signal,
@@ -378,7 +395,7 @@ impl AgentApi {
     pub async fn read_guest_file(
         &self,
         request: pb::ReadGuestFileRequest,
-    ) -> Result<RpcStream<pb::GuestFileChunk>, Status> {
+    ) -> Result<BoxStream<pb::GuestFileChunk, AgentError>, AgentError> {
         let link = self.mgr.link(&request.vm_id)?;
         let stat_req = Payload::FileStatRequest(ap::FileStatRequest {
             path: request.path.clone(),
@@ -395,23 +412,30 @@ impl AgentApi {
         let file_size = stat.size;
         let window_timeout = ms(request.timeout_ms).unwrap_or(self.mgr.config().default_timeout);
         let opts = self.opts_for(window_timeout, Redelivery::Never);
-        let (tx, rx) = mpsc::channel::<Result<pb::GuestFileChunk, Status>>(8);
+        let (tx, rx) = mpsc::channel::<Result<pb::GuestFileChunk, AgentError>>(8);
         tokio::spawn(async move {
             let res = read_windows(&link, &request, file_size, opts, &tx).await;
             if let Err(e) = res {
-                let _ = tx.send(Err(e.into())).await;
+                let _ = tx.send(Err(e)).await;
             }
         });
         Ok(Box::pin(ReceiverStream::new(rx)))
     }
 
-    pub async fn write_guest_file(
+    /// WriteGuestFile: the first message of `requests` is the header, the rest is data. The
+    /// caller's own stream errors come back as [`WriteError::Caller`], untouched.
+    pub async fn write_guest_file<S, E>(
         &self,
-        mut requests: Streaming<pb::WriteGuestFileRequest>,
-    ) -> Result<ap::FileWriteDone, Status> {
+        mut requests: S,
+    ) -> Result<ap::FileWriteDone, WriteError<E>>
+    where
+        S: Stream<Item = Result<pb::WriteGuestFileRequest, E>> + Unpin + Send,
+    {
         let first = requests
-            .message()
-            .await?
+            .next()
+            .await
+            .transpose()
+            .map_err(WriteError::Caller)?
             .ok_or_else(|| AgentError::InvalidArgument("empty WriteGuestFile stream".into()))?;
         let header = match first.part {
             Some(pb::write_guest_file_request::Part::Header(h)) => h,
@@ -428,11 +452,26 @@ impl AgentApi {
             .ok_or_else(|| AgentError::InvalidArgument("header.open is missing".into()))?;
         let vm = header.vm_id.clone();
         let t = header.timeout_ms;
+        // Held until the transfer is closed: beyond the agent's open-file limit a transfer
+        // waits here, within the call's timeout, instead of being refused Busy by the agent.
+        let timeout = ms(t).unwrap_or(self.mgr.config().default_timeout);
+        let _slot = self
+            .mgr
+            .link(&vm)?
+            .write_slot(Instant::now() + timeout)
+            .await?;
+        // An agent that keeps a CRC32C is checked by it and hashes nothing: SHA-256 is its
+        // largest per-byte cost in a VM, and the host hashes the data for the caller anyway.
+        let crc = agent_keeps_crc32c(&*self.mgr.link(&vm)?);
+        let open = ap::FileWriteOpen {
+            skip_sha256: crc,
+            ..open
+        };
         let req = Payload::FileWriteOpen(open);
         let opened = call!(self, &vm, t, Redelivery::SameSession, req, FileWriteOpened)?;
         let handle = opened.handle;
         let result = self
-            .write_body(&vm, t, handle, &header, &mut requests)
+            .write_body(&vm, t, handle, crc, &header, &mut requests)
             .await;
         if result.is_err() {
             // Best effort: drop the temporary file in the guest.
@@ -440,21 +479,27 @@ impl AgentApi {
                 handle,
                 commit: false,
                 expected_sha256: Vec::new(),
+                expected_crc32c: None,
             });
             let _ = call!(self, &vm, t, Redelivery::SameSession, close, FileWriteDone);
         }
         result
     }
 
-    async fn write_body(
+    async fn write_body<S, E>(
         &self,
         vm: &str,
         t: u32,
         handle: u64,
+        crc_check: bool,
         header: &pb::WriteGuestFileHeader,
-        requests: &mut Streaming<pb::WriteGuestFileRequest>,
-    ) -> Result<ap::FileWriteDone, Status> {
+        requests: &mut S,
+    ) -> Result<ap::FileWriteDone, WriteError<E>>
+    where
+        S: Stream<Item = Result<pb::WriteGuestFileRequest, E>> + Unpin + Send,
+    {
         let mut hasher = Sha256::new();
+        let mut crc = 0u32;
         let mut offset = 0u64;
         let mut buf: Vec<u8> = Vec::new();
         // Chunks already queued on the link, oldest first. The agent takes them in order (each
@@ -462,7 +507,11 @@ impl AgentApi {
         // error cancels them.
         let mut in_flight = std::collections::VecDeque::with_capacity(WRITE_WINDOW_CHUNKS);
         loop {
-            let msg = requests.message().await?;
+            let msg = requests
+                .next()
+                .await
+                .transpose()
+                .map_err(WriteError::Caller)?;
             let eof = msg.is_none();
             if let Some(m) = msg {
                 match m.part {
@@ -479,6 +528,7 @@ impl AgentApi {
                 let n = buf.len().min(WRITE_CHUNK_BYTES);
                 let data: Vec<u8> = buf.drain(..n).collect();
                 hasher.update(&data);
+                crc = qx_proto::crc32c_append(crc, &data);
                 let req = Payload::FileWriteChunk(ap::FileWriteChunk {
                     handle,
                     offset,
@@ -509,56 +559,75 @@ impl AgentApi {
             }
             .into());
         }
+        // The agent commits only content that matches: by CRC32C when it keeps one, else by
+        // sha256.
         let close = Payload::FileWriteClose(ap::FileWriteClose {
             handle,
             commit: true,
-            expected_sha256: digest.clone(),
+            expected_sha256: if crc_check {
+                Vec::new()
+            } else {
+                digest.clone()
+            },
+            expected_crc32c: crc_check.then_some(crc),
         });
-        let done = call!(self, vm, t, Redelivery::SameSession, close, FileWriteDone)?;
-        if done.sha256 != digest || done.bytes != offset {
+        let mut done = call!(self, vm, t, Redelivery::SameSession, close, FileWriteDone)?;
+        let matches = if crc_check {
+            done.crc32c == crc
+        } else {
+            done.sha256 == digest
+        };
+        if !matches || done.bytes != offset {
+            let check = if crc_check { "crc32c" } else { "sha256" };
             return Err(AgentError::Integrity {
                 vm_id: vm.to_string(),
                 what: format!(
-                    "the guest stored {} bytes with a different sha256 than the {offset} bytes sent",
+                    "the guest stored {} bytes with a different {check} than the {offset} bytes sent",
                     done.bytes
                 ),
             }
             .into());
         }
+        // The content's sha256, for the caller: the host's own, equal to the agent's when it
+        // hashed.
+        done.sha256 = digest;
         Ok(done)
     }
 
     pub async fn list_guest_dir(
         &self,
         request: pb::GuestListRequest,
-    ) -> Result<ap::FileList, Status> {
+    ) -> Result<ap::FileList, AgentError> {
         let req = Payload::FileListRequest(request.request.unwrap_or_default());
-        Ok(call!(
+        call!(
             self,
             &request.vm_id,
             0,
             Redelivery::SameSession,
             req,
             FileList
-        )?)
+        )
     }
 
     pub async fn stat_guest_path(
         &self,
         request: pb::GuestStatRequest,
-    ) -> Result<ap::FileStat, Status> {
+    ) -> Result<ap::FileStat, AgentError> {
         let req = Payload::FileStatRequest(request.request.unwrap_or_default());
-        Ok(call!(
+        call!(
             self,
             &request.vm_id,
             0,
             Redelivery::SameSession,
             req,
             FileStat
-        )?)
+        )
     }
 
-    pub async fn mkdir_guest(&self, request: pb::GuestMkdirRequest) -> Result<pb::Empty, Status> {
+    pub async fn mkdir_guest(
+        &self,
+        request: pb::GuestMkdirRequest,
+    ) -> Result<pb::Empty, AgentError> {
         let req = Payload::MkdirRequest(request.request.unwrap_or_default());
         call!(self, &request.vm_id, 0, Redelivery::SameSession, req, Done)?;
         Ok(pb::Empty {})
@@ -567,7 +636,7 @@ impl AgentApi {
     pub async fn delete_guest_path(
         &self,
         request: pb::GuestDeleteRequest,
-    ) -> Result<pb::Empty, Status> {
+    ) -> Result<pb::Empty, AgentError> {
         let req = Payload::DeleteRequest(request.request.unwrap_or_default());
         call!(self, &request.vm_id, 0, Redelivery::SameSession, req, Done)?;
         Ok(pb::Empty {})
@@ -576,7 +645,7 @@ impl AgentApi {
     pub async fn hash_guest_file(
         &self,
         request: pb::GuestHashRequest,
-    ) -> Result<ap::FileHash, Status> {
+    ) -> Result<ap::FileHash, AgentError> {
         let req = Payload::FileHashRequest(ap::FileHashRequest { path: request.path });
         let t = request.timeout_ms;
         let t = if t == 0 {
@@ -584,146 +653,161 @@ impl AgentApi {
         } else {
             t
         };
-        Ok(call!(
+        call!(
             self,
             &request.vm_id,
             t,
             Redelivery::SameSession,
             req,
             FileHash
-        )?)
+        )
     }
 
-    async fn power(
+    /// Asks the agent to power the guest off, halt it or reboot it, after `delay_ms`.
+    pub async fn power(
         &self,
-        request: pb::GuestPowerRequest,
+        vm_id: &str,
         action: ap::PowerAction,
-    ) -> Result<ap::PowerReply, Status> {
+        delay_ms: u32,
+    ) -> Result<ap::PowerReply, AgentError> {
         let req = Payload::PowerRequest(ap::PowerRequest {
             action: action as i32,
-            delay_ms: request.delay_ms,
+            delay_ms,
         });
-        Ok(call!(
-            self,
-            &request.vm_id,
-            0,
-            Redelivery::SameSession,
-            req,
-            PowerReply
-        )?)
+        call!(self, vm_id, 0, Redelivery::SameSession, req, PowerReply)
     }
 
     pub async fn guest_shutdown(
         &self,
         request: pb::GuestPowerRequest,
-    ) -> Result<ap::PowerReply, Status> {
+    ) -> Result<ap::PowerReply, AgentError> {
         let action = if request.halt {
             ap::PowerAction::Halt
         } else {
             ap::PowerAction::Shutdown
         };
-        self.power(request, action).await
+        self.power(&request.vm_id, action, request.delay_ms).await
     }
 
     pub async fn guest_reboot(
         &self,
         request: pb::GuestPowerRequest,
-    ) -> Result<ap::PowerReply, Status> {
-        self.power(request, ap::PowerAction::Reboot).await
+    ) -> Result<ap::PowerReply, AgentError> {
+        self.power(&request.vm_id, ap::PowerAction::Reboot, request.delay_ms)
+            .await
+    }
+
+    /// Freezes the guest's filesystems (`mountpoints`, or all of them); the agent thaws them
+    /// by itself after `auto_thaw_s`. The reply's token thaws them ([`AgentApi::thaw`]).
+    pub async fn freeze(
+        &self,
+        vm_id: &str,
+        mountpoints: Vec<String>,
+        auto_thaw_s: u32,
+        run_hooks: bool,
+    ) -> Result<ap::FsFreezeReply, AgentError> {
+        let req = Payload::FsFreezeRequest(ap::FsFreezeRequest {
+            mountpoints,
+            auto_thaw_ms: auto_thaw_s.saturating_mul(1000),
+            run_hooks,
+        });
+        call!(self, vm_id, 0, Redelivery::SameSession, req, FsFreezeReply)
+    }
+
+    /// Thaws what the freeze that returned `token` froze (0: whatever is frozen).
+    pub async fn thaw(
+        &self,
+        vm_id: &str,
+        token: u64,
+        run_hooks: bool,
+    ) -> Result<ap::FsThawReply, AgentError> {
+        let req = Payload::FsThawRequest(ap::FsThawRequest { token, run_hooks });
+        call!(self, vm_id, 0, Redelivery::SameSession, req, FsThawReply)
     }
 
     pub async fn quiesce_filesystems(
         &self,
         request: pb::QuiesceFilesystemsRequest,
-    ) -> Result<ap::FsFreezeReply, Status> {
-        let req = Payload::FsFreezeRequest(ap::FsFreezeRequest {
-            mountpoints: request.mount_points,
-            auto_thaw_ms: request.timeout_seconds.saturating_mul(1000),
-            run_hooks: request.run_pre_freeze_scripts,
-        });
-        Ok(call!(
-            self,
+    ) -> Result<ap::FsFreezeReply, AgentError> {
+        self.freeze(
             &request.vm_id,
-            0,
-            Redelivery::SameSession,
-            req,
-            FsFreezeReply
-        )?)
+            request.mount_points,
+            request.timeout_seconds,
+            request.run_pre_freeze_scripts,
+        )
+        .await
     }
 
     pub async fn thaw_filesystems(
         &self,
         request: pb::ThawFilesystemsRequest,
-    ) -> Result<ap::FsThawReply, Status> {
-        let req = Payload::FsThawRequest(ap::FsThawRequest {
-            token: request.quiesce_token,
-            run_hooks: request.run_post_thaw_scripts,
-        });
-        Ok(call!(
-            self,
+    ) -> Result<ap::FsThawReply, AgentError> {
+        self.thaw(
             &request.vm_id,
-            0,
-            Redelivery::SameSession,
-            req,
-            FsThawReply
-        )?)
+            request.quiesce_token,
+            request.run_post_thaw_scripts,
+        )
+        .await
     }
 
     pub async fn fs_freeze_status(
         &self,
         request: pb::AgentRequest,
-    ) -> Result<ap::FsFreezeStatus, Status> {
+    ) -> Result<ap::FsFreezeStatus, AgentError> {
         let req = Payload::FsFreezeStatusRequest(ap::FsFreezeStatusRequest {});
         let t = request.timeout_ms;
-        Ok(call!(
+        call!(
             self,
             &request.vm_id,
             t,
             Redelivery::SameSession,
             req,
             FsFreezeStatus
-        )?)
+        )
     }
 
     pub async fn trim_filesystems(
         &self,
         request: pb::TrimFilesystemsRequest,
-    ) -> Result<ap::FsTrimReply, Status> {
+    ) -> Result<ap::FsTrimReply, AgentError> {
         let req = Payload::FsTrimRequest(ap::FsTrimRequest {
             mountpoints: request.mount_points,
             minimum_bytes: request.minimum_bytes,
         });
         let t = LONG_OP_TIMEOUT.as_millis() as u32;
-        Ok(call!(
+        call!(
             self,
             &request.vm_id,
             t,
             Redelivery::SameSession,
             req,
             FsTrimReply
-        )?)
+        )
     }
 
-    /// Measures the round trip with a ping, reads the guest clock, and sets it to the host's
-    /// time plus half the round trip when it is off by more than the threshold plus the
-    /// reading's own uncertainty (half the round trip of the read), or with `force`.
     pub async fn sync_time(
         &self,
         request: pb::SyncTimeRequest,
-    ) -> Result<pb::SyncTimeResponse, Status> {
-        let link = self.mgr.link(&request.vm_id)?;
+    ) -> Result<pb::SyncTimeResponse, AgentError> {
+        self.sync_clock(&request.vm_id, request.force, request.write_rtc)
+            .await
+    }
+
+    /// Measures the round trip with a ping, reads the guest clock, and sets it to
+    /// the host's time plus half the round trip when it is off by more than the threshold
+    /// plus the reading's own uncertainty (half the round trip of the read), or with `force`.
+    pub async fn sync_clock(
+        &self,
+        vm_id: &str,
+        force: bool,
+        write_rtc: bool,
+    ) -> Result<pb::SyncTimeResponse, AgentError> {
+        let link = self.mgr.link(vm_id)?;
         let rtt = self.ping(&link, 0).await?;
         let before = Instant::now();
         let host_before = now_unix_ns();
         let req = Payload::TimeGetRequest(ap::TimeGetRequest {});
-        let guest = call!(
-            self,
-            &request.vm_id,
-            0,
-            Redelivery::SameSession,
-            req,
-            TimeInfo
-        )?;
+        let guest = call!(self, vm_id, 0, Redelivery::SameSession, req, TimeInfo)?;
         let rtt_get = before.elapsed();
         // The guest read its clock about half a round trip after we sent the request.
         let host_at_read = host_before + (rtt_get.as_nanos() / 2) as i64;
@@ -734,7 +818,7 @@ impl AgentApi {
             .checked_sub(host_at_read)
             .filter(|o| *o != i64::MIN)
             .ok_or_else(|| AgentError::Integrity {
-                vm_id: request.vm_id.clone(),
+                vm_id: vm_id.to_string(),
                 what: format!(
                     "guest clock reading {} ns is out of range of the host's clock",
                     guest.unix_ns
@@ -750,60 +834,56 @@ impl AgentApi {
         // The reading is uncertain by half the round trip of the read itself: set the clock
         // only when the offset is beyond the threshold plus that uncertainty (or `force`).
         let uncertainty_ns = (rtt_get.as_nanos() / 2) as i64;
-        if request.force || offset_ns.abs() > TIME_SYNC_THRESHOLD_NS + uncertainty_ns {
+        if force || offset_ns.abs() > TIME_SYNC_THRESHOLD_NS + uncertainty_ns {
             let half = (rtt.as_nanos() / 2) as i64;
             let req = Payload::TimeSetRequest(ap::TimeSetRequest {
                 unix_ns: now_unix_ns() + half,
-                write_rtc: request.write_rtc,
-                force: request.force,
+                write_rtc,
+                force,
             });
-            let set = call!(
-                self,
-                &request.vm_id,
-                0,
-                Redelivery::SameSession,
-                req,
-                TimeSetReply
-            )?;
+            let set = call!(self, vm_id, 0, Redelivery::SameSession, req, TimeSetReply)?;
             resp.changed = true;
             resp.rtc_written = set.rtc_written;
         }
         Ok(resp)
     }
 
-    pub async fn get_guest_time(&self, request: pb::AgentRequest) -> Result<ap::TimeInfo, Status> {
+    pub async fn get_guest_time(
+        &self,
+        request: pb::AgentRequest,
+    ) -> Result<ap::TimeInfo, AgentError> {
         let req = Payload::TimeGetRequest(ap::TimeGetRequest {});
         let t = request.timeout_ms;
-        Ok(call!(
+        call!(
             self,
             &request.vm_id,
             t,
             Redelivery::SameSession,
             req,
             TimeInfo
-        )?)
+        )
     }
 
     pub async fn list_guest_users(
         &self,
         request: pb::AgentRequest,
-    ) -> Result<ap::UserList, Status> {
+    ) -> Result<ap::UserList, AgentError> {
         let req = Payload::UsersRequest(ap::UsersRequest {});
         let t = request.timeout_ms;
-        Ok(call!(
+        call!(
             self,
             &request.vm_id,
             t,
             Redelivery::SameSession,
             req,
             UserList
-        )?)
+        )
     }
 
     pub async fn set_guest_password(
         &self,
         request: pb::SetGuestPasswordRequest,
-    ) -> Result<pb::Empty, Status> {
+    ) -> Result<pb::Empty, AgentError> {
         let req = Payload::SetPasswordRequest(ap::SetPasswordRequest {
             user: request.user,
             password: request.password,
@@ -816,102 +896,102 @@ impl AgentApi {
     pub async fn list_ssh_keys(
         &self,
         request: pb::GuestUserRequest,
-    ) -> Result<ap::SshKeys, Status> {
+    ) -> Result<ap::SshKeys, AgentError> {
         let req = Payload::SshKeysListRequest(ap::SshKeysListRequest { user: request.user });
-        Ok(call!(
+        call!(
             self,
             &request.vm_id,
             0,
             Redelivery::SameSession,
             req,
             SshKeys
-        )?)
+        )
     }
 
     pub async fn add_ssh_keys(
         &self,
         request: pb::SshKeysChangeRequest,
-    ) -> Result<ap::SshKeys, Status> {
+    ) -> Result<ap::SshKeys, AgentError> {
         let req = Payload::SshKeysAddRequest(ap::SshKeysAddRequest {
             user: request.user,
             keys: request.keys,
             reset: request.reset,
         });
-        Ok(call!(
+        call!(
             self,
             &request.vm_id,
             0,
             Redelivery::SameSession,
             req,
             SshKeys
-        )?)
+        )
     }
 
     pub async fn remove_ssh_keys(
         &self,
         request: pb::SshKeysChangeRequest,
-    ) -> Result<ap::SshKeys, Status> {
+    ) -> Result<ap::SshKeys, AgentError> {
         let req = Payload::SshKeysRemoveRequest(ap::SshKeysRemoveRequest {
             user: request.user,
             keys: request.keys,
         });
-        Ok(call!(
+        call!(
             self,
             &request.vm_id,
             0,
             Redelivery::SameSession,
             req,
             SshKeys
-        )?)
+        )
     }
 
     pub async fn get_guest_network(
         &self,
         request: pb::AgentRequest,
-    ) -> Result<ap::NetworkInfo, Status> {
+    ) -> Result<ap::NetworkInfo, AgentError> {
         let req = Payload::NetworkRequest(ap::NetworkRequest {});
         let t = request.timeout_ms;
-        Ok(call!(
+        call!(
             self,
             &request.vm_id,
             t,
             Redelivery::SameSession,
             req,
             NetworkInfo
-        )?)
+        )
     }
 
     pub async fn get_guest_disks(
         &self,
         request: pb::AgentRequest,
-    ) -> Result<ap::DisksInfo, Status> {
+    ) -> Result<ap::DisksInfo, AgentError> {
         let req = Payload::DisksRequest(ap::DisksRequest {});
         let t = request.timeout_ms;
-        Ok(call!(
+        call!(
             self,
             &request.vm_id,
             t,
             Redelivery::SameSession,
             req,
             DisksInfo
-        )?)
+        )
     }
 
     pub async fn get_guest_logs(
         &self,
         request: pb::GuestLogsRequest,
-    ) -> Result<ap::AgentLogs, Status> {
+    ) -> Result<ap::AgentLogs, AgentError> {
         let req = Payload::LogsRequest(ap::LogsRequest {
             max_lines: request.max_lines,
         });
-        Ok(call!(
+        call!(
             self,
             &request.vm_id,
             0,
             Redelivery::SameSession,
             req,
             AgentLogs
-        )?)
+        )
     }
 
     /// The latest pushed report (if any) first, then each newer one. A subscriber that reads
@@ -919,12 +999,12 @@ impl AgentApi {
     pub async fn stream_telemetry(
         &self,
         request: pb::AgentRequest,
-    ) -> Result<RpcStream<pb::TelemetryUpdate>, Status> {
+    ) -> Result<BoxStream<pb::TelemetryUpdate, AgentError>, AgentError> {
         let link = self.mgr.link(&request.vm_id)?;
         let mut live = link.subscribe_telemetry();
         let vm_id = request.vm_id.clone();
         // One message queued: a subscriber that reads slowly skips to the newest report.
-        let (tx, rx) = mpsc::channel::<Result<pb::TelemetryUpdate, Status>>(1);
+        let (tx, rx) = mpsc::channel::<Result<pb::TelemetryUpdate, AgentError>>(1);
         tokio::spawn(async move {
             loop {
                 let latest = live.borrow_and_update().clone();
@@ -1068,8 +1148,17 @@ fn info_of(link: &Link) -> pb::GuestAgentInfo {
     info
 }
 
+/// Whether `link`'s agent keeps a CRC32C of the file bytes it reads and writes (capability
+/// `file-crc32c`): transfers are then checked by it, and the agent hashes nothing.
+fn agent_keeps_crc32c(link: &Link) -> bool {
+    link.cache()
+        .ready
+        .is_some_and(|r| r.capabilities.iter().any(|c| c == "file-crc32c"))
+}
+
 /// Streams a file in windows of [`READ_WINDOW_BYTES`]: one FileReadRequest per window, each
-/// window's sha256 checked against the agent's, the whole stream's sha256 on the last message.
+/// window checked against the agent's CRC32C (its sha256, from an agent that keeps no CRC),
+/// the whole stream's sha256, computed here, on the last message.
 /// A window cut by a lost connection is asked for again from the last byte received (up to
 /// [`READ_RESUMES`] times), so the caller sees one unbroken stream.
 async fn read_windows(
@@ -1077,7 +1166,7 @@ async fn read_windows(
     request: &pb::ReadGuestFileRequest,
     file_size: u64,
     opts: CommandOptions,
-    tx: &mpsc::Sender<Result<pb::GuestFileChunk, Status>>,
+    tx: &mpsc::Sender<Result<pb::GuestFileChunk, AgentError>>,
 ) -> Result<(), AgentError> {
     let end = if request.length == 0 {
         file_size
@@ -1085,6 +1174,7 @@ async fn read_windows(
         request.offset.saturating_add(request.length).min(file_size)
     };
     let mut offset = request.offset.min(end);
+    let crc_check = agent_keeps_crc32c(link);
     let mut whole = Sha256::new();
     let mut first = true;
     let mut resumes = 0;
@@ -1096,12 +1186,13 @@ async fn read_windows(
                 offset,
                 length: want,
                 chunk_bytes: READ_CHUNK_BYTES,
-                skip_sha256: false,
+                skip_sha256: crc_check,
             }),
             opts,
             READ_WINDOW_ITEMS,
         )?;
-        let mut window = Sha256::new();
+        let mut window = (!crc_check).then(Sha256::new);
+        let mut window_crc = 0u32;
         let mut got = 0u64;
         let mut shrank = false;
         loop {
@@ -1137,7 +1228,10 @@ async fn read_windows(
                         });
                     }
                     got += c.data.len() as u64;
-                    window.update(&c.data);
+                    match window.as_mut() {
+                        Some(sha) => sha.update(&c.data),
+                        None => window_crc = qx_proto::crc32c_append(window_crc, &c.data),
+                    }
                     whole.update(&c.data);
                     let msg = pb::GuestFileChunk {
                         offset: c.offset,
@@ -1153,14 +1247,16 @@ async fn read_windows(
                 }
                 Step::Item(_) => {}
                 Step::Done(Payload::FileReadDone(d)) => {
-                    let digest = window.finalize().to_vec();
-                    // The digest was asked for (skip_sha256 is false): a missing one is an
-                    // error, not a pass.
-                    if d.bytes != got || d.sha256 != digest {
+                    // A digest that was asked for and is missing is an error, not a pass.
+                    let (matches, check) = match window.take() {
+                        Some(sha) => (d.sha256 == sha.finalize().to_vec(), "sha256"),
+                        None => (d.crc32c == window_crc, "crc32c"),
+                    };
+                    if d.bytes != got || !matches {
                         return Err(AgentError::Integrity {
                             vm_id: link.vm_id.clone(),
                             what: format!(
-                                "file window at {offset}: the agent reports {} bytes and a sha256 that do not match the {got} bytes received",
+                                "file window at {offset}: the agent reports {} bytes and a {check} that do not match the {got} bytes received",
                                 d.bytes
                             ),
                         });

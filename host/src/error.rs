@@ -1,13 +1,12 @@
-//! Errors of the agent side of the daemon and their one mapping to gRPC status codes.
+//! Errors of the agent side of the daemon.
 //!
 //! Every failed agent command names the stage it reached (see [`crate::agent::table::Stage`]):
 //! "never written", "written but not acknowledged", "acknowledged but no reply", "connection
-//! lost", "agent restarted" or the agent's own error. [`to_status`] is the only place that
-//! turns these into `tonic::Status`.
+//! lost", "agent restarted" or the agent's own error. Nothing here knows about gRPC: the
+//! gRPC layer turns these into `tonic::Status` in one place ([`crate::service::status`]).
 
 use qx_proto::agent::ErrorCode;
 use thiserror::Error;
-use tonic::{Code, Status};
 
 /// Why an agent operation failed.
 #[derive(Debug, Clone, Error, PartialEq)]
@@ -27,6 +26,14 @@ pub enum AgentError {
         kind: &'static str,
         waited_ms: u64,
         why: String,
+    },
+    #[error("agent for vm {vm_id}: {kind} never written within {waited_ms} ms: all {limit} {what} the agent announced stayed busy")]
+    NotAdmitted {
+        vm_id: String,
+        kind: &'static str,
+        waited_ms: u64,
+        limit: u32,
+        what: &'static str,
     },
     #[error("agent for vm {vm_id}: command {id} ({kind}) written but not acknowledged within {waited_ms} ms{}", lost_suffix(*.connection_lost))]
     NotAcknowledged {
@@ -112,80 +119,5 @@ fn lost_suffix(lost: bool) -> &'static str {
         "; connection lost"
     } else {
         ""
-    }
-}
-
-/// The one mapping from agent errors to gRPC status codes.
-pub fn to_status(err: &AgentError) -> Status {
-    let code = match err {
-        AgentError::UnknownVm { .. } => Code::NotFound,
-        AgentError::InvalidVmId { .. } | AgentError::InvalidArgument(_) => Code::InvalidArgument,
-        AgentError::QueueFull { .. } => Code::ResourceExhausted,
-        AgentError::NotWritten { .. } => Code::Unavailable,
-        AgentError::NotAcknowledged { .. } | AgentError::AckTimeout { .. } => {
-            Code::DeadlineExceeded
-        }
-        AgentError::ConnectionLost { .. } | AgentError::Detached { .. } => Code::Unavailable,
-        AgentError::AgentRestarted { .. } | AgentError::Reverted { .. } => Code::Aborted,
-        AgentError::Agent { code, .. } => agent_code(*code),
-        AgentError::UnexpectedReply { .. } | AgentError::NoRuntime => Code::Internal,
-        AgentError::SlowConsumer { .. } => Code::ResourceExhausted,
-        AgentError::Integrity { .. } => Code::DataLoss,
-    };
-    Status::new(code, err.to_string())
-}
-
-impl From<AgentError> for Status {
-    fn from(err: AgentError) -> Status {
-        to_status(&err)
-    }
-}
-
-fn agent_code(code: ErrorCode) -> Code {
-    match code {
-        ErrorCode::Unsupported => Code::Unimplemented,
-        ErrorCode::InvalidArgument => Code::InvalidArgument,
-        ErrorCode::NotFound => Code::NotFound,
-        ErrorCode::PermissionDenied | ErrorCode::PolicyDenied => Code::PermissionDenied,
-        ErrorCode::AlreadyExists => Code::AlreadyExists,
-        ErrorCode::Busy => Code::ResourceExhausted,
-        ErrorCode::Frozen | ErrorCode::FailedPrecondition => Code::FailedPrecondition,
-        ErrorCode::Timeout => Code::DeadlineExceeded,
-        ErrorCode::Cancelled => Code::Cancelled,
-        ErrorCode::Io | ErrorCode::Internal | ErrorCode::Unspecified => Code::Internal,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unacknowledged_command_message_names_stage_and_lost_connection() {
-        let err = AgentError::NotAcknowledged {
-            vm_id: "vm1".into(),
-            id: 17,
-            kind: "exec_request",
-            waited_ms: 5000,
-            connection_lost: true,
-        };
-        let status = to_status(&err);
-        assert_eq!(status.code(), Code::DeadlineExceeded);
-        assert_eq!(
-            status.message(),
-            "agent for vm vm1: command 17 (exec_request) written but not acknowledged within 5000 ms; connection lost"
-        );
-    }
-
-    #[test]
-    fn agent_policy_refusal_maps_to_permission_denied() {
-        let err = AgentError::Agent {
-            vm_id: "v".into(),
-            id: 1,
-            kind: "exec_request",
-            code: ErrorCode::PolicyDenied,
-            message: "exec disabled".into(),
-        };
-        assert_eq!(to_status(&err).code(), Code::PermissionDenied);
     }
 }

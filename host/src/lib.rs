@@ -1,9 +1,11 @@
 //! qx-node: the Quantix node daemon.
 //!
-//! Layers: [`service`] (the generated gRPC surface, delegation only) over [`vm_api`] (libvirt)
-//! and [`agent_api`] (guest-agent RPCs) over [`agent`] (one link per VM: connection, reader,
-//! writer, command lifecycle). [`error`] maps agent errors to gRPC status codes in one place;
-//! [`metrics`] renders the Prometheus text endpoint;
+//! Layers, each importing only the ones below it: [`service`] (the generated gRPC surface,
+//! delegation only, and the one mapping of errors to `tonic::Status`) over [`vm_api`]
+//! (libvirt; `VmError`) and [`agent_api`] (typed guest-agent operations; [`error::AgentError`])
+//! over [`agent`] (one link per VM: connection, reader, writer, and the sans-io command table)
+//! over `qx-proto`. [`stream`] is the stream shape the layers share; [`metrics`] renders the
+//! Prometheus text endpoint;
 //! [`rpc_layer`] is the tower layer at the gRPC edge (request spans, RPC metrics);
 //! [`health`] the standard health and reflection services; [`config`] is the daemon's
 //! configuration; [`logging`] sets up its `tracing` output; [`manpages`] writes man pages
@@ -27,6 +29,8 @@ pub mod config;
 pub mod error;
 pub mod health;
 pub mod hypervisor;
+#[cfg(test)]
+mod layers;
 pub mod listen;
 pub mod logging;
 pub mod manpages;
@@ -34,6 +38,7 @@ pub mod metrics;
 pub mod rpc_layer;
 pub mod service;
 pub mod storage;
+pub mod stream;
 pub mod sys;
 pub mod systemd;
 pub mod text;

@@ -13,10 +13,24 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_stream::{Stream, StreamExt};
 
-/// The default listen address: a unix socket.
-pub const DEFAULT_SOCKET: &str = "/run/quantix-kvm/qx-node.sock";
 /// Mode of the unix socket: owner and group may connect.
 pub const SOCKET_MODE: u32 = 0o660;
+
+/// HTTP/2 flow-control window of one gRPC stream: what a client may send ahead of what the
+/// handler has taken.
+pub const STREAM_WINDOW_BYTES: u32 = 1 << 20;
+/// Window of a whole gRPC connection, shared by its streams. Larger than a stream's: an upload
+/// whose handler waits (its agent is slow or stalled) fills its own window, and the rest of
+/// the connection stays open to other calls. With equal windows, one stalled upload held every
+/// other call on its connection until the upload ended.
+pub const CONNECTION_WINDOW_BYTES: u32 = 8 * STREAM_WINDOW_BYTES;
+
+/// The gRPC server every listener of qx-node is built from.
+pub fn grpc_server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+}
 
 /// A listen address: `unix:/path` (or an absolute path) or `IP:PORT`.
 #[derive(Debug, Clone, PartialEq, Eq)]

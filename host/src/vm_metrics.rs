@@ -8,8 +8,9 @@ use crate::hypervisor::domain::DomainFacts;
 use crate::hypervisor::events;
 use crate::hypervisor::Hypervisor;
 use crate::pb;
-use crate::service::RpcStream;
+use crate::stream::BoxStream;
 use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -85,7 +86,7 @@ impl MetricsPoller {
         self: &Arc<Self>,
         only: Option<String>,
         requested_ms: u32,
-    ) -> RpcStream<pb::VmMetrics> {
+    ) -> BoxStream<pb::VmMetrics, Infallible> {
         let interval_ms = Self::interval_of(requested_ms);
         let mut rx = self.tx.subscribe();
         let registration = {

@@ -3,7 +3,7 @@
 //! `--insecure-listen`, and by default serves a unix socket that qxctl reaches.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -123,4 +123,71 @@ fn a_unix_socket_is_served_with_mode_0660_and_qxctl_reaches_it() {
     wait_serving(&["--addr", &listen]);
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o660, "{mode:o}");
+}
+
+/// `qxctl --addr ADDR vm list` run by `setpriv` as uid 65534 with the given primary group and
+/// supplementary groups.
+fn qxctl_as(gid: u32, groups: &[u32], addr: &str) -> Output {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid", "65534", "--regid", &gid.to_string()]);
+    if groups.is_empty() {
+        cmd.arg("--clear-groups");
+    } else {
+        let list: Vec<String> = groups.iter().map(u32::to_string).collect();
+        cmd.args(["--groups", &list.join(",")]);
+    }
+    cmd.arg(env!("CARGO_BIN_EXE_qxctl"))
+        .args(["--addr", addr, "vm", "list"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+#[ignore = "needs root and setpriv (clients run as another uid); run by ci/test.sh"]
+fn the_unix_socket_admits_root_and_its_group_and_refuses_other_users() {
+    // A group nobody has: the socket's. Clients run as uid 65534 (nobody).
+    const GROUP: u32 = 4716;
+    const NOGROUP: u32 = 65534;
+    let dir = tempfile::tempdir().unwrap();
+    // The clients must reach the socket's directory.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sock = dir.path().join("qx-node-16.sock");
+    let listen = format!("unix:{}", sock.display());
+    let mut node = qx_node(
+        dir.path(),
+        &["--listen", &listen, "--socket-group", &GROUP.to_string()],
+    );
+    wait_serving(&["--addr", &listen]);
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert_eq!(
+        (meta.permissions().mode() & 0o777, meta.gid()),
+        (0o660, GROUP)
+    );
+
+    // Mode 0660 alone already keeps other users out: connect() is refused by the kernel.
+    let out = qxctl_as(NOGROUP, &[], &listen);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+
+    // With the mode opened up, the credential check is what decides.
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = qxctl_as(NOGROUP, &[], &listen);
+    assert_eq!(out.status.code(), Some(4), "another user got in: {out:?}");
+    for (gid, groups) in [(GROUP, vec![]), (NOGROUP, vec![GROUP])] {
+        let out = qxctl_as(gid, &groups, &listen);
+        assert!(
+            out.status.success(),
+            "uid 65534 gid {gid} groups {groups:?} is in the socket's group: {out:?}"
+        );
+    }
+
+    // The daemon said whom it refused.
+    let _ = node.0.kill();
+    let _ = node.0.wait();
+    let mut log = String::new();
+    std::io::Read::read_to_string(node.0.stderr.as_mut().unwrap(), &mut log).unwrap();
+    assert!(
+        log.contains("refused a connection from uid 65534 gid 65534"),
+        "{log}"
+    );
 }

@@ -576,6 +576,14 @@ async fn qxctl_pool_and_volume_commands_return_exit_codes() {
     let err = run_volume(missing, &mut c, false).await.unwrap_err();
     let status = err.downcast_ref::<tonic::Status>().unwrap();
     assert_eq!(qx_node::cli::agent_cmds::code_for(status), exit::NOT_FOUND);
+    let snapshot = VolumeCommand::Snapshot {
+        pool: "cli16".into(),
+        volume: "nope".into(),
+        snapshot: "s".into(),
+    };
+    let err = run_volume(snapshot, &mut c, false).await.unwrap_err();
+    let status = err.downcast_ref::<tonic::Status>().unwrap();
+    assert_eq!(qx_node::cli::agent_cmds::code_for(status), exit::NOT_FOUND);
     for v in ["w", "v"] {
         let del = VolumeCommand::Delete {
             pool: "cli16".into(),
@@ -588,4 +596,392 @@ async fn qxctl_pool_and_volume_commands_return_exit_codes() {
         delete_data: false,
     };
     assert_eq!(run_pool(del, &mut c, false).await.unwrap(), exit::OK);
+}
+
+#[tokio::test]
+async fn qxctl_vm_create_attaches_a_pool_volume_and_creates_one_with_disk_size() {
+    use clap::Parser;
+    use qx_node::cli::exit;
+    use qx_node::cli::vm_cmds::{run_vm, VmCommand};
+    #[derive(Debug, Parser)]
+    struct T {
+        #[command(subcommand)]
+        vm: VmCommand,
+    }
+    let (mut c, _dir) = client().await;
+    c.init_storage_pool(dir_pool("clivm16", "/qx16/clivm"))
+        .await
+        .unwrap();
+    c.create_volume(pb::CreateVolumeRequest {
+        pool_id: "clivm16".into(),
+        volume_id: "root".into(),
+        size_bytes: GIB,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let vm_create = |args: &[&str]| {
+        let mut all = vec!["t", "create"];
+        all.extend_from_slice(args);
+        T::try_parse_from(all).unwrap().vm
+    };
+    let id = "6b0e2a39-3f51-4c1b-9d7e-16a0000c0001";
+    let create = vm_create(&[
+        "onvol",
+        "--id",
+        id,
+        "--pool",
+        "clivm16",
+        "--volume",
+        "root",
+        "--volume",
+        "data",
+        "--disk-size",
+        "2G",
+    ]);
+    assert_eq!(run_vm(create, &mut c, true).await.unwrap(), exit::OK);
+    // root attached as it was; data created for the VM, 2 GiB.
+    let data = c
+        .get_volume(vol("clivm16", "data"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (data.capacity_bytes, data.format.as_str()),
+        (2 * GIB, "qcow2")
+    );
+    let root = c
+        .get_volume(vol("clivm16", "root"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(root.capacity_bytes, GIB);
+    // A missing volume without --disk-size: NOT_FOUND, which qxctl turns into its exit code.
+    let missing = vm_create(&["other", "--pool", "clivm16", "--volume", "nope"]);
+    assert_eq!(
+        run_vm(missing, &mut c, false).await.unwrap(),
+        exit::NOT_FOUND
+    );
+    // Deleted with its storage: only the volume created for it goes.
+    let r = c
+        .delete_vm(pb::DeleteVmRequest {
+            vm_id: id.into(),
+            delete_storage: true,
+            force: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.deleted_volumes, ["/qx16/clivm/data"]);
+    c.get_volume(vol("clivm16", "root")).await.unwrap();
+}
+
+#[tokio::test]
+async fn volume_snapshots_refuse_what_would_change_under_the_overlay() {
+    let (mut c, _dir) = client().await;
+    c.init_storage_pool(dir_pool("snap16", "/qx16/snap"))
+        .await
+        .unwrap();
+    let create = |name: &str, format: &str, backing: &str| pb::CreateVolumeRequest {
+        pool_id: "snap16".into(),
+        volume_id: name.into(),
+        size_bytes: GIB,
+        format: format.into(),
+        backing_volume: backing.into(),
+    };
+    for (name, format, backing) in [
+        ("base", "raw", ""),
+        ("clone", "qcow2", "base"),
+        ("rawdisk", "raw", ""),
+        ("live", "qcow2", ""),
+        ("taken", "qcow2", ""),
+    ] {
+        c.create_volume(create(name, format, backing))
+            .await
+            .unwrap();
+    }
+    let vm = |name: &str, volume: &str, start: bool| pb::CreateVmRequest {
+        name: name.into(),
+        start,
+        spec: Some(pb::VmSpec {
+            cpu_cores: 1,
+            memory_mib: 64,
+            disks: vec![pb::DiskSpec {
+                pool: "snap16".into(),
+                volume: volume.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    c.create_vm(vm("stopped", "rawdisk", false)).await.unwrap();
+    c.create_vm(vm("running", "live", true)).await.unwrap();
+    let snap = |volume: &str, snapshot: &str| pb::SnapshotVolumeRequest {
+        pool_id: "snap16".into(),
+        volume_id: volume.into(),
+        snapshot_id: snapshot.into(),
+    };
+    let cases = [
+        (snap("base", "../x"), Code::InvalidArgument, "snapshot_id"),
+        (snap("", "s"), Code::InvalidArgument, "volume_id"),
+        (snap("nope", "s"), Code::NotFound, "no volume"),
+        (snap("live", "taken"), Code::AlreadyExists, "exists"),
+        (
+            snap("base", "s"),
+            Code::FailedPrecondition,
+            "backs volume \"clone\"",
+        ),
+        (
+            snap("rawdisk", "s"),
+            Code::FailedPrecondition,
+            "raw disk of stopped",
+        ),
+        (
+            snap("live", "s"),
+            Code::FailedPrecondition,
+            "running VM running",
+        ),
+    ];
+    for (req, code, text) in cases {
+        let err = c.snapshot_volume(req.clone()).await.unwrap_err();
+        assert_eq!(err.code(), code, "{req:?}: {err:?}");
+        assert!(err.message().contains(text), "{req:?}: {err:?}");
+    }
+    let err = c
+        .snapshot_volume(pb::SnapshotVolumeRequest {
+            pool_id: "nopool".into(),
+            volume_id: "v".into(),
+            snapshot_id: "s".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    // Nothing changed: every volume is still there, no snapshot was left behind.
+    let names: Vec<String> = c
+        .list_volumes(pool_req("snap16"))
+        .await
+        .unwrap()
+        .into_inner()
+        .volumes
+        .into_iter()
+        .map(|v| v.volume_id)
+        .collect();
+    assert_eq!(names, ["base", "clone", "live", "rawdisk", "taken"]);
+}
+
+#[tokio::test]
+async fn a_volume_under_a_thin_clone_or_snapshot_is_attached_only_readonly() {
+    let (mut c, _dir) = client().await;
+    c.init_storage_pool(dir_pool("under16", "/qx16/under"))
+        .await
+        .unwrap();
+    for (name, backing) in [("base", ""), ("clone", "base")] {
+        c.create_volume(pb::CreateVolumeRequest {
+            pool_id: "under16".into(),
+            volume_id: name.into(),
+            size_bytes: GIB,
+            backing_volume: backing.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let create = |name: &str, volume: &str, readonly: bool| pb::CreateVmRequest {
+        name: name.into(),
+        spec: Some(pb::VmSpec {
+            cpu_cores: 1,
+            memory_mib: 64,
+            disks: vec![pb::DiskSpec {
+                pool: "under16".into(),
+                volume: volume.into(),
+                readonly,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    // Writing into the volume under the clone would change what the clone reads.
+    let err = c
+        .create_vm(create("writer", "base", false))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("backs volume \"clone\""), "{err:?}");
+    // Read-only it may be shared; the clone itself is an ordinary writable disk.
+    c.create_vm(create("reader", "base", true)).await.unwrap();
+    c.create_vm(create("onclone", "clone", false))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn delete_vm_keeps_its_own_volume_while_a_thin_clone_is_on_it() {
+    let (mut c, _dir) = client().await;
+    c.init_storage_pool(dir_pool("keep16", "/qx16/keep"))
+        .await
+        .unwrap();
+    let vm = c
+        .create_vm(pb::CreateVmRequest {
+            name: "template".into(),
+            spec: Some(pb::VmSpec {
+                cpu_cores: 1,
+                memory_mib: 64,
+                // Read-only: a thin clone may be made on it (not on a disk a VM writes).
+                disks: vec![pb::DiskSpec {
+                    pool: "keep16".into(),
+                    size_gib: 1,
+                    readonly: true,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let own = format!("{}-disk0", vm.vm_id);
+    // A thin clone of the VM's own disk (a template): it reads that volume.
+    c.create_volume(pb::CreateVolumeRequest {
+        pool_id: "keep16".into(),
+        volume_id: "from-template".into(),
+        backing_volume: own.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let r = c
+        .delete_vm(pb::DeleteVmRequest {
+            vm_id: vm.vm_id.clone(),
+            delete_storage: true,
+            force: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.deleted_volumes.is_empty(), "{r:?}");
+    c.get_volume(vol("keep16", &own)).await.unwrap();
+}
+
+#[tokio::test]
+async fn uploads_and_shrinks_refuse_a_running_vms_disk_and_a_volume_under_another() {
+    let (mut c, _dir) = client().await;
+    c.init_storage_pool(dir_pool("guard16", "/qx16/guard"))
+        .await
+        .unwrap();
+    for (name, backing) in [("base", ""), ("clone", "base"), ("live", "")] {
+        c.create_volume(pb::CreateVolumeRequest {
+            pool_id: "guard16".into(),
+            volume_id: name.into(),
+            size_bytes: GIB,
+            backing_volume: backing.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    c.create_vm(pb::CreateVmRequest {
+        name: "runner".into(),
+        start: true,
+        spec: Some(pb::VmSpec {
+            cpu_cores: 1,
+            memory_mib: 64,
+            disks: vec![pb::DiskSpec {
+                pool: "guard16".into(),
+                volume: "live".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // Bytes written under a running guest, or under a clone that reads them, corrupt its
+    // data: refused before any byte is taken.
+    for (volume, text) in [
+        ("live", "disk of the running VM runner"),
+        ("base", "backs volume \"clone\""),
+    ] {
+        let msgs = vec![
+            pb::UploadVolumeRequest {
+                part: Some(pb::upload_volume_request::Part::Header(
+                    pb::UploadVolumeHeader {
+                        pool_id: "guard16".into(),
+                        volume_id: volume.into(),
+                        offset: 0,
+                        size: 3,
+                    },
+                )),
+            },
+            pb::UploadVolumeRequest {
+                part: Some(pb::upload_volume_request::Part::Data(vec![1, 2, 3])),
+            },
+        ];
+        let err = c.upload_volume(tokio_stream::iter(msgs)).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{volume}: {err:?}");
+        assert!(err.message().contains(text), "{volume}: {err:?}");
+    }
+    // Shrinking the volume under a clone cuts the clone's data too, allow_shrink or not.
+    let err = c
+        .resize_volume(pb::ResizeVolumeRequest {
+            pool_id: "guard16".into(),
+            volume_id: "base".into(),
+            size_bytes: GIB / 2,
+            allow_shrink: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("backs volume \"clone\""), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_thin_clone_is_refused_on_a_volume_a_vm_writes() {
+    let (mut c, _dir) = client().await;
+    c.init_storage_pool(dir_pool("onvm16", "/qx16/onvm"))
+        .await
+        .unwrap();
+    for name in ["rw", "ro"] {
+        c.create_volume(pb::CreateVolumeRequest {
+            pool_id: "onvm16".into(),
+            volume_id: name.into(),
+            size_bytes: GIB,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let disk = |volume: &str, readonly: bool| pb::DiskSpec {
+        pool: "onvm16".into(),
+        volume: volume.into(),
+        readonly,
+        ..Default::default()
+    };
+    // Stopped: it writes into rw once started, which the clone would read.
+    c.create_vm(pb::CreateVmRequest {
+        name: "writer".into(),
+        spec: Some(pb::VmSpec {
+            cpu_cores: 1,
+            memory_mib: 64,
+            disks: vec![disk("rw", false), disk("ro", true)],
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let clone = |name: &str, backing: &str| pb::CreateVolumeRequest {
+        pool_id: "onvm16".into(),
+        volume_id: name.into(),
+        backing_volume: backing.into(),
+        ..Default::default()
+    };
+    let err = c.create_volume(clone("c1", "rw")).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("writable disk of writer"), "{err:?}");
+    // A read-only disk stays as it is: a clone of it is fine.
+    c.create_volume(clone("c2", "ro")).await.unwrap();
 }

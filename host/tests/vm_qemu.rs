@@ -13,7 +13,7 @@ use qx_node::agent_api::AgentApi;
 use qx_node::pb;
 use qx_node::pb::node_daemon_service_client::NodeDaemonServiceClient;
 use qx_node::pb::node_daemon_service_server::NodeDaemonServiceServer;
-use qx_node::service::NodeService;
+use qx_node::service::{status, NodeService};
 use qx_node::vm_api::{VmApi, VmConfig};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -443,6 +443,7 @@ async fn create_and_start_that_qemu_refuses_leaves_no_domain_and_no_image() {
             ..Default::default()
         })
         .await
+        .map_err(status::vm)
         .unwrap_err();
     // Refused by QEMU at start, i.e. after the image was created and the domain defined.
     assert!(err.message().contains("qemu"), "{err:?}");
@@ -479,7 +480,11 @@ async fn the_daemon_rides_out_a_libvirtd_restart() {
         assert!(Instant::now() < deadline, "libvirtd did not stop");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let err = vm_api.list_v_ms(pb::ListVmsRequest {}).await.unwrap_err();
+    let err = vm_api
+        .list_v_ms(pb::ListVmsRequest {})
+        .await
+        .map_err(status::vm)
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
 
     // Back again: the same daemon reconnects by itself (the lifecycle watcher reopens the
@@ -987,4 +992,265 @@ async fn vm_disk_from_a_pool_volume_grows_live_and_the_guest_sees_it() {
         .into_inner();
     assert_eq!(r.deleted_volumes.len(), 1, "{r:?}");
     assert!(r.deleted_volumes[0].ends_with("/vmpool/root"), "{r:?}");
+}
+
+/// Runs `script` through the guest's /bin/sh and returns its stdout; asserts it exits 0.
+async fn guest_sh(c: &mut NodeDaemonServiceClient<Channel>, vm: &str, script: &str) -> String {
+    let exit = c
+        .execute_in_guest(pb::ExecuteInGuestRequest {
+            vm_id: vm.into(),
+            exec: Some(qx_proto::agent::ExecRequest {
+                argv: vec![script.into()],
+                shell: true,
+                ..Default::default()
+            }),
+            timeout_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(exit.exited && exit.exit_code == 0, "{script}: {exit:?}");
+    String::from_utf8_lossy(&exit.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, libvirt, QEMU and target/vm (ci/vm/build-image.sh); run by ci/test.sh"]
+async fn vm_boots_from_a_thin_clone_of_an_uploaded_root_volume_then_from_its_snapshot_overlay() {
+    const MIB: u64 = 1 << 20;
+    let _libvirtd = LIBVIRTD.read().await;
+    libvirt_sh(&[]);
+    let image = target_dir().join("vm");
+    let (kernel, initrd) = (image.join("vmlinux"), image.join("initramfs.cpio.gz"));
+    assert!(
+        kernel.exists() && initrd.exists(),
+        "run `bash ci/vm/build-image.sh`"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Arc::new(AgentApi::default());
+    let vm_api = Arc::new(VmApi::new(vm_config(dir.path()), agent.clone()).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(NodeDaemonServiceServer::new(NodeService {
+                vm: vm_api,
+                agent,
+            }))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut c = NodeDaemonServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let pool = format!("qx16-clone-{}", std::process::id());
+    let _pools = PoolGuard(vec![pool.clone()]);
+    c.init_storage_pool(pb::InitStoragePoolRequest {
+        pool_id: pool.clone(),
+        r#type: pb::StoragePoolType::Dir as i32,
+        target_path: dir.path().join("clonepool").to_string_lossy().into(),
+        build: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // The base volume: a root filesystem, the test image's own tree (busybox, /init, the
+    // agent) in ext4 with a /qx-root file, made on the host and uploaded raw. The guest's
+    // /init switches to it (qx.root=vda) and runs the agent from it.
+    let tree = dir.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    run(Command::new("sh").current_dir(&tree).arg("-c").arg(format!(
+        "gzip -dc '{}' | cpio -idm --quiet",
+        initrd.display()
+    )));
+    std::fs::write(tree.join("qx-root"), "from the base volume\n").unwrap();
+    let img = dir.path().join("base.img");
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&tree)
+        .arg(&img)
+        .arg("32M"));
+    let bytes = std::fs::read(&img).unwrap();
+    let volume = |name: &str, format: &str, size: u64, backing: &str| pb::CreateVolumeRequest {
+        pool_id: pool.clone(),
+        volume_id: name.into(),
+        size_bytes: size,
+        format: format.into(),
+        backing_volume: backing.into(),
+    };
+    c.create_volume(volume("base", "raw", 32 * MIB, ""))
+        .await
+        .unwrap();
+    let sent = upload(&mut c, &pool, "base", 0, &bytes).await;
+    assert_eq!(sent.sha256, sha256(&bytes));
+    // The VM's disk: a thin clone of it.
+    let web = c
+        .create_volume(volume("web", "qcow2", 0, "base"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(web.backing_path.ends_with("/clonepool/base"), "{web:?}");
+
+    let vm_id = uuid::Uuid::new_v4().to_string();
+    let _guard = DomainGuard(vm_id.clone());
+    c.create_vm(pb::CreateVmRequest {
+        vm_id: vm_id.clone(),
+        name: format!("qx16-clone-{}", &vm_id[..8]),
+        start: true,
+        spec: Some(pb::VmSpec {
+            cpu_cores: 1,
+            memory_mib: 192,
+            disks: vec![pb::DiskSpec {
+                pool: pool.clone(),
+                volume: "web".into(),
+                ..Default::default()
+            }],
+            kernel_path: kernel.to_string_lossy().into(),
+            initrd_path: initrd.to_string_lossy().into(),
+            kernel_cmdline: "console=ttyS0 qx.hostname=qx16c qx.root=vda".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // libvirt's own view: the domain's disk is the clone's path, as qcow2, on the base.
+    let xml = run(Command::new("virsh").args(["-c", URI, "dumpxml", &vm_id]));
+    assert!(
+        xml.contains(&format!("<source file='{}'", web.path)),
+        "{xml}"
+    );
+    assert!(xml.contains("type='qcow2'"), "{xml}");
+    wait_agent(&mut c, &vm_id).await;
+    // The guest runs from the clone: its root is vda, where the base volume's file is; it
+    // writes into the clone.
+    let root_of = "grep ' / ' /proc/mounts | cut -d' ' -f1,3";
+    let out = guest_sh(
+        &mut c,
+        &vm_id,
+        &format!("{root_of} && cat /qx-root && echo from the guest > /written && sync"),
+    )
+    .await;
+    assert_eq!(out, "/dev/vda ext4\nfrom the base volume\n");
+    assert_eq!(guest_disk_size(&mut c, &vm_id, "vda").await, 32 * MIB);
+
+    // A thin clone grown while it runs: the guest sees it.
+    c.resize_volume(pb::ResizeVolumeRequest {
+        pool_id: pool.clone(),
+        volume_id: "web".into(),
+        size_bytes: 64 * MIB,
+        allow_shrink: false,
+    })
+    .await
+    .unwrap();
+    let deadline = Instant::now() + AGENT_WAIT;
+    while guest_disk_size(&mut c, &vm_id, "vda").await != 64 * MIB {
+        assert!(Instant::now() < deadline, "the guest never saw vda grow");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A volume snapshot: refused while the VM runs, taken once it is stopped.
+    let snap = pb::SnapshotVolumeRequest {
+        pool_id: pool.clone(),
+        volume_id: "web".into(),
+        snapshot_id: "web-s1".into(),
+    };
+    let err = c.snapshot_volume(snap.clone()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    c.force_stop_vm(pb::VmIdRequest {
+        vm_id: vm_id.clone(),
+    })
+    .await
+    .unwrap();
+    let r = c.snapshot_volume(snap).await.unwrap().into_inner();
+    let (head, s1) = (r.volume.unwrap(), r.snapshot.unwrap());
+    assert_eq!(head.path, web.path);
+    assert_eq!(head.backing_path, s1.path);
+    assert_eq!(
+        (head.format.as_str(), head.capacity_bytes),
+        ("qcow2", 64 * MIB)
+    );
+    assert_eq!(
+        (s1.format.as_str(), s1.backing_path.as_str()),
+        ("qcow2", web.backing_path.as_str())
+    );
+    let chain = run(Command::new("qemu-img").args(["info", "-U", "--backing-chain", &web.path]));
+    assert!(
+        chain.contains(&s1.path) && chain.contains(&web.backing_path),
+        "{chain}"
+    );
+
+    // The same domain, unchanged, boots on the overlay: base <- web-s1 <- web.
+    c.start_vm(pb::VmIdRequest {
+        vm_id: vm_id.clone(),
+    })
+    .await
+    .unwrap();
+    wait_agent(&mut c, &vm_id).await;
+    let out = guest_sh(
+        &mut c,
+        &vm_id,
+        &format!("{root_of} && cat /qx-root /written && echo after > /after && sync"),
+    )
+    .await;
+    assert_eq!(out, "/dev/vda ext4\nfrom the base volume\nfrom the guest\n");
+    assert_eq!(guest_disk_size(&mut c, &vm_id, "vda").await, 64 * MIB);
+    c.force_stop_vm(pb::VmIdRequest {
+        vm_id: vm_id.clone(),
+    })
+    .await
+    .unwrap();
+
+    // qxctl takes the next one: base <- web-s1 <- web-s2 <- web.
+    let cmd = qx_node::cli::storage_cmds::VolumeCommand::Snapshot {
+        pool: pool.clone(),
+        volume: "web".into(),
+        snapshot: "web-s2".into(),
+    };
+    let code = qx_node::cli::storage_cmds::run_volume(cmd, &mut c, true)
+        .await
+        .unwrap();
+    assert_eq!(code, qx_node::cli::exit::OK);
+    let s2 = c
+        .get_volume(pb::VolumeRequest {
+            pool_id: pool.clone(),
+            volume_id: "web-s2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s2.backing_path, s1.path);
+    let head = c
+        .get_volume(pb::VolumeRequest {
+            pool_id: pool.clone(),
+            volume_id: "web".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((head.path, head.backing_path), (web.path.clone(), s2.path));
+
+    // The base volume never changed: every write went to the overlays.
+    let (now, sum) = download(&mut c, &pool, "base", 0, 0).await;
+    assert_eq!((now.len(), sum), (bytes.len(), sha256(&bytes)));
+    // The VM does not own these volumes: DeleteVM{delete_storage} leaves them. They go
+    // top down; a snapshot under a volume cannot go first.
+    let r = c
+        .delete_vm(pb::DeleteVmRequest {
+            vm_id: vm_id.clone(),
+            delete_storage: true,
+            force: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.deleted_volumes.is_empty(), "{r:?}");
+    let del = |v: &str| pb::VolumeRequest {
+        pool_id: pool.clone(),
+        volume_id: v.into(),
+    };
+    let err = c.delete_volume(del("web-s1")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    for v in ["web", "web-s2", "web-s1", "base"] {
+        c.delete_volume(del(v)).await.unwrap();
+    }
 }

@@ -36,16 +36,52 @@ pub fn crc32c(data: &[u8]) -> u32 {
     crc32c::crc32c(data)
 }
 
+/// The CRC32C of `a ++ b` from `crc_a` and `crc_b`, `b` being `len_b` bytes long.
+pub fn crc32c_combine(crc_a: u32, crc_b: u32, len_b: usize) -> u32 {
+    crc32c::crc32c_combine(crc_a, crc_b, len_b)
+}
+
+/// Extends `crc` (the CRC32C of earlier bytes; 0 for none) over `data`.
+pub fn crc32c_append(crc: u32, data: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc, data)
+}
+
+/// The CRC32C of `payload`, whose last `tail_len` bytes have CRC32C `tail_crc`: only the
+/// bytes before them are read. (A transfer's data is the last field of its message, and its
+/// CRC32C is already known: the frame's checksum is built from it, not computed again.)
+pub fn crc32c_with_tail(payload: &[u8], tail_len: usize, tail_crc: u32) -> u32 {
+    match payload.len().checked_sub(tail_len) {
+        Some(head) => crc32c::crc32c_combine(crc32c(&payload[..head]), tail_crc, tail_len),
+        None => crc32c(payload),
+    }
+}
+
+/// The CRC32C of the last `tail_len` bytes of `payload`, from the whole payload's
+/// (`payload_crc`, as a frame header carries it): only the bytes before them are read.
+pub fn tail_crc32c(payload: &[u8], payload_crc: u32, tail_len: usize) -> u32 {
+    match payload.len().checked_sub(tail_len) {
+        // crc(head ++ tail) = shift(crc(head), len(tail)) ^ crc(tail), and combining with a
+        // zero CRC is that shift alone.
+        Some(head) => payload_crc ^ crc32c::crc32c_combine(crc32c(&payload[..head]), 0, tail_len),
+        None => crc32c(payload),
+    }
+}
+
 /// Builds the 16-byte header for `payload`.
 pub fn frame_header(payload: &[u8]) -> Result<[u8; HEADER_BYTES], EncodeError> {
-    let len = u32::try_from(payload.len()).map_err(|_| EncodeError::TooLarge {
-        len: payload.len(),
+    header_with_crc(payload.len(), crc32c(payload))
+}
+
+/// Builds the 16-byte header for a payload of `len` bytes whose CRC32C is `payload_crc`.
+pub fn header_with_crc(len: usize, payload_crc: u32) -> Result<[u8; HEADER_BYTES], EncodeError> {
+    let len = u32::try_from(len).map_err(|_| EncodeError::TooLarge {
+        len,
         max: DEFAULT_MAX_FRAME_BYTES,
     })?;
     let mut header = [0u8; HEADER_BYTES];
     header[0..4].copy_from_slice(&MAGIC);
     header[4..8].copy_from_slice(&len.to_be_bytes());
-    header[8..12].copy_from_slice(&crc32c(payload).to_be_bytes());
+    header[8..12].copy_from_slice(&payload_crc.to_be_bytes());
     let hcrc = crc32c(&header[0..12]);
     header[12..16].copy_from_slice(&hcrc.to_be_bytes());
     Ok(header)
@@ -86,7 +122,7 @@ pub fn encode_frame_into(
     Ok(total)
 }
 
-fn check_len(len: usize, max_frame_bytes: u32) -> Result<(), EncodeError> {
+pub(crate) fn check_len(len: usize, max_frame_bytes: u32) -> Result<(), EncodeError> {
     if len > max_frame_bytes as usize {
         return Err(EncodeError::TooLarge {
             len,
@@ -264,6 +300,12 @@ impl Decoder {
     /// Returns the next whole frame's payload, `Ok(None)` when more bytes are needed, or the
     /// damage it just stepped over (call again to continue).
     pub fn decode(&mut self) -> Result<Option<&[u8]>, FrameError> {
+        Ok(self.decode_with_crc()?.map(|(payload, _)| payload))
+    }
+
+    /// As [`Decoder::decode`], with the payload's CRC32C as its checked header carries it
+    /// (with [`tail_crc32c`], the CRC32C of a field encoded at the payload's end).
+    pub fn decode_with_crc(&mut self) -> Result<Option<(&[u8], u32)>, FrameError> {
         let window = &self.buf[self.start..self.end];
         // 1. Find the magic; everything before it is garbage.
         let skip = match find_magic(window) {
@@ -324,7 +366,10 @@ impl Decoder {
         }
         self.stats.frames += 1;
         self.stats.payload_bytes += u64::from(len);
-        Ok(Some(&self.buf[payload_start..payload_start + len as usize]))
+        Ok(Some((
+            &self.buf[payload_start..payload_start + len as usize],
+            payload_crc,
+        )))
     }
 
     /// Resynchronise after a damaged header or payload: the byte after this magic is where

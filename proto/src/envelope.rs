@@ -15,8 +15,40 @@ pub fn encode_envelope(
     max_frame_bytes: u32,
     out: &mut Vec<u8>,
 ) -> Result<usize, EncodeError> {
-    let payload = env.encode_to_vec();
-    codec::encode_frame(&payload, max_frame_bytes, out)
+    encode_envelope_with_tail(env, max_frame_bytes, None, out)
+}
+
+/// As [`encode_envelope`], for an envelope whose encoding ends with `tail = (len, crc32c)`:
+/// a transfer's data, encoded last, whose CRC32C the sender already has. The payload is
+/// encoded straight after the header's place in `out` (no copy of its own), and only the
+/// bytes before the tail are read for the frame's checksum.
+pub fn encode_envelope_with_tail(
+    env: &Envelope,
+    max_frame_bytes: u32,
+    tail: Option<(usize, u32)>,
+    out: &mut Vec<u8>,
+) -> Result<usize, EncodeError> {
+    let len = env.encoded_len();
+    codec::check_len(len, max_frame_bytes)?;
+    let start = out.len();
+    out.reserve(HEADER_BYTES + len);
+    out.resize(start + HEADER_BYTES, 0);
+    if env.encode(out).is_err() {
+        // Reserved above: prost cannot run out of room in a Vec.
+        out.truncate(start);
+        return Err(EncodeError::TooLarge {
+            len,
+            max: max_frame_bytes,
+        });
+    }
+    let payload = &out[start + HEADER_BYTES..];
+    let crc = match tail {
+        Some((n, crc)) => codec::crc32c_with_tail(payload, n, crc),
+        None => codec::crc32c(payload),
+    };
+    let header = codec::header_with_crc(len, crc)?;
+    out[start..start + HEADER_BYTES].copy_from_slice(&header);
+    Ok(HEADER_BYTES + len)
 }
 
 /// Decodes a frame payload produced by [`crate::Decoder::decode`].
@@ -154,5 +186,46 @@ mod tests {
         let got = decode_envelope(dec.decode().unwrap().unwrap()).unwrap();
         assert_eq!(got, env);
         assert_eq!(envelope_payload_name(&got), "ping");
+    }
+
+    #[test]
+    fn a_transfers_data_crc_builds_and_is_read_back_from_the_frame_checksum() {
+        use crate::agent::{FileChunk, FileWriteChunk};
+        use crate::codec::{crc32c, tail_crc32c};
+        let data: Vec<u8> = (0..50_000u32).map(|i| (i * 31 / 7) as u8).collect();
+        let envs = [
+            Envelope {
+                id: 7,
+                correlation_id: 3,
+                payload: Some(Payload::FileChunk(FileChunk {
+                    offset: 1 << 40,
+                    data: data.clone(),
+                })),
+            },
+            Envelope {
+                id: u64::MAX,
+                correlation_id: 0,
+                payload: Some(Payload::FileWriteChunk(FileWriteChunk {
+                    handle: 9,
+                    offset: 12345,
+                    data: data.clone(),
+                })),
+            },
+        ];
+        for env in envs {
+            // The frame built from the data's CRC is the frame built from the bytes.
+            let (mut plain, mut tailed) = (Vec::new(), Vec::new());
+            encode_envelope(&env, 1 << 20, &mut plain).unwrap();
+            let tail = Some((data.len(), crc32c(&data)));
+            encode_envelope_with_tail(&env, 1 << 20, tail, &mut tailed).unwrap();
+            assert_eq!(plain, tailed);
+            // The data is the payload's tail, and its CRC comes back from the header's.
+            let mut dec = crate::Decoder::new(1 << 20);
+            dec.push(&tailed);
+            let (payload, crc) = dec.decode_with_crc().unwrap().unwrap();
+            assert!(payload.ends_with(&data));
+            let data_crc = tail_crc32c(payload, crc, data.len());
+            assert_eq!(data_crc, crc32c(&data));
+        }
     }
 }

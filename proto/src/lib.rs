@@ -35,8 +35,10 @@ pub const SYNC_PREAMBLE_BYTES: usize =
 pub const MAX_FILE_CHUNK_BYTES: u32 = 48 * 1024;
 
 pub use codec::{
-    Decoder, DecoderStats, EncodeError, FrameError, DEFAULT_MAX_FRAME_BYTES, HEADER_BYTES, MAGIC,
+    crc32c, crc32c_append, crc32c_combine, crc32c_with_tail, tail_crc32c, Decoder, DecoderStats,
+    EncodeError, FrameError, DEFAULT_MAX_FRAME_BYTES, HEADER_BYTES, MAGIC,
 };
 pub use envelope::{
-    decode_envelope, encode_envelope, encoded_frame_len, envelope_payload_name, payload_name,
+    decode_envelope, encode_envelope, encode_envelope_with_tail, encoded_frame_len,
+    envelope_payload_name, payload_name,
 };

@@ -22,6 +22,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use qx_proto::agent::{
@@ -145,10 +146,102 @@ fn decode_token(token: &str) -> OpResult<Vec<u8>> {
         .collect()
 }
 
+/// Directories being listed page by page, kept between pages: a listing reads and sorts its
+/// directory once, for its first page, and later pages are taken from those names (the
+/// listing is a snapshot, as `ls` prints one). A listing is found by its directory (device
+/// and inode), and a page by its token (the last name returned), so a listing replaced by a
+/// newer one of the same directory still pages on correctly. Bounded: at most
+/// [`MAX_LISTINGS`] listings and [`LISTINGS_BUDGET_BYTES`] of names, the least recently used
+/// dropped first, and a listing not paged for [`LISTING_IDLE`] is dropped. A page whose
+/// listing was dropped reads the directory again.
+#[derive(Debug, Default)]
+pub struct Listings {
+    open: Vec<Listing>,
+}
+
+#[derive(Debug)]
+struct Listing {
+    dir: (u64, u64),
+    names: Vec<Vec<u8>>,
+    bytes: usize,
+    used: Instant,
+}
+
+/// Listings kept between pages.
+pub const MAX_LISTINGS: usize = 4;
+/// Names (with their bookkeeping) kept between pages, over every listing.
+pub const LISTINGS_BUDGET_BYTES: usize = 4 << 20;
+/// A listing not paged for this long is dropped.
+pub const LISTING_IDLE: Duration = Duration::from_secs(60);
+
+/// What one kept name costs: its bytes and its vector.
+fn name_cost(name: &[u8]) -> usize {
+    name.len() + std::mem::size_of::<Vec<u8>>()
+}
+
+impl Listings {
+    fn expire(&mut self, now: Instant) {
+        self.open
+            .retain(|l| now.saturating_duration_since(l.used) < LISTING_IDLE);
+    }
+
+    /// Whether names of directory `dir` are kept; marks them used.
+    fn touch(&mut self, dir: (u64, u64), now: Instant) -> bool {
+        self.expire(now);
+        match self.open.iter_mut().find(|l| l.dir == dir) {
+            Some(l) => {
+                l.used = now;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The kept names of directory `dir` (none if there are none).
+    fn names_of(&self, dir: (u64, u64)) -> &[Vec<u8>] {
+        self.open
+            .iter()
+            .find(|l| l.dir == dir)
+            .map_or(&[], |l| &l.names)
+    }
+
+    /// Keeps `names` (sorted) for the next pages of `dir`'s listing, unless they alone
+    /// exceed the budget (returns whether they are kept).
+    fn keep(&mut self, dir: (u64, u64), names: Vec<Vec<u8>>, now: Instant) -> bool {
+        self.expire(now);
+        self.open.retain(|l| l.dir != dir);
+        let bytes: usize = names.iter().map(|n| name_cost(n)).sum();
+        if bytes > LISTINGS_BUDGET_BYTES {
+            return false;
+        }
+        while self.open.len() >= MAX_LISTINGS
+            || self.open.iter().map(|l| l.bytes).sum::<usize>() + bytes > LISTINGS_BUDGET_BYTES
+        {
+            let Some(oldest) = (0..self.open.len()).min_by_key(|&i| self.open[i].used) else {
+                break;
+            };
+            self.open.swap_remove(oldest);
+        }
+        self.open.push(Listing {
+            dir,
+            names,
+            bytes,
+            used: now,
+        });
+        true
+    }
+}
+
 /// One page of a directory's entries, sorted by name (bytewise), symlinks not followed.
 /// The page token is the last name returned, so pages stay stable while the directory
-/// changes. Entries under a denied prefix are left out.
-pub fn list(policy: &PathPolicy, req: &FileListRequest) -> OpResult<FileList> {
+/// changes. Entries under a denied prefix are left out. Later pages come from the names
+/// read for the first (see [`Listings`]).
+pub fn list(
+    policy: &PathPolicy,
+    listings: &mut Listings,
+    req: &FileListRequest,
+    now: Instant,
+) -> OpResult<FileList> {
     let dir = policy.open(&req.path, libc::O_PATH | libc::O_DIRECTORY, false)?;
     let after = if req.page_token.is_empty() {
         None
@@ -159,26 +252,30 @@ pub fn list(policy: &PathPolicy, req: &FileListRequest) -> OpResult<FileList> {
         0 => DEFAULT_PAGE_SIZE,
         n => n.min(MAX_PAGE_SIZE),
     } as usize;
-    let entries = sys::read_dir_names(dir.fd.as_fd()).map_err(|e| OpError::io(&req.path, &e))?;
-    let mut names: Vec<Vec<u8>> = Vec::new();
-    for entry in entries {
-        let name = entry.into_vec();
-        if after
-            .as_ref()
-            .is_some_and(|a| name.as_slice() <= a.as_slice())
-        {
-            continue;
-        }
-        names.push(name);
-    }
-    names.sort_unstable();
+    let meta = File::from(dir.fd.try_clone().map_err(|e| OpError::io(&req.path, &e))?)
+        .metadata()
+        .map_err(|e| OpError::io(&req.path, &e))?;
+    let id = (meta.dev(), meta.ino());
+    let mut fresh = Vec::new();
+    let names: &[Vec<u8>] = if after.is_some() && listings.touch(id, now) {
+        listings.names_of(id)
+    } else {
+        let read = sys::read_dir_names(dir.fd.as_fd()).map_err(|e| OpError::io(&req.path, &e))?;
+        fresh = read.into_iter().map(OsString::into_vec).collect();
+        fresh.sort_unstable();
+        &fresh
+    };
+    let start = after.as_ref().map_or(0, |a| {
+        names.partition_point(|n| n.as_slice() <= a.as_slice())
+    });
+    let names = &names[start..];
     let base = req.path.trim_end_matches('/');
     let denied = policy.resolved_deny();
     let mut out = FileList::default();
     let mut size = 0usize;
     let mut last: Option<&[u8]> = None;
     let mut more = false;
-    for name in &names {
+    for name in names {
         if out.entries.len() >= page_size {
             more = true;
             break;
@@ -212,6 +309,10 @@ pub fn list(policy: &PathPolicy, req: &FileListRequest) -> OpResult<FileList> {
     }
     if more {
         out.next_page_token = last.map(hex).unwrap_or_default();
+        if after.is_none() {
+            // A listing over more than one page: its names are kept for the next pages.
+            listings.keep(id, fresh, now);
+        }
     }
     Ok(out)
 }
@@ -423,6 +524,8 @@ pub struct FileReader {
     sent: u64,
     /// `None` when the request set `skip_sha256`.
     sha: Option<Sha256>,
+    /// CRC32C of the bytes sent, always: the host's end-to-end check.
+    crc: u32,
     finished: bool,
 }
 
@@ -453,12 +556,14 @@ impl FileReader {
             file_size: meta.size(),
             sent: 0,
             sha: (!req.skip_sha256).then(Sha256::new),
+            crc: 0,
             finished: false,
         })
     }
 
-    /// The next chunk, or `None` when the range (or the file) is complete.
-    pub fn next_chunk(&mut self) -> OpResult<Option<FileChunk>> {
+    /// The next chunk with the CRC32C of its data, or `None` when the range (or the file) is
+    /// complete.
+    pub fn next_chunk(&mut self) -> OpResult<Option<(FileChunk, u32)>> {
         if self.finished {
             return Ok(None);
         }
@@ -480,6 +585,10 @@ impl FileReader {
         if let Some(sha) = self.sha.as_mut() {
             sha.update(&data);
         }
+        // One pass over the data: the chunk's CRC goes into the read's and, by the outbox,
+        // into the frame's checksum.
+        let crc = qx_proto::crc32c(&data);
+        self.crc = qx_proto::crc32c_combine(self.crc, crc, n);
         let chunk = FileChunk {
             offset: self.offset,
             data,
@@ -489,11 +598,11 @@ impl FileReader {
         if let Some(r) = self.remaining.as_mut() {
             *r -= n as u64;
         }
-        Ok(Some(chunk))
+        Ok(Some((chunk, crc)))
     }
 
     /// The terminal reply: bytes sent, the file's size at open, sha256 of the bytes sent
-    /// (empty when the request set `skip_sha256`).
+    /// (empty when the request set `skip_sha256`) and their CRC32C.
     pub fn done(&self) -> FileReadDone {
         FileReadDone {
             bytes: self.sent,
@@ -502,6 +611,7 @@ impl FileReader {
                 .sha
                 .as_ref()
                 .map_or_else(Vec::new, |s| s.clone().finish().to_vec()),
+            crc32c: self.crc,
         }
     }
 }
@@ -566,7 +676,10 @@ struct Writer {
     temp: OsString,
     file: File,
     next_offset: u64,
-    sha: Sha256,
+    /// `None` when the open set `skip_sha256`.
+    sha: Option<Sha256>,
+    /// CRC32C of the content written.
+    crc: u32,
     mode: u32,
     owner: Option<u32>,
     group: Option<u32>,
@@ -702,7 +815,8 @@ impl FileWriters {
                 temp,
                 file,
                 next_offset: 0,
-                sha: Sha256::new(),
+                sha: (!req.skip_sha256).then(Sha256::new),
+                crc: 0,
                 mode: match req.mode & 0o7777 {
                     0 => DEFAULT_FILE_MODE,
                     m => m,
@@ -715,8 +829,9 @@ impl FileWriters {
         Ok(FileWriteOpened { handle })
     }
 
-    /// Appends one chunk; its offset must be the next expected one.
-    pub fn write(&mut self, req: &FileWriteChunk) -> OpResult<()> {
+    /// Appends one chunk; its offset must be the next expected one. `data_crc`: the CRC32C of
+    /// its data when already known (from the frame's checksum).
+    pub fn write(&mut self, req: &FileWriteChunk, data_crc: Option<u32>) -> OpResult<()> {
         let w = self
             .open
             .get_mut(&req.handle)
@@ -733,7 +848,11 @@ impl FileWriters {
         w.file
             .write_all(&req.data)
             .map_err(|e| OpError::io(&w.requested, &e))?;
-        w.sha.update(&req.data);
+        if let Some(sha) = w.sha.as_mut() {
+            sha.update(&req.data);
+        }
+        let crc = data_crc.unwrap_or_else(|| qx_proto::crc32c(&req.data));
+        w.crc = qx_proto::crc32c_combine(w.crc, crc, req.data.len());
         w.next_offset += req.data.len() as u64;
         Ok(())
     }
@@ -745,24 +864,27 @@ impl FileWriters {
             .open
             .remove(&req.handle)
             .ok_or_else(|| unknown_handle(req.handle))?;
-        let digest = w.sha.clone().finish();
+        let digest = w.sha.as_ref().map(|s| s.clone().finish());
+        let sha256 = digest.map_or_else(Vec::new, |d| d.to_vec());
         if !req.commit {
             w.remove_temp();
             return Ok(FileWriteDone {
                 bytes: w.next_offset,
-                sha256: digest.to_vec(),
+                sha256,
                 committed: false,
+                crc32c: w.crc,
             });
         }
-        let result = commit(&w, &digest, &req.expected_sha256);
+        let result = check_content(&w, digest.as_ref(), req).and_then(|()| commit(&w));
         if result.is_err() {
             w.remove_temp();
         }
         result?;
         Ok(FileWriteDone {
             bytes: w.next_offset,
-            sha256: digest.to_vec(),
+            sha256,
             committed: true,
+            crc32c: w.crc,
         })
     }
 
@@ -799,8 +921,10 @@ fn unknown_handle(handle: u64) -> OpError {
     )
 }
 
-fn commit(w: &Writer, digest: &[u8; 32], expected: &[u8]) -> OpResult<()> {
+/// Checks the content written against the close's expected sha256 and CRC32C, when given.
+fn check_content(w: &Writer, digest: Option<&[u8; 32]>, req: &FileWriteClose) -> OpResult<()> {
     let what = w.requested.as_str();
+    let expected = req.expected_sha256.as_slice();
     if !expected.is_empty() {
         if expected.len() != 32 {
             return Err(OpError::new(
@@ -808,6 +932,14 @@ fn commit(w: &Writer, digest: &[u8; 32], expected: &[u8]) -> OpResult<()> {
                 format!("expected_sha256 has {} bytes, not 32", expected.len()),
             ));
         }
+        let Some(digest) = digest else {
+            return Err(OpError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "{what}: expected_sha256 given for a write opened with skip_sha256; nothing was written"
+                ),
+            ));
+        };
         if expected != digest {
             return Err(OpError::new(
                 ErrorCode::FailedPrecondition,
@@ -819,6 +951,20 @@ fn commit(w: &Writer, digest: &[u8; 32], expected: &[u8]) -> OpResult<()> {
             ));
         }
     }
+    match req.expected_crc32c {
+        Some(crc) if crc != w.crc => Err(OpError::new(
+            ErrorCode::FailedPrecondition,
+            format!(
+                "{what}: content crc32c {:08x} does not match the expected {crc:08x}; nothing was written",
+                w.crc
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn commit(w: &Writer) -> OpResult<()> {
+    let what = w.requested.as_str();
     w.file.sync_all().map_err(|e| OpError::io(what, &e))?;
     if w.owner.is_some() || w.group.is_some() {
         std::os::unix::fs::fchown(&w.file, w.owner, w.group).map_err(|e| OpError::io(what, &e))?;
@@ -900,15 +1046,19 @@ mod tests {
         let mut req = open_req(link.display().to_string());
         req.overwrite = true;
         let result = w.open(&pol, &req).and_then(|o| {
-            w.write(&FileWriteChunk {
-                handle: o.handle,
-                offset: 0,
-                data: b"pwned\n".to_vec(),
-            })?;
+            w.write(
+                &FileWriteChunk {
+                    handle: o.handle,
+                    offset: 0,
+                    data: b"pwned\n".to_vec(),
+                },
+                None,
+            )?;
             w.close(&FileWriteClose {
                 handle: o.handle,
                 commit: true,
                 expected_sha256: vec![],
+                expected_crc32c: None,
             })
         });
         assert_eq!(std::fs::read(&victim).unwrap(), b"root's data\n");
@@ -1021,7 +1171,8 @@ mod tests {
     fn read_all(r: &mut FileReader) -> (Vec<u8>, Vec<FileChunk>) {
         let mut data = Vec::new();
         let mut chunks = Vec::new();
-        while let Some(c) = r.next_chunk().unwrap() {
+        while let Some((c, crc)) = r.next_chunk().unwrap() {
+            assert_eq!(crc, qx_proto::crc32c(&c.data));
             assert_eq!(
                 c.offset,
                 chunks
@@ -1053,6 +1204,27 @@ mod tests {
         let done = r.done();
         assert_eq!(done.bytes, content.len() as u64);
         assert!(done.sha256.is_empty());
+    }
+
+    #[test]
+    fn read_reports_the_crc32c_of_what_was_sent_with_or_without_sha256() {
+        let t = TempDir::new("read-crc");
+        let pol = policy_for(&t);
+        let content: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(t.join("allowed/f"), &content).unwrap();
+        for skip_sha256 in [true, false] {
+            let req = FileReadRequest {
+                path: t.s("allowed/f"),
+                offset: 1000,
+                length: 50_000,
+                chunk_bytes: 4096,
+                skip_sha256,
+            };
+            let mut r = FileReader::open(&pol, &req, 0).unwrap();
+            let (data, _) = read_all(&mut r);
+            assert_eq!(data, content[1000..51_000]);
+            assert_eq!(r.done().crc32c, qx_proto::crc32c(&content[1000..51_000]));
+        }
     }
 
     #[test]
@@ -1188,6 +1360,7 @@ mod tests {
             group: String::new(),
             create_parents: false,
             overwrite: false,
+            skip_sha256: false,
         }
     }
 
@@ -1211,17 +1384,23 @@ mod tests {
         req.group = "4321".into();
         let h = w.open(&pol, &req).unwrap().handle;
         let target = t.join("allowed/new/dir/file");
-        w.write(&FileWriteChunk {
-            handle: h,
-            offset: 0,
-            data: b"hello ".to_vec(),
-        })
+        w.write(
+            &FileWriteChunk {
+                handle: h,
+                offset: 0,
+                data: b"hello ".to_vec(),
+            },
+            None,
+        )
         .unwrap();
-        w.write(&FileWriteChunk {
-            handle: h,
-            offset: 6,
-            data: b"world".to_vec(),
-        })
+        w.write(
+            &FileWriteChunk {
+                handle: h,
+                offset: 6,
+                data: b"world".to_vec(),
+            },
+            None,
+        )
         .unwrap();
         // Nothing visible before the commit.
         assert!(!target.exists());
@@ -1231,6 +1410,7 @@ mod tests {
                 handle: h,
                 commit: true,
                 expected_sha256: Sha256::digest(b"hello world").to_vec(),
+                expected_crc32c: None,
             })
             .unwrap();
         assert!(done.committed);
@@ -1251,16 +1431,20 @@ mod tests {
         req.overwrite = true;
         req.mode = 0;
         let h = w.open(&pol, &req).unwrap().handle;
-        w.write(&FileWriteChunk {
-            handle: h,
-            offset: 0,
-            data: b"v2".to_vec(),
-        })
+        w.write(
+            &FileWriteChunk {
+                handle: h,
+                offset: 0,
+                data: b"v2".to_vec(),
+            },
+            None,
+        )
         .unwrap();
         w.close(&FileWriteClose {
             handle: h,
             commit: true,
             expected_sha256: vec![],
+            expected_crc32c: None,
         })
         .unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), b"v2");
@@ -1270,23 +1454,78 @@ mod tests {
     }
 
     #[test]
+    fn write_without_sha256_commits_only_on_the_expected_crc32c() {
+        let t = TempDir::new("write-crc");
+        let pol = policy_for(&t);
+        let mut w = FileWriters::new(4);
+        let target = t.join("allowed/f");
+        let mut req = open_req(t.s("allowed/f"));
+        req.skip_sha256 = true;
+        req.overwrite = true;
+        let write = |w: &mut FileWriters| {
+            let h = w.open(&pol, &req).unwrap().handle;
+            for (i, part) in [&b"hello "[..], b"world"].iter().enumerate() {
+                let chunk = FileWriteChunk {
+                    handle: h,
+                    offset: 6 * i as u64,
+                    data: part.to_vec(),
+                };
+                w.write(&chunk, None).unwrap();
+            }
+            h
+        };
+        let crc = qx_proto::crc32c(b"hello world");
+        let close = |handle, expected_crc32c, expected_sha256: Vec<u8>| FileWriteClose {
+            handle,
+            commit: true,
+            expected_sha256,
+            expected_crc32c,
+        };
+        // A wrong CRC: nothing is written.
+        let h = write(&mut w);
+        let e = w.close(&close(h, Some(crc ^ 1), vec![])).unwrap_err();
+        assert_eq!(e.code, ErrorCode::FailedPrecondition, "{e:?}");
+        assert!(!target.exists());
+        assert!(temp_files(&t.join("allowed")).is_empty());
+        // A sha256 cannot be checked when none was computed.
+        let h = write(&mut w);
+        let sha = Sha256::digest(b"hello world").to_vec();
+        let e = w.close(&close(h, Some(crc), sha)).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument, "{e:?}");
+        assert!(!target.exists());
+        // The right one commits, and the reply carries the CRC and no sha256.
+        let h = write(&mut w);
+        let done = w.close(&close(h, Some(crc), vec![])).unwrap();
+        assert!(done.committed);
+        assert_eq!((done.bytes, done.crc32c), (11, crc));
+        assert!(done.sha256.is_empty());
+        assert_eq!(std::fs::read(&target).unwrap(), b"hello world");
+    }
+
+    #[test]
     fn write_rejects_a_wrong_offset_a_wrong_hash_and_unknown_handles() {
         let t = TempDir::new("write-err");
         let pol = policy_for(&t);
         let mut w = FileWriters::new(4);
         let h = w.open(&pol, &open_req(t.s("allowed/f"))).unwrap().handle;
-        w.write(&FileWriteChunk {
-            handle: h,
-            offset: 0,
-            data: vec![1; 10],
-        })
+        w.write(
+            &FileWriteChunk {
+                handle: h,
+                offset: 0,
+                data: vec![1; 10],
+            },
+            None,
+        )
         .unwrap();
         let e = w
-            .write(&FileWriteChunk {
-                handle: h,
-                offset: 20,
-                data: vec![2; 10],
-            })
+            .write(
+                &FileWriteChunk {
+                    handle: h,
+                    offset: 20,
+                    data: vec![2; 10],
+                },
+                None,
+            )
             .unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidArgument);
         assert!(e.message.contains("next expected offset is 10"), "{e}");
@@ -1295,17 +1534,21 @@ mod tests {
                 handle: h,
                 commit: true,
                 expected_sha256: Sha256::digest(b"other").to_vec(),
+                expected_crc32c: None,
             })
             .unwrap_err();
         assert_eq!(e.code, ErrorCode::FailedPrecondition);
         assert!(!t.join("allowed/f").exists());
         assert!(temp_files(&t.join("allowed")).is_empty());
         let e = w
-            .write(&FileWriteChunk {
-                handle: h,
-                offset: 10,
-                data: vec![],
-            })
+            .write(
+                &FileWriteChunk {
+                    handle: h,
+                    offset: 10,
+                    data: vec![],
+                },
+                None,
+            )
             .unwrap_err();
         assert_eq!(e.code, ErrorCode::NotFound);
         assert_eq!(
@@ -1340,6 +1583,7 @@ mod tests {
                 handle: a,
                 commit: false,
                 expected_sha256: vec![],
+                expected_crc32c: None,
             })
             .unwrap();
         assert!(!done.committed);
@@ -1358,16 +1602,20 @@ mod tests {
         let mut w = FileWriters::new(1);
         let name = "n".repeat(255);
         let h = w.open(&pol, &open_req(t.s(&name))).unwrap().handle;
-        w.write(&FileWriteChunk {
-            handle: h,
-            offset: 0,
-            data: b"x".to_vec(),
-        })
+        w.write(
+            &FileWriteChunk {
+                handle: h,
+                offset: 0,
+                data: b"x".to_vec(),
+            },
+            None,
+        )
         .unwrap();
         w.close(&FileWriteClose {
             handle: h,
             commit: true,
             expected_sha256: vec![],
+            expected_crc32c: None,
         })
         .unwrap();
         assert_eq!(std::fs::read(t.join(&name)).unwrap(), b"x");
@@ -1385,6 +1633,7 @@ mod tests {
                 handle: h,
                 commit: true,
                 expected_sha256: vec![],
+                expected_crc32c: None,
             })
             .unwrap_err();
         assert_eq!(e.code, ErrorCode::AlreadyExists);
@@ -1410,11 +1659,13 @@ mod tests {
         loop {
             let page = list(
                 &pol,
+                &mut Listings::default(),
                 &FileListRequest {
                     path: t.s("allowed"),
                     page_size: 10,
                     page_token: token.clone(),
                 },
+                Instant::now(),
             )
             .unwrap();
             pages += 1;
@@ -1440,14 +1691,91 @@ mod tests {
         assert_eq!(pages, 3);
         let e = list(
             &pol,
+            &mut Listings::default(),
             &FileListRequest {
                 path: t.s("allowed"),
                 page_size: 0,
                 page_token: "zz".into(),
             },
+            Instant::now(),
         )
         .unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidArgument);
+    }
+
+    /// Every page of `path`'s listing, `page_size` entries each, calling `between` after
+    /// the first page.
+    fn list_all(pol: &PathPolicy, path: &str, page_size: u32, between: impl Fn()) -> Vec<String> {
+        let mut listings = Listings::default();
+        let mut names = Vec::new();
+        let mut token = String::new();
+        loop {
+            let req = FileListRequest {
+                path: path.into(),
+                page_size,
+                page_token: token.clone(),
+            };
+            let page = list(pol, &mut listings, &req, Instant::now()).unwrap();
+            names.extend(page.entries.into_iter().map(|e| e.name));
+            if page.next_page_token.is_empty() {
+                return names;
+            }
+            if token.is_empty() {
+                between();
+            }
+            token = page.next_page_token;
+        }
+    }
+
+    #[test]
+    fn a_listing_reads_its_directory_once() {
+        let t = TempDir::new("list-once");
+        let pol = PathPolicy::allow_all();
+        let mut expected: Vec<String> = (0..25).map(|i| format!("f{i:02}")).collect();
+        for name in &expected {
+            std::fs::write(t.join(name), b"").unwrap();
+        }
+        // A file made after the first page is not in this listing: the later pages come
+        // from the names read for the first one, not from a new read of the directory.
+        let names = list_all(&pol, &t.s(""), 10, || {
+            std::fs::write(t.join("zz-new"), b"").unwrap();
+        });
+        assert_eq!(names, expected);
+        // A new listing reads the directory again.
+        expected.push("zz-new".into());
+        assert_eq!(list_all(&pol, &t.s(""), 10, || {}), expected);
+    }
+
+    #[test]
+    fn kept_listings_stay_within_their_budget_and_idle_time() {
+        let t0 = Instant::now();
+        let names = |n: usize, len: usize| -> Vec<Vec<u8>> { vec![vec![b'x'; len]; n] };
+        let mut l = Listings::default();
+        // At most MAX_LISTINGS: the least recently used goes first.
+        for d in 0..MAX_LISTINGS as u64 {
+            assert!(l.keep((1, d), names(10, 8), t0 + Duration::from_secs(d)));
+        }
+        assert!(l.touch((1, 0), t0 + Duration::from_secs(10)));
+        assert!(l.keep((1, 99), names(10, 8), t0 + Duration::from_secs(11)));
+        assert!(
+            l.touch((1, 0), t0 + Duration::from_secs(12)),
+            "used recently, kept"
+        );
+        assert!(
+            !l.touch((1, 1), t0 + Duration::from_secs(12)),
+            "least recently used"
+        );
+        // Names beyond the budget are not kept, and make room by dropping others.
+        let per = name_cost(&[b'x'; 100]);
+        assert!(!l.keep((2, 0), names(LISTINGS_BUDGET_BYTES / per + 1, 100), t0));
+        assert!(l.keep((2, 1), names(LISTINGS_BUDGET_BYTES / per, 100), t0));
+        let kept: usize = l.open.iter().map(|x| x.bytes).sum();
+        assert!(kept <= LISTINGS_BUDGET_BYTES);
+        assert_eq!(l.names_of((2, 1)).len(), LISTINGS_BUDGET_BYTES / per);
+        // A listing not paged for LISTING_IDLE is gone.
+        let later = t0 + LISTING_IDLE + Duration::from_secs(1);
+        assert!(!l.touch((2, 1), later));
+        assert!(l.open.is_empty());
     }
 
     #[test]
@@ -1459,11 +1787,13 @@ mod tests {
         }
         let page = list(
             &pol,
+            &mut Listings::default(),
             &FileListRequest {
                 path: t.s(""),
                 page_size: 1000,
                 page_token: String::new(),
             },
+            Instant::now(),
         )
         .unwrap();
         assert!(page.encoded_len() <= LIST_PAGE_BUDGET_BYTES);

@@ -1,5 +1,6 @@
 //! Periodic telemetry from /proc, statvfs and /proc/net/dev. A sample reads a handful of
-//! small files; nothing here blocks on a device or a network filesystem.
+//! small files and never statvfs's a network filesystem; it still runs on the worker thread,
+//! since statvfs of a local filesystem whose device or FUSE daemon hangs would wait too.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -39,7 +39,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
-use tokio::sync::{broadcast, mpsc, mpsc::error::TrySendError, oneshot, watch, Notify};
+use tokio::sync::{
+    broadcast, mpsc, mpsc::error::TrySendError, oneshot, watch, Notify, OwnedSemaphorePermit,
+    Semaphore,
+};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -243,6 +246,25 @@ pub struct Link {
     telemetry_tx: watch::Sender<Option<TelemetryReport>>,
     /// Test hook: the running reader task, so a test can kill it alone.
     reader_task: Mutex<Option<JoinHandle<()>>>,
+    /// Write-transfer slots ([`Link::write_slot`]).
+    write_slots: Mutex<WriteSlots>,
+}
+
+/// The agent keeps at most `limits.max_open_files` write transfers open at once (its
+/// AgentReady says how many). A transfer spans several commands (open, chunks, close), so its
+/// slot is not the table's business: the transfer holds a permit from before its open until
+/// after its close, and the transfers beyond the limit wait for one in arrival order.
+#[derive(Debug)]
+struct WriteSlots {
+    /// The limit last announced; 0: none announced, nothing waits.
+    limit: u32,
+    slots: Arc<Semaphore>,
+}
+
+/// A write transfer's slot; dropping it frees the slot.
+#[derive(Debug)]
+pub struct WriteSlot {
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 fn unix_ms(t: SystemTime) -> i64 {
@@ -312,6 +334,10 @@ impl Link {
             writable: Notify::new(),
             rearm: Notify::new(),
             reset: Notify::new(),
+            write_slots: Mutex::new(WriteSlots {
+                limit: 0,
+                slots: Arc::new(Semaphore::new(0)),
+            }),
             events,
             telemetry_tx,
             reader_task: Mutex::new(None),
@@ -330,6 +356,49 @@ impl Link {
 
     /// Runs `f` on the table (and the state beside it) at the current time, then hands the
     /// table's outputs to the callers and wakes the writer and the timer.
+    /// A new limit from AgentReady: a new set of slots. Transfers waiting on the old set are
+    /// woken (it is closed) and wait again on the new one; permits of the old set die with it.
+    fn set_write_limit(&self, limit: u32) {
+        let mut w = self.write_slots.lock().unwrap_or_else(|p| p.into_inner());
+        if w.limit != limit {
+            w.slots.close();
+            w.limit = limit;
+            w.slots = Arc::new(Semaphore::new(limit as usize));
+        }
+    }
+
+    /// Waits until `deadline` for a write-transfer slot, in arrival order, and fails
+    /// [`AgentError::NotAdmitted`] when none freed in time. No limit announced: no wait.
+    pub async fn write_slot(&self, deadline: Instant) -> Result<WriteSlot, AgentError> {
+        let started = Instant::now();
+        loop {
+            let (limit, slots) = {
+                let w = self.write_slots.lock().unwrap_or_else(|p| p.into_inner());
+                (w.limit, w.slots.clone())
+            };
+            if limit == 0 {
+                return Ok(WriteSlot { _permit: None });
+            }
+            match tokio::time::timeout_at(deadline, slots.acquire_owned()).await {
+                Ok(Ok(permit)) => {
+                    return Ok(WriteSlot {
+                        _permit: Some(permit),
+                    })
+                }
+                Ok(Err(_)) => continue, // a new limit replaced the slots: wait on those
+                Err(_) => {
+                    return Err(AgentError::NotAdmitted {
+                        vm_id: self.vm_id.clone(),
+                        kind: "file_write_open",
+                        waited_ms: started.elapsed().as_millis() as u64,
+                        limit,
+                        what: "file write slots",
+                    })
+                }
+            }
+        }
+    }
+
     fn with_table<R>(&self, f: impl FnOnce(&mut Inner, std::time::Instant) -> R) -> R {
         let now = Instant::now().into_std();
         let mut inner = self.lock();
@@ -517,10 +586,6 @@ impl Link {
 
     pub fn status(&self) -> LinkStatus {
         *self.status.borrow()
-    }
-
-    pub fn subscribe_status(&self) -> watch::Receiver<LinkStatus> {
-        self.status.subscribe()
     }
 
     pub fn cache(&self) -> AgentCache {
@@ -1169,6 +1234,7 @@ impl Link {
     ) {
         let new = r.session_id;
         let max_exec = r.limits.map(|l| l.max_concurrent_exec).unwrap_or(0);
+        self.set_write_limit(r.limits.map(|l| l.max_open_files).unwrap_or(0));
         let first_on_conn = self.with_table(|inner, now| {
             let first_on_conn = inner.ready_on_conn != conn_id;
             inner.ready_on_conn = conn_id;
@@ -1274,6 +1340,54 @@ mod tests {
         assert_eq!(link.state_name(), "disconnected");
         assert!(link.status().writer_alive);
         drop(writer);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn write_transfers_beyond_the_announced_limit_wait_for_a_slot_until_their_deadline() {
+        let link = link();
+        // No limit announced: nothing waits.
+        let free = link.write_slot(Instant::now()).await.unwrap();
+        drop(free);
+        link.set_write_limit(1);
+        let first = link.write_slot(Instant::now()).await.unwrap();
+        // The slot stays taken past the second transfer's deadline: it is not admitted.
+        let started = Instant::now();
+        let err = link
+            .write_slot(started + Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        match err {
+            AgentError::NotAdmitted {
+                waited_ms, limit, ..
+            } => assert_eq!((waited_ms, limit), (2000, 1)),
+            other => panic!("{other:?}"),
+        }
+        // A waiter gets the slot as soon as the transfer holding it ends.
+        let waiter = {
+            let link = link.clone();
+            tokio::spawn(async move {
+                link.write_slot(Instant::now() + Duration::from_secs(60))
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!waiter.is_finished());
+        drop(first);
+        let second = waiter.await.unwrap().unwrap();
+        // A new limit (a new agent session) wakes the waiters onto the new slots.
+        let waiter = {
+            let link = link.clone();
+            tokio::spawn(async move {
+                link.write_slot(Instant::now() + Duration::from_secs(60))
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!waiter.is_finished());
+        link.set_write_limit(2);
+        waiter.await.unwrap().unwrap();
+        drop(second);
     }
 
     #[tokio::test(start_paused = true)]

@@ -9,9 +9,7 @@ use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser};
 use qx_node::agent_api::AgentApi;
 use qx_node::config::{self, NodeConfig};
-use qx_node::hypervisor::{
-    DomainInfo, DomainRef, HostFacts, Hypervisor, HypervisorError, SnapshotRecord,
-};
+use qx_node::hypervisor::none::NoHypervisor;
 use qx_node::listen;
 use qx_node::logging::LogFormat;
 use qx_node::pb::node_daemon_service_server::NodeDaemonServiceServer;
@@ -144,94 +142,6 @@ fn merge(args: &Args) -> Result<NodeConfig> {
         cfg.tls.client_ca = args.tls_client_ca.clone();
     }
     Ok(cfg)
-}
-
-/// The hypervisor when libvirt is off or unreachable: every VM call answers "unreachable",
-/// the VM list is empty, so the agent bindings from --vm-socket stay untouched.
-#[derive(Debug)]
-struct NoHypervisor {
-    why: String,
-}
-
-impl NoHypervisor {
-    fn err<T>(&self) -> Result<T, HypervisorError> {
-        Err(HypervisorError::Unreachable(self.why.clone()))
-    }
-}
-
-impl Hypervisor for NoHypervisor {
-    fn uri(&self) -> &str {
-        "none"
-    }
-    fn domain_type(&self) -> &str {
-        "none"
-    }
-    fn is_alive(&self) -> bool {
-        false
-    }
-    fn host_facts(&self) -> Result<HostFacts, HypervisorError> {
-        self.err()
-    }
-    fn list(&self) -> Result<Vec<DomainRef>, HypervisorError> {
-        Ok(Vec::new())
-    }
-    fn resolve(&self, _: &str) -> Result<String, HypervisorError> {
-        self.err()
-    }
-    fn define(&self, _: &str) -> Result<String, HypervisorError> {
-        self.err()
-    }
-    fn undefine(&self, _: &str, _: bool) -> Result<(), HypervisorError> {
-        self.err()
-    }
-    fn info(&self, _: &str) -> Result<DomainInfo, HypervisorError> {
-        self.err()
-    }
-    fn xml(&self, _: &str, _: bool) -> Result<String, HypervisorError> {
-        self.err()
-    }
-    fn start(&self, _: &str) -> Result<(), HypervisorError> {
-        self.err()
-    }
-    fn shutdown(&self, _: &str) -> Result<(), HypervisorError> {
-        self.err()
-    }
-    fn destroy(&self, _: &str) -> Result<(), HypervisorError> {
-        self.err()
-    }
-    fn reboot(&self, _: &str) -> Result<(), HypervisorError> {
-        self.err()
-    }
-    fn suspend(&self, _: &str) -> Result<(), HypervisorError> {
-        self.err()
-    }
-    fn resume(&self, _: &str) -> Result<(), HypervisorError> {
-        self.err()
-    }
-    fn update_device(&self, _: &str, _: &str, _: bool) -> Result<(), HypervisorError> {
-        self.err()
-    }
-    fn snapshot_create(&self, _: &str, _: &str) -> Result<String, HypervisorError> {
-        self.err()
-    }
-    fn snapshot_list(&self, _: &str) -> Result<Vec<SnapshotRecord>, HypervisorError> {
-        self.err()
-    }
-    fn snapshot_get(&self, _: &str, _: &str) -> Result<SnapshotRecord, HypervisorError> {
-        self.err()
-    }
-    fn snapshot_revert(&self, _: &str, _: &str, _: bool) -> Result<(), HypervisorError> {
-        self.err()
-    }
-    fn snapshot_delete(&self, _: &str, _: &str) -> Result<(), HypervisorError> {
-        self.err()
-    }
-    fn block_stats(&self, _: &str, _: &str) -> Result<(u64, u64), HypervisorError> {
-        self.err()
-    }
-    fn interface_stats(&self, _: &str, _: &str) -> Result<(u64, u64), HypervisorError> {
-        self.err()
-    }
 }
 
 async fn shutdown_signal() {
@@ -368,7 +278,7 @@ async fn main() -> Result<()> {
         Ok(Some(warning)) => log::warn!("{warning}"),
         Err(why) => anyhow::bail!("{why}"),
     }
-    let mut server = tonic::transport::Server::builder();
+    let mut server = listen::grpc_server();
     let tcp = matches!(endpoint, listen::Endpoint::Tcp(_));
     if tcp && (cfg.tls.cert.is_some() || cfg.tls.key.is_some() || cfg.tls.client_ca.is_some()) {
         server = tls::configure(server, &cfg.tls)?;
@@ -411,13 +321,7 @@ async fn main() -> Result<()> {
 }
 
 fn no_hypervisor(cfg: VmConfig, agent: Arc<AgentApi>, why: &str) -> Result<VmApi> {
-    VmApi::with_hypervisor(
-        cfg,
-        agent,
-        Arc::new(NoHypervisor {
-            why: why.to_string(),
-        }),
-    )
+    VmApi::with_hypervisor(cfg, agent, Arc::new(NoHypervisor::new(why)))
 }
 
 mod tls {

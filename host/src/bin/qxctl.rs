@@ -1,7 +1,7 @@
 //! qxctl: the command-line client of the Quantix node daemon. See `qxctl --help`.
 
 use clap::{CommandFactory, Parser};
-use qx_node::cli::{agent_cmds, Cli};
+use qx_node::cli::{dispatch, Cli};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -15,7 +15,7 @@ async fn main() {
         }
     }
     let cli = Cli::parse();
-    let code = agent_cmds::run(cli).await;
+    let code = dispatch::run(cli).await;
     std::process::exit(code);
 }
 

@@ -1,9 +1,10 @@
 //! `qxctl agent|exec|cp|fs|time|watch`: the guest-agent commands.
 
+pub use super::dispatch::code_for;
+use super::dispatch::Client;
 use super::vm_cmds::utc_time;
-use super::{exit, install_cmd, Cli, Command};
+use super::{exit, install_cmd};
 use crate::pb;
-use crate::pb::node_daemon_service_client::NodeDaemonServiceClient;
 use crate::text::{escape, escape_join, escape_layout, Esc};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
@@ -12,11 +13,6 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
-use tonic::transport::Channel;
-use tonic::Code;
-
-/// The gRPC client qxctl uses.
-pub type Client = NodeDaemonServiceClient<Channel>;
 
 /// Bytes per WriteGuestFile data message.
 const UPLOAD_MESSAGE_BYTES: usize = 64 * 1024;
@@ -148,17 +144,11 @@ pub enum TimeCommand {
     Get(VmArg),
 }
 
-/// Exit code for a failed RPC.
-pub fn code_for(status: &tonic::Status) -> i32 {
-    match status.code() {
-        Code::NotFound => exit::NOT_FOUND,
-        Code::Unavailable | Code::DeadlineExceeded => exit::UNAVAILABLE,
-        Code::DataLoss => exit::INTEGRITY,
-        _ => exit::FAILED,
-    }
-}
-
-fn print<T: Serialize + std::fmt::Debug>(json: bool, v: &T, text: impl FnOnce(&T) -> String) {
+pub(super) fn print<T: Serialize + std::fmt::Debug>(
+    json: bool,
+    v: &T,
+    text: impl FnOnce(&T) -> String,
+) {
     if json {
         match serde_json::to_string_pretty(v) {
             Ok(s) => println!("{s}"),
@@ -169,79 +159,6 @@ fn print<T: Serialize + std::fmt::Debug>(json: bool, v: &T, text: impl FnOnce(&T
         // (every control but the layout's own line breaks).
         println!("{}", escape_layout(&text(v)));
     }
-}
-
-/// Runs one qxctl invocation; returns the process exit code.
-pub async fn run(cli: Cli) -> i32 {
-    let is_exec = matches!(cli.command, Command::Exec(_));
-    let fail = if is_exec {
-        exit::EXEC_FAILED
-    } else {
-        exit::FAILED
-    };
-    let mut client = match connect(&cli).await {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("qxctl: cannot reach qx-node at {}: {e}", cli.addr);
-            return if is_exec {
-                exit::EXEC_FAILED
-            } else {
-                exit::UNAVAILABLE
-            };
-        }
-    };
-    let res = dispatch(cli, &mut client).await;
-    match res {
-        Ok(code) => code,
-        Err(e) => {
-            // Errors carry the agent's own messages: guest text.
-            eprintln!("qxctl: {}", escape(&format!("{e:#}")));
-            match e.downcast_ref::<tonic::Status>() {
-                Some(s) if !is_exec => code_for(s),
-                _ => fail,
-            }
-        }
-    }
-}
-
-/// `--addr` as a URI: a bare `HOST:PORT` gets `https://` when TLS is asked for, else `http://`.
-fn endpoint_uri(addr: &str, tls: bool) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else if tls {
-        format!("https://{addr}")
-    } else {
-        format!("http://{addr}")
-    }
-}
-
-/// Connects to the daemon, with TLS when --ca/--cert/--key are given.
-pub async fn connect(cli: &Cli) -> Result<Client> {
-    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-    if let Some(path) = cli.addr.strip_prefix("unix:") {
-        return Ok(Client::new(super::uds::channel(path).await?));
-    }
-    let tls_wanted = cli.ca.is_some() || cli.cert.is_some();
-    let mut ep = Endpoint::from_shared(endpoint_uri(&cli.addr, tls_wanted))
-        .with_context(|| format!("{} is not a valid address", cli.addr))?;
-    if tls_wanted {
-        let read =
-            |p: &Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
-        let mut tls = ClientTlsConfig::new();
-        if let Some(ca) = &cli.ca {
-            tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
-        }
-        match (&cli.cert, &cli.key) {
-            (Some(c), Some(k)) => tls = tls.identity(Identity::from_pem(read(c)?, read(k)?)),
-            (None, None) => {}
-            _ => bail!("--cert and --key go together"),
-        }
-        if let Some(d) = &cli.tls_domain {
-            tls = tls.domain_name(d.clone());
-        }
-        ep = ep.tls_config(tls)?;
-    }
-    Ok(Client::new(ep.connect().await?))
 }
 
 fn power_request(a: PowerArgs) -> pb::GuestPowerRequest {
@@ -260,11 +177,15 @@ fn power_text(r: &qx_proto::agent::PowerReply) -> String {
     )
 }
 
-async fn dispatch(cli: Cli, client: &mut Client) -> Result<i32> {
-    let json = cli.json;
-    let t = cli.timeout_ms;
-    match cli.command {
-        Command::Agent(AgentCommand::Ping(a)) => {
+/// `qxctl agent ...`.
+pub(super) async fn run_agent(
+    cmd: AgentCommand,
+    client: &mut Client,
+    json: bool,
+    t: u32,
+) -> Result<i32> {
+    match cmd {
+        AgentCommand::Ping(a) => {
             let r = client
                 .ping_agent(pb::AgentRequest {
                     vm_id: a.vm.clone(),
@@ -282,7 +203,7 @@ async fn dispatch(cli: Cli, client: &mut Client) -> Result<i32> {
                 )
             });
         }
-        Command::Agent(AgentCommand::Info(a)) => {
+        AgentCommand::Info(a) => {
             let r = client
                 .get_agent_info(pb::AgentRequest {
                     vm_id: a.vm.clone(),
@@ -324,7 +245,7 @@ async fn dispatch(cli: Cli, client: &mut Client) -> Result<i32> {
                 )
             });
         }
-        Command::Agent(AgentCommand::Logs { vm, lines }) => {
+        AgentCommand::Logs { vm, lines } => {
             let r = client
                 .get_guest_logs(pb::GuestLogsRequest {
                     vm_id: vm,
@@ -348,15 +269,15 @@ async fn dispatch(cli: Cli, client: &mut Client) -> Result<i32> {
                 s.trim_end().to_string()
             });
         }
-        Command::Agent(AgentCommand::Shutdown(a)) => {
+        AgentCommand::Shutdown(a) => {
             let r = client.guest_shutdown(power_request(a)).await?.into_inner();
             print(json, &r, power_text);
         }
-        Command::Agent(AgentCommand::Reboot(a)) => {
+        AgentCommand::Reboot(a) => {
             let r = client.guest_reboot(power_request(a)).await?.into_inner();
             print(json, &r, power_text);
         }
-        Command::Agent(AgentCommand::Stats { vm }) => {
+        AgentCommand::Stats { vm } => {
             let r = client
                 .get_agent_connection_stats(pb::AgentStatsRequest {
                     vm_id: vm.unwrap_or_default(),
@@ -389,13 +310,22 @@ async fn dispatch(cli: Cli, client: &mut Client) -> Result<i32> {
                 s.trim_end().to_string()
             });
         }
-        Command::Agent(AgentCommand::Install(args)) => {
+        AgentCommand::Install(args) => {
             return install_cmd::run(args, client, json).await;
         }
-        Command::Exec(a) => return exec(a, client, json, t).await,
-        Command::Cp(a) => return cp(a, client, json, t).await,
-        Command::Fs(f) => fs(f, client, json).await?,
-        Command::Time(TimeCommand::Sync { vm, force, rtc }) => {
+    }
+    Ok(exit::OK)
+}
+
+/// `qxctl time ...`.
+pub(super) async fn run_time(
+    cmd: TimeCommand,
+    client: &mut Client,
+    json: bool,
+    t: u32,
+) -> Result<i32> {
+    match cmd {
+        TimeCommand::Sync { vm, force, rtc } => {
             let r = client
                 .sync_time(pb::SyncTimeRequest {
                     vm_id: vm.clone(),
@@ -413,7 +343,7 @@ async fn dispatch(cli: Cli, client: &mut Client) -> Result<i32> {
                 )
             });
         }
-        Command::Time(TimeCommand::Get(a)) => {
+        TimeCommand::Get(a) => {
             let r = client
                 .get_guest_time(pb::AgentRequest {
                     vm_id: a.vm,
@@ -428,45 +358,41 @@ async fn dispatch(cli: Cli, client: &mut Client) -> Result<i32> {
                 )
             });
         }
-        Command::Watch(a) => {
-            let mut s = client
-                .stream_telemetry(pb::AgentRequest {
-                    vm_id: a.vm,
-                    timeout_ms: t,
-                })
-                .await?
-                .into_inner();
-            while let Some(u) = s.message().await? {
-                print(json, &u, |u| {
-                    let tm = u.telemetry.clone().unwrap_or_default();
-                    let mem = tm.memory.unwrap_or_default();
-                    format!(
-                        "{} {}: cpu {:.1}% load {:.2} mem {}/{} MiB procs {} up {} s",
-                        // HH:MM:SS of the UTC time the daemon received it.
-                        &utc_time(u.received_unix_ms.div_euclid(1000))[11..19],
-                        Esc(&tm.hostname),
-                        tm.cpu.map(|c| c.usage_percent).unwrap_or(0.0),
-                        tm.load.map(|l| l.one).unwrap_or(0.0),
-                        (mem.total_bytes - mem.available_bytes.min(mem.total_bytes)) >> 20,
-                        mem.total_bytes >> 20,
-                        tm.processes,
-                        tm.uptime_s
-                    )
-                });
-            }
-        }
-        Command::Vm(cmd) => return super::vm_cmds::run_vm(cmd, client, json).await,
-        Command::Snapshot(cmd) => return super::vm_cmds::run_snapshot(cmd, client, json).await,
-        Command::Media(cmd) => return super::vm_cmds::run_media(cmd, client, json).await,
-        Command::Events(args) => return super::vm_cmds::run_events(args, client, json).await,
-        Command::Node(cmd) => return super::node_cmds::run_node(cmd, client, json).await,
-        Command::Pool(cmd) => return super::storage_cmds::run_pool(cmd, client, json).await,
-        Command::Volume(cmd) => return super::storage_cmds::run_volume(cmd, client, json).await,
     }
     Ok(exit::OK)
 }
 
-async fn fs(cmd: FsCommand, client: &mut Client, json: bool) -> Result<()> {
+/// `qxctl watch VM`: live telemetry until interrupted.
+pub(super) async fn run_watch(a: VmArg, client: &mut Client, json: bool, t: u32) -> Result<i32> {
+    let mut s = client
+        .stream_telemetry(pb::AgentRequest {
+            vm_id: a.vm,
+            timeout_ms: t,
+        })
+        .await?
+        .into_inner();
+    while let Some(u) = s.message().await? {
+        print(json, &u, |u| {
+            let tm = u.telemetry.clone().unwrap_or_default();
+            let mem = tm.memory.unwrap_or_default();
+            format!(
+                "{} {}: cpu {:.1}% load {:.2} mem {}/{} MiB procs {} up {} s",
+                // HH:MM:SS of the UTC time the daemon received it.
+                &utc_time(u.received_unix_ms.div_euclid(1000))[11..19],
+                Esc(&tm.hostname),
+                tm.cpu.map(|c| c.usage_percent).unwrap_or(0.0),
+                tm.load.map(|l| l.one).unwrap_or(0.0),
+                (mem.total_bytes - mem.available_bytes.min(mem.total_bytes)) >> 20,
+                mem.total_bytes >> 20,
+                tm.processes,
+                tm.uptime_s
+            )
+        });
+    }
+    Ok(exit::OK)
+}
+
+pub(super) async fn fs(cmd: FsCommand, client: &mut Client, json: bool) -> Result<()> {
     match cmd {
         FsCommand::Freeze {
             vm,
@@ -570,7 +496,7 @@ pub fn exit_code_of(x: &qx_proto::agent::ExecExit) -> i32 {
     }
 }
 
-async fn exec(a: ExecArgs, client: &mut Client, json: bool, t: u32) -> Result<i32> {
+pub(super) async fn exec(a: ExecArgs, client: &mut Client, json: bool, t: u32) -> Result<i32> {
     let stdin = match a.stdin.as_deref() {
         None => Vec::new(),
         Some(p) if p == Path::new("-") => {
@@ -664,7 +590,7 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-async fn cp(a: CpArgs, client: &mut Client, json: bool, t: u32) -> Result<i32> {
+pub(super) async fn cp(a: CpArgs, client: &mut Client, json: bool, t: u32) -> Result<i32> {
     match (remote(&a.src), remote(&a.dst)) {
         (Some((vm, path)), None) => download(client, vm, path, Path::new(&a.dst), json, t).await,
         (None, Some((vm, path))) => upload(client, &a, vm, path, json, t).await,
@@ -831,18 +757,5 @@ mod tests {
         let s = super::seen(1_795_358_785_625);
         assert!(s.starts_with("2026-11-22 14:46:25 +0000 ("), "{s}");
         assert!(s.ends_with(" s ago)"), "{s}");
-    }
-
-    #[test]
-    fn bare_host_port_gets_a_scheme() {
-        assert_eq!(
-            super::endpoint_uri("127.0.0.1:9090", false),
-            "http://127.0.0.1:9090"
-        );
-        assert_eq!(
-            super::endpoint_uri("node1:9090", true),
-            "https://node1:9090"
-        );
-        assert_eq!(super::endpoint_uri("http://h:1", true), "http://h:1");
     }
 }

@@ -1,6 +1,7 @@
 //! qxctl's subcommands, one module per area.
 
 pub mod agent_cmds;
+pub mod dispatch;
 pub mod install_cmd;
 pub mod node_cmds;
 pub mod storage_cmds;

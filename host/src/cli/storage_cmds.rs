@@ -104,6 +104,23 @@ pub enum VolumeCommand {
         #[arg(long)]
         allow_shrink: bool,
     },
+    /// Snapshot a volume: an external qcow2 overlay.
+    ///
+    /// The volume's data as of now is kept, unchanged from then on, as the new volume
+    /// SNAPSHOT, and VOLUME becomes, at the same path, a qcow2 overlay on it that takes the
+    /// writes: a stopped VM with VOLUME as a disk boots on the overlay. Nothing is copied. To go
+    /// back to the snapshot, delete VOLUME and create it again with --backing SNAPSHOT; the
+    /// snapshot cannot be deleted while a volume is on it. Refused while VOLUME is a disk of a
+    /// running VM (snapshot the VM instead), a raw disk of any VM, or the backing volume of
+    /// another volume. Volumes of dir, fs and netfs pools.
+    Snapshot {
+        /// The storage pool.
+        pool: String,
+        /// The volume to snapshot; it stays the writable volume, now on top of SNAPSHOT.
+        volume: String,
+        /// The name of the new volume that keeps VOLUME's data as of now.
+        snapshot: String,
+    },
     /// Full copy of a volume in its pool, with progress.
     Clone {
         pool: String,
@@ -399,6 +416,28 @@ pub async fn run_volume(cmd: VolumeCommand, client: &mut Client, json: bool) -> 
         VolumeCommand::Delete { pool, volume } => {
             client.delete_volume(vreq(pool, volume.clone())).await?;
             show(json, &volume, |v| format!("Volume {v} deleted"))
+        }
+        VolumeCommand::Snapshot {
+            pool,
+            volume,
+            snapshot,
+        } => {
+            let r = client
+                .snapshot_volume(pb::SnapshotVolumeRequest {
+                    pool_id: pool,
+                    volume_id: volume,
+                    snapshot_id: snapshot,
+                })
+                .await?
+                .into_inner();
+            show(json, &r, |r| {
+                let (v, s) = (r.volume.clone().unwrap_or_default(), r.snapshot.clone());
+                let s = s.unwrap_or_default();
+                format!(
+                    "Snapshot {} of volume {} taken: {}\nVolume {} is now an overlay on it: {}",
+                    s.volume_id, v.volume_id, s.path, v.volume_id, v.path
+                )
+            })
         }
         VolumeCommand::Clone {
             pool,

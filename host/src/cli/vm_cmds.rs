@@ -20,6 +20,26 @@ type Client = NodeDaemonServiceClient<Channel>;
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
     /// Define a VM (and optionally start it).
+    #[command(
+        long_about = "Define a VM (and optionally start it).\n\n\
+    Disks are attached in this order, the first one as vda: the --volume disks, the volume that \
+    --disk-size creates without --volume, the --disk images, then the CD-ROMs.\n\n\
+    A disk from a storage pool (see `qxctl volume`) is named by --pool and --volume. An existing \
+    volume is attached as it is, in the format its pool reports; the VM does not own it, and \
+    `qxctl vm delete --storage` leaves it alone. A volume that does not exist yet is created in the \
+    pool when --disk-size is given (qcow2); it belongs to the VM, and `qxctl vm delete --storage` \
+    deletes it with the VM. If defining the VM fails, the volumes created for it are deleted again. \
+    Volumes of dir, fs and netfs pools can be disks; a volume under a thin clone or a volume \
+    snapshot is refused, since the guest's writes would change the overlay's data.",
+        after_long_help = "EXAMPLES:\n    \
+    qxctl volume create images web1 --backing base\n    \
+    qxctl vm create web1 --pool images --volume web1 --start\n        \
+    A thin clone of volume base as the VM's first disk.\n\n    \
+    qxctl vm create web2 --pool images --volume web2-root --disk-size 20G\n        \
+    Volume web2-root, created with 20 GiB for the VM if it does not exist.\n\n    \
+    qxctl vm create web3 --pool images --disk-size 10\n        \
+    A new 10 GiB volume <vm-id>-disk0 in pool images, deleted with the VM."
+    )]
     Create(Box<CreateArgs>),
     /// Start a stopped VM.
     Start(VmRef),
@@ -76,16 +96,30 @@ pub struct CreateArgs {
     /// Cores per socket.
     #[arg(long, default_value_t = 1)]
     pub cpus: u32,
+    /// CPU sockets.
     #[arg(long, default_value_t = 1)]
     pub sockets: u32,
+    /// Threads per core.
     #[arg(long, default_value_t = 1)]
     pub threads: u32,
     /// Memory in MiB.
     #[arg(long, default_value_t = 512)]
     pub memory: u64,
-    /// A disk: a size in GiB (a qcow2 image is created) or an existing image path.
+    /// A disk: a size in GiB (a qcow2 image is created in the node's image directory) or an
+    /// existing image path inside the node's allowed directories (repeatable).
     #[arg(long)]
     pub disk: Vec<String>,
+    /// The storage pool that holds the --volume disks and the volume --disk-size creates.
+    #[arg(long, value_name = "POOL")]
+    pub pool: Option<String>,
+    /// A disk that is volume NAME of --pool (repeatable): attached if it exists, created with
+    /// --disk-size if not.
+    #[arg(long, value_name = "NAME", requires = "pool")]
+    pub volume: Vec<String>,
+    /// The size of each volume created in --pool: GiB, or a number with G or T (whole GiB).
+    /// Without --volume, one new volume is created, named <vm-id>-disk<N>.
+    #[arg(long, value_name = "SIZE", requires = "pool")]
+    pub disk_size: Option<String>,
     /// A CD-ROM with this ISO (repeatable).
     #[arg(long)]
     pub cdrom: Vec<String>,
@@ -98,8 +132,10 @@ pub struct CreateArgs {
     /// A NIC on this host bridge (repeatable).
     #[arg(long)]
     pub bridge: Vec<String>,
+    /// A VNC console.
     #[arg(long)]
     pub vnc: bool,
+    /// A SPICE console.
     #[arg(long)]
     pub spice: bool,
     /// Boot with UEFI instead of BIOS.
@@ -111,8 +147,10 @@ pub struct CreateArgs {
     /// Direct kernel boot: kernel image.
     #[arg(long)]
     pub kernel: Option<String>,
+    /// Direct kernel boot: initrd image.
     #[arg(long)]
     pub initrd: Option<String>,
+    /// Direct kernel boot: kernel command line.
     #[arg(long)]
     pub cmdline: Option<String>,
     /// A label KEY=VALUE (repeatable).
@@ -314,8 +352,43 @@ fn print_status(s: &pb::VmStatus) {
     }
 }
 
+/// `--disk-size`: a plain number is GiB; with a suffix, a whole number of GiB.
+fn parse_gib(s: &str) -> anyhow::Result<u64> {
+    const GIB: u64 = 1 << 30;
+    if let Ok(gib) = s.trim().parse::<u64>() {
+        return Ok(gib);
+    }
+    let bytes = super::storage_cmds::parse_size(s)?;
+    if bytes == 0 || bytes % GIB != 0 {
+        anyhow::bail!("--disk-size {s:?} is not a whole number of GiB");
+    }
+    Ok(bytes / GIB)
+}
+
+/// The disks from `--pool`, `--volume` and `--disk-size`.
+fn volume_disks(a: &CreateArgs) -> anyhow::Result<Vec<pb::DiskSpec>> {
+    let size_gib = a.disk_size.as_deref().map(parse_gib).transpose()?;
+    let Some(pool) = &a.pool else {
+        return Ok(Vec::new());
+    };
+    if a.volume.is_empty() && size_gib.is_none() {
+        anyhow::bail!("--pool needs --volume or --disk-size");
+    }
+    let disk = |volume: &str| pb::DiskSpec {
+        pool: pool.clone(),
+        volume: volume.to_string(),
+        size_gib: size_gib.unwrap_or(0),
+        ..Default::default()
+    };
+    Ok(if a.volume.is_empty() {
+        vec![disk("")]
+    } else {
+        a.volume.iter().map(|v| disk(v)).collect()
+    })
+}
+
 fn create_request(a: &CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
-    let mut disks = Vec::new();
+    let mut disks = volume_disks(a)?;
     for d in &a.disk {
         disks.push(match d.parse::<u64>() {
             Ok(gib) => pb::DiskSpec {
@@ -819,9 +892,86 @@ mod tests {
         assert_eq!(s.disks[1].path, "/img/a.qcow2");
         assert!(s.disks[2].cdrom && s.disks[2].path.is_empty());
         assert_eq!(r.labels.get("a").map(String::as_str), Some("b=c"));
+        assert!(s.disks.iter().all(|d| d.pool.is_empty()));
         assert_eq!(
             s.boot_order,
             [pb::BootDevice::Cdrom as i32, pb::BootDevice::Disk as i32]
         );
+    }
+
+    #[test]
+    fn pool_volume_and_disk_size_become_volume_disks_first() {
+        use clap::Parser;
+        #[derive(Debug, Parser)]
+        struct T {
+            #[command(subcommand)]
+            vm: VmCommand,
+        }
+        let parse = |args: &[&str]| {
+            let mut all = vec!["t", "create", "web"];
+            all.extend_from_slice(args);
+            T::try_parse_from(all).map(|t| match t.vm {
+                VmCommand::Create(a) => create_request(&a),
+                _ => panic!("not create"),
+            })
+        };
+        // Existing or created volumes, before the --disk images.
+        let r = parse(&[
+            "--disk",
+            "/img/a.qcow2",
+            "--pool",
+            "images",
+            "--volume",
+            "root",
+            "--volume",
+            "data",
+            "--disk-size",
+            "20G",
+        ])
+        .unwrap()
+        .unwrap();
+        let d = r.spec.unwrap().disks;
+        let got: Vec<_> = d
+            .iter()
+            .map(|d| {
+                (
+                    d.pool.as_str(),
+                    d.volume.as_str(),
+                    d.size_gib,
+                    d.path.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("images", "root", 20, ""),
+                ("images", "data", 20, ""),
+                ("", "", 0, "/img/a.qcow2")
+            ]
+        );
+        // --disk-size alone: one new volume the daemon names.
+        let r = parse(&["--pool", "images", "--disk-size", "3"])
+            .unwrap()
+            .unwrap();
+        let d = &r.spec.unwrap().disks[0];
+        assert_eq!(
+            (d.pool.as_str(), d.volume.as_str(), d.size_gib),
+            ("images", "", 3)
+        );
+        // An existing volume, no size.
+        let r = parse(&["--pool", "images", "--volume", "v"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.spec.unwrap().disks[0].size_gib, 0);
+        // Refused: --volume or --disk-size without --pool (clap), --pool alone, a size that
+        // is not whole GiB.
+        assert!(parse(&["--volume", "v"]).is_err());
+        assert!(parse(&["--disk-size", "1"]).is_err());
+        assert!(parse(&["--pool", "images"]).unwrap().is_err());
+        assert!(parse(&["--pool", "p", "--disk-size", "1536M"])
+            .unwrap()
+            .is_err());
+        assert_eq!(parse_gib("2T").unwrap(), 2048);
     }
 }

@@ -253,6 +253,7 @@ pub fn agent_socket(hv: &dyn Hypervisor, uuid: &str) -> Option<PathBuf> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use crate::hypervisor::none::NoHypervisor;
 
     #[test]
     fn ring_keeps_sequence_and_replays_after_seq() {
@@ -293,127 +294,15 @@ mod tests {
         assert_eq!(all.last().unwrap().vm_id, "quiet2");
     }
 
-    /// A listing-only hypervisor: the watcher's layer has the real libvirt tests above it.
-    #[derive(Debug, Default)]
-    struct Listing(Mutex<Vec<super::super::DomainRef>>);
-
-    impl Listing {
-        fn set(&self, state: PowerState, transient: bool) {
-            *self.0.lock().unwrap() = vec![super::super::DomainRef {
-                uuid: "u1".into(),
-                name: "vm".into(),
-                state,
-                transient,
-            }];
-        }
-    }
-
-    fn unsupported<T>() -> Result<T, super::super::HypervisorError> {
-        Err(super::super::HypervisorError::Unsupported("fake".into()))
-    }
-
-    impl Hypervisor for Listing {
-        fn uri(&self) -> &str {
-            "fake"
-        }
-        fn domain_type(&self) -> &str {
-            "fake"
-        }
-        fn is_alive(&self) -> bool {
-            true
-        }
-        fn host_facts(&self) -> Result<super::super::HostFacts, super::super::HypervisorError> {
-            unsupported()
-        }
-        fn list(&self) -> Result<Vec<super::super::DomainRef>, super::super::HypervisorError> {
-            Ok(self.0.lock().unwrap().clone())
-        }
-        fn resolve(&self, _: &str) -> Result<String, super::super::HypervisorError> {
-            unsupported()
-        }
-        fn define(&self, _: &str) -> Result<String, super::super::HypervisorError> {
-            unsupported()
-        }
-        fn undefine(&self, _: &str, _: bool) -> Result<(), super::super::HypervisorError> {
-            unsupported()
-        }
-        fn info(&self, _: &str) -> Result<super::super::DomainInfo, super::super::HypervisorError> {
-            unsupported()
-        }
-        fn xml(&self, _: &str, _: bool) -> Result<String, super::super::HypervisorError> {
-            unsupported()
-        }
-        fn start(&self, _: &str) -> Result<(), super::super::HypervisorError> {
-            unsupported()
-        }
-        fn shutdown(&self, _: &str) -> Result<(), super::super::HypervisorError> {
-            unsupported()
-        }
-        fn destroy(&self, _: &str) -> Result<(), super::super::HypervisorError> {
-            unsupported()
-        }
-        fn reboot(&self, _: &str) -> Result<(), super::super::HypervisorError> {
-            unsupported()
-        }
-        fn suspend(&self, _: &str) -> Result<(), super::super::HypervisorError> {
-            unsupported()
-        }
-        fn resume(&self, _: &str) -> Result<(), super::super::HypervisorError> {
-            unsupported()
-        }
-        fn update_device(
-            &self,
-            _: &str,
-            _: &str,
-            _: bool,
-        ) -> Result<(), super::super::HypervisorError> {
-            unsupported()
-        }
-        fn snapshot_create(
-            &self,
-            _: &str,
-            _: &str,
-        ) -> Result<String, super::super::HypervisorError> {
-            unsupported()
-        }
-        fn snapshot_list(
-            &self,
-            _: &str,
-        ) -> Result<Vec<super::super::SnapshotRecord>, super::super::HypervisorError> {
-            unsupported()
-        }
-        fn snapshot_get(
-            &self,
-            _: &str,
-            _: &str,
-        ) -> Result<super::super::SnapshotRecord, super::super::HypervisorError> {
-            unsupported()
-        }
-        fn snapshot_revert(
-            &self,
-            _: &str,
-            _: &str,
-            _: bool,
-        ) -> Result<(), super::super::HypervisorError> {
-            unsupported()
-        }
-        fn snapshot_delete(&self, _: &str, _: &str) -> Result<(), super::super::HypervisorError> {
-            unsupported()
-        }
-        fn block_stats(
-            &self,
-            _: &str,
-            _: &str,
-        ) -> Result<(u64, u64), super::super::HypervisorError> {
-            unsupported()
-        }
-        fn interface_stats(
-            &self,
-            _: &str,
-            _: &str,
-        ) -> Result<(u64, u64), super::super::HypervisorError> {
-            unsupported()
-        }
+    /// The stub hypervisor with one domain in `state` (the watcher's layer has the real
+    /// libvirt tests above it).
+    fn set(hv: &NoHypervisor, state: PowerState, transient: bool) {
+        hv.set_domains(vec![super::super::DomainRef {
+            uuid: "u1".into(),
+            name: "vm".into(),
+            state,
+            transient,
+        }]);
     }
 
     fn kinds(hub: &EventHub) -> Vec<pb::EventKind> {
@@ -425,21 +314,25 @@ mod tests {
 
     #[test]
     fn watcher_sees_a_start_through_qemus_starting_up_pause_as_one_start() {
-        let (hv, hub, w) = (Listing::default(), EventHub::new(), Watcher::default());
-        hv.set(PowerState::ShutOff, false);
+        let (hv, hub, w) = (
+            NoHypervisor::new("test"),
+            EventHub::new(),
+            Watcher::default(),
+        );
+        set(&hv, PowerState::ShutOff, false);
         assert!(w.sync(&hv, &hub).is_empty(), "baseline: nothing to bind");
         assert!(kinds(&hub).is_empty(), "baseline publishes nothing");
-        hv.set(PowerState::Paused, true);
+        set(&hv, PowerState::Paused, true);
         w.sync(&hv, &hub);
-        hv.set(PowerState::Running, false);
+        set(&hv, PowerState::Running, false);
         w.sync(&hv, &hub);
-        hv.set(PowerState::Paused, true); // an internal snapshot in progress
+        set(&hv, PowerState::Paused, true); // an internal snapshot in progress
         w.sync(&hv, &hub);
-        hv.set(PowerState::Running, false);
+        set(&hv, PowerState::Running, false);
         w.sync(&hv, &hub);
-        hv.set(PowerState::Paused, false); // a real pause
+        set(&hv, PowerState::Paused, false); // a real pause
         w.sync(&hv, &hub);
-        *hv.0.lock().unwrap() = Vec::new();
+        hv.set_domains(Vec::new());
         let actions = w.sync(&hv, &hub);
         assert_eq!(actions, [AgentAction::Detach("u1".into())]);
         use pb::EventKind::*;

@@ -6,13 +6,14 @@
 //!   and [`domain::DomainFacts`], what the daemon reads back from a domain's XML (agent
 //!   socket, disks, console, labels).
 //! - [`Hypervisor`]: the blocking operations the daemon needs, implemented for libvirt by
-//!   [`libvirt::Libvirt`]. Callers keep these calls off the async workers (`spawn_blocking`).
+//!   [`libvirt::Libvirt`] (and by [`none::NoHypervisor`] when there is none). Callers keep these calls off the async workers (`spawn_blocking`).
 //! - [`events`]: the sequenced event ring behind `StreamEvents` and the lifecycle watcher
 //!   that produces domain events by diffing domain states.
 
 pub mod domain;
 pub mod events;
 pub mod libvirt;
+pub mod none;
 pub mod xml;
 
 use std::fmt;

@@ -68,13 +68,6 @@ impl Element {
             .map(|(_, v)| v.as_str())
     }
 
-    pub fn set_attr(&mut self, key: &str, value: &str) {
-        match self.attrs.iter_mut().find(|(k, _)| k == key) {
-            Some(slot) => slot.1 = value.to_string(),
-            None => self.attrs.push((key.to_string(), value.to_string())),
-        }
-    }
-
     /// The first child with this local name.
     pub fn find(&self, local: &str) -> Option<&Element> {
         self.children.iter().find(|c| c.local_name() == local)

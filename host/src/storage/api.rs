@@ -7,7 +7,7 @@ use super::StorageError;
 use crate::hypervisor::domain::DomainFacts;
 use crate::hypervisor::Hypervisor;
 use crate::pb;
-use crate::service::RpcStream;
+use crate::stream::BoxStream;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +18,9 @@ use tonic::{Status, Streaming};
 use virt::connect::Connect;
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
+
+/// The storage RPCs still answer in `tonic::Status` themselves.
+type RpcStream<T> = BoxStream<T, Status>;
 
 /// Bytes per DownloadVolume message.
 pub const CHUNK_BYTES: usize = 64 * 1024;
@@ -113,17 +116,25 @@ fn volume_info(pool_id: &str, vol: &StorageVol) -> SResult<pb::VolumeInfo> {
 
 /// The domains (by name) whose disks use `path`.
 fn users_of(conn: &Connect, path: &str) -> SResult<Vec<String>> {
+    domains_with(conn, |d| d.source.as_deref() == Some(path))
+}
+
+/// The domains (by name) that have `path` as a writable disk.
+fn writers_of(conn: &Connect, path: &str) -> SResult<Vec<String>> {
+    domains_with(conn, |d| !d.readonly && d.source.as_deref() == Some(path))
+}
+
+fn domains_with(
+    conn: &Connect,
+    disk: impl Fn(&crate::hypervisor::domain::DiskFacts) -> bool,
+) -> SResult<Vec<String>> {
     let mut users = Vec::new();
     for dom in conn.list_all_domains(0).map_err(classify)? {
         let Ok(x) = dom.xml_desc(0) else { continue };
         let Ok(facts) = DomainFacts::parse(&x) else {
             continue;
         };
-        if facts
-            .disks
-            .iter()
-            .any(|d| d.source.as_deref() == Some(path))
-        {
+        if facts.disks.iter().any(&disk) {
             users.push(facts.name);
         }
     }
@@ -147,6 +158,43 @@ fn running_user_of(conn: &Connect, path: &str) -> SResult<Option<(virt::domain::
         {
             let target = d.target.clone();
             return Ok(Some((dom, target)));
+        }
+    }
+    Ok(None)
+}
+
+/// Refuses writes into `vol` from outside a guest (uploads) while a running VM has it as a
+/// disk or another volume reads it as its backing store: either would see its data change
+/// under it.
+fn writable_under_nobody(
+    conn: &Connect,
+    pool_id: &str,
+    volume_id: &str,
+    vol: &StorageVol,
+) -> SResult<()> {
+    let path = vol.path().map_err(classify)?;
+    if let Some((dom, _)) = running_user_of(conn, &path)? {
+        return Err(StorageError::WrongState(format!(
+            "volume {volume_id:?} is a disk of the running VM {}: stop it first",
+            dom.name().unwrap_or_default()
+        )));
+    }
+    if let Some(other) = overlay_on(&lookup_pool(conn, pool_id)?, &path)? {
+        return Err(StorageError::WrongState(format!(
+            "volume {volume_id:?} backs volume {other:?}: writing into it would change that \
+             volume's data"
+        )));
+    }
+    Ok(())
+}
+
+/// The name of a volume of `pool` whose backing store is `path` (a thin clone or a volume
+/// snapshot's overlay on it), if there is one.
+pub(super) fn overlay_on(pool: &StoragePool, path: &str) -> SResult<Option<String>> {
+    for other in pool.list_all_volumes(0).map_err(classify)? {
+        let Ok(x) = other.xml_desc(0) else { continue };
+        if VolumeFacts::parse(&x).is_ok_and(|f| f.backing_path == path) {
+            return Ok(Some(other.name().unwrap_or_default()));
         }
     }
     Ok(None)
@@ -355,6 +403,16 @@ impl StorageApi {
                     req.volume_id, req.size_bytes
                 )));
             }
+            if shrink {
+                let pool = lookup_pool(conn, &req.pool_id)?;
+                if let Some(other) = overlay_on(&pool, &vol.path().map_err(classify)?)? {
+                    return Err(StorageError::WrongState(format!(
+                        "volume {:?} backs volume {other:?}: shrinking it would cut that \
+                         volume's data too",
+                        req.volume_id
+                    )));
+                }
+            }
             if req.size_bytes != now {
                 let path = vol.path().map_err(classify)?;
                 match running_user_of(conn, &path)? {
@@ -388,20 +446,34 @@ impl StorageApi {
                     users.join(", ")
                 )));
             }
-            for other in pool.list_all_volumes(0).map_err(classify)? {
-                let Ok(x) = other.xml_desc(0) else { continue };
-                if VolumeFacts::parse(&x).is_ok_and(|f| f.backing_path == path) {
-                    return Err(StorageError::WrongState(format!(
-                        "volume {:?} backs volume {:?}: delete that first",
-                        req.volume_id,
-                        other.name().unwrap_or_default()
-                    )));
-                }
+            if let Some(other) = overlay_on(&pool, &path)? {
+                return Err(StorageError::WrongState(format!(
+                    "volume {:?} backs volume {other:?}: delete that first",
+                    req.volume_id
+                )));
             }
             vol.delete(0).map_err(classify)?;
             Ok(pb::Empty {})
         })
         .await
+    }
+
+    /// SnapshotVolume: an external overlay. The volume's file becomes the snapshot (linked
+    /// under the snapshot's name, then unlinked under its own, so an existing file is never
+    /// replaced), and a qcow2 overlay on it is created at the volume's path. Nothing is
+    /// copied; the volume keeps its path, so a stopped VM that has it as a disk boots on the
+    /// overlay.
+    pub async fn snapshot_volume(
+        &self,
+        req: pb::SnapshotVolumeRequest,
+    ) -> Result<pb::SnapshotVolumeResponse, Status> {
+        ids(&req.pool_id, &req.volume_id).map_err(StorageError::into_status)?;
+        if req.volume_id.is_empty() {
+            return Err(Status::invalid_argument("volume_id is required"));
+        }
+        xml::check_name("snapshot_id", &req.snapshot_id).map_err(StorageError::into_status)?;
+        self.run(move |conn| snapshot_volume_blocking(conn, &req))
+            .await
     }
 
     pub async fn clone_volume(
@@ -519,6 +591,7 @@ impl StorageApi {
                 .connection()
                 .ok_or_else(|| StorageError::Unavailable("no libvirt connection".into()))?;
             let vol = lookup_volume(&conn, &h.pool_id, &h.volume_id)?;
+            writable_under_nobody(&conn, &h.pool_id, &h.volume_id, &vol)?;
             let stream = virt::stream::Stream::new(&conn, 0).map_err(classify)?;
             vol.upload(&stream, h.offset, h.size, 0).map_err(classify)?;
             let mut hash = Sha256::new();
@@ -714,7 +787,18 @@ fn create_volume_blocking(
         let b = lookup_volume(conn, &req.pool_id, &req.backing_volume)?;
         let facts = VolumeFacts::parse(&b.xml_desc(0).map_err(classify)?)?;
         let cap = b.info().map_err(classify)?.capacity;
-        Some((b.path().map_err(classify)?, facts.format, cap))
+        let path = b.path().map_err(classify)?;
+        // A VM that writes into it would change what the clone reads.
+        let writers = writers_of(conn, &path)?;
+        if !writers.is_empty() {
+            return Err(StorageError::WrongState(format!(
+                "volume {:?} is a writable disk of {}: a thin clone needs a volume nobody \
+                 writes (clone a snapshot of it, or detach it)",
+                req.backing_volume,
+                writers.join(", ")
+            )));
+        }
+        Some((path, facts.format, cap))
     };
     let size = match (&backing, req.size_bytes) {
         (Some((_, _, cap)), 0) => *cap,
@@ -734,4 +818,98 @@ fn create_volume_blocking(
     )?;
     let vol = StorageVol::create_xml(&pool, &x, 0).map_err(classify)?;
     volume_info(&req.pool_id, &vol)
+}
+
+fn snapshot_volume_blocking(
+    conn: &Connect,
+    req: &pb::SnapshotVolumeRequest,
+) -> SResult<pb::SnapshotVolumeResponse> {
+    let pool = lookup_pool(conn, &req.pool_id)?;
+    let kind = PoolFacts::parse(&pool.xml_desc(0).map_err(classify)?)?.kind;
+    if !matches!(kind.as_str(), "dir" | "fs" | "netfs") {
+        return Err(StorageError::Unsupported(format!(
+            "volume snapshots of {kind} pools are not supported (dir, fs and netfs are)"
+        )));
+    }
+    let vol = lookup_volume(conn, &req.pool_id, &req.volume_id)?;
+    if pool.lookup_storage_vol_by_name(&req.snapshot_id).is_ok() {
+        return Err(StorageError::Exists(format!(
+            "volume {:?} exists in pool {:?}",
+            req.snapshot_id, req.pool_id
+        )));
+    }
+    let path = vol.path().map_err(classify)?;
+    let facts = VolumeFacts::parse(&vol.xml_desc(0).map_err(classify)?)?;
+    let capacity = vol.info().map_err(classify)?.capacity;
+    // QEMU keeps writing to the file it opened: a running VM's disk would go on changing
+    // under the overlay. A raw disk would become qcow2 under a domain that reads it as raw.
+    if let Some((dom, _)) = running_user_of(conn, &path)? {
+        return Err(StorageError::WrongState(format!(
+            "volume {:?} is a disk of the running VM {}: stop it, or snapshot the VM",
+            req.volume_id,
+            dom.name().unwrap_or_default()
+        )));
+    }
+    let users = users_of(conn, &path)?;
+    if facts.format != "qcow2" && !users.is_empty() {
+        return Err(StorageError::WrongState(format!(
+            "volume {:?} is a {} disk of {}: its snapshot would turn it into qcow2",
+            req.volume_id,
+            facts.format,
+            users.join(", ")
+        )));
+    }
+    // An overlay on this volume reads it by path: it would read the new overlay instead.
+    if let Some(other) = overlay_on(&pool, &path)? {
+        return Err(StorageError::WrongState(format!(
+            "volume {:?} backs volume {other:?}: snapshot that one instead",
+            req.volume_id
+        )));
+    }
+    let file = std::path::Path::new(&path);
+    let snap = file
+        .parent()
+        .map(|d| d.join(&req.snapshot_id))
+        .ok_or_else(|| StorageError::Failed(format!("volume path {path:?} has no directory")))?;
+    let snap_str = snap.to_string_lossy().into_owned();
+    std::fs::hard_link(file, &snap).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => {
+            StorageError::Exists(format!("{snap_str} exists in the pool's directory"))
+        }
+        _ => StorageError::Failed(format!("cannot link {path} to {snap_str}: {e}")),
+    })?;
+    if let Err(e) = std::fs::remove_file(file) {
+        let _ = std::fs::remove_file(&snap);
+        return Err(StorageError::Failed(format!("cannot unlink {path}: {e}")));
+    }
+    let overlay = (|| {
+        pool.refresh(0).map_err(classify)?;
+        let x = xml::volume_xml(
+            &req.volume_id,
+            capacity,
+            "qcow2",
+            Some((&snap_str, &facts.format)),
+        )?;
+        StorageVol::create_xml(&pool, &x, 0).map_err(classify)
+    })();
+    let overlay = match overlay {
+        Ok(v) => v,
+        Err(e) => {
+            // Put the volume back as it was; never over a file made under its name meanwhile.
+            let restored =
+                std::fs::hard_link(&snap, file).and_then(|()| std::fs::remove_file(&snap));
+            let _ = pool.refresh(0);
+            return Err(match restored {
+                Ok(()) => e,
+                Err(r) => StorageError::Failed(format!(
+                    "{e}; and the volume's data could not be moved back from {snap_str}: {r}"
+                )),
+            });
+        }
+    };
+    let snapshot = lookup_volume(conn, &req.pool_id, &req.snapshot_id)?;
+    Ok(pb::SnapshotVolumeResponse {
+        volume: Some(volume_info(&req.pool_id, &overlay)?),
+        snapshot: Some(volume_info(&req.pool_id, &snapshot)?),
+    })
 }

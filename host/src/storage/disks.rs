@@ -85,8 +85,19 @@ fn resolve_each(
                     .xml_desc(0)
                     .map_err(|e| StorageError::Failed(e.to_string()))?;
                 d.format = VolumeFacts::parse(&x)?.format;
-                vol.path()
-                    .map_err(|e| StorageError::Failed(e.to_string()))?
+                let path = vol
+                    .path()
+                    .map_err(|e| StorageError::Failed(e.to_string()))?;
+                // The overlays on it read it: a guest writing into it would change their data.
+                if !d.readonly {
+                    if let Some(other) = super::api::overlay_on(&pool, &path)? {
+                        return Err(StorageError::WrongState(format!(
+                            "disk {i}: volume {name:?} backs volume {other:?}: attach it \
+                             readonly, or a thin clone of it"
+                        )));
+                    }
+                }
+                path
             }
             Err(_) if d.size_gib > 0 => {
                 let format = xml::volume_format(&d.format)?;
@@ -120,11 +131,21 @@ fn resolve_each(
     Ok(())
 }
 
-/// Deletes volumes by path through libvirt; returns those deleted.
+/// Deletes volumes by path through libvirt; returns those deleted. A volume that backs
+/// another (a thin clone made from it, say a template's) is kept, with a warning: DeleteVolume
+/// would refuse it too.
 pub fn delete_created(conn: &Connect, paths: &[PathBuf]) -> Vec<String> {
     let mut deleted = Vec::new();
     for p in paths {
         let p = p.to_string_lossy();
+        let pools = conn.list_all_storage_pools(ACTIVE).unwrap_or_default();
+        if let Some(other) = pools
+            .iter()
+            .find_map(|pool| super::api::overlay_on(pool, &p).ok().flatten())
+        {
+            log::warn!("not deleting volume {p}: volume {other:?} is on it");
+            continue;
+        }
         match conn
             .lookup_storage_vol_by_path(&p)
             .and_then(|v| v.delete(0))

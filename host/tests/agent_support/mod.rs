@@ -235,6 +235,25 @@ impl Relay {
         self.to_host_tx.send(bytes).unwrap();
     }
 
+    /// Every envelope the agent was given, in order.
+    pub fn to_guest_envelopes(&self) -> Vec<Envelope> {
+        let log = self.to_guest_log.lock().unwrap().clone();
+        let mut dec = Decoder::new(DEFAULT_MAX_FRAME_BYTES);
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < log.len() {
+            at += dec.push(&log[at..]);
+            loop {
+                match dec.decode() {
+                    Ok(Some(p)) => out.push(decode_envelope(p).unwrap()),
+                    Ok(None) => break,
+                    Err(_) => continue,
+                }
+            }
+        }
+        out
+    }
+
     /// Decoder statistics over every byte the agent was given.
     pub fn to_guest_stats(&self) -> (qx_proto::DecoderStats, Vec<&'static str>) {
         let log = self.to_guest_log.lock().unwrap().clone();
@@ -462,7 +481,7 @@ impl Daemon {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
+            let _ = qx_node::listen::grpc_server()
                 .add_service(NodeDaemonServiceServer::new(service))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
                 .await;
