@@ -9,7 +9,8 @@
 //! [`rpc_layer`] is the tower layer at the gRPC edge (request spans, RPC metrics);
 //! [`health`] the standard health and reflection services; [`config`] is the daemon's
 //! configuration; [`logging`] sets up its `tracing` output; [`manpages`] writes man pages
-//! and completions from the clap definitions; [`systemd`] the readiness notification.
+//! and completions from the clap definitions; [`systemd`] the readiness notification; [`sys`]
+//! the process limits (`RLIMIT_NOFILE`).
 
 /// Messages and the `NodeDaemonService` of `node.proto` (package `quantix.node.v1`).
 #[allow(missing_debug_implementations, clippy::all)]
@@ -38,6 +39,7 @@ pub mod rpc_layer;
 pub mod service;
 pub mod storage;
 pub mod stream;
+pub mod sys;
 pub mod systemd;
 pub mod text;
 pub mod vm_api;

@@ -3,6 +3,11 @@
 //! figures ([`crate::rpc_layer`]). HTTP is hyper's; the endpoint bounds what a client can
 //! hold: the request head in size and time, the connection in time, the connections in
 //! number.
+//!
+//! Label cardinality is bounded by what the operator configures, never by what a guest
+//! sends: every VM has the same fixed set of series (labelled `vm`, the VM id, which the
+//! daemon validated; `state` and `stage` take a few fixed values), and the figures by payload
+//! kind are node-wide (labelled `kind` only, a payload name of agent.proto).
 
 use crate::agent_api::AgentApi;
 use crate::pb;
@@ -10,6 +15,7 @@ use crate::rpc_layer::RpcMetrics;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,7 +55,7 @@ pub fn render(stats: &[pb::AgentConnectionStats]) -> String {
             u8::from(s.connected)
         );
     }
-    let simple: [(&str, &str, &str, Getter); 7] = [
+    let simple: [(&str, &str, &str, Getter); 14] = [
         (
             "qx_agent_reconnects_total",
             "Connections opened after the first.",
@@ -63,6 +69,12 @@ pub fn render(stats: &[pb::AgentConnectionStats]) -> String {
             |s| s.agent_restarts,
         ),
         (
+            "qx_agent_protocol_errors_total",
+            "Connections the agent ended in a protocol error (a message over the field limits, or a flood of damaged payloads); each reset its connection.",
+            "counter",
+            |s| s.protocol_errors,
+        ),
+        (
             "qx_agent_garbage_bytes_total",
             "Bytes skipped while resynchronising.",
             "counter",
@@ -73,6 +85,30 @@ pub fn render(stats: &[pb::AgentConnectionStats]) -> String {
             "Frames rejected by the decoder.",
             "counter",
             |s| s.bad_frames,
+        ),
+        (
+            "qx_agent_rx_frames_total",
+            "Whole frames received from the agent and accepted by the decoder (every payload kind).",
+            "counter",
+            |s| sum(&s.rx, |f| f.frames),
+        ),
+        (
+            "qx_agent_rx_bytes_total",
+            "Bytes of those frames, headers included.",
+            "counter",
+            |s| sum(&s.rx, |f| f.bytes),
+        ),
+        (
+            "qx_agent_tx_frames_total",
+            "Frames written whole to the agent (every payload kind).",
+            "counter",
+            |s| sum(&s.tx, |f| f.frames),
+        ),
+        (
+            "qx_agent_tx_bytes_total",
+            "Bytes of those frames.",
+            "counter",
+            |s| sum(&s.tx, |f| f.bytes),
         ),
         (
             "qx_agent_in_flight",
@@ -91,6 +127,18 @@ pub fn render(stats: &[pb::AgentConnectionStats]) -> String {
             "When the last frame arrived.",
             "gauge",
             |s| s.last_rx_unix_ms.max(0) as u64,
+        ),
+        (
+            "qx_agent_last_tx_unix_ms",
+            "When the last frame was written.",
+            "gauge",
+            |s| s.last_tx_unix_ms.max(0) as u64,
+        ),
+        (
+            "qx_agent_session_id",
+            "The agent's current session id (0 before the first AgentReady).",
+            "gauge",
+            |s| s.agent_session_id,
         ),
     ];
     for (name, help, kind, get) in simple {
@@ -126,6 +174,8 @@ pub fn render(stats: &[pb::AgentConnectionStats]) -> String {
             );
         }
     }
+    // By payload kind, for the whole node: a VM's series do not multiply with the kinds its
+    // agent chooses to send (the kinds are the payload names of agent.proto, a fixed set).
     for (dir, pick) in [
         (
             "rx",
@@ -133,30 +183,37 @@ pub fn render(stats: &[pb::AgentConnectionStats]) -> String {
         ),
         ("tx", |s| &s.tx),
     ] {
+        let mut by_kind: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+        for s in stats {
+            for f in pick(s) {
+                let e = by_kind.entry(f.kind.as_str()).or_default();
+                e.0 = e.0.saturating_add(f.frames);
+                e.1 = e.1.saturating_add(f.bytes);
+            }
+        }
         for (what, help, value) in [
             (
                 "frames",
-                "Frames by payload kind.",
-                (|f| f.frames) as fn(&pb::FrameCount) -> u64,
+                "Frames of every VM by payload kind.",
+                (|v| v.0) as fn(&(u64, u64)) -> u64,
             ),
-            ("bytes", "Frame bytes by payload kind.", |f| f.bytes),
+            ("bytes", "Frame bytes of every VM by payload kind.", |v| v.1),
         ] {
-            let name = format!("qx_agent_{dir}_{what}_total");
+            let name = format!("qx_node_agent_{dir}_{what}_total");
             gauge(&mut out, &name, help, "counter");
-            for s in stats {
-                for f in pick(s) {
-                    let _ = writeln!(
-                        out,
-                        "{name}{{vm=\"{}\",kind=\"{}\"}} {}",
-                        escape(&s.vm_id),
-                        f.kind,
-                        value(f)
-                    );
-                }
+            for (kind, v) in &by_kind {
+                let _ = writeln!(out, "{name}{{kind=\"{}\"}} {}", escape(kind), value(v));
             }
         }
     }
     out
+}
+
+/// The sum of one figure over a VM's frame counts.
+fn sum(counts: &[pb::FrameCount], figure: fn(&pb::FrameCount) -> u64) -> u64 {
+    counts
+        .iter()
+        .fold(0u64, |acc, f| acc.saturating_add(figure(f)))
 }
 
 /// Connections served at once; past that, new ones wait in the listen backlog.

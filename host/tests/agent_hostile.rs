@@ -291,6 +291,18 @@ async fn a_flapping_session_id_cannot_evict_another_vms_events() {
         }));
     }
     bad.send_raw(&storm).await;
+    // The storm is cut short: a protocol error, the link resets, and the agent is met again.
+    let stats = until_stats(&mut d, "bad13", |s| {
+        s.protocol_errors >= 1 || rx_frames(s, "agent_ready").0 >= 20_001
+    })
+    .await;
+    assert_eq!(
+        stats.protocol_errors, 1,
+        "the storm was read whole: {stats:?}"
+    );
+    drop(bad);
+    let mut bad = Conn::accept(&bad_l).await;
+    bad.handshake(ready(2, "bad")).await;
     bad.send(0, telemetry("flapped", Vec::new())).await;
     wait_hostname(&mut d, "bad13", "flapped").await;
 
@@ -321,7 +333,87 @@ async fn a_flapping_session_id_cannot_evict_another_vms_events() {
         ]
     );
     let stats = d.stats("bad13").await;
-    assert_eq!(rx_frames(&stats, "agent_ready").0, 20_001);
+    let readies = rx_frames(&stats, "agent_ready").0;
+    assert!(
+        readies <= qx_node::agent::link::MAX_AGENT_READY_PER_WINDOW + 2,
+        "{readies} AgentReady frames taken in"
+    );
+}
+
+/// Polls `vm`'s stats until `done` holds.
+async fn until_stats(
+    d: &mut Daemon,
+    vm: &str,
+    done: impl Fn(&pb::AgentConnectionStats) -> bool,
+) -> pb::AgentConnectionStats {
+    for _ in 0..2400 {
+        let s = d.stats(vm).await;
+        if done(&s) {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{vm}: the condition never held: {:?}", d.stats(vm).await);
+}
+
+/// A guest that writes input the daemon can only scan and throw away (garbage, or headers it
+/// must reject), as fast as it can: the daemon takes at most its budget of it per connection,
+/// then resets the connection for a protocol error (the backoff bounds the next one).
+async fn wasted_input_is_cut_off(
+    vm: &str,
+    attack: Vec<u8>,
+    within_budget: fn(&pb::AgentConnectionStats) -> bool,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let (l, path) = listen(dir.path(), vm);
+    let mut d = Daemon::start(fast_config(None), &[(vm, &path)]).await;
+    let mut c = Conn::accept(&l).await;
+    c.handshake(ready(5, "w")).await;
+    wait_hostname(&mut d, vm, "w").await;
+    // 8 MiB, in one write the daemon reads at its own pace.
+    let mut all = Vec::new();
+    while all.len() < 8 << 20 {
+        all.extend_from_slice(&attack);
+    }
+    let writer = tokio::spawn(async move {
+        c.send_raw(&all).await;
+        c
+    });
+    let stats = until_stats(&mut d, vm, |s| {
+        s.protocol_errors >= 1 || s.garbage_bytes >= 4 << 20 || s.bad_frames >= 10_000
+    })
+    .await;
+    assert_eq!(
+        stats.protocol_errors, 1,
+        "the daemon kept scanning: {stats:?}"
+    );
+    assert!(within_budget(&stats), "{stats:?}");
+    writer.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_at_full_rate_is_cut_off_at_its_budget() {
+    wasted_input_is_cut_off("w13g", vec![0x5a; 64 * 1024], |s| {
+        s.garbage_bytes <= qx_node::agent::link::MAX_GARBAGE_BYTES_PER_WINDOW + 64 * 1024
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_headers_at_full_rate_are_cut_off_at_their_budget() {
+    // A valid header claiming 1 MiB (over the host's limit), then filler.
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&qx_proto::MAGIC);
+    h[4..8].copy_from_slice(&(1u32 << 20).to_be_bytes());
+    h[8..12].copy_from_slice(&0xdead_beefu32.to_be_bytes());
+    let c = qx_proto::codec::crc32c(&h[..12]);
+    h[12..16].copy_from_slice(&c.to_be_bytes());
+    let mut one = h.to_vec();
+    one.extend([0x5a; 48]);
+    wasted_input_is_cut_off("w13o", one, |s| {
+        s.bad_frames <= qx_node::agent::link::MAX_BAD_FRAMES_PER_WINDOW + 8 * 1024 / 64
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -669,4 +761,276 @@ fn bad_timeouts_are_refused_at_start_up_with_a_sentence_per_key() {
     ] {
         assert!(err.contains(key), "{key} not named in: {err}");
     }
+}
+
+// -------------------------------------------------------------------------------------------
+// Reconnect backoff and log lines a guest can cause
+// -------------------------------------------------------------------------------------------
+
+/// Every log line at info or above that names a VM (`vm <id>: ...`), in order: the daemon's
+/// log lines as an operator's journal would hold them.
+static LOG_LINES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+struct CaptureLog;
+
+impl log::Log for CaptureLog {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Info
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            let line = format!("{} {}", r.level(), r.args());
+            if line.contains(" vm ") {
+                LOG_LINES.lock().unwrap().push(line);
+            }
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn capture_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        log::set_logger(&CaptureLog).unwrap();
+        log::set_max_level(log::LevelFilter::Info);
+    });
+}
+
+/// The captured lines about `vm` from index `from` on.
+fn log_lines_about(vm: &str, from: usize) -> Vec<String> {
+    let tag = format!("vm {vm}:");
+    LOG_LINES.lock().unwrap()[from..]
+        .iter()
+        .filter(|l| l.contains(&tag))
+        .cloned()
+        .collect()
+}
+
+/// A telemetry report with more filesystems than any list may hold: a field-limit violation.
+fn over_field_limits() -> Vec<u8> {
+    let fs = (0..2_000).map(|_| FilesystemUsage::default()).collect();
+    frame(&Envelope {
+        id: 1 << 41,
+        correlation_id: 0,
+        payload: Some(telemetry("over-limits", fs)),
+    })
+}
+
+/// More frames with a valid header and a damaged payload than one connection may deliver.
+fn damaged_payload_flood() -> Vec<u8> {
+    let mut flood = Vec::new();
+    for i in 0..(qx_node::agent::link::MAX_BAD_PAYLOADS_PER_CONNECTION + 4) {
+        let mut f = frame(&Envelope {
+            id: (1 << 42) + i,
+            correlation_id: 0,
+            payload: Some(telemetry("damaged", Vec::new())),
+        });
+        let last = f.len() - 1;
+        f[last] ^= 0xff;
+        flood.extend(f);
+    }
+    flood
+}
+
+/// `rounds` connections on each of which the agent says AgentReady, stays connected longer
+/// than `backoff_initial` (so that an honest end would reset the backoff), then sends
+/// `attack` and waits for the daemon to hang up. Returns the listener's next connection.
+async fn misbehave_on_every_connection(
+    d: &mut Daemon,
+    l: &UnixListener,
+    vm: &str,
+    rounds: usize,
+    attack: &[u8],
+) -> Conn {
+    for n in 0..rounds {
+        let mut c = Conn::accept(l).await;
+        c.handshake(ready(7, &format!("round-{n}"))).await;
+        wait_hostname(d, vm, &format!("round-{n}")).await;
+        tokio::time::sleep(fast_config(None).backoff_initial * 3).await;
+        c.send_raw(attack).await;
+        // The daemon hangs up: the reader sees EOF and drops its channel.
+        while c.from_host.recv().await.is_some() {}
+    }
+    Conn::accept(l).await
+}
+
+/// The link's backoff, read from the daemon itself.
+fn backoff(d: &Daemon, vm: &str) -> Duration {
+    d.agent
+        .manager()
+        .link(vm)
+        .unwrap()
+        .stats()
+        .reconnect_backoff
+}
+
+/// What a misbehaving guest gets, whatever the kind of misbehaviour: every connection ending
+/// in a protocol error doubles the backoff up to its cap, however long the connection lasted,
+/// the errors are counted, and one line is logged for all of them within the log interval.
+/// The same connection pattern ending honestly (the socket closed) resets the backoff.
+async fn protocol_errors_keep_the_backoff_growing_and_log_once(vm: &str, attack: &[u8]) {
+    capture_logs();
+    let cfg = fast_config(None);
+    let dir = tempfile::tempdir().unwrap();
+    let (l, path) = listen(dir.path(), vm);
+    let mut d = Daemon::start(cfg.clone(), &[(vm, &path)]).await;
+    let logged_before = LOG_LINES.lock().unwrap().len();
+
+    // Backoff 20 ms doubling to its 200 ms cap: 20, 40, 80, 160, 200, 200.
+    let rounds = 6;
+    let mut c = misbehave_on_every_connection(&mut d, &l, vm, rounds, attack).await;
+    let stats = d.stats(vm).await;
+    assert_eq!(
+        backoff(&d, vm),
+        cfg.backoff_max,
+        "after {rounds} connections ending in protocol errors the backoff is not at its cap: {stats:?}"
+    );
+    assert_eq!(stats.protocol_errors, rounds as u64, "{stats:?}");
+    let lines = log_lines_about(vm, logged_before);
+    assert_eq!(
+        lines.len(),
+        1,
+        "{rounds} protocol errors within the log interval logged more than one line: {lines:#?}"
+    );
+    assert!(lines[0].contains("protocol error"), "{lines:?}");
+
+    // Control: the same connection, ended by the socket closing, resets the backoff.
+    c.handshake(ready(7, "honest")).await;
+    wait_hostname(&mut d, vm, "honest").await;
+    tokio::time::sleep(cfg.backoff_initial * 3).await;
+    drop(c);
+    let _next = Conn::accept(&l).await;
+    assert_eq!(backoff(&d, vm), cfg.backoff_initial);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn field_limit_violations_never_reset_the_reconnect_backoff_and_are_logged_once() {
+    protocol_errors_keep_the_backoff_growing_and_log_once("b13f", &over_field_limits()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_payload_floods_never_reset_the_reconnect_backoff_and_are_logged_once() {
+    protocol_errors_keep_the_backoff_growing_and_log_once("b13d", &damaged_payload_flood()).await;
+}
+
+// -------------------------------------------------------------------------------------------
+// The metrics endpoint
+// -------------------------------------------------------------------------------------------
+
+/// `GET /metrics` from the endpoint the daemon serves over `d`'s agent links.
+async fn scrape(d: &Daemon) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(qx_node::metrics::serve(
+        listener,
+        d.agent.clone(),
+        Arc::default(),
+    ));
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: qx\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = Vec::new();
+    s.read_to_end(&mut body).await.unwrap();
+    server.abort();
+    let text = String::from_utf8(body).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    text
+}
+
+/// The value of the series `name{labels}` in a scrape.
+fn series(text: &str, name_and_labels: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
+        .map(|v| v.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_errors_and_byte_accounting_are_on_metrics_with_a_fixed_set_of_series_per_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (good_l, good_path) = listen(dir.path(), "m13good");
+    let (bad_l, bad_path) = listen(dir.path(), "m13bad");
+    let mut d = Daemon::start(
+        fast_config(None),
+        &[("m13good", &good_path), ("m13bad", &bad_path)],
+    )
+    .await;
+    let mut good = Conn::accept(&good_l).await;
+    good.handshake(ready(1, "good")).await;
+    wait_hostname(&mut d, "m13good", "good").await;
+
+    // Garbage, then unasked-for frames of many kinds (answers to nothing), then a marker.
+    let mut bad = Conn::accept(&bad_l).await;
+    bad.handshake(ready(2, "bad")).await;
+    bad.send_raw(&[0x5a; 5000]).await;
+    for (i, p) in [
+        Payload::Ack(Ack {}),
+        Payload::ExecOutput(Default::default()),
+        Payload::FileChunk(Default::default()),
+        Payload::TimeInfo(TimeInfo::default()),
+        Payload::NetworkInfo(Default::default()),
+        Payload::ExecExit(Default::default()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        bad.send(77 + i as u64, p).await;
+    }
+    bad.send(0, telemetry("after-garbage", Vec::new())).await;
+    wait_hostname(&mut d, "m13bad", "after-garbage").await;
+    // Then a message over the field limits: a protocol error, and the link resets.
+    bad.send_raw(&over_field_limits()).await;
+    while bad.from_host.recv().await.is_some() {}
+
+    let stats = d.stats("m13bad").await;
+    let text = scrape(&d).await;
+    assert_eq!(stats.protocol_errors, 1, "{stats:?}");
+    assert_eq!(
+        series(&text, "qx_agent_protocol_errors_total{vm=\"m13bad\"}"),
+        Some(1),
+        "{text}"
+    );
+    assert_eq!(
+        series(&text, "qx_agent_protocol_errors_total{vm=\"m13good\"}"),
+        Some(0)
+    );
+    assert!(stats.garbage_bytes >= 5000, "{stats:?}");
+    assert_eq!(
+        series(&text, "qx_agent_garbage_bytes_total{vm=\"m13bad\"}"),
+        Some(stats.garbage_bytes)
+    );
+    // The rx bytes on /metrics are the daemon's own per-VM accounting: the sum over kinds
+    // in GetAgentConnectionStats (the stats were read before the scrape, and the VM's agent
+    // has sent nothing since: the daemon hung up on it).
+    let rx_bytes: u64 = stats.rx.iter().map(|f| f.bytes).sum();
+    assert!(stats.rx.len() >= 6, "{stats:?}");
+    assert_eq!(
+        series(&text, "qx_agent_rx_bytes_total{vm=\"m13bad\"}"),
+        Some(rx_bytes)
+    );
+
+    // Bounded cardinality: the hostile VM has exactly the series of the honest one, and
+    // nothing per VM is labelled by what the agent chose to send.
+    // Each VM's series, named without their value and with the VM's own label taken out
+    // (`state` is left out: its value is the link's state, which differs).
+    let of = |vm: &str| {
+        let tag = format!("vm=\"{vm}\"");
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.contains(&tag) && !l.contains("state="))
+            .map(|l| l.split(' ').next().unwrap().replace(&tag, ""))
+            .collect::<Vec<_>>()
+    };
+    let (good_series, bad_series) = (of("m13good"), of("m13bad"));
+    assert!(!bad_series.is_empty());
+    assert_eq!(bad_series, good_series);
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.contains("vm=\"m13bad\"") && l.contains("kind=")),
+        "{text}"
+    );
+    assert!(
+        text.contains("qx_node_agent_rx_frames_total{kind=\"exec_output\"} 1"),
+        "{text}"
+    );
 }

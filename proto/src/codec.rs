@@ -262,6 +262,16 @@ impl Decoder {
         &mut self.buf[self.end..self.end + avail]
     }
 
+    /// Frees the buffer when nothing is buffered, so that an idle connection holds none (the
+    /// next [`Decoder::spare`] allocates again). Keeps everything else: counters, position.
+    pub fn release_if_empty(&mut self) {
+        if self.start == self.end {
+            self.buf = Vec::new();
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
     /// Marks `n` bytes written into [`Decoder::spare`] as input.
     pub fn commit(&mut self, n: usize) {
         assert!(
@@ -465,6 +475,32 @@ mod tests {
                 Err(e) => errors.push(e),
             }
         }
+    }
+
+    #[test]
+    fn an_empty_decoder_releases_its_buffer_and_keeps_a_partial_frame() {
+        let mut dec = Decoder::new(DEFAULT_MAX_FRAME_BYTES);
+        let f = frame(b"hello");
+        dec.push(&f);
+        dec.push(&f[..7]);
+        assert_eq!(drain(&mut dec).0, vec![b"hello".to_vec()]);
+        // A started frame is kept whole.
+        dec.release_if_empty();
+        assert_eq!(dec.buffered(), 7);
+        dec.push(&f[7..]);
+        assert_eq!(drain(&mut dec).0, vec![b"hello".to_vec()]);
+        dec.release_if_empty();
+        assert_eq!(dec.buffered(), 0);
+        assert_eq!(
+            dec.buf.capacity(),
+            0,
+            "an empty decoder still holds its buffer"
+        );
+        // And it decodes on from there, its counters intact.
+        dec.push(&[0x5a; 3]);
+        dec.push(&f);
+        assert_eq!(drain(&mut dec).0, vec![b"hello".to_vec()]);
+        assert_eq!(dec.stats().garbage_bytes, 3);
     }
 
     #[test]

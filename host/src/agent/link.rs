@@ -36,7 +36,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{
@@ -79,6 +79,17 @@ const READ_BYTES: usize = 8 * 1024;
 /// would make every 16 bytes received cost one (docs/security.md): an honest agent produces
 /// at most one such frame per connection (a write cut short by its own death).
 pub const MAX_BAD_PAYLOADS_PER_CONNECTION: u64 = 16;
+
+/// What one connection may cost the daemon in input that is never useful, per
+/// [`WASTE_WINDOW`]: garbage bytes scanned, frames rejected (bad headers, oversized, damaged
+/// or undecodable), AgentReady frames. An honest agent stays far below (at most a frame of
+/// leftovers after a reconnect, one AgentReady per connection and per restart); past any of
+/// them the connection ends in a protocol error, and the backoff bounds the next one, so a
+/// guest cannot make the daemon scan its input at full rate.
+const WASTE_WINDOW: Duration = Duration::from_secs(10);
+pub const MAX_GARBAGE_BYTES_PER_WINDOW: u64 = 1 << 20;
+pub const MAX_BAD_FRAMES_PER_WINDOW: u64 = 64;
+pub const MAX_AGENT_READY_PER_WINDOW: u64 = 32;
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,6 +198,8 @@ struct Inner {
     restart_refill_at: Option<Instant>,
     /// Restarts not reported yet (coalesced into the next event).
     restarts_unreported: u64,
+    /// The supervisor's last wait before reconnecting, before jitter.
+    reconnect_backoff: Duration,
 }
 
 impl Inner {
@@ -316,6 +329,7 @@ impl Link {
                 restart_tokens: RESTART_EVENT_BURST,
                 restart_refill_at: None,
                 restarts_unreported: 0,
+                reconnect_backoff: Duration::ZERO,
             }),
             writable: Notify::new(),
             rearm: Notify::new(),
@@ -610,6 +624,7 @@ impl Link {
             counters: inner.stats.clone(),
             commands: inner.table.counts(),
             last_error: inner.table.last_error().to_string(),
+            reconnect_backoff: inner.reconnect_backoff,
         }
     }
 
@@ -685,6 +700,7 @@ impl Link {
                 break;
             }
             let delay = jittered(backoff);
+            self.lock().reconnect_backoff = backoff;
             backoff = (backoff * 2).min(self.cfg.backoff_max);
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
@@ -960,7 +976,7 @@ impl Link {
     async fn read_loop(
         self: &Arc<Self>,
         conn_id: u64,
-        mut rd: OwnedReadHalf,
+        rd: OwnedReadHalf,
         prio: mpsc::Sender<Transmit>,
         ready: watch::Sender<bool>,
     ) -> Result<(), String> {
@@ -969,6 +985,9 @@ impl Link {
         let mut seen = dec.stats();
         // Liveness counts whole frames: bytes that never make a frame keep nothing alive.
         let mut last_frame = Instant::now();
+        // Unproductive input in the current window: garbage bytes, bad frames, AgentReadys.
+        let mut window_at = Instant::now();
+        let (mut garbage, mut bad, mut readies) = (0u64, 0u64, 0u64);
         loop {
             // No whole frame within the idle window (the liveness window before the first
             // AgentReady) ends the connection.
@@ -985,8 +1004,11 @@ impl Link {
                 .partial_deadline(Instant::now().into_std(), self.cfg.write_deadline)
                 .map(Instant::from_std);
             let wake = frame_at.map_or(idle_at, |f| f.min(idle_at));
-            let spare = dec.spare(READ_BYTES);
-            let n = match tokio::time::timeout_at(wake, rd.read(spare)).await {
+            // Waits for bytes without holding a buffer: the decoder's is allocated for a read
+            // and freed here once it is empty again (also after a read that found nothing:
+            // readiness can be stale), so an idle link holds none.
+            dec.release_if_empty();
+            let n = match tokio::time::timeout_at(wake, rd.readable()).await {
                 Err(_) => {
                     let now = Instant::now();
                     if dec.handle_timeout(now.into_std()) {
@@ -1003,11 +1025,16 @@ impl Link {
                     }
                 }
                 Ok(Err(e)) => return Err(format!("read failed: {e}")),
-                Ok(Ok(0)) => return Err("socket closed (EOF)".to_string()),
-                Ok(Ok(n)) => n,
+                Ok(Ok(())) => match rd.try_read(dec.spare(READ_BYTES)) {
+                    Ok(0) => return Err("socket closed (EOF)".to_string()),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(format!("read failed: {e}")),
+                },
             };
             dec.commit(n);
             let mut flood = false;
+            let mut violation = None;
             loop {
                 let env = match dec.decode() {
                     Ok(None) => break,
@@ -1027,30 +1054,71 @@ impl Link {
                 last_frame = Instant::now();
                 match env {
                     Ok((env, len)) => {
+                        if matches!(env.payload, Some(Payload::AgentReady(_))) {
+                            readies += 1;
+                            if readies > MAX_AGENT_READY_PER_WINDOW {
+                                violation = Some(format!(
+                                    "more than {MAX_AGENT_READY_PER_WINDOW} AgentReady frames within {} s",
+                                    WASTE_WINDOW.as_secs()
+                                ));
+                                break;
+                            }
+                        }
                         // Checked before anything is cached or handed to a caller.
                         if let Err(v) = limits::check(&env) {
-                            return Err(self.protocol_error(conn_id, v.to_string()));
+                            // Ends the connection once this read's garbage is counted.
+                            violation = Some(v.to_string());
+                            break;
                         }
                         self.on_frame(conn_id, env, len, &prio, &ready)
                     }
                     Err(e) => {
                         log::debug!("vm {}: undecodable envelope: {e}", self.vm_id);
                         self.lock().stats.bad_frames += 1;
+                        bad += 1;
                     }
                 }
             }
             let now = dec.stats();
-            let mut inner = self.lock();
-            inner.stats.garbage_bytes += now.garbage_bytes - seen.garbage_bytes;
-            inner.stats.bad_frames += (now.bad_headers - seen.bad_headers)
+            let new_garbage = now.garbage_bytes - seen.garbage_bytes;
+            let new_bad = (now.bad_headers - seen.bad_headers)
                 + (now.oversized - seen.oversized)
                 + (now.bad_payloads - seen.bad_payloads)
                 + (now.abandoned - seen.abandoned);
+            let mut inner = self.lock();
+            inner.stats.garbage_bytes += new_garbage;
+            inner.stats.bad_frames += new_bad;
             seen = now;
             drop(inner);
+            garbage += new_garbage;
+            bad += new_bad;
+            if violation.is_none() && garbage > MAX_GARBAGE_BYTES_PER_WINDOW {
+                violation = Some(format!(
+                    "more than {MAX_GARBAGE_BYTES_PER_WINDOW} bytes of garbage within {} s",
+                    WASTE_WINDOW.as_secs()
+                ));
+            }
+            if violation.is_none() && bad > MAX_BAD_FRAMES_PER_WINDOW {
+                violation = Some(format!(
+                    "more than {MAX_BAD_FRAMES_PER_WINDOW} rejected frames within {} s",
+                    WASTE_WINDOW.as_secs()
+                ));
+            }
+            if window_at.elapsed() >= WASTE_WINDOW {
+                window_at = Instant::now();
+                (garbage, bad, readies) = (0, 0, 0);
+            }
+            if let Some(v) = violation {
+                return Err(self.protocol_error(conn_id, v));
+            }
             if flood {
-                return Err(format!(
-                    "more than {MAX_BAD_PAYLOADS_PER_CONNECTION} frames with valid headers but damaged payloads on one connection; resetting it"
+                // A protocol error like any other: an honest agent sends at most one such
+                // frame per connection, so the backoff keeps growing and the log is limited.
+                return Err(self.protocol_error(
+                    conn_id,
+                    format!(
+                        "more than {MAX_BAD_PAYLOADS_PER_CONNECTION} frames with valid headers but damaged payloads on one connection"
+                    ),
                 ));
             }
         }

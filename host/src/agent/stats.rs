@@ -16,7 +16,8 @@ pub struct LinkStats {
     pub tx: BTreeMap<&'static str, (u64, u64)>,
     pub garbage_bytes: u64,
     pub bad_frames: u64,
-    /// Messages over the field limits (`super::limits`); each ended its connection.
+    /// Connections the agent ended in a protocol error: a message over the field limits
+    /// (`super::limits`), or more damaged payloads than an honest agent sends.
     pub protocol_errors: u64,
 }
 
@@ -48,4 +49,8 @@ pub struct LinkSnapshot {
     pub counters: LinkStats,
     pub commands: StageCounts,
     pub last_error: String,
+    /// The supervisor's last wait before reconnecting, before jitter (zero before the
+    /// first): it doubles after every connection that failed, ended early or ended in a
+    /// protocol error, up to `backoff_max`.
+    pub reconnect_backoff: std::time::Duration,
 }

@@ -177,6 +177,20 @@ async fn main() -> Result<()> {
     }
     let args = Args::parse();
     qx_node::logging::init(args.log_format)?;
+    // One descriptor per VM's agent link: the usual soft limit (1024) would stop a node at
+    // about a thousand VMs whatever its hard limit says.
+    match qx_node::sys::raise_nofile_limit() {
+        Ok(l) if l.was < l.now => log::info!(
+            "qx-node: open file limit raised from {} to {} (the hard limit)",
+            l.was,
+            l.now
+        ),
+        Ok(l) => log::info!(
+            "qx-node: open file limit {} (already the hard limit)",
+            l.now
+        ),
+        Err(e) => log::warn!("qx-node: cannot raise the open file limit: {e}"),
+    }
     let cfg = merge(&args)?;
     let agent_cfg = cfg.agent_config();
     config::validate_agent_config(&agent_cfg)?;
