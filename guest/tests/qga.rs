@@ -422,6 +422,34 @@ fn file_open_write_seek_read_close_match_the_file_on_disk() {
     );
 }
 
+/// A guest user can put a FIFO where the host expects a file. Opening one for reading waits
+/// for a writer that may never come; the agent must answer at once and keep serving.
+#[test]
+fn file_open_of_a_fifo_is_refused_without_waiting_for_a_writer() {
+    let mut agent = Agent::start(&[]);
+    let fifo = agent.path("fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    for mode in ["r", "r+", "a"] {
+        let r = agent.proxmox(
+            "guest-file-open",
+            json!({"path": fifo.display().to_string(), "mode": mode}),
+        );
+        assert_eq!(error_class(&r), "GenericError", "mode {mode}: {r}");
+        assert!(
+            r["error"]["desc"]
+                .as_str()
+                .unwrap()
+                .contains("not a regular file"),
+            "mode {mode}: {r}"
+        );
+    }
+    assert_eq!(
+        agent.proxmox("guest-ping", json!({})),
+        json!({"return": {}})
+    );
+}
+
 #[test]
 fn shutdown_sends_no_reply_and_runs_the_power_command() {
     let dir = tempfile::tempdir().unwrap();
