@@ -725,6 +725,9 @@ impl Agent {
         }
         // By descriptor beneath the allowed prefix, never through a guest user's symlink
         // (docs/security.md); a file that may be created is opened relative to its parent.
+        // Opened non-blocking, so that a FIFO a guest user put there cannot make the agent
+        // wait for a writer (or a reader) that never comes; only regular files are served.
+        let flags = flags | libc::O_NONBLOCK | libc::O_NOCTTY;
         let fd = if flags & libc::O_CREAT != 0 {
             let parent = self.policy.open_parent(path, None).map_err(op_err)?;
             crate::sys::openat(
@@ -738,6 +741,14 @@ impl Agent {
             self.policy.open(path, flags, false).map_err(op_err)?.fd
         };
         let file = std::fs::File::from(fd);
+        let regular = file.metadata().is_ok_and(|m| m.is_file());
+        if !regular {
+            return Err(QgaError::generic(format!(
+                "failed to open file '{path}': not a regular file"
+            )));
+        }
+        crate::sys::set_nonblock_flag(std::os::fd::AsRawFd::as_raw_fd(&file), false)
+            .map_err(|e| QgaError::generic(format!("failed to open file '{path}': {e}")))?;
         let q = self.qga_mut()?;
         let h = q.next_handle;
         q.next_handle += 1;

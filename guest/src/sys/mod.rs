@@ -443,10 +443,20 @@ pub fn kill_group(pgid: u32, sig: i32) -> io::Result<()> {
 
 /// Sets O_NONBLOCK on `fd`.
 pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    set_nonblock_flag(fd, true)
+}
+
+/// Sets or clears O_NONBLOCK on `fd`.
+pub fn set_nonblock_flag(fd: RawFd, on: bool) -> io::Result<()> {
     // SAFETY: fcntl F_GETFL/F_SETFL on an fd the caller owns; no memory is passed.
     unsafe {
         let flags = cvt(libc::fcntl(fd, libc::F_GETFL))?;
-        cvt(libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK))?;
+        let flags = if on {
+            flags | libc::O_NONBLOCK
+        } else {
+            flags & !libc::O_NONBLOCK
+        };
+        cvt(libc::fcntl(fd, libc::F_SETFL, flags))?;
     }
     Ok(())
 }
