@@ -153,7 +153,7 @@ impl Agent {
         if !COMMANDS.contains(&name) {
             return Outcome::Reply(Err(QgaError::not_found(name)));
         }
-        if !q.policy.enabled(name) || (self.freezer.is_frozen() && !FROZEN_ALLOWED.contains(&name))
+        if !q.policy.enabled(name) || (self.frozen_or_freezing() && !FROZEN_ALLOWED.contains(&name))
         {
             return Outcome::Reply(Err(QgaError::disabled(name)));
         }
@@ -174,11 +174,31 @@ impl Agent {
             },
             "guest-fsfreeze-freeze" | "guest-fsfreeze-freeze-list" => {
                 match self.qga_freeze(&req, now) {
-                    Ok(Some(count)) => Outcome::Reply(Ok(count)),
-                    Ok(None) => Outcome::Pending,
+                    Ok(()) => Outcome::Pending,
                     Err(e) => Outcome::Reply(Err(e)),
                 }
             }
+            // Calls that can wait on a filesystem run on the worker, as the native ones do.
+            "guest-fstrim" => match req
+                .args
+                .only(&["minimum"])
+                .and_then(|()| Ok(req.args.opt_int("minimum")?.unwrap_or(0).max(0) as u64))
+            {
+                Ok(minimum) => self.qga_offload(req.id.clone(), move || qga_fstrim(minimum)),
+                Err(e) => Outcome::Reply(Err(e)),
+            },
+            "guest-get-fsinfo" => match req.args.only(&[]) {
+                Ok(()) => self.qga_offload(req.id.clone(), qga_fsinfo),
+                Err(e) => Outcome::Reply(Err(e)),
+            },
+            "guest-file-read" => match self.qga_file_read(&req.args) {
+                Ok(job) => self.qga_offload(req.id.clone(), job),
+                Err(e) => Outcome::Reply(Err(e)),
+            },
+            "guest-file-write" => match self.qga_file_write(&req.args) {
+                Ok(job) => self.qga_offload(req.id.clone(), job),
+                Err(e) => Outcome::Reply(Err(e)),
+            },
             _ => Outcome::Reply(self.qga_simple(name, &req.args, now)),
         }
     }
@@ -228,12 +248,6 @@ impl Agent {
                 a.only(&[])?;
                 self.qga_thaw(now)
             }
-            "guest-fstrim" => {
-                a.only(&["minimum"])?;
-                let minimum = a.opt_int("minimum")?.unwrap_or(0).max(0) as u64;
-                qga_fstrim(minimum)
-            }
-            "guest-get-fsinfo" => a.only(&[]).and_then(|()| qga_fsinfo()),
             "guest-get-disks" => a.only(&[]).map(|()| qga_disks(Path::new("/sys/block"))),
             "guest-get-time" => {
                 a.only(&[])?;
@@ -372,8 +386,6 @@ impl Agent {
             "guest-exec" => self.qga_exec(a, now),
             "guest-exec-status" => self.qga_exec_status(a),
             "guest-file-open" => self.qga_file_open(a),
-            "guest-file-read" => self.qga_file_read(a),
-            "guest-file-write" => self.qga_file_write(a),
             "guest-file-seek" => self.qga_file_seek(a),
             "guest-file-flush" => {
                 a.only(&["handle"])?;
@@ -492,8 +504,8 @@ impl Agent {
         Ok(())
     }
 
-    /// Freezes now, or starts the freeze hook first (`Ok(None)`: the reply follows).
-    fn qga_freeze(&mut self, req: &Request, now: Instant) -> QgaResult<Option<Value>> {
+    /// Starts the freeze, or the freeze hook first; the reply follows.
+    fn qga_freeze(&mut self, req: &Request, now: Instant) -> QgaResult<()> {
         let a = &req.args;
         let mountpoints = if req.execute == "guest-fsfreeze-freeze-list" {
             a.only(&["mountpoints"])?;
@@ -502,7 +514,7 @@ impl Agent {
             a.only(&[])?;
             Vec::new()
         };
-        if self.freeze_chain.is_some() {
+        if self.freeze_chain.is_some() || self.freezing {
             return Err(QgaError::generic("a freeze is already in progress"));
         }
         let hook = self
@@ -510,7 +522,8 @@ impl Agent {
             .as_ref()
             .and_then(|q| q.policy.fsfreeze_hook.clone());
         let Some(hook) = hook.filter(|h| h.exists()) else {
-            return self.qga_freeze_now(mountpoints, now).map(Some);
+            self.qga_start_freeze(req.id.clone(), mountpoints, now);
+            return Ok(());
         };
         let job = self.qga_mut()?.job_id();
         self.qga_hook(job, &hook, "freeze", now)?;
@@ -519,7 +532,7 @@ impl Agent {
             id: req.id.clone(),
             mountpoints,
         });
-        Ok(None)
+        Ok(())
     }
 
     fn qga_hook(&mut self, job: u64, hook: &Path, arg: &str, now: Instant) -> QgaResult<()> {
@@ -543,20 +556,54 @@ impl Agent {
             .map_err(op_err)
     }
 
-    /// The freeze itself, through the one freezer.
-    pub(super) fn qga_freeze_now(
+    /// The freeze itself, through the one freezer, on the worker (FIFREEZE flushes dirty
+    /// data, which can take long): the reply to request `id` follows, as the native freeze's.
+    pub(super) fn qga_start_freeze(
         &mut self,
+        id: Option<Value>,
         mountpoints: Vec<String>,
         now: Instant,
-    ) -> QgaResult<Value> {
+    ) {
         let req = FsFreezeRequest {
             mountpoints,
             auto_thaw_ms: QGA_AUTO_THAW_MS,
             run_hooks: false,
         };
-        let res = self.freezer.freeze(&req, now);
-        logring::set_frozen(self.freezer.is_frozen());
-        res.map(|r| int(r.frozen.len())).map_err(op_err)
+        if let Some(q) = self.qga.as_mut() {
+            q.waiting = Some(Waiting::Worker);
+        }
+        self.freezing = true;
+        let mut freezer = self.freezer.clone();
+        self.worker.submit(move || {
+            let res = freezer.freeze(&req, now);
+            Box::new(move |agent: &mut Agent, _now: Instant| {
+                agent.freezing = false;
+                agent.freezer.adopt_freeze(freezer);
+                logring::set_frozen(agent.freezer.is_frozen());
+                agent.qga_finish(id, res.map(|r| int(r.frozen.len())).map_err(op_err));
+                if agent.exiting() {
+                    agent.thaw_for("the agent is exiting");
+                }
+            })
+        });
+    }
+
+    /// Runs `op` on the filesystem worker; its result answers request `id` when it comes
+    /// back. The front end takes no other request meanwhile, so replies keep their order.
+    fn qga_offload(
+        &mut self,
+        id: Option<Value>,
+        op: impl FnOnce() -> QgaResult<Value> + Send + 'static,
+    ) -> Outcome {
+        let Some(q) = self.qga.as_mut() else {
+            return Outcome::NoReply;
+        };
+        q.waiting = Some(Waiting::Worker);
+        self.worker.submit(move || {
+            let res = op();
+            Box::new(move |agent: &mut Agent, _now: Instant| agent.qga_finish(id, res))
+        });
+        Outcome::Pending
     }
 
     fn qga_thaw(&mut self, now: Instant) -> QgaResult<Value> {
@@ -756,7 +803,18 @@ impl Agent {
         Ok(Value::Int(h))
     }
 
-    fn qga_file_read(&mut self, a: &Args) -> QgaResult<Value> {
+    /// A dup of open handle `handle`'s descriptor (sharing its offset), for the worker.
+    fn qga_file_dup(&mut self, a: &Args) -> QgaResult<std::fs::File> {
+        self.qga_file(a)?
+            .try_clone()
+            .map_err(|e| QgaError::generic(format!("failed to use the file handle: {e}")))
+    }
+
+    /// Checks a `guest-file-read` and returns the read, for the worker.
+    fn qga_file_read(
+        &mut self,
+        a: &Args,
+    ) -> QgaResult<impl FnOnce() -> QgaResult<Value> + Send + 'static> {
         a.only(&["handle", "count"])?;
         let count = a.opt_int("count")?.unwrap_or(4096);
         if !(0..=MAX_FILE_READ_BYTES).contains(&count) {
@@ -764,20 +822,26 @@ impl Agent {
                 "value '{count}' is invalid for argument count (at most {MAX_FILE_READ_BYTES})"
             )));
         }
-        let f = self.qga_file(a)?;
-        let mut buf = Vec::with_capacity(count as usize);
-        f.take(count as u64)
-            .read_to_end(&mut buf)
-            .map_err(|e| QgaError::generic(format!("failed to read file: {e}")))?;
-        let eof = (buf.len() as i64) < count || count == 0;
-        Ok(obj([
-            ("count", int(buf.len())),
-            ("buf-b64", Value::from(base64::encode(&buf))),
-            ("eof", Value::from(eof)),
-        ]))
+        let f = self.qga_file_dup(a)?;
+        Ok(move || {
+            let mut buf = Vec::with_capacity(count as usize);
+            f.take(count as u64)
+                .read_to_end(&mut buf)
+                .map_err(|e| QgaError::generic(format!("failed to read file: {e}")))?;
+            let eof = (buf.len() as i64) < count || count == 0;
+            Ok(obj([
+                ("count", int(buf.len())),
+                ("buf-b64", Value::from(base64::encode(&buf))),
+                ("eof", Value::from(eof)),
+            ]))
+        })
     }
 
-    fn qga_file_write(&mut self, a: &Args) -> QgaResult<Value> {
+    /// Checks a `guest-file-write` and returns the write, for the worker.
+    fn qga_file_write(
+        &mut self,
+        a: &Args,
+    ) -> QgaResult<impl FnOnce() -> QgaResult<Value> + Send + 'static> {
         a.only(&["handle", "buf-b64", "count"])?;
         let data = base64::decode(a.str("buf-b64")?)
             .ok_or_else(|| QgaError::generic("Invalid base64 data in 'buf-b64'"))?;
@@ -790,10 +854,12 @@ impl Agent {
                 )))
             }
         };
-        let f = self.qga_file(a)?;
-        f.write_all(&data[..count])
-            .map_err(|e| QgaError::generic(format!("failed to write to file: {e}")))?;
-        Ok(obj([("count", int(count)), ("eof", Value::from(false))]))
+        let mut f = self.qga_file_dup(a)?;
+        Ok(move || {
+            f.write_all(&data[..count])
+                .map_err(|e| QgaError::generic(format!("failed to write to file: {e}")))?;
+            Ok(obj([("count", int(count)), ("eof", Value::from(false))]))
+        })
     }
 
     fn qga_file_seek(&mut self, a: &Args) -> QgaResult<Value> {

@@ -62,6 +62,8 @@ enum Waiting {
         id: Option<Value>,
         mountpoints: Vec<String>,
     },
+    /// A call on the filesystem worker; its finish sends the reply.
+    Worker,
 }
 
 /// A `guest-exec` child and, once it ended, its exit.
@@ -364,15 +366,12 @@ impl Agent {
                 id,
                 mountpoints,
             }) if job == f.id => {
-                let result = if ok {
-                    self.qga_freeze_now(mountpoints, now)
+                if ok {
+                    self.qga_start_freeze(id, mountpoints, now);
                 } else {
-                    Err(QgaError::generic(format!(
-                        "the fsfreeze hook failed ({})",
-                        why()
-                    )))
-                };
-                self.qga_finish(id, result);
+                    let e = QgaError::generic(format!("the fsfreeze hook failed ({})", why()));
+                    self.qga_finish(id, Err(e));
+                }
             }
             other => {
                 q.waiting = other;
