@@ -12,8 +12,12 @@
 //! - **Exact progress.** [`Outbox::flush`] hands the sink at most [`MAX_WRITE_BYTES`] at a time
 //!   and advances by exactly what the sink took. `WouldBlock` means "not now", never an error;
 //!   `Interrupted` is retried. No deadline ever cuts a frame: there is no timeout in here.
+//! - **One copy.** A frame is encoded once, straight into its own buffer (header, then the
+//!   envelope, its data copied in from where it was read), and that buffer is what is
+//!   written: it moves from lane to write position, it is not copied again. A small pool
+//!   ([`SPARE_BUFFERS`]) reuses the buffers of frames that went out.
 //! - **Three lanes.** The *reply lane* holds acks, replies, errors, stream items and pongs, in
-//!   order, in a preallocated ring of `capacity` bytes. The *hello slot* holds at most one
+//!   order, as whole frames of at most `capacity` bytes in all. The *hello slot* holds at most one
 //!   AgentReady: a newer one replaces one that has not started going out, and it goes ahead of
 //!   the reply lane. The *telemetry slot* holds at most one pushed telemetry frame, latest wins,
 //!   so a host that stops reading costs one frame, not a backlog. Between frames the order is
@@ -43,8 +47,8 @@
 //!   counts against the lane, so moving it back never overfills the lane.
 //!
 //! Memory is bounded by `capacity + 3 * MAX_FRAME_TOTAL_BYTES` (the lane; the frame in
-//! progress when it came from a slot; the hello and telemetry slots), plus one frame of
-//! encoding scratch.
+//! progress when it came from a slot; the hello and telemetry slots), plus the pool of
+//! [`SPARE_BUFFERS`] empty frame buffers.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -64,6 +68,9 @@ pub const MAX_FRAME_TOTAL_BYTES: usize = qx_proto::HEADER_BYTES + SEND_MAX_FRAME
 pub const SESSION_RESERVE_BYTES: usize = MAX_FRAME_TOTAL_BYTES + 1024;
 /// The smallest reply lane: the session reserve plus one request's largest reply and its ack.
 pub const MIN_CAPACITY_BYTES: usize = SESSION_RESERVE_BYTES + MAX_FRAME_TOTAL_BYTES + 1024;
+
+/// Frame buffers kept for reuse once their frame went out.
+pub const SPARE_BUFFERS: usize = 4;
 
 /// Why a frame was not queued. Nothing was queued.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -101,10 +108,10 @@ pub struct OutboxStats {
 /// Fixed-capacity, frame-preserving output buffer. See the module docs.
 #[derive(Debug)]
 pub struct Outbox {
-    /// Reply lane: whole frames back to back.
-    ring: VecDeque<u8>,
-    /// Lengths of the frames in `ring`, oldest first.
-    lens: VecDeque<usize>,
+    /// Reply lane: whole frames, oldest first.
+    frames: VecDeque<Vec<u8>>,
+    /// Bytes in `frames`.
+    lane_bytes: usize,
     capacity: usize,
     /// Bytes set aside for the terminal replies of admitted requests.
     reserved: usize,
@@ -116,7 +123,8 @@ pub struct Outbox {
     current: Vec<u8>,
     current_lane: Lane,
     current_pos: usize,
-    scratch: Vec<u8>,
+    /// Empty frame buffers for reuse.
+    spare: Vec<Vec<u8>>,
     stats: OutboxStats,
 }
 
@@ -125,16 +133,16 @@ impl Outbox {
     pub fn new(capacity: usize) -> Self {
         let capacity = capacity.max(MIN_CAPACITY_BYTES);
         Outbox {
-            ring: VecDeque::with_capacity(capacity),
-            lens: VecDeque::with_capacity(64),
+            frames: VecDeque::with_capacity(64),
+            lane_bytes: 0,
             capacity,
             reserved: 0,
             hello: Vec::new(),
             telemetry: None,
-            current: Vec::with_capacity(MAX_FRAME_TOTAL_BYTES),
+            current: Vec::new(),
             current_lane: Lane::Reply,
             current_pos: 0,
-            scratch: Vec::with_capacity(MAX_FRAME_TOTAL_BYTES),
+            spare: Vec::with_capacity(SPARE_BUFFERS),
             stats: OutboxStats::default(),
         }
     }
@@ -146,7 +154,7 @@ impl Outbox {
         } else {
             0
         };
-        self.ring.len() + in_progress
+        self.lane_bytes + in_progress
     }
 
     /// The reply-lane capacity, in bytes.
@@ -188,7 +196,7 @@ impl Outbox {
 
     /// Bytes waiting to be written (both lanes and the frame in progress).
     pub fn pending_bytes(&self) -> usize {
-        self.ring.len()
+        self.lane_bytes
             + self.hello.len()
             + self.telemetry.as_ref().map_or(0, Vec::len)
             + (self.current.len() - self.current_pos)
@@ -209,29 +217,51 @@ impl Outbox {
         self.stats
     }
 
-    /// Encodes `env` into `scratch` and checks that `room` bytes hold it. `tail`: the
-    /// length and CRC32C of data encoded last (see [`qx_proto::encode_envelope_with_tail`]).
+    /// Keeps `buf` for a later frame, unless the pool is full.
+    fn recycle(&mut self, mut buf: Vec<u8>) {
+        if self.spare.len() < SPARE_BUFFERS && buf.capacity() > 0 {
+            buf.clear();
+            self.spare.push(buf);
+        }
+    }
+
+    /// Encodes `env` as one frame into a buffer of its own (from the pool when one is
+    /// there). `tail`: the length and CRC32C of data encoded last (see
+    /// [`qx_proto::encode_envelope_with_tail`]).
+    fn encode(
+        &mut self,
+        env: &Envelope,
+        tail: Option<(usize, u32)>,
+    ) -> Result<Vec<u8>, OutboxError> {
+        let mut buf = self.spare.pop().unwrap_or_default();
+        match qx_proto::encode_envelope_with_tail(env, SEND_MAX_FRAME_BYTES, tail, &mut buf) {
+            Ok(_) => Ok(buf),
+            Err(e) => {
+                self.recycle(buf);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Encodes `env` and checks that `room` bytes hold it.
     fn encode_within(
         &mut self,
         env: &Envelope,
         room: usize,
         tail: Option<(usize, u32)>,
-    ) -> Result<usize, OutboxError> {
-        self.scratch.clear();
-        qx_proto::encode_envelope_with_tail(env, SEND_MAX_FRAME_BYTES, tail, &mut self.scratch)?;
-        let need = self.scratch.len();
+    ) -> Result<Vec<u8>, OutboxError> {
+        let need = qx_proto::encoded_frame_len(env);
         if need > room {
             self.stats.refused += 1;
             return Err(OutboxError::Full { need, room });
         }
-        Ok(need)
+        self.encode(env, tail)
     }
 
-    /// Appends the frame in `scratch` to the reply lane.
-    fn enqueue_scratch(&mut self, need: usize) {
-        // A slice extend: one copy, not a byte at a time.
-        self.ring.extend(self.scratch.iter());
-        self.lens.push_back(need);
+    /// Appends `frame` to the reply lane.
+    fn enqueue(&mut self, frame: Vec<u8>) {
+        self.lane_bytes += frame.len();
+        self.frames.push_back(frame);
         self.stats.frames_queued += 1;
     }
 
@@ -242,15 +272,15 @@ impl Outbox {
         env: &Envelope,
         tail: Option<(usize, u32)>,
     ) -> Result<(), OutboxError> {
-        let need = self.encode_within(env, self.room(), tail)?;
-        self.enqueue_scratch(need);
+        let frame = self.encode_within(env, self.room(), tail)?;
+        self.enqueue(frame);
         Ok(())
     }
 
     /// Queues one of the session's own frames, which may use the session reserve.
     pub fn push_session(&mut self, env: &Envelope) -> Result<(), OutboxError> {
-        let need = self.encode_within(env, self.session_room(), None)?;
-        self.enqueue_scratch(need);
+        let frame = self.encode_within(env, self.session_room(), None)?;
+        self.enqueue(frame);
         Ok(())
     }
 
@@ -259,15 +289,21 @@ impl Outbox {
     /// reservation stands (the caller sends a smaller error in its place).
     pub fn push_terminal(&mut self, env: &Envelope, reserved: usize) -> Result<(), OutboxError> {
         let reserved = reserved.min(self.reserved);
-        self.scratch.clear();
-        qx_proto::encode_envelope(env, SEND_MAX_FRAME_BYTES, &mut self.scratch)?;
-        let need = self.scratch.len();
+        let need = qx_proto::encoded_frame_len(env);
         if need > reserved {
+            // A frame too large for the codec says so, whatever the reservation.
+            if need - qx_proto::HEADER_BYTES > SEND_MAX_FRAME_BYTES as usize {
+                return Err(OutboxError::TooLarge(qx_proto::EncodeError::TooLarge {
+                    len: need - qx_proto::HEADER_BYTES,
+                    max: SEND_MAX_FRAME_BYTES,
+                }));
+            }
             return Err(OutboxError::OverReservation { need, reserved });
         }
+        let frame = self.encode(env, None)?;
         // queued + reserved <= capacity held before; the frame takes no more than it frees.
         self.reserved -= reserved;
-        self.enqueue_scratch(need);
+        self.enqueue(frame);
         Ok(())
     }
 
@@ -275,8 +311,7 @@ impl Outbox {
     /// queued frame but after the frame in progress, which is always finished first. A hello
     /// that has not started is replaced.
     pub fn push_urgent(&mut self, env: &Envelope) -> Result<(), OutboxError> {
-        self.scratch.clear();
-        qx_proto::encode_envelope(env, SEND_MAX_FRAME_BYTES, &mut self.scratch)?;
+        let frame = self.encode(env, None)?;
         // A frame taken up for writing of which the sink has not taken a byte has not
         // started: it yields to the hello.
         if self.current_pos == 0 && !self.current.is_empty() {
@@ -285,19 +320,21 @@ impl Outbox {
                 // It counted against the lane while in `current`: the lane stays within
                 // its capacity.
                 Lane::Reply => {
-                    for &b in unstarted.iter().rev() {
-                        self.ring.push_front(b);
-                    }
-                    self.lens.push_front(unstarted.len());
+                    self.lane_bytes += unstarted.len();
+                    self.frames.push_front(unstarted);
                 }
                 // Superseded by the new hello.
-                Lane::Hello => self.stats.coalesced += 1,
+                Lane::Hello => {
+                    self.stats.coalesced += 1;
+                    self.recycle(unstarted);
+                }
                 Lane::Telemetry => {
                     let slot = self.telemetry.get_or_insert_with(Vec::new);
                     if slot.is_empty() {
                         *slot = unstarted;
                     } else {
                         self.stats.coalesced += 1;
+                        self.recycle(unstarted);
                     }
                 }
             }
@@ -305,8 +342,8 @@ impl Outbox {
         if self.hello.is_empty() {
             self.stats.frames_queued += 1;
         }
-        self.hello.clear();
-        self.hello.extend_from_slice(&self.scratch);
+        let old = std::mem::replace(&mut self.hello, frame);
+        self.recycle(old);
         Ok(())
     }
 
@@ -317,16 +354,15 @@ impl Outbox {
 
     /// Puts `env` in the telemetry slot, replacing a sample that has not started going out.
     pub fn push_telemetry(&mut self, env: &Envelope) -> Result<(), OutboxError> {
-        self.scratch.clear();
-        qx_proto::encode_envelope(env, SEND_MAX_FRAME_BYTES, &mut self.scratch)?;
+        let frame = self.encode(env, None)?;
         let slot = self.telemetry.get_or_insert_with(Vec::new);
         if !slot.is_empty() {
             self.stats.coalesced += 1;
         } else {
             self.stats.frames_queued += 1;
         }
-        slot.clear();
-        slot.extend_from_slice(&self.scratch);
+        let old = std::mem::replace(slot, frame);
+        self.recycle(old);
         Ok(())
     }
 
@@ -335,28 +371,23 @@ impl Outbox {
         if self.current_pos < self.current.len() {
             return true;
         }
-        self.current.clear();
+        let done = std::mem::take(&mut self.current);
+        self.recycle(done);
         self.current_pos = 0;
         if !self.hello.is_empty() {
-            std::mem::swap(&mut self.current, &mut self.hello);
-            self.hello.clear();
+            self.current = std::mem::take(&mut self.hello);
             self.current_lane = Lane::Hello;
             return true;
         }
-        if let Some(len) = self.lens.pop_front() {
-            let (a, b) = self.ring.as_slices();
-            let from_a = len.min(a.len());
-            self.current.extend_from_slice(&a[..from_a]);
-            self.current.extend_from_slice(&b[..len - from_a]);
-            // u8 needs no drop: dropping the drain only moves the ring's head.
-            self.ring.drain(..len);
+        if let Some(frame) = self.frames.pop_front() {
+            self.lane_bytes -= frame.len();
+            self.current = frame;
             self.current_lane = Lane::Reply;
             return true;
         }
         if let Some(slot) = self.telemetry.as_mut() {
             if !slot.is_empty() {
-                std::mem::swap(&mut self.current, slot);
-                slot.clear();
+                self.current = std::mem::take(slot);
                 self.current_lane = Lane::Telemetry;
                 return true;
             }
