@@ -238,26 +238,7 @@ async fn file_write_read_list_stat_hash_mkdir_delete() {
     assert_eq!(done.sha256, digest);
     assert_eq!(std::fs::read(&path).unwrap(), data);
 
-    let mut s = d
-        .client
-        .read_guest_file(pb::ReadGuestFileRequest {
-            vm_id: VM.into(),
-            path: path.display().to_string(),
-            offset: 0,
-            length: 0,
-            timeout_ms: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut back = Vec::new();
-    let mut final_sha = Vec::new();
-    while let Some(c) = s.message().await.unwrap() {
-        back.extend(c.data);
-        if c.eof {
-            final_sha = c.sha256;
-        }
-    }
+    let (back, final_sha) = read_whole(&mut d, &path).await;
     assert_eq!(back, data);
     assert_eq!(final_sha, digest);
 
@@ -633,25 +614,7 @@ async fn transfers_are_checked_by_crc32c_and_the_agent_hashes_nothing() {
     assert!(done.committed);
     assert_eq!(done.sha256, digest);
     assert_eq!(std::fs::read(&path).unwrap(), data);
-    let mut s = d
-        .client
-        .read_guest_file(pb::ReadGuestFileRequest {
-            vm_id: VM.into(),
-            path: path.display().to_string(),
-            offset: 0,
-            length: 0,
-            timeout_ms: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let (mut back, mut sha) = (Vec::new(), Vec::new());
-    while let Some(c) = s.message().await.unwrap() {
-        back.extend(c.data);
-        if c.eof {
-            sha = c.sha256;
-        }
-    }
+    let (back, sha) = read_whole(&mut d, &path).await;
     assert!(back == data, "the read differs");
     assert_eq!(sha, digest);
     let (mut opens, mut closes, mut reads) = (0, 0, 0);
@@ -675,6 +638,30 @@ async fn transfers_are_checked_by_crc32c_and_the_agent_hashes_nothing() {
     }
     assert_eq!((opens, closes), (1, 1));
     assert!(reads >= 1);
+}
+
+/// The whole file at `path` through ReadGuestFile, and the sha256 its last message carries.
+async fn read_whole(d: &mut Daemon, path: &std::path::Path) -> (Vec<u8>, Vec<u8>) {
+    let mut s = d
+        .client
+        .read_guest_file(pb::ReadGuestFileRequest {
+            vm_id: VM.into(),
+            path: path.display().to_string(),
+            offset: 0,
+            length: 0,
+            timeout_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut back, mut sha) = (Vec::new(), Vec::new());
+    while let Some(c) = s.message().await.unwrap() {
+        back.extend(c.data);
+        if c.eof {
+            sha = c.sha256;
+        }
+    }
+    (back, sha)
 }
 
 fn pattern(len: usize) -> Vec<u8> {
