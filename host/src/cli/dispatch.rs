@@ -18,8 +18,29 @@ pub fn code_for(status: &tonic::Status) -> i32 {
         Code::NotFound => exit::NOT_FOUND,
         Code::Unavailable | Code::DeadlineExceeded => exit::UNAVAILABLE,
         Code::DataLoss => exit::INTEGRITY,
+        // The connection itself failed (the daemon closed it, e.g. refusing this peer): tonic
+        // says "transport error" with an unknown code.
+        Code::Unknown if from_transport(status) => exit::UNAVAILABLE,
         _ => exit::FAILED,
     }
+}
+
+/// Whether `status` stands for a failed connection rather than an answer from the daemon.
+/// tonic turns its own transport errors into `Unknown` statuses whose message is that error's
+/// text, "transport error", sometimes without the error itself as a source.
+fn from_transport(status: &tonic::Status) -> bool {
+    if status.message() == "transport error" {
+        return true;
+    }
+    let mut cause = std::error::Error::source(status);
+    while let Some(e) = cause {
+        if e.is::<tonic::transport::Error>() || e.is::<hyper::Error>() || e.is::<std::io::Error>()
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// Runs one qxctl invocation; returns the process exit code.

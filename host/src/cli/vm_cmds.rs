@@ -12,7 +12,7 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
-use tonic::{Code, Status};
+use tonic::Status;
 
 type Client = NodeDaemonServiceClient<Channel>;
 
@@ -230,11 +230,7 @@ pub struct EventsArgs {
 /// Prints a failed call and maps its code to qxctl's exit code.
 fn fail(status: &Status) -> i32 {
     eprintln!("qxctl: {} ({:?})", Esc(status.message()), status.code());
-    match status.code() {
-        Code::NotFound => exit::NOT_FOUND,
-        Code::Unavailable | Code::DeadlineExceeded => exit::UNAVAILABLE,
-        _ => exit::FAILED,
-    }
+    super::dispatch::code_for(status)
 }
 
 fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
