@@ -34,8 +34,7 @@ fn from_transport(status: &tonic::Status) -> bool {
     }
     let mut cause = std::error::Error::source(status);
     while let Some(e) = cause {
-        if e.is::<tonic::transport::Error>() || e.is::<hyper::Error>() || e.is::<std::io::Error>()
-        {
+        if e.is::<tonic::transport::Error>() || e.is::<hyper::Error>() || e.is::<std::io::Error>() {
             return true;
         }
         cause = e.source();
