@@ -50,139 +50,118 @@ impl VmApi {
     }
 
     pub async fn start_vm(&self, request: pb::VmIdRequest) -> VmResult<pb::VmStatus> {
-        async {
-            let uuid = self.resolve(&request.vm_id).await?;
-            self.start_inner(&uuid).await?;
-            self.status(&uuid).await
-        }
-        .await
+        let uuid = self.resolve(&request.vm_id).await?;
+        self.start_inner(&uuid).await?;
+        self.status(&uuid).await
     }
 
     pub async fn force_stop_vm(&self, request: pb::VmIdRequest) -> VmResult<pb::VmStatus> {
-        async {
-            let allowed = [
-                PowerState::Running,
-                PowerState::Paused,
-                PowerState::ShuttingDown,
-                PowerState::PmSuspended,
-            ];
-            let uuid = self
-                .transition(&request.vm_id, &allowed, "force-stop", |hv, id| {
-                    hv.destroy(id)
-                })
-                .await?;
-            self.refresh().await;
-            self.status(&uuid).await
-        }
-        .await
+        let allowed = [
+            PowerState::Running,
+            PowerState::Paused,
+            PowerState::ShuttingDown,
+            PowerState::PmSuspended,
+        ];
+        let uuid = self
+            .transition(&request.vm_id, &allowed, "force-stop", |hv, id| {
+                hv.destroy(id)
+            })
+            .await?;
+        self.refresh().await;
+        self.status(&uuid).await
     }
 
     pub async fn reboot_vm(&self, request: pb::VmIdRequest) -> VmResult<pb::VmStatus> {
-        async {
-            let uuid = self
-                .transition(
-                    &request.vm_id,
-                    &[PowerState::Running],
-                    "reboot",
-                    |hv, id| hv.reboot(id),
-                )
-                .await?;
-            self.hub
-                .emit(&uuid, pb::EventKind::VmRebooted, "reboot requested");
-            self.refresh().await;
-            self.status(&uuid).await
-        }
-        .await
+        let uuid = self
+            .transition(
+                &request.vm_id,
+                &[PowerState::Running],
+                "reboot",
+                |hv, id| hv.reboot(id),
+            )
+            .await?;
+        self.hub
+            .emit(&uuid, pb::EventKind::VmRebooted, "reboot requested");
+        self.refresh().await;
+        self.status(&uuid).await
     }
 
     pub async fn pause_vm(&self, request: pb::VmIdRequest) -> VmResult<pb::VmStatus> {
-        async {
-            let uuid = self
-                .transition(&request.vm_id, &[PowerState::Running], "pause", |hv, id| {
-                    hv.suspend(id)
-                })
-                .await?;
-            self.refresh().await;
-            self.status(&uuid).await
-        }
-        .await
+        let uuid = self
+            .transition(&request.vm_id, &[PowerState::Running], "pause", |hv, id| {
+                hv.suspend(id)
+            })
+            .await?;
+        self.refresh().await;
+        self.status(&uuid).await
     }
 
     pub async fn resume_vm(&self, request: pb::VmIdRequest) -> VmResult<pb::VmStatus> {
-        async {
-            let uuid = self
-                .transition(&request.vm_id, &[PowerState::Paused], "resume", |hv, id| {
-                    hv.resume(id)
-                })
-                .await?;
-            self.refresh().await;
-            // The guest clock stood still while paused: set it from the host. A failed sync
-            // does not fail the resume; it is reported in state_reason.
-            let reason = if self.agent_connected(&uuid) {
-                match self.agent.sync_clock(&uuid, true, false).await {
-                    Ok(r) => format!(
-                        "resumed; guest clock synced (offset {:.3} s)",
-                        r.offset_seconds
-                    ),
-                    Err(e) => {
-                        log::warn!("VM {uuid}: time sync after resume failed: {e}");
-                        format!("resumed; guest clock NOT synced: {e}")
-                    }
+        let uuid = self
+            .transition(&request.vm_id, &[PowerState::Paused], "resume", |hv, id| {
+                hv.resume(id)
+            })
+            .await?;
+        self.refresh().await;
+        // The guest clock stood still while paused: set it from the host. A failed sync
+        // does not fail the resume; it is reported in state_reason.
+        let reason = if self.agent_connected(&uuid) {
+            match self.agent.sync_clock(&uuid, true, false).await {
+                Ok(r) => format!(
+                    "resumed; guest clock synced (offset {:.3} s)",
+                    r.offset_seconds
+                ),
+                Err(e) => {
+                    log::warn!("VM {uuid}: time sync after resume failed: {e}");
+                    format!("resumed; guest clock NOT synced: {e}")
                 }
-            } else {
-                "resumed; no agent connected, guest clock not synced".to_string()
-            };
-            let mut status = self.status(&uuid).await?;
-            status.state_reason = reason;
-            Ok(status)
-        }
-        .await
+            }
+        } else {
+            "resumed; no agent connected, guest clock not synced".to_string()
+        };
+        let mut status = self.status(&uuid).await?;
+        status.state_reason = reason;
+        Ok(status)
     }
 
     pub async fn delete_vm(&self, request: pb::DeleteVmRequest) -> VmResult<pb::DeleteVmResponse> {
-        async {
-            let uuid = self.resolve(&request.vm_id).await?;
-            let state = self.power_state(&uuid).await?;
-            if state.is_active() && !request.force {
-                return Err(VmError::WrongState(format!(
-                    "VM {uuid} is {state}: stop it first or delete with force"
-                )));
-            }
-            let id = uuid.clone();
-            let delete_storage = request.delete_storage;
-            let image_dir = self.config.image_dir.clone();
-            let deleted = self
-                .run(move |hv| {
-                    let facts = DomainFacts::parse(&hv.xml(&id, true)?)
-                        .map_err(|e| VmError::Internal(format!("domain XML: {e}")))?;
-                    if hv.state(&id)?.is_active() {
-                        hv.destroy(&id)?;
-                    }
-                    hv.undefine(&id, facts.has_nvram)?;
-                    let deleted = if delete_storage {
-                        delete_owned_volumes(hv, &facts, &image_dir)
-                    } else {
-                        Vec::new()
-                    };
-                    Ok(deleted)
-                })
-                .await?;
-            self.agent.detach(&uuid);
-            self.notes.forget(&uuid);
-            self.refresh().await;
-            Ok(pb::DeleteVmResponse {
-                deleted_volumes: deleted,
-            })
+        let uuid = self.resolve(&request.vm_id).await?;
+        let state = self.power_state(&uuid).await?;
+        if state.is_active() && !request.force {
+            return Err(VmError::WrongState(format!(
+                "VM {uuid} is {state}: stop it first or delete with force"
+            )));
         }
-        .await
+        let id = uuid.clone();
+        let delete_storage = request.delete_storage;
+        let image_dir = self.config.image_dir.clone();
+        let deleted = self
+            .run(move |hv| {
+                let facts = DomainFacts::parse(&hv.xml(&id, true)?)
+                    .map_err(|e| VmError::Internal(format!("domain XML: {e}")))?;
+                if hv.state(&id)?.is_active() {
+                    hv.destroy(&id)?;
+                }
+                hv.undefine(&id, facts.has_nvram)?;
+                let deleted = if delete_storage {
+                    delete_owned_volumes(hv, &facts, &image_dir)
+                } else {
+                    Vec::new()
+                };
+                Ok(deleted)
+            })
+            .await?;
+        self.agent.detach(&uuid);
+        self.notes.forget(&uuid);
+        self.refresh().await;
+        Ok(pb::DeleteVmResponse {
+            deleted_volumes: deleted,
+        })
     }
 
     pub async fn get_vm_status(&self, request: pb::VmIdRequest) -> VmResult<pb::VmStatus> {
-        async {
-            let uuid = self.resolve(&request.vm_id).await?;
-            self.status(&uuid).await
-        }
-        .await
+        let uuid = self.resolve(&request.vm_id).await?;
+        self.status(&uuid).await
     }
 
     pub async fn list_v_ms(&self, _request: pb::ListVmsRequest) -> VmResult<pb::ListVmsResponse> {
@@ -201,48 +180,45 @@ impl VmApi {
     }
 
     pub async fn get_console(&self, request: pb::VmIdRequest) -> VmResult<pb::ConsoleInfo> {
-        async {
-            let uuid = self.resolve(&request.vm_id).await?;
-            self.require_state(
-                &uuid,
-                &[PowerState::Running, PowerState::Paused],
-                "open a console of",
-            )
+        let uuid = self.resolve(&request.vm_id).await?;
+        self.require_state(
+            &uuid,
+            &[PowerState::Running, PowerState::Paused],
+            "open a console of",
+        )
+        .await?;
+        let id = uuid.clone();
+        let facts = self
+            .run(move |hv| {
+                DomainFacts::parse(&hv.xml(&id, false)?)
+                    .map_err(|e| VmError::Internal(format!("domain XML: {e}")))
+            })
             .await?;
-            let id = uuid.clone();
-            let facts = self
-                .run(move |hv| {
-                    DomainFacts::parse(&hv.xml(&id, false)?)
-                        .map_err(|e| VmError::Internal(format!("domain XML: {e}")))
-                })
-                .await?;
-            if let Some(g) = facts
-                .graphics
-                .iter()
-                .find(|g| g.port.is_some_and(|p| p > 0))
-            {
-                return Ok(pb::ConsoleInfo {
-                    r#type: g.kind.clone(),
-                    host: if g.listen.is_empty() {
-                        "127.0.0.1".to_string()
-                    } else {
-                        g.listen.clone()
-                    },
-                    port: g.port.unwrap_or(0),
-                    path: String::new(),
-                });
-            }
-            if let Some(pty) = facts.serial_pty {
-                return Ok(pb::ConsoleInfo {
-                    r#type: "pty".to_string(),
-                    host: String::new(),
-                    port: 0,
-                    path: pty,
-                });
-            }
-            Err(VmError::WrongState(format!("VM {uuid} has no console")))
+        if let Some(g) = facts
+            .graphics
+            .iter()
+            .find(|g| g.port.is_some_and(|p| p > 0))
+        {
+            return Ok(pb::ConsoleInfo {
+                r#type: g.kind.clone(),
+                host: if g.listen.is_empty() {
+                    "127.0.0.1".to_string()
+                } else {
+                    g.listen.clone()
+                },
+                port: g.port.unwrap_or(0),
+                path: String::new(),
+            });
         }
-        .await
+        if let Some(pty) = facts.serial_pty {
+            return Ok(pb::ConsoleInfo {
+                r#type: "pty".to_string(),
+                host: String::new(),
+                port: 0,
+                path: pty,
+            });
+        }
+        Err(VmError::WrongState(format!("VM {uuid} has no console")))
     }
 }
 

@@ -12,19 +12,16 @@ impl VmApi {
         &self,
         request: pb::ChangeMediaRequest,
     ) -> VmResult<pb::ChangeMediaResponse> {
-        async {
-            let uuid = self.resolve(&request.vm_id).await?;
-            let iso = if request.iso_path.is_empty() {
-                None
-            } else {
-                let (_, media) = self.allowed_roots();
-                let iso = crate::storage::policy::resolve_inside("ISO", &request.iso_path, &media)
-                    .map_err(SpecError::from)?;
-                Some(iso)
-            };
-            self.change_media_inner(&uuid, &request.device, iso).await
-        }
-        .await
+        let uuid = self.resolve(&request.vm_id).await?;
+        let iso = if request.iso_path.is_empty() {
+            None
+        } else {
+            let (_, media) = self.allowed_roots();
+            let iso = crate::storage::policy::resolve_inside("ISO", &request.iso_path, &media)
+                .map_err(SpecError::from)?;
+            Some(iso)
+        };
+        self.change_media_inner(&uuid, &request.device, iso).await
     }
 
     /// Inserts `iso` into (or, with `None`, ejects) a VM's CD-ROM, forcing the tray. On a
@@ -64,40 +61,34 @@ impl VmApi {
         &self,
         request: pb::VmIdRequest,
     ) -> VmResult<pb::ChangeMediaResponse> {
-        async {
-            let uuid = self.resolve(&request.vm_id).await?;
-            let iso = self.agent_iso()?;
-            self.change_media_inner(&uuid, "", Some(iso)).await
-        }
-        .await
+        let uuid = self.resolve(&request.vm_id).await?;
+        let iso = self.agent_iso()?;
+        self.change_media_inner(&uuid, "", Some(iso)).await
     }
 
     pub async fn eject_agent_iso(
         &self,
         request: pb::VmIdRequest,
     ) -> VmResult<pb::ChangeMediaResponse> {
-        async {
-            let uuid = self.resolve(&request.vm_id).await?;
-            let iso = self.agent_iso()?;
-            let id = uuid.clone();
-            let facts = self
-                .run(move |hv| {
-                    let active = hv.state(&id)?.is_active();
-                    DomainFacts::parse(&hv.xml(&id, !active)?)
-                        .map_err(|e| VmError::Internal(format!("domain XML: {e}")))
-                })
-                .await?;
-            let iso_str = iso.to_string_lossy();
-            let drive = facts
-                .disks
-                .iter()
-                .find(|d| d.cdrom && d.source.as_deref() == Some(iso_str.as_ref()))
-                .ok_or_else(|| {
-                    VmError::WrongState(format!("the agent ISO is not inserted in VM {uuid}"))
-                })?;
-            self.change_media_inner(&uuid, &drive.target, None).await
-        }
-        .await
+        let uuid = self.resolve(&request.vm_id).await?;
+        let iso = self.agent_iso()?;
+        let id = uuid.clone();
+        let facts = self
+            .run(move |hv| {
+                let active = hv.state(&id)?.is_active();
+                DomainFacts::parse(&hv.xml(&id, !active)?)
+                    .map_err(|e| VmError::Internal(format!("domain XML: {e}")))
+            })
+            .await?;
+        let iso_str = iso.to_string_lossy();
+        let drive = facts
+            .disks
+            .iter()
+            .find(|d| d.cdrom && d.source.as_deref() == Some(iso_str.as_ref()))
+            .ok_or_else(|| {
+                VmError::WrongState(format!("the agent ISO is not inserted in VM {uuid}"))
+            })?;
+        self.change_media_inner(&uuid, &drive.target, None).await
     }
 
     fn agent_iso(&self) -> VmResult<PathBuf> {

@@ -123,81 +123,72 @@ impl VmApi {
         &self,
         request: pb::VmIdRequest,
     ) -> VmResult<pb::ListSnapshotsResponse> {
-        async {
-            let uuid = self.resolve(&request.vm_id).await?;
-            let notes = self.notes.clone();
-            let (records, quiesced) = self
-                .run(move |hv| Ok((hv.snapshot_list(&uuid)?, notes.load(&uuid))))
-                .await?;
-            let mut snapshots = records
-                .iter()
-                .map(|r| {
-                    let q = quiesced.get(&r.name).copied().unwrap_or(false);
-                    snapshot_pb(&r.xml, r.current, q)
-                })
-                .collect::<VmResult<Vec<_>>>()?;
-            snapshots.sort_by(|a, b| (a.created_unix_s, &a.name).cmp(&(b.created_unix_s, &b.name)));
-            Ok(pb::ListSnapshotsResponse { snapshots })
-        }
-        .await
+        let uuid = self.resolve(&request.vm_id).await?;
+        let notes = self.notes.clone();
+        let (records, quiesced) = self
+            .run(move |hv| Ok((hv.snapshot_list(&uuid)?, notes.load(&uuid))))
+            .await?;
+        let mut snapshots = records
+            .iter()
+            .map(|r| {
+                let q = quiesced.get(&r.name).copied().unwrap_or(false);
+                snapshot_pb(&r.xml, r.current, q)
+            })
+            .collect::<VmResult<Vec<_>>>()?;
+        snapshots.sort_by(|a, b| (a.created_unix_s, &a.name).cmp(&(b.created_unix_s, &b.name)));
+        Ok(pb::ListSnapshotsResponse { snapshots })
     }
 
     pub async fn revert_snapshot(&self, request: pb::SnapshotRequest) -> VmResult<pb::VmStatus> {
-        async {
-            let uuid = self.resolve(&request.vm_id).await?;
-            if request.snapshot_id.is_empty() {
-                return Err(VmError::InvalidArgument("snapshot_id is required".into()));
-            }
-            let (id, name, start) = (
-                uuid.clone(),
-                request.snapshot_id.clone(),
-                request.start_after_revert,
-            );
-            let notes = self.notes.clone();
-            let (socket, quiesced) = self
-                .run(move |hv| {
-                    hv.snapshot_revert(&id, &name, start)?;
-                    let quiesced = notes.load(&id).get(&name).copied().unwrap_or(false);
-                    Ok(if hv.state(&id)?.is_active() {
-                        (events::agent_socket(hv, &id), quiesced)
-                    } else {
-                        (None, false)
-                    })
-                })
-                .await?;
-            self.refresh().await;
-            // The guest's memory went back in time: its agent link starts again from scratch.
-            self.agent.reset_after_revert(&uuid, socket, quiesced);
-            self.status(&uuid).await
+        let uuid = self.resolve(&request.vm_id).await?;
+        if request.snapshot_id.is_empty() {
+            return Err(VmError::InvalidArgument("snapshot_id is required".into()));
         }
-        .await
+        let (id, name, start) = (
+            uuid.clone(),
+            request.snapshot_id.clone(),
+            request.start_after_revert,
+        );
+        let notes = self.notes.clone();
+        let (socket, quiesced) = self
+            .run(move |hv| {
+                hv.snapshot_revert(&id, &name, start)?;
+                let quiesced = notes.load(&id).get(&name).copied().unwrap_or(false);
+                Ok(if hv.state(&id)?.is_active() {
+                    (events::agent_socket(hv, &id), quiesced)
+                } else {
+                    (None, false)
+                })
+            })
+            .await?;
+        self.refresh().await;
+        // The guest's memory went back in time: its agent link starts again from scratch.
+        self.agent.reset_after_revert(&uuid, socket, quiesced);
+        self.status(&uuid).await
     }
 
     pub async fn delete_snapshot(
         &self,
         request: pb::SnapshotRequest,
     ) -> VmResult<pb::DeleteSnapshotResponse> {
-        async {
-            let uuid = self.resolve(&request.vm_id).await?;
-            if request.snapshot_id.is_empty() {
-                return Err(VmError::InvalidArgument("snapshot_id is required".into()));
-            }
-            let (id, name, notes) = (
-                uuid.clone(),
-                request.snapshot_id.clone(),
-                self.notes.clone(),
-            );
-            self.run(move |hv| {
-                hv.snapshot_delete(&id, &name)?;
-                notes.set(&id, &name, None);
-                Ok(())
-            })
-            .await?;
-            self.hub
-                .emit(&uuid, pb::EventKind::SnapshotDeleted, request.snapshot_id);
-            Ok(pb::DeleteSnapshotResponse {})
+        let uuid = self.resolve(&request.vm_id).await?;
+        if request.snapshot_id.is_empty() {
+            return Err(VmError::InvalidArgument("snapshot_id is required".into()));
         }
-        .await
+        let (id, name, notes) = (
+            uuid.clone(),
+            request.snapshot_id.clone(),
+            self.notes.clone(),
+        );
+        self.run(move |hv| {
+            hv.snapshot_delete(&id, &name)?;
+            notes.set(&id, &name, None);
+            Ok(())
+        })
+        .await?;
+        self.hub
+            .emit(&uuid, pb::EventKind::SnapshotDeleted, request.snapshot_id);
+        Ok(pb::DeleteSnapshotResponse {})
     }
 }
 
