@@ -289,18 +289,12 @@ impl Outbox {
     /// reservation stands (the caller sends a smaller error in its place).
     pub fn push_terminal(&mut self, env: &Envelope, reserved: usize) -> Result<(), OutboxError> {
         let reserved = reserved.min(self.reserved);
-        let need = qx_proto::encoded_frame_len(env);
+        let frame = self.encode(env, None)?;
+        let need = frame.len();
         if need > reserved {
-            // A frame too large for the codec says so, whatever the reservation.
-            if need - qx_proto::HEADER_BYTES > SEND_MAX_FRAME_BYTES as usize {
-                return Err(OutboxError::TooLarge(qx_proto::EncodeError::TooLarge {
-                    len: need - qx_proto::HEADER_BYTES,
-                    max: SEND_MAX_FRAME_BYTES,
-                }));
-            }
+            self.recycle(frame);
             return Err(OutboxError::OverReservation { need, reserved });
         }
-        let frame = self.encode(env, None)?;
         // queued + reserved <= capacity held before; the frame takes no more than it frees.
         self.reserved -= reserved;
         self.enqueue(frame);
