@@ -35,7 +35,7 @@ async fn vm_snapshot_media_and_events_commands_return_exit_codes() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(
-        tonic::transport::Server::builder()
+        qx_node::listen::grpc_server()
             .add_service(NodeDaemonServiceServer::new(NodeService { vm, agent }))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
