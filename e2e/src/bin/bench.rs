@@ -355,14 +355,17 @@ fn write_ours(
     }
 }
 
-fn rss_kib(conn: &mut AgentConn, process: &str) -> Result<u64> {
-    let out = sh_ours(
-        conn,
-        &format!("grep VmRSS /proc/$(pidof {process})/status | tr -s ' ' | cut -d' ' -f2"),
-    )?;
-    out.trim()
-        .parse()
-        .with_context(|| format!("VmRSS of {process}: {out:?}"))
+/// `VmRSS` of process `pid` (a number, or a shell expression giving exactly one).
+fn rss_kib(conn: &mut AgentConn, pid: &str) -> Result<u64> {
+    let out = sh_ours(conn, &format!("grep '^VmRSS:' /proc/{pid}/status"))?;
+    // "VmRSS:\t     760 kB"
+    match out.split_whitespace().collect::<Vec<_>>()[..] {
+        ["VmRSS:", kib, "kB"] => match kib.parse() {
+            Ok(kib) if kib > 0 => Ok(kib),
+            _ => bail!("VmRSS of {pid}: {out:?}"),
+        },
+        _ => bail!("VmRSS of {pid}: {out:?}"),
+    }
 }
 
 fn file_size(p: &Path) -> Result<u64> {
@@ -446,10 +449,16 @@ fn main() -> Result<()> {
          ln -sf /dev/${p##*/} /dev/virtio-ports/$(cat $p/name); done",
     )?;
     let t0 = Instant::now();
-    qga.call(
+    let launched = qga.call(
         json!({"execute": "guest-exec", "arguments": {"path": "/bin/quantix-kvm-agent",
         "arg": ["--set", format!("qga_device=/dev/virtio-ports/{QGA_SAME_PORT}")]}}),
     )?;
+    // Our agent's RSS is read by this pid, not by name (`pidof` in a script our agent runs
+    // gave an idle figure of 0 in one run, a fault never explained).
+    let ours_pid = launched["pid"]
+        .as_i64()
+        .ok_or_else(|| anyhow!("guest-exec of our agent gave no pid: {launched}"))?
+        .to_string();
     loop {
         let env = ours
             .recv_deadline(Instant::now() + TIMEOUT)?
@@ -484,8 +493,8 @@ fn main() -> Result<()> {
 
     // Let both settle before the idle RSS.
     std::thread::sleep(Duration::from_secs(1));
-    let ours_rss_idle = rss_kib(&mut ours, "quantix-kvm-agent")?;
-    let qga_rss_idle = rss_kib(&mut ours, "qemu-ga")?;
+    let ours_rss_idle = rss_kib(&mut ours, &ours_pid)?;
+    let qga_rss_idle = rss_kib(&mut ours, "$(pidof qemu-ga)")?;
 
     // --- ping, and the raw echo under both ------------------------------------------------------
     let mut echo = Echo(UnixStream::connect(vm.port_socket(ECHO_PORT))?);
@@ -616,8 +625,8 @@ fn main() -> Result<()> {
     same_read.sort();
     let mib_s = |d: Duration| FILE_BYTES as f64 / (1024.0 * 1024.0) / d.as_secs_f64();
 
-    let ours_rss_after = rss_kib(&mut ours, "quantix-kvm-agent")?;
-    let qga_rss_after = rss_kib(&mut ours, "qemu-ga")?;
+    let ours_rss_after = rss_kib(&mut ours, &ours_pid)?;
+    let qga_rss_after = rss_kib(&mut ours, "$(pidof qemu-ga)")?;
 
     // --- 16 MiB file write ------------------------------------------------------------------------
     sh_ours(&mut ours, &format!("rm -f {BIG_FILE}"))?;

@@ -5,31 +5,44 @@ const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx
 
 /// Encodes `data`.
 pub fn encode(data: &[u8]) -> String {
-    let mut out = Vec::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        out.extend_from_slice(&[
-            ALPHABET[(n >> 18) as usize & 63],
-            ALPHABET[(n >> 12) as usize & 63],
-            if chunk.len() > 1 {
-                ALPHABET[(n >> 6) as usize & 63]
-            } else {
-                b'='
-            },
-            if chunk.len() > 2 {
-                ALPHABET[n as usize & 63]
-            } else {
-                b'='
-            },
-        ]);
-    }
+    let mut out = Vec::new();
+    encode_into(data, &mut out);
     // Only bytes of ALPHABET and '=' were written.
     String::from_utf8(out).unwrap_or_default()
+}
+
+/// Bytes `data` takes once encoded.
+pub fn encoded_len(data: &[u8]) -> usize {
+    data.len().div_ceil(3) * 4
+}
+
+/// Appends the encoding of `data` to `out`: the whole groups in one pass over a slice sized
+/// beforehand (a 1 MiB `guest-file-read` is 350,000 of them), then the padded tail.
+pub fn encode_into(data: &[u8], out: &mut Vec<u8>) {
+    let start = out.len();
+    out.resize(start + encoded_len(data), 0);
+    let groups = data.chunks_exact(3);
+    let tail = groups.remainder();
+    let mut quads = out[start..].chunks_exact_mut(4);
+    for (g, q) in groups.zip(&mut quads) {
+        let n = (u32::from(g[0]) << 16) | (u32::from(g[1]) << 8) | u32::from(g[2]);
+        q[0] = ALPHABET[(n >> 18) as usize & 63];
+        q[1] = ALPHABET[(n >> 12) as usize & 63];
+        q[2] = ALPHABET[(n >> 6) as usize & 63];
+        q[3] = ALPHABET[n as usize & 63];
+    }
+    if let Some(q) = quads.next() {
+        let b1 = tail.get(1).copied().unwrap_or(0);
+        let n = (u32::from(tail[0]) << 16) | (u32::from(b1) << 8);
+        q[0] = ALPHABET[(n >> 18) as usize & 63];
+        q[1] = ALPHABET[(n >> 12) as usize & 63];
+        q[2] = if tail.len() > 1 {
+            ALPHABET[(n >> 6) as usize & 63]
+        } else {
+            b'='
+        };
+        q[3] = b'=';
+    }
 }
 
 fn sextet(c: u8) -> Option<u32> {
@@ -81,8 +94,13 @@ mod tests {
             (b"fo", "Zm8="),
             (b"foo", "Zm9v"),
             (b"\xff\x00\xfe", "/wD+"),
+            (b"foobar!", "Zm9vYmFyIQ=="),
+            (b"foobar!?", "Zm9vYmFyIT8="),
         ] {
             assert_eq!(encode(raw), enc);
+            let mut out = b"x".to_vec();
+            encode_into(raw, &mut out);
+            assert_eq!(&out[1..], enc.as_bytes());
             assert_eq!(decode(enc).as_deref(), Some(raw));
         }
     }

@@ -717,24 +717,25 @@ impl Agent {
             .iter()
             .position(|r| i64::from(r.pid) == pid)
             .ok_or_else(|| QgaError::generic("Invalid parameter 'pid'"))?;
-        let Some(exit) = q.execs[at].exit.as_ref() else {
+        if q.execs[at].exit.is_none() {
             return Ok(obj([("exited", Value::from(false))]));
+        }
+        let rec = q.execs.remove(at);
+        let Some(exit) = rec.exit else {
+            return Err(QgaError::generic("Invalid parameter 'pid'"));
         };
-        let [out, err] = q.execs[at].capture;
-        let data =
-            |on: bool, b: &[u8]| (on && !b.is_empty()).then(|| Value::from(base64::encode(b)));
+        let [out, err] = rec.capture;
+        let data = |on: bool, b: Vec<u8>| (on && !b.is_empty()).then_some(Value::Base64(b));
         let flag = |on: bool, t: bool| (on && t).then(|| Value::from(true));
-        let v = sparse(vec![
+        Ok(sparse(vec![
             ("exited", Some(Value::from(true))),
             ("exitcode", exit.exited.then(|| int(exit.exit_code))),
             ("signal", (!exit.exited).then(|| int(exit.signal))),
-            ("out-data", data(out, &exit.stdout)),
-            ("err-data", data(err, &exit.stderr)),
+            ("out-data", data(out, exit.stdout)),
+            ("err-data", data(err, exit.stderr)),
             ("out-truncated", flag(out, exit.stdout_truncated)),
             ("err-truncated", flag(err, exit.stderr_truncated)),
-        ]);
-        q.execs.remove(at);
-        Ok(v)
+        ]))
     }
 
     fn qga_file(&mut self, a: &Args) -> QgaResult<&mut std::fs::File> {
@@ -831,7 +832,7 @@ impl Agent {
             let eof = (buf.len() as i64) < count || count == 0;
             Ok(obj([
                 ("count", int(buf.len())),
-                ("buf-b64", Value::from(base64::encode(&buf))),
+                ("buf-b64", Value::Base64(buf)),
                 ("eof", Value::from(eof)),
             ]))
         })

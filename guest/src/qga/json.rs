@@ -24,6 +24,10 @@ pub enum Value {
     /// no command takes one, and the agent never needs its value.
     Number(String),
     Str(String),
+    /// Bytes sent as a base64 string, encoded straight into the reply line: a file read's
+    /// data is never copied into a `String` first, nor scanned for characters to escape
+    /// (base64 has none). The parser never makes one.
+    Base64(Vec<u8>),
     Array(Vec<Value>),
     Object(Vec<(String, Value)>),
 }
@@ -465,6 +469,14 @@ impl Value {
             Value::Int(i) => out.extend_from_slice(i.to_string().as_bytes()),
             Value::Number(text) => out.extend_from_slice(text.as_bytes()),
             Value::Str(s) => write_str(s, out),
+            Value::Base64(data) => {
+                // Room for what usually follows (the rest of the reply), so the large line is
+                // not moved again.
+                out.reserve(super::base64::encoded_len(data) + 64);
+                out.push(b'"');
+                super::base64::encode_into(data, out);
+                out.push(b'"');
+            }
             Value::Array(items) => {
                 out.push(b'[');
                 for (i, v) in items.iter().enumerate() {

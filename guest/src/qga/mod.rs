@@ -209,9 +209,9 @@ impl QgaPort {
     fn push_reply(&mut self, id: Option<&Value>, result: QgaResult<Value>, delimited: bool) {
         let prefix: &[u8] = if delimited { &[0xFF] } else { &[] };
         let line = request::reply_line(prefix, id, result);
-        if let Err(e) = self.outbox.push(&line) {
+        if let Err(e) = self.outbox.push(line) {
             let err = request::reply_line(b"", id, Err(QgaError::generic(e.to_string())));
-            if let Err(e) = self.outbox.push(&err) {
+            if let Err(e) = self.outbox.push(err) {
                 log::error!("qemu-ga reply dropped: {e}");
             }
         }

@@ -1,0 +1,38 @@
+//! Benchmark, not a test (ignored; run with `cargo test --release -p quantix-kvm-agent --test
+//! qga_reply_speed -- --ignored --nocapture`): the agent's cost of turning 1 MiB that a
+//! `guest-file-read` read into its reply line and queueing it. Figures in docs/benchmarks.md.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use qx_agent::qga::json::Value;
+use qx_agent::qga::outbox::LineOutbox;
+use qx_agent::qga::request;
+use std::time::{Duration, Instant};
+
+#[test]
+#[ignore = "benchmark: prints the time per reply, asserts only the reply's size"]
+fn file_read_reply_of_one_mib() {
+    let data: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let mut best = Duration::MAX;
+    for _ in 0..20 {
+        let buf = data.clone();
+        let t = Instant::now();
+        let v = Value::Object(vec![
+            ("count".into(), Value::Int(buf.len() as i64)),
+            ("buf-b64".into(), Value::Base64(buf)),
+            ("eof".into(), Value::from(false)),
+        ]);
+        let line = request::reply_line(b"", None, Ok(v));
+        let mut outbox = LineOutbox::new();
+        let len = line.len();
+        outbox.push(line).unwrap();
+        best = best.min(t.elapsed());
+        // `{"return": {"count": 1048576, "buf-b64": "` ... `", "eof": false}}\n`
+        assert_eq!(len, (1usize << 20).div_ceil(3) * 4 + 60);
+    }
+    println!(
+        "1 MiB guest-file-read reply encoded and queued: best of 20 {} us",
+        best.as_micros()
+    );
+}
