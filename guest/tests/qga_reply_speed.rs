@@ -36,3 +36,32 @@ fn file_read_reply_of_one_mib() {
         best.as_micros()
     );
 }
+
+#[test]
+#[ignore = "benchmark: prints the time per request"]
+fn guest_ping_request_to_reply() {
+    use qx_agent::qga::json::{parse, Split, Splitter};
+    let mut splitter = Splitter::new();
+    let input = b"{\"execute\": \"guest-ping\"}\n";
+    let n = 200_000;
+    let t = Instant::now();
+    let mut sent = 0;
+    let mut outbox = LineOutbox::new();
+    let mut sink = Vec::new();
+    for _ in 0..n {
+        let (_, found) = splitter.push(input);
+        let Some(Split::Value(bytes)) = found else {
+            panic!()
+        };
+        let req = request::request(parse(&bytes).unwrap()).unwrap();
+        assert_eq!(req.execute, "guest-ping");
+        let line = request::reply_line(b"", req.id.as_ref(), Ok(Value::Object(Vec::new())));
+        outbox.push(line).unwrap();
+        sent += outbox.flush(&mut sink).unwrap();
+        sink.clear();
+    }
+    println!(
+        "guest-ping parsed and answered: {} ns each ({sent} bytes)",
+        t.elapsed().as_nanos() / n
+    );
+}

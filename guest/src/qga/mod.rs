@@ -98,9 +98,11 @@ pub struct QgaPort {
     transport: Transport,
     splitter: Splitter,
     outbox: LineOutbox,
-    /// Bytes read and not yet given to the splitter.
+    /// The read buffer (sized at the first read, then kept): `inbuf[inpos..inlen]` are bytes
+    /// read and not yet given to the splitter.
     inbuf: Vec<u8>,
     inpos: usize,
+    inlen: usize,
     /// An edge said readable and the port was not yet read to `WouldBlock`.
     ready: bool,
     host_present: bool,
@@ -133,6 +135,7 @@ impl QgaPort {
             outbox: LineOutbox::new(),
             inbuf: Vec::new(),
             inpos: 0,
+            inlen: 0,
             ready: false,
             host_present: false,
             waiting: None,
@@ -194,12 +197,12 @@ impl QgaPort {
 
     /// The host went away: a partial request never runs, unsent replies are dropped.
     fn host_gone(&mut self) {
-        if self.splitter.mid_value() || self.inpos < self.inbuf.len() {
+        if self.splitter.mid_value() || self.inpos < self.inlen {
             log::debug!("qemu-ga host left mid-request; dropping the partial request");
         }
         self.splitter.reset();
-        self.inbuf.clear();
         self.inpos = 0;
+        self.inlen = 0;
         self.outbox.clear();
         self.host_present = false;
         self.ready = false;
@@ -219,8 +222,8 @@ impl QgaPort {
 
     /// The next request boundary among the bytes already read.
     fn next_split(&mut self) -> Option<Split> {
-        while self.inpos < self.inbuf.len() {
-            let (n, found) = self.splitter.push(&self.inbuf[self.inpos..]);
+        while self.inpos < self.inlen {
+            let (n, found) = self.splitter.push(&self.inbuf[self.inpos..self.inlen]);
             self.inpos += n;
             if found.is_some() {
                 return found;
@@ -263,20 +266,21 @@ impl Agent {
             if !q.ready || !q.transport.is_open() {
                 break;
             }
+            // Zeroed once; later reads overwrite it.
             q.inbuf.resize(READ_BYTES, 0);
             q.inpos = 0;
+            q.inlen = 0;
             match q.transport.read(&mut q.inbuf) {
                 Ok(0) => {
                     q.host_gone();
                     q.transport.host_gone(self.poll.registry(), now);
                 }
                 Ok(n) => {
-                    q.inbuf.truncate(n);
+                    q.inlen = n;
                     q.host_present = true;
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => q.inbuf.clear(),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    q.inbuf.clear();
                     q.ready = false;
                     q.host_present = true;
                 }

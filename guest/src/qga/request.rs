@@ -188,29 +188,30 @@ impl Args {
 /// `guest-sync-delimited`, or nothing). The result is consumed: a file read's base64 is
 /// written once, not copied.
 pub fn reply_line(prefix: &[u8], id: Option<&Value>, result: QgaResult<Value>) -> Vec<u8> {
-    let mut members = Vec::with_capacity(2);
+    // Written member by member rather than as one object value: a ping's whole reply is then
+    // one allocation.
+    let mut line = Vec::with_capacity(64);
+    line.extend_from_slice(prefix);
     match result {
-        Ok(v) => members.push(("return".to_string(), v)),
+        Ok(v) => {
+            line.extend_from_slice(b"{\"return\": ");
+            v.write_bytes(&mut line);
+        }
         Err(e) => {
             let class = match e.class {
                 ErrorClass::GenericError => "GenericError",
                 ErrorClass::CommandNotFound => "CommandNotFound",
             };
-            members.push((
-                "error".to_string(),
-                obj([
-                    ("class", Value::from(class)),
-                    ("desc", Value::from(e.desc.as_str())),
-                ]),
-            ));
+            line.extend_from_slice(b"{\"error\": ");
+            obj([("class", Value::from(class)), ("desc", Value::from(e.desc))])
+                .write_bytes(&mut line);
         }
     }
     if let Some(id) = id {
-        members.push(("id".to_string(), id.clone()));
+        line.extend_from_slice(b", \"id\": ");
+        id.write_bytes(&mut line);
     }
-    let mut line = prefix.to_vec();
-    Value::Object(members).write_bytes(&mut line);
-    line.push(b'\n');
+    line.extend_from_slice(b"}\n");
     line
 }
 
