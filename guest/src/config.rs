@@ -37,6 +37,7 @@
 //! | `qga_block_rpcs` | (none) | comma-separated qemu-ga commands to refuse (`--block-rpcs`) |
 //! | `qga_allow_rpcs` | (none) | comma-separated qemu-ga commands to allow, all others refused (`--allow-rpcs`) |
 //! | `qga_fsfreeze_hook` | (none) | script run with `freeze` / `thaw` around a qemu-ga freeze |
+//! | `qga_exec_reply_wait_ms` | `20` | how long a `guest-exec` reply waits for its child to end (0: at once, as qemu-ga) |
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -112,6 +113,7 @@ pub struct Config {
     pub qga_block_rpcs: Vec<String>,
     pub qga_allow_rpcs: Vec<String>,
     pub qga_fsfreeze_hook: Option<PathBuf>,
+    pub qga_exec_reply_wait_ms: u32,
 }
 
 impl Default for Config {
@@ -147,6 +149,7 @@ impl Default for Config {
             qga_block_rpcs: Vec::new(),
             qga_allow_rpcs: Vec::new(),
             qga_fsfreeze_hook: None,
+            qga_exec_reply_wait_ms: 20,
         }
     }
 }
@@ -233,6 +236,7 @@ impl Config {
             "max_concurrent_exec" => self.max_concurrent_exec = num(origin, key, value)?,
             "exec_timeout_ms" => self.exec_timeout_ms = num(origin, key, value)?,
             "exec_kill_grace_ms" => self.exec_kill_grace_ms = num(origin, key, value)?,
+            "qga_exec_reply_wait_ms" => self.qga_exec_reply_wait_ms = num(origin, key, value)?,
             "exec_output_cap_bytes" => self.exec_output_cap_bytes = num(origin, key, value)?,
             "file_chunk_bytes" => self.file_chunk_bytes = num(origin, key, value)?,
             "max_open_files" => self.max_open_files = num(origin, key, value)?,

@@ -67,7 +67,8 @@ CONFIGURATION
     file_deny (comma-separated path prefixes), freeze_state_file,
     freeze_hooks_dir, time_max_skew_s, disable (comma-separated capabilities,
     e.g. exec,power), power_command, power_syscall_fallback, qga_device,
-    qga_connect, qga_config, qga_block_rpcs, qga_allow_rpcs, qga_fsfreeze_hook.
+    qga_connect, qga_config, qga_block_rpcs, qga_allow_rpcs, qga_fsfreeze_hook,
+    qga_exec_reply_wait_ms.
 
 QEMU GUEST AGENT PROTOCOL
     The agent also serves qemu-guest-agent's JSON protocol on

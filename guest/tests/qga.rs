@@ -800,3 +800,46 @@ fn suspend_is_refused_when_the_kernel_does_not_offer_the_mode() {
     let bad = agent.proxmox("guest-suspend-ram", json!({"mode": "now"}));
     assert_eq!(error_class(&bad), "GenericError");
 }
+
+#[test]
+fn a_short_exec_is_reported_exited_at_the_first_status_poll() {
+    // The wait is long here so that it cannot run out on a loaded machine: the reply comes
+    // when the child ends, milliseconds after it starts.
+    let agent = Agent::start(&["--set", "qga_exec_reply_wait_ms=60000"]);
+    // One connection, the poll sent the moment the pid is known, as a polling client does.
+    let mut conn = agent.accept();
+    let exec =
+        json!({"execute": "guest-exec", "arguments": {"path": "/bin/sh", "arg": ["-c", "exit 4"]}});
+    conn.write_all(
+        format!(
+            "{}\n{exec}\n",
+            json!({"execute": "guest-sync-delimited", "arguments": {"id": 1}})
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let lines = read_lines_after_last_ff(&mut conn, 2);
+    let pid = lines[1]["return"]["pid"].as_i64().unwrap();
+    let poll = json!({"execute": "guest-exec-status", "arguments": {"pid": pid}});
+    conn.write_all(format!("{poll}\n").as_bytes()).unwrap();
+    let mut reader = std::io::BufReader::new(conn);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+    let status: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(status, json!({"return": {"exited": true, "exitcode": 4}}));
+}
+
+#[test]
+fn a_long_exec_is_answered_when_the_wait_runs_out() {
+    let mut agent = Agent::start(&["--set", "qga_exec_reply_wait_ms=200"]);
+    let started = agent.proxmox("guest-exec", json!({"path": "/bin/sleep", "arg": ["30"]}));
+    let pid = started["return"]["pid"].as_i64().unwrap();
+    let status = agent.proxmox("guest-exec-status", json!({"pid": pid}));
+    assert_eq!(status, json!({"return": {"exited": false}}));
+    // The child is the test's to end: the agent does not kill what guest-exec started.
+    let killed = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+}

@@ -199,6 +199,10 @@ impl Agent {
                 Ok(job) => self.qga_offload(req.id.clone(), job),
                 Err(e) => Outcome::Reply(Err(e)),
             },
+            "guest-exec" => match self.qga_exec(&req, now) {
+                Ok(()) => Outcome::Pending,
+                Err(e) => Outcome::Reply(Err(e)),
+            },
             _ => Outcome::Reply(self.qga_simple(name, &req.args, now)),
         }
     }
@@ -383,7 +387,6 @@ impl Agent {
                 .map(|_| empty())
                 .map_err(op_err)
             }
-            "guest-exec" => self.qga_exec(a, now),
             "guest-exec-status" => self.qga_exec_status(a),
             "guest-file-open" => self.qga_file_open(a),
             "guest-file-seek" => self.qga_file_seek(a),
@@ -628,7 +631,12 @@ impl Agent {
         Ok(int(thawed.thawed.len()))
     }
 
-    fn qga_exec(&mut self, a: &Args, now: Instant) -> QgaResult<Value> {
+    /// Starts the child. Its reply waits until the child ends, at most `qga_exec_reply_wait_ms`:
+    /// a client learns the exit only by polling `guest-exec-status`, and on a guest whose
+    /// vCPU is busy every poll takes time from the child it waits for, so a short command is
+    /// reported exited at the first poll instead (docs/qemu-ga.md, "guest-exec").
+    fn qga_exec(&mut self, req: &Request, now: Instant) -> QgaResult<()> {
+        let a = &req.args;
         a.only(&["path", "arg", "env", "input-data", "capture-output"])?;
         let mut argv = vec![a.str("path")?.to_string()];
         argv.extend(a.opt_str_list("arg")?.unwrap_or_default());
@@ -690,6 +698,7 @@ impl Agent {
             )
             .map_err(op_err)?;
         let keep = self.cfg.max_concurrent_exec.max(1) * EXEC_RECORDS_PER_SLOT;
+        let until = now;
         let q = self.qga_mut()?;
         while q.execs.len() >= keep {
             match q.execs.iter().position(|r| r.exit.is_some()) {
@@ -705,7 +714,13 @@ impl Agent {
             capture,
             exit: None,
         });
-        Ok(obj([("pid", int(pid))]))
+        q.waiting = Some(Waiting::ExecStart {
+            job,
+            pid,
+            id: req.id.clone(),
+            until,
+        });
+        Ok(())
     }
 
     fn qga_exec_status(&mut self, a: &Args) -> QgaResult<Value> {

@@ -64,6 +64,14 @@ enum Waiting {
     },
     /// A call on the filesystem worker; its finish sends the reply.
     Worker,
+    /// `guest-exec` started child `job` (`pid`): the reply waits until the child ends or
+    /// `until`, whichever is first (`qga_exec_reply_wait_ms`).
+    ExecStart {
+        job: u64,
+        pid: u32,
+        id: Option<Value>,
+        until: Instant,
+    },
 }
 
 /// A `guest-exec` child and, once it ended, its exit.
@@ -158,6 +166,9 @@ impl QgaPort {
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
+        if let Some(Waiting::ExecStart { until, .. }) = &self.waiting {
+            return Some(*until);
+        }
         if self.transport.is_open() {
             return None;
         }
@@ -220,6 +231,34 @@ impl QgaPort {
         }
     }
 
+    /// Sends the `guest-exec` reply that waits, if any, once its child ended or at its time.
+    fn exec_started(&mut self, now: Instant) {
+        let Some(Waiting::ExecStart {
+            job,
+            pid,
+            id,
+            until,
+        }) = self.waiting.take()
+        else {
+            return;
+        };
+        let ended = self.execs.iter().any(|r| r.job == job && r.exit.is_some());
+        if ended || now >= until {
+            self.push_reply(
+                id.as_ref(),
+                Ok(json::obj([("pid", Value::Int(pid.into()))])),
+                false,
+            );
+        } else {
+            self.waiting = Some(Waiting::ExecStart {
+                job,
+                pid,
+                id,
+                until,
+            });
+        }
+    }
+
     /// The next request boundary among the bytes already read.
     fn next_split(&mut self) -> Option<Split> {
         while self.inpos < self.inlen {
@@ -244,6 +283,7 @@ impl Agent {
             q.ready = true;
             q.host_present = q.transport.is_socket();
         }
+        q.exec_started(now);
         loop {
             let Some(q) = self.qga.as_mut() else {
                 return false;
@@ -345,6 +385,9 @@ impl Agent {
         };
         if let Some(rec) = q.execs.iter_mut().find(|r| r.job == f.id) {
             rec.exit = Some(f.exit);
+            if matches!(q.waiting, Some(Waiting::ExecStart { job, .. }) if job == f.id) {
+                q.exec_started(now);
+            }
             return;
         }
         let ok = f.exit.exited && f.exit.exit_code == 0;
