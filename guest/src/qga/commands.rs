@@ -698,7 +698,7 @@ impl Agent {
             )
             .map_err(op_err)?;
         let keep = self.cfg.max_concurrent_exec.max(1) * EXEC_RECORDS_PER_SLOT;
-        let until = now;
+        let until = now + Duration::from_millis(u64::from(self.cfg.qga_exec_reply_wait_ms));
         let q = self.qga_mut()?;
         while q.execs.len() >= keep {
             match q.execs.iter().position(|r| r.exit.is_some()) {
