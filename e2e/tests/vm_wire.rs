@@ -522,3 +522,43 @@ fn an_aborted_upload_a_freeze_and_a_daemon_restart_leave_the_guest_thawed() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Reads one reply line after the last 0xFF of what `s` sends, as Proxmox and libvirt do.
+fn qga_reply_after_ff(s: &mut std::os::unix::net::UnixStream) -> serde_json::Value {
+    use std::io::Read;
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        s.read_exact(&mut byte).unwrap();
+        match byte[0] {
+            0xFF => got.clear(),
+            b'\n' if !got.is_empty() => return serde_json::from_slice(&got).unwrap(),
+            b => got.push(b),
+        }
+    }
+}
+
+#[test]
+fn a_qemu_ga_client_that_asks_the_moment_it_connects_gets_its_reply() {
+    use std::io::Write;
+    const QGA_PORT: &str = "org.qemu.guest_agent.0";
+    let mut spec = VmSpec::new("wire-qga-connect");
+    spec.ports.push(QGA_PORT.into());
+    let vm = Vm::start(spec).unwrap();
+    // Once the agent answers, it has opened the qemu-ga port and found no host on it.
+    let (mut conn, _) = AgentConn::open(&vm.agent_socket(), BOOT_TIMEOUT).unwrap();
+    // The guest can read a new host's first bytes before its kernel learns that the host is
+    // there, so a read after them says end of file: the reply must not be dropped for it.
+    for id in 1..=5u64 {
+        let mut s = std::os::unix::net::UnixStream::connect(vm.port_socket(QGA_PORT)).unwrap();
+        s.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+        let sync = serde_json::json!({"execute": "guest-sync-delimited", "arguments": {"id": id}});
+        s.write_all(format!("{sync}\n").as_bytes()).unwrap();
+        assert_eq!(
+            qga_reply_after_ff(&mut s),
+            serde_json::json!({"return": id})
+        );
+        drop(s);
+        conn.ping(id, REPLY_TIMEOUT).unwrap();
+    }
+}

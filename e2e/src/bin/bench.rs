@@ -430,7 +430,7 @@ fn main() -> Result<()> {
 
     // qemu-ga is up (started by init); our agent is not yet.
     let mut qga = Qga::connect(&vm.port_socket(QGA_PORT))?;
-    qga.sync(1)?;
+    qga.sync(1).context("qemu-ga at boot")?;
 
     // --- time from launch to first answer: ours, launched by qemu-ga ---------------------
     let mut ours = AgentConn::connect(&vm.agent_socket(), TIMEOUT)?;
@@ -450,12 +450,15 @@ fn main() -> Result<()> {
     qga.run_sh(
         "mkdir -p /dev/virtio-ports; for p in /sys/class/virtio-ports/vport*; do \
          ln -sf /dev/${p##*/} /dev/virtio-ports/$(cat $p/name); done",
-    )?;
+    )
+    .context("qemu-ga's guest-exec of the port links")?;
     let t0 = Instant::now();
-    let launched = qga.call(
-        json!({"execute": "guest-exec", "arguments": {"path": "/bin/quantix-kvm-agent",
+    let launched = qga
+        .call(
+            json!({"execute": "guest-exec", "arguments": {"path": "/bin/quantix-kvm-agent",
         "arg": ["--set", format!("qga_device=/dev/virtio-ports/{QGA_SAME_PORT}")]}}),
-    )?;
+        )
+        .context("qemu-ga's guest-exec of our agent")?;
     // Our agent's RSS is read by this pid.
     let ours_pid = launched["pid"]
         .as_i64()
@@ -471,7 +474,8 @@ fn main() -> Result<()> {
     }
     let ours_first = t0.elapsed();
     // A proper handshake on top, so the session is settled before measuring.
-    ours.handshake(TIMEOUT)?;
+    ours.handshake(TIMEOUT)
+        .context("our agent, launched by qemu-ga")?;
 
     // --- and qemu-ga, relaunched by ours ------------------------------------------------------
     sh_ours(
@@ -485,13 +489,14 @@ fn main() -> Result<()> {
         &mut ours,
         "setsid /usr/bin/qemu-ga -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 -t /run </dev/null >/dev/null 2>&1 &",
     )?;
-    qga.recv()?;
+    qga.recv()
+        .context("qemu-ga's first answer after its relaunch")?;
     let qga_first = t0.elapsed();
-    qga.sync(2)?;
+    qga.sync(2).context("qemu-ga, relaunched by our agent")?;
 
     // Our agent's qemu-ga front end, on its own port.
     let mut same = Qga::connect(&vm.port_socket(QGA_SAME_PORT))?;
-    same.sync(1)?;
+    same.sync(1).context("our agent's qemu-ga front end")?;
 
     // Let both settle before the idle RSS.
     std::thread::sleep(Duration::from_secs(1));

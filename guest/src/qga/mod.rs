@@ -206,15 +206,25 @@ impl QgaPort {
         id
     }
 
-    /// The host went away: a partial request never runs, unsent replies are dropped.
+    /// The host went away (its socket closed, or the port failed): a partial request never
+    /// runs, unsent replies are dropped.
     fn host_gone(&mut self) {
+        self.port_eof();
+        self.outbox.clear();
+    }
+
+    /// The port read end of file: its kernel knows of no host now. A partial request never
+    /// runs, but unsent replies stay queued for when a host is there. The guest can read a new
+    /// host's first request before its kernel learns that the host connected, so this end of
+    /// file may come right after a request whose host is still waiting for the reply; a host
+    /// that did leave is followed by one that syncs first and skips what it did not ask for.
+    fn port_eof(&mut self) {
         if self.splitter.mid_value() || self.inpos < self.inlen {
             log::debug!("qemu-ga host left mid-request; dropping the partial request");
         }
         self.splitter.reset();
         self.inpos = 0;
         self.inlen = 0;
-        self.outbox.clear();
         self.host_present = false;
         self.ready = false;
     }
@@ -312,7 +322,11 @@ impl Agent {
             q.inlen = 0;
             match q.transport.read(&mut q.inbuf) {
                 Ok(0) => {
-                    q.host_gone();
+                    if q.transport.is_socket() {
+                        q.host_gone();
+                    } else {
+                        q.port_eof();
+                    }
                     q.transport.host_gone(self.poll.registry(), now);
                 }
                 Ok(n) => {
@@ -425,5 +439,33 @@ impl Agent {
                 log::debug!("qemu-ga child {:x} ended with nobody waiting", f.id);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn port() -> QgaPort {
+        let cfg = Config {
+            qga_device: Some(PathBuf::from("/nonexistent/qx-test-port")),
+            ..Config::default()
+        };
+        QgaPort::from_config(&cfg).unwrap()
+    }
+
+    #[test]
+    fn end_of_file_on_the_port_keeps_replies_and_drops_a_partial_request() {
+        let mut q = port();
+        q.push_reply(None, Ok(Value::Int(1)), true);
+        let (_, found) = q.splitter.push(b"{\"execute\": \"guest-");
+        assert!(found.is_none() && q.splitter.mid_value());
+        q.port_eof();
+        assert_eq!(q.outbox.pending_bytes(), b"\xff{\"return\": 1}\n".len());
+        assert!(!q.splitter.mid_value());
+        // A closed socket or a failed port drops them.
+        q.host_gone();
+        assert!(q.outbox.is_empty());
     }
 }
