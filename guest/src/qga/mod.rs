@@ -242,30 +242,20 @@ impl QgaPort {
     }
 
     /// Sends the `guest-exec` reply that waits, if any, once its child ended or at its time.
+    /// Any other wait is left alone.
     fn exec_started(&mut self, now: Instant) {
-        let Some(Waiting::ExecStart {
-            job,
-            pid,
-            id,
-            until,
-        }) = self.waiting.take()
-        else {
-            return;
+        let due = match &self.waiting {
+            Some(Waiting::ExecStart { job, until, .. }) => {
+                now >= *until || self.execs.iter().any(|r| r.job == *job && r.exit.is_some())
+            }
+            _ => false,
         };
-        let ended = self.execs.iter().any(|r| r.job == job && r.exit.is_some());
-        if ended || now >= until {
-            self.push_reply(
-                id.as_ref(),
-                Ok(json::obj([("pid", Value::Int(pid.into()))])),
-                false,
-            );
-        } else {
-            self.waiting = Some(Waiting::ExecStart {
-                job,
-                pid,
-                id,
-                until,
-            });
+        if !due {
+            return;
+        }
+        if let Some(Waiting::ExecStart { pid, id, .. }) = self.waiting.take() {
+            let reply = json::obj([("pid", Value::Int(pid.into()))]);
+            self.push_reply(id.as_ref(), Ok(reply), false);
         }
     }
 
