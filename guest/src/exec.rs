@@ -562,37 +562,44 @@ fn read_pipe(
         if streaming && !sink.has_room() {
             return;
         }
-        match f.read(buf) {
+        // Output within the cap is read straight into where it is kept: the collected buffer,
+        // or the stream item's own data (which the outbox then encodes into its frame, the
+        // one copy on the way out). Output past the cap is read into `buf` and dropped.
+        let room = pipe
+            .cap
+            .saturating_sub(pipe.total)
+            .min(PIPE_READ_BYTES as u64) as usize;
+        let mut item = Vec::new();
+        let res = match (room, streaming) {
+            (0, _) => f.read(buf),
+            (_, true) => sys::read_append(f.as_raw_fd(), &mut item, room),
+            (_, false) => sys::read_append(f.as_raw_fd(), &mut pipe.collected, room),
+        };
+        match res {
             Ok(0) => {
                 let _ = registry.deregister(&mut SourceFd(&f.as_raw_fd()));
                 pipe.file = None;
                 pipe.ready = false;
             }
             Ok(n) => {
-                let keep = (pipe.cap.saturating_sub(pipe.total)).min(n as u64) as usize;
                 pipe.total += n as u64;
-                if keep < n {
+                if room == 0 {
                     pipe.truncated = true;
-                }
-                if keep > 0 {
-                    if streaming {
-                        let stream = if i == 0 {
-                            OutputStream::Stdout
-                        } else {
-                            OutputStream::Stderr
-                        };
-                        sink.output(
-                            id,
-                            ExecOutput {
-                                stream: stream as i32,
-                                data: buf[..keep].to_vec(),
-                                offset: pipe.sent,
-                            },
-                        );
-                        pipe.sent += keep as u64;
+                } else if streaming {
+                    let stream = if i == 0 {
+                        OutputStream::Stdout
                     } else {
-                        pipe.collected.extend_from_slice(&buf[..keep]);
-                    }
+                        OutputStream::Stderr
+                    };
+                    sink.output(
+                        id,
+                        ExecOutput {
+                            stream: stream as i32,
+                            data: item,
+                            offset: pipe.sent,
+                        },
+                    );
+                    pipe.sent += n as u64;
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

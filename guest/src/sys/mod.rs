@@ -442,6 +442,25 @@ pub fn kill_group(pgid: u32, sig: i32) -> io::Result<()> {
 }
 
 /// Sets O_NONBLOCK on `fd`.
+/// One read(2) of `fd` appended to `buf`, at most `max` bytes, into its spare capacity: the
+/// bytes land where they are kept, with no zeroing beforehand and no copy after.
+pub fn read_append(fd: RawFd, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+    buf.reserve(max);
+    let spare = buf.spare_capacity_mut();
+    let want = max.min(spare.len());
+    // SAFETY: the pointer and length describe `want` bytes of `buf`'s spare capacity, valid for
+    // writes; read(2) writes at most that many.
+    let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), want) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let len = buf.len() + n as usize;
+    // SAFETY: read(2) initialised the first `n` bytes of the spare capacity, and `len` is within
+    // the capacity reserved above.
+    unsafe { buf.set_len(len) };
+    Ok(n as usize)
+}
+
 pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     set_nonblock_flag(fd, true)
 }
