@@ -626,7 +626,12 @@ fn finish(registry: &Registry, _slot: usize, mut job: Job, now: Instant) -> Fini
         let _ = registry.deregister(&mut SourceFd(&fd.as_raw_fd()));
     }
     let status = job.status.unwrap_or_else(|| ExitStatus::from_raw(0));
-    let [out, err] = job.pipes;
+    let [mut out, mut err] = job.pipes;
+    // Output was read straight into these, a pipe read's worth of room at a time; the exit is
+    // kept a while (the session's reply cache, a qemu-ga status record), so it keeps only its
+    // bytes.
+    out.collected.shrink_to_fit();
+    err.collected.shrink_to_fit();
     let exit = ExecExit {
         pid: job.pid,
         exited: status.code().is_some(),
