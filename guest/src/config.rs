@@ -20,7 +20,7 @@
 //! | `exec_timeout_ms` | `300000` | exec timeout when the request gives none |
 //! | `exec_kill_grace_ms` | `2000` | SIGTERM to SIGKILL grace on timeout |
 //! | `exec_output_cap_bytes` | `16384` | collected-mode per-stream cap when the request gives none (at most 30720, so ExecExit fits one frame); streaming output is flow-controlled and uncapped unless the request sets a cap |
-//! | `file_chunk_bytes` | `32768` | default file read chunk |
+//! | `file_chunk_bytes` | `49152` | default file read chunk (also the largest) |
 //! | `max_open_files` | `16` | concurrent write transfers |
 //! | `max_open_reads` | `16` | concurrent read and hash transfers |
 //! | `file_allow` | `/tmp, /var/tmp, /home, /root, /srv, /opt` | comma-separated path prefixes the file operations may touch (`/`: everywhere) |
@@ -132,7 +132,7 @@ impl Default for Config {
             exec_timeout_ms: 300_000,
             exec_kill_grace_ms: 2000,
             exec_output_cap_bytes: 16 * 1024,
-            file_chunk_bytes: 32 * 1024,
+            file_chunk_bytes: qx_proto::MAX_FILE_CHUNK_BYTES,
             max_open_files: 16,
             max_open_reads: 16,
             file_allow: DEFAULT_FILE_ALLOW.iter().map(PathBuf::from).collect(),

@@ -14,7 +14,10 @@ use qx_proto::agent::{
     PowerAction, PowerReply, PowerRequest,
 };
 
-use crate::event_loop::{lock, Agent, FreezeChain, PendingPower, Transfer, WORK_ROOM_BYTES};
+use crate::event_loop::{
+    lock, Agent, FreezeChain, PendingPower, Transfer, READ_AHEAD_CHUNKS, READ_QUEUE_BYTES,
+    WORK_ROOM_BYTES,
+};
 use crate::exec::{Finished, Owner, Spec};
 use crate::logring;
 use crate::ops::fsfreeze::HookPhase;
@@ -193,7 +196,8 @@ impl Agent {
                             Ok(reader) => agent.transfers.push(Transfer::Read {
                                 id,
                                 reader: Some(reader),
-                                pending: None,
+                                pending: Default::default(),
+                                spare: Vec::new(),
                             }),
                             Err(e) => agent.op_error(id, e),
                         }
@@ -784,28 +788,42 @@ impl Agent {
             Transfer::Read {
                 id,
                 reader: Some(mut reader),
-                pending,
+                mut pending,
+                mut spare,
             } => {
-                // A chunk that came back when the outbox was short of room goes first.
-                if let Some((chunk, crc)) = pending {
-                    if self.session.outbox().room() < WORK_ROOM_BYTES {
-                        return Some(Transfer::Read {
-                            id,
-                            reader: Some(reader),
-                            pending: Some((chunk, crc)),
-                        });
+                // Chunks read ahead go first, while the outbox is short.
+                while self.session.outbox().room() >= WORK_ROOM_BYTES
+                    && self.session.outbox().pending_bytes() < READ_QUEUE_BYTES
+                {
+                    let Some((chunk, crc)) = pending.pop_front() else {
+                        break;
+                    };
+                    if let Ok(buf) = self.session.stream_chunk(id, chunk, crc) {
+                        if spare.len() < READ_AHEAD_CHUNKS {
+                            spare.push(buf);
+                        }
                     }
-                    let _ = self.session.stream_chunk(id, chunk, crc);
                 }
-                if self.session.outbox().room() < WORK_ROOM_BYTES {
+                let room_for = self.session.outbox().room() / WORK_ROOM_BYTES;
+                if !pending.is_empty() || room_for == 0 {
                     return Some(Transfer::Read {
                         id,
                         reader: Some(reader),
-                        pending: None,
+                        pending,
+                        spare,
                     });
                 }
+                // As many chunks as the outbox has room for, shared among the reads (the
+                // others' are counted too), so what waits in `pending` stays bounded.
+                let reads = 1 + self
+                    .transfers
+                    .iter()
+                    .filter(|t| matches!(t, Transfer::Read { .. }))
+                    .count();
+                let count = (room_for / reads).clamp(1, READ_AHEAD_CHUNKS);
+                let bufs = std::mem::take(&mut spare);
                 self.worker.submit(move || {
-                    let res = reader.next_chunk();
+                    let res = reader.next_chunks(count, bufs);
                     Box::new(move |agent: &mut Agent, _now: Instant| {
                         agent.read_stepped(id, reader, res)
                     })
@@ -813,7 +831,8 @@ impl Agent {
                 Some(Transfer::Read {
                     id,
                     reader: None,
-                    pending: None,
+                    pending,
+                    spare,
                 })
             }
             Transfer::Hash {
@@ -883,30 +902,25 @@ impl Agent {
         &mut self,
         id: u64,
         reader: files::FileReader,
-        res: OpResult<Option<(FileChunk, u32)>>,
+        res: OpResult<Vec<(FileChunk, u32)>>,
     ) {
         if self.transfer_mut(id).is_none() {
             return;
         }
         match res {
-            Ok(Some((chunk, crc))) => {
-                let pending = if self.session.outbox().room() >= WORK_ROOM_BYTES {
-                    let _ = self.session.stream_chunk(id, chunk, crc);
-                    None
-                } else {
-                    Some((chunk, crc))
-                };
+            Ok(chunks) if chunks.is_empty() => {
+                self.remove_transfer(id);
+                self.reply(id, Payload::FileReadDone(reader.done()));
+            }
+            Ok(chunks) => {
                 if let Some(t) = self.transfer_mut(id) {
                     *t = Transfer::Read {
                         id,
                         reader: Some(reader),
-                        pending,
+                        pending: chunks.into(),
+                        spare: Vec::new(),
                     };
                 }
-            }
-            Ok(None) => {
-                self.remove_transfer(id);
-                self.reply(id, Payload::FileReadDone(reader.done()));
             }
             Err(e) => {
                 self.remove_transfer(id);

@@ -62,6 +62,14 @@ pub const EXIT_FLUSH: Duration = Duration::from_secs(2);
 /// How long a hook or power command that found no free child slot waits before it tries
 /// again.
 pub const SLOT_RETRY: Duration = Duration::from_secs(1);
+/// Most chunks one read transfer asks of the worker at a time (fewer when the outbox has less
+/// room, or several reads share it): the worker reads the next chunks while the port takes
+/// the last ones. docs/benchmarks.md has the figures.
+pub const READ_AHEAD_CHUNKS: usize = 2;
+/// A read transfer queues its next chunk only while the outbox holds less than this: the
+/// chunks read ahead wait as chunks, and a reply queued during a read (a pong, another
+/// request's answer) waits behind at most this much of it.
+pub const READ_QUEUE_BYTES: usize = 2 * WORK_ROOM_BYTES;
 /// Service rounds per turn before the loop polls again (fairness between transfers and I/O).
 const ROUNDS_PER_TURN: usize = 8;
 
@@ -134,12 +142,14 @@ pub struct ConfigSource {
 /// piece on the filesystem worker.
 #[derive(Debug)]
 pub(crate) enum Transfer {
-    /// `reader` is `None` while the worker reads a chunk; `pending` holds a chunk (with the
-    /// CRC32C of its data) that came back when the outbox was short of room.
+    /// `reader` is `None` while the worker reads chunks; `pending` holds chunks (each with
+    /// the CRC32C of its data) read ahead and not yet queued; `spare` the buffers of chunks
+    /// queued, for the worker to read the next ones into.
     Read {
         id: u64,
         reader: Option<crate::ops::files::FileReader>,
-        pending: Option<(qx_proto::agent::FileChunk, u32)>,
+        pending: std::collections::VecDeque<(qx_proto::agent::FileChunk, u32)>,
+        spare: Vec<Vec<u8>>,
     },
     /// `hasher` is `None` while the worker hashes a step.
     Hash {
@@ -158,10 +168,14 @@ pub(crate) enum Transfer {
 }
 
 impl Transfer {
-    /// Whether the loop can send its next piece to the worker (none is there now).
-    fn ready(&self) -> bool {
+    /// Whether the loop can take its next step: send the next piece to the worker (none is
+    /// there now), or queue a chunk read ahead (`outbox_short`: the outbox holds less than
+    /// [`READ_QUEUE_BYTES`]).
+    fn ready(&self, outbox_short: bool) -> bool {
         match self {
-            Transfer::Read { reader, .. } => reader.is_some(),
+            Transfer::Read {
+                reader, pending, ..
+            } => reader.is_some() && (pending.is_empty() || outbox_short),
             Transfer::Hash { hasher, .. } => hasher.is_some(),
             Transfer::Trim { in_flight, .. } => !in_flight,
         }
@@ -529,6 +543,10 @@ impl Agent {
                 break;
             }
         }
+        if self.transfers.is_empty() && self.session.outbox().is_empty() {
+            self.session.outbox_mut().shed_spares();
+        }
+        let outbox_short = self.session.outbox().pending_bytes() < READ_QUEUE_BYTES;
         let qga_busy = self.service_qga(now);
         let want_write = !self.session.host_present() || !self.session.outbox().is_empty();
         self.transport
@@ -536,7 +554,7 @@ impl Agent {
         qga_busy
             || (self.takes_input() && self.port_ready && self.transport.is_open())
             || (self.has_room()
-                && (self.transfers.iter().any(Transfer::ready) || self.jobs.wants_room()))
+                && (self.transfers.iter().any(|t| t.ready(outbox_short)) || self.jobs.wants_room()))
     }
 
     fn open_transport(&mut self, now: Instant) {

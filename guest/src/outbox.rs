@@ -71,6 +71,9 @@ pub const MIN_CAPACITY_BYTES: usize = SESSION_RESERVE_BYTES + MAX_FRAME_TOTAL_BY
 
 /// Frame buffers kept for reuse once their frame went out.
 pub const SPARE_BUFFERS: usize = 4;
+/// Spare buffers up to this capacity are kept when the loop sheds the pool
+/// ([`Outbox::shed_spares`]): enough for pings and replies, not a transfer's chunk frames.
+pub const KEPT_SPARE_BYTES: usize = 4096;
 
 /// Why a frame was not queued. Nothing was queued.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -215,6 +218,13 @@ impl Outbox {
     /// Lifetime counters.
     pub fn stats(&self) -> OutboxStats {
         self.stats
+    }
+
+    /// Lets go of the spare buffers larger than [`KEPT_SPARE_BYTES`]: the loop calls it when
+    /// no transfer is going and the outbox is empty, so an idle agent does not keep a
+    /// transfer's frame buffers.
+    pub fn shed_spares(&mut self) {
+        self.spare.retain(|b| b.capacity() <= KEPT_SPARE_BYTES);
     }
 
     /// Keeps `buf` for a later frame, unless the pool is full.
@@ -528,6 +538,28 @@ mod tests {
         let (frames, garbage) = decode_all(&sink.data);
         assert_eq!(garbage, 0);
         assert_eq!(frames, vec![big, ack(9)]);
+    }
+
+    #[test]
+    fn shedding_lets_go_of_chunk_sized_spares_and_keeps_small_ones() {
+        let mut ob = Outbox::new(0);
+        let chunk = env(
+            0,
+            Payload::FileChunk(FileChunk {
+                offset: 0,
+                data: vec![0x51; 40_000],
+            }),
+        );
+        ob.push_reply(&chunk, None).unwrap();
+        ob.push_reply(&ack(9), None).unwrap();
+        let mut sink = TestSink::new(usize::MAX);
+        while !ob.is_empty() {
+            ob.flush(&mut sink).unwrap();
+        }
+        assert!(ob.spare.iter().any(|b| b.capacity() > KEPT_SPARE_BYTES));
+        ob.shed_spares();
+        assert!(!ob.spare.is_empty());
+        assert!(ob.spare.iter().all(|b| b.capacity() <= KEPT_SPARE_BYTES));
     }
 
     #[test]

@@ -783,10 +783,15 @@ impl Session {
         id: u64,
         chunk: FileChunk,
         data_crc: u32,
-    ) -> Result<(), OutboxError> {
+    ) -> Result<Vec<u8>, OutboxError> {
         let tail = Some((chunk.data.len(), data_crc));
         let env = self.envelope(id, Payload::FileChunk(chunk));
-        self.outbox.push_reply(&env, tail)
+        self.outbox.push_reply(&env, tail)?;
+        // The data was copied into its frame; its buffer can hold the next chunk.
+        match env.payload {
+            Some(Payload::FileChunk(c)) => Ok(c.data),
+            _ => Ok(Vec::new()),
+        }
     }
 
     /// Queues the terminal reply of request `id` in the room reserved for it when it was

@@ -31,8 +31,9 @@ pub const WRITE_CHUNK_BYTES: usize = qx_proto::MAX_FILE_CHUNK_BYTES as usize;
 /// FileWriteChunks in flight at once: the next chunks cross the port while the agent writes
 /// the previous one, instead of every chunk waiting for the last one's answer.
 pub const WRITE_WINDOW_CHUNKS: usize = 4;
-/// Chunk size asked of the agent for reads.
-pub const READ_CHUNK_BYTES: u32 = 32 * 1024;
+/// Chunk size asked of the agent for reads: the largest, since each chunk costs the agent a
+/// fixed share of time on top of its bytes (docs/benchmarks.md).
+pub const READ_CHUNK_BYTES: u32 = qx_proto::MAX_FILE_CHUNK_BYTES;
 /// Bytes asked for by one FileReadRequest. A window's chunks always fit the command's item
 /// buffer, so the VM's reader task never waits for a slow gRPC client.
 pub const READ_WINDOW_BYTES: u64 = 1024 * 1024;

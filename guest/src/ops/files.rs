@@ -563,6 +563,12 @@ impl FileReader {
     /// The next chunk with the CRC32C of its data, or `None` when the range (or the file) is
     /// complete.
     pub fn next_chunk(&mut self) -> OpResult<Option<(FileChunk, u32)>> {
+        self.next_chunk_into(Vec::new())
+    }
+
+    /// [`FileReader::next_chunk`] into `buf`, the data of a chunk already sent: its memory is
+    /// used again, and only what it lacks of a chunk's length is zeroed first.
+    fn next_chunk_into(&mut self, buf: Vec<u8>) -> OpResult<Option<(FileChunk, u32)>> {
         if self.finished {
             return Ok(None);
         }
@@ -574,7 +580,8 @@ impl FileReader {
             self.finished = true;
             return Ok(None);
         }
-        let mut data = vec![0u8; want];
+        let mut data = buf;
+        data.resize(want, 0);
         let n = read_some(&mut self.file, &mut data, &self.path)?;
         if n == 0 {
             self.finished = true;
@@ -598,6 +605,24 @@ impl FileReader {
             *r -= n as u64;
         }
         Ok(Some((chunk, crc)))
+    }
+
+    /// Up to `count` next chunks, read in one go on the worker into `bufs` (the data of
+    /// chunks already sent) or new buffers; empty once the read is done. An error drops the
+    /// chunks read before it: the read ends with the error.
+    pub fn next_chunks(
+        &mut self,
+        count: usize,
+        mut bufs: Vec<Vec<u8>>,
+    ) -> OpResult<Vec<(FileChunk, u32)>> {
+        let mut chunks = Vec::with_capacity(count);
+        while chunks.len() < count {
+            match self.next_chunk_into(bufs.pop().unwrap_or_default())? {
+                Some(c) => chunks.push(c),
+                None => break,
+            }
+        }
+        Ok(chunks)
     }
 
     /// The terminal reply: bytes sent, the file's size at open, sha256 of the bytes sent
