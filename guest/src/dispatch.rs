@@ -913,13 +913,12 @@ impl Agent {
                 self.reply(id, Payload::FileReadDone(reader.done()));
             }
             Ok(chunks) => {
-                if let Some(t) = self.transfer_mut(id) {
-                    *t = Transfer::Read {
-                        id,
-                        reader: Some(reader),
-                        pending: chunks.into(),
-                        spare: Vec::new(),
-                    };
+                if let Some(Transfer::Read {
+                    reader: r, pending, ..
+                }) = self.transfer_mut(id)
+                {
+                    *r = Some(reader);
+                    pending.extend(chunks);
                 }
             }
             Err(e) => {
