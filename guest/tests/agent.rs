@@ -654,6 +654,58 @@ fn too_many_concurrent_reads_and_hashes_get_busy() {
 }
 
 #[test]
+fn a_read_cancelled_while_it_opens_is_cancelled_and_frees_its_slot() {
+    use qx_proto::agent::{FileHashRequest, FileReadRequest};
+    let agent = Agent::start(&["--set", "max_open_reads=1"]);
+    let mut host = agent.accept();
+    host.hello();
+    let big = agent.dir_path.join("big");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let small = agent.dir_path.join("small");
+    std::fs::write(&small, b"small").unwrap();
+    // The read and its cancel in one write: the agent takes both in one turn, before the
+    // worker's open of the file has come back to the loop.
+    let mut out = Vec::new();
+    for (id, payload) in [
+        (
+            1,
+            Payload::FileReadRequest(FileReadRequest {
+                path: big.display().to_string(),
+                ..Default::default()
+            }),
+        ),
+        (2, Payload::Cancel(Cancel { target_id: 1 })),
+    ] {
+        let env = Envelope {
+            id,
+            correlation_id: 0,
+            payload: Some(payload),
+        };
+        encode_envelope(&env, DEFAULT_MAX_FRAME_BYTES, &mut out).unwrap();
+    }
+    host.send_raw(&out);
+    let got = host.recv_until(|e| e.correlation_id == 2 && is_terminal(e));
+    assert_eq!(terminal(&got), &Payload::Done(qx_proto::agent::Done {}));
+    let read_end: Vec<&Envelope> = got
+        .iter()
+        .filter(|e| e.correlation_id == 1 && is_terminal(e))
+        .collect();
+    assert!(
+        matches!(read_end[..], [e] if matches!(&e.payload, Some(Payload::Error(err))
+            if err.code == ErrorCode::Cancelled as i32)),
+        "{read_end:?}"
+    );
+    // Its slot is free again (the limit is one).
+    let (_, envs) = host.request(Payload::FileHashRequest(FileHashRequest {
+        path: small.display().to_string(),
+    }));
+    assert!(matches!(terminal(&envs), Payload::FileHash(h) if h.size == 5));
+}
+
+#[test]
 fn file_write_is_committed_atomically() {
     use qx_proto::agent::{FileWriteChunk, FileWriteClose, FileWriteOpen};
     let agent = Agent::start(&[]);
