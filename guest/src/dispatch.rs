@@ -186,12 +186,14 @@ impl Agent {
                 if let Err(e) = self.room_for_read() {
                     return self.op_error(id, e);
                 }
-                self.opening_reads += 1;
+                self.opening_reads.push((id, false));
                 let (policy, chunk) = (self.policy.clone(), self.cfg.file_chunk_bytes);
                 self.worker.submit(move || {
                     let res = files::FileReader::open(&policy, &r, chunk);
                     Box::new(move |agent: &mut Agent, _now: Instant| {
-                        agent.opening_reads -= 1;
+                        if agent.opened(id) {
+                            return;
+                        }
                         match res {
                             Ok(reader) => agent.transfers.push(Transfer::Read {
                                 id,
@@ -208,12 +210,14 @@ impl Agent {
                 if let Err(e) = self.room_for_read() {
                     return self.op_error(id, e);
                 }
-                self.opening_reads += 1;
+                self.opening_reads.push((id, false));
                 let policy = self.policy.clone();
                 self.worker.submit(move || {
                     let res = files::FileHasher::open(&policy, &r);
                     Box::new(move |agent: &mut Agent, _now: Instant| {
-                        agent.opening_reads -= 1;
+                        if agent.opened(id) {
+                            return;
+                        }
                         match res {
                             Ok(hasher) => agent.transfers.push(Transfer::Hash {
                                 id,
@@ -401,7 +405,9 @@ impl Agent {
             .iter()
             .filter(|t| matches!(t, Transfer::Read { .. } | Transfer::Hash { .. }))
             .count()
-            + self.opening_reads;
+            // One cancelled while opening no longer counts: its descriptor is closed the
+            // moment its open comes back.
+            + self.opening_reads.iter().filter(|(_, cancelled)| !cancelled).count();
         if open >= self.cfg.max_open_reads {
             return Err(OpError::new(
                 ErrorCode::Busy,
@@ -411,12 +417,31 @@ impl Agent {
         Ok(())
     }
 
+    /// A read's or hash's open came back from the worker: true when the host cancelled it
+    /// meanwhile (the open is then dropped).
+    fn opened(&mut self, id: u64) -> bool {
+        match self.opening_reads.iter().position(|(t, _)| *t == id) {
+            Some(at) => self.opening_reads.remove(at).1,
+            None => false,
+        }
+    }
+
     fn cancel(&mut self, id: u64, target: u64) {
         if self.jobs.signal(target, libc::SIGKILL) {
             // The exec's own terminal reply (ExecExit, killed) follows when it is reaped.
             self.reply(id, done());
         } else if let Some(at) = self.transfers.iter().position(|t| t.id() == target) {
             self.transfers.remove(at);
+            self.session
+                .error(target, ErrorCode::Cancelled, "cancelled by the host");
+            self.reply(id, done());
+        } else if let Some(open) = self
+            .opening_reads
+            .iter_mut()
+            .find(|(t, cancelled)| *t == target && !*cancelled)
+        {
+            // Its open is on the worker: it ends now, and what the open brings back is dropped.
+            open.1 = true;
             self.session
                 .error(target, ErrorCode::Cancelled, "cancelled by the host");
             self.reply(id, done());

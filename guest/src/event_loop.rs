@@ -231,8 +231,10 @@ pub struct Agent {
     /// A pushed telemetry sample is being taken by the worker.
     sampling: bool,
     pub(crate) transfers: Vec<Transfer>,
-    /// Reads and hashes whose open is on the worker; they count against `max_open_reads`.
-    pub(crate) opening_reads: usize,
+    /// Reads and hashes whose open is on the worker, by request id, each with whether the host
+    /// cancelled it meanwhile (its end was then sent; the open, when it comes back, is
+    /// dropped). They count against `max_open_reads`.
+    pub(crate) opening_reads: Vec<(u64, bool)>,
     pub(crate) next_telemetry: Option<Instant>,
     pub(crate) power: Option<PendingPower>,
     pub(crate) freeze_chain: Option<FreezeChain>,
@@ -367,7 +369,7 @@ impl Agent {
             collector: Arc::default(),
             sampling: false,
             transfers: Vec::new(),
-            opening_reads: 0,
+            opening_reads: Vec::new(),
             next_telemetry,
             power: None,
             freeze_chain: None,
