@@ -140,10 +140,46 @@ impl Splitter {
     /// Consumes bytes of `input` up to and including the end of the next complete value or
     /// error; returns how many bytes were consumed and what was found, if anything.
     pub fn push(&mut self, input: &[u8]) -> (usize, Option<Split>) {
-        for (i, &b) in input.iter().enumerate() {
-            if let Some(found) = self.step(b) {
+        let mut i = 0;
+        while i < input.len() {
+            if let State::Value {
+                mut depth,
+                mut quote,
+                mut escaped,
+            } = self.state
+            {
+                // Inside a value: track a run of its bytes in one pass and keep them at once.
+                // A reset byte, or the size limit, stops the run; `step` takes that byte.
+                let limit = input
+                    .len()
+                    .min(i + MAX_REQUEST_BYTES.saturating_sub(self.buf.len()));
+                let mut j = i;
+                while j < limit && !is_reset(input[j]) {
+                    depth = track(input[j], depth, &mut quote, &mut escaped);
+                    j += 1;
+                    if depth == 0 {
+                        break;
+                    }
+                }
+                self.buf.extend_from_slice(&input[i..j]);
+                if depth == 0 {
+                    self.state = State::Idle;
+                    return (j, Some(Split::Value(std::mem::take(&mut self.buf))));
+                }
+                self.state = State::Value {
+                    depth,
+                    quote,
+                    escaped,
+                };
+                i = j;
+                if i == input.len() {
+                    break;
+                }
+            }
+            if let Some(found) = self.step(input[i]) {
                 return (i + 1, Some(found));
             }
+            i += 1;
         }
         (input.len(), None)
     }
@@ -407,6 +443,14 @@ impl Parser<'_> {
         self.at += 1;
         let mut out: Vec<u8> = Vec::new();
         loop {
+            // A run of plain bytes is copied at once (a `guest-file-write`'s base64 is one).
+            let rest = &self.s[self.at..];
+            let run = rest
+                .iter()
+                .position(|&b| b == quote || b == b'\\' || b < 0x20)
+                .unwrap_or(rest.len());
+            out.extend_from_slice(&rest[..run]);
+            self.at += run;
             let Some(b) = self.peek() else {
                 return Err(JsonError::Syntax("unterminated string"));
             };
@@ -446,8 +490,7 @@ impl Parser<'_> {
                     let mut tmp = [0; 4];
                     out.extend_from_slice(c.encode_utf8(&mut tmp).as_bytes());
                 }
-                0..=0x1F => return Err(JsonError::Syntax("control character in a string")),
-                _ => out.push(b),
+                _ => return Err(JsonError::Syntax("control character in a string")),
             }
         }
         String::from_utf8(out).map_err(|_| JsonError::Syntax("invalid UTF-8 in a string"))
@@ -591,6 +634,33 @@ impl From<u64> for Value {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+        /// `push` tracks a value's bytes in runs; stepping byte by byte is the reference.
+        #[test]
+        fn pushing_runs_splits_as_stepping_byte_by_byte(
+            input in proptest::collection::vec(
+                proptest::sample::select(b"{}[]\"'\\ a:,\xff\n".to_vec()), 0..200),
+            cut in 0usize..200,
+        ) {
+            let mut stepped = Splitter::new();
+            let want: Vec<Split> = input.iter().filter_map(|&b| stepped.step(b)).collect();
+            // Fed in two pieces, so a run also ends at the end of the input.
+            let cut = cut.min(input.len());
+            let mut pushed = Splitter::new();
+            let mut got = Vec::new();
+            for mut rest in [&input[..cut], &input[cut..]] {
+                while !rest.is_empty() {
+                    let (n, found) = pushed.push(rest);
+                    rest = &rest[n..];
+                    got.extend(found);
+                }
+            }
+            proptest::prop_assert_eq!(got, want);
+            proptest::prop_assert_eq!(pushed.mid_value(), stepped.mid_value());
+        }
+    }
 
     fn split_all(input: &[u8]) -> Vec<Split> {
         let mut s = Splitter::new();
