@@ -132,7 +132,7 @@ impl Default for Config {
             exec_timeout_ms: 300_000,
             exec_kill_grace_ms: 2000,
             exec_output_cap_bytes: 16 * 1024,
-            file_chunk_bytes: qx_proto::MAX_FILE_CHUNK_BYTES,
+            file_chunk_bytes: crate::ops::files::DEFAULT_CHUNK_BYTES,
             max_open_files: 16,
             max_open_reads: 16,
             file_allow: DEFAULT_FILE_ALLOW.iter().map(PathBuf::from).collect(),
