@@ -541,7 +541,14 @@ impl Agent {
             let after = self.session.outbox().stats();
             let progressed = after.frames_queued != before.frames_queued
                 || after.bytes_sent != before.bytes_sent;
-            if !progressed {
+            // Another round helps only where this one may have made room or left work: not
+            // after a lone request was answered and written (a ping's usual turn).
+            let more = self.port_ready
+                || self.session.is_holding()
+                || !self.transfers.is_empty()
+                || !self.jobs.is_empty()
+                || !self.session.outbox().is_empty();
+            if !progressed || !more {
                 break;
             }
         }
