@@ -18,10 +18,6 @@ pub fn encode_envelope(
     encode_envelope_with_tail(env, max_frame_bytes, None, out)
 }
 
-/// Largest envelope [`encode_envelope_with_tail`] encodes into a zeroed slice rather than
-/// straight into the `Vec`.
-const SLICE_ENCODE_MAX_BYTES: usize = 1024;
-
 /// As [`encode_envelope`], for an envelope whose encoding ends with `tail = (len, crc32c)`:
 /// a transfer's data, encoded last, whose CRC32C the sender already has. The payload is
 /// encoded straight after the header's place in `out` (no copy of its own), and only the
@@ -35,20 +31,9 @@ pub fn encode_envelope_with_tail(
     let len = env.encoded_len();
     codec::check_len(len, max_frame_bytes)?;
     let start = out.len();
-    let encoded = if len <= SLICE_ENCODE_MAX_BYTES {
-        // A small frame (an ack, a pong, most replies) goes into a slice sized for it: each
-        // field's bytes are stored without a `Vec` writer's growth checks (10% of a ping's
-        // instructions in the agent). A large one goes into the `Vec`, so that its data is
-        // not zeroed before it is copied in.
-        out.resize(start + HEADER_BYTES + len, 0);
-        let mut body = &mut out[start + HEADER_BYTES..];
-        env.encode(&mut body)
-    } else {
-        out.reserve(HEADER_BYTES + len);
-        out.resize(start + HEADER_BYTES, 0);
-        env.encode(out)
-    };
-    if encoded.is_err() {
+    out.reserve(HEADER_BYTES + len);
+    out.resize(start + HEADER_BYTES, 0);
+    if env.encode(out).is_err() {
         // Reserved above: prost cannot run out of room in a Vec.
         out.truncate(start);
         return Err(EncodeError::TooLarge {
