@@ -76,6 +76,9 @@ QEMU GUEST AGENT PROTOCOL
     none turns it off), so libvirt, Proxmox and OpenStack drive it unchanged.
     The [general] keys path, block-rpcs, allow-rpcs and fsfreeze-hook of
     /etc/qemu/qemu-ga.conf apply where the agent's own configuration is silent.
+    A guest-exec reply waits for its child to end, at most
+    qga_exec_reply_wait_ms (20; 0 answers at once, as qemu-ga does), so that a
+    short command is reported exited at the first guest-exec-status.
 
 SIGNALS
     SIGTERM, SIGINT  thaw filesystems the agent froze, flush pending output to
