@@ -510,16 +510,21 @@ mod tests {
         (out, dec.stats().garbage_bytes)
     }
 
-    #[test]
-    fn frame_survives_host_stall_and_flushes_whole() {
-        let mut ob = Outbox::new(0);
-        let big = env(
+    /// A file chunk of 40,000 bytes.
+    fn chunk_40k() -> Envelope {
+        env(
             0,
             Payload::FileChunk(FileChunk {
                 offset: 0,
                 data: vec![0x51; 40_000],
             }),
-        );
+        )
+    }
+
+    #[test]
+    fn frame_survives_host_stall_and_flushes_whole() {
+        let mut ob = Outbox::new(0);
+        let big = chunk_40k();
         ob.push_reply(&big, None).unwrap();
         ob.push_reply(&ack(9), None).unwrap();
         let mut sink = TestSink::new(7);
@@ -543,14 +548,7 @@ mod tests {
     #[test]
     fn shedding_lets_go_of_chunk_sized_spares_and_keeps_small_ones() {
         let mut ob = Outbox::new(0);
-        let chunk = env(
-            0,
-            Payload::FileChunk(FileChunk {
-                offset: 0,
-                data: vec![0x51; 40_000],
-            }),
-        );
-        ob.push_reply(&chunk, None).unwrap();
+        ob.push_reply(&chunk_40k(), None).unwrap();
         ob.push_reply(&ack(9), None).unwrap();
         let mut sink = TestSink::new(usize::MAX);
         while !ob.is_empty() {

@@ -112,6 +112,18 @@ impl Drop for Agent {
     }
 }
 
+/// Request `id` as one frame.
+fn request_frame(id: u64, payload: Payload) -> Vec<u8> {
+    let mut out = Vec::new();
+    let env = Envelope {
+        id,
+        correlation_id: 0,
+        payload: Some(payload),
+    };
+    encode_envelope(&env, DEFAULT_MAX_FRAME_BYTES, &mut out).unwrap();
+    out
+}
+
 struct Host {
     stream: UnixStream,
     dec: Decoder,
@@ -140,14 +152,7 @@ impl Host {
     }
 
     fn send(&mut self, id: u64, payload: Payload) {
-        let mut out = Vec::new();
-        let env = Envelope {
-            id,
-            correlation_id: 0,
-            payload: Some(payload),
-        };
-        encode_envelope(&env, DEFAULT_MAX_FRAME_BYTES, &mut out).unwrap();
-        self.send_raw(&out);
+        self.send_raw(&request_frame(id, payload));
     }
 
     /// The next envelope from the agent.
@@ -610,14 +615,8 @@ fn file_read_streams_chunks_then_done_and_hash_matches() {
     }
 }
 
-#[test]
-fn too_many_concurrent_reads_and_hashes_get_busy() {
-    use qx_proto::agent::{FileHashRequest, FileReadRequest};
-    let agent = Agent::start(&[]);
-    let mut host = agent.accept();
-    host.hello();
-    // Sparse 4 MiB: no read of it ends while the host is not reading (the outbox fills, and
-    // while it is full no transfer is stepped).
+/// A sparse 4 MiB file `big` and a 5-byte file `small` in the agent's directory.
+fn big_and_small_files(agent: &Agent) -> (PathBuf, PathBuf) {
     let big = agent.dir_path.join("big");
     std::fs::File::create(&big)
         .unwrap()
@@ -625,6 +624,18 @@ fn too_many_concurrent_reads_and_hashes_get_busy() {
         .unwrap();
     let small = agent.dir_path.join("small");
     std::fs::write(&small, b"small").unwrap();
+    (big, small)
+}
+
+#[test]
+fn too_many_concurrent_reads_and_hashes_get_busy() {
+    use qx_proto::agent::{FileHashRequest, FileReadRequest};
+    let agent = Agent::start(&[]);
+    let mut host = agent.accept();
+    host.hello();
+    // No read of the big one ends while the host is not reading (the outbox fills, and
+    // while it is full no transfer is stepped).
+    let (big, small) = big_and_small_files(&agent);
     let read = |p: &Path| {
         Payload::FileReadRequest(FileReadRequest {
             path: p.display().to_string(),
@@ -659,33 +670,17 @@ fn a_read_cancelled_while_it_opens_is_cancelled_and_frees_its_slot() {
     let agent = Agent::start(&["--set", "max_open_reads=1"]);
     let mut host = agent.accept();
     host.hello();
-    let big = agent.dir_path.join("big");
-    std::fs::File::create(&big)
-        .unwrap()
-        .set_len(4 << 20)
-        .unwrap();
-    let small = agent.dir_path.join("small");
-    std::fs::write(&small, b"small").unwrap();
+    let (big, small) = big_and_small_files(&agent);
     // The read and its cancel in one write: the agent takes both in one turn, before the
     // worker's open of the file has come back to the loop.
-    let mut out = Vec::new();
-    for (id, payload) in [
-        (
-            1,
-            Payload::FileReadRequest(FileReadRequest {
-                path: big.display().to_string(),
-                ..Default::default()
-            }),
-        ),
-        (2, Payload::Cancel(Cancel { target_id: 1 })),
-    ] {
-        let env = Envelope {
-            id,
-            correlation_id: 0,
-            payload: Some(payload),
-        };
-        encode_envelope(&env, DEFAULT_MAX_FRAME_BYTES, &mut out).unwrap();
-    }
+    let mut out = request_frame(
+        1,
+        Payload::FileReadRequest(FileReadRequest {
+            path: big.display().to_string(),
+            ..Default::default()
+        }),
+    );
+    out.extend(request_frame(2, Payload::Cancel(Cancel { target_id: 1 })));
     host.send_raw(&out);
     let got = host.recv_until(|e| e.correlation_id == 2 && is_terminal(e));
     assert_eq!(terminal(&got), &Payload::Done(qx_proto::agent::Done {}));
@@ -1544,12 +1539,7 @@ fn a_freeze_cancels_a_trim_that_has_not_reached_the_filesystem_and_says_so() {
         ),
         (51, freeze_request(&fs.mnt, 60_000, false)),
     ] {
-        let env = Envelope {
-            id,
-            correlation_id: 0,
-            payload: Some(payload),
-        };
-        encode_envelope(&env, DEFAULT_MAX_FRAME_BYTES, &mut bytes).unwrap();
+        bytes.extend(request_frame(id, payload));
     }
     host.send_raw(&bytes);
     let mut trim = None;
