@@ -23,10 +23,11 @@ fn file_read_reply_of_one_mib() {
             ("buf-b64".into(), Value::Base64(buf)),
             ("eof".into(), Value::from(false)),
         ]);
-        let line = request::reply_line(b"", None, Ok(v));
         let mut outbox = LineOutbox::new();
-        let len = line.len();
-        outbox.push(line).unwrap();
+        outbox
+            .push_with(|out| request::write_reply_line(out, b"", None, Ok(v)))
+            .unwrap();
+        let len = outbox.pending_bytes();
         best = best.min(t.elapsed());
         // `{"return": {"count": 1048576, "buf-b64": "` ... `", "eof": false}}\n`
         assert_eq!(len, (1usize << 20).div_ceil(3) * 4 + 60);
@@ -55,8 +56,11 @@ fn guest_ping_request_to_reply() {
         };
         let req = request::request(parse(&bytes).unwrap()).unwrap();
         assert_eq!(req.execute, "guest-ping");
-        let line = request::reply_line(b"", req.id.as_ref(), Ok(Value::Object(Vec::new())));
-        outbox.push(line).unwrap();
+        outbox
+            .push_with(|out| {
+                request::write_reply_line(out, b"", req.id.as_ref(), Ok(Value::Object(Vec::new())))
+            })
+            .unwrap();
         sent += outbox.flush(&mut sink).unwrap();
         sink.clear();
     }

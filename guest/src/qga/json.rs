@@ -11,6 +11,8 @@ use thiserror::Error;
 
 /// Largest request, in bytes, the splitter buffers.
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024 * 1024;
+/// Largest buffer [`Splitter::recycle`] keeps for the next request.
+const RECYCLED_MAX_BYTES: usize = 4096;
 /// Deepest nesting of arrays and objects [`parse`] accepts.
 pub const MAX_DEPTH: usize = 32;
 
@@ -132,6 +134,15 @@ impl Splitter {
         self.junk.clear();
     }
 
+    /// Takes back the buffer of a value handed out, once it was parsed, for the next one's
+    /// bytes (a small one only: a large request's memory is let go).
+    pub fn recycle(&mut self, mut buf: Vec<u8>) {
+        if self.buf.capacity() == 0 && buf.capacity() <= RECYCLED_MAX_BYTES {
+            buf.clear();
+            self.buf = buf;
+        }
+    }
+
     /// Whether part of a value is buffered.
     pub fn mid_value(&self) -> bool {
         self.state != State::Idle
@@ -188,9 +199,11 @@ impl Splitter {
         match self.state {
             State::Idle => {
                 if b == b'{' || b == b'[' {
-                    // A request's bytes are handed out whole (`mem::take`); room for a small
-                    // one at once saves the growing steps from nothing.
-                    self.buf = Vec::with_capacity(64);
+                    // A request's bytes are handed out whole (`mem::take`) and usually come
+                    // back ([`Splitter::recycle`]); else room for a small one at once saves
+                    // the growing steps from nothing.
+                    self.buf.clear();
+                    self.buf.reserve(64);
                     self.buf.push(b);
                     self.state = State::Value {
                         depth: 1,

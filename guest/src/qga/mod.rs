@@ -232,10 +232,15 @@ impl QgaPort {
     /// Queues a reply line (0xFF-prefixed when `delimited`); an oversized one becomes an error.
     fn push_reply(&mut self, id: Option<&Value>, result: QgaResult<Value>, delimited: bool) {
         let prefix: &[u8] = if delimited { &[0xFF] } else { &[] };
-        let line = request::reply_line(prefix, id, result);
-        if let Err(e) = self.outbox.push(line) {
-            let err = request::reply_line(b"", id, Err(QgaError::generic(e.to_string())));
-            if let Err(e) = self.outbox.push(err) {
+        let pushed = self
+            .outbox
+            .push_with(|out| request::write_reply_line(out, prefix, id, result));
+        if let Err(e) = pushed {
+            let err = Err(QgaError::generic(e.to_string()));
+            let pushed = self
+                .outbox
+                .push_with(|out| request::write_reply_line(out, b"", id, err));
+            if let Err(e) = pushed {
                 log::error!("qemu-ga reply dropped: {e}");
             }
         }
@@ -347,9 +352,15 @@ impl Agent {
     fn qga_handle(&mut self, split: Split, now: Instant) {
         let parsed = match split {
             Split::Error(e) => Err((QgaError::generic(e.to_string()), None)),
-            Split::Value(bytes) => json::parse(&bytes)
-                .map_err(|e| (QgaError::generic(e.to_string()), None))
-                .and_then(request::request),
+            Split::Value(bytes) => {
+                let parsed = json::parse(&bytes)
+                    .map_err(|e| (QgaError::generic(e.to_string()), None))
+                    .and_then(request::request);
+                if let Some(q) = self.qga.as_mut() {
+                    q.splitter.recycle(bytes);
+                }
+                parsed
+            }
         };
         let req = match parsed {
             Ok(req) => req,

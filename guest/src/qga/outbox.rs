@@ -46,22 +46,36 @@ impl LineOutbox {
         self.pending_bytes() < QGA_OUTBOX_LOW_BYTES
     }
 
-    /// Queues `line` whole, or refuses it. Into an empty outbox the line moves without a
-    /// copy (a file read's reply is megabytes).
-    pub fn push(&mut self, line: Vec<u8>) -> Result<(), LineOutboxError> {
-        if line.len() > MAX_REPLY_BYTES {
-            return Err(LineOutboxError::TooLarge(line.len()));
-        }
-        if self.pending_bytes() + line.len() > QGA_OUTBOX_LOW_BYTES + MAX_REPLY_BYTES {
-            return Err(LineOutboxError::Full);
-        }
+    /// Queues the line `write` appends to the pending bytes, whole, or refuses it and keeps
+    /// none of it. The line is written where it is sent from: no buffer of its own, no copy
+    /// (a file read's reply is megabytes).
+    pub fn push_with(&mut self, write: impl FnOnce(&mut Vec<u8>)) -> Result<(), LineOutboxError> {
         if self.is_empty() {
-            self.buf = line;
+            self.buf.clear();
             self.head = 0;
-        } else {
-            self.buf.extend_from_slice(&line);
         }
-        Ok(())
+        let start = self.buf.len();
+        write(&mut self.buf);
+        let len = self.buf.len() - start;
+        let refused = if len > MAX_REPLY_BYTES {
+            Some(LineOutboxError::TooLarge(len))
+        } else if self.pending_bytes() > QGA_OUTBOX_LOW_BYTES + MAX_REPLY_BYTES {
+            Some(LineOutboxError::Full)
+        } else {
+            None
+        };
+        match refused {
+            Some(e) => {
+                self.buf.truncate(start);
+                Err(e)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Queues `line` whole, or refuses it.
+    pub fn push(&mut self, line: &[u8]) -> Result<(), LineOutboxError> {
+        self.push_with(|buf| buf.extend_from_slice(line))
     }
 
     /// Drops everything pending (a new host begins with a sync and skips old lines).
@@ -129,8 +143,8 @@ mod tests {
     #[test]
     fn reply_survives_a_stalled_host_and_flushes_whole_in_order() {
         let mut ob = LineOutbox::new();
-        ob.push(b"{\"return\": 1}\n".to_vec()).unwrap();
-        ob.push(b"{\"return\": 2}\n".to_vec()).unwrap();
+        ob.push(b"{\"return\": 1}\n").unwrap();
+        ob.push(b"{\"return\": 2}\n").unwrap();
         let mut sink = TestSink {
             got: Vec::new(),
             per_write: 5,
@@ -149,7 +163,7 @@ mod tests {
         let mut ob = LineOutbox::new();
         let big = vec![b'x'; MAX_REPLY_BYTES + 1];
         assert_eq!(
-            ob.push(big),
+            ob.push(&big),
             Err(LineOutboxError::TooLarge(MAX_REPLY_BYTES + 1))
         );
         assert!(ob.is_empty());
@@ -158,9 +172,9 @@ mod tests {
     #[test]
     fn room_closes_above_the_low_mark_and_full_refuses() {
         let mut ob = LineOutbox::new();
-        ob.push(vec![b'x'; QGA_OUTBOX_LOW_BYTES]).unwrap();
+        ob.push(&vec![b'x'; QGA_OUTBOX_LOW_BYTES]).unwrap();
         assert!(!ob.has_room());
-        ob.push(vec![b'x'; MAX_REPLY_BYTES]).unwrap();
-        assert_eq!(ob.push(b"x".to_vec()), Err(LineOutboxError::Full));
+        ob.push(&vec![b'x'; MAX_REPLY_BYTES]).unwrap();
+        assert_eq!(ob.push(b"x"), Err(LineOutboxError::Full));
     }
 }

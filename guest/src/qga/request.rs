@@ -184,18 +184,21 @@ impl Args {
     }
 }
 
-/// The reply line (with its `\n`) for a result, after `prefix` (the 0xFF of
-/// `guest-sync-delimited`, or nothing). The result is consumed: a file read's base64 is
-/// written once, not copied.
-pub fn reply_line(prefix: &[u8], id: Option<&Value>, result: QgaResult<Value>) -> Vec<u8> {
-    // Written member by member rather than as one object value: a ping's whole reply is then
-    // one allocation.
-    let mut line = Vec::with_capacity(64);
+/// Appends the reply line (with its `\n`) for a result to `line`, after `prefix` (the 0xFF
+/// of `guest-sync-delimited`, or nothing). The result is consumed: a file read's base64 is
+/// written once, not copied. Written member by member rather than as one object value, so a
+/// ping's reply allocates nothing of its own.
+pub fn write_reply_line(
+    line: &mut Vec<u8>,
+    prefix: &[u8],
+    id: Option<&Value>,
+    result: QgaResult<Value>,
+) {
     line.extend_from_slice(prefix);
     match result {
         Ok(v) => {
             line.extend_from_slice(b"{\"return\": ");
-            v.write_bytes(&mut line);
+            v.write_bytes(line);
         }
         Err(e) => {
             let class = match e.class {
@@ -203,16 +206,14 @@ pub fn reply_line(prefix: &[u8], id: Option<&Value>, result: QgaResult<Value>) -
                 ErrorClass::CommandNotFound => "CommandNotFound",
             };
             line.extend_from_slice(b"{\"error\": ");
-            obj([("class", Value::from(class)), ("desc", Value::from(e.desc))])
-                .write_bytes(&mut line);
+            obj([("class", Value::from(class)), ("desc", Value::from(e.desc))]).write_bytes(line);
         }
     }
     if let Some(id) = id {
         line.extend_from_slice(b", \"id\": ");
-        id.write_bytes(&mut line);
+        id.write_bytes(line);
     }
     line.extend_from_slice(b"}\n");
-    line
 }
 
 #[cfg(test)]
@@ -270,14 +271,20 @@ mod tests {
         );
     }
 
+    fn line(prefix: &[u8], id: Option<&Value>, result: QgaResult<Value>) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_reply_line(&mut out, prefix, id, result);
+        out
+    }
+
     #[test]
     fn reply_lines_echo_the_id_and_end_with_a_newline() {
         assert_eq!(
-            reply_line(&[0xFF], Some(&Value::Int(-1)), Ok(Value::Int(5))),
+            line(&[0xFF], Some(&Value::Int(-1)), Ok(Value::Int(5))),
             b"\xff{\"return\": 5, \"id\": -1}\n"
         );
         assert_eq!(
-            reply_line(b"", None, Err(QgaError::not_found("guest-foo"))),
+            line(b"", None, Err(QgaError::not_found("guest-foo"))),
             b"{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"The command guest-foo has not been found\"}}\n"
         );
     }
