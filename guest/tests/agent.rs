@@ -701,6 +701,57 @@ fn a_read_cancelled_while_it_opens_is_cancelled_and_frees_its_slot() {
 }
 
 #[test]
+fn an_upload_cancelled_while_it_opens_is_cancelled_and_frees_its_slot() {
+    use qx_proto::agent::FileWriteOpen;
+    let agent = Agent::start(&["--set", "max_open_files=1"]);
+    let mut host = agent.accept();
+    host.hello();
+    let path = agent.dir_path.join("up.txt");
+    let open = || {
+        Payload::FileWriteOpen(FileWriteOpen {
+            path: path.display().to_string(),
+            mode: 0o600,
+            overwrite: true,
+            ..Default::default()
+        })
+    };
+    // The open and its cancel in one write: the agent takes both in one turn, before the
+    // worker's open has come back to the loop.
+    let mut out = request_frame(1, open());
+    out.extend(request_frame(2, Payload::Cancel(Cancel { target_id: 1 })));
+    host.send_raw(&out);
+    let got = host.recv_until(|e| e.correlation_id == 2 && is_terminal(e));
+    assert_eq!(terminal(&got), &Payload::Done(qx_proto::agent::Done {}));
+    let open_end: Vec<&Envelope> = got
+        .iter()
+        .filter(|e| e.correlation_id == 1 && is_terminal(e))
+        .collect();
+    assert!(
+        matches!(open_end[..], [e] if matches!(&e.payload, Some(Payload::Error(err))
+            if err.code == ErrorCode::Cancelled as i32)),
+        "{open_end:?}"
+    );
+    // Its slot is free again (the limit is one), and only the new upload's temporary file
+    // is there.
+    let (_, envs) = host.request(open());
+    assert!(
+        matches!(terminal(&envs), Payload::FileWriteOpened(_)),
+        "{envs:?}"
+    );
+    let temps = std::fs::read_dir(&agent.dir_path)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains(".qx-")
+        })
+        .count();
+    assert_eq!(temps, 1);
+}
+
+#[test]
 fn file_write_is_committed_atomically() {
     use qx_proto::agent::{FileWriteChunk, FileWriteClose, FileWriteOpen};
     let agent = Agent::start(&[]);
