@@ -5,6 +5,7 @@
 //! (exec, password changes, hooks, power) become child jobs. While filesystems are frozen only
 //! requests that cannot write to a disk run; the rest get `Error{FROZEN}`.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
@@ -15,8 +16,8 @@ use qx_proto::agent::{
 };
 
 use crate::event_loop::{
-    lock, Agent, FreezeChain, PendingPower, Transfer, READ_AHEAD_CHUNKS, READ_QUEUE_BYTES,
-    WORK_ROOM_BYTES,
+    lock, Agent, FreezeChain, OpeningWrite, PendingPower, Transfer, READ_AHEAD_CHUNKS,
+    READ_QUEUE_BYTES, WORK_ROOM_BYTES,
 };
 use crate::exec::{Finished, Owner, Spec};
 use crate::logring;
@@ -229,12 +230,26 @@ impl Agent {
                 });
             }
             Payload::FileWriteOpen(r) => {
-                let (writers, policy) = (self.writers.clone(), self.policy.clone());
-                self.offload(
+                let handle = Arc::new(Mutex::new(None));
+                self.opening_writes.push(OpeningWrite {
                     id,
-                    move || lock(&writers).open(&policy, &r),
-                    Payload::FileWriteOpened,
-                );
+                    cancelled: false,
+                    handle: handle.clone(),
+                });
+                let (writers, policy) = (self.writers.clone(), self.policy.clone());
+                self.worker.submit(move || {
+                    let res = lock(&writers).open(&policy, &r);
+                    if let Ok(opened) = &res {
+                        *lock(&handle) = Some(opened.handle);
+                    }
+                    Box::new(move |agent: &mut Agent, _now: Instant| {
+                        // Cancelled meanwhile: its end was sent, and the abort queued behind
+                        // this open undoes it.
+                        if !agent.write_opened(id) {
+                            agent.reply_with(id, res, Payload::FileWriteOpened);
+                        }
+                    })
+                });
             }
             Payload::FileWriteChunk(r) => {
                 let (writers, crc) = (self.writers.clone(), req.data_crc);
@@ -426,6 +441,14 @@ impl Agent {
         }
     }
 
+    /// An upload's open came back from the worker: true when the host cancelled it meanwhile.
+    fn write_opened(&mut self, id: u64) -> bool {
+        match self.opening_writes.iter().position(|w| w.id == id) {
+            Some(at) => self.opening_writes.remove(at).cancelled,
+            None => false,
+        }
+    }
+
     fn cancel(&mut self, id: u64, target: u64) {
         if self.jobs.signal(target, libc::SIGKILL) {
             // The exec's own terminal reply (ExecExit, killed) follows when it is reaped.
@@ -442,6 +465,32 @@ impl Agent {
         {
             // Its open is on the worker: it ends now, and what the open brings back is dropped.
             open.1 = true;
+            self.session
+                .error(target, ErrorCode::Cancelled, "cancelled by the host");
+            self.reply(id, done());
+        } else if let Some(open) = self
+            .opening_writes
+            .iter_mut()
+            .find(|w| w.id == target && !w.cancelled)
+        {
+            // The same for an upload, whose open is undone by an abort queued on the worker
+            // behind it: it runs before any later request's job. (While filesystems are
+            // frozen, that abort waits on the worker for the thaw.)
+            open.cancelled = true;
+            let (handle, writers) = (open.handle.clone(), self.writers.clone());
+            self.worker.submit(move || {
+                if let Some(handle) = *lock(&handle) {
+                    let abort = qx_proto::agent::FileWriteClose {
+                        handle,
+                        commit: false,
+                        ..Default::default()
+                    };
+                    if let Err(e) = lock(&writers).close(&abort) {
+                        log::warn!("cancelled upload {target} not aborted: {e}");
+                    }
+                }
+                Box::new(|_: &mut Agent, _: Instant| {})
+            });
             self.session
                 .error(target, ErrorCode::Cancelled, "cancelled by the host");
             self.reply(id, done());

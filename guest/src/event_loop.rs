@@ -190,6 +190,18 @@ impl Transfer {
     }
 }
 
+/// An upload whose open is on the worker.
+#[derive(Debug)]
+pub(crate) struct OpeningWrite {
+    /// The FileWriteOpen's request id.
+    pub id: u64,
+    /// The host cancelled it meanwhile: its end was sent, and an abort is queued on the worker
+    /// behind the open.
+    pub cancelled: bool,
+    /// Where the open leaves its handle, for that abort.
+    pub handle: Arc<Mutex<Option<u64>>>,
+}
+
 /// A power action waiting for its delay.
 #[derive(Debug, Clone)]
 pub(crate) struct PendingPower {
@@ -235,6 +247,8 @@ pub struct Agent {
     /// cancelled it meanwhile (its end was then sent; the open, when it comes back, is
     /// dropped). They count against `max_open_reads`.
     pub(crate) opening_reads: Vec<(u64, bool)>,
+    /// Uploads whose open is on the worker.
+    pub(crate) opening_writes: Vec<OpeningWrite>,
     pub(crate) next_telemetry: Option<Instant>,
     pub(crate) power: Option<PendingPower>,
     pub(crate) freeze_chain: Option<FreezeChain>,
@@ -370,6 +384,7 @@ impl Agent {
             sampling: false,
             transfers: Vec::new(),
             opening_reads: Vec::new(),
+            opening_writes: Vec::new(),
             next_telemetry,
             power: None,
             freeze_chain: None,
