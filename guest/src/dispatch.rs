@@ -453,11 +453,11 @@ impl Agent {
         if self.jobs.signal(target, libc::SIGKILL) {
             // The exec's own terminal reply (ExecExit, killed) follows when it is reaped.
             self.reply(id, done());
-        } else if let Some(at) = self.transfers.iter().position(|t| t.id() == target) {
+            return;
+        }
+        let found = if let Some(at) = self.transfers.iter().position(|t| t.id() == target) {
             self.transfers.remove(at);
-            self.session
-                .error(target, ErrorCode::Cancelled, "cancelled by the host");
-            self.reply(id, done());
+            true
         } else if let Some(open) = self
             .opening_reads
             .iter_mut()
@@ -465,9 +465,7 @@ impl Agent {
         {
             // Its open is on the worker: it ends now, and what the open brings back is dropped.
             open.1 = true;
-            self.session
-                .error(target, ErrorCode::Cancelled, "cancelled by the host");
-            self.reply(id, done());
+            true
         } else if let Some(open) = self
             .opening_writes
             .iter_mut()
@@ -491,6 +489,11 @@ impl Agent {
                 }
                 Box::new(|_: &mut Agent, _: Instant| {})
             });
+            true
+        } else {
+            false
+        };
+        if found {
             self.session
                 .error(target, ErrorCode::Cancelled, "cancelled by the host");
             self.reply(id, done());

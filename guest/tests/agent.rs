@@ -664,6 +664,26 @@ fn too_many_concurrent_reads_and_hashes_get_busy() {
     assert!(matches!(terminal(&envs), Payload::FileHash(h) if h.size == 5));
 }
 
+/// Sends `request` (id 1) and a cancel of it (id 2) in one write, so the agent takes both in
+/// one turn, before the worker's open has come back to the loop; checks that the cancel
+/// succeeds and the request ends `Cancelled`.
+fn cancel_while_it_opens(host: &mut Host, request: Payload) {
+    let mut out = request_frame(1, request);
+    out.extend(request_frame(2, Payload::Cancel(Cancel { target_id: 1 })));
+    host.send_raw(&out);
+    let got = host.recv_until(|e| e.correlation_id == 2 && is_terminal(e));
+    assert_eq!(terminal(&got), &Payload::Done(qx_proto::agent::Done {}));
+    let ended: Vec<&Envelope> = got
+        .iter()
+        .filter(|e| e.correlation_id == 1 && is_terminal(e))
+        .collect();
+    assert!(
+        matches!(ended[..], [e] if matches!(&e.payload, Some(Payload::Error(err))
+            if err.code == ErrorCode::Cancelled as i32)),
+        "{ended:?}"
+    );
+}
+
 #[test]
 fn a_read_cancelled_while_it_opens_is_cancelled_and_frees_its_slot() {
     use qx_proto::agent::{FileHashRequest, FileReadRequest};
@@ -671,27 +691,12 @@ fn a_read_cancelled_while_it_opens_is_cancelled_and_frees_its_slot() {
     let mut host = agent.accept();
     host.hello();
     let (big, small) = big_and_small_files(&agent);
-    // The read and its cancel in one write: the agent takes both in one turn, before the
-    // worker's open of the file has come back to the loop.
-    let mut out = request_frame(
-        1,
+    cancel_while_it_opens(
+        &mut host,
         Payload::FileReadRequest(FileReadRequest {
             path: big.display().to_string(),
             ..Default::default()
         }),
-    );
-    out.extend(request_frame(2, Payload::Cancel(Cancel { target_id: 1 })));
-    host.send_raw(&out);
-    let got = host.recv_until(|e| e.correlation_id == 2 && is_terminal(e));
-    assert_eq!(terminal(&got), &Payload::Done(qx_proto::agent::Done {}));
-    let read_end: Vec<&Envelope> = got
-        .iter()
-        .filter(|e| e.correlation_id == 1 && is_terminal(e))
-        .collect();
-    assert!(
-        matches!(read_end[..], [e] if matches!(&e.payload, Some(Payload::Error(err))
-            if err.code == ErrorCode::Cancelled as i32)),
-        "{read_end:?}"
     );
     // Its slot is free again (the limit is one).
     let (_, envs) = host.request(Payload::FileHashRequest(FileHashRequest {
@@ -715,22 +720,7 @@ fn an_upload_cancelled_while_it_opens_is_cancelled_and_frees_its_slot() {
             ..Default::default()
         })
     };
-    // The open and its cancel in one write: the agent takes both in one turn, before the
-    // worker's open has come back to the loop.
-    let mut out = request_frame(1, open());
-    out.extend(request_frame(2, Payload::Cancel(Cancel { target_id: 1 })));
-    host.send_raw(&out);
-    let got = host.recv_until(|e| e.correlation_id == 2 && is_terminal(e));
-    assert_eq!(terminal(&got), &Payload::Done(qx_proto::agent::Done {}));
-    let open_end: Vec<&Envelope> = got
-        .iter()
-        .filter(|e| e.correlation_id == 1 && is_terminal(e))
-        .collect();
-    assert!(
-        matches!(open_end[..], [e] if matches!(&e.payload, Some(Payload::Error(err))
-            if err.code == ErrorCode::Cancelled as i32)),
-        "{open_end:?}"
-    );
+    cancel_while_it_opens(&mut host, open());
     // Its slot is free again (the limit is one), and only the new upload's temporary file
     // is there.
     let (_, envs) = host.request(open());
