@@ -511,7 +511,7 @@ fn read_some(file: &mut File, buf: &mut [u8], what: &str) -> OpResult<usize> {
     }
 }
 
-/// A read transfer: one [`FileChunk`] per [`FileReader::next_chunk`] call.
+/// A read transfer: [`FileChunk`]s, a few per [`FileReader::next_chunks`] call.
 #[derive(Debug)]
 pub struct FileReader {
     path: String,
@@ -562,14 +562,9 @@ impl FileReader {
     }
 
     /// The next chunk with the CRC32C of its data, or `None` when the range (or the file) is
-    /// complete.
-    pub fn next_chunk(&mut self) -> OpResult<Option<(FileChunk, u32)>> {
-        self.next_chunk_into(Vec::new())
-    }
-
-    /// [`FileReader::next_chunk`] into `buf`, the data of a chunk already sent: its memory is
-    /// used again, and only what it lacks of a chunk's length is zeroed first.
-    fn next_chunk_into(&mut self, buf: Vec<u8>) -> OpResult<Option<(FileChunk, u32)>> {
+    /// complete. Read into `buf`, the data of a chunk already sent (or an empty one): its
+    /// memory is used again, and only what it lacks of a chunk's length is zeroed first.
+    fn next_chunk(&mut self, buf: Vec<u8>) -> OpResult<Option<(FileChunk, u32)>> {
         if self.finished {
             return Ok(None);
         }
@@ -618,7 +613,7 @@ impl FileReader {
     ) -> OpResult<Vec<(FileChunk, u32)>> {
         let mut chunks = Vec::with_capacity(count);
         while chunks.len() < count {
-            match self.next_chunk_into(bufs.pop().unwrap_or_default())? {
+            match self.next_chunk(bufs.pop().unwrap_or_default())? {
                 Some(c) => chunks.push(c),
                 None => break,
             }
@@ -1201,7 +1196,7 @@ mod tests {
     fn read_all(r: &mut FileReader) -> (Vec<u8>, Vec<FileChunk>) {
         let mut data = Vec::new();
         let mut chunks = Vec::new();
-        while let Some((c, crc)) = r.next_chunk().unwrap() {
+        while let Some((c, crc)) = r.next_chunks(1, Vec::new()).unwrap().pop() {
             assert_eq!(crc, qx_proto::crc32c(&c.data));
             assert_eq!(
                 c.offset,
@@ -1281,7 +1276,7 @@ mod tests {
         assert_eq!(done.bytes, content.len() as u64);
         assert_eq!(done.file_size, content.len() as u64);
         assert_eq!(done.sha256, Sha256::digest(&content).to_vec());
-        assert_eq!(r.next_chunk().unwrap(), None);
+        assert_eq!(r.next_chunks(1, Vec::new()).unwrap().pop(), None);
 
         let req = FileReadRequest {
             path: t.s("allowed/f"),

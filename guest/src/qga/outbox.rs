@@ -73,11 +73,6 @@ impl LineOutbox {
         }
     }
 
-    /// Queues `line` whole, or refuses it.
-    pub fn push(&mut self, line: &[u8]) -> Result<(), LineOutboxError> {
-        self.push_with(|buf| buf.extend_from_slice(line))
-    }
-
     /// Drops everything pending (a new host begins with a sync and skips old lines).
     pub fn clear(&mut self) {
         self.buf = Vec::new();
@@ -117,6 +112,10 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    fn push(ob: &mut LineOutbox, line: &[u8]) -> Result<(), LineOutboxError> {
+        ob.push_with(|buf| buf.extend_from_slice(line))
+    }
+
     /// Takes at most `per_write` bytes a call and `budget` bytes in all, then `WouldBlock`.
     struct TestSink {
         got: Vec<u8>,
@@ -143,8 +142,8 @@ mod tests {
     #[test]
     fn reply_survives_a_stalled_host_and_flushes_whole_in_order() {
         let mut ob = LineOutbox::new();
-        ob.push(b"{\"return\": 1}\n").unwrap();
-        ob.push(b"{\"return\": 2}\n").unwrap();
+        push(&mut ob, b"{\"return\": 1}\n").unwrap();
+        push(&mut ob, b"{\"return\": 2}\n").unwrap();
         let mut sink = TestSink {
             got: Vec::new(),
             per_write: 5,
@@ -163,7 +162,7 @@ mod tests {
         let mut ob = LineOutbox::new();
         let big = vec![b'x'; MAX_REPLY_BYTES + 1];
         assert_eq!(
-            ob.push(&big),
+            push(&mut ob, &big),
             Err(LineOutboxError::TooLarge(MAX_REPLY_BYTES + 1))
         );
         assert!(ob.is_empty());
@@ -172,9 +171,9 @@ mod tests {
     #[test]
     fn room_closes_above_the_low_mark_and_full_refuses() {
         let mut ob = LineOutbox::new();
-        ob.push(&vec![b'x'; QGA_OUTBOX_LOW_BYTES]).unwrap();
+        push(&mut ob, &vec![b'x'; QGA_OUTBOX_LOW_BYTES]).unwrap();
         assert!(!ob.has_room());
-        ob.push(&vec![b'x'; MAX_REPLY_BYTES]).unwrap();
-        assert_eq!(ob.push(b"x"), Err(LineOutboxError::Full));
+        push(&mut ob, &vec![b'x'; MAX_REPLY_BYTES]).unwrap();
+        assert_eq!(push(&mut ob, b"x"), Err(LineOutboxError::Full));
     }
 }
