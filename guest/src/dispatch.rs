@@ -16,8 +16,8 @@ use qx_proto::agent::{
 };
 
 use crate::event_loop::{
-    lock, Agent, FreezeChain, OpeningWrite, PendingPower, Transfer, READ_AHEAD_CHUNKS,
-    READ_QUEUE_BYTES, WORK_ROOM_BYTES,
+    lock, Agent, FreezeChain, Opening, PendingPower, Transfer, READ_AHEAD_CHUNKS, READ_QUEUE_BYTES,
+    WORK_ROOM_BYTES,
 };
 use crate::exec::{Finished, Owner, Spec};
 use crate::logring;
@@ -187,7 +187,11 @@ impl Agent {
                 if let Err(e) = self.room_for_read() {
                     return self.op_error(id, e);
                 }
-                self.opening_reads.push((id, false));
+                self.openings.push(Opening {
+                    id,
+                    cancelled: false,
+                    upload: None,
+                });
                 let (policy, chunk) = (self.policy.clone(), self.cfg.file_chunk_bytes);
                 self.worker.submit(move || {
                     let res = files::FileReader::open(&policy, &r, chunk);
@@ -211,7 +215,11 @@ impl Agent {
                 if let Err(e) = self.room_for_read() {
                     return self.op_error(id, e);
                 }
-                self.opening_reads.push((id, false));
+                self.openings.push(Opening {
+                    id,
+                    cancelled: false,
+                    upload: None,
+                });
                 let policy = self.policy.clone();
                 self.worker.submit(move || {
                     let res = files::FileHasher::open(&policy, &r);
@@ -231,10 +239,10 @@ impl Agent {
             }
             Payload::FileWriteOpen(r) => {
                 let handle = Arc::new(Mutex::new(None));
-                self.opening_writes.push(OpeningWrite {
+                self.openings.push(Opening {
                     id,
                     cancelled: false,
-                    handle: handle.clone(),
+                    upload: Some(handle.clone()),
                 });
                 let (writers, policy) = (self.writers.clone(), self.policy.clone());
                 self.worker.submit(move || {
@@ -245,7 +253,7 @@ impl Agent {
                     Box::new(move |agent: &mut Agent, _now: Instant| {
                         // Cancelled meanwhile: its end was sent, and the abort queued behind
                         // this open undoes it.
-                        if !agent.write_opened(id) {
+                        if !agent.opened(id) {
                             agent.reply_with(id, res, Payload::FileWriteOpened);
                         }
                     })
@@ -422,7 +430,11 @@ impl Agent {
             .count()
             // One cancelled while opening no longer counts: its descriptor is closed the
             // moment its open comes back.
-            + self.opening_reads.iter().filter(|(_, cancelled)| !cancelled).count();
+            + self
+                .openings
+                .iter()
+                .filter(|o| o.upload.is_none() && !o.cancelled)
+                .count();
         if open >= self.cfg.max_open_reads {
             return Err(OpError::new(
                 ErrorCode::Busy,
@@ -432,19 +444,11 @@ impl Agent {
         Ok(())
     }
 
-    /// A read's or hash's open came back from the worker: true when the host cancelled it
-    /// meanwhile (the open is then dropped).
+    /// A read's, hash's or upload's open came back from the worker: true when the host
+    /// cancelled it meanwhile (what the open brought back is then dropped).
     fn opened(&mut self, id: u64) -> bool {
-        match self.opening_reads.iter().position(|(t, _)| *t == id) {
-            Some(at) => self.opening_reads.remove(at).1,
-            None => false,
-        }
-    }
-
-    /// An upload's open came back from the worker: true when the host cancelled it meanwhile.
-    fn write_opened(&mut self, id: u64) -> bool {
-        match self.opening_writes.iter().position(|w| w.id == id) {
-            Some(at) => self.opening_writes.remove(at).cancelled,
+        match self.openings.iter().position(|o| o.id == id) {
+            Some(at) => self.openings.remove(at).cancelled,
             None => false,
         }
     }
@@ -459,36 +463,31 @@ impl Agent {
             self.transfers.remove(at);
             true
         } else if let Some(open) = self
-            .opening_reads
+            .openings
             .iter_mut()
-            .find(|(t, cancelled)| *t == target && !*cancelled)
+            .find(|o| o.id == target && !o.cancelled)
         {
             // Its open is on the worker: it ends now, and what the open brings back is dropped.
-            open.1 = true;
-            true
-        } else if let Some(open) = self
-            .opening_writes
-            .iter_mut()
-            .find(|w| w.id == target && !w.cancelled)
-        {
-            // The same for an upload, whose open is undone by an abort queued on the worker
-            // behind it: it runs before any later request's job. (While filesystems are
-            // frozen, that abort waits on the worker for the thaw.)
+            // An upload's is undone by an abort queued on the worker behind it, which runs
+            // before any later request's job (while filesystems are frozen, it waits there
+            // for the thaw).
             open.cancelled = true;
-            let (handle, writers) = (open.handle.clone(), self.writers.clone());
-            self.worker.submit(move || {
-                if let Some(handle) = *lock(&handle) {
-                    let abort = qx_proto::agent::FileWriteClose {
-                        handle,
-                        commit: false,
-                        ..Default::default()
-                    };
-                    if let Err(e) = lock(&writers).close(&abort) {
-                        log::warn!("cancelled upload {target} not aborted: {e}");
+            if let Some(handle) = open.upload.clone() {
+                let writers = self.writers.clone();
+                self.worker.submit(move || {
+                    if let Some(handle) = *lock(&handle) {
+                        let abort = qx_proto::agent::FileWriteClose {
+                            handle,
+                            commit: false,
+                            ..Default::default()
+                        };
+                        if let Err(e) = lock(&writers).close(&abort) {
+                            log::warn!("cancelled upload {target} not aborted: {e}");
+                        }
                     }
-                }
-                Box::new(|_: &mut Agent, _: Instant| {})
-            });
+                    Box::new(|_: &mut Agent, _: Instant| {})
+                });
+            }
             true
         } else {
             false

@@ -190,16 +190,16 @@ impl Transfer {
     }
 }
 
-/// An upload whose open is on the worker.
+/// A read, hash or upload whose file is being opened on the worker.
 #[derive(Debug)]
-pub(crate) struct OpeningWrite {
-    /// The FileWriteOpen's request id.
+pub(crate) struct Opening {
+    /// The request's id.
     pub id: u64,
-    /// The host cancelled it meanwhile: its end was sent, and an abort is queued on the worker
-    /// behind the open.
+    /// The host cancelled it meanwhile: its end was sent, and what the open brings back is
+    /// dropped (an upload's is aborted by a job queued on the worker behind the open).
     pub cancelled: bool,
-    /// Where the open leaves its handle, for that abort.
-    pub handle: Arc<Mutex<Option<u64>>>,
+    /// An upload's: where the open leaves its handle, for that abort.
+    pub upload: Option<Arc<Mutex<Option<u64>>>>,
 }
 
 /// A power action waiting for its delay.
@@ -243,12 +243,9 @@ pub struct Agent {
     /// A pushed telemetry sample is being taken by the worker.
     sampling: bool,
     pub(crate) transfers: Vec<Transfer>,
-    /// Reads and hashes whose open is on the worker, by request id, each with whether the host
-    /// cancelled it meanwhile (its end was then sent; the open, when it comes back, is
-    /// dropped). They count against `max_open_reads`.
-    pub(crate) opening_reads: Vec<(u64, bool)>,
-    /// Uploads whose open is on the worker.
-    pub(crate) opening_writes: Vec<OpeningWrite>,
+    /// Reads, hashes and uploads whose open is on the worker (reads and hashes not cancelled
+    /// count against `max_open_reads`).
+    pub(crate) openings: Vec<Opening>,
     pub(crate) next_telemetry: Option<Instant>,
     pub(crate) power: Option<PendingPower>,
     pub(crate) freeze_chain: Option<FreezeChain>,
@@ -383,8 +380,7 @@ impl Agent {
             collector: Arc::default(),
             sampling: false,
             transfers: Vec::new(),
-            opening_reads: Vec::new(),
-            opening_writes: Vec::new(),
+            openings: Vec::new(),
             next_telemetry,
             power: None,
             freeze_chain: None,
