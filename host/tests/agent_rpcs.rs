@@ -640,10 +640,9 @@ async fn transfers_are_checked_by_crc32c_and_the_agent_hashes_nothing() {
     assert!(reads >= 1);
 }
 
-/// The whole file at `path` through ReadGuestFile, and the sha256 its last message carries.
-async fn read_whole(d: &mut Daemon, path: &std::path::Path) -> (Vec<u8>, Vec<u8>) {
-    let mut s = d
-        .client
+/// A ReadGuestFile of the whole file at `path`.
+async fn open_read(d: &mut Daemon, path: &std::path::Path) -> tonic::Streaming<pb::GuestFileChunk> {
+    d.client
         .read_guest_file(pb::ReadGuestFileRequest {
             vm_id: VM.into(),
             path: path.display().to_string(),
@@ -653,7 +652,12 @@ async fn read_whole(d: &mut Daemon, path: &std::path::Path) -> (Vec<u8>, Vec<u8>
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+}
+
+/// The whole file at `path` through ReadGuestFile, and the sha256 its last message carries.
+async fn read_whole(d: &mut Daemon, path: &std::path::Path) -> (Vec<u8>, Vec<u8>) {
+    let mut s = open_read(d, path).await;
     let (mut back, mut sha) = (Vec::new(), Vec::new());
     while let Some(c) = s.message().await.unwrap() {
         back.extend(c.data);
@@ -748,18 +752,7 @@ async fn file_read_resumes_after_a_reconnect_mid_transfer() {
     let path = dir.path().join("vm12-cut-read.bin");
     let data = pattern(8 << 20);
     std::fs::write(&path, &data).unwrap();
-    let mut s = d
-        .client
-        .read_guest_file(pb::ReadGuestFileRequest {
-            vm_id: VM.into(),
-            path: path.display().to_string(),
-            offset: 0,
-            length: 0,
-            timeout_ms: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut s = open_read(&mut d, &path).await;
     let requests = |relay: &Relay| {
         let (_, kinds) = relay.to_guest_stats();
         kinds.iter().filter(|k| **k == "file_read_request").count()

@@ -1363,26 +1363,21 @@ mod tests {
             } => assert_eq!((waited_ms, limit), (2000, 1)),
             other => panic!("{other:?}"),
         }
-        // A waiter gets the slot as soon as the transfer holding it ends.
-        let waiter = {
+        let spawn_waiter = || {
             let link = link.clone();
             tokio::spawn(async move {
                 link.write_slot(Instant::now() + Duration::from_secs(60))
                     .await
             })
         };
+        // A waiter gets the slot as soon as the transfer holding it ends.
+        let waiter = spawn_waiter();
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(!waiter.is_finished());
         drop(first);
         let second = waiter.await.unwrap().unwrap();
         // A new limit (a new agent session) wakes the waiters onto the new slots.
-        let waiter = {
-            let link = link.clone();
-            tokio::spawn(async move {
-                link.write_slot(Instant::now() + Duration::from_secs(60))
-                    .await
-            })
-        };
+        let waiter = spawn_waiter();
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(!waiter.is_finished());
         link.set_write_limit(2);
