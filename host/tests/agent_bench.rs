@@ -24,6 +24,8 @@
 //! RSS is its own.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod agent_support;
+
 use qx_node::pb;
 use qx_node::pb::node_daemon_service_client::NodeDaemonServiceClient;
 use qx_proto::agent::envelope::Payload;
@@ -169,13 +171,7 @@ fn attack_bytes(attack: Attack) -> Vec<u8> {
         Attack::Oversized => {
             let mut out = Vec::new();
             while out.len() < 64 * 1024 {
-                let mut h = [0u8; 16];
-                h[0..4].copy_from_slice(&qx_proto::MAGIC);
-                h[4..8].copy_from_slice(&(1u32 << 20).to_be_bytes());
-                h[8..12].copy_from_slice(&0xdead_beefu32.to_be_bytes());
-                let c = qx_proto::codec::crc32c(&h[..12]);
-                h[12..16].copy_from_slice(&c.to_be_bytes());
-                out.extend_from_slice(&h);
+                out.extend_from_slice(&agent_support::oversized_header());
                 out.extend(std::iter::repeat_n(0x5a, 1024));
             }
             out

@@ -402,13 +402,7 @@ async fn garbage_at_full_rate_is_cut_off_at_its_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejected_headers_at_full_rate_are_cut_off_at_their_budget() {
     // A valid header claiming 1 MiB (over the host's limit), then filler.
-    let mut h = [0u8; 16];
-    h[0..4].copy_from_slice(&qx_proto::MAGIC);
-    h[4..8].copy_from_slice(&(1u32 << 20).to_be_bytes());
-    h[8..12].copy_from_slice(&0xdead_beefu32.to_be_bytes());
-    let c = qx_proto::codec::crc32c(&h[..12]);
-    h[12..16].copy_from_slice(&c.to_be_bytes());
-    let mut one = h.to_vec();
+    let mut one = agent_support::oversized_header().to_vec();
     one.extend([0x5a; 48]);
     wasted_input_is_cut_off("w13o", one, |s| {
         s.bad_frames <= qx_node::agent::link::MAX_BAD_FRAMES_PER_WINDOW + 8 * 1024 / 64

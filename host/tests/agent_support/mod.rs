@@ -543,3 +543,15 @@ impl Daemon {
         self.server.abort();
     }
 }
+
+/// A valid frame header that claims a 1 MiB payload, over the host's frame limit: what a
+/// hostile agent sends to make the host buffer or skip.
+pub fn oversized_header() -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&qx_proto::MAGIC);
+    h[4..8].copy_from_slice(&(1u32 << 20).to_be_bytes());
+    h[8..12].copy_from_slice(&0xdead_beefu32.to_be_bytes());
+    let c = qx_proto::codec::crc32c(&h[..12]);
+    h[12..16].copy_from_slice(&c.to_be_bytes());
+    h
+}
